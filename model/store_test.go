@@ -1,0 +1,34 @@
+package model
+
+import (
+	"net/netip"
+	"testing"
+)
+
+func TestStoreApplyIsCopyOnWrite(t *testing.T) {
+	var st Store
+	changed := st.Changed()
+	a := &Workload{UID: "c/Pod/ns/a", Name: "a", Namespace: "ns", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.1")}}
+	svc := &Service{Name: "s", Namespace: "ns", Hostname: "s.ns.svc.cluster.local", VIPs: []netip.Addr{netip.MustParseAddr("10.96.0.1")}}
+	st.Replace(NewSnapshot([]*Workload{a}, []*Service{svc}, nil, nil))
+	<-changed
+	before := st.Load()
+
+	b := &Workload{UID: "c/Pod/ns/b", Name: "b", Namespace: "ns", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.2")}}
+	st.Apply(&Delta{Workloads: []*Workload{b}, RemovedWorkloads: []string{a.UID}})
+	<-changed
+	after := st.Load()
+
+	if before.WorkloadByIP(netip.MustParseAddr("10.0.0.1")) != a || before.WorkloadByIP(netip.MustParseAddr("10.0.0.2")) != nil {
+		t.Fatal("the old snapshot changed")
+	}
+	if after.WorkloadByIP(netip.MustParseAddr("10.0.0.1")) != nil || after.WorkloadByIP(netip.MustParseAddr("10.0.0.2")) != b {
+		t.Fatal("the delta was not applied")
+	}
+	if after.ServiceByVIP(netip.MustParseAddr("::ffff:10.96.0.1")) != svc {
+		t.Fatal("service lookup by (v4-mapped) VIP failed")
+	}
+	if got := a.Identity().String(); got != "spiffe://cluster.local/ns/ns/sa/default" {
+		t.Fatalf("identity %s", got)
+	}
+}
