@@ -1,0 +1,195 @@
+package authz
+
+import (
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+// DefaultRootNamespace is Istio's root namespace: policies there apply mesh-wide.
+const DefaultRootNamespace = "istio-system"
+
+// Conn is what L4 policy sees of a connection.
+type Conn struct {
+	// SrcIdentity is the peer's verified SPIFFE ID; zero for plaintext.
+	SrcIdentity spiffeid.ID
+	// SrcIP is the client's address (for HBONE: the forwarded-for address).
+	SrcIP netip.Addr
+	// DstPort is the destination (target) port on the workload.
+	DstPort uint16
+}
+
+// Decision is the outcome of an evaluation.
+type Decision struct {
+	Allow bool
+	// Policy is the key ("<namespace>/<name>") of the deciding policy, if any.
+	Policy string
+	// Reason explains the decision in a few words, for logs.
+	Reason string
+}
+
+// Evaluator evaluates policies. The zero value is ready to use and treats
+// DefaultRootNamespace as the root namespace.
+type Evaluator struct {
+	// RootNamespace holds mesh-wide policies (DefaultRootNamespace if empty).
+	// Policies flagged MeshWide are mesh-wide wherever they live.
+	RootNamespace string
+}
+
+// Evaluate is Evaluator{}.Evaluate.
+func Evaluate(snap *model.Snapshot, dst *model.Workload, c Conn) Decision {
+	return Evaluator{}.Evaluate(snap, dst, c)
+}
+
+func (e Evaluator) root() string {
+	if e.RootNamespace != "" {
+		return e.RootNamespace
+	}
+	return DefaultRootNamespace
+}
+
+// Evaluate decides whether c may reach dst under the AuthorizationPolicies in
+// snap. A nil dst is denied.
+func (e Evaluator) Evaluate(snap *model.Snapshot, dst *model.Workload, c Conn) Decision {
+	if dst == nil {
+		return Decision{Reason: "unknown destination workload"}
+	}
+	var allows []*model.Policy
+	for _, k := range slices.Sorted(maps.Keys(snap.Policies)) {
+		p := snap.Policies[k]
+		if !e.selects(p.Namespace, p.MeshWide, p.Selector, dst) {
+			continue
+		}
+		switch p.Action {
+		case model.ActionDeny:
+			if matchPolicy(p, c) {
+				return Decision{Policy: k, Reason: "denied by policy " + k}
+			}
+		case model.ActionAllow, "":
+			allows = append(allows, p)
+		}
+	}
+	if len(allows) == 0 {
+		return Decision{Allow: true, Reason: "no allow policy selects the workload"}
+	}
+	for _, p := range allows {
+		if matchPolicy(p, c) {
+			return Decision{Allow: true, Policy: p.Key(), Reason: "allowed by policy " + p.Key()}
+		}
+	}
+	return Decision{Reason: "no allow policy matched"}
+}
+
+// selects reports whether a resource in namespace ns (mesh-wide or not) with
+// selector sel applies to w.
+func (e Evaluator) selects(ns string, meshWide bool, sel map[string]string, w *model.Workload) bool {
+	if !meshWide && ns != e.root() && ns != w.Namespace {
+		return false
+	}
+	for k, v := range sel {
+		if got, ok := w.Labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
+}
+
+func matchPolicy(p *model.Policy, c Conn) bool {
+	// A policy without rules: ALLOW with no rules allows nothing, DENY with
+	// no rules denies nothing (Istio's semantics for an empty rules list).
+	for i := range p.Rules {
+		if matchRule(&p.Rules[i], c) {
+			return true
+		}
+	}
+	return false
+}
+
+func matchRule(r *model.Rule, c Conn) bool {
+	if len(r.From) > 0 && !slices.ContainsFunc(r.From, func(s model.Source) bool { return matchSource(&s, c) }) {
+		return false
+	}
+	if len(r.To) > 0 && !slices.ContainsFunc(r.To, func(t model.Target) bool { return matchTarget(&t, c.DstPort) }) {
+		return false
+	}
+	return true
+}
+
+func matchSource(s *model.Source, c Conn) bool {
+	principal, ns := "", ""
+	hasID := !c.SrcIdentity.IsZero()
+	if hasID {
+		principal = strings.TrimPrefix(c.SrcIdentity.String(), "spiffe://")
+		ns, _, _ = certs.ParseWorkloadID(c.SrcIdentity)
+	}
+	if len(s.Principals) > 0 && (!hasID || !matchAny(s.Principals, principal, trimScheme)) {
+		return false
+	}
+	if len(s.NotPrincipals) > 0 && hasID && matchAny(s.NotPrincipals, principal, trimScheme) {
+		return false
+	}
+	if len(s.Namespaces) > 0 && (ns == "" || !matchAny(s.Namespaces, ns, nil)) {
+		return false
+	}
+	if len(s.NotNamespaces) > 0 && ns != "" && matchAny(s.NotNamespaces, ns, nil) {
+		return false
+	}
+	ip := c.SrcIP.Unmap()
+	if len(s.IPBlocks) > 0 && !slices.ContainsFunc(s.IPBlocks, func(p netip.Prefix) bool { return p.Contains(ip) }) {
+		return false
+	}
+	if len(s.NotIPBlocks) > 0 && slices.ContainsFunc(s.NotIPBlocks, func(p netip.Prefix) bool { return p.Contains(ip) }) {
+		return false
+	}
+	return true
+}
+
+func matchTarget(t *model.Target, port uint16) bool {
+	if len(t.Ports) > 0 && !slices.Contains(t.Ports, port) {
+		return false
+	}
+	if len(t.NotPorts) > 0 && slices.Contains(t.NotPorts, port) {
+		return false
+	}
+	return true
+}
+
+func trimScheme(s string) string { return strings.TrimPrefix(s, "spiffe://") }
+
+// matchAny reports whether v matches one of the patterns: exact, "*", a
+// prefix match ("abc*") or a suffix match ("*abc"). norm, if set, normalizes
+// each pattern first.
+func matchAny(patterns []string, v string, norm func(string) string) bool {
+	for _, p := range patterns {
+		if norm != nil {
+			p = norm(p)
+		}
+		if MatchString(p, v) {
+			return true
+		}
+	}
+	return false
+}
+
+// MatchString matches v against an Istio string pattern: exact, "*" (any
+// non-empty value), "prefix*" or "*suffix".
+func MatchString(pattern, v string) bool {
+	switch {
+	case pattern == "*":
+		return v != ""
+	case strings.HasSuffix(pattern, "*"):
+		return strings.HasPrefix(v, strings.TrimSuffix(pattern, "*"))
+	case strings.HasPrefix(pattern, "*"):
+		return strings.HasSuffix(v, strings.TrimPrefix(pattern, "*"))
+	default:
+		return pattern == v
+	}
+}
+
+var zeroID spiffeid.ID
