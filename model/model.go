@@ -2,6 +2,7 @@ package model
 
 import (
 	"net/netip"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -77,11 +78,21 @@ func (w *Workload) Identity() spiffeid.ID {
 }
 
 // WaypointRef points at a waypoint proxy: its HBONE address and identity.
+//
+// A WaypointRef whose Address is not valid (the zero AddrPort) means the
+// object asks for a waypoint that does not exist or has no address yet. That
+// fails closed, as in Istio: traffic that must go through the waypoint is
+// dropped rather than sent around it (which would skip its L7 policy).
 type WaypointRef struct {
 	Name      string         `json:"name"`
 	Namespace string         `json:"namespace"`
 	Address   netip.AddrPort `json:"address"` // the waypoint's HBONE address (port 15008)
 }
+
+// Resolved reports whether the waypoint has an address to send traffic to.
+// A nil or unresolved reference returns false; callers check for nil first
+// (no waypoint at all) and drop traffic when it is non-nil but unresolved.
+func (w *WaypointRef) Resolved() bool { return w != nil && w.Address.IsValid() }
 
 // Service is a named set of endpoints behind one or more virtual IPs.
 // Key: "<namespace>/<hostname>".
@@ -190,3 +201,49 @@ type PeerAuthentication struct {
 
 // Key returns the store key.
 func (p *PeerAuthentication) Key() string { return p.Namespace + "/" + p.Name }
+
+// HTTPRoute is a Gateway API HTTPRoute reduced to what a waypoint needs
+// (GAMMA: its parent is a Service). ztunnels do not receive it; it is kept in
+// the model for the waypoint. Key: "<namespace>/<name>".
+type HTTPRoute struct {
+	Name      string          `json:"name"`
+	Namespace string          `json:"namespace"`
+	Parents   []RouteParent   `json:"parents"`
+	Hostnames []string        `json:"hostnames,omitempty"`
+	Rules     []HTTPRouteRule `json:"rules"`
+}
+
+// Key returns the store key.
+func (r *HTTPRoute) Key() string { return r.Namespace + "/" + r.Name }
+
+// RouteParent is a parentRef: a Service (GAMMA) or a Gateway.
+type RouteParent struct {
+	Kind      string `json:"kind"` // "Service" or "Gateway"
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	Port      uint16 `json:"port,omitempty"`
+}
+
+// HTTPRouteRule is one rule: its matches (any), its weighted backends and
+// its timeout.
+type HTTPRouteRule struct {
+	Matches  []HTTPMatch       `json:"matches,omitempty"`
+	Backends []WeightedBackend `json:"backends"`
+	// Timeout is the request timeout (Gateway API timeouts.request), 0 = none.
+	Timeout time.Duration `json:"timeout,omitempty"`
+}
+
+// HTTPMatch matches a request; every set field must match.
+type HTTPMatch struct {
+	PathType string            `json:"pathType,omitempty"` // Exact, PathPrefix, RegularExpression
+	Path     string            `json:"path,omitempty"`
+	Method   string            `json:"method,omitempty"`
+	Headers  map[string]string `json:"headers,omitempty"` // exact matches
+}
+
+// WeightedBackend is a backendRef: a service port with a weight.
+type WeightedBackend struct {
+	Service string `json:"service"` // Service.Key() of the backend
+	Port    uint16 `json:"port"`
+	Weight  int32  `json:"weight"`
+}

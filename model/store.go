@@ -14,6 +14,9 @@ type Snapshot struct {
 	Services  map[string]*Service            // by Service.Key()
 	Policies  map[string]*Policy             // by Policy.Key()
 	PeerAuthn map[string]*PeerAuthentication // by PeerAuthentication.Key()
+	// HTTPRoutes are for waypoints (ztunnels do not receive them). NewSnapshot
+	// leaves it empty; a builder may fill it before publishing the snapshot.
+	HTTPRoutes map[string]*HTTPRoute // by HTTPRoute.Key()
 
 	// indexes, built by index()
 	byIP  map[netip.Addr]*Workload
@@ -23,29 +26,33 @@ type Snapshot struct {
 // Delta is an incremental update: upserts replace the resource with the same
 // key; removals name keys.
 type Delta struct {
-	Workloads        []*Workload
-	Services         []*Service
-	Policies         []*Policy
-	PeerAuthn        []*PeerAuthentication
-	RemovedWorkloads []string
-	RemovedServices  []string
-	RemovedPolicies  []string
-	RemovedPeerAuthn []string
+	Workloads         []*Workload
+	Services          []*Service
+	Policies          []*Policy
+	PeerAuthn         []*PeerAuthentication
+	RemovedWorkloads  []string
+	RemovedServices   []string
+	RemovedPolicies   []string
+	RemovedPeerAuthn  []string
+	HTTPRoutes        []*HTTPRoute
+	RemovedHTTPRoutes []string
 }
 
 // Empty reports whether d changes nothing.
 func (d *Delta) Empty() bool {
 	return len(d.Workloads)+len(d.Services)+len(d.Policies)+len(d.PeerAuthn)+
-		len(d.RemovedWorkloads)+len(d.RemovedServices)+len(d.RemovedPolicies)+len(d.RemovedPeerAuthn) == 0
+		len(d.RemovedWorkloads)+len(d.RemovedServices)+len(d.RemovedPolicies)+len(d.RemovedPeerAuthn)+
+		len(d.HTTPRoutes)+len(d.RemovedHTTPRoutes) == 0
 }
 
 // NewSnapshot builds a snapshot (with its indexes) from resource lists.
 func NewSnapshot(workloads []*Workload, services []*Service, policies []*Policy, peerAuthn []*PeerAuthentication) *Snapshot {
 	s := &Snapshot{
-		Workloads: make(map[string]*Workload, len(workloads)),
-		Services:  make(map[string]*Service, len(services)),
-		Policies:  make(map[string]*Policy, len(policies)),
-		PeerAuthn: make(map[string]*PeerAuthentication, len(peerAuthn)),
+		Workloads:  make(map[string]*Workload, len(workloads)),
+		Services:   make(map[string]*Service, len(services)),
+		Policies:   make(map[string]*Policy, len(policies)),
+		PeerAuthn:  make(map[string]*PeerAuthentication, len(peerAuthn)),
+		HTTPRoutes: map[string]*HTTPRoute{},
 	}
 	for _, w := range workloads {
 		s.Workloads[w.UID] = w
@@ -67,13 +74,13 @@ func (s *Snapshot) index() {
 	s.byIP = make(map[netip.Addr]*Workload, len(s.Workloads))
 	for _, w := range s.Workloads {
 		for _, a := range w.Addresses {
-			s.byIP[a] = w
+			s.byIP[a.Unmap()] = w
 		}
 	}
 	s.byVIP = make(map[netip.Addr]*Service, len(s.Services))
 	for _, v := range s.Services {
 		for _, a := range v.VIPs {
-			s.byVIP[a] = v
+			s.byVIP[a.Unmap()] = v
 		}
 	}
 }
@@ -84,16 +91,66 @@ func (s *Snapshot) WorkloadByIP(addr netip.Addr) *Workload { return s.byIP[addr.
 // ServiceByVIP returns the service with virtual IP addr, if any.
 func (s *Snapshot) ServiceByVIP(addr netip.Addr) *Service { return s.byVIP[addr.Unmap()] }
 
-// Apply returns a new snapshot with d applied; s is unchanged.
+// Apply returns a new snapshot with d applied; s is unchanged. Maps and
+// indexes that d does not touch are shared with s; the ones it touches are
+// cloned and patched, so the cost is that of a map copy, not of a re-index.
 func (s *Snapshot) Apply(d *Delta) *Snapshot {
 	n := &Snapshot{
-		Workloads: applyDelta(s.Workloads, d.Workloads, d.RemovedWorkloads, func(w *Workload) string { return w.UID }),
-		Services:  applyDelta(s.Services, d.Services, d.RemovedServices, (*Service).Key),
-		Policies:  applyDelta(s.Policies, d.Policies, d.RemovedPolicies, (*Policy).Key),
-		PeerAuthn: applyDelta(s.PeerAuthn, d.PeerAuthn, d.RemovedPeerAuthn, (*PeerAuthentication).Key),
+		Workloads:  applyDelta(s.Workloads, d.Workloads, d.RemovedWorkloads, func(w *Workload) string { return w.UID }),
+		Services:   applyDelta(s.Services, d.Services, d.RemovedServices, (*Service).Key),
+		Policies:   applyDelta(s.Policies, d.Policies, d.RemovedPolicies, (*Policy).Key),
+		PeerAuthn:  applyDelta(s.PeerAuthn, d.PeerAuthn, d.RemovedPeerAuthn, (*PeerAuthentication).Key),
+		HTTPRoutes: applyDelta(s.HTTPRoutes, d.HTTPRoutes, d.RemovedHTTPRoutes, (*HTTPRoute).Key),
 	}
-	n.index()
+	if s.byIP == nil {
+		n.index()
+		return n
+	}
+	n.byIP = patchIndex(s.byIP, s.Workloads, n.Workloads, d.Workloads, d.RemovedWorkloads,
+		func(w *Workload) string { return w.UID }, func(w *Workload) []netip.Addr { return w.Addresses })
+	n.byVIP = patchIndex(s.byVIP, s.Services, n.Services, d.Services, d.RemovedServices,
+		(*Service).Key, func(v *Service) []netip.Addr { return v.VIPs })
 	return n
+}
+
+// patchIndex returns idx updated for the upserts and removals that turned
+// old into cur. Addresses of replaced or removed values are dropped when the
+// index still points at that value; new values then claim their addresses.
+// Two values with one address is a config error that translation rejects; if
+// it happens anyway, the index keeps the latest value and may lose the
+// address when that value goes.
+func patchIndex[T any](idx map[netip.Addr]*T, old, cur map[string]*T, upserts []*T, removed []string, key func(*T) string, addrs func(*T) []netip.Addr) map[netip.Addr]*T {
+	if len(upserts) == 0 && len(removed) == 0 {
+		return idx
+	}
+	m := maps.Clone(idx)
+	drop := func(v *T) {
+		for _, a := range addrs(v) {
+			a = a.Unmap()
+			if m[a] == v {
+				delete(m, a)
+			}
+		}
+	}
+	for _, k := range removed {
+		if v := old[k]; v != nil {
+			drop(v)
+		}
+	}
+	for _, v := range upserts {
+		if o := old[key(v)]; o != nil {
+			drop(o)
+		}
+	}
+	for _, v := range upserts {
+		if cur[key(v)] != v {
+			continue // a later upsert with the same key won
+		}
+		for _, a := range addrs(v) {
+			m[a.Unmap()] = v
+		}
+	}
+	return m
 }
 
 func applyDelta[T any](old map[string]*T, upserts []*T, removed []string, key func(*T) string) map[string]*T {

@@ -32,3 +32,22 @@ func TestStoreApplyIsCopyOnWrite(t *testing.T) {
 		t.Fatalf("identity %s", got)
 	}
 }
+
+func TestApplyPatchesIndexes(t *testing.T) {
+	ip := netip.MustParseAddr
+	a := &Workload{UID: "a", Addresses: []netip.Addr{ip("10.0.0.1")}}
+	b := &Workload{UID: "b", Addresses: []netip.Addr{ip("10.0.0.2")}}
+	s := NewSnapshot([]*Workload{a, b}, nil, nil, nil)
+	a2 := &Workload{UID: "a", Addresses: []netip.Addr{ip("10.0.0.3")}}
+	n := s.Apply(&Delta{Workloads: []*Workload{a2}, RemovedWorkloads: []string{"b"}})
+	if n.WorkloadByIP(ip("10.0.0.1")) != nil || n.WorkloadByIP(ip("10.0.0.2")) != nil || n.WorkloadByIP(ip("10.0.0.3")) != a2 {
+		t.Fatal("index not patched")
+	}
+	if s.WorkloadByIP(ip("10.0.0.1")) != a || s.WorkloadByIP(ip("10.0.0.2")) != b {
+		t.Fatal("old snapshot changed")
+	}
+	r := &HTTPRoute{Name: "r", Namespace: "ns"}
+	if n2 := n.Apply(&Delta{HTTPRoutes: []*HTTPRoute{r}}); n2.HTTPRoutes["ns/r"] != r || n2.WorkloadByIP(ip("10.0.0.3")) != a2 {
+		t.Fatal("routes")
+	}
+}
