@@ -1,0 +1,111 @@
+// Package hbone is ambit's tunnel: HTTP/2 CONNECT over mutual TLS between
+// SPIFFE workload identities ("HBONE", as in Istio ambient). ztunnel uses it
+// for every meshed connection, and the waypoint on both of its sides.
+//
+// On the wire (interoperable with Istio's ztunnel): TCP to
+// <destination pod IP>:15008; TLS 1.3 only, ALPN exactly "h2", no SNI; both
+// sides present X.509-SVIDs. The client checks that the server's SPIFFE ID is
+// one of the allowed destination identities; the server checks the client's
+// certificate against the trust bundle of its own trust domain and hands the
+// client's ID to the handler. Each tunnelled TCP connection is one HTTP/2
+// CONNECT stream with
+//
+//	:authority  <pod IP>:<target port>          (IPv6 in brackets)
+//	forwarded   for="<src ip:port>"[;host=<service hostname>]
+//	baggage     k8s.cluster.name=...,k8s.namespace.name=...,...
+//	traceparent 00-<trace id>-<span id>-01      (fresh per stream)
+//
+// and the server answers 200 only after its upstream connection succeeded,
+// 401 when policy denies, 503 when the upstream connect fails or the local
+// workload is unknown, 400 for a non-CONNECT method, a malformed authority, or
+// an authority whose IP differs from the TCP destination (unless the
+// destination is that workload's waypoint), 431 for oversized headers.
+// Half-closing a stream (CloseWrite) sends END_STREAM; the peer reads io.EOF.
+//
+// The API:
+//
+//	// CertSource is where certificates come from (certs.Manager implements it).
+//	type CertSource interface {
+//		GetX509SVID(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, error)
+//		x509bundle.Source
+//	}
+//
+//	// Client side: a pool of HBONE connections keyed by
+//	// (source identity, allowed peer identities, address).
+//	type Dialer struct {
+//		Certs             CertSource    // required
+//		MaxStreamsPerConn int           // default 100
+//		IdleTimeout       time.Duration // default DefaultIdleTimeout
+//		HandshakeTimeout  time.Duration // TCP+TLS; default DefaultHandshakeTimeout
+//		DialContext       func(ctx context.Context, network, addr string) (net.Conn, error) // default net.Dialer
+//		Logger            *slog.Logger  // nil: discard
+//	}
+//	type DialRequest struct {
+//		Source       spiffeid.ID      // our identity (its SVID is presented)
+//		Peers        []spiffeid.ID    // allowed server identities (at least one)
+//		Addr         netip.AddrPort   // where to connect: <ip>:15008
+//		Target       netip.AddrPort   // the :authority
+//		ForwardedFor netip.AddrPort   // original source, for the forwarded header
+//		Host         string           // service hostname when addressed to a service
+//		Baggage      string           // see Baggage
+//	}
+//	func (d *Dialer) Dial(ctx context.Context, r DialRequest) (*Stream, error)
+//	func (d *Dialer) Conns() int      // open HBONE (TLS) connections
+//	func (d *Dialer) Close() error    // closes everything, waits for goroutines
+//
+//	// A non-200 answer is a *StatusError: errors.As(err, &se); se.Code.
+//	type StatusError struct{ Code int }
+//
+//	// Stream is one tunnelled connection: a net.Conn with CloseWrite.
+//	func (s *Stream) Read/Write/Close/CloseWrite/LocalAddr/RemoteAddr/Set*Deadline
+//	func (s *Stream) Peer() spiffeid.ID // the other side's verified identity
+//
+//	// Server side.
+//	type Server struct {
+//		Certs                CertSource                                // required
+//		LocalIdentity        func(dst netip.Addr) (spiffeid.ID, bool) // required: who owns the TCP destination IP
+//		Handler              Handler                                   // required
+//		IsWaypointFor        func(local, target netip.Addr) bool       // optional: allow authority != local IP
+//		MaxHeaderBytes       int           // default DefaultMaxHeaderBytes
+//		MaxConcurrentStreams int           // per connection; default DefaultMaxConcurrentStreams
+//		HandshakeTimeout     time.Duration // TLS handshake + HTTP/2 preface; default DefaultHandshakeTimeout
+//		IdleTimeout          time.Duration // a connection without streams; default DefaultIdleTimeout
+//		Logger               *slog.Logger
+//	}
+//	func (s *Server) Serve(ln net.Listener) error  // ErrServerClosed after Close/Shutdown
+//	func (s *Server) Shutdown(ctx context.Context) error // stop accepting, GOAWAY, wait for streams until ctx ends
+//	func (s *Server) Close() error                 // idempotent; closes everything and waits
+//
+//	type Handler interface{ ServeHBONE(ctx context.Context, r *Request) }
+//	type HandlerFunc func(ctx context.Context, r *Request)
+//	type Request struct {
+//		Peer        spiffeid.ID     // the client's verified identity
+//		Local       spiffeid.ID     // the identity the server presented (owner of LocalAddr)
+//		PeerAddr    netip.AddrPort  // TCP source of the HBONE connection
+//		LocalAddr   netip.AddrPort  // TCP destination (<pod IP>:15008)
+//		Target      netip.AddrPort  // parsed :authority
+//		Forwarded   Forwarded       // parsed forwarded header (For, Host)
+//		Baggage     Baggage         // parsed baggage header
+//		TraceParent string
+//		Header      http.Header     // all regular request headers
+//	}
+//	// The handler answers exactly once: Accept sends 200 and returns the
+//	// stream; Reject sends the status (401, 503, ...). Returning without
+//	// either answers 503. The stream is reset when the handler returns.
+//	func (r *Request) Accept() (*Stream, error)
+//	func (r *Request) Reject(status int) error
+//
+//	// Join copies a<->b with half-close, closes both, returns the bytes each way.
+//	func Join(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error)
+//
+//	// Pure helpers (fuzzed).
+//	func ParseAuthority(s string) (netip.AddrPort, error)
+//	func ParseForwarded(s string) (Forwarded, error)
+//	func ParseBaggage(s string) Baggage
+//	func (b Baggage) String() string
+//
+// The HTTP/2 framing is x/net/http2's Framer and hpack; the connection logic
+// (streams, flow control, settings) is this package's own, small because it
+// only carries CONNECT streams, and because net/http's HTTP/2 server cannot
+// half-close a response while still reading the request body.
+package hbone
