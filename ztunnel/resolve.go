@@ -1,0 +1,185 @@
+package ztunnel
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+// RouteKind says how an outbound connection is carried.
+type RouteKind int
+
+// Route kinds.
+const (
+	// RoutePassthrough: the destination is outside the mesh; plain TCP to it.
+	RoutePassthrough RouteKind = iota
+	// RouteDirect: the destination is a known workload that is not enrolled;
+	// plain TCP to it.
+	RouteDirect
+	// RouteHBONE: an HBONE tunnel to Addr (<pod or waypoint IP>:15008).
+	RouteHBONE
+)
+
+func (k RouteKind) String() string {
+	switch k {
+	case RoutePassthrough:
+		return "passthrough"
+	case RouteDirect:
+		return "direct"
+	case RouteHBONE:
+		return "hbone"
+	}
+	return fmt.Sprintf("RouteKind(%d)", int(k))
+}
+
+// Route is the resolution of an outbound connection's original destination.
+type Route struct {
+	Kind RouteKind
+	// Addr is where to connect: the destination itself for passthrough and
+	// direct routes, <pod or waypoint IP>:15008 for HBONE.
+	Addr netip.AddrPort
+	// Target is the HBONE :authority: <pod IP>:<target port>, or the
+	// original destination when tunnelling to a waypoint.
+	Target netip.AddrPort
+	// Peers are the identities the HBONE server may present.
+	Peers []spiffeid.ID
+	// Workload is the destination workload (nil for passthrough and when
+	// the route goes to a waypoint).
+	Workload *model.Workload
+	// Service is the service the destination was addressed to, if any.
+	Service *model.Service
+	// Waypoint is set when the route goes to a waypoint.
+	Waypoint *model.WaypointRef
+}
+
+// Resolution errors; the connection is closed.
+var (
+	ErrNoReadyEndpoint    = errors.New("no ready endpoint")
+	ErrUnknownServicePort = errors.New("port not exposed by the service")
+	ErrWaypointMissing    = errors.New("waypoint has no address")
+)
+
+// Resolve decides where an outbound connection from src (nil when unknown)
+// to dst goes, over snap. A Service VIP is balanced over the service's ready
+// endpoints (pick(n) chooses an index in [0, n); nil picks at random); a
+// workload IP goes to that workload; a destination using a waypoint goes to
+// the waypoint unless src is that waypoint; anything else passes through.
+func Resolve(snap *model.Snapshot, src *model.Workload, dst netip.AddrPort, pick func(n int) int) (Route, error) {
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	if svc := snap.ServiceByVIP(dst.Addr()); svc != nil {
+		return resolveService(snap, src, svc, dst, pick)
+	}
+	w := snap.WorkloadByIP(dst.Addr())
+	if w == nil {
+		return Route{Kind: RoutePassthrough, Addr: dst, Target: dst}, nil
+	}
+	if w.Waypoint != nil && !isWaypoint(src, w.Waypoint) {
+		return waypointRoute(snap, w.Waypoint, dst, nil)
+	}
+	return workloadRoute(w, dst, nil), nil
+}
+
+func resolveService(snap *model.Snapshot, src *model.Workload, svc *model.Service, dst netip.AddrPort, pick func(int) int) (Route, error) {
+	i := slices.IndexFunc(svc.Ports, func(p model.ServicePort) bool { return p.Port == dst.Port() })
+	if i < 0 {
+		return Route{Service: svc}, fmt.Errorf("%w: %s port %d", ErrUnknownServicePort, svc.Hostname, dst.Port())
+	}
+	sp := svc.Ports[i]
+	if svc.Waypoint != nil && !isWaypoint(src, svc.Waypoint) {
+		return waypointRoute(snap, svc.Waypoint, dst, svc)
+	}
+	type candidate struct {
+		w    *model.Workload
+		addr netip.AddrPort
+	}
+	var ready []candidate
+	for _, ep := range svc.Endpoints {
+		w := snap.Workloads[ep.WorkloadUID]
+		if w == nil || !w.Ready || len(w.Addresses) == 0 {
+			continue
+		}
+		port := ep.Ports[sp.Port]
+		if port == 0 {
+			port = sp.TargetPort
+		}
+		if port == 0 {
+			port = sp.Port
+		}
+		ready = append(ready, candidate{w, netip.AddrPortFrom(sameFamily(w.Addresses, dst.Addr()), port)})
+	}
+	if len(ready) == 0 {
+		return Route{Service: svc}, fmt.Errorf("%w: %s", ErrNoReadyEndpoint, svc.Hostname)
+	}
+	if pick == nil {
+		pick = rand.IntN
+	}
+	c := ready[pick(len(ready))]
+	return workloadRoute(c.w, c.addr, svc), nil
+}
+
+// workloadRoute goes straight to w at target: HBONE when w is enrolled, plain
+// TCP otherwise.
+func workloadRoute(w *model.Workload, target netip.AddrPort, svc *model.Service) Route {
+	if !w.Enrolled {
+		return Route{Kind: RouteDirect, Addr: target, Target: target, Workload: w, Service: svc}
+	}
+	return Route{
+		Kind:     RouteHBONE,
+		Addr:     netip.AddrPortFrom(target.Addr(), model.PortHBONE),
+		Target:   target,
+		Peers:    []spiffeid.ID{w.Identity()},
+		Workload: w,
+		Service:  svc,
+	}
+}
+
+func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, dst netip.AddrPort, svc *model.Service) (Route, error) {
+	if !wp.Resolved() {
+		return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: %s/%s", ErrWaypointMissing, wp.Namespace, wp.Name)
+	}
+	return Route{
+		Kind:     RouteHBONE,
+		Addr:     wp.Address,
+		Target:   dst,
+		Peers:    []spiffeid.ID{waypointIdentity(snap, wp)},
+		Service:  svc,
+		Waypoint: wp,
+	}, nil
+}
+
+// waypointIdentity is the identity of the waypoint's workload when the model
+// knows it, else Istio's convention: the service account named after the
+// waypoint, in its namespace.
+func waypointIdentity(snap *model.Snapshot, wp *model.WaypointRef) spiffeid.ID {
+	if w := snap.WorkloadByIP(wp.Address.Addr()); w != nil {
+		return w.Identity()
+	}
+	id, err := certs.WorkloadID(certs.DefaultTrustDomain, wp.Namespace, wp.Name)
+	if err != nil {
+		return spiffeid.ID{}
+	}
+	return id
+}
+
+// isWaypoint reports whether src is the waypoint wp: its own traffic to the
+// destination must not loop back to it.
+func isWaypoint(src *model.Workload, wp *model.WaypointRef) bool {
+	return src != nil && wp.Address.IsValid() && slices.Contains(src.Addresses, wp.Address.Addr().Unmap())
+}
+
+// sameFamily returns the first of addrs in like's family, else addrs[0].
+func sameFamily(addrs []netip.Addr, like netip.Addr) netip.Addr {
+	for _, a := range addrs {
+		if a.Is4() == like.Is4() {
+			return a
+		}
+	}
+	return addrs[0]
+}
