@@ -1,0 +1,340 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (MIT OR GPL-2.0-only)
+//
+// ambit's traffic capture: TCX programs that hand the TCP connections of
+// enrolled pods to the node's ztunnel with bpf_sk_assign, keeping the original
+// destination in the packet (the ztunnel listens with IP_TRANSPARENT and reads
+// it from its accepted socket's local address). Packets that are assigned get
+// the capture mark so that the node's policy route ("fwmark -> local table")
+// delivers them locally instead of forwarding them.
+//
+//   pod_ingress    host side of an enrolled pod's veth, ingress: what the pod
+//                  sends. New connections go to ztunnel's outbound port;
+//                  packets of connections ztunnel holds (its transparent
+//                  deliveries, the captured connections) go to its socket.
+//                  Also receives, redirected by pod_egress, connections from
+//                  other pods of the node to this pod (inbound capture).
+//   pod_egress     host side of an enrolled pod's veth, egress: what the node
+//                  forwards to the pod from another local interface is sent
+//                  back to pod_ingress for inbound capture. Traffic the node
+//                  itself originates (health probes, ztunnel) is left alone.
+//   uplink_ingress node uplinks, ingress: connections from other nodes to
+//                  enrolled pods go to ztunnel's HBONE port (for port 15008)
+//                  or inbound port (any other port).
+//
+// Fail closed: when an enrolled pod's new connection finds no ztunnel
+// listener, the SYN is turned into a RST sent back where it came from (the
+// client sees "connection refused"); segments of unknown connections are
+// dropped. Nothing of an enrolled pod's TCP leaves the node unencrypted
+// unless ztunnel sends it.
+//
+// IPv4 only: IPv6 TCP of enrolled pods is dropped rather than let through.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+// TCX verdicts (linux/bpf.h >= 6.6; older uapi headers lack them).
+#define TCX_NEXT -1
+#define TCX_PASS 0
+#define TCX_DROP 2
+
+// Set at load time (see Options in Go).
+volatile const __u16 outbound_port = 15001; // host byte order
+volatile const __u16 inbound_port = 15006;
+volatile const __u16 hbone_port = 15008;
+volatile const __u32 capture_mark = 0x100;
+
+// A captured pod, by IPv4 address (network byte order).
+struct pod {
+	__u32 ifindex; // host side of the pod's veth
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct pod);
+	__uint(max_entries, 4096);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pods SEC(".maps");
+
+enum stat {
+	STAT_OUTBOUND,   // new outbound connections given to ztunnel
+	STAT_INBOUND,    // new inbound plaintext connections given to ztunnel
+	STAT_HBONE,      // new HBONE connections given to ztunnel
+	STAT_SOCKET,     // segments of connections ztunnel holds
+	STAT_REFUSED,    // SYNs answered with RST: no ztunnel listener
+	STAT_DROPPED,    // segments dropped: unknown connection, spoofed, IPv6
+	STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, STAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 s) {
+	__u64 *v = bpf_map_lookup_elem(&stats, &s);
+	if (v)
+		*v += 1;
+}
+
+struct tcp4 {
+	__u32 ihl;     // IP header length in bytes
+	__u32 saddr;   // network byte order
+	__u32 daddr;   // network byte order
+	__u16 sport;   // network byte order
+	__u16 dport;   // network byte order
+	__u8 syn_only; // SYN without ACK: a new connection
+};
+
+// parse returns 1 for IPv4 TCP (filling t), -1 for IPv6 TCP, 0 otherwise.
+static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		return ip6->nexthdr == IPPROTO_TCP ? -1 : 0;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return 0;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
+		return 0;
+	if (ip->frag_off & bpf_htons(0x1fff)) // not the first fragment
+		return 0;
+	__u32 ihl = ip->ihl * 4;
+	if (ihl < sizeof(*ip))
+		return 0;
+	struct tcphdr *tcp = (void *)ip + ihl;
+	if ((void *)(tcp + 1) > end)
+		return 0;
+	t->ihl = ihl;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	t->sport = tcp->source;
+	t->dport = tcp->dest;
+	t->syn_only = tcp->syn && !tcp->ack;
+	return 1;
+}
+
+// lookup finds the socket for the tuple (established first, then listening),
+// or NULL. The caller releases it.
+static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, struct tcp4 *t, __u16 dport) {
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.saddr = t->saddr;
+	tuple.ipv4.daddr = t->daddr;
+	tuple.ipv4.sport = t->sport;
+	tuple.ipv4.dport = dport;
+	return bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+}
+
+// assign hands the packet to sk, releasing it. It returns 0 on success.
+static __always_inline long assign(struct __sk_buff *skb, struct bpf_sock *sk, __u32 s) {
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return err;
+	skb->mark |= capture_mark;
+	count(s);
+	return 0;
+}
+
+// to_socket hands the packet to the local socket of its connection, if
+// there is one that is not a listener. It returns 1 when it did.
+static __always_inline int to_socket(struct __sk_buff *skb, struct tcp4 *t) {
+	struct bpf_sock *sk = lookup(skb, t, t->dport);
+	if (!sk)
+		return 0;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	return assign(skb, sk, STAT_SOCKET) == 0;
+}
+
+// to_listener hands a SYN to ztunnel's listener on port. It returns 1 when
+// it did.
+static __always_inline int to_listener(struct __sk_buff *skb, struct tcp4 *t, __u16 port, __u32 s) {
+	struct bpf_sock *sk = lookup(skb, t, bpf_htons(port));
+	if (!sk)
+		return 0;
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	return assign(skb, sk, s) == 0;
+}
+
+static __always_inline __u16 csum_fold(__s64 sum) {
+	__u32 s = (__u32)sum;
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+struct pseudo_hdr {
+	__u32 saddr;
+	__u32 daddr;
+	__u8 zero;
+	__u8 proto;
+	__u16 len;
+};
+
+// refuse turns the segment into a RST to its sender and sends it back out of
+// the interface it came in on; RSTs are dropped. Either way the segment does
+// not go on.
+static __always_inline int refuse(struct __sk_buff *skb) {
+	struct ethhdr eth;
+	struct iphdr ip;
+	struct tcphdr tcp;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) ||
+	    bpf_skb_load_bytes(skb, sizeof(eth), &ip, sizeof(ip)))
+		goto drop;
+	__u32 ihl = ip.ihl * 4;
+	if (ihl < sizeof(ip) || ihl > 60 ||
+	    bpf_skb_load_bytes(skb, sizeof(eth) + ihl, &tcp, sizeof(tcp)) || tcp.rst)
+		goto drop;
+	__u32 paylen = bpf_ntohs(ip.tot_len) - ihl - tcp.doff * 4;
+
+	struct ethhdr reth = {};
+	__builtin_memcpy(reth.h_dest, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(reth.h_source, eth.h_dest, ETH_ALEN);
+	reth.h_proto = bpf_htons(ETH_P_IP);
+
+	struct iphdr rip = {};
+	rip.version = 4;
+	rip.ihl = 5;
+	rip.tot_len = bpf_htons(sizeof(rip) + sizeof(tcp));
+	rip.frag_off = bpf_htons(0x4000); // DF
+	rip.ttl = 64;
+	rip.protocol = IPPROTO_TCP;
+	rip.saddr = ip.daddr;
+	rip.daddr = ip.saddr;
+	rip.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&rip, sizeof(rip), 0));
+
+	struct tcphdr rtcp = {};
+	rtcp.source = tcp.dest;
+	rtcp.dest = tcp.source;
+	rtcp.doff = 5;
+	rtcp.rst = 1;
+	if (tcp.ack) {
+		rtcp.seq = tcp.ack_seq;
+	} else {
+		rtcp.ack = 1;
+		rtcp.ack_seq = bpf_htonl(bpf_ntohl(tcp.seq) + paylen + tcp.syn + tcp.fin);
+	}
+	struct pseudo_hdr ph = {
+		.saddr = rip.saddr,
+		.daddr = rip.daddr,
+		.proto = IPPROTO_TCP,
+		.len = bpf_htons(sizeof(rtcp)),
+	};
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
+	rtcp.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&rtcp, sizeof(rtcp), sum));
+
+	__u32 len = sizeof(reth) + sizeof(rip) + sizeof(rtcp);
+	if (bpf_skb_change_tail(skb, len, 0) ||
+	    bpf_skb_store_bytes(skb, 0, &reth, sizeof(reth), 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(reth), &rip, sizeof(rip), 0) ||
+	    bpf_skb_store_bytes(skb, sizeof(reth) + sizeof(rip), &rtcp, sizeof(rtcp), 0))
+		goto drop;
+	count(STAT_REFUSED);
+	return bpf_redirect(skb->ifindex, 0);
+drop:
+	count(STAT_DROPPED);
+	return TCX_DROP;
+}
+
+static __always_inline int drop(void) {
+	count(STAT_DROPPED);
+	return TCX_DROP;
+}
+
+// inbound captures a segment addressed to a local enrolled pod.
+static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t) {
+	if (to_socket(skb, t))
+		return TCX_PASS;
+	if (!t->syn_only)
+		return drop();
+	if (t->dport == bpf_htons(hbone_port)) {
+		if (to_listener(skb, t, hbone_port, STAT_HBONE))
+			return TCX_PASS;
+	} else if (to_listener(skb, t, inbound_port, STAT_INBOUND)) {
+		return TCX_PASS;
+	}
+	return refuse(skb);
+}
+
+SEC("tcx/ingress")
+int pod_ingress(struct __sk_buff *skb) {
+	struct tcp4 t = {};
+	int r = parse(skb, &t);
+	if (r < 0)
+		return drop();
+	if (r == 0)
+		return TCX_NEXT;
+
+	struct pod *p = bpf_map_lookup_elem(&pods, &t.daddr);
+	if (p && p->ifindex == skb->ifindex) // redirected here by pod_egress
+		return inbound(skb, &t);
+
+	p = bpf_map_lookup_elem(&pods, &t.saddr);
+	if (!p || p->ifindex != skb->ifindex) // not the pod's address
+		return drop();
+	if (to_socket(skb, &t))
+		return TCX_PASS;
+	if (!t.syn_only)
+		return drop();
+	if (to_listener(skb, &t, outbound_port, STAT_OUTBOUND))
+		return TCX_PASS;
+	return refuse(skb);
+}
+
+SEC("tcx/egress")
+int pod_egress(struct __sk_buff *skb) {
+	// The node's own packets (ztunnel, health probes) carry their socket or
+	// were not received on any interface; leave them alone.
+	if (skb->sk || skb->ingress_ifindex == 0 || skb->ingress_ifindex == skb->ifindex)
+		return TCX_NEXT;
+	struct tcp4 t = {};
+	int r = parse(skb, &t);
+	if (r < 0)
+		return drop();
+	if (r == 0)
+		return TCX_NEXT;
+	// Forwarded from another interface of the node: send it back in through
+	// this veth, addressed to the node (the source MAC is this veth's own),
+	// where pod_ingress captures it.
+	__u8 mac[ETH_ALEN];
+	if (bpf_skb_load_bytes(skb, ETH_ALEN, mac, ETH_ALEN) ||
+	    bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0))
+		return drop();
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+SEC("tcx/ingress")
+int uplink_ingress(struct __sk_buff *skb) {
+	struct tcp4 t = {};
+	if (parse(skb, &t) <= 0)
+		return TCX_NEXT;
+	if (!bpf_map_lookup_elem(&pods, &t.daddr))
+		return TCX_NEXT;
+	return inbound(skb, &t);
+}

@@ -1,0 +1,630 @@
+package bpf
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Options configure a Capture. The zero value captures in the calling
+// process's network namespace with the default ports.
+type Options struct {
+	// PinPath is the bpffs directory for the pinned maps and links, one per
+	// node (network namespace). Default: /sys/fs/bpf/ambit.
+	PinPath string
+	// Netns is the path of the node's network namespace (for example
+	// /var/run/netns/node1). Empty: the calling process's.
+	Netns string
+	// Uplinks are the interfaces on which traffic from other nodes arrives.
+	// Empty: the interface of the default route.
+	Uplinks []string
+	// Ports of ztunnel's listeners. Defaults: 15001, 15006, 15008.
+	OutboundPort, InboundPort, HBONEPort uint16
+	// Mark is the packet mark of captured packets and RouteTable the table
+	// of the local route they take. Defaults: 0x100 and 100.
+	Mark       uint32
+	RouteTable int
+	// Logger receives structured logs. Nil discards them.
+	Logger *slog.Logger
+}
+
+func (o *Options) setDefaults() {
+	if o.PinPath == "" {
+		o.PinPath = "/sys/fs/bpf/ambit"
+	}
+	if o.OutboundPort == 0 {
+		o.OutboundPort = 15001
+	}
+	if o.InboundPort == 0 {
+		o.InboundPort = 15006
+	}
+	if o.HBONEPort == 0 {
+		o.HBONEPort = 15008
+	}
+	if o.Mark == 0 {
+		o.Mark = 0x100
+	}
+	if o.RouteTable == 0 {
+		o.RouteTable = 100
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Pod is a pod to capture.
+type Pod struct {
+	// Name identifies the pod in logs and errors, e.g. "namespace/name".
+	Name string
+	// IPs are the pod's addresses. Only IPv4 is captured; IPv6 TCP of a
+	// captured pod is dropped.
+	IPs []netip.Addr
+	// HostIfname is the node side of the pod's veth. Empty: the interface
+	// of the route to the pod's first IPv4 address in the node's namespace.
+	HostIfname string
+}
+
+// Stats count what the programs did, summed over CPUs.
+type Stats struct {
+	Outbound uint64 // new outbound connections given to ztunnel
+	Inbound  uint64 // new inbound plaintext connections given to ztunnel
+	HBONE    uint64 // new HBONE connections given to ztunnel
+	Socket   uint64 // segments of connections ztunnel holds
+	Refused  uint64 // SYNs refused (RST) for want of a ztunnel listener
+	Dropped  uint64 // segments dropped (unknown connection, spoofed, IPv6)
+}
+
+// Capture is the loaded capture of one node. Its programs, maps and links
+// are pinned under Options.PinPath, so they keep working after Close or after
+// the process exits; Load picks them up again. Uninstall removes everything.
+type Capture struct {
+	opts Options
+	log  *slog.Logger
+
+	mu    sync.Mutex // guards objs and links, and serialises changes
+	objs  captureObjects
+	links map[string]link.Link // by pin name, e.g. "pod-pv0-ingress"
+}
+
+const (
+	linksDir   = "links"
+	podPrefix  = "pod-"
+	upPrefix   = "uplink-"
+	ingressSfx = "-ingress"
+	egressSfx  = "-egress"
+)
+
+// Load checks the node (see Check), loads the programs and maps, re-opens
+// the links pinned by an earlier Load and moves them to the new programs.
+func Load(opts Options) (*Capture, error) {
+	opts.setDefaults()
+	if err := mountBPFFS(opts.PinPath, opts.Logger); err != nil {
+		return nil, err
+	}
+	if err := Check(opts.PinPath, opts.Logger); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(opts.PinPath, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("load capture: %w", err)
+	}
+	spec, err := loadCapture()
+	if err != nil {
+		return nil, fmt.Errorf("load capture spec: %w", err)
+	}
+	for name, v := range map[string]any{
+		"outbound_port": opts.OutboundPort,
+		"inbound_port":  opts.InboundPort,
+		"hbone_port":    opts.HBONEPort,
+		"capture_mark":  opts.Mark,
+	} {
+		if err := spec.Variables[name].Set(v); err != nil {
+			return nil, fmt.Errorf("load capture: set %s: %w", name, err)
+		}
+	}
+	c := &Capture{opts: opts, log: opts.Logger, links: map[string]link.Link{}}
+	err = spec.LoadAndAssign(&c.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}})
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return nil, fmt.Errorf("load capture: maps pinned in %s are from an incompatible version; uninstall first: %w", opts.PinPath, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load capture: %w", err)
+	}
+	if err := c.openPinnedLinks(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// openPinnedLinks re-opens the links pinned by an earlier Load, moves them to
+// this Load's programs, and forgets those whose interface is gone.
+func (c *Capture) openPinnedLinks() error {
+	dir := filepath.Join(c.opts.PinPath, linksDir)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("open pinned links: %w", err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		l, err := link.LoadPinnedLink(filepath.Join(dir, name), nil)
+		if err != nil {
+			return fmt.Errorf("open pinned link %s: %w", name, err)
+		}
+		if linkIfindex(l) == 0 {
+			c.log.Info("forgetting link of a deleted interface", "link", name)
+			l.Unpin()
+			l.Close()
+			continue
+		}
+		if err := l.Update(c.program(name)); err != nil {
+			l.Close()
+			return fmt.Errorf("update pinned link %s: %w", name, err)
+		}
+		c.links[name] = l
+	}
+	return nil
+}
+
+func (c *Capture) program(linkName string) *ebpf.Program {
+	switch {
+	case strings.HasPrefix(linkName, upPrefix):
+		return c.objs.UplinkIngress
+	case strings.HasSuffix(linkName, egressSfx):
+		return c.objs.PodEgress
+	default:
+		return c.objs.PodIngress
+	}
+}
+
+func linkIfindex(l link.Link) int {
+	info, err := l.Info()
+	if err != nil || info.TCX() == nil {
+		return 0
+	}
+	return int(info.TCX().Ifindex)
+}
+
+// Close releases the Capture's file descriptors. Capture stays in force: its
+// links and maps are pinned. Close is idempotent.
+func (c *Capture) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var errs []error
+	for name, l := range c.links {
+		errs = append(errs, l.Close())
+		delete(c.links, name)
+	}
+	errs = append(errs, c.objs.Close())
+	c.objs = captureObjects{}
+	return errors.Join(errs...)
+}
+
+// SetupNode does the node-wide setup, idempotently: the policy rule and the
+// local route that deliver marked packets to local sockets, and the inbound
+// program on the uplinks.
+func (c *Capture) SetupNode() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	o := c.opts
+	rule := fmt.Sprintf("rule add fwmark %#x/%#x lookup %d pref %d", o.Mark, o.Mark, o.RouteTable, o.RouteTable)
+	if out, err := c.ip(strings.Fields(rule)...); err != nil && !bytes.Contains(out, []byte("File exists")) {
+		return fmt.Errorf("setup node: %w", err)
+	}
+	if _, err := c.ip("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil {
+		return fmt.Errorf("setup node: %w", err)
+	}
+	uplinks := o.Uplinks
+	if len(uplinks) == 0 {
+		dev, err := c.routeDev("default")
+		if err != nil {
+			return fmt.Errorf("setup node: find uplink (set Options.Uplinks): %w", err)
+		}
+		uplinks = []string{dev}
+	}
+	for _, dev := range uplinks {
+		if err := c.attach(upPrefix+dev, dev, c.objs.UplinkIngress, ebpf.AttachTCXIngress); err != nil {
+			return fmt.Errorf("setup node: %w", err)
+		}
+	}
+	c.log.Info("node set up", "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable)
+	return nil
+}
+
+// AddPod captures p: from its return on, every TCP connection the pod opens
+// or receives goes to ztunnel. Call it before the pod's process starts (its
+// veth exists by then) so that no packet escapes. AddPod is idempotent.
+func (c *Capture) AddPod(ctx context.Context, p Pod) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.addPod(ctx, p)
+}
+
+func (c *Capture) addPod(ctx context.Context, p Pod) error {
+	dev, ifindex, err := c.resolve(ctx, p)
+	if err != nil {
+		return fmt.Errorf("add pod %s: %w", p.Name, err)
+	}
+	// Addresses first: once the programs are attached, traffic from an
+	// address the map does not know is dropped.
+	for _, ip := range p.IPs {
+		if !ip.Is4() {
+			continue
+		}
+		if err := c.objs.Pods.Put(key(ip), capturePod{Ifindex: uint32(ifindex)}); err != nil {
+			return fmt.Errorf("add pod %s: %w", p.Name, err)
+		}
+	}
+	if err := c.attach(podPrefix+dev+ingressSfx, dev, c.objs.PodIngress, ebpf.AttachTCXIngress); err != nil {
+		return fmt.Errorf("add pod %s: %w", p.Name, err)
+	}
+	if err := c.attach(podPrefix+dev+egressSfx, dev, c.objs.PodEgress, ebpf.AttachTCXEgress); err != nil {
+		return fmt.Errorf("add pod %s: %w", p.Name, err)
+	}
+	c.log.Info("pod captured", "pod", p.Name, "dev", dev, "ifindex", ifindex, "ips", p.IPs)
+	return nil
+}
+
+// RemovePod stops capturing p (its veth found as in AddPod; a veth that is
+// gone is fine). RemovePod is idempotent.
+func (c *Capture) RemovePod(ctx context.Context, p Pod) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	dev := p.HostIfname
+	if dev == "" {
+		// The veth may be gone with the pod: fall back to the map.
+		if d, _, err := c.resolve(ctx, p); err == nil {
+			dev = d
+		} else if d := c.devOfIPs(p.IPs); d != "" {
+			dev = d
+		}
+	}
+	var errs []error
+	if dev != "" {
+		errs = append(errs, c.detach(podPrefix+dev+ingressSfx), c.detach(podPrefix+dev+egressSfx))
+	}
+	for _, ip := range p.IPs {
+		if ip.Is4() {
+			if err := c.objs.Pods.Delete(key(ip)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("remove pod %s: %w", p.Name, err)
+	}
+	c.log.Info("pod released", "pod", p.Name, "dev", dev)
+	return nil
+}
+
+// devOfIPs finds the veth of a pod from the pods map, or "".
+func (c *Capture) devOfIPs(ips []netip.Addr) string {
+	for _, ip := range ips {
+		var v capturePod
+		if ip.Is4() && c.objs.Pods.Lookup(key(ip), &v) == nil {
+			var name string
+			c.inNetns(func() error {
+				if ifi, err := net.InterfaceByIndex(int(v.Ifindex)); err == nil {
+					name = ifi.Name
+				}
+				return nil
+			})
+			if name != "" {
+				return name
+			}
+			for n, l := range c.links {
+				if strings.HasPrefix(n, podPrefix) && strings.HasSuffix(n, ingressSfx) && linkIfindex(l) == int(v.Ifindex) {
+					return strings.TrimSuffix(strings.TrimPrefix(n, podPrefix), ingressSfx)
+				}
+			}
+		}
+	}
+	return ""
+}
+
+// Reconcile makes the captured pods exactly desired: it captures the new
+// ones, releases those not in desired (and those whose veth is gone), and
+// leaves the others untouched. ztunnel calls it with the local enrolled pods
+// of its model whenever they change, and once after a restart. Errors of
+// single pods are joined; the others are still reconciled.
+func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var errs []error
+	wantDev := map[string]bool{}
+	wantIP := map[[4]byte]uint32{}
+	var add []Pod
+	for _, p := range desired {
+		dev, ifindex, err := c.resolve(ctx, p)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("reconcile pod %s: %w", p.Name, err))
+			continue
+		}
+		p.HostIfname = dev
+		wantDev[dev] = true
+		for _, ip := range p.IPs {
+			if ip.Is4() {
+				wantIP[ip.As4()] = uint32(ifindex)
+			}
+		}
+		add = append(add, p)
+	}
+	for name := range c.links {
+		if !strings.HasPrefix(name, podPrefix) {
+			continue
+		}
+		dev := strings.TrimSuffix(strings.TrimSuffix(strings.TrimPrefix(name, podPrefix), ingressSfx), egressSfx)
+		if !wantDev[dev] {
+			errs = append(errs, c.detach(name))
+		}
+	}
+	var (
+		k    [4]byte
+		v    capturePod
+		gone [][4]byte
+	)
+	it := c.objs.Pods.Iterate()
+	for it.Next(&k, &v) {
+		if want, ok := wantIP[k]; !ok || want != v.Ifindex {
+			gone = append(gone, k)
+		}
+	}
+	errs = append(errs, it.Err())
+	for _, k := range gone {
+		if err := c.objs.Pods.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for _, p := range add {
+		errs = append(errs, c.addPod(ctx, p))
+	}
+	return errors.Join(errs...)
+}
+
+// Pods returns the captured addresses with the veth each is captured on.
+func (c *Capture) Pods() (map[netip.Addr]string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	byIndex := map[int]string{}
+	for name, l := range c.links {
+		if strings.HasPrefix(name, podPrefix) && strings.HasSuffix(name, ingressSfx) {
+			byIndex[linkIfindex(l)] = strings.TrimSuffix(strings.TrimPrefix(name, podPrefix), ingressSfx)
+		}
+	}
+	out := map[netip.Addr]string{}
+	var (
+		k [4]byte
+		v capturePod
+	)
+	it := c.objs.Pods.Iterate()
+	for it.Next(&k, &v) {
+		out[netip.AddrFrom4(k)] = byIndex[int(v.Ifindex)]
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list pods: %w", err)
+	}
+	return out, nil
+}
+
+// Stats returns the programs' counters.
+func (c *Capture) Stats() (Stats, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var s Stats
+	for i, f := range []*uint64{&s.Outbound, &s.Inbound, &s.HBONE, &s.Socket, &s.Refused, &s.Dropped} {
+		var per []uint64
+		if err := c.objs.Stats.Lookup(uint32(i), &per); err != nil {
+			return Stats{}, fmt.Errorf("read stats: %w", err)
+		}
+		for _, n := range per {
+			*f += n
+		}
+	}
+	return s, nil
+}
+
+// Uninstall removes everything capture put on the node: links, pins, the
+// policy rule and the local route. The Capture is closed afterwards.
+func (c *Capture) Uninstall() error {
+	c.mu.Lock()
+	var errs []error
+	for name := range c.links {
+		errs = append(errs, c.detach(name))
+	}
+	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Stats} {
+		if m != nil {
+			errs = append(errs, m.Unpin())
+		}
+	}
+	o := c.opts
+	if out, err := c.ip("rule", "del", "fwmark", fmt.Sprintf("%#x/%#x", o.Mark, o.Mark), "lookup", fmt.Sprint(o.RouteTable), "pref", fmt.Sprint(o.RouteTable)); err != nil && !bytes.Contains(out, []byte("No such file")) {
+		errs = append(errs, err)
+	}
+	if out, err := c.ip("route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil && !bytes.Contains(out, []byte("No such process")) {
+		errs = append(errs, err)
+	}
+	errs = append(errs, os.Remove(filepath.Join(o.PinPath, linksDir)))
+	if err := os.Remove(o.PinPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	c.mu.Unlock()
+	errs = append(errs, c.Close())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("uninstall capture: %w", err)
+	}
+	c.log.Info("capture uninstalled", "pin_path", o.PinPath)
+	return nil
+}
+
+// attach attaches prog to dev as the pinned link name, unless that link
+// exists on dev already. A pinned link on an older incarnation of dev (same
+// name, another ifindex) is replaced.
+func (c *Capture) attach(name, dev string, prog *ebpf.Program, typ ebpf.AttachType) error {
+	var ifindex int
+	err := c.inNetns(func() error {
+		ifi, err := net.InterfaceByName(dev)
+		if err != nil {
+			return err
+		}
+		ifindex = ifi.Index
+		if l, ok := c.links[name]; ok {
+			if linkIfindex(l) == ifindex {
+				return nil
+			}
+			l.Unpin()
+			l.Close()
+			delete(c.links, name)
+		}
+		l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: typ, Anchor: link.Head()})
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			return fmt.Errorf("this kernel has no TCX links (Linux >= 6.6 needed): %w", err)
+		}
+		if err != nil {
+			return err
+		}
+		if err := l.Pin(filepath.Join(c.opts.PinPath, linksDir, name)); err != nil {
+			l.Close()
+			return err
+		}
+		c.links[name] = l
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: %w", name, dev, err)
+	}
+	return nil
+}
+
+// detach unpins and closes the link name, detaching its program.
+func (c *Capture) detach(name string) error {
+	l, ok := c.links[name]
+	if !ok {
+		return nil
+	}
+	delete(c.links, name)
+	if err := l.Unpin(); err != nil {
+		l.Close()
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	return l.Close()
+}
+
+// resolve finds the veth of p: HostIfname, or the route to its first IPv4
+// address.
+func (c *Capture) resolve(_ context.Context, p Pod) (dev string, ifindex int, err error) {
+	dev = p.HostIfname
+	if dev == "" {
+		var ip netip.Addr
+		for _, a := range p.IPs {
+			if a.Is4() {
+				ip = a
+				break
+			}
+		}
+		if !ip.IsValid() {
+			return "", 0, errors.New("no IPv4 address and no host interface")
+		}
+		if dev, err = c.routeDev(ip.String()); err != nil {
+			return "", 0, err
+		}
+	}
+	err = c.inNetns(func() error {
+		ifi, err := net.InterfaceByName(dev)
+		if err != nil {
+			return fmt.Errorf("host interface: %w", err)
+		}
+		ifindex = ifi.Index
+		return nil
+	})
+	return dev, ifindex, err
+}
+
+// routeDev returns the interface of the route to dst ("default" or an IP).
+func (c *Capture) routeDev(dst string) (string, error) {
+	args := []string{"-j", "route", "get", dst}
+	if dst == "default" {
+		args = []string{"-j", "route", "show", "default"}
+	}
+	out, err := c.ip(args...)
+	if err != nil {
+		return "", err
+	}
+	var routes []struct {
+		Dev string `json:"dev"`
+	}
+	if err := json.Unmarshal(out, &routes); err != nil {
+		return "", fmt.Errorf("parse ip %s: %w", strings.Join(args, " "), err)
+	}
+	if len(routes) == 0 || routes[0].Dev == "" {
+		return "", fmt.Errorf("no route to %s", dst)
+	}
+	return routes[0].Dev, nil
+}
+
+// ip runs iproute2 in the node's namespace and returns its output.
+func (c *Capture) ip(args ...string) ([]byte, error) {
+	name := "ip"
+	if c.opts.Netns != "" {
+		args = append([]string{"--net=" + c.opts.Netns, "ip"}, args...)
+		name = "nsenter"
+	}
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
+	}
+	return out, nil
+}
+
+// inNetns runs fn on a thread inside the node's namespace.
+func (c *Capture) inNetns(fn func() error) error {
+	if c.opts.Netns == "" {
+		return fn()
+	}
+	f, err := os.Open(c.opts.Netns)
+	if err != nil {
+		return fmt.Errorf("open netns: %w", err)
+	}
+	defer f.Close()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open netns: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("enter netns %s: %w", c.opts.Netns, err)
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("leave netns %s: %w", c.opts.Netns, err) // the locked thread dies
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+func key(ip netip.Addr) [4]byte { return ip.As4() }
+
