@@ -1,0 +1,175 @@
+package translate
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ambit-mesh/ambit/model"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files")
+
+func TestEnrolled(t *testing.T) {
+	amb := map[string]string{model.LabelDataplaneMode: "ambient"}
+	none := map[string]string{model.LabelDataplaneMode: "none"}
+	for _, c := range []struct {
+		name     string
+		ns, pod  map[string]string
+		enrolled bool
+	}{
+		{"namespace enrolled", amb, nil, true},
+		{"pod opts out", amb, none, false},
+		{"namespace not enrolled", nil, nil, false},
+		{"pod enrolls itself", nil, amb, true},
+		{"other mode", map[string]string{model.LabelDataplaneMode: "sidecar"}, nil, false},
+	} {
+		if got := Enrolled(c.ns, c.pod); got != c.enrolled {
+			t.Errorf("%s: Enrolled = %v, want %v", c.name, got, c.enrolled)
+		}
+	}
+}
+
+func load(t *testing.T, path string) *Objects {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	objs, _, err := Decode(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := NewObjects()
+	for _, obj := range objs {
+		o.Set(obj)
+	}
+	return o
+}
+
+// golden is the translation, sorted, as JSON.
+type golden struct {
+	Workloads  []*model.Workload           `json:"workloads"`
+	Services   []*model.Service            `json:"services"`
+	Policies   []*model.Policy             `json:"policies"`
+	PeerAuthn  []*model.PeerAuthentication `json:"peerAuthentications"`
+	HTTPRoutes []*model.HTTPRoute          `json:"httpRoutes"`
+	Problems   []string                    `json:"problems"`
+}
+
+func values[T any](m map[string]*T) []*T {
+	out := make([]*T, 0, len(m))
+	for _, k := range sortedKeys(m) {
+		out = append(out, m[k])
+	}
+	return out
+}
+
+func render(t *testing.T, r Result) []byte {
+	g := golden{
+		Workloads: values(r.Snapshot.Workloads), Services: values(r.Snapshot.Services),
+		Policies: values(r.Snapshot.Policies), PeerAuthn: values(r.Snapshot.PeerAuthn),
+		HTTPRoutes: values(r.Snapshot.HTTPRoutes),
+	}
+	for _, p := range r.Problems {
+		g.Problems = append(g.Problems, p.String())
+	}
+	slices.Sort(g.Problems)
+	b, err := json.MarshalIndent(g, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append(b, '\n')
+}
+
+// TestGolden translates each testdata/*.yaml and compares with its .golden.json.
+func TestGolden(t *testing.T) {
+	files, _ := filepath.Glob("testdata/*.yaml")
+	for _, in := range files {
+		t.Run(filepath.Base(in), func(t *testing.T) {
+			got := render(t, Build(load(t, in), Options{}))
+			out := strings.TrimSuffix(in, ".yaml") + ".golden.json"
+			if *update {
+				if err := os.WriteFile(out, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(out)
+			if err != nil {
+				t.Fatalf("%v (run with -update)", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("translation of %s differs from %s (run with -update and review the diff):\n%s", in, out, got)
+			}
+		})
+	}
+}
+
+// TestUpdateMatchesBuild: the incremental path gives the same model as a full
+// build, after each of a series of changes.
+func TestUpdateMatchesBuild(t *testing.T) {
+	o := load(t, "testdata/mesh.yaml")
+	snap := Build(o, Options{}).Snapshot
+	pod := func(k string) *corev1.Pod { return o.Pods[k].DeepCopy() }
+	steps := []struct {
+		name   string
+		change func() Changes
+	}{
+		{"pod relabelled out of a service", func() Changes {
+			p := pod("demo/server-1")
+			p.Labels = map[string]string{"app": "other"}
+			return o.Set(p)
+		}},
+		{"pod becomes ready", func() Changes {
+			p := pod("demo/server-0")
+			p.Status.Conditions = nil
+			return o.Set(p)
+		}},
+		{"pod deleted", func() Changes { return o.Delete(&corev1.Pod{}, "demo/client-7d4b9c-abcde") }},
+		{"new pod", func() Changes {
+			return o.Set(&corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: "new", Namespace: "demo", Labels: map[string]string{"app": "server"}},
+				Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.1.1.99"},
+			})
+		}},
+		{"namespace unenrolled", func() Changes {
+			n := o.Namespaces["demo"].DeepCopy()
+			n.Labels = nil
+			return o.Set(n)
+		}},
+		{"older service deleted: conflict resolves", func() Changes { return o.Delete(&corev1.Service{}, "demo/aaa-first") }},
+		{"waypoint service deleted", func() Changes { return o.Delete(&corev1.Service{}, "shop/waypoint") }},
+		{"backend appears", func() Changes {
+			return o.Set(&corev1.Service{
+				ObjectMeta: metav1.ObjectMeta{Name: "ghost", Namespace: "shop"},
+				Spec:       corev1.ServiceSpec{ClusterIP: "10.96.1.99", Ports: []corev1.ServicePort{{Port: 80}}},
+			})
+		}},
+	}
+	for _, s := range steps {
+		ch := s.change()
+		d, _ := Update(o, snap, ch, Options{})
+		snap = snap.Apply(d)
+		want := Build(o, Options{}).Snapshot
+		for _, pair := range []struct{ got, want any }{
+			{snap.Workloads, want.Workloads}, {snap.Services, want.Services}, {snap.Policies, want.Policies},
+			{snap.PeerAuthn, want.PeerAuthn}, {snap.HTTPRoutes, want.HTTPRoutes},
+		} {
+			if !reflect.DeepEqual(pair.got, pair.want) {
+				g, _ := json.MarshalIndent(pair.got, "", " ")
+				w, _ := json.MarshalIndent(pair.want, "", " ")
+				t.Fatalf("%s: incremental != full\nincremental: %s\nfull: %s", s.name, g, w)
+			}
+		}
+	}
+}
