@@ -229,6 +229,13 @@ func (c *Capture) SetupNode() error {
 	if _, err := c.ip("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil {
 		return fmt.Errorf("setup node: %w", err)
 	}
+	// Early demux would find ztunnel's socket for a packet that a local pod
+	// sends to an enrolled pod of the node, and forwarding drops packets
+	// that have a socket: such packets must be routed first, to reach
+	// pod_egress and be captured.
+	if err := c.sysctl(earlyDemux, "0"); err != nil {
+		return fmt.Errorf("setup node: %w", err)
+	}
 	uplinks := o.Uplinks
 	if len(uplinks) == 0 {
 		dev, err := c.routeDev("default")
@@ -458,6 +465,7 @@ func (c *Capture) Uninstall() error {
 	if out, err := c.ip("route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil && !bytes.Contains(out, []byte("No such process")) {
 		errs = append(errs, err)
 	}
+	errs = append(errs, c.sysctl(earlyDemux, "1")) // the kernel's default
 	errs = append(errs, os.Remove(filepath.Join(o.PinPath, linksDir)))
 	if err := os.Remove(o.PinPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		errs = append(errs, err)
@@ -590,6 +598,18 @@ func (c *Capture) ip(args ...string) ([]byte, error) {
 	return out, nil
 }
 
+const earlyDemux = "net/ipv4/tcp_early_demux"
+
+// sysctl sets /proc/sys/<name> in the node's namespace.
+func (c *Capture) sysctl(name, value string) error {
+	return c.inNetns(func() error {
+		if err := os.WriteFile(filepath.Join("/proc/sys", name), []byte(value), 0o644); err != nil {
+			return fmt.Errorf("sysctl: %w", err)
+		}
+		return nil
+	})
+}
+
 // inNetns runs fn on a thread inside the node's namespace.
 func (c *Capture) inNetns(fn func() error) error {
 	if c.opts.Netns == "" {
@@ -627,4 +647,3 @@ func (c *Capture) inNetns(fn func() error) error {
 }
 
 func key(ip netip.Addr) [4]byte { return ip.As4() }
-

@@ -2,38 +2,312 @@ package bpf
 
 import (
 	"bytes"
+	"context"
 	"errors"
+	"fmt"
+	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ambit-mesh/ambit/integration/netns"
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 )
 
-func TestCaptureSmoke(t *testing.T) {
+// TestCapture runs the capture scenarios in order on one two-node world
+// (building it once keeps the test fast).
+func TestCapture(t *testing.T) {
 	e := newEnv(t, "a1", "b1")
-	got, err := e.talk("a1", "b1", "hello")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Log(got)
-	t.Log(e.zt["n1"].records(), e.zt["n2"].records())
-	s, _ := e.cap["n1"].Stats()
-	t.Logf("n1 %+v", s)
-	s, _ = e.cap["n2"].Stats()
-	t.Logf("n2 %+v", s)
+	a1, a2, b1 := e.pod("a1"), e.pod("a2"), e.pod("b1")
+	z1, z2 := e.zt["n1"], e.zt["n2"]
+	ctx := context.Background()
+
+	t.Run("outbound reaches ztunnel with the original destination", func(t *testing.T) {
+		got, err := e.talk("a1", "b1", "hello")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// b1 sees a1's own address: ztunnel delivered transparently.
+		if want := "b1 from " + a1.IP.String() + ":"; !strings.HasPrefix(got, want) {
+			t.Errorf("answer %q, want prefix %q", got, want)
+		}
+		r := last(z1.records())
+		if r.Port != 15001 || r.Src.Addr() != a1.IP || r.OrigDst != netip.AddrPortFrom(b1.IP, 8080) {
+			t.Errorf("ztunnel n1 saw %v, want 15001: %s:* -> %s:8080", r, a1.IP, b1.IP)
+		}
+		r = last(z2.records())
+		if r.Port != 15008 || r.Src.Addr() != e.topo.Node("n1").IP || r.OrigDst != netip.AddrPortFrom(b1.IP, 15008) {
+			t.Errorf("ztunnel n2 saw %v, want 15008: n1 -> %s:15008", r, b1.IP)
+		}
+	})
+
+	t.Run("the wire carries only TLS on 15008 for enrolled pods", func(t *testing.T) {
+		const secret = "SECRET-PLAINTEXT-MARKER"
+		pcap, err := e.topo.Node("n1").NS.StartCapture(netns.Uplink, filepath.Join(t.TempDir(), "uplink.pcap"), "tcp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, pair := range [][2]string{{"a1", "b1"}, {"b1", "a1"}, {"a1", "b2"}, {"a2", "b2"}} {
+			if _, err := e.talk(pair[0], pair[1], secret); err != nil {
+				t.Fatalf("%s -> %s: %v", pair[0], pair[1], err)
+			}
+		}
+		pkts, err := pcap.Stop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var tunnelled, clear int
+		for _, p := range pkts {
+			enrolled := slices.Contains([]netip.Addr{a1.IP, b1.IP}, p.Src.Addr()) || slices.Contains([]netip.Addr{a1.IP, b1.IP}, p.Dst.Addr())
+			hasSecret := bytes.Contains(p.Payload, []byte(secret))
+			switch {
+			case enrolled && p.Src.Port() != 15008 && p.Dst.Port() != 15008:
+				t.Errorf("enrolled pod's packet not on port 15008: %v", p)
+			case enrolled && hasSecret:
+				t.Errorf("enrolled pod's payload in clear: %v", p)
+			case enrolled:
+				tunnelled++
+			case hasSecret:
+				clear++
+			}
+		}
+		// a1 -> b2 leaves ztunnel as passthrough from the node's address,
+		// a2 -> b2 is not captured: both are plain.
+		if tunnelled == 0 || clear == 0 {
+			t.Errorf("saw %d tunnelled packets and %d plaintext ones (a2 -> b2), want both", tunnelled, clear)
+		}
+	})
+
+	t.Run("pairs that are not enrolled are unchanged", func(t *testing.T) {
+		before1, before2 := len(z1.records()), len(z2.records())
+		got, err := e.talk("a2", "b2", "plain")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "b2 from " + a2.IP.String(); !strings.HasPrefix(got, want) {
+			t.Errorf("answer %q, want prefix %q", got, want)
+		}
+		if len(z1.records()) != before1 || len(z2.records()) != before2 {
+			t.Errorf("ztunnel saw a2 -> b2: %v %v", z1.records()[before1:], z2.records()[before2:])
+		}
+	})
+
+	t.Run("inbound plaintext from another node goes to 15006", func(t *testing.T) {
+		if _, err := e.talk("a2", "b1", "in"); err != nil {
+			t.Fatal(err)
+		}
+		if r := last(z2.records()); r.Port != 15006 || r.Src.Addr() != a2.IP || r.OrigDst != netip.AddrPortFrom(b1.IP, 8080) {
+			t.Errorf("ztunnel n2 saw %v, want 15006: %s:* -> %s:8080", r, a2.IP, b1.IP)
+		}
+	})
+
+	t.Run("inbound plaintext from the same node goes to 15006", func(t *testing.T) {
+		if _, err := e.talk("a2", "a1", "in"); err != nil {
+			t.Fatal(err)
+		}
+		if r := last(z1.records()); r.Port != 15006 || r.Src.Addr() != a2.IP || r.OrigDst != netip.AddrPortFrom(a1.IP, 8080) {
+			t.Errorf("ztunnel n1 saw %v, want 15006: %s:* -> %s:8080", r, a2.IP, a1.IP)
+		}
+	})
+
+	t.Run("the node's health probes are not captured", func(t *testing.T) {
+		before := len(z2.records())
+		n2 := e.topo.Node("n2")
+		c, err := n2.NS.Dial(ctx, &net.Dialer{Timeout: 2 * time.Second}, "tcp", net.JoinHostPort(b1.IP.String(), echoPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		if len(z2.records()) != before {
+			t.Errorf("ztunnel saw the probe: %v", z2.records()[before:])
+		}
+	})
+
+	t.Run("a pod is captured from its first packet", func(t *testing.T) {
+		n1 := e.topo.Node("n1")
+		a3, err := n1.AddPod("a3")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer n1.RemovePod(a3)
+		// The CNI-like hook: capture the pod once its veth exists, before
+		// anything runs in it.
+		if err := e.cap["n1"].AddPod(ctx, Pod{Name: "a3", IPs: []netip.Addr{a3.IP}}); err != nil {
+			t.Fatal(err)
+		}
+		defer e.cap["n1"].RemovePod(ctx, Pod{Name: "a3", IPs: []netip.Addr{a3.IP}})
+		before, _ := e.cap["n1"].Stats()
+		pcap, err := n1.NS.StartCapture(netns.Uplink, filepath.Join(t.TempDir(), "uplink.pcap"), "tcp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The pod's very first packet is this SYN.
+		if _, err := e.talk("a3", "b2", "first"); err != nil {
+			t.Fatal(err)
+		}
+		pkts, err := pcap.Stop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		after, _ := e.cap["n1"].Stats()
+		if r := z1.records(); r[len(r)-1].Src.Addr() != a3.IP || r[len(r)-1].Port != 15001 {
+			t.Errorf("ztunnel n1's last connection is %v, want a3's first", r[len(r)-1])
+		}
+		if after.Outbound != before.Outbound+1 {
+			t.Errorf("outbound captures went from %d to %d, want +1", before.Outbound, after.Outbound)
+		}
+		for _, p := range pkts {
+			if p.Src.Addr() == a3.IP || p.Dst.Addr() == a3.IP {
+				t.Errorf("a3's packet on the wire: %v", p)
+			}
+		}
+	})
+
+	t.Run("with ztunnel down, enrolled connections are refused", func(t *testing.T) {
+		z1.Close()
+		pcap, err := e.topo.Node("n1").NS.StartCapture(netns.Uplink, filepath.Join(t.TempDir(), "uplink.pcap"), "tcp")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, to := range []string{"b1", "b2"} {
+			start := time.Now()
+			_, err := e.talk("a1", to, "leak?")
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("a1 -> %s with ztunnel down: %v, want connection refused", to, err)
+			}
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("refusal took %v", d)
+			}
+		}
+		// Inbound: ztunnel n2 down too; a plaintext connection to b1 is
+		// refused rather than delivered.
+		z2.Close()
+		if _, err := e.talk("a2", "b1", "leak?"); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("a2 -> b1 with ztunnel n2 down: %v, want connection refused", err)
+		}
+		// Pods outside the mesh do not notice.
+		if _, err := e.talk("a2", "b2", "plain"); err != nil {
+			t.Errorf("a2 -> b2 with ztunnels down: %v", err)
+		}
+		pkts, err := pcap.Stop()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range pkts {
+			if p.Src.Addr() == a1.IP {
+				t.Errorf("a1's packet left the node: %v", p)
+			}
+		}
+		if s, _ := e.cap["n1"].Stats(); s.Refused < 2 {
+			t.Errorf("n1 refused %d SYNs, want 2", s.Refused)
+		}
+	})
+
+	t.Run("after a ztunnel restart capture resumes without re-enrolling", func(t *testing.T) {
+		// The process exits: every descriptor closes. Capture is pinned.
+		for _, n := range []string{"n1", "n2"} {
+			if err := e.cap[n].Close(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, err := e.talk("a1", "b2", "leak?"); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("a1 -> b2 with ztunnel gone: %v, want connection refused", err)
+		}
+		for _, n := range []string{"n1", "n2"} {
+			c, err := Load(e.opts[n])
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.cap[n] = c
+			if err := c.SetupNode(); err != nil { // idempotent
+				t.Fatal(err)
+			}
+			e.zt[n] = startZtunnel(t, e.topo.Node(n), e.inMesh)
+		}
+		z1, z2 = e.zt["n1"], e.zt["n2"]
+		if _, err := e.talk("a1", "b1", "back"); err != nil {
+			t.Fatal(err)
+		}
+		if r := z1.records(); len(r) != 1 || r[0].OrigDst != netip.AddrPortFrom(b1.IP, 8080) {
+			t.Errorf("restarted ztunnel n1 saw %v", r)
+		}
+		pods, err := e.cap["n1"].Pods()
+		if err != nil || len(pods) != 1 || pods[a1.IP] != a1.HostIfname {
+			t.Errorf("after restart n1 captures %v (%v), want a1 on %s", pods, err, a1.HostIfname)
+		}
+	})
+
+	t.Run("un-enrolling restores direct traffic", func(t *testing.T) {
+		if err := e.cap["n1"].Reconcile(ctx, nil); err != nil {
+			t.Fatal(err)
+		}
+		before := len(z1.records())
+		got, err := e.talk("a1", "b2", "direct")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "b2 from " + a1.IP.String(); !strings.HasPrefix(got, want) || len(z1.records()) != before {
+			t.Errorf("a1 -> b2 answered %q, ztunnel saw %v", got, z1.records()[before:])
+		}
+		// And back.
+		if err := e.cap["n1"].Reconcile(ctx, []Pod{{Name: "a1", IPs: []netip.Addr{a1.IP}}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.talk("a1", "b2", "again"); err != nil || len(z1.records()) != before+1 {
+			t.Errorf("re-enrolled a1 -> b2: %v, ztunnel saw %v", err, z1.records()[before:])
+		}
+	})
+
+	t.Run("uninstall leaves nothing behind", func(t *testing.T) {
+		for _, n := range e.topo.Nodes {
+			if err := e.cap[n.Name].Uninstall(); err != nil {
+				t.Fatal(err)
+			}
+			delete(e.cap, n.Name)
+			if _, err := os.Stat(e.opts[n.Name].PinPath); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("%s: pin path still there: %v", n.Name, err)
+			}
+			out, err := n.NS.Command(ctx, "sh", "-c", "ip rule show | grep fwmark; ip route show table 100; sysctl -n net.ipv4.tcp_early_demux").CombinedOutput()
+			if err != nil || strings.TrimSpace(string(out)) != "1" {
+				t.Errorf("%s: rules, routes or sysctl left: %q %v", n.Name, out, err)
+			}
+			err = n.NS.Do(func() error {
+				ifs, err := net.Interfaces()
+				if err != nil {
+					return err
+				}
+				for _, ifi := range ifs {
+					for _, at := range []ebpf.AttachType{ebpf.AttachTCXIngress, ebpf.AttachTCXEgress} {
+						q, err := link.QueryPrograms(link.QueryOptions{Target: ifi.Index, Attach: at})
+						if err != nil {
+							return err
+						}
+						if len(q.Programs) > 0 {
+							return fmt.Errorf("%s has %d %s programs", ifi.Name, len(q.Programs), at)
+						}
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Errorf("%s: %v", n.Name, err)
+			}
+		}
+		if _, err := e.talk("a1", "b1", "direct"); err != nil {
+			t.Errorf("a1 -> b1 after uninstall: %v", err)
+		}
+	})
 }
 
-var (
-	_ = bytes.Contains
-	_ = errors.Is
-	_ = netip.Addr{}
-	_ = filepath.Join
-	_ = strings.Contains
-	_ = syscall.ECONNREFUSED
-	_ = time.Now
-	_ = netns.Uplink
-)
+func last(rs []record) record {
+	if len(rs) == 0 {
+		return record{}
+	}
+	return rs[len(rs)-1]
+}

@@ -36,6 +36,15 @@ type env struct {
 	cap  map[string]*Capture // by node
 	zt   map[string]*ztunnel // by node
 	opts map[string]Options  // by node
+
+	mu   sync.Mutex          // guards mesh
+	mesh map[netip.Addr]bool // enrolled pods' addresses
+}
+
+func (e *env) inMesh(ip netip.Addr) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.mesh[ip]
 }
 
 const echoPort = "8080"
@@ -60,7 +69,7 @@ func newEnv(t testing.TB, enrolled ...string) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{topo: topo, cap: map[string]*Capture{}, zt: map[string]*ztunnel{}, opts: map[string]Options{}}
+	e := &env{topo: topo, cap: map[string]*Capture{}, zt: map[string]*ztunnel{}, opts: map[string]Options{}, mesh: map[netip.Addr]bool{}}
 	t.Cleanup(func() {
 		for _, z := range e.zt {
 			z.Close()
@@ -89,7 +98,7 @@ func newEnv(t testing.TB, enrolled ...string) *env {
 		if err := c.SetupNode(); err != nil {
 			t.Fatal(err)
 		}
-		e.zt[n.Name] = startZtunnel(t, n)
+		e.zt[n.Name] = startZtunnel(t, n, e.inMesh)
 	}
 	for _, name := range enrolled {
 		e.enroll(t, name)
@@ -105,6 +114,9 @@ func (e *env) enroll(t testing.TB, name string) {
 	if err := e.cap[p.Node.Name].AddPod(context.Background(), Pod{Name: name, IPs: []netip.Addr{p.IP}}); err != nil {
 		t.Fatal(err)
 	}
+	e.mu.Lock()
+	e.mesh[p.IP] = true
+	e.mu.Unlock()
 }
 
 // talk connects from pod from to to:8080, sends a line and returns the answer.
@@ -164,19 +176,20 @@ func startEcho(t testing.TB, p *netns.Pod) {
 
 // ztunnel is a minimal stand-in for the real one, enough to prove capture:
 // 15001 accepts captured outbound connections and tunnels them in TLS to the
-// destination pod's 15008; 15008 terminates that TLS and delivers to the pod
+// destination pod's 15008 (or, for a pod outside the mesh, connects to it); 15008 terminates that TLS and delivers to the pod
 // from the client's address (transparent); 15006 delivers captured inbound
 // plaintext the same way. It records what each listener saw.
 type ztunnel struct {
-	node *netns.Node
-	lns  []net.Listener
+	node   *netns.Node
+	inMesh func(netip.Addr) bool
+	lns    []net.Listener
 
 	mu   sync.Mutex // guards seen
 	seen []record
 }
 
 type record struct {
-	Port        int            // listener: 15001, 15006, 15008
+	Port         int            // listener: 15001, 15006, 15008
 	Src, OrigDst netip.AddrPort // RemoteAddr and LocalAddr of the accepted connection
 }
 
@@ -200,9 +213,9 @@ func transparent(_, _ string, rc syscall.RawConn) error {
 	return serr
 }
 
-func startZtunnel(t testing.TB, n *netns.Node) *ztunnel {
+func startZtunnel(t testing.TB, n *netns.Node, inMesh func(netip.Addr) bool) *ztunnel {
 	t.Helper()
-	z := &ztunnel{node: n}
+	z := &ztunnel{node: n, inMesh: inMesh}
 	lc := &net.ListenConfig{Control: transparent}
 	for _, port := range []int{15001, 15006, 15008} {
 		ln, err := n.NS.Listen(context.Background(), lc, "tcp4", fmt.Sprintf(":%d", port))
@@ -254,6 +267,10 @@ func (z *ztunnel) handle(c net.Conn, r record) {
 	var err error
 	switch r.Port {
 	case 15001: // outbound: tunnel to the destination pod's 15008
+		if !z.inMesh(r.OrigDst.Addr()) { // passthrough, from the node
+			up, err = z.node.NS.Dial(ctx, nil, "tcp4", r.OrigDst.String())
+			break
+		}
 		d := &tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true}}
 		err = z.node.NS.Do(func() (err error) {
 			up, err = d.DialContext(ctx, "tcp4", netip.AddrPortFrom(r.OrigDst.Addr(), 15008).String())
