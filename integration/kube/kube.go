@@ -71,6 +71,7 @@ type Cluster struct {
 	cfg        *rest.Config
 	client     kubernetes.Interface
 	kubeconfig string
+	saKeyFile  string
 	etcd       *process
 	apiserver  *process
 	closeOnce  sync.Once
@@ -152,6 +153,7 @@ func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts 
 	if err != nil {
 		return err
 	}
+	c.saKeyFile = files.saKey
 	auds := opts.APIAudiences
 	if len(auds) == 0 {
 		auds = []string{Issuer}
@@ -267,6 +269,11 @@ func (c *Cluster) Client() kubernetes.Interface { return c.client }
 
 // Kubeconfig returns the path of an admin kubeconfig (for kubectl).
 func (c *Cluster) Kubeconfig() string { return c.kubeconfig }
+
+// ServiceAccountKeyFile returns the path of the PEM (SEC 1) ECDSA P-256 key
+// that signs service-account tokens, for tests that forge tokens the
+// TokenRequest API would not issue (expired ones, say).
+func (c *Cluster) ServiceAccountKeyFile() string { return c.saKeyFile }
 
 // ServiceAccountToken mints a token for namespace/serviceAccount with the
 // TokenRequest API, valid for an hour, for the given audiences (nil: the API
