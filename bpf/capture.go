@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -101,6 +100,9 @@ type Capture struct {
 	objs  captureObjects
 	links map[string]link.Link // by pin name, e.g. "pod-pv0-ingress"
 }
+
+// ErrClosed is returned by the methods of a Capture after Close.
+var ErrClosed = errors.New("capture is closed")
 
 const (
 	linksDir   = "links"
@@ -221,6 +223,9 @@ func (c *Capture) Close() error {
 func (c *Capture) SetupNode() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.objs.Pods == nil {
+		return ErrClosed
+	}
 	o := c.opts
 	rule := fmt.Sprintf("rule add fwmark %#x/%#x lookup %d pref %d", o.Mark, o.Mark, o.RouteTable, o.RouteTable)
 	if out, err := c.ip(strings.Fields(rule)...); err != nil && !bytes.Contains(out, []byte("File exists")) {
@@ -238,11 +243,11 @@ func (c *Capture) SetupNode() error {
 	}
 	uplinks := o.Uplinks
 	if len(uplinks) == 0 {
-		dev, err := c.routeDev("default")
-		if err != nil {
-			return fmt.Errorf("setup node: find uplink (set Options.Uplinks): %w", err)
+		if dev, err := c.routeDev("default"); err == nil {
+			uplinks = []string{dev}
+		} else {
+			c.log.Warn("no uplink: inbound capture takes the slower path through the pods' veths", "err", err)
 		}
-		uplinks = []string{dev}
 	}
 	for _, dev := range uplinks {
 		if err := c.attach(upPrefix+dev, dev, c.objs.UplinkIngress, ebpf.AttachTCXIngress); err != nil {
@@ -259,6 +264,9 @@ func (c *Capture) SetupNode() error {
 func (c *Capture) AddPod(ctx context.Context, p Pod) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.objs.Pods == nil {
+		return ErrClosed
+	}
 	return c.addPod(ctx, p)
 }
 
@@ -292,6 +300,9 @@ func (c *Capture) addPod(ctx context.Context, p Pod) error {
 func (c *Capture) RemovePod(ctx context.Context, p Pod) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.objs.Pods == nil {
+		return ErrClosed
+	}
 	dev := p.HostIfname
 	if dev == "" {
 		// The veth may be gone with the pod: fall back to the map.
@@ -352,6 +363,9 @@ func (c *Capture) devOfIPs(ips []netip.Addr) string {
 func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.objs.Pods == nil {
+		return ErrClosed
+	}
 	var errs []error
 	wantDev := map[string]bool{}
 	wantIP := map[[4]byte]uint32{}
@@ -407,6 +421,9 @@ func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
 func (c *Capture) Pods() (map[netip.Addr]string, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.objs.Pods == nil {
+		return nil, ErrClosed
+	}
 	byIndex := map[int]string{}
 	for name, l := range c.links {
 		if strings.HasPrefix(name, podPrefix) && strings.HasSuffix(name, ingressSfx) {
@@ -432,6 +449,9 @@ func (c *Capture) Pods() (map[netip.Addr]string, error) {
 func (c *Capture) Stats() (Stats, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.objs.Stats == nil {
+		return Stats{}, ErrClosed
+	}
 	var s Stats
 	for i, f := range []*uint64{&s.Outbound, &s.Inbound, &s.HBONE, &s.Socket, &s.Refused, &s.Dropped} {
 		var per []uint64
@@ -445,37 +465,39 @@ func (c *Capture) Stats() (Stats, error) {
 	return s, nil
 }
 
-// Uninstall removes everything capture put on the node: links, pins, the
-// policy rule and the local route. The Capture is closed afterwards.
+// Uninstall removes everything capture put on the node (see the function
+// Uninstall). The Capture is closed afterwards.
 func (c *Capture) Uninstall() error {
-	c.mu.Lock()
+	closeErr := c.Close()
+	if err := Uninstall(c.opts); err != nil {
+		return err
+	}
+	c.log.Info("capture uninstalled", "pin_path", c.opts.PinPath)
+	return closeErr
+}
+
+// Uninstall removes everything capture put on the node of opts, whether or
+// not a Capture is loaded: the pinned links (which detaches the programs
+// once no process holds them), the pinned maps, the pin directory, the
+// policy rule and the local route, and it turns TCP early demux back on.
+func Uninstall(opts Options) error {
+	opts.setDefaults()
+	c := &Capture{opts: opts, log: opts.Logger}
 	var errs []error
-	for name := range c.links {
-		errs = append(errs, c.detach(name))
-	}
-	for _, m := range []*ebpf.Map{c.objs.Pods, c.objs.Stats} {
-		if m != nil {
-			errs = append(errs, m.Unpin())
-		}
-	}
-	o := c.opts
-	if out, err := c.ip("rule", "del", "fwmark", fmt.Sprintf("%#x/%#x", o.Mark, o.Mark), "lookup", fmt.Sprint(o.RouteTable), "pref", fmt.Sprint(o.RouteTable)); err != nil && !bytes.Contains(out, []byte("No such file")) {
+	if err := os.RemoveAll(opts.PinPath); err != nil {
 		errs = append(errs, err)
 	}
-	if out, err := c.ip("route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil && !bytes.Contains(out, []byte("No such process")) {
+	mark, table := fmt.Sprintf("%#x/%#x", opts.Mark, opts.Mark), fmt.Sprint(opts.RouteTable)
+	if out, err := c.ip("rule", "del", "fwmark", mark, "lookup", table, "pref", table); err != nil && !bytes.Contains(out, []byte("No such file")) {
+		errs = append(errs, err)
+	}
+	if out, err := c.ip("route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", table); err != nil && !bytes.Contains(out, []byte("No such process")) {
 		errs = append(errs, err)
 	}
 	errs = append(errs, c.sysctl(earlyDemux, "1")) // the kernel's default
-	errs = append(errs, os.Remove(filepath.Join(o.PinPath, linksDir)))
-	if err := os.Remove(o.PinPath); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, err)
-	}
-	c.mu.Unlock()
-	errs = append(errs, c.Close())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("uninstall capture: %w", err)
 	}
-	c.log.Info("capture uninstalled", "pin_path", o.PinPath)
 	return nil
 }
 

@@ -209,37 +209,89 @@ func TestCapture(t *testing.T) {
 		}
 	})
 
-	t.Run("after a ztunnel restart capture resumes without re-enrolling", func(t *testing.T) {
-		// The process exits: every descriptor closes. Capture is pinned.
-		for _, n := range []string{"n1", "n2"} {
-			if err := e.cap[n].Close(); err != nil {
-				t.Fatal(err)
+	t.Run("killing the ztunnel process refuses, restarting it resumes", func(t *testing.T) {
+		e.zt["n2"] = startZtunnel(t, e.topo.Node("n2").NS, e.inMesh) // back from the last test
+		z2 = e.zt["n2"]
+		// Hand node n1 over to a ztunnel process: this process lets go of
+		// capture (it stays pinned); its listeners are closed already.
+		if err := e.cap["n1"].Close(); err != nil {
+			t.Fatal(err)
+		}
+		zt := e.startZtunnelProcess(t, "n1")
+		if _, err := e.talk("a1", "b1", "via process"); err != nil {
+			t.Fatalf("a1 -> b1 through the ztunnel process: %v", err)
+		}
+		// kill -9: no clean-up code runs.
+		zt.Process.Kill()
+		zt.Wait()
+		for _, to := range []string{"b1", "b2"} {
+			if _, err := e.talk("a1", to, "leak?"); !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("a1 -> %s with the ztunnel process killed: %v, want connection refused", to, err)
 			}
 		}
-		if _, err := e.talk("a1", "b2", "leak?"); !errors.Is(err, syscall.ECONNREFUSED) {
-			t.Errorf("a1 -> b2 with ztunnel gone: %v, want connection refused", err)
+		zt = e.startZtunnelProcess(t, "n1")
+		if _, err := e.talk("a1", "b1", "back"); err != nil {
+			t.Errorf("a1 -> b1 after the ztunnel process restarted: %v", err)
 		}
-		for _, n := range []string{"n1", "n2"} {
-			c, err := Load(e.opts[n])
-			if err != nil {
-				t.Fatal(err)
-			}
-			e.cap[n] = c
-			if err := c.SetupNode(); err != nil { // idempotent
-				t.Fatal(err)
-			}
-			e.zt[n] = startZtunnel(t, e.topo.Node(n), e.inMesh)
+		zt.Process.Kill()
+		zt.Wait()
+
+		// The rest of the test runs with n1's ztunnel in this process
+		// again; loading finds the pinned pods.
+		c, err := Load(e.opts["n1"])
+		if err != nil {
+			t.Fatal(err)
 		}
-		z1, z2 = e.zt["n1"], e.zt["n2"]
+		e.cap["n1"] = c
+		e.zt["n1"] = startZtunnel(t, e.topo.Node("n1").NS, e.inMesh)
+		z1 = e.zt["n1"]
 		if _, err := e.talk("a1", "b1", "back"); err != nil {
 			t.Fatal(err)
 		}
 		if r := z1.records(); len(r) != 1 || r[0].OrigDst != netip.AddrPortFrom(b1.IP, 8080) {
-			t.Errorf("restarted ztunnel n1 saw %v", r)
+			t.Errorf("reloaded ztunnel n1 saw %v", r)
 		}
 		pods, err := e.cap["n1"].Pods()
 		if err != nil || len(pods) != 1 || pods[a1.IP] != a1.HostIfname {
-			t.Errorf("after restart n1 captures %v (%v), want a1 on %s", pods, err, a1.HostIfname)
+			t.Errorf("after reload n1 captures %v (%v), want a1 on %s", pods, err, a1.HostIfname)
+		}
+	})
+
+	t.Run("inbound capture does not depend on the uplink program", func(t *testing.T) {
+		if err := e.cap["n2"].detach("uplink-" + netns.Uplink); err != nil {
+			t.Fatal(err)
+		}
+		defer e.cap["n2"].SetupNode()
+		if _, err := e.talk("a2", "b1", "in"); err != nil {
+			t.Fatal(err)
+		}
+		if r := last(z2.records()); r.Port != 15006 || r.Src.Addr() != a2.IP {
+			t.Errorf("ztunnel n2 saw %v, want 15006 from %s", r, a2.IP)
+		}
+	})
+
+	t.Run("a pod that is gone is released by Reconcile", func(t *testing.T) {
+		n1 := e.topo.Node("n1")
+		a4, err := n1.AddPod("a4")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.cap["n1"].AddPod(ctx, Pod{Name: "a4", IPs: []netip.Addr{a4.IP}}); err != nil {
+			t.Fatal(err)
+		}
+		if err := n1.RemovePod(a4); err != nil { // veth and netns gone
+			t.Fatal(err)
+		}
+		if err := e.cap["n1"].Reconcile(ctx, []Pod{{Name: "a1", IPs: []netip.Addr{a1.IP}}}); err != nil {
+			t.Fatal(err)
+		}
+		pods, err := e.cap["n1"].Pods()
+		if err != nil || len(pods) != 1 || pods[a1.IP] == "" {
+			t.Errorf("n1 captures %v (%v), want only a1", pods, err)
+		}
+		pins, _ := filepath.Glob(filepath.Join(e.opts["n1"].PinPath, "links", "pod-"+a4.HostIfname+"-*"))
+		if len(pins) > 0 {
+			t.Errorf("links of a4 still pinned: %v", pins)
 		}
 	})
 

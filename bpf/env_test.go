@@ -75,7 +75,10 @@ func newEnv(t testing.TB, enrolled ...string) *env {
 			z.Close()
 		}
 		for _, c := range e.cap {
-			c.Uninstall()
+			c.Close()
+		}
+		for _, o := range e.opts {
+			Uninstall(o)
 		}
 		topo.Close()
 	})
@@ -98,7 +101,7 @@ func newEnv(t testing.TB, enrolled ...string) *env {
 		if err := c.SetupNode(); err != nil {
 			t.Fatal(err)
 		}
-		e.zt[n.Name] = startZtunnel(t, n, e.inMesh)
+		e.zt[n.Name] = startZtunnel(t, n.NS, e.inMesh)
 	}
 	for _, name := range enrolled {
 		e.enroll(t, name)
@@ -180,7 +183,7 @@ func startEcho(t testing.TB, p *netns.Pod) {
 // from the client's address (transparent); 15006 delivers captured inbound
 // plaintext the same way. It records what each listener saw.
 type ztunnel struct {
-	node   *netns.Node
+	ns     *netns.NS // the node's
 	inMesh func(netip.Addr) bool
 	lns    []net.Listener
 
@@ -213,14 +216,23 @@ func transparent(_, _ string, rc syscall.RawConn) error {
 	return serr
 }
 
-func startZtunnel(t testing.TB, n *netns.Node, inMesh func(netip.Addr) bool) *ztunnel {
+func startZtunnel(t testing.TB, ns *netns.NS, inMesh func(netip.Addr) bool) *ztunnel {
 	t.Helper()
-	z := &ztunnel{node: n, inMesh: inMesh}
+	z, err := newZtunnel(ns, inMesh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return z
+}
+
+func newZtunnel(ns *netns.NS, inMesh func(netip.Addr) bool) (*ztunnel, error) {
+	z := &ztunnel{ns: ns, inMesh: inMesh}
 	lc := &net.ListenConfig{Control: transparent}
 	for _, port := range []int{15001, 15006, 15008} {
-		ln, err := n.NS.Listen(context.Background(), lc, "tcp4", fmt.Sprintf(":%d", port))
+		ln, err := ns.Listen(context.Background(), lc, "tcp4", fmt.Sprintf(":%d", port))
 		if err != nil {
-			t.Fatal(err)
+			z.Close()
+			return nil, err
 		}
 		if port == 15008 {
 			ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{tlsCert()}})
@@ -228,7 +240,7 @@ func startZtunnel(t testing.TB, n *netns.Node, inMesh func(netip.Addr) bool) *zt
 		z.lns = append(z.lns, ln)
 		go z.serve(ln, port)
 	}
-	return z
+	return z, nil
 }
 
 func (z *ztunnel) Close() {
@@ -268,11 +280,11 @@ func (z *ztunnel) handle(c net.Conn, r record) {
 	switch r.Port {
 	case 15001: // outbound: tunnel to the destination pod's 15008
 		if !z.inMesh(r.OrigDst.Addr()) { // passthrough, from the node
-			up, err = z.node.NS.Dial(ctx, nil, "tcp4", r.OrigDst.String())
+			up, err = z.ns.Dial(ctx, nil, "tcp4", r.OrigDst.String())
 			break
 		}
 		d := &tls.Dialer{Config: &tls.Config{InsecureSkipVerify: true}}
-		err = z.node.NS.Do(func() (err error) {
+		err = z.ns.Do(func() (err error) {
 			up, err = d.DialContext(ctx, "tcp4", netip.AddrPortFrom(r.OrigDst.Addr(), 15008).String())
 			return err
 		})
@@ -311,7 +323,7 @@ func (z *ztunnel) handle(c net.Conn, r record) {
 
 func (z *ztunnel) deliver(ctx context.Context, src netip.Addr, dst string) (net.Conn, error) {
 	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Control: transparent}
-	return z.node.NS.Dial(ctx, d, "tcp4", dst)
+	return z.ns.Dial(ctx, d, "tcp4", dst)
 }
 
 type bufConn struct {
