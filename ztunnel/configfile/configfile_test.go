@@ -1,0 +1,141 @@
+package configfile
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/model"
+)
+
+const yamlConfig = `
+workloads:
+- uid: c/Pod/shop/web-1
+  name: web-1
+  namespace: shop
+  serviceAccount: web
+  node: node1
+  addresses: [10.0.0.5]
+  enrolled: true
+  ready: true
+  labels: {app: web}
+services:
+- name: web
+  namespace: shop
+  hostname: web.shop.svc.cluster.local
+  vips: [10.96.0.5]
+  ports: [{port: 80, targetPort: 8080}]
+  endpoints: [{workloadUid: c/Pod/shop/web-1}]
+policies:
+- name: allow-cart
+  namespace: shop
+  action: ALLOW
+  selector: {app: web}
+  rules:
+  - from: [{principals: [cluster.local/ns/shop/sa/cart], ipBlocks: [10.0.0.0/8]}]
+    to: [{ports: [8080]}]
+peerAuthentications:
+- {name: default, namespace: istio-system, mode: STRICT}
+`
+
+func TestParseYAMLAndJSON(t *testing.T) {
+	snap, err := Parse([]byte(yamlConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := snap.WorkloadByIP(netip.MustParseAddr("10.0.0.5"))
+	if w == nil || w.Name != "web-1" || !w.Enrolled || w.Labels["app"] != "web" {
+		t.Fatalf("workload %+v", w)
+	}
+	svc := snap.ServiceByVIP(netip.MustParseAddr("10.96.0.5"))
+	if svc == nil || svc.Ports[0].TargetPort != 8080 || svc.Endpoints[0].WorkloadUID != w.UID {
+		t.Fatalf("service %+v", svc)
+	}
+	p := snap.Policies["shop/allow-cart"]
+	if p == nil || p.Action != model.ActionAllow || p.Rules[0].From[0].IPBlocks[0] != netip.MustParsePrefix("10.0.0.0/8") || p.Rules[0].To[0].Ports[0] != 8080 {
+		t.Fatalf("policy %+v", p)
+	}
+	if pa := snap.PeerAuthn["istio-system/default"]; pa == nil || pa.Mode != model.MTLSStrict {
+		t.Fatalf("peer authentication %+v", pa)
+	}
+
+	js := `{"workloads":[{"uid":"u","name":"n","namespace":"ns","addresses":["fd00::1"],"enrolled":true}]}`
+	snap, err = Parse([]byte(js))
+	if err != nil || snap.WorkloadByIP(netip.MustParseAddr("fd00::1")) == nil {
+		t.Fatalf("json: %v", err)
+	}
+}
+
+func TestParseRejects(t *testing.T) {
+	for name, in := range map[string]string{
+		"unknown field":     "workloads: [{uid: a, colour: blue}]",
+		"missing uid":       "workloads: [{name: a}]",
+		"bad address":       "workloads: [{uid: a, addresses: [not-an-ip]}]",
+		"bad action":        "policies: [{name: p, namespace: n, action: AUDIT}]",
+		"bad mode":          "peerAuthentications: [{name: p, namespace: n, mode: LOOSE}]",
+		"service hostname":  "services: [{name: s, namespace: n}]",
+		"not a config file": "just text",
+	} {
+		if _, err := Parse([]byte(in)); err == nil {
+			t.Errorf("%s: parsed", name)
+		}
+	}
+}
+
+// TestWatcherKeepsLastGoodConfig: the file changes, breaks, disappears and
+// comes back; the store follows good versions only.
+func TestWatcherKeepsLastGoodConfig(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mesh.yaml")
+	if err := os.WriteFile(path, []byte(yamlConfig), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var store model.Store
+	changed := store.Changed()
+	w := &Watcher{Path: path, Store: &store, Interval: 10 * time.Millisecond}
+	done := make(chan error, 1)
+	go func() { done <- w.Run(t.Context()) }()
+	wait := func(what string, cond func(*model.Snapshot) bool) {
+		t.Helper()
+		deadline := time.After(5 * time.Second)
+		for !cond(store.Load()) {
+			select {
+			case <-changed:
+			case <-time.After(10 * time.Millisecond):
+			case <-deadline:
+				t.Fatalf("timed out waiting for %s", what)
+			}
+		}
+	}
+	wait("first load", func(s *model.Snapshot) bool { return len(s.Workloads) == 1 })
+
+	// A broken file: the store keeps the last good config.
+	os.WriteFile(path, []byte("workloads: [{uid: broken, colour: red}]"), 0o644)
+	time.Sleep(100 * time.Millisecond)
+	if s := store.Load(); len(s.Workloads) != 1 || s.Workloads["c/Pod/shop/web-1"] == nil {
+		t.Fatal("broken file replaced the config")
+	}
+	os.Remove(path)
+	time.Sleep(50 * time.Millisecond)
+	if len(store.Load().Workloads) != 1 {
+		t.Fatal("missing file cleared the config")
+	}
+	// A good new version is picked up.
+	os.WriteFile(path, []byte(strings.Replace(yamlConfig, "web-1", "web-2", -1)), 0o644)
+	wait("reload", func(s *model.Snapshot) bool { return s.Workloads["c/Pod/shop/web-2"] != nil })
+	select {
+	case err := <-done:
+		t.Fatalf("watcher stopped: %v", err)
+	default:
+	}
+}
+
+func TestWatcherFirstLoadMustSucceed(t *testing.T) {
+	var store model.Store
+	w := &Watcher{Path: filepath.Join(t.TempDir(), "missing.yaml"), Store: &store}
+	if err := w.Run(t.Context()); err == nil {
+		t.Fatal("Run succeeded without a config file")
+	}
+}
