@@ -1,0 +1,212 @@
+package xds
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"google.golang.org/grpc/peer"
+)
+
+// StreamStatus is one connected client, for `ambitctl proxy-status`.
+type StreamStatus struct {
+	ID        int64                  `json:"id"`
+	Node      string                 `json:"node"` // the xDS Node id the client sent
+	Peer      string                 `json:"peer,omitempty"`
+	Connected time.Time              `json:"connected"`
+	Types     map[string]*TypeStatus `json:"types"` // by type URL
+}
+
+// TypeStatus is the state of one type on one stream. The client is in sync
+// when AckedNonce equals SentNonce.
+type TypeStatus struct {
+	SentVersion  string    `json:"sentVersion"` // the cache revision of the last response
+	SentNonce    string    `json:"sentNonce"`
+	SentAt       time.Time `json:"sentAt"`
+	SentCount    int       `json:"sentResources"` // resources in the last response
+	AckedVersion string    `json:"ackedVersion,omitempty"`
+	AckedNonce   string    `json:"ackedNonce,omitempty"`
+	NackedNonce  string    `json:"nackedNonce,omitempty"`
+	NackError    string    `json:"nackError,omitempty"`
+	Responses    int       `json:"responses"`
+	ACKs         int       `json:"acks"`
+	NACKs        int       `json:"nacks"`
+
+	sentVersions map[string]string // nonce -> version, for nonces not yet (N)ACKed
+}
+
+// Sync is "SYNCED", "STALE" (a response is not acknowledged yet) or
+// "NACKED" (the client rejected the last response it answered).
+func (t *TypeStatus) Sync() string {
+	switch {
+	case t.NackedNonce != "" && t.NackedNonce == t.SentNonce:
+		return "NACKED"
+	case t.AckedNonce == t.SentNonce:
+		return "SYNCED"
+	default:
+		return "STALE"
+	}
+}
+
+// statusTable tracks streams through the server callbacks.
+type statusTable struct {
+	mu      sync.Mutex // guards streams
+	streams map[int64]*StreamStatus
+	now     func() time.Time
+}
+
+func (s *statusTable) open(ctx context.Context, id int64) {
+	st := &StreamStatus{ID: id, Connected: s.now(), Types: map[string]*TypeStatus{}}
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		st.Peer = p.Addr.String()
+	}
+	s.mu.Lock()
+	s.streams[id] = st
+	s.mu.Unlock()
+}
+
+func (s *statusTable) closed(id int64) {
+	s.mu.Lock()
+	delete(s.streams, id)
+	s.mu.Unlock()
+}
+
+func (s *statusTable) typ(st *StreamStatus, url string) *TypeStatus {
+	t := st.Types[url]
+	if t == nil {
+		t = &TypeStatus{sentVersions: map[string]string{}}
+		st.Types[url] = t
+	}
+	return t
+}
+
+// request records a request: the node, and an ACK or NACK of a nonce. It
+// returns whether it was a NACK, with the error.
+func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (nack bool, node string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	if st == nil {
+		return false, ""
+	}
+	if n := req.GetNode().GetId(); n != "" {
+		st.Node = n
+	}
+	nonce := req.GetResponseNonce()
+	if nonce == "" {
+		return false, st.Node
+	}
+	t := s.typ(st, req.GetTypeUrl())
+	if req.GetErrorDetail() != nil {
+		t.NACKs++
+		t.NackedNonce, t.NackError = nonce, req.GetErrorDetail().GetMessage()
+		nack = true
+	} else {
+		t.ACKs++
+		t.AckedNonce, t.AckedVersion = nonce, t.sentVersions[nonce]
+	}
+	delete(t.sentVersions, nonce)
+	return nack, st.Node
+}
+
+func (s *statusTable) response(id int64, resp *discovery.DeltaDiscoveryResponse) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	if st == nil {
+		return
+	}
+	t := s.typ(st, resp.GetTypeUrl())
+	t.Responses++
+	t.SentNonce, t.SentVersion, t.SentAt, t.SentCount = resp.GetNonce(), resp.GetSystemVersionInfo(), s.now(), len(resp.GetResources())+len(resp.GetRemovedResources())
+	t.sentVersions[resp.GetNonce()] = resp.GetSystemVersionInfo()
+	if len(t.sentVersions) > 64 { // a client that never answers: keep the table small
+		for k := range t.sentVersions {
+			if k != t.SentNonce {
+				delete(t.sentVersions, k)
+			}
+		}
+	}
+}
+
+// snapshot copies the table, sorted by stream id.
+func (s *statusTable) snapshot() []StreamStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]StreamStatus, 0, len(s.streams))
+	for _, st := range s.streams {
+		c := *st
+		c.Types = make(map[string]*TypeStatus, len(st.Types))
+		for k, t := range st.Types {
+			tc := *t
+			tc.sentVersions = nil
+			c.Types[k] = &tc
+		}
+		out = append(out, c)
+	}
+	slices.SortFunc(out, func(a, b StreamStatus) int { return int(a.ID - b.ID) })
+	return out
+}
+
+// statusJSON is the debug endpoint's document.
+type statusJSON struct {
+	Resources map[string]int `json:"resources"`
+	Streams   []streamJSON   `json:"streams"`
+}
+
+type streamJSON struct {
+	StreamStatus
+	Sync map[string]string `json:"sync"`
+}
+
+// ServeHTTP serves the proxy status as JSON (mounted on the admin port at
+// /debug/proxy-status).
+func (s *Server) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
+	doc := statusJSON{Resources: s.cache.Resources()}
+	for _, st := range s.Status() {
+		sj := streamJSON{StreamStatus: st, Sync: map[string]string{}}
+		for k, t := range st.Types {
+			sj.Sync[k] = t.Sync()
+		}
+		doc.Streams = append(doc.Streams, sj)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(doc)
+}
+
+// callbacks connects go-control-plane's server to the cache and the status
+// table.
+type callbacks struct {
+	s *Server
+}
+
+func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) error {
+	c.s.status.open(ctx, id)
+	c.s.log.Debug("xds stream opened", "stream", id)
+	return nil
+}
+
+func (c callbacks) OnDeltaStreamClosed(id int64, node *core.Node) {
+	c.s.status.closed(id)
+	c.s.cache.streamClosed(id)
+	c.s.log.Debug("xds stream closed", "stream", id, "node", node.GetId())
+}
+
+func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
+	if nack, node := c.s.status.request(id, req); nack {
+		c.s.log.Warn("xds NACK", "stream", id, "node", node, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
+	}
+	c.s.cache.requestOnStream(id, req)
+	return nil
+}
+
+func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
+	c.s.status.response(id, resp)
+}
