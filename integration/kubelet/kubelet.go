@@ -1,0 +1,215 @@
+// Package kubelet is the integration harness's stand-in for a kubelet and a
+// CNI plugin: for one simulated node it watches the Pods bound to that node
+// (spec.nodeName), gives each a network namespace and a veth with an address
+// from the node's pod CIDR, runs the pod's workload (ambit's echo app on
+// every declared container port) inside it, and writes the pod's status
+// (podIP, Running, Ready). When the Pod is deleted it removes all of it.
+package kubelet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambit-mesh/ambit/integration/app"
+	"github.com/ambit-mesh/ambit/integration/netns"
+)
+
+// Kubelet runs one node's pods. Client and Node are required.
+type Kubelet struct {
+	Client kubernetes.Interface
+	Node   *netns.Node
+	// Prepare, when set, runs after a pod's network exists and before its
+	// workload starts: the moment a CNI plugin (and ambit's capture) acts.
+	// An error leaves the pod not running; it is retried on the next resync.
+	Prepare func(ctx context.Context, pod *corev1.Pod, p *netns.Pod) error
+	// Logger; nil discards.
+	Logger *slog.Logger
+
+	mu   sync.Mutex // guards pods
+	pods map[string]*running
+}
+
+type running struct {
+	net     *netns.Pod
+	servers []*app.Server
+	done    sync.WaitGroup
+}
+
+// Start watches and runs the node's pods until ctx ends, then tears every pod
+// down. It blocks.
+func (k *Kubelet) Start(ctx context.Context) error {
+	if k.Client == nil || k.Node == nil {
+		return errors.New("kubelet: Client and Node are required")
+	}
+	log := k.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("node", k.Node.Name)
+	k.mu.Lock()
+	k.pods = map[string]*running{}
+	k.mu.Unlock()
+
+	factory := informers.NewSharedInformerFactoryWithOptions(k.Client, 30*time.Second,
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", k.Node.Name).String()
+		}))
+	inf := factory.Core().V1().Pods().Informer()
+	queue := make(chan string, 1024)
+	enqueue := func(obj any) {
+		key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+		if err == nil {
+			select {
+			case queue <- key:
+			case <-ctx.Done():
+			}
+		}
+	}
+	if _, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    enqueue,
+		UpdateFunc: func(_, n any) { enqueue(n) },
+		DeleteFunc: enqueue,
+	}); err != nil {
+		return fmt.Errorf("kubelet: %w", err)
+	}
+	factory.Start(ctx.Done())
+	defer factory.Shutdown()
+	defer k.stopAll(log)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case key := <-queue:
+			obj, exists, err := inf.GetStore().GetByKey(key)
+			if err != nil {
+				log.Error("pod lookup", "pod", key, "err", err)
+				continue
+			}
+			if !exists {
+				k.stop(key, log)
+				continue
+			}
+			pod := obj.(*corev1.Pod)
+			if pod.DeletionTimestamp != nil {
+				k.stop(key, log)
+				continue
+			}
+			if err := k.ensure(ctx, key, pod, log); err != nil {
+				log.Error("pod start", "pod", key, "err", err)
+			}
+		}
+	}
+}
+
+func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *slog.Logger) error {
+	k.mu.Lock()
+	r := k.pods[key]
+	k.mu.Unlock()
+	if r != nil {
+		return nil
+	}
+	p, err := k.Node.AddPod(pod.Namespace + "." + pod.Name)
+	if err != nil {
+		return err
+	}
+	if k.Prepare != nil {
+		if err := k.Prepare(ctx, pod, p); err != nil {
+			k.Node.RemovePod(p)
+			return fmt.Errorf("prepare: %w", err)
+		}
+	}
+	r = &running{net: p}
+	for _, c := range pod.Spec.Containers {
+		for _, port := range c.Ports {
+			if port.Protocol != "" && port.Protocol != corev1.ProtocolTCP {
+				continue
+			}
+			ln, err := p.NS.Listen(ctx, nil, "tcp", fmt.Sprintf(":%d", port.ContainerPort))
+			if err != nil {
+				k.teardown(r)
+				return fmt.Errorf("listen on %d: %w", port.ContainerPort, err)
+			}
+			s := &app.Server{Name: pod.Name, Logger: log}
+			r.servers = append(r.servers, s)
+			r.done.Add(1)
+			go func() {
+				defer r.done.Done()
+				if err := s.Serve(ln); err != nil {
+					log.Error("app", "pod", key, "err", err)
+				}
+			}()
+		}
+	}
+	k.mu.Lock()
+	k.pods[key] = r
+	k.mu.Unlock()
+
+	now := metav1.Now()
+	st := pod.DeepCopy()
+	st.Status.Phase = corev1.PodRunning
+	st.Status.PodIP = p.IP.String()
+	st.Status.PodIPs = []corev1.PodIP{{IP: p.IP.String()}}
+	st.Status.HostIP = k.Node.IP.String()
+	st.Status.StartTime = &now
+	st.Status.Conditions = []corev1.PodCondition{
+		{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		{Type: corev1.ContainersReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+	}
+	if _, err := k.Client.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, st, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("update status: %w", err)
+	}
+	log.Info("pod running", "pod", key, "ip", p.IP.String())
+	return nil
+}
+
+func (k *Kubelet) stop(key string, log *slog.Logger) {
+	k.mu.Lock()
+	r := k.pods[key]
+	delete(k.pods, key)
+	k.mu.Unlock()
+	if r != nil {
+		k.teardown(r)
+		log.Info("pod removed", "pod", key)
+	}
+}
+
+func (k *Kubelet) teardown(r *running) {
+	for _, s := range r.servers {
+		s.Close()
+	}
+	r.done.Wait()
+	k.Node.RemovePod(r.net)
+}
+
+func (k *Kubelet) stopAll(log *slog.Logger) {
+	k.mu.Lock()
+	keys := make([]string, 0, len(k.pods))
+	for key := range k.pods {
+		keys = append(keys, key)
+	}
+	k.mu.Unlock()
+	for _, key := range keys {
+		k.stop(key, log)
+	}
+}
+
+// Pod returns the network of a running pod ("namespace/name"), or nil.
+func (k *Kubelet) Pod(key string) *netns.Pod {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if r := k.pods[key]; r != nil {
+		return r.net
+	}
+	return nil
+}
