@@ -8,7 +8,7 @@ want=("${@:-base}")
 pkgs=()
 for w in "${want[@]}"; do
 	case "$w" in
-	base) pkgs+=(iproute2) ;;
+	base) pkgs+=(iproute2 etcd-server tcpdump) ;;
 	integration) pkgs+=(iproute2 etcd-server kubectl tcpdump tshark clang llvm libbpf-dev bpftool) ;;
 	bench) pkgs+=(iproute2 haproxy iperf3) ;;
 	generate) pkgs+=(clang llvm libbpf-dev bpftool protobuf-compiler) ;;
