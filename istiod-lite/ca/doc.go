@@ -1,0 +1,32 @@
+// Package ca is istiod-lite's certificate service: ztunnels and waypoints
+// send a CSR for one SPIFFE identity over gRPC (api/ca/v1, on the TLS port
+// 15012 that xDS shares) and get an X.509-SVID signed by certs.CA.
+//
+// Who may hold which identity:
+//
+//   - A caller authenticates with a bearer token. In cluster mode that is a
+//     Kubernetes service-account token, bound to a pod and issued for the
+//     audience "istio-ca", verified with a TokenReview (KubeAuthenticator).
+//     In local mode it is a per-host secret from a file (HostAuthenticator).
+//   - A node proxy (a ztunnel pod, by its service account, or a local host)
+//     may obtain certificates only for service accounts that have a workload
+//     on its own node (Workloads: PodIndex in cluster mode, StoreWorkloads
+//     over model.Store in local mode). Any other pod (a waypoint) may obtain
+//     only its own identity. Everything else is PermissionDenied, logged with
+//     the caller, its node and the identity asked for.
+//
+// Wiring in istiod-lite:
+//
+//	srv := &ca.Server{CA: authority, Authenticator: &ca.KubeAuthenticator{Client: cs}, Workloads: pods, Logger: log}
+//	serving := &ca.ServingCert{CA: authority, DNSNames: extraSANs}
+//	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(serving.TLSConfig())))
+//	srv.Register(g) // xDS registers on the same server
+//
+// and in a ztunnel:
+//
+//	client := &ca.Client{Addr: "istiod-lite.ambit-system.svc:15012", Roots: bootstrapBundle, TokenFile: tokenPath}
+//	mgr := &certs.Manager{Issuer: client, Logger: log}
+//
+// The CA's root lives in the Secret ambit-system/ambit-ca (SecretStore, with
+// certs.LoadOrCreateCA) unless the operator provides one.
+package ca

@@ -1,0 +1,189 @@
+package ca
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	capb "github.com/ambit-mesh/ambit/api/ca/v1"
+	"github.com/ambit-mesh/ambit/certs"
+)
+
+// maxCSRPEM bounds the PEM text of a CSR before it is decoded.
+const maxCSRPEM = 2*certs.MaxCSRSize + 1024
+
+// maxValidity bounds the requested validity in seconds before it becomes a
+// time.Duration (the CA caps it further at its leaf TTL).
+const maxValidity = int64(365 * 24 * time.Hour / time.Second)
+
+// Server is the certificate service. Register it on istiod-lite's gRPC
+// server (the one on 15012 that xDS shares).
+type Server struct {
+	// CA signs the certificates (required).
+	CA *certs.CA
+	// Authenticator checks callers' bearer tokens (required).
+	Authenticator Authenticator
+	// Workloads tells which service accounts have workloads on a node
+	// (required for NodeProxy callers; without it they are denied).
+	Workloads Workloads
+	// Logger (discard if nil). Every issuance and every refusal is logged
+	// with the caller, its node and the identity asked for.
+	Logger *slog.Logger
+}
+
+// Register adds the service to g.
+func (s *Server) Register(g *grpc.Server) {
+	capb.RegisterCertificateServiceServer(g, &service{s: s})
+}
+
+// service adapts Server to the generated interface without exporting the
+// RPC methods on Server.
+type service struct {
+	capb.UnimplementedCertificateServiceServer
+	s *Server
+}
+
+func (v *service) CreateCertificate(ctx context.Context, req *capb.CreateCertificateRequest) (*capb.CreateCertificateResponse, error) {
+	return v.s.createCertificate(ctx, req)
+}
+
+func (v *service) GetTrustBundle(ctx context.Context, _ *capb.GetTrustBundleRequest) (*capb.GetTrustBundleResponse, error) {
+	if _, err := v.s.authenticate(ctx, "trust bundle"); err != nil {
+		return nil, err
+	}
+	return &capb.GetTrustBundleResponse{
+		TrustDomain: v.s.CA.TrustDomain().Name(),
+		TrustBundle: v.s.bundlePEM(),
+	}, nil
+}
+
+func (s *Server) log() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (s *Server) bundlePEM() []string {
+	var out []string
+	for _, c := range s.CA.Bundle().X509Authorities() {
+		out = append(out, string(certs.EncodeCertificates([]*x509.Certificate{c})))
+	}
+	return out
+}
+
+// authenticate extracts the bearer token and asks the Authenticator.
+func (s *Server) authenticate(ctx context.Context, what string) (*Caller, error) {
+	addr := ""
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		addr = p.Addr.String()
+	}
+	token, err := bearerToken(ctx)
+	if err == nil {
+		var c *Caller
+		if c, err = s.Authenticator.Authenticate(ctx, token); err == nil {
+			return c, nil
+		}
+	}
+	if errors.Is(err, ErrUnauthenticated) {
+		s.log().Warn("certificate service: unauthenticated", "request", what, "peer", addr, "err", err)
+		return nil, status.Error(codes.Unauthenticated, err.Error())
+	}
+	s.log().Error("certificate service: cannot authenticate", "request", what, "peer", addr, "err", err)
+	return nil, status.Error(codes.Unavailable, "cannot verify the token now")
+}
+
+func bearerToken(ctx context.Context) (string, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	vals := md.Get("authorization")
+	if len(vals) != 1 {
+		return "", fmt.Errorf("%w: want one authorization header with a bearer token, got %d", ErrUnauthenticated, len(vals))
+	}
+	scheme, tok, ok := strings.Cut(vals[0], " ")
+	if !ok || !strings.EqualFold(scheme, "bearer") || strings.TrimSpace(tok) == "" {
+		return "", fmt.Errorf("%w: authorization is not a bearer token", ErrUnauthenticated)
+	}
+	return strings.TrimSpace(tok), nil
+}
+
+func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertificateRequest) (*capb.CreateCertificateResponse, error) {
+	caller, err := s.authenticate(ctx, req.GetIdentity())
+	if err != nil {
+		return nil, err
+	}
+	log := s.log().With("caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "identity", req.GetIdentity())
+	refuse := func(code codes.Code, msg string) error {
+		log.Warn("certificate refused", "code", code.String(), "reason", msg)
+		return status.Error(code, msg)
+	}
+
+	id, err := spiffeid.FromString(req.GetIdentity())
+	if err != nil {
+		return nil, refuse(codes.InvalidArgument, fmt.Sprintf("identity %q: %v", req.GetIdentity(), err))
+	}
+	if !id.MemberOf(s.CA.TrustDomain()) {
+		return nil, refuse(codes.InvalidArgument, fmt.Sprintf("identity %s is not in trust domain %s", id, s.CA.TrustDomain()))
+	}
+	switch caller.Kind {
+	case Workload:
+		if id != caller.Identity {
+			return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s may obtain only its own identity %s, not %s", caller.Name, caller.Identity, id))
+		}
+	case NodeProxy:
+		ns, sa, err := certs.ParseWorkloadID(id)
+		if err != nil {
+			return nil, refuse(codes.InvalidArgument, err.Error())
+		}
+		ok := false
+		if s.Workloads != nil {
+			if ok, err = s.Workloads.OnNode(ctx, caller.Node, ns, sa); err != nil {
+				log.Error("node authorization failed", "err", err)
+				return nil, status.Error(codes.Unavailable, "cannot check node authorization now")
+			}
+		}
+		if !ok {
+			return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s on node %s may not obtain %s: no workload of service account %s/%s on that node", caller.Name, caller.Node, id, ns, sa))
+		}
+	default:
+		return nil, refuse(codes.PermissionDenied, "unknown caller kind")
+	}
+
+	if len(req.GetCsr()) > maxCSRPEM {
+		return nil, refuse(codes.InvalidArgument, fmt.Sprintf("csr of %d bytes is too large", len(req.GetCsr())))
+	}
+	block, rest := pem.Decode([]byte(req.GetCsr()))
+	if block == nil || (block.Type != "CERTIFICATE REQUEST" && block.Type != "NEW CERTIFICATE REQUEST") || len(strings.TrimSpace(string(rest))) > 0 {
+		return nil, refuse(codes.InvalidArgument, "csr: want exactly one PEM CERTIFICATE REQUEST block")
+	}
+	v := req.GetValidityDuration()
+	if v < 0 || v > maxValidity {
+		return nil, refuse(codes.InvalidArgument, fmt.Sprintf("validity_duration %d out of range (0..%d s)", v, maxValidity))
+	}
+	chain, err := s.CA.SignCSR(block.Bytes, id, time.Duration(v)*time.Second)
+	if errors.Is(err, certs.ErrBadCSR) {
+		return nil, refuse(codes.InvalidArgument, err.Error())
+	}
+	if err != nil {
+		log.Error("signing failed", "err", err)
+		return nil, status.Error(codes.Internal, "signing failed")
+	}
+	leaf := chain[0]
+	log.Info("certificate issued", "serial", leaf.SerialNumber.Text(16), "notAfter", leaf.NotAfter)
+	resp := &capb.CreateCertificateResponse{TrustBundle: s.bundlePEM()}
+	for _, c := range chain {
+		resp.CertChain = append(resp.CertChain, string(certs.EncodeCertificates([]*x509.Certificate{c})))
+	}
+	return resp, nil
+}
