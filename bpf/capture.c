@@ -10,15 +10,19 @@
 // delivers them locally instead of forwarding them.
 //
 //   pod_ingress    host side of an enrolled pod's veth, ingress: what the pod
-//                  sends. New connections go to ztunnel's outbound port;
+//                  sends (IPv4 from another source address is dropped). New
+//                  connections go to ztunnel's outbound port;
 //                  packets of connections ztunnel holds (its transparent
 //                  deliveries, the captured connections) go to its socket.
 //                  Also receives, redirected by pod_egress, connections from
 //                  other pods of the node to this pod (inbound capture).
 //   pod_egress     host side of an enrolled pod's veth, egress: what the node
-//                  forwards to the pod from another local interface is sent
-//                  back to pod_ingress for inbound capture. Traffic the node
-//                  itself originates (health probes, ztunnel) is left alone.
+//                  forwards to the pod (from another pod of the node, or from
+//                  an interface without uplink_ingress) is sent back in to
+//                  pod_ingress for inbound capture, and so are connections the
+//                  node opens to the pod's port 15008 (ztunnel's tunnels to
+//                  its own pods). Other traffic the node itself originates
+//                  (health probes, ztunnel's deliveries) is left alone.
 //   uplink_ingress node uplinks, ingress: connections from other nodes to
 //                  enrolled pods go to ztunnel's HBONE port (for port 15008)
 //                  or inbound port (any other port).
@@ -52,6 +56,7 @@ volatile const __u16 outbound_port = 15001; // host byte order
 volatile const __u16 inbound_port = 15006;
 volatile const __u16 hbone_port = 15008;
 volatile const __u32 capture_mark = 0x100;
+volatile const __u32 loop_mark = 0x200; // pod_egress -> pod_ingress
 
 // A captured pod, by IPv4 address (network byte order).
 struct pod {
@@ -72,7 +77,7 @@ enum stat {
 	STAT_HBONE,      // new HBONE connections given to ztunnel
 	STAT_SOCKET,     // segments of connections ztunnel holds
 	STAT_REFUSED,    // SYNs answered with RST: no ztunnel listener
-	STAT_DROPPED,    // segments dropped: unknown connection, spoofed, IPv6
+	STAT_DROPPED,    // packets dropped: unknown connection, spoofed, IPv6 TCP
 	STAT_MAX,
 };
 
@@ -91,6 +96,7 @@ static __always_inline void count(__u32 s) {
 }
 
 struct tcp4 {
+	__u8 tcp;      // the rest is valid only for TCP
 	__u32 ihl;     // IP header length in bytes
 	__u32 saddr;   // network byte order
 	__u32 daddr;   // network byte order
@@ -99,7 +105,8 @@ struct tcp4 {
 	__u8 syn_only; // SYN without ACK: a new connection
 };
 
-// parse returns 1 for IPv4 TCP (filling t), -1 for IPv6 TCP, 0 otherwise.
+// parse returns 1 for IPv4 (filling t; t->tcp for TCP), -1 for IPv6 TCP, 0
+// otherwise.
 static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
@@ -115,19 +122,20 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return 0;
 	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_TCP)
+	if ((void *)(ip + 1) > end)
 		return 0;
-	if (ip->frag_off & bpf_htons(0x1fff)) // not the first fragment
-		return 0;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	if (ip->protocol != IPPROTO_TCP || ip->frag_off & bpf_htons(0x1fff)) // or not the first fragment
+		return 1;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
 		return 0;
 	struct tcphdr *tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > end)
 		return 0;
+	t->tcp = 1;
 	t->ihl = ihl;
-	t->saddr = ip->saddr;
-	t->daddr = ip->daddr;
 	t->sport = tcp->source;
 	t->dport = tcp->dest;
 	t->syn_only = tcp->syn && !tcp->ack;
@@ -197,10 +205,11 @@ struct pseudo_hdr {
 	__u16 len;
 };
 
-// refuse turns the segment into a RST to its sender and sends it back out of
-// the interface it came in on; RSTs are dropped. Either way the segment does
-// not go on.
-static __always_inline int refuse(struct __sk_buff *skb) {
+// refuse turns the segment into a RST to its sender; RSTs are dropped. Either
+// way the segment does not go on. The RST goes back out of the interface the
+// segment came in on, or, for a segment that pod_egress looped back (routed),
+// where the node's routes send it.
+static __always_inline int refuse(struct __sk_buff *skb, int routed) {
 	struct ethhdr eth;
 	struct iphdr ip;
 	struct tcphdr tcp;
@@ -255,6 +264,20 @@ static __always_inline int refuse(struct __sk_buff *skb) {
 	    bpf_skb_store_bytes(skb, sizeof(reth), &rip, sizeof(rip), 0) ||
 	    bpf_skb_store_bytes(skb, sizeof(reth) + sizeof(rip), &rtcp, sizeof(rtcp), 0))
 		goto drop;
+	if (routed) {
+		struct bpf_fib_lookup fib = {};
+		fib.family = 2; // AF_INET
+		fib.l4_protocol = IPPROTO_TCP;
+		fib.tot_len = len - sizeof(reth);
+		fib.ifindex = skb->ifindex;
+		fib.ipv4_src = rip.saddr;
+		fib.ipv4_dst = rip.daddr;
+		if (bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
+			goto drop; // e.g. to the node itself: nothing to refuse for
+		struct bpf_redir_neigh nh = {.nh_family = 2, .ipv4_nh = fib.ipv4_dst};
+		count(STAT_REFUSED);
+		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+	}
 	count(STAT_REFUSED);
 	return bpf_redirect(skb->ifindex, 0);
 drop:
@@ -268,7 +291,7 @@ static __always_inline int drop(void) {
 }
 
 // inbound captures a segment addressed to a local enrolled pod.
-static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t) {
+static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t, int routed) {
 	if (to_socket(skb, t))
 		return TCX_PASS;
 	if (!t->syn_only)
@@ -279,7 +302,7 @@ static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t) {
 	} else if (to_listener(skb, t, inbound_port, STAT_INBOUND)) {
 		return TCX_PASS;
 	}
-	return refuse(skb);
+	return refuse(skb, routed);
 }
 
 SEC("tcx/ingress")
@@ -291,50 +314,58 @@ int pod_ingress(struct __sk_buff *skb) {
 	if (r == 0)
 		return TCX_NEXT;
 
-	struct pod *p = bpf_map_lookup_elem(&pods, &t.daddr);
-	if (p && p->ifindex == skb->ifindex) // redirected here by pod_egress
-		return inbound(skb, &t);
-
-	p = bpf_map_lookup_elem(&pods, &t.saddr);
+	if (skb->mark & loop_mark) { // looped back by pod_egress: inbound
+		skb->mark &= ~loop_mark;
+		if (!t.tcp)
+			return drop();
+		return inbound(skb, &t, 1);
+	}
+	struct pod *p = bpf_map_lookup_elem(&pods, &t.saddr);
 	if (!p || p->ifindex != skb->ifindex) // not the pod's address
 		return drop();
+	if (!t.tcp)
+		return TCX_NEXT;
 	if (to_socket(skb, &t))
 		return TCX_PASS;
 	if (!t.syn_only)
 		return drop();
 	if (to_listener(skb, &t, outbound_port, STAT_OUTBOUND))
 		return TCX_PASS;
-	return refuse(skb);
+	return refuse(skb, 0);
 }
 
 SEC("tcx/egress")
 int pod_egress(struct __sk_buff *skb) {
-	// The node's own packets (ztunnel, health probes) carry their socket or
-	// were not received on any interface; leave them alone.
-	if (skb->sk || skb->ingress_ifindex == 0 || skb->ingress_ifindex == skb->ifindex)
-		return TCX_NEXT;
 	struct tcp4 t = {};
 	int r = parse(skb, &t);
 	if (r < 0)
 		return drop();
-	if (r == 0)
+	if (r == 0 || !t.tcp)
 		return TCX_NEXT;
-	// Forwarded from another interface of the node: send it back in through
-	// this veth, addressed to the node (the source MAC is this veth's own),
-	// where pod_ingress captures it.
+	// The node's own packets carry their socket or were not received on any
+	// interface. They go to the pod as they are (health probes, ztunnel's
+	// deliveries), except HBONE: ztunnel's tunnels to a pod of its own node
+	// go to its own HBONE listener like those from other nodes.
+	if ((skb->sk || skb->ingress_ifindex == 0) && t.dport != bpf_htons(hbone_port))
+		return TCX_NEXT;
+	// Send it back in through this veth, addressed to the node (the source
+	// MAC is this veth's own), where pod_ingress captures it.
 	__u8 mac[ETH_ALEN];
 	if (bpf_skb_load_bytes(skb, ETH_ALEN, mac, ETH_ALEN) ||
 	    bpf_skb_store_bytes(skb, 0, mac, ETH_ALEN, 0))
 		return drop();
+	// The mark tells pod_ingress where the packet comes from; a pod cannot
+	// forge it (crossing a veth into another namespace clears the mark).
+	skb->mark |= loop_mark;
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
 SEC("tcx/ingress")
 int uplink_ingress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
-	if (parse(skb, &t) <= 0)
+	if (parse(skb, &t) <= 0 || !t.tcp)
 		return TCX_NEXT;
 	if (!bpf_map_lookup_elem(&pods, &t.daddr))
 		return TCX_NEXT;
-	return inbound(skb, &t);
+	return inbound(skb, &t, 0);
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -36,9 +37,12 @@ type Options struct {
 	// Ports of ztunnel's listeners. Defaults: 15001, 15006, 15008.
 	OutboundPort, InboundPort, HBONEPort uint16
 	// Mark is the packet mark of captured packets and RouteTable the table
-	// of the local route they take. Defaults: 0x100 and 100.
+	// of the local route they take. LoopMark marks the packets that the
+	// programs loop back from a pod veth's egress to its ingress. Defaults:
+	// 0x100, 100 and 0x200.
 	Mark       uint32
 	RouteTable int
+	LoopMark   uint32
 	// Logger receives structured logs. Nil discards them.
 	Logger *slog.Logger
 }
@@ -61,6 +65,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.RouteTable == 0 {
 		o.RouteTable = 100
+	}
+	if o.LoopMark == 0 {
+		o.LoopMark = 0x200
 	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
@@ -134,6 +141,7 @@ func Load(opts Options) (*Capture, error) {
 		"inbound_port":  opts.InboundPort,
 		"hbone_port":    opts.HBONEPort,
 		"capture_mark":  opts.Mark,
+		"loop_mark":     opts.LoopMark,
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("load capture: set %s: %w", name, err)
@@ -285,6 +293,11 @@ func (c *Capture) addPod(ctx context.Context, p Pod) error {
 			return fmt.Errorf("add pod %s: %w", p.Name, err)
 		}
 	}
+	// ztunnel's own HBONE connections to the pod come back in through the
+	// veth with the node's address as source.
+	if err := c.sysctl(acceptLocal(dev), "1"); err != nil {
+		return fmt.Errorf("add pod %s: %w", p.Name, err)
+	}
 	if err := c.attach(podPrefix+dev+ingressSfx, dev, c.objs.PodIngress, ebpf.AttachTCXIngress); err != nil {
 		return fmt.Errorf("add pod %s: %w", p.Name, err)
 	}
@@ -314,7 +327,7 @@ func (c *Capture) RemovePod(ctx context.Context, p Pod) error {
 	}
 	var errs []error
 	if dev != "" {
-		errs = append(errs, c.detach(podPrefix+dev+ingressSfx), c.detach(podPrefix+dev+egressSfx))
+		errs = append(errs, c.release(dev))
 	}
 	for _, ip := range p.IPs {
 		if ip.Is4() {
@@ -391,7 +404,7 @@ func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
 		}
 		dev := strings.TrimSuffix(strings.TrimSuffix(strings.TrimPrefix(name, podPrefix), ingressSfx), egressSfx)
 		if !wantDev[dev] {
-			errs = append(errs, c.detach(name))
+			errs = append(errs, c.release(dev))
 		}
 	}
 	var (
@@ -539,6 +552,18 @@ func (c *Capture) attach(name, dev string, prog *ebpf.Program, typ ebpf.AttachTy
 	}
 	return nil
 }
+
+// release detaches the programs of a pod's veth and undoes its sysctl (when
+// the veth still exists).
+func (c *Capture) release(dev string) error {
+	err := errors.Join(c.detach(podPrefix+dev+ingressSfx), c.detach(podPrefix+dev+egressSfx))
+	if serr := c.sysctl(acceptLocal(dev), "0"); serr != nil && !errors.Is(serr, fs.ErrNotExist) {
+		err = errors.Join(err, serr)
+	}
+	return err
+}
+
+func acceptLocal(dev string) string { return "net/ipv4/conf/" + dev + "/accept_local" }
 
 // detach unpins and closes the link name, detaching its program.
 func (c *Capture) detach(name string) error {

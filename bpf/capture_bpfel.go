@@ -80,6 +80,7 @@ type captureVariableSpecs struct {
 	CaptureMark  *ebpf.VariableSpec `ebpf:"capture_mark"`
 	HbonePort    *ebpf.VariableSpec `ebpf:"hbone_port"`
 	InboundPort  *ebpf.VariableSpec `ebpf:"inbound_port"`
+	LoopMark     *ebpf.VariableSpec `ebpf:"loop_mark"`
 	OutboundPort *ebpf.VariableSpec `ebpf:"outbound_port"`
 }
 
@@ -121,6 +122,7 @@ type captureVariables struct {
 	CaptureMark  *ebpf.Variable `ebpf:"capture_mark"`
 	HbonePort    *ebpf.Variable `ebpf:"hbone_port"`
 	InboundPort  *ebpf.Variable `ebpf:"inbound_port"`
+	LoopMark     *ebpf.Variable `ebpf:"loop_mark"`
 	OutboundPort *ebpf.Variable `ebpf:"outbound_port"`
 }
 

@@ -116,6 +116,34 @@ func TestCapture(t *testing.T) {
 		}
 	})
 
+	t.Run("enrolled pods of one node talk through ztunnel's 15008", func(t *testing.T) {
+		n1 := e.topo.Node("n1")
+		a5, err := n1.AddPod("a5")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer n1.RemovePod(a5)
+		startEcho(t, a5)
+		e.enroll(t, "a5")
+		defer func() {
+			e.cap["n1"].RemovePod(ctx, Pod{Name: "a5", IPs: []netip.Addr{a5.IP}})
+			e.mu.Lock()
+			delete(e.mesh, a5.IP)
+			e.mu.Unlock()
+		}()
+		got, err := e.talk("a1", "a5", "neighbour")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "a5 from " + a1.IP.String() + ":"; !strings.HasPrefix(got, want) {
+			t.Errorf("answer %q, want prefix %q", got, want)
+		}
+		rs := z1.records()
+		if len(rs) < 2 || rs[len(rs)-2].Port != 15001 || rs[len(rs)-1].Port != 15008 || rs[len(rs)-1].OrigDst != netip.AddrPortFrom(a5.IP, 15008) {
+			t.Errorf("ztunnel n1 saw %v, want 15001 then 15008 to %s", rs, a5.IP)
+		}
+	})
+
 	t.Run("the node's health probes are not captured", func(t *testing.T) {
 		before := len(z2.records())
 		n2 := e.topo.Node("n2")
@@ -190,6 +218,10 @@ func TestCapture(t *testing.T) {
 		z2.Close()
 		if _, err := e.talk("a2", "b1", "leak?"); !errors.Is(err, syscall.ECONNREFUSED) {
 			t.Errorf("a2 -> b1 with ztunnel n2 down: %v, want connection refused", err)
+		}
+		// Same node: the RST goes back to the client pod.
+		if _, err := e.talk("a2", "a1", "leak?"); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("a2 -> a1 with ztunnel n1 down: %v, want connection refused", err)
 		}
 		// Pods outside the mesh do not notice.
 		if _, err := e.talk("a2", "b2", "plain"); err != nil {
