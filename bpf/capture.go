@@ -267,8 +267,9 @@ func (c *Capture) SetupNode() error {
 }
 
 // AddPod captures p: from its return on, every TCP connection the pod opens
-// or receives goes to ztunnel. Call it before the pod's process starts (its
-// veth exists by then) so that no packet escapes. AddPod is idempotent.
+// or receives goes to ztunnel. Call it before the pod's process starts (a
+// CNI-like hook, once the veth exists) so that no packet escapes. AddPod is
+// idempotent; calling it again with other IPs adds them.
 func (c *Capture) AddPod(ctx context.Context, p Pod) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -309,7 +310,9 @@ func (c *Capture) addPod(ctx context.Context, p Pod) error {
 }
 
 // RemovePod stops capturing p (its veth found as in AddPod; a veth that is
-// gone is fine). RemovePod is idempotent.
+// gone is fine). Close the connections ztunnel holds for the pod first: from
+// here on, the pod's packets are no longer matched to ztunnel's sockets.
+// RemovePod is idempotent.
 func (c *Capture) RemovePod(ctx context.Context, p Pod) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()

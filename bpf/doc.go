@@ -3,14 +3,47 @@
 //
 // Three TCX programs (capture.c, built with bpf2go; the generated Go and
 // object files are committed) steer packets with bpf_sk_assign to ztunnel's
-// listeners, keeping the original destination in the packet: outbound
-// connections of a pod go to ztunnel's port 15001, connections to a pod's
-// port 15008 go to ztunnel's 15008, any other connection to a pod goes to
-// 15006. A Capture loads them, pins their links and maps in bpffs so that
-// capture outlives the process (a ztunnel restart neither detaches capture
-// nor lets traffic bypass it: without a listener, new connections are
-// refused), and programs pods one by one (AddPod, RemovePod) or as a whole
-// (Reconcile). Enrolled decides from Kubernetes labels which pods to capture.
+// listeners in the node's network namespace, keeping the original
+// destination in the packet: a pod's outbound connections go to ztunnel's
+// port 15001, connections to a pod's port 15008 go to ztunnel's 15008, any
+// other connection to a pod goes to 15006. Packets of connections that
+// ztunnel holds (its transparent deliveries to pods, the captured
+// connections) are matched to its sockets first. The node's own connections
+// to pods (health probes, ztunnel's deliveries) are not captured, except
+// connections to a pod's port 15008, which are ztunnel's tunnels to its own
+// pods. When no ztunnel listens, a new connection is refused with a RST that
+// the program builds; nothing leaves unencrypted.
+//
+// A Capture loads the programs and pins their links and maps in bpffs, so
+// capture outlives the process: a ztunnel restart neither detaches capture
+// nor lets traffic bypass it, and the next Load picks the pinned state up
+// without re-enrolling pods. Pods are captured one by one (AddPod, RemovePod)
+// or as a whole (Reconcile); Enrolled decides from Kubernetes labels which
+// pods to capture. Uninstall removes everything.
+//
+// What ztunnel must do:
+//   - listen on 0.0.0.0:15001, :15006 and :15008 with IP_TRANSPARENT (all
+//     three: the accepted sockets' local address is the pod's or the original
+//     destination, not the node's); the original destination is the accepted
+//     connection's LocalAddr;
+//   - deliver to local pods either from its own address or, to keep the
+//     client's address, with IP_TRANSPARENT and a bind to it;
+//   - refuse a captured connection whose original destination is one of its
+//     own listeners (a loop);
+//   - close the connections it holds for a pod before RemovePod (or the
+//     Reconcile that drops the pod): once released, the pod's packets are no
+//     longer matched to ztunnel's sockets and would go out as they are.
+//
+// Node-wide, SetupNode adds the rule "fwmark Mark/Mark lookup RouteTable"
+// and the route "local 0.0.0.0/0 dev lo table RouteTable" (so that assigned
+// packets are delivered locally), attaches the inbound program to the
+// uplinks, and turns off TCP early demux (net.ipv4.tcp_early_demux=0: early
+// demux would hand a packet from one local pod to another to ztunnel's
+// socket before routing, and forwarding then drops it). Per pod, AddPod sets
+// accept_local on the pod's host veth (ztunnel's tunnels to its own pods come
+// back in from the node's address). It uses iproute2 for rules and routes.
+//
+// IPv4 only: the IPv6 TCP of an enrolled pod is dropped.
 package bpf
 
 //go:generate go tool bpf2go -tags linux -target bpfel -type pod capture capture.c -- -O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu

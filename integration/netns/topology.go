@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 )
 
 // Addressing of a topology. Node i (0-based) has UnderlayIP(i) on its uplink
@@ -25,13 +26,16 @@ const (
 	PodGateway = "169.254.1.1"
 )
 
+var topologies atomic.Int64 // for default prefixes
+
 // UnderlayPrefix is the underlay network that joins the nodes.
 var UnderlayPrefix = netip.MustParsePrefix("192.168.200.0/24")
 
 // Config describes a topology to build.
 type Config struct {
-	// Prefix is prepended to every namespace name so that concurrent
-	// topologies do not collide. Empty means "ambit<pid>".
+	// Prefix is prepended to every namespace name; topologies that exist at
+	// the same time need different prefixes. Empty means "ambit<pid>-<n>",
+	// unique in the process.
 	Prefix string
 	// Nodes to create, in order.
 	Nodes []NodeConfig
@@ -87,7 +91,7 @@ func Build(cfg Config) (_ *Topology, err error) {
 	}
 	t := &Topology{prefix: cfg.Prefix}
 	if t.prefix == "" {
-		t.prefix = fmt.Sprintf("ambit%d", os.Getpid())
+		t.prefix = fmt.Sprintf("ambit%d-%d", os.Getpid(), topologies.Add(1))
 	}
 	defer func() {
 		if err != nil {
