@@ -32,7 +32,9 @@ func Check(pinPath string, log *slog.Logger) error {
 	if major < 6 || major == 6 && minor < 6 {
 		missing = append(missing, fmt.Sprintf("Linux >= 6.6 for TCX links (running %s)", release))
 	}
-	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
+	if err := features.HaveProgramType(ebpf.SchedCLS); errors.Is(err, unix.EPERM) {
+		missing = append(missing, "the privileges to load eBPF programs (CAP_BPF, CAP_NET_ADMIN; run as root)")
+	} else if err != nil {
 		missing = append(missing, fmt.Sprintf("the sched_cls program type (%v)", err))
 	} else {
 		for _, h := range []asm.BuiltinFunc{asm.FnSkcLookupTcp, asm.FnSkAssign, asm.FnSkbChangeTail} {
