@@ -495,11 +495,20 @@ func (c *Capture) Uninstall() error {
 // Uninstall removes everything capture put on the node of opts, whether or
 // not a Capture is loaded: the pinned links (which detaches the programs
 // once no process holds them), the pinned maps, the pin directory, the
-// policy rule and the local route, and it turns TCP early demux back on.
+// policy rule and the local route, the pods' accept_local, and it turns TCP
+// early demux back on.
 func Uninstall(opts Options) error {
 	opts.setDefaults()
 	c := &Capture{opts: opts, log: opts.Logger}
 	var errs []error
+	ents, _ := os.ReadDir(filepath.Join(opts.PinPath, linksDir))
+	for _, e := range ents {
+		if dev, ok := strings.CutSuffix(strings.TrimPrefix(e.Name(), podPrefix), ingressSfx); ok && strings.HasPrefix(e.Name(), podPrefix) {
+			if err := c.sysctl(acceptLocal(dev), "0"); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, err)
+			}
+		}
+	}
 	if err := os.RemoveAll(opts.PinPath); err != nil {
 		errs = append(errs, err)
 	}

@@ -357,7 +357,7 @@ func TestCapture(t *testing.T) {
 			if _, err := os.Stat(e.opts[n.Name].PinPath); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("%s: pin path still there: %v", n.Name, err)
 			}
-			out, err := n.NS.Command(ctx, "sh", "-c", "ip rule show | grep fwmark; ip route show table 100; sysctl -n net.ipv4.tcp_early_demux").CombinedOutput()
+			out, err := n.NS.Command(ctx, "sh", "-c", "ip rule show | grep fwmark; ip route show table 100; sysctl -n net.ipv4.tcp_early_demux; cat /proc/sys/net/ipv4/conf/pv*/accept_local | grep -v 0; true").CombinedOutput()
 			if err != nil || strings.TrimSpace(string(out)) != "1" {
 				t.Errorf("%s: rules, routes or sysctl left: %q %v", n.Name, out, err)
 			}
