@@ -17,6 +17,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/integration/netns"
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 )
 
@@ -141,6 +142,51 @@ func TestCapture(t *testing.T) {
 		rs := z1.records()
 		if len(rs) < 2 || rs[len(rs)-2].Port != 15001 || rs[len(rs)-1].Port != 15008 || rs[len(rs)-1].OrigDst != netip.AddrPortFrom(a5.IP, 15008) {
 			t.Errorf("ztunnel n1 saw %v, want 15001 then 15008 to %s", rs, a5.IP)
+		}
+	})
+
+	t.Run("capture chains with a CNI's TCX program", func(t *testing.T) {
+		n1 := e.topo.Node("n1")
+		a6, err := n1.AddPod("a6")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer n1.RemovePod(a6)
+		// The CNI was there first, with a program that ends the chain
+		// (TCX_PASS): capture still works because it attaches at the head.
+		cni, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+			Type:         ebpf.SchedCLS,
+			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+			License:      "MIT",
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cni.Close()
+		var cniLink link.Link
+		err = n1.NS.Do(func() error {
+			ifi, err := net.InterfaceByName(a6.HostIfname)
+			if err != nil {
+				return err
+			}
+			cniLink, err = link.AttachTCX(link.TCXOptions{Interface: ifi.Index, Program: cni, Attach: ebpf.AttachTCXIngress})
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cniLink.Close()
+		e.enroll(t, "a6")
+		defer e.cap["n1"].RemovePod(ctx, Pod{Name: "a6", IPs: []netip.Addr{a6.IP}})
+		if _, err := e.talk("a6", "b2", "chained"); err != nil {
+			t.Fatal(err)
+		}
+		if r := last(z1.records()); r.Src.Addr() != a6.IP {
+			t.Errorf("ztunnel n1's last connection is %v, want a6's", r)
+		}
+		info, err := cniLink.Info()
+		if err != nil || info.TCX().Ifindex == 0 {
+			t.Errorf("the CNI's link lost its interface: %v %v", info, err)
 		}
 	})
 
