@@ -177,6 +177,17 @@ static __always_inline int to_socket(struct __sk_buff *skb, struct tcp4 *t) {
 	return assign(skb, sk, STAT_SOCKET) == 0;
 }
 
+// has_socket reports whether the connection has a local socket that is not a
+// listener.
+static __always_inline int has_socket(struct __sk_buff *skb, struct tcp4 *t) {
+	struct bpf_sock *sk = lookup(skb, t, t->dport);
+	if (!sk)
+		return 0;
+	int ok = sk->state != BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return ok;
+}
+
 // to_listener hands a SYN to ztunnel's listener on port. It returns 1 when
 // it did.
 static __always_inline int to_listener(struct __sk_buff *skb, struct tcp4 *t, __u16 port, __u32 s) {
@@ -346,8 +357,15 @@ int pod_egress(struct __sk_buff *skb) {
 	// interface. They go to the pod as they are (health probes, ztunnel's
 	// deliveries), except HBONE: ztunnel's tunnels to a pod of its own node
 	// go to its own HBONE listener like those from other nodes.
-	if ((skb->sk || skb->ingress_ifindex == 0) && t.dport != bpf_htons(hbone_port))
-		return TCX_NEXT;
+	if (skb->sk || skb->ingress_ifindex == 0) {
+		if (t.dport != bpf_htons(hbone_port))
+			return TCX_NEXT;
+		// A tunnel starts with a SYN and goes on with a socket of ztunnel's
+		// on the other end; what else goes to port 15008 is a reply to a
+		// pod that happens to use it as its client port.
+		if (!t.syn_only && !has_socket(skb, &t))
+			return TCX_NEXT;
+	}
 	// Send it back in through this veth, addressed to the node (the source
 	// MAC is this veth's own), where pod_ingress captures it.
 	__u8 mac[ETH_ALEN];

@@ -1,7 +1,9 @@
 package bpf
 
 import (
+	"bufio"
 	"bytes"
+	"io"
 	"context"
 	"errors"
 	"fmt"
@@ -45,6 +47,20 @@ func TestCapture(t *testing.T) {
 		r = last(z2.records())
 		if r.Port != 15008 || r.Src.Addr() != e.topo.Node("n1").IP || r.OrigDst != netip.AddrPortFrom(b1.IP, 15008) {
 			t.Errorf("ztunnel n2 saw %v, want 15008: n1 -> %s:15008", r, b1.IP)
+		}
+	})
+
+	t.Run("a pod's client port 15008 is not taken for HBONE", func(t *testing.T) {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{Port: 15008}, Timeout: 2 * time.Second}
+		c, err := a1.NS.Dial(ctx, d, "tcp", net.JoinHostPort(e.pod("b2").IP.String(), echoPort))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		io.WriteString(c, "from 15008\n")
+		if _, err := bufio.NewReader(c).ReadString('\n'); err != nil {
+			t.Fatal(err)
 		}
 	})
 
