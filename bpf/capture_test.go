@@ -3,10 +3,10 @@ package bpf
 import (
 	"bufio"
 	"bytes"
-	"io"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
