@@ -1,0 +1,115 @@
+package registry
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/istiod-lite/translate"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+type problems struct {
+	mu sync.Mutex
+	ps []translate.Problem
+}
+
+func (p *problems) Report(x translate.Problem) {
+	p.mu.Lock()
+	p.ps = append(p.ps, x)
+	p.mu.Unlock()
+}
+
+func (p *problems) has(reason, name string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, x := range p.ps {
+		if x.Reason == reason && x.Name == name {
+			return true
+		}
+	}
+	return false
+}
+
+func eventually(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+const nsAndPod = `apiVersion: v1
+kind: Namespace
+metadata: {name: demo, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: demo, labels: {app: a}}
+spec: {nodeName: node-1}
+status: {phase: Running, podIP: 10.0.0.1}
+`
+
+func TestFilesLoadReloadAndKeepLastGood(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, s string) {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p+".tmp", []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(p+".tmp", p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("mesh.yaml", nsAndPod)
+	write("policy.yaml", `apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: bad, namespace: demo}
+spec: {rules: [{to: [{operation: {ports: ["http"]}}]}]}
+`)
+	store := &model.Store{}
+	rep := &problems{}
+	f := &Files{Dir: dir, Store: store, Interval: 20 * time.Millisecond, Reporter: rep}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error)
+	go func() { done <- f.Start(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	uid := translate.WorkloadUID("", "demo", "a")
+	eventually(t, "first model", func() bool { w := store.Load().Workloads[uid]; return w != nil && w.Enrolled && w.Node == "node-1" })
+	eventually(t, "the bad policy reported", func() bool { return rep.has(translate.ReasonInvalidPolicy, "bad") })
+	if len(store.Load().Policies) != 0 {
+		t.Fatal("an invalid policy reached the model")
+	}
+
+	// A change to one file is picked up.
+	write("mesh.yaml", nsAndPod+`---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: demo}
+spec: {nodeName: node-2}
+status: {phase: Running, podIP: 10.0.0.2}
+`)
+	uidB := translate.WorkloadUID("", "demo", "b")
+	eventually(t, "reload", func() bool { return store.Load().Workloads[uidB] != nil })
+
+	// A file that does not parse keeps its last good objects.
+	write("mesh.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: [broken\n")
+	time.Sleep(200 * time.Millisecond)
+	if store.Load().Workloads[uidB] == nil || store.Load().Workloads[uid] == nil {
+		t.Fatal("a broken file emptied the model")
+	}
+
+	// Removing the file removes its objects.
+	if err := os.Remove(filepath.Join(dir, "mesh.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "removal", func() bool { return len(store.Load().Workloads) == 0 })
+}
