@@ -80,6 +80,7 @@ func TestCapture(t *testing.T) {
 			t.Fatal(err)
 		}
 		var tunnelled, clear int
+		first := map[[2]netip.AddrPort]bool{} // flows whose first payload was checked
 		for _, p := range pkts {
 			enrolled := slices.Contains([]netip.Addr{a1.IP, b1.IP}, p.Src.Addr()) || slices.Contains([]netip.Addr{a1.IP, b1.IP}, p.Dst.Addr())
 			hasSecret := bytes.Contains(p.Payload, []byte(secret))
@@ -90,12 +91,22 @@ func TestCapture(t *testing.T) {
 				t.Errorf("enrolled pod's payload in clear: %v", p)
 			case enrolled:
 				tunnelled++
+				// Each direction of a tunnel starts with a TLS handshake record.
+				if flow := [2]netip.AddrPort{p.Src, p.Dst}; len(p.Payload) > 0 && !first[flow] {
+					first[flow] = true
+					if len(p.Payload) < 3 || p.Payload[0] != 0x16 || p.Payload[1] != 0x03 {
+						t.Errorf("tunnel %v does not start with a TLS handshake: % x", p, p.Payload[:min(len(p.Payload), 8)])
+					}
+				}
 			case hasSecret:
 				clear++
 			}
 		}
 		// a1 -> b2 leaves ztunnel as passthrough from the node's address,
 		// a2 -> b2 is not captured: both are plain.
+		if len(first) < 4 { // both directions of a1 -> b1 and b1 -> a1
+			t.Errorf("saw %d tunnel directions start, want at least 4", len(first))
+		}
 		if tunnelled == 0 || clear == 0 {
 			t.Errorf("saw %d tunnelled packets and %d plaintext ones (a2 -> b2), want both", tunnelled, clear)
 		}
