@@ -143,9 +143,12 @@ func (m *Manager) log() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-// GetX509SVID implements Provider. An identity not named by SetIdentities is
-// fetched on demand and kept until the next SetIdentities that omits it. The
-// returned SVID must not be modified.
+// GetX509SVID implements Provider. It returns the held certificate while it
+// is valid; otherwise it waits for the attempt in flight (bounded by ctx), and
+// when the last attempt failed it returns that error at once rather than
+// block a handshake through the backoff. An identity not named by
+// SetIdentities is fetched on demand and kept until the next SetIdentities
+// that omits it. The returned SVID must not be modified.
 func (m *Manager) GetX509SVID(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, error) {
 	if id.IsZero() {
 		return nil, errors.New("get svid: empty spiffe id")
@@ -166,13 +169,16 @@ func (m *Manager) GetX509SVID(ctx context.Context, id spiffeid.ID) (*x509svid.SV
 			m.mu.Unlock()
 			return s, nil
 		}
-		ch, lastErr := e.changed, e.lastErr
+		if err := e.lastErr; err != nil {
+			// Fail fast: the last attempt failed and there is no valid
+			// certificate; the next attempt is scheduled with backoff.
+			m.mu.Unlock()
+			return nil, fmt.Errorf("get svid %s: %w", id, err)
+		}
+		ch := e.changed
 		m.mu.Unlock()
 		select {
 		case <-ctx.Done():
-			if lastErr != nil {
-				return nil, fmt.Errorf("get svid %s: %w (last error: %w)", id, ctx.Err(), lastErr)
-			}
 			return nil, fmt.Errorf("get svid %s: %w", id, ctx.Err())
 		case <-ch:
 		}
