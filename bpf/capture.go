@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -234,12 +235,14 @@ func (c *Capture) SetupNode() error {
 	if c.objs.Pods == nil {
 		return ErrClosed
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
+	defer cancel()
 	o := c.opts
 	rule := fmt.Sprintf("rule add fwmark %#x/%#x lookup %d pref %d", o.Mark, o.Mark, o.RouteTable, o.RouteTable)
-	if out, err := c.ip(strings.Fields(rule)...); err != nil && !bytes.Contains(out, []byte("File exists")) {
+	if out, err := c.ip(ctx, strings.Fields(rule)...); err != nil && !bytes.Contains(out, []byte("File exists")) {
 		return fmt.Errorf("setup node: %w", err)
 	}
-	if _, err := c.ip("route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil {
+	if _, err := c.ip(ctx, "route", "replace", "local", "0.0.0.0/0", "dev", "lo", "table", fmt.Sprint(o.RouteTable)); err != nil {
 		return fmt.Errorf("setup node: %w", err)
 	}
 	// Early demux would find ztunnel's socket for a packet that a local pod
@@ -251,7 +254,7 @@ func (c *Capture) SetupNode() error {
 	}
 	uplinks := o.Uplinks
 	if len(uplinks) == 0 {
-		if dev, err := c.routeDev("default"); err == nil {
+		if dev, err := c.routeDev(ctx, "default"); err == nil {
 			uplinks = []string{dev}
 		} else {
 			c.log.Warn("no uplink: inbound capture takes the slower path through the pods' veths", "err", err)
@@ -499,6 +502,8 @@ func (c *Capture) Uninstall() error {
 // early demux back on.
 func Uninstall(opts Options) error {
 	opts.setDefaults()
+	ctx, cancel := context.WithTimeout(context.Background(), commandTimeout)
+	defer cancel()
 	c := &Capture{opts: opts, log: opts.Logger}
 	var errs []error
 	ents, _ := os.ReadDir(filepath.Join(opts.PinPath, linksDir))
@@ -513,10 +518,10 @@ func Uninstall(opts Options) error {
 		errs = append(errs, err)
 	}
 	mark, table := fmt.Sprintf("%#x/%#x", opts.Mark, opts.Mark), fmt.Sprint(opts.RouteTable)
-	if out, err := c.ip("rule", "del", "fwmark", mark, "lookup", table, "pref", table); err != nil && !bytes.Contains(out, []byte("No such file")) {
+	if out, err := c.ip(ctx, "rule", "del", "fwmark", mark, "lookup", table, "pref", table); err != nil && !bytes.Contains(out, []byte("No such file")) {
 		errs = append(errs, err)
 	}
-	if out, err := c.ip("route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", table); err != nil && !bytes.Contains(out, []byte("No such process")) {
+	if out, err := c.ip(ctx, "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", table); err != nil && !bytes.Contains(out, []byte("No such process")) {
 		errs = append(errs, err)
 	}
 	errs = append(errs, c.sysctl(earlyDemux, "1")) // the kernel's default
@@ -593,7 +598,7 @@ func (c *Capture) detach(name string) error {
 
 // resolve finds the veth of p: HostIfname, or the route to its first IPv4
 // address.
-func (c *Capture) resolve(_ context.Context, p Pod) (dev string, ifindex int, err error) {
+func (c *Capture) resolve(ctx context.Context, p Pod) (dev string, ifindex int, err error) {
 	dev = p.HostIfname
 	if dev == "" {
 		var ip netip.Addr
@@ -606,7 +611,7 @@ func (c *Capture) resolve(_ context.Context, p Pod) (dev string, ifindex int, er
 		if !ip.IsValid() {
 			return "", 0, errors.New("no IPv4 address and no host interface")
 		}
-		if dev, err = c.routeDev(ip.String()); err != nil {
+		if dev, err = c.routeDev(ctx, ip.String()); err != nil {
 			return "", 0, err
 		}
 	}
@@ -622,12 +627,12 @@ func (c *Capture) resolve(_ context.Context, p Pod) (dev string, ifindex int, er
 }
 
 // routeDev returns the interface of the route to dst ("default" or an IP).
-func (c *Capture) routeDev(dst string) (string, error) {
+func (c *Capture) routeDev(ctx context.Context, dst string) (string, error) {
 	args := []string{"-j", "route", "get", dst}
 	if dst == "default" {
 		args = []string{"-j", "route", "show", "default"}
 	}
-	out, err := c.ip(args...)
+	out, err := c.ip(ctx, args...)
 	if err != nil {
 		return "", err
 	}
@@ -643,14 +648,17 @@ func (c *Capture) routeDev(dst string) (string, error) {
 	return routes[0].Dev, nil
 }
 
+// commandTimeout bounds the iproute2 commands of SetupNode and Uninstall.
+const commandTimeout = 30 * time.Second
+
 // ip runs iproute2 in the node's namespace and returns its output.
-func (c *Capture) ip(args ...string) ([]byte, error) {
+func (c *Capture) ip(ctx context.Context, args ...string) ([]byte, error) {
 	name := "ip"
 	if c.opts.Netns != "" {
 		args = append([]string{"--net=" + c.opts.Netns, "ip"}, args...)
 		name = "nsenter"
 	}
-	out, err := exec.Command(name, args...).CombinedOutput()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
 	if err != nil {
 		return out, fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
 	}
