@@ -32,8 +32,10 @@ type Options struct {
 	// Netns is the path of the node's network namespace (for example
 	// /var/run/netns/node1). Empty: the calling process's.
 	Netns string
-	// Uplinks are the interfaces on which traffic from other nodes arrives.
-	// Empty: the interface of the default route.
+	// Uplinks are the interfaces on which traffic from other nodes arrives;
+	// they get the inbound program. Empty: the interface of the default
+	// route, if any. Without it, inbound capture still happens, on the pods'
+	// veths, at the cost of one more pass through the node's stack.
 	Uplinks []string
 	// Ports of ztunnel's listeners. Defaults: 15001, 15006, 15008.
 	OutboundPort, InboundPort, HBONEPort uint16
