@@ -1,0 +1,639 @@
+package hbone
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// conn is one HBONE connection (client or server side): HTTP/2 over a TLS
+// connection, carrying CONNECT streams only. Frames are parsed and written by
+// http2.Framer; streams, flow control and settings are handled here.
+//
+// Goroutines: one read loop per conn; stream users (Read, Write, Close) write
+// their own frames under wmu. The read loop writes only small control frames
+// (SETTINGS and PING acks, RST_STREAM, refusals).
+type conn struct {
+	nc     net.Conn // the TLS connection
+	server bool
+	peer   spiffeid.ID // the peer's verified identity
+	local  spiffeid.ID // the identity we presented
+	log    *slog.Logger
+	// onClose runs once, after the conn is closed and no longer usable (the
+	// pool forgets it; the server untracks it). It must not block.
+	onClose func(*conn)
+	// onStream runs on the read loop for each new stream (server side). It
+	// must not block.
+	onStream    func(*stream, *http2.MetaHeadersFrame)
+	idleTimeout time.Duration
+	maxStreams  int // our own cap on concurrent streams (server: advertised; client: pool limit)
+
+	fr *http2.Framer // reading: the read loop only; writing: under wmu
+
+	// wmu guards the writing side of fr, henc and hbuf, and (client side)
+	// the order of stream IDs on the wire.
+	wmu  sync.Mutex
+	henc *hpack.Encoder
+	hbuf bytes.Buffer
+
+	// mu guards the fields below and the mu-guarded fields of every stream.
+	mu             sync.Mutex
+	wcond          sync.Cond // writers waiting for send window; on mu
+	streams        map[uint32]*stream
+	nextID         uint32 // client: next stream ID to open
+	lastPeerID     uint32 // server: highest stream ID the client opened
+	reserved       int    // client: streams reserved by Dial but not open yet
+	sendWindow     int64  // connection-level send window
+	inflow         int64  // connection-level bytes the peer may still send
+	unackedConn    int64  // bytes consumed and not yet returned with WINDOW_UPDATE
+	peerInitWindow int64  // peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerMaxFrame   int    // peer's SETTINGS_MAX_FRAME_SIZE
+	peerMaxStreams int    // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	goingAway      bool   // GOAWAY sent or received: no new streams
+	err            error  // set once when the conn dies
+	idleTimer      *time.Timer
+	closeOnce      sync.Once
+	done           chan struct{} // closed when the read loop has exited
+}
+
+// errConnClosed is the stream error after the local side closed the conn.
+var errConnClosed = errors.New("hbone: connection closed")
+
+// errStreamClosed is returned by operations on a closed stream.
+var errStreamClosed = errors.New("hbone: stream closed")
+
+// errWriteClosed is returned by Write after CloseWrite.
+var errWriteClosed = errors.New("hbone: write after CloseWrite")
+
+func newConn(nc net.Conn, server bool, log *slog.Logger) *conn {
+	c := &conn{
+		nc:             nc,
+		server:         server,
+		log:            log,
+		streams:        make(map[uint32]*stream),
+		nextID:         1,
+		sendWindow:     65535,
+		inflow:         65535,
+		peerInitWindow: 65535,
+		peerMaxFrame:   16384,
+		peerMaxStreams: math.MaxInt32,
+		done:           make(chan struct{}),
+	}
+	c.wcond.L = &c.mu
+	c.fr = http2.NewFramer(nc, nc)
+	c.fr.SetMaxReadFrameSize(maxFrameSize)
+	c.fr.SetReuseFrames()
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	return c
+}
+
+// setHeaderLimit makes the framer decode header blocks, up to max bytes.
+func (c *conn) setHeaderLimit(max int) {
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = uint32(max)
+}
+
+// writePreface writes the client preface (client side), our SETTINGS and
+// the connection window update.
+func (c *conn) writePreface(settings []http2.Setting) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if !c.server {
+		if _, err := io.WriteString(c.nc, http2.ClientPreface); err != nil {
+			return fmt.Errorf("write preface: %w", err)
+		}
+	}
+	if err := c.fr.WriteSettings(settings...); err != nil {
+		return fmt.Errorf("write settings: %w", err)
+	}
+	if err := c.fr.WriteWindowUpdate(0, connWindow-65535); err != nil {
+		return fmt.Errorf("write window update: %w", err)
+	}
+	c.mu.Lock()
+	c.inflow = connWindow
+	c.mu.Unlock()
+	return nil
+}
+
+// start runs the read loop (wg tracks it) and arms the idle timer.
+func (c *conn) start(wg *sync.WaitGroup) {
+	c.mu.Lock()
+	if c.idleTimeout > 0 {
+		c.idleTimer = time.AfterFunc(c.idleTimeout, c.onIdle)
+	}
+	c.mu.Unlock()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c.readLoop()
+	}()
+}
+
+func (c *conn) onIdle() {
+	c.mu.Lock()
+	idle := c.err == nil && c.activeLocked() == 0
+	if idle {
+		c.goingAway = true // no reservations from now on
+	}
+	c.mu.Unlock()
+	if idle {
+		c.log.Debug("hbone: closing idle connection", "peer", c.peer, "remote", c.nc.RemoteAddr())
+		c.goAwayAndClose(http2.ErrCodeNo, errConnClosed)
+	}
+}
+
+// activeLocked reports streams open or reserved. c.mu must be held.
+func (c *conn) activeLocked() int { return len(c.streams) + c.reserved }
+
+// busyLocked stops the idle timer. c.mu must be held.
+func (c *conn) busyLocked() {
+	if c.idleTimer != nil {
+		c.idleTimer.Stop()
+	}
+}
+
+// maybeIdleLocked re-arms the idle timer, or closes a conn that is going
+// away, once nothing is active. c.mu must be held.
+func (c *conn) maybeIdleLocked() {
+	if c.activeLocked() != 0 || c.err != nil {
+		return
+	}
+	if c.goingAway {
+		go c.close(errConnClosed) // close takes locks; the caller holds c.mu
+		return
+	}
+	if c.idleTimer != nil {
+		c.idleTimer.Reset(c.idleTimeout)
+	}
+}
+
+// close closes the conn with err (once) and fails its streams.
+func (c *conn) close(err error) {
+	c.closeOnce.Do(func() {
+		c.mu.Lock()
+		c.err = err
+		if c.idleTimer != nil {
+			c.idleTimer.Stop()
+		}
+		for _, s := range c.streams {
+			s.failLocked(err)
+		}
+		c.wcond.Broadcast()
+		c.mu.Unlock()
+		c.nc.Close()
+		if c.onClose != nil {
+			c.onClose(c)
+		}
+	})
+}
+
+// goAwayAndClose sends GOAWAY (best effort, bounded) and closes.
+func (c *conn) goAwayAndClose(code http2.ErrCode, err error) {
+	c.mu.Lock()
+	dead := c.err != nil
+	last := c.lastPeerID
+	c.mu.Unlock()
+	if !dead {
+		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
+		c.wmu.Lock()
+		c.fr.WriteGoAway(last, code, nil)
+		c.wmu.Unlock()
+	}
+	c.close(err)
+}
+
+// shutdown sends GOAWAY: no new streams; the conn closes when its streams
+// are done.
+func (c *conn) shutdown() {
+	c.mu.Lock()
+	if c.goingAway || c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.goingAway = true
+	last := c.lastPeerID
+	c.mu.Unlock()
+	c.wmu.Lock()
+	err := c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)
+	c.wmu.Unlock()
+	if err != nil {
+		c.close(err)
+		return
+	}
+	c.mu.Lock()
+	c.maybeIdleLocked()
+	c.mu.Unlock()
+}
+
+// writeFrame runs f under wmu; a write error kills the conn.
+func (c *conn) writeFrame(f func(*http2.Framer) error) error {
+	c.wmu.Lock()
+	err := f(c.fr)
+	c.wmu.Unlock()
+	if err != nil {
+		c.close(fmt.Errorf("hbone: write: %w", err))
+	}
+	return err
+}
+
+func (c *conn) writeRST(id uint32, code http2.ErrCode) {
+	c.writeFrame(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, code) })
+}
+
+// writeHeaders encodes fields and writes them as one header block.
+// c.wmu must be held.
+func (c *conn) writeHeadersLocked(id uint32, endStream bool, fields []hpack.HeaderField) error {
+	c.hbuf.Reset()
+	for _, f := range fields {
+		c.henc.WriteField(f)
+	}
+	block := c.hbuf.Bytes()
+	c.mu.Lock()
+	max := c.peerMaxFrame
+	c.mu.Unlock()
+	first := true
+	for first || len(block) > 0 {
+		chunk := block
+		if len(chunk) > max {
+			chunk = chunk[:max]
+		}
+		block = block[len(chunk):]
+		var err error
+		if first {
+			err = c.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: chunk, EndStream: endStream, EndHeaders: len(block) == 0})
+			first = false
+		} else {
+			err = c.fr.WriteContinuation(id, len(block) == 0, chunk)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readLoop reads frames until the conn dies.
+func (c *conn) readLoop() {
+	defer close(c.done)
+	err := c.readFrames()
+	var ce http2.ConnectionError
+	if errors.As(err, &ce) {
+		c.log.Debug("hbone: protocol error", "remote", c.nc.RemoteAddr(), "err", err)
+		c.goAwayAndClose(http2.ErrCode(ce), err)
+		return
+	}
+	c.close(err)
+}
+
+func (c *conn) readFrames() error {
+	for first := true; ; first = false {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.resetStream(se.StreamID, se.Code, se)
+				continue
+			}
+			return err
+		}
+		if first {
+			sf, ok := f.(*http2.SettingsFrame)
+			if !ok || sf.IsAck() {
+				return http2.ConnectionError(http2.ErrCodeProtocol)
+			}
+			c.nc.SetReadDeadline(time.Time{}) // the handshake deadline
+		}
+		switch f := f.(type) {
+		case *http2.MetaHeadersFrame:
+			err = c.onHeaders(f)
+		case *http2.DataFrame:
+			err = c.onData(f)
+		case *http2.WindowUpdateFrame:
+			err = c.onWindowUpdate(f)
+		case *http2.RSTStreamFrame:
+			c.resetStream(f.StreamID, 0, http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode})
+		case *http2.SettingsFrame:
+			err = c.onSettings(f)
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				data := f.Data
+				err = c.writeFrame(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+			}
+		case *http2.GoAwayFrame:
+			c.mu.Lock()
+			c.goingAway = true
+			for id, s := range c.streams {
+				if id > f.LastStreamID { // never processed by the peer
+					s.failLocked(fmt.Errorf("hbone: stream refused by goaway (%v)", f.ErrCode))
+					c.removeLocked(s)
+				}
+			}
+			c.maybeIdleLocked()
+			c.mu.Unlock()
+		case *http2.PushPromiseFrame:
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func (c *conn) onSettings(f *http2.SettingsFrame) error {
+	if f.IsAck() {
+		return nil
+	}
+	c.mu.Lock()
+	err := f.ForeachSetting(func(s http2.Setting) error {
+		switch s.ID {
+		case http2.SettingInitialWindowSize:
+			delta := int64(s.Val) - c.peerInitWindow
+			c.peerInitWindow = int64(s.Val)
+			for _, st := range c.streams {
+				st.sendWindow += delta
+				if st.sendWindow > math.MaxInt32 {
+					return http2.ConnectionError(http2.ErrCodeFlowControl)
+				}
+			}
+			c.wcond.Broadcast()
+		case http2.SettingMaxFrameSize:
+			c.peerMaxFrame = int(s.Val)
+		case http2.SettingMaxConcurrentStreams:
+			c.peerMaxStreams = int(min(s.Val, math.MaxInt32))
+		case http2.SettingHeaderTableSize:
+			v := min(s.Val, 4096)
+			c.mu.Unlock()
+			c.wmu.Lock()
+			c.henc.SetMaxDynamicTableSizeLimit(v)
+			c.wmu.Unlock()
+			c.mu.Lock()
+		}
+		return nil
+	})
+	c.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	return c.writeFrame(func(fr *http2.Framer) error { return fr.WriteSettingsAck() })
+}
+
+func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if f.StreamID == 0 {
+		c.sendWindow += int64(f.Increment)
+		if c.sendWindow > math.MaxInt32 {
+			return http2.ConnectionError(http2.ErrCodeFlowControl)
+		}
+	} else if s := c.streams[f.StreamID]; s != nil {
+		s.sendWindow += int64(f.Increment)
+		if s.sendWindow > math.MaxInt32 {
+			s.failLocked(http2.StreamError{StreamID: s.id, Code: http2.ErrCodeFlowControl})
+			c.removeLocked(s)
+			go c.writeRST(s.id, http2.ErrCodeFlowControl)
+		}
+	}
+	c.wcond.Broadcast()
+	return nil
+}
+
+func (c *conn) onData(f *http2.DataFrame) error {
+	n := int64(f.Header().Length)
+	data := f.Data()
+	c.mu.Lock()
+	if n > c.inflow {
+		c.mu.Unlock()
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
+	c.inflow -= n
+	s := c.streams[f.StreamID]
+	if s == nil || s.rclosed || (!c.server && !s.answered) || n > s.inflow {
+		// Not a stream we read: give the window back and refuse it.
+		c.creditConnLocked(n)
+		idle := c.isIdleIDLocked(f.StreamID)
+		code := http2.ErrCodeStreamClosed
+		if s != nil && n > s.inflow {
+			code = http2.ErrCodeFlowControl
+		}
+		if s != nil && !c.server && !s.answered {
+			code = http2.ErrCodeProtocol
+		}
+		if s != nil {
+			s.failLocked(http2.StreamError{StreamID: s.id, Code: code})
+			c.removeLocked(s)
+		}
+		upd := c.takeConnUpdateLocked()
+		c.mu.Unlock()
+		if idle {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		c.writeRST(f.StreamID, code)
+		c.sendWindowUpdates(0, 0, upd)
+		return nil
+	}
+	s.inflow -= n
+	if pad := n - int64(len(data)); pad > 0 { // padding is consumed at once
+		c.creditConnLocked(pad)
+		s.unacked += pad
+	}
+	if len(data) > 0 {
+		if s.roff > 0 && cap(s.recv)-len(s.recv) < len(data) {
+			k := copy(s.recv, s.recv[s.roff:])
+			s.recv = s.recv[:k]
+			s.roff = 0
+		}
+		s.recv = append(s.recv, data...)
+	}
+	if f.StreamEnded() {
+		s.rclosed = true
+		c.maybeDoneLocked(s)
+	}
+	s.rcond.Broadcast()
+	c.mu.Unlock()
+	return nil
+}
+
+// isIdleIDLocked reports whether id was never opened (using it is a
+// connection error). c.mu must be held.
+func (c *conn) isIdleIDLocked(id uint32) bool {
+	if c.server {
+		return id%2 == 1 && id > c.lastPeerID
+	}
+	return id%2 == 1 && id >= c.nextID
+}
+
+func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
+	id := f.StreamID
+	c.mu.Lock()
+	s := c.streams[id]
+	if s != nil {
+		defer c.mu.Unlock()
+		if c.server || s.answered {
+			// Trailers: they must end the stream.
+			if !f.StreamEnded() {
+				return http2.ConnectionError(http2.ErrCodeProtocol)
+			}
+			s.rclosed = true
+			c.maybeDoneLocked(s)
+			s.rcond.Broadcast()
+			return nil
+		}
+		status, err := strconv.Atoi(f.PseudoValue("status"))
+		if err != nil || status < 100 || status > 999 {
+			s.failLocked(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
+			c.removeLocked(s)
+			go c.writeRST(id, http2.ErrCodeProtocol)
+			return nil
+		}
+		if status < 200 && !f.StreamEnded() {
+			return nil // interim response
+		}
+		s.status = status
+		s.answered = true
+		if f.StreamEnded() {
+			s.rclosed = true
+			c.maybeDoneLocked(s)
+		}
+		s.closeRespLocked()
+		return nil
+	}
+	if !c.server || id%2 == 0 || id <= c.lastPeerID {
+		late := !c.server && !c.isIdleIDLocked(id) // headers for a stream we closed
+		c.mu.Unlock()
+		if late {
+			return nil
+		}
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	c.lastPeerID = id
+	if c.goingAway || c.err != nil || len(c.streams) >= c.maxStreams {
+		c.mu.Unlock()
+		c.writeRST(id, http2.ErrCodeRefusedStream)
+		return nil
+	}
+	s = c.newStreamLocked(id)
+	s.rclosed = f.StreamEnded()
+	c.mu.Unlock()
+	c.onStream(s, f)
+	return nil
+}
+
+// newStreamLocked registers a stream. c.mu must be held.
+func (c *conn) newStreamLocked(id uint32) *stream {
+	s := &stream{c: c, id: id, sendWindow: c.peerInitWindow, inflow: streamWindow}
+	s.rcond.L = &c.mu
+	c.streams[id] = s
+	c.busyLocked()
+	return s
+}
+
+// removeLocked forgets s (it no longer counts against the stream limit).
+// c.mu must be held.
+func (c *conn) removeLocked(s *stream) {
+	if c.streams[s.id] != s {
+		return
+	}
+	delete(c.streams, s.id)
+	c.maybeIdleLocked()
+}
+
+// maybeDoneLocked removes s once both directions have ended. c.mu must be
+// held.
+func (c *conn) maybeDoneLocked(s *stream) {
+	if s.rclosed && s.wclosed {
+		c.removeLocked(s)
+	}
+}
+
+// resetStream handles RST_STREAM from the peer (code 0: sendCode unused) or
+// a stream error found while reading (sendCode: the RST to send).
+func (c *conn) resetStream(id uint32, sendCode http2.ErrCode, err error) {
+	c.mu.Lock()
+	s := c.streams[id]
+	if s != nil {
+		s.failLocked(err)
+		c.removeLocked(s)
+	}
+	c.mu.Unlock()
+	if sendCode != 0 {
+		c.writeRST(id, sendCode)
+	}
+}
+
+// creditConnLocked returns n consumed bytes to the connection window
+// (sent later by takeConnUpdateLocked). c.mu must be held.
+func (c *conn) creditConnLocked(n int64) { c.unackedConn += n }
+
+// takeConnUpdateLocked returns the connection window increment to send now,
+// if enough has been consumed. c.mu must be held.
+func (c *conn) takeConnUpdateLocked() uint32 {
+	if c.unackedConn < connWindow/4 || c.err != nil {
+		return 0
+	}
+	n := c.unackedConn
+	c.unackedConn = 0
+	c.inflow += n
+	return uint32(n)
+}
+
+// sendWindowUpdates writes WINDOW_UPDATE frames for the stream (if inc > 0)
+// and the connection (if connInc > 0).
+func (c *conn) sendWindowUpdates(id, inc, connInc uint32) {
+	if inc == 0 && connInc == 0 {
+		return
+	}
+	c.writeFrame(func(fr *http2.Framer) error {
+		if inc > 0 {
+			if err := fr.WriteWindowUpdate(id, inc); err != nil {
+				return err
+			}
+		}
+		if connInc > 0 {
+			return fr.WriteWindowUpdate(0, connInc)
+		}
+		return nil
+	})
+}
+
+// openStream opens a client stream: a CONNECT with fields. The caller has
+// reserved a slot (c.reserved).
+func (c *conn) openStream(fields []hpack.HeaderField) (*stream, error) {
+	c.wmu.Lock()
+	c.mu.Lock()
+	c.reserved--
+	if c.err != nil || c.goingAway || c.nextID > math.MaxInt32 {
+		err := c.err
+		if err == nil {
+			err = errors.New("hbone: connection going away")
+		}
+		c.goingAway = true
+		c.maybeIdleLocked()
+		c.mu.Unlock()
+		c.wmu.Unlock()
+		return nil, err
+	}
+	id := c.nextID
+	c.nextID += 2
+	s := c.newStreamLocked(id)
+	s.resp = make(chan struct{})
+	c.mu.Unlock()
+	err := c.writeHeadersLocked(id, false, fields)
+	c.wmu.Unlock()
+	if err != nil {
+		err = fmt.Errorf("hbone: write headers: %w", err)
+		c.close(err)
+		return nil, err
+	}
+	return s, nil
+}
