@@ -63,6 +63,8 @@ func TestKubeNodeAuthorization(t *testing.T) {
 	create(t, ctx, admin, &rbacv1.Role{ObjectMeta: metav1.ObjectMeta{Namespace: "ambit-system", Name: "ambit-ca"}, Rules: []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, ResourceNames: []string{"ambit-ca"}, Verbs: []string{"get"}},
 		{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"create"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, ResourceNames: []string{"ambit-ca-root"}, Verbs: []string{"get", "update"}},
+		{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"create"}},
 	}})
 	create(t, ctx, admin, &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: "ambit-system", Name: "ambit-ca"},
 		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: "ambit-ca"},
@@ -98,6 +100,19 @@ func TestKubeNodeAuthorization(t *testing.T) {
 		t.Fatalf("secret ambit-system/ambit-ca: %v, keys %v", err, keys(sec))
 	}
 
+	// istiod-lite publishes the bundle; ztunnels mount it to verify istiod-lite.
+	for range 2 { // the second call takes the update path
+		if err := ca.PublishBundle(ctx, istiod, "", "", authority.Bundle()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cm, err := admin.CoreV1().ConfigMaps("ambit-system").Get(ctx, ca.DefaultBundleConfigMap, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	rootsFile := writeFile(t, dir, "root-cert.pem", cm.Data[ca.BundleConfigMapKey])
+
 	pods := &ca.PodIndex{Client: istiod}
 	podCtx, stopPods := context.WithCancel(ctx)
 	podDone := make(chan error, 1)
@@ -116,7 +131,6 @@ func TestKubeNodeAuthorization(t *testing.T) {
 	var logs logBuffer
 	addr := serve(t, &ca.Server{CA: authority, Authenticator: &ca.KubeAuthenticator{Client: istiod}, Workloads: pods, Logger: newLogger(&logs)})
 
-	dir := t.TempDir()
 	token := func(ns, sa, boundPod string, aud ...string) string {
 		t.Helper()
 		if aud == nil {
@@ -129,7 +143,7 @@ func TestKubeNodeAuthorization(t *testing.T) {
 		return tok
 	}
 	client := func(tokenFile string) *ca.Client {
-		c := &ca.Client{Addr: addr, Roots: authority.Bundle(), TokenFile: tokenFile}
+		c := &ca.Client{Addr: addr, Roots: &ca.BundleFile{Path: rootsFile}, TokenFile: tokenFile}
 		t.Cleanup(func() { c.Close() })
 		return c
 	}

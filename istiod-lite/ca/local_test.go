@@ -103,3 +103,59 @@ func mustCSRDER(t *testing.T, id spiffeid.ID) []byte {
 	}
 	return der
 }
+
+// The serving certificate carries istiod-lite's ID and DNS name, and is
+// replaced at half of its lifetime.
+func TestServingCertRenewsAtHalfLife(t *testing.T) {
+	now := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
+	clock := func() time.Time { return now }
+	authority, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{Now: clock, LeafTTL: 2 * time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &ca.ServingCert{CA: authority, Now: clock, DNSNames: []string{"istiod-lite.example"}}
+	first, err := s.GetCertificate(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := first.Leaf
+	if got, err := x509svid.IDFromCert(leaf); err != nil || got != ca.ServerID(certs.DefaultTrustDomain) {
+		t.Fatalf("serving id %s, %v", got, err)
+	}
+	if err := leaf.VerifyHostname(ca.DefaultDNSName); err != nil {
+		t.Fatal(err)
+	}
+	if err := leaf.VerifyHostname("istiod-lite.example"); err != nil {
+		t.Fatal(err)
+	}
+	now = now.Add(59 * time.Minute)
+	if c, _ := s.GetCertificate(nil); c != first {
+		t.Fatal("renewed before half-life")
+	}
+	now = now.Add(2 * time.Minute)
+	c, err := s.GetCertificate(nil)
+	if err != nil || c == first || !c.Leaf.NotAfter.After(leaf.NotAfter) {
+		t.Fatalf("not renewed after half-life (%v)", err)
+	}
+}
+
+// BundleFile follows the file: a rotated root reaches the next handshake.
+func TestBundleFileFollowsChanges(t *testing.T) {
+	dir := t.TempDir()
+	a, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	b, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	path := writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(a.Bundle().X509Authorities())))
+	src := &ca.BundleFile{Path: path}
+	got, err := src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
+	if err != nil || !got.HasX509Authority(a.SigningCertificate()) || got.HasX509Authority(b.SigningCertificate()) {
+		t.Fatalf("first read: %v", err)
+	}
+	writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(append(a.Bundle().X509Authorities(), b.SigningCertificate()))))
+	got, err = src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
+	if err != nil || !got.HasX509Authority(b.SigningCertificate()) {
+		t.Fatalf("after the change: %v", err)
+	}
+	if _, err := src.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.example")); err == nil {
+		t.Fatal("bundle for a foreign trust domain")
+	}
+}
