@@ -17,12 +17,10 @@ import (
 	"os"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/ambit-mesh/ambit/integration/netns"
-	"golang.org/x/sys/unix"
 )
 
 // The test world: two nodes with two pods each; a1 and b1 are enrolled.
@@ -205,17 +203,6 @@ var tlsCert = sync.OnceValue(func() tls.Certificate {
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
 })
 
-func transparent(_, _ string, rc syscall.RawConn) error {
-	var serr error
-	err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
-
 func startZtunnel(t testing.TB, ns *netns.NS, inMesh func(netip.Addr) bool) *ztunnel {
 	t.Helper()
 	z, err := newZtunnel(ns, inMesh)
@@ -227,7 +214,7 @@ func startZtunnel(t testing.TB, ns *netns.NS, inMesh func(netip.Addr) bool) *ztu
 
 func newZtunnel(ns *netns.NS, inMesh func(netip.Addr) bool) (*ztunnel, error) {
 	z := &ztunnel{ns: ns, inMesh: inMesh}
-	lc := &net.ListenConfig{Control: transparent}
+	lc := &net.ListenConfig{Control: Transparent}
 	for _, port := range []int{15001, 15006, 15008} {
 		ln, err := ns.Listen(context.Background(), lc, "tcp4", fmt.Sprintf(":%d", port))
 		if err != nil {
@@ -322,7 +309,7 @@ func (z *ztunnel) handle(c net.Conn, r record) {
 }
 
 func (z *ztunnel) deliver(ctx context.Context, src netip.Addr, dst string) (net.Conn, error) {
-	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Control: transparent}
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Control: Transparent}
 	return z.ns.Dial(ctx, d, "tcp4", dst)
 }
 
