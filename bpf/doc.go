@@ -24,8 +24,8 @@
 // What ztunnel must do:
 //   - listen on 0.0.0.0:15001, :15006 and :15008 with IP_TRANSPARENT (all
 //     three: the accepted sockets' local address is the pod's or the original
-//     destination, not the node's); the original destination is the accepted
-//     connection's LocalAddr;
+//     destination, not the node's; Transparent sets it); the original
+//     destination is the accepted connection's LocalAddr;
 //   - deliver to local pods either from its own address or, to keep the
 //     client's address, with IP_TRANSPARENT and a bind to it;
 //   - refuse a captured connection whose original destination is one of its

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"net"
 	"net/netip"
 
 	"github.com/ambit-mesh/ambit/bpf"
@@ -31,8 +32,18 @@ func Example() {
 		return
 	}
 
-	// ... start the listeners, then, on every change of the model's local
-	// workloads (and once at start):
+	lc := net.ListenConfig{Control: bpf.Transparent}
+	for _, addr := range []string{":15001", ":15006", ":15008"} {
+		ln, err := lc.Listen(ctx, "tcp4", addr)
+		if err != nil {
+			log.Error("listen", "err", err)
+			return
+		}
+		defer ln.Close()
+		// ... serve ln; the original destination is conn.LocalAddr().
+	}
+
+	// On every change of the model's local workloads (and once at start):
 	type workload struct {
 		Namespace, Name string
 		IPs             []netip.Addr
