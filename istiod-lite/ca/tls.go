@@ -69,10 +69,7 @@ func (s *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 	if err != nil {
 		return nil, fmt.Errorf("serving certificate: %w", err)
 	}
-	c := &tls.Certificate{PrivateKey: svid.PrivateKey, Leaf: svid.Certificates[0]}
-	for _, x := range svid.Certificates {
-		c.Certificate = append(c.Certificate, x.Raw)
-	}
+	c := certs.TLSCertificate(svid)
 	leaf := svid.Certificates[0]
 	s.cur, s.renewAt = c, leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore)/2)
 	return c, nil
