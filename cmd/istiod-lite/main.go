@@ -1,26 +1,77 @@
 // Command istiod-lite is ambit's control plane: it watches Kubernetes (or a
-// directory of the same YAML), serves xDS to ztunnels and waypoints and signs
+// directory of the same YAML), serves Delta xDS to ztunnels and signs
 // workload certificates, all on 15012.
 package main
 
 import (
+	"context"
+	"flag"
 	"fmt"
+	"log/slog"
+	"net"
 	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/ambit-mesh/ambit/istiod-lite/server"
 )
 
 func main() {
-	if len(os.Args) > 1 && (os.Args[1] == "-h" || os.Args[1] == "--help" || os.Args[1] == "-help") {
-		fmt.Print(`istiod-lite: ambit's control plane.
+	fs := flag.NewFlagSet("istiod-lite", flag.ExitOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `istiod-lite: ambit's control plane.
 
 It builds one model of workloads, services and policies from Kubernetes (or
 from a directory of the same YAML objects in local mode), streams it to
 ztunnels over Delta xDS, and signs SPIFFE workload certificates, all over TLS
-on 15012.
+on 15012. /healthz, /readyz, /debug/proxy-status and /debug/model are on the
+admin address.
 
 Usage: istiod-lite [flags]
+
 `)
-		return
+		fs.PrintDefaults()
 	}
-	fmt.Fprintln(os.Stderr, "istiod-lite: the control plane is not built yet (issues: identity, istiod-lite)")
-	os.Exit(1)
+	var cfg server.Config
+	var sans, level string
+	fs.StringVar(&cfg.Listen, "listen", ":15012", "xDS and CA `address` (TLS gRPC)")
+	fs.StringVar(&cfg.Admin, "admin", "127.0.0.1:15014", "admin HTTP `address` (\"-\" disables)")
+	fs.StringVar(&cfg.ConfigDir, "config-dir", "", "local mode: read the model from this `directory` of YAML objects instead of Kubernetes")
+	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig `file` (default: in-cluster)")
+	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust `domain`")
+	fs.StringVar(&cfg.ClusterID, "cluster-id", "", "cluster `name` in workload UIDs and baggage (default Kubernetes)")
+	fs.StringVar(&cfg.DomainSuffix, "domain-suffix", "", "service DNS `suffix` (default cluster.local)")
+	fs.StringVar(&cfg.RootNamespace, "root-namespace", "", "`namespace` whose policies are mesh-wide (default ambit-system)")
+	fs.StringVar(&cfg.CADir, "ca-dir", "", "local mode: `directory` of the CA key and certificate, created if empty (default <config-dir>/.ambit-ca)")
+	fs.StringVar(&cfg.CASecretNamespace, "ca-secret-namespace", "", "cluster mode: `namespace` of the CA Secret (default ambit-system)")
+	fs.StringVar(&cfg.CASecretName, "ca-secret-name", "", "cluster mode: `name` of the CA Secret (default ambit-ca)")
+	fs.StringVar(&cfg.HostCredentials, "host-credentials", "", "local mode: `file` of \"<host> <secret>\" lines hosts authenticate to the CA with")
+	fs.StringVar(&sans, "serving-sans", "", "extra comma-separated DNS names and IPs of the 15012 certificate")
+	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
+	_ = fs.Parse(os.Args[1:])
+
+	for _, s := range strings.Split(sans, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		if ip := net.ParseIP(s); ip != nil {
+			cfg.ServingIPs = append(cfg.ServingIPs, ip)
+		} else {
+			cfg.ServingDNSNames = append(cfg.ServingDNSNames, s)
+		}
+	}
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		fmt.Fprintln(os.Stderr, "istiod-lite: --log-level:", err)
+		os.Exit(2)
+	}
+	cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lv}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := server.Run(ctx, cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "istiod-lite:", err)
+		os.Exit(1)
+	}
 }

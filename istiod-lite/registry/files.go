@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
@@ -33,7 +34,15 @@ type Files struct {
 	// Reporter receives the objects translation rejects (default: the log).
 	Reporter Reporter
 
-	good map[string][]any // Start's goroutine only: last good objects per file
+	good   map[string][]any // Start's goroutine only: last good objects per file
+	once   sync.Once
+	synced chan struct{} // closed after the first model is published
+}
+
+// Synced is closed when the first model is in the store.
+func (f *Files) Synced() <-chan struct{} {
+	f.once.Do(func() { f.synced = make(chan struct{}) })
+	return f.synced
 }
 
 // Start loads the directory, publishes the model, and reloads it on changes
@@ -44,6 +53,8 @@ func (f *Files) Start(ctx context.Context) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	b := newBuilder(f.Store, f.Options, log, f.Reporter)
+	f.Synced()
+	b.published = f.synced
 	interval := f.Interval
 	if interval <= 0 {
 		interval = time.Second

@@ -1,0 +1,274 @@
+// Package server wires istiod-lite: a registry (Kubernetes or a YAML
+// directory) builds the model, the xDS server streams it, and the
+// certificate service signs workload certificates, both on one TLS gRPC port
+// (15012); a localhost admin port serves health and proxy-status.
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/istiod-lite/registry"
+	"github.com/ambit-mesh/ambit/istiod-lite/translate"
+	"github.com/ambit-mesh/ambit/istiod-lite/xds"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+// Config is istiod-lite's configuration (cmd/istiod-lite's flags).
+type Config struct {
+	// Listen is the xDS + CA address (default ":15012").
+	Listen string
+	// Admin is the admin HTTP address: /healthz, /readyz,
+	// /debug/proxy-status, /debug/model (default "127.0.0.1:15014"; "-" disables).
+	Admin string
+
+	// ConfigDir selects local mode: the model is read from this directory of
+	// YAML objects instead of Kubernetes.
+	ConfigDir string
+	// Kubeconfig is the kubeconfig file in cluster mode; empty means
+	// in-cluster. Rest, when set, is used instead (tests).
+	Kubeconfig string
+	Rest       *rest.Config
+
+	// TrustDomain of workload identities (default cluster.local).
+	TrustDomain string
+	// ClusterID, DomainSuffix and RootNamespace parameterize translation
+	// (translate.Options defaults).
+	ClusterID, DomainSuffix, RootNamespace string
+
+	// CADir, in local mode, holds the CA's key and certificate (created on
+	// first start; default <ConfigDir>/.ambit-ca, which the registry skips).
+	// In cluster mode the CA lives in the Secret CASecretNamespace/CASecretName
+	// (ca.DefaultNamespace/ca.DefaultSecretName when empty).
+	CADir                           string
+	CASecretNamespace, CASecretName string
+	// HostCredentials, in local mode, is the file of "<host> <secret>" lines
+	// that hosts' ztunnels authenticate with; without it the CA refuses all.
+	HostCredentials string
+	// ServingDNSNames and ServingIPs are extra SANs of the 15012 certificate.
+	ServingDNSNames []string
+	ServingIPs      []net.IP
+
+	Logger *slog.Logger // may be nil
+
+	// Listening, when set, is called with the bound addresses (tests, and
+	// ":0" listeners).
+	Listening func(grpcAddr, adminAddr string)
+}
+
+func (c *Config) defaults() {
+	if c.Listen == "" {
+		c.Listen = ":15012"
+	}
+	if c.Admin == "" {
+		c.Admin = "127.0.0.1:15014"
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.ConfigDir != "" && c.CADir == "" {
+		c.CADir = filepath.Join(c.ConfigDir, ".ambit-ca")
+	}
+}
+
+// source is a registry: it runs until ctx ends and says when its first model
+// is published.
+type source interface {
+	Start(ctx context.Context) error
+	Synced() <-chan struct{}
+}
+
+// Run runs istiod-lite until ctx ends.
+func Run(ctx context.Context, cfg Config) error {
+	cfg.defaults()
+	log := cfg.Logger
+	td := certs.DefaultTrustDomain
+	if cfg.TrustDomain != "" {
+		t, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
+		if err != nil {
+			return fmt.Errorf("trust domain: %w", err)
+		}
+		td = t
+	}
+	opts := translate.Options{ClusterID: cfg.ClusterID, DomainSuffix: cfg.DomainSuffix, RootNamespace: cfg.RootNamespace}
+	if td != certs.DefaultTrustDomain {
+		opts.TrustDomain = td.Name()
+	}
+	store := &model.Store{}
+	g, ctx := errgroup.WithContext(ctx)
+
+	var src source
+	var caServer *ca.Server
+	if cfg.ConfigDir != "" {
+		log.Info("local mode", "dir", cfg.ConfigDir)
+		src = &registry.Files{Dir: cfg.ConfigDir, Store: store, Options: opts, Logger: log.With("component", "registry")}
+		authority, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: cfg.CADir}, td, certs.Options{}, log)
+		if err != nil {
+			return fmt.Errorf("ca: %w", err)
+		}
+		auth, err := hostAuth(cfg.HostCredentials, log)
+		if err != nil {
+			return err
+		}
+		caServer = &ca.Server{CA: authority, Authenticator: auth, Workloads: ca.StoreWorkloads{Store: store}, Logger: log.With("component", "ca")}
+	} else {
+		rc := cfg.Rest
+		if rc == nil {
+			var err error
+			if cfg.Kubeconfig != "" {
+				rc, err = clientcmd.BuildConfigFromFlags("", cfg.Kubeconfig)
+			} else {
+				rc, err = rest.InClusterConfig()
+			}
+			if err != nil {
+				return fmt.Errorf("kubernetes config: %w", err)
+			}
+		}
+		rc = rest.CopyConfig(rc)
+		rc.QPS, rc.Burst = 50, 100
+		cs, err := kubernetes.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		dyn, err := dynamic.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("kubernetes dynamic client: %w", err)
+		}
+		src = &registry.Kubernetes{Client: cs, Dynamic: dyn, Store: store, Options: opts, Logger: log.With("component", "registry")}
+		authority, err := certs.LoadOrCreateCA(ctx, ca.SecretStore{Client: cs, Namespace: cfg.CASecretNamespace, Name: cfg.CASecretName}, td, certs.Options{}, log)
+		if err != nil {
+			return fmt.Errorf("ca: %w", err)
+		}
+		pods := &ca.PodIndex{Client: cs, Logger: log.With("component", "ca-pods")}
+		g.Go(func() error { return pods.Start(ctx) })
+		caServer = &ca.Server{CA: authority, Authenticator: &ca.KubeAuthenticator{Client: cs, TrustDomain: td}, Workloads: pods, Logger: log.With("component", "ca")}
+	}
+
+	serving := &ca.ServingCert{CA: caServer.CA, DNSNames: cfg.ServingDNSNames, IPAddresses: cfg.ServingIPs}
+	gs := grpc.NewServer(
+		grpc.Creds(credentials.NewTLS(serving.TLSConfig())),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	xdsServer := xds.New(store, log.With("component", "xds"))
+	xdsServer.Register(gs)
+	caServer.Register(gs)
+
+	var admin net.Listener
+	if cfg.Admin != "-" {
+		var err error
+		if admin, err = net.Listen("tcp", cfg.Admin); err != nil {
+			return fmt.Errorf("admin listen: %w", err)
+		}
+	}
+
+	g.Go(func() error { return src.Start(ctx) })
+	g.Go(func() error { return xdsServer.Start(ctx) })
+	g.Go(func() error {
+		// Clients are served once the first model is published: a ztunnel
+		// must not take an empty model for the mesh.
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-src.Synced():
+		}
+		// Listening only now also makes a TCP readiness probe on 15012 mean
+		// "the model is built".
+		lis, err := net.Listen("tcp", cfg.Listen)
+		if err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+		if cfg.Listening != nil {
+			a := ""
+			if admin != nil {
+				a = admin.Addr().String()
+			}
+			cfg.Listening(lis.Addr().String(), a)
+		}
+		log.Info("serving xDS and CA", "addr", lis.Addr().String(), "trustDomain", td.Name())
+		go func() {
+			<-ctx.Done()
+			stopGracefully(gs, 5*time.Second)
+		}()
+		if err := gs.Serve(lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			return fmt.Errorf("grpc: %w", err)
+		}
+		return nil
+	})
+	if admin != nil {
+		hs := &http.Server{Handler: adminMux(store, xdsServer, src), ReadHeaderTimeout: 5 * time.Second}
+		g.Go(func() error {
+			go func() {
+				<-ctx.Done()
+				hs.Close()
+			}()
+			if err := hs.Serve(admin); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("admin: %w", err)
+			}
+			return nil
+		})
+	}
+	return g.Wait()
+}
+
+func hostAuth(path string, log *slog.Logger) (ca.Authenticator, error) {
+	if path == "" {
+		log.Warn("no host credentials file: the CA refuses every host")
+		return ca.NewHostAuthenticator(nil)
+	}
+	return ca.LoadHostCredentials(path)
+}
+
+func stopGracefully(gs *grpc.Server, timeout time.Duration) {
+	done := make(chan struct{})
+	go func() { gs.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+		gs.Stop() // xDS streams never end by themselves
+	}
+}
+
+func adminMux(store *model.Store, x *xds.Server, src source) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		select {
+		case <-src.Synced():
+			fmt.Fprintln(w, "ok")
+		default:
+			http.Error(w, "model not built yet", http.StatusServiceUnavailable)
+		}
+	})
+	mux.Handle("/debug/proxy-status", x)
+	mux.HandleFunc("/debug/model", func(w http.ResponseWriter, _ *http.Request) {
+		s := store.Load()
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(map[string]any{
+			"workloads": s.Workloads, "services": s.Services, "policies": s.Policies,
+			"peerAuthentications": s.PeerAuthn, "httpRoutes": s.HTTPRoutes,
+		})
+	})
+	return mux
+}
