@@ -83,9 +83,7 @@ type Cluster struct {
 // are present but do not start.
 func Start(t testing.TB, opts Options) *Cluster {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	c, err := New(ctx, opts)
+	c, err := New(t.Context(), opts)
 	if errors.Is(err, ErrUnavailable) {
 		t.Skipf("kube: %v", err)
 	}
@@ -114,16 +112,23 @@ func New(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp("", "ambit-kube-")
-	if err != nil {
-		return nil, fmt.Errorf("kube: %w", err)
-	}
-	c := &Cluster{dir: dir}
-	if err := c.start(ctx, apiserverBin, etcdBin, opts); err != nil {
+	// Free ports are found by binding and releasing them, so another process
+	// can take one before etcd or kube-apiserver binds it; start again then.
+	for attempt := 1; ; attempt++ {
+		dir, err := os.MkdirTemp("", "ambit-kube-")
+		if err != nil {
+			return nil, fmt.Errorf("kube: %w", err)
+		}
+		c := &Cluster{dir: dir}
+		err = c.start(ctx, apiserverBin, etcdBin, opts)
+		if err == nil {
+			return c, nil
+		}
 		c.Close()
-		return nil, err
+		if attempt == 3 || !strings.Contains(err.Error(), "address already in use") {
+			return nil, err
+		}
 	}
-	return c, nil
 }
 
 func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts Options) error {
