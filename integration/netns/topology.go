@@ -11,7 +11,8 @@ import (
 )
 
 // Addressing of a topology. Node i (0-based) has UnderlayIP(i) on its uplink
-// and the pod CIDR 10.(i+1).0.0/24; its pods get .2, .3, ... of that CIDR.
+// and the pod CIDR 10.(i+1).0.0/24 unless NodeConfig.PodCIDR says otherwise;
+// its pods get .2, .3, ... of that CIDR unless AddPodIP chooses.
 // Pods reach their node through a gateway address that exists only as a
 // static neighbour entry (the Calico trick), so the node's side of every pod
 // veth carries no address.
@@ -47,6 +48,9 @@ type NodeConfig struct {
 	Name string
 	// Pods to create on the node, by name (unique in the topology).
 	Pods []string
+	// PodCIDR is the node's pod network (an IPv4 /24 or larger); zero means
+	// 10.(i+1).0.0/24 for the i-th node.
+	PodCIDR netip.Prefix
 }
 
 // Topology is a set of nodes on one underlay bridge.
@@ -105,7 +109,7 @@ func Build(cfg Config) (_ *Topology, err error) {
 		return nil, err
 	}
 	for i, nc := range cfg.Nodes {
-		n, err := t.addNode(i, nc.Name)
+		n, err := t.addNode(i, nc.Name, nc.PodCIDR)
 		if err != nil {
 			return nil, err
 		}
@@ -134,7 +138,13 @@ func Build(cfg Config) (_ *Topology, err error) {
 	return t, nil
 }
 
-func (t *Topology) addNode(i int, name string) (*Node, error) {
+func (t *Topology) addNode(i int, name string, podCIDR netip.Prefix) (*Node, error) {
+	if !podCIDR.IsValid() {
+		podCIDR = netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i + 1), 0, 0}), 24)
+	}
+	if !podCIDR.Addr().Is4() || podCIDR.Bits() > 24 {
+		return nil, fmt.Errorf("add node %s: pod CIDR %s must be IPv4 and /24 or larger", name, podCIDR)
+	}
 	ns, err := New(t.prefix + "-" + name)
 	if err != nil {
 		return nil, err
@@ -146,7 +156,7 @@ func (t *Topology) addNode(i int, name string) (*Node, error) {
 		Name:    name,
 		Index:   i,
 		IP:      netip.AddrFrom4(ip),
-		PodCIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i + 1), 0, 0}), 24),
+		PodCIDR: podCIDR.Masked(),
 		topo:    t,
 	}
 	port := fmt.Sprintf("u%d", i)
@@ -169,6 +179,12 @@ func (t *Topology) addNode(i int, name string) (*Node, error) {
 // the routes both ways. The pod is reachable when AddPod returns; nothing runs
 // in it until the caller starts something there.
 func (n *Node) AddPod(name string) (*Pod, error) {
+	return n.AddPodIP(name, netip.Addr{})
+}
+
+// AddPodIP is AddPod with a chosen address from the node's pod CIDR; the zero
+// Addr picks the next free one (.2, .3, ...).
+func (n *Node) AddPodIP(name string, ip netip.Addr) (*Pod, error) {
 	t := n.topo
 	t.mu.Lock()
 	idx := n.nextPod
@@ -177,13 +193,19 @@ func (n *Node) AddPod(name string) (*Pod, error) {
 	if idx > 250 {
 		return nil, fmt.Errorf("add pod %s: node %s is full", name, n.Name)
 	}
+	if !ip.IsValid() {
+		a := n.PodCIDR.Addr().As4()
+		a[3] = byte(idx + 2)
+		ip = netip.AddrFrom4(a)
+	}
+	if !n.PodCIDR.Contains(ip) {
+		return nil, fmt.Errorf("add pod %s: %s is not in node %s's pod CIDR %s", name, ip, n.Name, n.PodCIDR)
+	}
 	ns, err := New(t.prefix + "-" + name)
 	if err != nil {
 		return nil, err
 	}
-	ip := n.PodCIDR.Addr().As4()
-	ip[3] = byte(idx + 2)
-	p := &Pod{NS: ns, Name: name, IP: netip.AddrFrom4(ip), Node: n, HostIfname: fmt.Sprintf("pv%d", idx)}
+	p := &Pod{NS: ns, Name: name, IP: ip, Node: n, HostIfname: fmt.Sprintf("pv%d", idx)}
 	fail := func(err error) (*Pod, error) {
 		ns.Delete()
 		return nil, err
