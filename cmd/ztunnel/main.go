@@ -7,10 +7,40 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/ambit-mesh/ambit/authz"
+	"github.com/ambit-mesh/ambit/bpf"
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/ztunnel"
+	"github.com/ambit-mesh/ambit/ztunnel/configfile"
 )
+
+// options are the command line.
+type options struct {
+	node          string
+	configFile    string
+	xdsAddr       string
+	caDir         string
+	trustDomain   string
+	rootNamespace string
+	proxy         ztunnel.Config // listener addresses, transparency, mark, drain
+	capture       bool
+	bpfPinPath    string
+	uplinks       string
+	logLevel      slog.Level
+	logJSON       bool
+}
 
 func main() {
 	fs := flag.NewFlagSet("ztunnel", flag.ExitOnError)
@@ -22,21 +52,156 @@ It listens on 15001 (outbound capture), 15006 (inbound plaintext capture),
 15021 (readiness), holds one SPIFFE certificate per local workload and carries
 enrolled workloads' TCP in mutual-TLS HTTP/2 CONNECT tunnels.
 
+Local mode: --config names a JSON or YAML file of the model (workloads,
+services, policies, peerAuthentications), reloaded when it changes, and
+--ca-dir a directory holding the mesh's CA (generated on first start).
+
 Usage: ztunnel [flags]
 
 `)
 		fs.PrintDefaults()
 	}
+	var o options
+	host, _ := os.Hostname()
+	fs.StringVar(&o.node, "node", envOr("NODE_NAME", host), "this node's name: workloads on other nodes are not served here ($NODE_NAME)")
+	fs.StringVar(&o.configFile, "config", "", "local mode: the model as a JSON or YAML file, reloaded on change")
+	fs.StringVar(&o.xdsAddr, "xds-address", "", "istiod-lite's xDS address (host:15012)")
+	fs.StringVar(&o.caDir, "ca-dir", "", "local mode: directory of the mesh CA (ca.crt, ca.key, roots.pem); created if missing")
+	fs.StringVar(&o.trustDomain, "trust-domain", certs.DefaultTrustDomain.Name(), "SPIFFE trust domain")
+	fs.StringVar(&o.rootNamespace, "root-namespace", authz.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
+	fs.StringVar(&o.proxy.OutboundAddr, "outbound-addr", fmt.Sprintf(":%d", model.PortOutbound), "outbound capture listener (empty: off)")
+	fs.StringVar(&o.proxy.InboundAddr, "inbound-addr", fmt.Sprintf(":%d", model.PortInbound), "inbound plaintext capture listener (empty: off)")
+	fs.StringVar(&o.proxy.HBONEAddr, "hbone-addr", fmt.Sprintf(":%d", model.PortHBONE), "HBONE listener (empty: off)")
+	fs.StringVar(&o.proxy.SOCKS5Addr, "socks5-addr", fmt.Sprintf("127.0.0.1:%d", model.PortSOCKS5), "SOCKS5 listener for hosts without eBPF (empty: off)")
+	fs.StringVar(&o.proxy.AdminAddr, "admin-addr", fmt.Sprintf("127.0.0.1:%d", model.PortAdmin), "admin listener; keep it on localhost (empty: off)")
+	fs.StringVar(&o.proxy.MetricsAddr, "metrics-addr", fmt.Sprintf(":%d", model.PortMetrics), "Prometheus metrics listener (empty: off)")
+	fs.StringVar(&o.proxy.ReadyAddr, "ready-addr", fmt.Sprintf(":%d", model.PortReady), "readiness listener, /healthz/ready (empty: off)")
+	fs.BoolVar(&o.proxy.Transparent, "transparent", true, "IP_TRANSPARENT capture and delivery from the client's own address (needs CAP_NET_ADMIN)")
+	fs.BoolVar(&o.capture, "capture", false, "load the eBPF capture in this (the node's) network namespace and keep it in step with the node's enrolled workloads")
+	fs.StringVar(&o.bpfPinPath, "bpf-pin-path", "/sys/fs/bpf/ambit", "bpffs directory of the capture's pinned programs and maps")
+	fs.StringVar(&o.uplinks, "uplinks", "", "comma-separated interfaces where other nodes' traffic arrives (empty: the default route's)")
+	mark := fs.Uint("mark", 0, "SO_MARK for the proxy's own connections (0: none)")
+	fs.DurationVar(&o.proxy.DrainTimeout, "drain-timeout", ztunnel.DefaultDrainTimeout, "how long connections may finish after SIGTERM")
+	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
+	fs.BoolVar(&o.logJSON, "log-json", true, "JSON logs (text when false)")
 	_ = fs.Parse(os.Args[1:])
+	o.proxy.Mark = uint32(*mark)
+
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx); err != nil {
+	if err := run(ctx, o); err != nil {
 		fmt.Fprintln(os.Stderr, "ztunnel:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context) error {
-	_ = ctx
-	return errors.New("the proxy is not built yet (issue: ztunnel)")
+// loadCapture loads (or picks up the pinned) eBPF capture for this node.
+func loadCapture(o options, log *slog.Logger) (*bpf.Capture, error) {
+	opts := bpf.Options{PinPath: o.bpfPinPath, Logger: log.With("component", "bpf")}
+	if o.uplinks != "" {
+		opts.Uplinks = strings.Split(o.uplinks, ",")
+	}
+	for _, p := range []struct {
+		addr string
+		port *uint16
+	}{{o.proxy.OutboundAddr, &opts.OutboundPort}, {o.proxy.InboundAddr, &opts.InboundPort}, {o.proxy.HBONEAddr, &opts.HBONEPort}} {
+		ap, err := netip.ParseAddrPort(normalizeAddr(p.addr))
+		if err != nil {
+			return nil, fmt.Errorf("--capture needs numeric listener addresses: %w", err)
+		}
+		*p.port = ap.Port()
+	}
+	c, err := bpf.Load(opts)
+	if err != nil {
+		return nil, fmt.Errorf("load capture: %w", err)
+	}
+	if err := c.SetupNode(); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("set up node capture: %w", err)
+	}
+	return c, nil
+}
+
+// normalizeAddr turns ":15001" into "0.0.0.0:15001".
+func normalizeAddr(a string) string {
+	if strings.HasPrefix(a, ":") {
+		return "0.0.0.0" + a
+	}
+	return a
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+// run starts the config source, the certificate manager and the proxy, and
+// returns when the proxy has drained after ctx ends.
+func run(ctx context.Context, o options) error {
+	hopts := &slog.HandlerOptions{Level: o.logLevel}
+	var h slog.Handler = slog.NewJSONHandler(os.Stderr, hopts)
+	if !o.logJSON {
+		h = slog.NewTextHandler(os.Stderr, hopts)
+	}
+	log := slog.New(h).With("node", o.node)
+
+	if o.configFile == "" && o.xdsAddr == "" {
+		return errors.New("no config source: give --config (local mode) or --xds-address")
+	}
+	if o.xdsAddr != "" {
+		return errors.New("--xds-address: the xDS client is not part of this build yet; use --config")
+	}
+	if o.caDir == "" {
+		return errors.New("local mode needs --ca-dir (the mesh CA that signs workload certificates)")
+	}
+	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
+	if err != nil {
+		return fmt.Errorf("--trust-domain: %w", err)
+	}
+	ca, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: o.caDir}, td, certs.Options{}, log)
+	if err != nil {
+		return err
+	}
+	mgr := &certs.Manager{Issuer: ca, Logger: log.With("component", "certs")}
+	defer mgr.Close()
+
+	store := &model.Store{}
+	watcher := &configfile.Watcher{Path: o.configFile, Store: store, Logger: log.With("component", "config")}
+	if err := watcher.LoadOnce(); err != nil {
+		return err
+	}
+
+	cfg := o.proxy
+	cfg.Store = store
+	cfg.Certs = mgr
+	cfg.Node = o.node
+	cfg.RootNamespace = o.rootNamespace
+	cfg.Logger = log
+	if o.capture {
+		capture, err := loadCapture(o, log)
+		if err != nil {
+			return err
+		}
+		defer capture.Close() // the programs stay pinned: capture outlives a restart
+		cfg.Capture = ztunnel.BPFCapture{Capture: capture}
+	}
+	proxy, err := ztunnel.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer proxy.Close()
+
+	g, gctx := errgroup.WithContext(ctx)
+	watchCtx, stopWatch := context.WithCancel(gctx)
+	g.Go(func() error { return watcher.Run(watchCtx) })
+	g.Go(func() error {
+		defer stopWatch() // the proxy has drained: nothing left to configure
+		return proxy.Run(gctx)
+	})
+	start := time.Now()
+	err = g.Wait()
+	log.Info("ztunnel stopped", "uptime", time.Since(start).Round(time.Second).String())
+	return err
 }

@@ -8,7 +8,8 @@
 //	peerAuthentications: [model.PeerAuthentication...]
 //
 // A file that fails to read or parse leaves the store as it was (the last
-// good config keeps serving) and is retried when it changes again.
+// good config keeps serving) and is retried when it changes again. Writers
+// should replace the file atomically (write a temporary file, rename it).
 package configfile
 
 import (
@@ -35,8 +36,12 @@ type File struct {
 }
 
 // Parse decodes a JSON or YAML config, rejecting unknown fields and
-// resources without a key.
+// resources without a key. An empty file is an error (most likely one being
+// written); an empty config is "{}".
 func Parse(data []byte) (*model.Snapshot, error) {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, errors.New("parse config: empty file")
+	}
 	var f File
 	if err := yaml.UnmarshalStrict(data, &f); err != nil {
 		return nil, fmt.Errorf("parse config: %w", err)

@@ -78,6 +78,7 @@ func TestParseRejects(t *testing.T) {
 		"bad mode":          "peerAuthentications: [{name: p, namespace: n, mode: LOOSE}]",
 		"service hostname":  "services: [{name: s, namespace: n}]",
 		"not a config file": "just text",
+		"empty":             " \n",
 	} {
 		if _, err := Parse([]byte(in)); err == nil {
 			t.Errorf("%s: parsed", name)

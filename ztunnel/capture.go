@@ -1,0 +1,88 @@
+package ztunnel
+
+import (
+	"context"
+	"net"
+	"net/netip"
+
+	"github.com/ambit-mesh/ambit/bpf"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+// BPFCapture adapts the eBPF capture (package bpf) to Config.Capture: the
+// node's enrolled workloads become the captured pods, found by the route to
+// their first IPv4 address.
+type BPFCapture struct {
+	Capture *bpf.Capture
+}
+
+// Reconcile implements Capture.
+func (b BPFCapture) Reconcile(ctx context.Context, pods []*model.Workload) error {
+	desired := make([]bpf.Pod, 0, len(pods))
+	for _, w := range pods {
+		bp := bpf.Pod{Name: w.Namespace + "/" + w.Name}
+		for _, a := range w.Addresses {
+			if a.Is4() {
+				bp.IPs = append(bp.IPs, a)
+			}
+		}
+		if len(bp.IPs) > 0 {
+			desired = append(desired, bp)
+		}
+	}
+	return b.Capture.Reconcile(ctx, desired)
+}
+
+// closeConnsOf ends the established connections from or to the workloads
+// in uids (pods leaving capture: once released, their packets would no
+// longer reach the proxy's sockets).
+func (p *Proxy) closeConnsOf(uids map[string]bool) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, c := range p.conns {
+		if !c.established.Load() { // the handler's fields are final once established
+			continue
+		}
+		if (c.srcW != nil && uids[c.srcW.UID]) || (c.dstW != nil && uids[c.dstW.UID]) {
+			c.cancel()
+			n++
+		}
+	}
+	return n
+}
+
+// isOwnListener reports whether dst is one of the proxy's capture or HBONE
+// listeners: a captured connection to it would loop.
+func (p *Proxy) isOwnListener(dst netip.AddrPort) bool {
+	for _, name := range []string{ListenerOutbound, ListenerInbound, ListenerHBONE, ListenerSOCKS5} {
+		ln := p.listeners[name]
+		if ln == nil {
+			continue
+		}
+		la := addrPort(ln.Addr())
+		if la.Port() != dst.Port() {
+			continue
+		}
+		if la.Addr() == dst.Addr() || dst.Addr().IsLoopback() || (la.Addr().IsUnspecified() && isLocalAddr(dst.Addr())) {
+			return true
+		}
+	}
+	return false
+}
+
+// isLocalAddr reports whether a is assigned to an interface here.
+func isLocalAddr(a netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return false
+	}
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
+				return true
+			}
+		}
+	}
+	return false
+}

@@ -1,0 +1,117 @@
+package ztunnel
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+// Config configures a Proxy. Store is required; every other field is
+// optional. A listener whose address is empty is not opened, so a test can
+// run only the parts it needs (and several proxies in one process on
+// ephemeral loopback ports: "127.0.0.1:0").
+type Config struct {
+	// Store holds the config model (fed by the xDS client or a config file).
+	// Required.
+	Store *model.Store
+	// Certs supplies local workloads' SVIDs and the trust bundles; without
+	// it the proxy cannot tunnel, and the HBONE listener is not served.
+	// When it has a SetIdentities([]spiffeid.ID) method (certs.Manager), the
+	// proxy calls it with the identities of the node's workloads whenever the
+	// config changes.
+	Certs hbone.CertSource
+	// Node is this node's name: workloads whose Node differs are not local
+	// (their traffic is not accepted on the capture listeners, they get no
+	// certificate). Empty means every workload is local (single-node and
+	// local mode).
+	Node string
+
+	// Listener addresses ("host:port"); empty disables the listener.
+	OutboundAddr string // 15001, transparent capture of outbound
+	InboundAddr  string // 15006, transparent capture of plaintext inbound
+	HBONEAddr    string // 15008
+	SOCKS5Addr   string // 15080
+	AdminAddr    string // 15000; keep it on localhost
+	MetricsAddr  string // 15020
+	ReadyAddr    string // 15021
+
+	// Transparent sets IP_TRANSPARENT on the capture listeners (so they
+	// accept connections to any address, the original destination being the
+	// accepted socket's local address) and makes delivery to a local pod bind
+	// to the client's address, so the application sees its real peer. It
+	// needs CAP_NET_ADMIN; without it the pod sees the proxy's address.
+	Transparent bool
+	// Mark, when non-zero, is set (SO_MARK) on every socket the proxy dials,
+	// so that capture rules can leave the proxy's own traffic alone.
+	Mark uint32
+
+	// HBONEDialAddr maps the HBONE address a route asks for (<pod IP>:15008
+	// or a waypoint's) to the address actually dialled. Nil dials it as is,
+	// which is right wherever eBPF steers <pod IP>:15008 to the node's proxy.
+	// It is a test seam: proxies sharing a loopback interface listen on
+	// distinct ephemeral ports and map each pod IP to its node's proxy.
+	HBONEDialAddr func(netip.AddrPort) netip.AddrPort
+
+	// Capture, when set, receives the node's enrolled workloads whenever the
+	// config changes (the eBPF capture's reconciler). Nil runs without it.
+	Capture Capture
+	// Synced reports whether the config source has delivered a first
+	// config; readiness waits for it. Nil: ready once the store has changed
+	// after New or holds any workload.
+	Synced func() bool
+
+	// RootNamespace holds mesh-wide policies (authz.DefaultRootNamespace if
+	// empty).
+	RootNamespace string
+	// ConnectTimeout bounds each upstream connect (10s if zero).
+	ConnectTimeout time.Duration
+	// DrainTimeout bounds how long Run lets connections finish after its
+	// context ends (DefaultDrainTimeout if zero; negative: close at once).
+	DrainTimeout time.Duration
+	// Logger receives structured logs and one access-log line per
+	// connection (nil: discard).
+	Logger *slog.Logger
+}
+
+// DefaultDrainTimeout is how long connections may finish after shutdown starts.
+const DefaultDrainTimeout = 30 * time.Second
+
+// Capture steers the node's enrolled workloads' traffic to the proxy (the
+// bpf package's loader implements it in the node agent).
+type Capture interface {
+	// Reconcile makes capture cover exactly pods (local, enrolled workloads).
+	Reconcile(ctx context.Context, pods []*model.Workload) error
+}
+
+func (c *Config) connectTimeout() time.Duration {
+	if c.ConnectTimeout > 0 {
+		return c.ConnectTimeout
+	}
+	return 10 * time.Second
+}
+
+func (c *Config) drainTimeout() time.Duration {
+	switch {
+	case c.DrainTimeout == 0:
+		return DefaultDrainTimeout
+	case c.DrainTimeout < 0:
+		return 0
+	}
+	return c.DrainTimeout
+}
+
+func (c *Config) hboneDialAddr(a netip.AddrPort) netip.AddrPort {
+	if c.HBONEDialAddr != nil {
+		return c.HBONEDialAddr(a)
+	}
+	return a
+}
+
+// isLocal reports whether w runs on this node.
+func (c *Config) isLocal(w *model.Workload) bool {
+	return w != nil && (c.Node == "" || w.Node == "" || w.Node == c.Node)
+}
