@@ -38,6 +38,7 @@ type conn struct {
 	onStream    func(*stream, *http2.MetaHeadersFrame)
 	idleTimeout time.Duration
 	maxStreams  int // our own cap on concurrent streams (server: advertised; client: pool limit)
+	maxHeader   int // our cap on a received header list, in bytes
 
 	fr *http2.Framer // reading: the read loop only; writing: under wmu
 
@@ -60,6 +61,7 @@ type conn struct {
 	peerInitWindow int64  // peer's SETTINGS_INITIAL_WINDOW_SIZE
 	peerMaxFrame   int    // peer's SETTINGS_MAX_FRAME_SIZE
 	peerMaxStreams int    // peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	peerMaxHeader  int    // peer's SETTINGS_MAX_HEADER_LIST_SIZE
 	goingAway      bool   // GOAWAY sent or received: no new streams
 	err            error  // set once when the conn dies
 	idleTimer      *time.Timer
@@ -69,6 +71,10 @@ type conn struct {
 
 // errConnClosed is the stream error after the local side closed the conn.
 var errConnClosed = errors.New("hbone: connection closed")
+
+// errPeerClosed is the stream error when the peer closed the connection
+// before the stream ended.
+var errPeerClosed = errors.New("hbone: connection closed by peer")
 
 // errStreamClosed is returned by operations on a closed stream.
 var errStreamClosed = errors.New("hbone: stream closed")
@@ -88,6 +94,7 @@ func newConn(nc net.Conn, server bool, log *slog.Logger) *conn {
 		peerInitWindow: 65535,
 		peerMaxFrame:   16384,
 		peerMaxStreams: math.MaxInt32,
+		peerMaxHeader:  math.MaxInt32,
 		done:           make(chan struct{}),
 	}
 	c.wcond.L = &c.mu
@@ -98,10 +105,23 @@ func newConn(nc net.Conn, server bool, log *slog.Logger) *conn {
 	return c
 }
 
-// setHeaderLimit makes the framer decode header blocks, up to max bytes.
+// setHeaderLimit makes the framer decode header blocks. Lists over max
+// bytes (RFC 9113 size: names, values and 32 per field) are answered 431
+// (server) or fail the stream (client). The framer itself stops decoding at
+// 4*max, and a single field over 4*max is a connection error.
 func (c *conn) setHeaderLimit(max int) {
+	c.maxHeader = max
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	c.fr.MaxHeaderListSize = uint32(max)
+	c.fr.MaxHeaderListSize = uint32(min(4*max, math.MaxInt32))
+}
+
+// headerListSize is the RFC 9113 size of a header list.
+func headerListSize(fields []hpack.HeaderField) int {
+	n := 0
+	for _, f := range fields {
+		n += int(f.Size())
+	}
+	return n
 }
 
 // writePreface writes the client preface (client side), our SETTINGS and
@@ -293,6 +313,9 @@ func (c *conn) readLoop() {
 		c.goAwayAndClose(http2.ErrCode(ce), err)
 		return
 	}
+	if errors.Is(err, io.EOF) {
+		err = errPeerClosed
+	}
 	c.close(err)
 }
 
@@ -369,6 +392,8 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 			c.wcond.Broadcast()
 		case http2.SettingMaxFrameSize:
 			c.peerMaxFrame = int(s.Val)
+		case http2.SettingMaxHeaderListSize:
+			c.peerMaxHeader = int(min(s.Val, math.MaxInt32))
 		case http2.SettingMaxConcurrentStreams:
 			c.peerMaxStreams = int(min(s.Val, math.MaxInt32))
 		case http2.SettingHeaderTableSize:
@@ -612,6 +637,12 @@ func (c *conn) openStream(fields []hpack.HeaderField) (*stream, error) {
 	c.wmu.Lock()
 	c.mu.Lock()
 	c.reserved--
+	if size := headerListSize(fields); size > c.peerMaxHeader {
+		c.maybeIdleLocked()
+		c.mu.Unlock()
+		c.wmu.Unlock()
+		return nil, fmt.Errorf("%w: %d bytes, the server accepts %d", ErrHeadersTooLarge, size, c.peerMaxHeader)
+	}
 	if c.err != nil || c.goingAway || c.nextID > math.MaxInt32 {
 		err := c.err
 		if err == nil {

@@ -19,6 +19,10 @@ import (
 // ErrDialerClosed is returned by Dial after Close.
 var ErrDialerClosed = errors.New("hbone: dialer closed")
 
+// ErrHeadersTooLarge is returned (wrapped) by Dial when the request headers
+// exceed the server's advertised limit; nothing was sent.
+var ErrHeadersTooLarge = errors.New("hbone: request headers too large")
+
 // poolKey identifies interchangeable connections.
 type poolKey struct {
 	src   spiffeid.ID
@@ -75,6 +79,9 @@ func (d *Dialer) Dial(ctx context.Context, r DialRequest) (*Stream, error) {
 		}
 		var s *stream
 		s, err = c.openStream(fields)
+		if errors.Is(err, ErrHeadersTooLarge) {
+			return nil, fmt.Errorf("hbone dial %s: %w", r.Addr, err)
+		}
 		if err != nil {
 			continue
 		}

@@ -3,19 +3,39 @@ package hbone
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
+
+func testCtx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
 
 func TestEcho(t *testing.T) {
 	checkGoroutines(t)
 	e := newEnv(t, echo, nil)
 	d := e.dialer()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	s, err := d.Dial(ctx, e.request())
+	s, err := d.Dial(testCtx(t), e.request())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -33,8 +53,672 @@ func TestEcho(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(got, []byte("hello")) {
+	if string(got) != "hello" {
 		t.Fatalf("got %q", got)
 	}
-	_ = net.IPv4len
+}
+
+// TestTransferHashed sends different multi-megabyte streams both ways at
+// once and checks both ends' SHA-256.
+func TestTransferHashed(t *testing.T) {
+	checkGoroutines(t)
+	const up, down = 7<<20 + 123, 5<<20 + 77
+	upData, downData := make([]byte, up), make([]byte, down)
+	rand.Read(upData)
+	rand.Read(downData)
+	podGot := make(chan [32]byte, 1)
+	pod := func(c net.Conn) {
+		var wg sync.WaitGroup
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.Write(downData)
+			c.(*net.TCPConn).CloseWrite()
+		}()
+		h := sha256.New()
+		io.Copy(h, c)
+		podGot <- [32]byte(h.Sum(nil))
+		wg.Wait()
+	}
+	e := newEnv(t, pod, nil)
+	s, err := e.dialer().Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	writeErr := make(chan error, 1)
+	go func() {
+		// Uneven write sizes exercise frame splitting.
+		rest := upData
+		for i := 1; len(rest) > 0; i++ {
+			n := min(len(rest), i*7919)
+			if _, err := s.Write(rest[:n]); err != nil {
+				writeErr <- err
+				return
+			}
+			rest = rest[n:]
+		}
+		writeErr <- s.CloseWrite()
+	}()
+	h := sha256.New()
+	n, err := io.Copy(h, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-writeErr; err != nil {
+		t.Fatal(err)
+	}
+	if n != down || [32]byte(h.Sum(nil)) != sha256.Sum256(downData) {
+		t.Errorf("client received %d bytes with a different hash (want %d)", n, down)
+	}
+	if got := <-podGot; got != sha256.Sum256(upData) {
+		t.Error("pod received different bytes")
+	}
+}
+
+// TestHalfClose checks that EOF crosses the tunnel in each direction while
+// the other direction keeps working.
+func TestHalfClose(t *testing.T) {
+	checkGoroutines(t)
+	t.Run("client first", func(t *testing.T) {
+		pod := func(c net.Conn) {
+			got, _ := io.ReadAll(c) // until the client's CloseWrite
+			fmt.Fprintf(c, "got %s", got)
+		}
+		e := newEnv(t, pod, nil)
+		s, err := e.dialer().Dial(testCtx(t), e.request())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		io.WriteString(s, "request")
+		if err := s.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Write([]byte("x")); err == nil {
+			t.Error("write after CloseWrite succeeded")
+		}
+		got, err := io.ReadAll(s)
+		if err != nil || string(got) != "got request" {
+			t.Fatalf("read %q, %v", got, err)
+		}
+	})
+	t.Run("server first", func(t *testing.T) {
+		podGot := make(chan string, 1)
+		pod := func(c net.Conn) {
+			io.WriteString(c, "banner")
+			c.(*net.TCPConn).CloseWrite()
+			got, _ := io.ReadAll(c)
+			podGot <- string(got)
+		}
+		e := newEnv(t, pod, nil)
+		s, err := e.dialer().Dial(testCtx(t), e.request())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		got, err := io.ReadAll(s) // EOF arrives while our side is open
+		if err != nil || string(got) != "banner" {
+			t.Fatalf("read %q, %v", got, err)
+		}
+		io.WriteString(s, "reply after EOF")
+		s.CloseWrite()
+		if got := <-podGot; got != "reply after EOF" {
+			t.Fatalf("pod got %q", got)
+		}
+	})
+}
+
+func TestRequestHeaders(t *testing.T) {
+	checkGoroutines(t)
+	reqs := make(chan *Request, 2)
+	e := newEnv(t, echo, func(s *Server) {
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			reqs <- r
+			dialHandler(ctx, r)
+		})
+	})
+	d := e.dialer()
+	r := e.request()
+	r.Host = "reviews.shop.svc.cluster.local"
+	bag := Baggage{ClusterName: "c1", Namespace: "shop", WorkloadKind: "deployment", WorkloadName: "client-v1", ServiceName: "client", Version: "v1"}
+	r.Baggage = bag.String()
+	var traces []string
+	for range 2 {
+		s, err := d.Dial(testCtx(t), r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		got := <-reqs
+		if got.Peer != e.cliID || got.Local != e.srvID {
+			t.Errorf("peer %v local %v", got.Peer, got.Local)
+		}
+		if got.Target != e.target || got.LocalAddr != e.addr || !got.PeerAddr.Addr().IsLoopback() {
+			t.Errorf("target %v local %v peer %v", got.Target, got.LocalAddr, got.PeerAddr)
+		}
+		if want := (Forwarded{For: r.ForwardedFor, Host: r.Host}); got.Forwarded != want {
+			t.Errorf("forwarded %+v, want %+v (header %q)", got.Forwarded, want, got.Header.Get("Forwarded"))
+		}
+		if got.Baggage != bag {
+			t.Errorf("baggage %+v, want %+v", got.Baggage, bag)
+		}
+		if !regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-01$`).MatchString(got.TraceParent) {
+			t.Errorf("traceparent %q", got.TraceParent)
+		}
+		traces = append(traces, got.TraceParent)
+	}
+	if traces[0] == traces[1] {
+		t.Error("traceparent reused across streams")
+	}
+	if n := d.Conns(); n != 1 {
+		t.Errorf("%d connections for sequential streams, want 1", n)
+	}
+}
+
+// TestPooling opens 1000 concurrent tunnelled connections and checks that
+// they share ceil(1000/100) HBONE connections.
+func TestPooling(t *testing.T) {
+	checkGoroutines(t)
+	const n, perConn = 1000, 100
+	e := newEnv(t, echo, nil)
+	d := e.dialer()
+	ctx := testCtx(t)
+	var ready, release sync.WaitGroup
+	ready.Add(n)
+	release.Add(1)
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			s, err := d.Dial(ctx, e.request())
+			if err != nil {
+				ready.Done()
+				errs <- err
+				return
+			}
+			defer s.Close()
+			msg := fmt.Sprintf("conn %d", i)
+			io.WriteString(s, msg)
+			buf := make([]byte, len(msg))
+			_, err = io.ReadFull(s, buf)
+			ready.Done()
+			if err == nil && string(buf) != msg {
+				err = fmt.Errorf("echo %q, want %q", buf, msg)
+			}
+			release.Wait() // hold the stream open until all are open
+			if err == nil {
+				s.CloseWrite()
+				_, err = io.ReadAll(s)
+			}
+			errs <- err
+		}()
+	}
+	ready.Wait()
+	if got, want := d.Conns(), (n+perConn-1)/perConn; got != want {
+		t.Errorf("%d HBONE connections for %d streams, want %d", got, n, want)
+	}
+	release.Done()
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestIdleClose(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, func(s *Server) { s.IdleTimeout = 150 * time.Millisecond })
+	d := &Dialer{Certs: e.certs, IdleTimeout: 100 * time.Millisecond}
+	defer d.Close()
+	s, err := d.Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // an open stream keeps the conn
+	if d.Conns() != 1 {
+		t.Fatal("connection with an open stream was closed")
+	}
+	s.Close()
+	waitFor(t, "client idle close", func() bool { return d.Conns() == 0 })
+	// A client that never opens a stream is closed by the server.
+	svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+	c, err := e.tlsClient(svid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, http2.ClientPreface)
+	http2.NewFramer(c, c).WriteSettings()
+	start := time.Now()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.Copy(io.Discard, c); err != nil {
+		t.Fatalf("server did not close the idle connection: %v", err)
+	}
+	if el := time.Since(start); el > 3*time.Second {
+		t.Errorf("idle close took %v", el)
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func statusOf(err error) int {
+	var se *StatusError
+	if errors.As(err, &se) {
+		return se.Code
+	}
+	return 0
+}
+
+func TestStatusCodes(t *testing.T) {
+	checkGoroutines(t)
+	denied := workloadID(t, "cluster.local", "other", "intruder")
+	e := newEnv(t, echo, func(s *Server) {
+		s.IsWaypointFor = func(local, target netip.Addr) bool {
+			return target == netip.MustParseAddr("127.0.0.3")
+		}
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			switch {
+			case r.Peer == denied:
+				r.Reject(http.StatusUnauthorized)
+			case r.Target.Port() == 1: // a handler that forgets to answer
+			case r.Target.Addr() == netip.MustParseAddr("127.0.0.3"):
+				s, err := r.Accept()
+				if err == nil {
+					io.WriteString(s, "waypoint")
+				}
+			default:
+				dialHandler(ctx, r)
+			}
+		})
+	})
+	closed, _ := net.Listen("tcp", "127.0.0.1:0")
+	closedAddr := closed.Addr().(*net.TCPAddr).AddrPort()
+	closed.Close()
+	d := e.dialer()
+	tests := []struct {
+		name string
+		edit func(*DialRequest)
+		want int
+	}{
+		{"ok", func(*DialRequest) {}, 200},
+		{"policy denies", func(r *DialRequest) { r.Source = denied }, 401},
+		{"upstream refuses", func(r *DialRequest) { r.Target = closedAddr }, 503},
+		{"handler does not answer", func(r *DialRequest) { r.Target = netip.AddrPortFrom(r.Target.Addr(), 1) }, 503},
+		{"authority differs from destination", func(r *DialRequest) { r.Target = netip.MustParseAddrPort("127.0.0.2:80") }, 400},
+		{"destination is the target's waypoint", func(r *DialRequest) { r.Target = netip.MustParseAddrPort("127.0.0.3:80") }, 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := e.request()
+			tt.edit(&r)
+			s, err := d.Dial(testCtx(t), r)
+			got := 200
+			if err != nil {
+				if got = statusOf(err); got == 0 {
+					t.Fatalf("dial: %v (not a status)", err)
+				}
+			} else {
+				s.Close()
+			}
+			if got != tt.want {
+				t.Errorf("status %d, want %d (err %v)", got, tt.want, err)
+			}
+		})
+	}
+	t.Run("oversized headers", func(t *testing.T) {
+		r := e.request()
+		r.Baggage = "k=" + strings.Repeat("v", DefaultMaxHeaderBytes)
+		if _, err := d.Dial(testCtx(t), r); !errors.Is(err, ErrHeadersTooLarge) {
+			t.Fatalf("dial: %v, want ErrHeadersTooLarge", err)
+		}
+	})
+	// All of that over one healthy connection per source identity.
+	if n := d.Conns(); n != 2 {
+		t.Errorf("%d connections, want 2", n)
+	}
+}
+
+// rawRequest sends one HEADERS frame with fields over a fresh mTLS
+// connection and returns the response status (or -1 if the stream was
+// reset).
+func (e *env) rawRequest(t *testing.T, fields []hpack.HeaderField) int {
+	t.Helper()
+	svid, err := e.certs.GetX509SVID(context.Background(), e.cliID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := e.tlsClient(svid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, http2.ClientPreface)
+	fr := http2.NewFramer(c, c)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.WriteSettings()
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	for _, f := range fields {
+		enc.WriteField(f)
+	}
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: buf.Bytes(), EndHeaders: true})
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("read: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.MetaHeadersFrame:
+			var status int
+			fmt.Sscan(f.PseudoValue("status"), &status)
+			return status
+		case *http2.RSTStreamFrame:
+			return -1
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				fr.WriteSettingsAck()
+			}
+		}
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	checkGoroutines(t)
+	called := make(chan struct{}, 10)
+	e := newEnv(t, echo, func(s *Server) {
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			called <- struct{}{}
+			dialHandler(ctx, r)
+		})
+	})
+	hf := func(kv ...string) []hpack.HeaderField {
+		var out []hpack.HeaderField
+		for i := 0; i < len(kv); i += 2 {
+			out = append(out, hpack.HeaderField{Name: kv[i], Value: kv[i+1]})
+		}
+		return out
+	}
+	auth := e.target.String()
+	tests := []struct {
+		name   string
+		fields []hpack.HeaderField
+		want   int
+	}{
+		{"GET", hf(":method", "GET", ":scheme", "https", ":path", "/", ":authority", auth), 400},
+		{"POST", hf(":method", "POST", ":scheme", "https", ":path", "/", ":authority", auth), 400},
+		{"CONNECT with a path", hf(":method", "CONNECT", ":scheme", "https", ":path", "/", ":authority", auth), 400},
+		{"hostname authority", hf(":method", "CONNECT", ":authority", "reviews:9080"), 400},
+		{"no port", hf(":method", "CONNECT", ":authority", "127.0.0.1"), 400},
+		{"port 0", hf(":method", "CONNECT", ":authority", "127.0.0.1:0"), 400},
+		{"unbracketed ipv6", hf(":method", "CONNECT", ":authority", "::1:80"), 400},
+		{"empty authority", hf(":method", "CONNECT", ":authority", ""), 400},
+		{"bad forwarded", hf(":method", "CONNECT", ":authority", auth, "forwarded", `for="1.2.3.4:5`), 400},
+		{"oversized header", hf(":method", "CONNECT", ":authority", auth, "baggage", strings.Repeat("v", DefaultMaxHeaderBytes)), 431},
+		{"too many headers", append(hf(":method", "CONNECT", ":authority", auth), slices.Repeat(hf("x-pad", strings.Repeat("p", 100)), DefaultMaxHeaderBytes/100)...), 431},
+		{"ok", hf(":method", "CONNECT", ":authority", auth), 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := e.rawRequest(t, tt.fields); got != tt.want {
+				t.Errorf("status %d, want %d", got, tt.want)
+			}
+		})
+	}
+	if len(called) != 1 {
+		t.Errorf("handler called %d times, want once (for the good request)", len(called))
+	}
+}
+
+func TestUnknownLocalWorkload(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, func(s *Server) {
+		s.LocalIdentity = func(netip.Addr) (spiffeid.ID, bool) { return spiffeid.ID{}, false }
+	})
+	_, err := e.dialer().Dial(testCtx(t), e.request())
+	if err == nil || statusOf(err) != 0 {
+		t.Fatalf("dial: %v, want a handshake failure", err)
+	}
+}
+
+// TestSlowloris checks that clients stalling in the TLS handshake or the
+// HTTP/2 preface are cut off after HandshakeTimeout.
+func TestSlowloris(t *testing.T) {
+	checkGoroutines(t)
+	const timeout = 200 * time.Millisecond
+	e := newEnv(t, echo, func(s *Server) { s.HandshakeTimeout = timeout })
+	expectClosed := func(t *testing.T, c net.Conn) {
+		t.Helper()
+		start := time.Now()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err := io.Copy(io.Discard, c)
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Fatal("server kept the connection open")
+		}
+		if el := time.Since(start); el < timeout/2 || el > 3*time.Second {
+			t.Errorf("closed after %v, want about %v", el, timeout)
+		}
+	}
+	t.Run("half a ClientHello", func(t *testing.T) {
+		// Capture a real ClientHello and send half of it.
+		cli, srv := net.Pipe()
+		go tls.Client(cli, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}}).Handshake()
+		hello := make([]byte, 4096)
+		n, _ := srv.Read(hello)
+		cli.Close()
+		srv.Close()
+		c, err := net.Dial("tcp", e.addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write(hello[:n/2])
+		expectClosed(t, c)
+	})
+	t.Run("half the preface", func(t *testing.T) {
+		svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+		c, err := e.tlsClient(svid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, http2.ClientPreface[:10])
+		expectClosed(t, c)
+	})
+	t.Run("preface without settings", func(t *testing.T) {
+		svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+		c, err := e.tlsClient(svid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, http2.ClientPreface)
+		expectClosed(t, c)
+	})
+}
+
+// TestClientAuthentication checks the server's rejection of clients
+// without a valid certificate from its trust domain.
+func TestClientAuthentication(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	rejected := func(t *testing.T, c *tls.Conn, err error) {
+		t.Helper()
+		if err == nil {
+			// TLS 1.3: the client finishes first; the server's verdict
+			// arrives as an alert on the first read.
+			defer c.Close()
+			io.WriteString(c, http2.ClientPreface)
+			_, err = c.Read(make([]byte, 1))
+		}
+		if err == nil {
+			t.Fatal("server accepted the client")
+		}
+	}
+	t.Run("no certificate", func(t *testing.T) {
+		c, err := e.tlsClient(nil)
+		rejected(t, c, err)
+	})
+	t.Run("foreign trust domain", func(t *testing.T) {
+		evil := newCA(t, "evil.example", nil)
+		id := workloadID(t, "evil.example", "shop", "client")
+		svid, err := evil.IssueSVID(id, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := e.tlsClient(svid)
+		rejected(t, c, err)
+		// The same through the Dialer, with the foreign bundle trusted by
+		// the client: still refused by the server.
+		d := &Dialer{Certs: newTestCerts(evil, evil, e.ca)}
+		defer d.Close()
+		r := e.request()
+		r.Source = id
+		if _, err := d.Dial(testCtx(t), r); err == nil {
+			t.Fatal("dial with a foreign identity succeeded")
+		}
+	})
+	t.Run("expired certificate", func(t *testing.T) {
+		e.skew.Store(int64(-48 * time.Hour)) // the CA's clock
+		svid, err := e.ca.IssueSVID(e.cliID, time.Hour)
+		e.skew.Store(0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := e.tlsClient(svid)
+		rejected(t, c, err)
+	})
+	t.Run("valid certificate", func(t *testing.T) {
+		svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+		c, err := e.tlsClient(svid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, http2.ClientPreface)
+		if _, err := c.Read(make([]byte, 1)); err != nil {
+			t.Fatalf("valid client rejected: %v", err)
+		}
+	})
+}
+
+func TestServerIdentityMismatch(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	r := e.request()
+	r.Peers = []spiffeid.ID{workloadID(t, "cluster.local", "shop", "someone-else")}
+	_, err := e.dialer().Dial(testCtx(t), r)
+	if err == nil {
+		t.Fatal("dial accepted a server with the wrong identity")
+	}
+	r.Peers = append(r.Peers, e.srvID) // one of several allowed
+	s, err := e.dialer().Dial(testCtx(t), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+}
+
+func TestExpiredSourceCertificate(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	e.skew.Store(int64(-48 * time.Hour))
+	_, err := e.dialer().Dial(testCtx(t), e.request())
+	if !errors.Is(err, ErrExpiredCertificate) {
+		t.Fatalf("dial: %v, want ErrExpiredCertificate", err)
+	}
+}
+
+func TestShutdown(t *testing.T) {
+	checkGoroutines(t)
+	t.Run("drains", func(t *testing.T) {
+		e := newEnv(t, echo, nil)
+		d := e.dialer()
+		s, err := d.Dial(testCtx(t), e.request())
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan error, 1)
+		go func() { done <- e.server.Shutdown(testCtx(t)) }()
+		waitFor(t, "GOAWAY", func() bool {
+			e.server.mu.Lock()
+			defer e.server.mu.Unlock()
+			return len(e.server.listeners) == 0
+		})
+		// The open stream still works; new dials do not.
+		io.WriteString(s, "still here")
+		s.CloseWrite()
+		got, err := io.ReadAll(s)
+		if err != nil || string(got) != "still here" {
+			t.Fatalf("read %q, %v", got, err)
+		}
+		s.Close()
+		if err := <-done; err != nil {
+			t.Fatalf("Shutdown: %v", err)
+		}
+		if _, err := d.Dial(testCtx(t), e.request()); err == nil {
+			t.Fatal("dial after Shutdown succeeded")
+		}
+	})
+	t.Run("deadline", func(t *testing.T) {
+		e := newEnv(t, echo, nil)
+		s, err := e.dialer().Dial(testCtx(t), e.request())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		if err := e.server.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("Shutdown: %v, want deadline exceeded", err)
+		}
+		if _, err := io.ReadAll(s); err == nil {
+			t.Error("stream survived the forced close")
+		}
+		e.server.Close() // idempotent
+	})
+}
+
+func TestStreamDeadline(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	s, err := e.dialer().Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := s.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read: %v, want deadline exceeded", err)
+	}
+	s.SetReadDeadline(time.Time{})
+	io.WriteString(s, "x")
+	if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDialerClose(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	d := &Dialer{Certs: e.certs}
+	s, err := d.Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	if _, err := s.Read(make([]byte, 1)); err == nil {
+		t.Error("stream survived Dialer.Close")
+	}
+	if _, err := d.Dial(testCtx(t), e.request()); !errors.Is(err, ErrDialerClosed) {
+		t.Errorf("dial after Close: %v", err)
+	}
+	d.Close()
 }

@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -94,6 +97,7 @@ type env struct {
 	upstream net.Listener
 	target   netip.AddrPort // the upstream listener
 	serveErr chan error
+	skew     atomic.Int64 // added to the CA's clock
 }
 
 // newEnv starts the server (configure tweaks it before Serve) and an
@@ -101,8 +105,9 @@ type env struct {
 // every peer and dials the target.
 func newEnv(t testing.TB, pod func(net.Conn), configure func(*Server)) *env {
 	t.Helper()
-	ca := newCA(t, "cluster.local", nil)
-	e := &env{
+	e := &env{t: t}
+	ca := newCA(t, "cluster.local", func() time.Time { return time.Now().Add(time.Duration(e.skew.Load())) })
+	*e = env{
 		t:     t,
 		ca:    ca,
 		certs: newTestCerts(ca),
@@ -144,6 +149,7 @@ func newEnv(t testing.TB, pod func(net.Conn), configure func(*Server)) *env {
 		},
 		Handler: HandlerFunc(dialHandler),
 	}
+	e.server.Logger = dbgLog
 	if configure != nil {
 		configure(e.server)
 	}
@@ -179,8 +185,16 @@ func dialHandler(ctx context.Context, r *Request) {
 	Join(ctx, s, up)
 }
 
+// dbgLog is nil (discard) unless HBONE_TEST_DEBUG is set.
+var dbgLog = func() *slog.Logger {
+	if os.Getenv("HBONE_TEST_DEBUG") == "" {
+		return nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}()
+
 func (e *env) dialer() *Dialer {
-	d := &Dialer{Certs: e.certs}
+	d := &Dialer{Certs: e.certs, Logger: dbgLog}
 	e.t.Cleanup(func() { d.Close() })
 	return d
 }

@@ -179,7 +179,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 // onStream validates a new request and runs the handler (read loop).
 func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.AddrPort, st *stream, f *http2.MetaHeadersFrame) {
 	req := &Request{Peer: c.peer, Local: c.local, PeerAddr: remote, LocalAddr: local, st: st}
-	status := s.checkRequest(req, local, f)
+	status := s.checkRequest(c, req, local, f)
 	if status != 0 {
 		s.logger().Debug("hbone: bad request", "remote", remote, "status", status,
 			"method", f.PseudoValue("method"), "authority", f.PseudoValue("authority"))
@@ -211,8 +211,8 @@ func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.Addr
 
 // checkRequest fills req from f and returns the status to reject it with,
 // or 0.
-func (s *Server) checkRequest(req *Request, local netip.AddrPort, f *http2.MetaHeadersFrame) int {
-	if f.Truncated {
+func (s *Server) checkRequest(c *conn, req *Request, local netip.AddrPort, f *http2.MetaHeadersFrame) int {
+	if f.Truncated || headerListSize(f.Fields) > c.maxHeader {
 		return http.StatusRequestHeaderFieldsTooLarge
 	}
 	if f.PseudoValue("method") != http.MethodConnect {
