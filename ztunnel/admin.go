@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -134,16 +135,35 @@ type certDump struct {
 	ExpiresIn string    `json:"expiresIn,omitempty"`
 	Expired   bool      `json:"expired"`
 	Chain     int       `json:"chainLength,omitempty"`
+	RenewAt   time.Time `json:"renewAt,omitzero"`
+	Failures  int       `json:"failures,omitempty"`
 	Error     string    `json:"error,omitempty"`
 }
 
-// dumpCertificates reports the certificate of every local identity.
+// dumpCertificates reports the certificate of every local identity: from
+// the certificate manager's own status when it has one (certs.Provider),
+// else by asking for each identity's current SVID.
 func (p *Proxy) dumpCertificates(r *http.Request) []certDump {
 	if p.cfg.Certs == nil {
 		return []certDump{}
 	}
-	ids, _ := p.localWorkloads(p.cfg.Store.Load())
 	now := time.Now()
+	if lister, ok := p.cfg.Certs.(interface{ Certificates() []certs.CertStatus }); ok {
+		sts := lister.Certificates()
+		out := make([]certDump, 0, len(sts))
+		for _, st := range sts {
+			d := certDump{Identity: st.ID.String(), Serial: st.Serial, NotBefore: st.NotBefore, NotAfter: st.NotAfter,
+				RenewAt: st.RenewAt, Failures: st.Failures, Error: st.LastError}
+			if !st.NotAfter.IsZero() {
+				d.ExpiresIn = st.NotAfter.Sub(now).Round(time.Second).String()
+				d.Expired = now.After(st.NotAfter)
+			}
+			out = append(out, d)
+		}
+		slices.SortFunc(out, func(a, b certDump) int { return cmp.Compare(a.Identity, b.Identity) })
+		return out
+	}
+	ids, _ := p.localWorkloads(p.cfg.Store.Load())
 	out := make([]certDump, 0, len(ids))
 	for _, id := range ids {
 		d := certDump{Identity: id.String()}

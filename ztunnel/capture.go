@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/model"
@@ -34,22 +35,38 @@ func (b BPFCapture) Reconcile(ctx context.Context, pods []*model.Workload) error
 }
 
 // closeConnsOf ends the established connections from or to the workloads
-// in uids (pods leaving capture: once released, their packets would no
-// longer reach the proxy's sockets).
-func (p *Proxy) closeConnsOf(uids map[string]bool) int {
+// in uids and waits (up to timeout) until their sockets are closed: pods
+// leaving capture must not hold proxied connections, since once released
+// their packets no longer reach the proxy's sockets.
+func (p *Proxy) closeConnsOf(uids map[string]bool, timeout time.Duration) int {
+	if len(uids) == 0 {
+		return 0
+	}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := 0
+	var ids []uint64
 	for _, c := range p.conns {
 		if !c.established.Load() { // the handler's fields are final once established
 			continue
 		}
 		if (c.srcW != nil && uids[c.srcW.UID]) || (c.dstW != nil && uids[c.dstW.UID]) {
 			c.cancel()
-			n++
+			ids = append(ids, c.id)
 		}
 	}
-	return n
+	p.mu.Unlock()
+	deadline := time.Now().Add(timeout)
+	for _, id := range ids {
+		for {
+			p.mu.Lock()
+			_, open := p.conns[id]
+			p.mu.Unlock()
+			if !open || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	return len(ids)
 }
 
 // isOwnListener reports whether dst is one of the proxy's capture or HBONE

@@ -200,6 +200,9 @@ func outcome(flags string) string {
 // reset closes c with an RST instead of a FIN, so the client sees the
 // refusal as one.
 func reset(c net.Conn) {
+	if pc, ok := c.(*prefixConn); ok {
+		c = pc.Conn
+	}
 	if tc, ok := c.(*net.TCPConn); ok {
 		tc.SetLinger(0)
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -88,7 +89,6 @@ func (n testNet) ip(host byte) netip.Addr {
 // node is one ztunnel under test.
 type node struct {
 	p      *Proxy
-	certs  *testCerts
 	cancel context.CancelFunc
 	done   chan error
 	logs   *logBuffer
@@ -97,7 +97,7 @@ type node struct {
 // startNode starts a proxy for node name with every listener on an ephemeral
 // port of 0.0.0.0 (HBONE and inbound capture accept any local destination, so
 // a pod IP on the loopback reaches them and LocalAddr is the pod IP).
-func startNode(t testing.TB, name string, store *model.Store, cs *testCerts, mod func(*Config)) *node {
+func startNode(t testing.TB, name string, store *model.Store, cs hbone.CertSource, mod func(*Config)) *node {
 	t.Helper()
 	logs := &logBuffer{}
 	cfg := Config{
@@ -123,7 +123,7 @@ func startNode(t testing.TB, name string, store *model.Store, cs *testCerts, mod
 		cancel()
 		t.Fatal(err)
 	}
-	n := &node{p: p, certs: cs, cancel: cancel, done: make(chan error, 1), logs: logs}
+	n := &node{p: p, cancel: cancel, done: make(chan error, 1), logs: logs}
 	go func() { n.done <- p.Run(ctx) }()
 	t.Cleanup(func() {
 		cancel()

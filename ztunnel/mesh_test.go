@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -17,7 +18,7 @@ import (
 type testMesh struct {
 	net    testNet
 	store  *model.Store
-	certs  *testCerts
+	certs  hbone.CertSource
 	n1, n2 *node
 
 	client, intruder, serverA, serverB, legacy *model.Workload
@@ -32,7 +33,7 @@ func newTestMesh(t testing.TB, mod func(*Config)) *testMesh {
 	return newTestMeshWith(t, newTestCerts(t, "cluster.local"), mod)
 }
 
-func newTestMeshWith(t testing.TB, cs *testCerts, mod func(*Config)) *testMesh {
+func newTestMeshWith(t testing.TB, cs hbone.CertSource, mod func(*Config)) *testMesh {
 	t.Helper()
 	m := &testMesh{net: newTestNet(), store: &model.Store{}, certs: cs}
 	ip := m.net.ip

@@ -397,7 +397,7 @@ func (p *Proxy) watchConfig(changed <-chan struct{}) {
 						gone[uid] = true
 					}
 				}
-				if n := p.closeConnsOf(gone); n > 0 {
+				if n := p.closeConnsOf(gone, 5*time.Second); n > 0 {
 					p.log.Info("closed connections of pods leaving capture", "connections", n, "pods", len(gone))
 				}
 				retry = nil

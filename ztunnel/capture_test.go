@@ -1,0 +1,148 @@
+package ztunnel
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+// recordingCapture records Reconcile calls and, at each, how many
+// connections the proxy still held.
+type recordingCapture struct {
+	p *Proxy
+
+	mu    sync.Mutex // guards calls
+	calls []reconcileCall
+}
+
+type reconcileCall struct {
+	pods  []string
+	conns int
+}
+
+func (r *recordingCapture) Reconcile(_ context.Context, pods []*model.Workload) error {
+	var names []string
+	for _, w := range pods {
+		names = append(names, w.Name)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	held := -1
+	if r.p != nil {
+		held = r.p.connCount()
+	}
+	r.calls = append(r.calls, reconcileCall{pods: names, conns: held})
+	return nil
+}
+
+func (r *recordingCapture) last() reconcileCall {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.calls) == 0 {
+		return reconcileCall{conns: -1}
+	}
+	return r.calls[len(r.calls)-1]
+}
+
+// TestCaptureFollowsTheNode: the capture gets the node's enrolled pods;
+// when a pod leaves, its connections are closed before it is released.
+func TestCaptureFollowsTheNode(t *testing.T) {
+	var caps sync.Map // node name -> *recordingCapture
+	m := newTestMesh(t, func(c *Config) {
+		rc := &recordingCapture{}
+		caps.Store(c.Node, rc)
+		c.Capture = rc
+	})
+	v, _ := caps.Load("node2")
+	rc := v.(*recordingCapture)
+	rc.mu.Lock()
+	rc.p = m.n2.p
+	rc.mu.Unlock()
+	waitFor(t, "first reconcile", func() bool {
+		return slices.Equal(rc.last().pods, []string{"server-a", "server-b"}) // legacy is not enrolled
+	})
+	if !m.n2.p.Ready() {
+		t.Error("not ready after the capture reconciled")
+	}
+
+	ip := m.net.ip
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(ip(21), 7200).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		}
+	}()
+	c, err := socksDial(m.n1.p.Addr(ListenerSOCKS5), ip(11), netip.AddrPortFrom(ip(21), 7200).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, "connection held by node2", func() bool { return m.n2.p.connCount() == 1 })
+
+	// server-a leaves the node.
+	m.store.Apply(&model.Delta{RemovedWorkloads: []string{m.serverA.UID}})
+	waitFor(t, "reconcile without server-a", func() bool { return slices.Equal(rc.last().pods, []string{"server-b"}) })
+	if got := rc.last().conns; got != 0 {
+		t.Fatalf("node2 still held %d connections when server-a was released", got)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("the client's connection to the departed pod is still open")
+	}
+}
+
+// TestWithCertificateManager runs the mesh on certs.Manager (the real
+// CertSource): the proxies tell it their node's identities, tunnels work,
+// and the admin API reports its certificates with renewal times.
+func TestWithCertificateManager(t *testing.T) {
+	ca, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	newManager := func() *certs.Manager {
+		mgr := &certs.Manager{Issuer: ca}
+		t.Cleanup(func() { mgr.Close() })
+		return mgr
+	}
+	// One manager per node, as in production.
+	m := newTestMeshWith(t, newManager(), func(c *Config) { c.Certs = newManager() })
+	c, err := socksDial(m.n1.p.Addr(ListenerSOCKS5), m.client.Addresses[0], m.vip.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exchange(c, 100<<10, 100<<10, 8); err != nil {
+		t.Fatal(err)
+	}
+	var dump []certDump
+	waitFor(t, "certificates in the admin dump", func() bool {
+		_, body := httpGet(t, m.n2.p.Addr(ListenerAdmin), "/debug/certificates")
+		dump = nil
+		json.Unmarshal([]byte(body), &dump)
+		return len(dump) > 0 && dump[len(dump)-1].Serial != ""
+	})
+	var ids []string
+	for _, d := range dump {
+		ids = append(ids, d.Identity)
+		if d.Expired || d.RenewAt.IsZero() || time.Until(d.NotAfter) < time.Hour {
+			t.Errorf("certificate %+v", d)
+		}
+	}
+	if !slices.Equal(ids, []string{"spiffe://cluster.local/ns/shop/sa/server"}) {
+		t.Errorf("node2's manager holds %v, want only its workloads' identity", ids)
+	}
+}
