@@ -7,7 +7,6 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"net/url"
-	"strconv"
 	"strings"
 )
 
@@ -45,8 +44,15 @@ func FormatForwarded(src netip.AddrPort, host string) string {
 		b.WriteString("host=")
 		if isToken(host) {
 			b.WriteString(host)
-		} else {
-			b.WriteString(strconv.Quote(host))
+		} else { // quoted-string
+			b.WriteByte('"')
+			for i := 0; i < len(host); i++ {
+				if host[i] == '"' || host[i] == '\\' {
+					b.WriteByte('\\')
+				}
+				b.WriteByte(host[i])
+			}
+			b.WriteByte('"')
 		}
 	}
 	return b.String()
@@ -166,8 +172,8 @@ func isToken(s string) bool {
 }
 
 // ParseBaggage extracts Istio's keys from a W3C baggage header. Unknown
-// keys, properties and malformed members are skipped; values are
-// percent-decoded.
+// keys, properties, empty values and malformed members are skipped; values
+// are percent-decoded.
 func ParseBaggage(s string) Baggage {
 	var b Baggage
 	for len(s) > 0 {
@@ -182,6 +188,9 @@ func ParseBaggage(s string) Baggage {
 		v = strings.TrimSpace(v)
 		if dv, err := url.PathUnescape(v); err == nil {
 			v = dv
+		}
+		if v == "" {
+			continue
 		}
 		switch k {
 		case "k8s.cluster.name":
