@@ -2,6 +2,7 @@ package ztunnel
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -128,6 +129,33 @@ func TestBadPeers(t *testing.T) {
 			}
 		})
 	}
+	waitFor(t, "refused handshakes logged and counted", func() bool {
+		l := m.n2.logs.String()
+		return strings.Contains(l, "handshake failed: peer refused") && strings.Count(l, `"level":"WARN"`) >= 3 &&
+			metricSum(t, m.n2.p, "ambit_ztunnel_hbone_refused_total", map[string]string{"reason": "handshake"}) >= 3
+	})
+
+	// The hbone Dialer refuses to present an expired certificate at all;
+	// present one anyway, with plain TLS, to check that the server refuses it.
+	old, err := past.IssueSVID(clientID, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc, err := tls.Dial("tcp", hboneAddr(ip(21)).String(), &tls.Config{
+		InsecureSkipVerify: true, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13,
+		Certificates: []tls.Certificate{{Certificate: [][]byte{old.Certificates[0].Raw}, PrivateKey: old.PrivateKey}},
+	})
+	if err == nil {
+		tc.SetDeadline(time.Now().Add(5 * time.Second))
+		_, err = tc.Read(make([]byte, 1)) // TLS 1.3: the server's verdict arrives after the client's Finished
+		tc.Close()
+	}
+	if err == nil {
+		t.Fatal("the server accepted an expired client certificate")
+	}
+	waitFor(t, "expired certificate logged", func() bool {
+		return strings.Contains(m.n2.logs.String(), "expired")
+	})
 	waitFor(t, "log line for the failed delivery", func() bool {
 		return strings.Contains(m.n2.logs.String(), "local workload refused the connection")
 	})

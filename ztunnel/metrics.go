@@ -35,6 +35,10 @@ type metrics struct {
 	received *prometheus.CounterVec
 	active   *prometheus.GaugeVec
 	denied   *prometheus.CounterVec
+	// hboneRefused counts HBONE peers refused before any stream: failed
+	// handshakes (foreign trust domain, expired certificate, unknown local
+	// workload) and malformed requests.
+	hboneRefused *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -59,7 +63,10 @@ func newMetrics() *metrics {
 			Name: "ambit_ztunnel_connections_refused_total", Help: "Connections refused, by direction and response flag.",
 		}, []string{"direction", "response_flags"}),
 	}
-	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received, m.active, m.denied,
+	m.hboneRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "ambit_ztunnel_hbone_refused_total", Help: "HBONE peers refused before a stream was served, by reason.",
+	}, []string{"reason"})
+	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received, m.active, m.denied, m.hboneRefused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

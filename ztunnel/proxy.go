@@ -127,7 +127,7 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 				Certs:         cfg.Certs,
 				LocalIdentity: p.localIdentity,
 				Handler:       hbone.HandlerFunc(p.serveHBONE),
-				Logger:        log,
+				Logger:        slog.New(&hboneLogHandler{inner: log.Handler(), refused: p.m.hboneRefused}).With("component", "hbone"),
 			}
 		}
 	} else if _, ok := p.listeners[ListenerHBONE]; ok {
