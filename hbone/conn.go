@@ -26,6 +26,7 @@ import (
 // (SETTINGS and PING acks, RST_STREAM, refusals).
 type conn struct {
 	nc     net.Conn // the TLS connection
+	raw    net.Conn // the TCP connection under nc: closing it never blocks
 	server bool
 	peer   spiffeid.ID // the peer's verified identity
 	local  spiffeid.ID // the identity we presented
@@ -76,15 +77,20 @@ var errConnClosed = errors.New("hbone: connection closed")
 // before the stream ended.
 var errPeerClosed = errors.New("hbone: connection closed by peer")
 
+// errRefusedStream fails streams the peer did not process (REFUSED_STREAM,
+// or above a GOAWAY's last stream ID): Dial retries them.
+var errRefusedStream = errors.New("hbone: stream refused")
+
 // errStreamClosed is returned by operations on a closed stream.
 var errStreamClosed = errors.New("hbone: stream closed")
 
 // errWriteClosed is returned by Write after CloseWrite.
 var errWriteClosed = errors.New("hbone: write after CloseWrite")
 
-func newConn(nc net.Conn, server bool, log *slog.Logger) *conn {
+func newConn(nc, raw net.Conn, server bool, log *slog.Logger) *conn {
 	c := &conn{
 		nc:             nc,
+		raw:            raw,
 		server:         server,
 		log:            log,
 		streams:        make(map[uint32]*stream),
@@ -190,7 +196,7 @@ func (c *conn) maybeIdleLocked() {
 		return
 	}
 	if c.goingAway {
-		go c.close(errConnClosed) // close takes locks; the caller holds c.mu
+		c.raw.Close() // the read loop fails and closes the conn
 		return
 	}
 	if c.idleTimer != nil {
@@ -211,7 +217,8 @@ func (c *conn) close(err error) {
 		}
 		c.wcond.Broadcast()
 		c.mu.Unlock()
-		c.nc.Close()
+		// Not nc.Close: its close_notify could wait behind a blocked Write.
+		c.raw.Close()
 		if c.onClose != nil {
 			c.onClose(c)
 		}
@@ -260,6 +267,17 @@ func (c *conn) shutdown() {
 func (c *conn) writeFrame(f func(*http2.Framer) error) error {
 	c.wmu.Lock()
 	err := f(c.fr)
+	c.wmu.Unlock()
+	if err != nil {
+		c.close(fmt.Errorf("hbone: write: %w", err))
+	}
+	return err
+}
+
+// writeData writes one DATA frame.
+func (c *conn) writeData(id uint32, end bool, p []byte) error {
+	c.wmu.Lock()
+	err := c.fr.WriteData(id, end, p)
 	c.wmu.Unlock()
 	if err != nil {
 		c.close(fmt.Errorf("hbone: write: %w", err))
@@ -345,7 +363,11 @@ func (c *conn) readFrames() error {
 		case *http2.WindowUpdateFrame:
 			err = c.onWindowUpdate(f)
 		case *http2.RSTStreamFrame:
-			c.resetStream(f.StreamID, 0, http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode})
+			var err error = http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode}
+			if f.ErrCode == http2.ErrCodeRefusedStream {
+				err = errRefusedStream
+			}
+			c.resetStream(f.StreamID, 0, err)
 		case *http2.SettingsFrame:
 			err = c.onSettings(f)
 		case *http2.PingFrame:
@@ -358,7 +380,7 @@ func (c *conn) readFrames() error {
 			c.goingAway = true
 			for id, s := range c.streams {
 				if id > f.LastStreamID { // never processed by the peer
-					s.failLocked(fmt.Errorf("hbone: stream refused by goaway (%v)", f.ErrCode))
+					s.failLocked(errRefusedStream)
 					c.removeLocked(s)
 				}
 			}

@@ -71,7 +71,7 @@ func (d *Dialer) Dial(ctx context.Context, r DialRequest) (*Stream, error) {
 	fields := requestFields(r)
 	key := poolKey{src: r.Source, peers: peersKey(r.Peers), addr: r.Addr.String()}
 	var err error
-	for range 3 { // a connection may start going away under us: retry on another
+	for range 5 { // a connection may go away or refuse the stream: retry
 		var c *conn
 		c, err = d.reserve(ctx, key, r)
 		if err != nil {
@@ -85,7 +85,12 @@ func (d *Dialer) Dial(ctx context.Context, r DialRequest) (*Stream, error) {
 		if err != nil {
 			continue
 		}
-		return d.await(ctx, s, r)
+		var st *Stream
+		st, err = d.await(ctx, s, r)
+		if errors.Is(err, errRefusedStream) {
+			continue // the server did not process it: try again
+		}
+		return st, err
 	}
 	return nil, fmt.Errorf("hbone dial %s: %w", r.Addr, err)
 }
@@ -149,13 +154,18 @@ func (d *Dialer) reserve(ctx context.Context, key poolKey, r DialRequest) (*conn
 		return nil, ErrDialerClosed
 	}
 	var pc *poolConn
+	pending := limit // reservations allowed on a connection still dialing
 	for _, p := range d.pools[key] {
 		if p.c != nil {
 			if p.c.tryReserve(limit) {
 				d.mu.Unlock()
 				return p.c, nil
 			}
-		} else if p.err == nil && p.reserved < limit {
+			pending = min(pending, p.c.streamLimit(limit)) // what this server allows
+		}
+	}
+	for _, p := range d.pools[key] {
+		if p.c == nil && p.err == nil && p.reserved < pending {
 			p.reserved++
 			pc = p
 			break
@@ -273,7 +283,7 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
 		nc.Close()
 		return nil, fmt.Errorf("tls handshake: %w", err)
 	}
-	c := newConn(tc, false, d.logger())
+	c := newConn(tc, nc, false, d.logger())
 	c.peer, c.local = peer, r.Source
 	c.maxStreams = d.streamLimit()
 	c.idleTimeout = d.IdleTimeout
@@ -305,6 +315,14 @@ func (c *conn) tryReserve(limit int) bool {
 	c.reserved++
 	c.busyLocked()
 	return true
+}
+
+// streamLimit is the conn's cap on concurrent streams: limit, or less if
+// the server said so.
+func (c *conn) streamLimit(limit int) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return min(limit, c.peerMaxStreams)
 }
 
 // unreserve gives back a slot reserved by tryReserve.

@@ -722,3 +722,38 @@ func TestDialerClose(t *testing.T) {
 	}
 	d.Close()
 }
+
+// TestServerStreamLimit checks that a client learns a lower server limit:
+// refused streams are retried on further connections.
+func TestServerStreamLimit(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, func(s *Server) { s.MaxConcurrentStreams = 2 })
+	d := e.dialer()
+	const n = 10
+	streams := make([]*Stream, n)
+	errs := make(chan error, n)
+	for i := range n { // concurrently: the first ones race the server's SETTINGS
+		go func() {
+			var err error
+			streams[i], err = d.Dial(testCtx(t), e.request())
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, s := range streams {
+		msg := fmt.Sprint(i)
+		io.WriteString(s, msg)
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(s, buf); err != nil || string(buf) != msg {
+			t.Fatalf("stream %d: %q, %v", i, buf, err)
+		}
+		s.Close()
+	}
+	if got := d.Conns(); got < n/2 {
+		t.Errorf("%d connections for %d streams, at most 2 each", got, n)
+	}
+}

@@ -139,7 +139,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		tc.Close()
 		return
 	}
-	c := newConn(tc, true, log)
+	c := newConn(tc, nc, true, log)
 	c.peer, c.local = peer, localID
 	c.maxStreams = orDefault(s.MaxConcurrentStreams, DefaultMaxConcurrentStreams)
 	c.idleTimeout = orDefault(s.IdleTimeout, DefaultIdleTimeout)
@@ -183,7 +183,9 @@ func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.Addr
 	if status != 0 {
 		s.logger().Debug("hbone: bad request", "remote", remote, "status", status,
 			"method", f.PseudoValue("method"), "authority", f.PseudoValue("authority"))
-		go func() { // the read loop must not block on writes it could wait for
+		s.wg.Add(1)
+		go func() { // the read loop must not wait for writes
+			defer s.wg.Done()
 			req.Reject(status)
 			st.close()
 		}()

@@ -143,8 +143,7 @@ func (st *Stream) Write(p []byte) (int, error) {
 		s.sendWindow -= n
 		c.sendWindow -= n
 		c.mu.Unlock()
-		chunk := p[:n]
-		if err := c.writeFrame(func(fr *http2.Framer) error { return fr.WriteData(s.id, false, chunk) }); err != nil {
+		if err := c.writeData(s.id, false, p[:n]); err != nil {
 			return total, err
 		}
 		total += int(n)
@@ -166,7 +165,7 @@ func (st *Stream) CloseWrite() error {
 	s.wclosed = true
 	c.wcond.Broadcast()
 	c.mu.Unlock()
-	err := c.writeFrame(func(fr *http2.Framer) error { return fr.WriteData(s.id, true, nil) })
+	err := c.writeData(s.id, true, nil)
 	c.mu.Lock()
 	c.maybeDoneLocked(s)
 	c.mu.Unlock()
@@ -210,7 +209,7 @@ func (s *stream) close() {
 	c.mu.Unlock()
 	switch {
 	case endStream:
-		c.writeFrame(func(fr *http2.Framer) error { return fr.WriteData(s.id, true, nil) })
+		c.writeData(s.id, true, nil)
 	case rst:
 		c.writeRST(s.id, code)
 	}
