@@ -21,6 +21,7 @@ import (
 	"github.com/ambit-mesh/ambit/authz"
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/ztunnel"
 	"github.com/ambit-mesh/ambit/ztunnel/configfile"
@@ -32,6 +33,9 @@ type options struct {
 	configFile    string
 	xdsAddr       string
 	caDir         string
+	caAddr        string
+	caRoots       string
+	tokenFile     string
 	trustDomain   string
 	rootNamespace string
 	proxy         ztunnel.Config // listener addresses, transparency, mark, drain
@@ -52,9 +56,12 @@ It listens on 15001 (outbound capture), 15006 (inbound plaintext capture),
 15021 (readiness), holds one SPIFFE certificate per local workload and carries
 enrolled workloads' TCP in mutual-TLS HTTP/2 CONNECT tunnels.
 
-Local mode: --config names a JSON or YAML file of the model (workloads,
-services, policies, peerAuthentications), reloaded when it changes, and
---ca-dir a directory holding the mesh's CA (generated on first start).
+Config: --config names a JSON or YAML file of the model (workloads, services,
+policies, peerAuthentications), reloaded when it changes.
+Certificates: --ca-address (istiod-lite's certificate service, with --ca-roots
+and --token-file), or --ca-dir, a directory holding the mesh's CA (generated
+on first start) for an in-process CA.
+Capture: --capture loads the eBPF capture into the node's network namespace.
 
 Usage: ztunnel [flags]
 
@@ -66,7 +73,10 @@ Usage: ztunnel [flags]
 	fs.StringVar(&o.node, "node", envOr("NODE_NAME", host), "this node's name: workloads on other nodes are not served here ($NODE_NAME)")
 	fs.StringVar(&o.configFile, "config", "", "local mode: the model as a JSON or YAML file, reloaded on change")
 	fs.StringVar(&o.xdsAddr, "xds-address", "", "istiod-lite's xDS address (host:15012)")
-	fs.StringVar(&o.caDir, "ca-dir", "", "local mode: directory of the mesh CA (ca.crt, ca.key, roots.pem); created if missing")
+	fs.StringVar(&o.caDir, "ca-dir", "", "in-process CA: directory of the mesh CA (ca.crt, ca.key, roots.pem); created if missing")
+	fs.StringVar(&o.caAddr, "ca-address", "", "istiod-lite's certificate service (host:15012); needs --ca-roots and --token-file")
+	fs.StringVar(&o.caRoots, "ca-roots", "", "PEM roots that istiod-lite's serving certificate chains to (the ambit-ca-root ConfigMap)")
+	fs.StringVar(&o.tokenFile, "token-file", "", "bearer token for the certificate service (a projected service-account token, or the host's secret in local mode), re-read per call")
 	fs.StringVar(&o.trustDomain, "trust-domain", certs.DefaultTrustDomain.Name(), "SPIFFE trust domain")
 	fs.StringVar(&o.rootNamespace, "root-namespace", authz.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 	fs.StringVar(&o.proxy.OutboundAddr, "outbound-addr", fmt.Sprintf(":%d", model.PortOutbound), "outbound capture listener (empty: off)")
@@ -93,6 +103,33 @@ Usage: ztunnel [flags]
 		fmt.Fprintln(os.Stderr, "ztunnel:", err)
 		os.Exit(1)
 	}
+}
+
+// newIssuer returns what signs the node's workload certificates: the
+// certificate service of istiod-lite, or an in-process CA.
+func newIssuer(ctx context.Context, o options, td spiffeid.TrustDomain, log *slog.Logger) (certs.Issuer, func(), error) {
+	switch {
+	case o.caAddr != "" && o.caDir != "":
+		return nil, nil, errors.New("give --ca-address or --ca-dir, not both")
+	case o.caAddr != "":
+		if o.caRoots == "" || o.tokenFile == "" {
+			return nil, nil, errors.New("--ca-address needs --ca-roots and --token-file")
+		}
+		c := &ca.Client{
+			Addr:        o.caAddr,
+			TrustDomain: td,
+			Roots:       &ca.BundleFile{Path: o.caRoots, TrustDomain: td},
+			TokenFile:   o.tokenFile,
+		}
+		return c, func() { c.Close() }, nil
+	case o.caDir != "":
+		c, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: o.caDir}, td, certs.Options{}, log)
+		if err != nil {
+			return nil, nil, err
+		}
+		return c, func() {}, nil
+	}
+	return nil, nil, errors.New("no certificate issuer: give --ca-address (istiod-lite) or --ca-dir (in-process CA)")
 }
 
 // loadCapture loads (or picks up the pinned) eBPF capture for this node.
@@ -153,18 +190,16 @@ func run(ctx context.Context, o options) error {
 	if o.xdsAddr != "" {
 		return errors.New("--xds-address: the xDS client is not part of this build yet; use --config")
 	}
-	if o.caDir == "" {
-		return errors.New("local mode needs --ca-dir (the mesh CA that signs workload certificates)")
-	}
 	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
 	if err != nil {
 		return fmt.Errorf("--trust-domain: %w", err)
 	}
-	ca, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: o.caDir}, td, certs.Options{}, log)
+	issuer, closeIssuer, err := newIssuer(ctx, o, td, log)
 	if err != nil {
 		return err
 	}
-	mgr := &certs.Manager{Issuer: ca, Logger: log.With("component", "certs")}
+	defer closeIssuer()
+	mgr := &certs.Manager{Issuer: issuer, Logger: log.With("component", "certs")}
 	defer mgr.Close()
 
 	store := &model.Store{}
