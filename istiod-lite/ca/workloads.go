@@ -47,8 +47,9 @@ type PodIndex struct {
 	mu       sync.Mutex // guards indexer and synced
 	indexer  cache.Indexer
 	synced   bool
-	initOnce sync.Once
-	ready    chan struct{} // closed once the cache has synced
+	initOnce  sync.Once
+	ready     chan struct{} // closed once the cache has synced
+	readyOnce sync.Once
 }
 
 const nodeIndex = "spec.nodeName"
@@ -59,6 +60,7 @@ func (p *PodIndex) init() {
 
 // Start runs the informer until ctx is done (controller-runtime style: it
 // blocks). Until its cache has synced, OnNode asks the API server directly.
+// Call it once.
 func (p *PodIndex) Start(ctx context.Context) error {
 	p.init()
 	log := p.Logger
@@ -89,7 +91,7 @@ func (p *PodIndex) Start(ctx context.Context) error {
 		p.mu.Lock()
 		p.indexer, p.synced = inf.GetIndexer(), true
 		p.mu.Unlock()
-		close(p.ready)
+		p.readyOnce.Do(func() { close(p.ready) })
 		log.Info("pod index synced", "pods", len(inf.GetIndexer().ListKeys()))
 	}
 	<-done
