@@ -44,9 +44,9 @@ type PodIndex struct {
 	// Logger (discard if nil).
 	Logger *slog.Logger
 
-	mu       sync.Mutex // guards indexer and synced
-	indexer  cache.Indexer
-	synced   bool
+	mu        sync.Mutex // guards indexer and synced
+	indexer   cache.Indexer
+	synced    bool
 	initOnce  sync.Once
 	ready     chan struct{} // closed once the cache has synced
 	readyOnce sync.Once
