@@ -1,0 +1,125 @@
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// FortioVersion is the fortio release the harness builds. Later releases
+// import grol.io/grol, which the module proxy here refuses to serve.
+const FortioVersion = "v1.66.5"
+
+// Tools are the external programs a run uses, with their versions.
+type Tools struct {
+	Fortio, Iperf3, HAProxy, Ztunnel string
+	// Versions of each tool, for the report.
+	Versions map[string]string
+	// ZtunnelErr says why the ztunnel binary could not be built (the ambit
+	// path is then reported as not measured).
+	ZtunnelErr error
+}
+
+// CacheDir is where built tools are kept between runs:
+// $AMBIT_CACHE, else ~/.cache/ambit.
+func CacheDir() string {
+	if d := os.Getenv("AMBIT_CACHE"); d != "" {
+		return d
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return filepath.Join(os.TempDir(), "ambit-cache")
+	}
+	return filepath.Join(home, ".cache", "ambit")
+}
+
+// findTools locates iperf3 and haproxy, builds (or reuses) fortio, and
+// builds ztunnel from the module at repoDir into workDir.
+func findTools(ctx context.Context, repoDir, cacheDir, workDir string, log *slog.Logger) (*Tools, error) {
+	t := &Tools{Versions: map[string]string{}}
+	var err error
+	if t.Iperf3, err = exec.LookPath("iperf3"); err != nil {
+		return nil, fmt.Errorf("iperf3 not found (scripts/install-deps.sh bench): %w", err)
+	}
+	if t.HAProxy, err = exec.LookPath("haproxy"); err != nil {
+		if t.HAProxy, err = exec.LookPath("/usr/sbin/haproxy"); err != nil {
+			return nil, fmt.Errorf("haproxy not found (scripts/install-deps.sh bench): %w", err)
+		}
+	}
+	t.Versions["iperf3"] = firstLine(exec.CommandContext(ctx, t.Iperf3, "--version").CombinedOutput())
+	t.Versions["haproxy"] = firstLine(exec.CommandContext(ctx, t.HAProxy, "-v").CombinedOutput())
+	if t.Fortio, err = buildFortio(ctx, cacheDir, log); err != nil {
+		return nil, err
+	}
+	t.Versions["fortio"] = FortioVersion
+	t.Ztunnel = filepath.Join(workDir, "ztunnel.bin")
+	log.Info("building ztunnel", "module", repoDir)
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", t.Ztunnel, "./cmd/ztunnel")
+	cmd.Dir = repoDir
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.ZtunnelErr = fmt.Errorf("go build ./cmd/ztunnel: %w: %s", err, strings.TrimSpace(string(out)))
+		t.Ztunnel = ""
+	} else {
+		rev := exec.CommandContext(ctx, "git", "describe", "--always", "--dirty")
+		rev.Dir = repoDir
+		t.Versions["ztunnel"] = "built from " + firstLine(rev.Output())
+	}
+	t.Versions["go"] = firstLine(exec.CommandContext(ctx, "go", "version").Output())
+	return t, nil
+}
+
+// buildFortio returns the cached fortio binary, building it first if
+// needed: a throw-away wrapper module requires fortio.org/fortio at
+// FortioVersion and `go build`s its main package (`go install mod@version`
+// can fail here when the proxy refuses a version list).
+func buildFortio(ctx context.Context, cacheDir string, log *slog.Logger) (string, error) {
+	dir := filepath.Join(cacheDir, "fortio-"+FortioVersion)
+	bin := filepath.Join(dir, "fortio")
+	if _, err := os.Stat(bin); err == nil {
+		return bin, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("fortio cache: %w", err)
+	}
+	src, err := os.MkdirTemp("", "fortio-wrap-")
+	if err != nil {
+		return "", fmt.Errorf("fortio wrapper: %w", err)
+	}
+	defer os.RemoveAll(src)
+	if err := os.WriteFile(filepath.Join(src, "go.mod"), []byte("module ambit.local/fortiowrap\n\ngo 1.26\n"), 0o644); err != nil {
+		return "", fmt.Errorf("fortio wrapper: %w", err)
+	}
+	log.Info("building fortio from the module proxy", "version", FortioVersion)
+	for _, args := range [][]string{
+		{"get", "fortio.org/fortio@" + FortioVersion},
+		{"build", "-o", bin + ".tmp", "fortio.org/fortio"},
+	} {
+		cmd := exec.CommandContext(ctx, "go", args...)
+		cmd.Dir = src
+		cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("build fortio: go %s: %w: %s", args[0], err, strings.TrimSpace(string(out)))
+		}
+	}
+	if err := os.Rename(bin+".tmp", bin); err != nil {
+		return "", fmt.Errorf("build fortio: %w", err)
+	}
+	return bin, nil
+}
+
+func firstLine(b []byte, err error) string {
+	if err != nil && len(b) == 0 {
+		return "unknown (" + err.Error() + ")"
+	}
+	s, _, _ := strings.Cut(strings.TrimSpace(string(b)), "\n")
+	return s
+}
+
+// errNotMeasured marks a path that could not be measured; its message is the
+// reason the report prints.
+var errNotMeasured = errors.New("not measured")
