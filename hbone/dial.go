@@ -111,6 +111,11 @@ func (d *Dialer) await(ctx context.Context, s *stream, r DialRequest) (*Stream, 
 		return nil, fmt.Errorf("hbone dial %s: %w", r.Addr, err)
 	}
 	if status != 200 {
+		// The server has ended (or will reset) the stream: say no more
+		// than RST_STREAM(NO_ERROR) if it is still open.
+		s.c.mu.Lock()
+		s.wclosed = true
+		s.c.mu.Unlock()
 		s.close()
 		return nil, &StatusError{Code: status}
 	}

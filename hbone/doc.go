@@ -53,8 +53,12 @@
 //	func (d *Dialer) Conns() int      // open HBONE (TLS) connections
 //	func (d *Dialer) Close() error    // closes everything, waits for goroutines
 //
-//	// A non-200 answer is a *StatusError: errors.As(err, &se); se.Code.
+//	// Errors callers branch on. A non-200 answer is a *StatusError:
+//	// errors.As(err, &se); se.Code (401 policy, 503 upstream, ...).
 //	type StatusError struct{ Code int }
+//	var ErrExpiredCertificate // the CertSource returned an expired SVID (wrapped)
+//	var ErrHeadersTooLarge    // headers over the server's limit; nothing sent (wrapped)
+//	var ErrDialerClosed, ErrServerClosed
 //
 //	// Stream is one tunnelled connection: a net.Conn with CloseWrite.
 //	func (s *Stream) Read/Write/Close/CloseWrite/LocalAddr/RemoteAddr/Set*Deadline
@@ -91,7 +95,7 @@
 //	}
 //	// The handler answers exactly once: Accept sends 200 and returns the
 //	// stream; Reject sends the status (401, 503, ...). Returning without
-//	// either answers 503. The stream is reset when the handler returns.
+//	// either answers 503. The stream is closed when the handler returns.
 //	func (r *Request) Accept() (*Stream, error)
 //	func (r *Request) Reject(status int) error
 //
@@ -101,11 +105,25 @@
 //	// Pure helpers (fuzzed).
 //	func ParseAuthority(s string) (netip.AddrPort, error)
 //	func ParseForwarded(s string) (Forwarded, error)
+//	func FormatForwarded(src netip.AddrPort, host string) string
 //	func ParseBaggage(s string) Baggage
 //	func (b Baggage) String() string
+//
+// A handler is usually: policy check (Reject(401)), dial the target
+// (Reject(503) on failure), Accept, then Join(ctx, stream, upstream).
+//
+// Flow control uses Istio's numbers: stream window 4 MiB, connection window
+// 16 MiB, frames up to 1 MiB. A server refuses streams over its limit
+// (REFUSED_STREAM) and the Dialer retries them elsewhere, learning the
+// limit. Pooled connections keep the certificate they were made with; new
+// ones get the CertSource's current SVID.
 //
 // The HTTP/2 framing is x/net/http2's Framer and hpack; the connection logic
 // (streams, flow control, settings) is this package's own, small because it
 // only carries CONNECT streams, and because net/http's HTTP/2 server cannot
-// half-close a response while still reading the request body.
+// half-close a response while still reading the request body (it resets the
+// stream when the handler returns), which a TCP proxy must do.
+//
+// Not there yet: PINGs to detect silently dead peers (today only TCP
+// notices); limits on rapidly reset streams; TLS session resumption.
 package hbone
