@@ -1,0 +1,428 @@
+// Command demo is `make demo`: ambit's local mesh on the embedded default.
+// It reads the YAML in examples/local, builds one network namespace per node
+// and per pod, runs istiod-lite in local mode on that directory (no API
+// server), a ztunnel with eBPF capture on each node and the echo workload in
+// each pod that declares a port, sends traffic between the pods, and prints
+// who talked to whom, with which SPIFFE identities, whether the bytes crossed
+// the wire encrypted, and the policy decisions. Then it tears everything down
+// (unless -keep). It needs root.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/ambit-mesh/ambit/integration/app"
+	"github.com/ambit-mesh/ambit/integration/mesh"
+	"github.com/ambit-mesh/ambit/integration/netns"
+	"github.com/ambit-mesh/ambit/istiod-lite/translate"
+	"github.com/ambit-mesh/ambit/model"
+)
+
+func main() {
+	var cfg config
+	flag.StringVar(&cfg.examples, "examples", "", "directory of the mesh's YAML (default: examples/local of this repository)")
+	flag.BoolVar(&cfg.keep, "keep", false, "keep the mesh running after the summary, until interrupted")
+	flag.BoolVar(&cfg.verbose, "v", false, "log the harness's progress")
+	flag.Parse()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(1)
+	}
+}
+
+type config struct {
+	examples string
+	keep     bool
+	verbose  bool
+}
+
+// pod is a pod of the examples with where it runs.
+type pod struct {
+	obj   *corev1.Pod
+	ip    netip.Addr
+	ports []int
+	net   *netns.Pod
+}
+
+func (p *pod) key() string { return p.obj.Namespace + "/" + p.obj.Name }
+
+func run(ctx context.Context, cfg config) error {
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: it creates network namespaces and loads eBPF programs (run it with sudo)")
+	}
+	repo, err := repoRoot()
+	if err != nil {
+		return err
+	}
+	if cfg.examples == "" {
+		cfg.examples = filepath.Join(repo, "examples", "local")
+	}
+	log := slog.New(slog.DiscardHandler)
+	if cfg.verbose {
+		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	start := time.Now()
+	pods, svcs, err := readExamples(cfg.examples)
+	if err != nil {
+		return err
+	}
+	nodes, err := nodesOf(pods)
+	if err != nil {
+		return err
+	}
+
+	work, err := os.MkdirTemp("", "ambit-demo-")
+	if err != nil {
+		return err
+	}
+	if !cfg.keep {
+		defer os.RemoveAll(work)
+	}
+	step("building ztunnel and istiod-lite")
+	bin := filepath.Join(work, "bin")
+	if err := mesh.Build(ctx, repo, bin); err != nil {
+		return err
+	}
+	step(fmt.Sprintf("starting istiod-lite on %s (local mode: %s)", nodes[0].Name, cfg.examples))
+	m, err := mesh.Start(ctx, mesh.Options{BinDir: bin, WorkDir: work, Nodes: nodes, Prefix: "ambit-demo", ConfigDir: cfg.examples, Logger: log})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if !cfg.keep {
+			step("tearing down")
+			m.Close()
+		}
+	}()
+
+	// The pods' networks exist before ztunnel starts, as a CNI would make
+	// them; ztunnel then captures the enrolled ones before they send anything.
+	for _, p := range pods {
+		n := m.Topo.Node(p.obj.Spec.NodeName)
+		if p.net, err = n.AddPodIP(p.obj.Namespace+"."+p.obj.Name, p.ip); err != nil {
+			return err
+		}
+	}
+	for _, n := range nodes {
+		step("starting ztunnel on " + n.Name + " (eBPF capture)")
+		if err := m.StartZtunnel(ctx, n.Name); err != nil {
+			return err
+		}
+	}
+	var servers []*app.Server
+	defer func() {
+		for _, s := range servers {
+			s.Close()
+		}
+	}()
+	for _, p := range pods {
+		for _, port := range p.ports {
+			ln, err := p.net.NS.Listen(ctx, nil, "tcp", ":"+strconv.Itoa(port))
+			if err != nil {
+				return fmt.Errorf("pod %s: %w", p.key(), err)
+			}
+			s := &app.Server{Name: p.key()}
+			servers = append(servers, s)
+			go s.Serve(ln)
+		}
+	}
+
+	capFile := filepath.Join(work, "underlay.pcap")
+	pcap, err := m.Topo.Underlay.StartCapture("br0", capFile, "tcp")
+	if err != nil {
+		return err
+	}
+	step("sending traffic")
+	flows := plan(pods, svcs)
+	for _, f := range flows {
+		f.exchange(ctx)
+	}
+	time.Sleep(500 * time.Millisecond) // let the access-log lines land
+	packets, err := pcap.Stop()
+	if err != nil {
+		return err
+	}
+	var logs []mesh.AccessLog
+	for _, n := range nodes {
+		l, err := m.AccessLogs(n.Name)
+		if err != nil {
+			return err
+		}
+		logs = append(logs, l...)
+	}
+	report(os.Stdout, flows, logs, packets, m)
+	fmt.Printf("\nmesh up, traffic and summary in %s.\n", time.Since(start).Round(100*time.Millisecond))
+	if cfg.keep {
+		fmt.Printf("kept running (-keep): logs in %s; node namespaces ambit-demo-<node>; interrupt to tear down.\n", work)
+		<-ctx.Done()
+		m.Close()
+		os.RemoveAll(work)
+	}
+	return nil
+}
+
+func step(s string) { fmt.Fprintln(os.Stderr, "==>", s) }
+
+func repoRoot() (string, error) {
+	_, file, _, ok := runtime.Caller(0)
+	if ok {
+		if root := filepath.Clean(filepath.Join(filepath.Dir(file), "..", "..")); exists(filepath.Join(root, "go.mod")) {
+			return root, nil
+		}
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for d := wd; ; d = filepath.Dir(d) {
+		if exists(filepath.Join(d, "go.mod")) {
+			return d, nil
+		}
+		if d == filepath.Dir(d) {
+			return "", errors.New("cannot find the repository (go.mod); run from inside it")
+		}
+	}
+}
+
+func exists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// readExamples decodes the Pods and Services of dir.
+func readExamples(dir string) ([]*pod, []*corev1.Service, error) {
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil || len(files) == 0 {
+		return nil, nil, fmt.Errorf("no YAML in %s", dir)
+	}
+	var pods []*pod
+	var svcs []*corev1.Service
+	for _, f := range files {
+		r, err := os.Open(f)
+		if err != nil {
+			return nil, nil, err
+		}
+		objs, _, err := translate.Decode(r)
+		r.Close()
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", f, err)
+		}
+		for _, o := range objs {
+			switch o := o.(type) {
+			case *corev1.Pod:
+				ip, err := netip.ParseAddr(o.Status.PodIP)
+				if err != nil || o.Spec.NodeName == "" {
+					return nil, nil, fmt.Errorf("%s: pod %s/%s needs spec.nodeName and status.podIP", f, o.Namespace, o.Name)
+				}
+				p := &pod{obj: o, ip: ip}
+				for _, c := range o.Spec.Containers {
+					for _, port := range c.Ports {
+						p.ports = append(p.ports, int(port.ContainerPort))
+					}
+				}
+				pods = append(pods, p)
+			case *corev1.Service:
+				svcs = append(svcs, o)
+			}
+		}
+	}
+	sort.Slice(pods, func(i, j int) bool { return pods[i].key() < pods[j].key() })
+	return pods, svcs, nil
+}
+
+// nodesOf derives the nodes (sorted by name) and their /24 pod CIDRs.
+func nodesOf(pods []*pod) ([]netns.NodeConfig, error) {
+	cidrs := map[string]netip.Prefix{}
+	for _, p := range pods {
+		c := netip.PrefixFrom(p.ip, 24).Masked()
+		if old, ok := cidrs[p.obj.Spec.NodeName]; ok && old != c {
+			return nil, fmt.Errorf("node %s has pods in %s and %s: the demo wants one /24 per node", p.obj.Spec.NodeName, old, c)
+		}
+		cidrs[p.obj.Spec.NodeName] = c
+	}
+	var nodes []netns.NodeConfig
+	for name, c := range cidrs {
+		nodes = append(nodes, netns.NodeConfig{Name: name, PodCIDR: c})
+	}
+	sort.Slice(nodes, func(i, j int) bool { return nodes[i].Name < nodes[j].Name })
+	return nodes, nil
+}
+
+// flow is one connection the demo makes.
+type flow struct {
+	from   *pod
+	to     string // what the client dialled, for the table
+	addr   string // ip:port
+	local  string // the client's ip:port, to find the access-log lines
+	res    app.Result
+	err    error
+	server *pod
+}
+
+// plan: every pod (as a client) to every server pod's ports, and to every
+// service, skipping a pod talking to itself.
+func plan(pods []*pod, svcs []*corev1.Service) []*flow {
+	var flows []*flow
+	for _, c := range pods {
+		for _, s := range svcs {
+			for _, ip := range s.Spec.ClusterIPs {
+				for _, port := range s.Spec.Ports {
+					flows = append(flows, &flow{from: c, to: fmt.Sprintf("svc %s.%s:%d", s.Name, s.Namespace, port.Port), addr: net.JoinHostPort(ip, strconv.Itoa(int(port.Port)))})
+				}
+			}
+		}
+		for _, s := range pods {
+			if s == c {
+				continue
+			}
+			for _, port := range s.ports {
+				flows = append(flows, &flow{from: c, to: fmt.Sprintf("pod %s:%d", s.key(), port), addr: net.JoinHostPort(s.ip.String(), strconv.Itoa(port)), server: s})
+			}
+		}
+	}
+	return flows
+}
+
+func (f *flow) exchange(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	f.res, f.err = app.Exchange(ctx, func(ctx context.Context) (net.Conn, error) {
+		c, err := f.from.net.NS.Dial(ctx, nil, "tcp", f.addr)
+		if err == nil {
+			f.local = c.LocalAddr().String()
+		}
+		return c, err
+	}, 64<<10)
+}
+
+func report(w *os.File, flows []*flow, logs []mesh.AccessLog, packets []netns.Packet, m *mesh.Mesh) {
+	bySrc := map[string][]mesh.AccessLog{}
+	for _, l := range logs {
+		bySrc[l.Src] = append(bySrc[l.Src], l)
+	}
+	// Which client addresses' payload crossed the underlay in clear.
+	clear := map[string]bool{}
+	var hbone, total int
+	for _, p := range packets {
+		total++
+		if p.Src.Port() == model.PortHBONE || p.Dst.Port() == model.PortHBONE {
+			hbone++
+		}
+		if strings.Contains(string(p.Payload), app.Marker) {
+			clear[p.Src.String()] = true
+			clear[p.Dst.String()] = true
+		}
+	}
+
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "ambit demo: who talked to whom")
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "FROM\tTO\tRESULT\tON THE WIRE\tIDENTITIES (client -> server)\tPOLICY")
+	for _, f := range flows {
+		result := "ok"
+		if f.err != nil {
+			result = "refused: " + shortErr(f.err)
+		} else if f.res.Server != "" {
+			result = "ok, served by " + f.res.Server
+		}
+		var out, in *mesh.AccessLog
+		for i, l := range bySrc[f.local] {
+			switch l.Direction {
+			case "outbound":
+				out = &bySrc[f.local][i]
+			case "inbound":
+				in = &bySrc[f.local][i]
+			}
+		}
+		wire := "plain TCP (not captured)"
+		ids := "-"
+		switch {
+		case out != nil && out.Route != "passthrough" && out.Route != "" && out.DstPrincipal != "":
+			wire = "HBONE mTLS (encrypted)"
+			ids = out.SrcPrincipal + " -> " + out.DstPrincipal
+		case out != nil:
+			wire = "plain TCP (" + out.Route + ", destination not in the mesh)"
+		case in != nil && in.Via != "hbone":
+			wire = "plain TCP (captured on arrival)"
+		}
+		if clear[f.local] {
+			wire += ", payload seen in clear on the underlay"
+		}
+		policy := "-"
+		switch {
+		case in != nil && in.Outcome == "denied":
+			policy = "DENIED by " + nonEmpty(in.Reason, "policy")
+		case in != nil && in.Outcome == "ok":
+			policy = "allowed"
+		case out != nil && out.Outcome == "denied":
+			policy = "DENIED (" + nonEmpty(out.Reason, "upstream said 401") + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", f.from.key(), f.to, result, wire, ids, policy)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\nunderlay capture: %d TCP packets between the nodes, %d of them HBONE (port %d); the plaintext marker appeared in the packets of %d connection(s), none of them from an enrolled pod's captured traffic.\n",
+		total, hbone, model.PortHBONE, countClientFlows(flows, clear))
+	for _, n := range m.Topo.Nodes {
+		var certs []struct {
+			Identity string    `json:"identity"`
+			NotAfter time.Time `json:"notAfter"`
+		}
+		if err := m.Admin(context.Background(), n.Name, "/debug/certificates", &certs); err == nil {
+			var ids []string
+			for _, c := range certs {
+				ids = append(ids, c.Identity)
+			}
+			fmt.Fprintf(w, "%s's ztunnel holds certificates for: %s\n", n.Name, strings.Join(ids, ", "))
+		}
+	}
+}
+
+func countClientFlows(flows []*flow, clear map[string]bool) int {
+	n := 0
+	for _, f := range flows {
+		if clear[f.local] {
+			n++
+		}
+	}
+	return n
+}
+
+func shortErr(err error) string {
+	s := err.Error()
+	switch {
+	case strings.Contains(s, "connection refused"):
+		return "connection refused"
+	case strings.Contains(s, "connection reset"):
+		return "connection reset"
+	case strings.Contains(s, "EOF"):
+		return "closed by the mesh"
+	case strings.Contains(s, "timeout"), strings.Contains(s, "deadline"):
+		return "timed out"
+	}
+	return s
+}
+
+func nonEmpty(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}
