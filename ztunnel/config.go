@@ -35,7 +35,7 @@ type Config struct {
 	InboundAddr  string // 15006, transparent capture of plaintext inbound
 	HBONEAddr    string // 15008
 	SOCKS5Addr   string // 15080
-	AdminAddr    string // 15000; keep it on localhost
+	AdminAddr    string // 15000; must be a loopback address
 	MetricsAddr  string // 15020
 	ReadyAddr    string // 15021
 

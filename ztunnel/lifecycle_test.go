@@ -322,3 +322,58 @@ func (c *cleanupTB) cleanup() {
 		c.fns[i]()
 	}
 }
+
+// TestDrainInbound: the destination proxy drains too: an open tunnel
+// finishes after its Run's context ends (GOAWAY on the HBONE connection),
+// while new tunnels to it are refused.
+func TestDrainInbound(t *testing.T) {
+	m := newTestMesh(t, nil)
+	ip := m.net.ip
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(ip(21), 7103).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	release := make(chan struct{})
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		<-release
+		c.Write([]byte("still here"))
+	}()
+	c, err := socksDial(m.n1.p.Addr(ListenerSOCKS5), ip(11), netip.AddrPortFrom(ip(21), 7103).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, "tunnel established at node2", func() bool { return m.n2.p.connCount() == 1 })
+	m.n2.cancel()
+	waitFor(t, "node2 draining", func() bool { return m.n2.p.draining.Load() })
+	if c2, err := socksDial(m.n1.p.Addr(ListenerSOCKS5), ip(11), m.vip.String()); err == nil {
+		c2.Close()
+		t.Fatal("a new tunnel reached the draining node")
+	}
+	close(release)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "still here" {
+		t.Fatalf("reply during drain: %q, %v", got, err)
+	}
+	c.Close() // the server half-closed; the client closes its side too
+	select {
+	case err := <-m.n2.done:
+		m.n2.done <- err
+	case <-time.After(2 * time.Second): // well before the 5s drain deadline
+		t.Fatal("node2's Run did not return after its last tunnel closed")
+	}
+}
+
+func TestAdminOnlyOnLocalhost(t *testing.T) {
+	_, err := New(t.Context(), Config{Store: &model.Store{}, AdminAddr: "0.0.0.0:0"})
+	if err == nil || !strings.Contains(err.Error(), "localhost") {
+		t.Fatalf("New with a wildcard admin address: %v", err)
+	}
+}

@@ -119,6 +119,9 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 			return nil, fmt.Errorf("ztunnel: %s: %w", l.name, err)
 		}
 		p.listeners[l.name] = ln
+		if l.name == ListenerAdmin && !addrPort(ln.Addr()).Addr().IsLoopback() {
+			return nil, fmt.Errorf("ztunnel: the admin listener must be on localhost, not %s", ln.Addr())
+		}
 	}
 	if cfg.Certs != nil {
 		p.dialer = &hbone.Dialer{Certs: cfg.Certs, Logger: log, DialContext: p.dialTCP}
