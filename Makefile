@@ -32,9 +32,20 @@ demo:
 	@echo "It is not built yet (issue: integration)." >&2
 	@exit 1
 
+# Go micro-benchmarks of the data-path and control-plane packages, then the
+# end-to-end mesh benchmark (root: namespaces, eBPF): direct vs HAProxy mTLS
+# pair vs ambit. Writes bench/results/{latest.json,latest.md,*.png,pprof/}.
+# BENCHFLAGS go to meshbench (e.g. BENCHFLAGS='-rounds 1'); see bench/README.md.
+BENCH_PKGS ?= ./hbone/... ./bpf/... ./istiod-lite/...
+BENCHFLAGS ?=
 bench:
 	@scripts/install-deps.sh bench
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./...
+	@mkdir -p bench/results
+	@echo "go test -bench $(BENCH_PKGS) > bench/results/microbench.txt"
+	@$(GO) test -run '^$$' -bench . -benchmem -count 1 -timeout 10m $(BENCH_PKGS) > bench/results/microbench.txt 2>&1 \
+		|| echo "FAIL: go test -bench exited with status $$?" >> bench/results/microbench.txt
+	@grep -E '^(Benchmark|ok|FAIL|pkg:)' bench/results/microbench.txt || true
+	$(GO) run ./bench/cmd/meshbench -out bench/results -microbench bench/results/microbench.txt $(BENCHFLAGS)
 
 generate:
 	@scripts/install-deps.sh generate

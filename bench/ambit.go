@@ -110,9 +110,14 @@ func connectionsOpened(ctx context.Context, ns *netns.NS) (float64, error) {
 	return sum, sc.Err()
 }
 
-// httpGet fetches url from inside ns.
+// httpGet fetches url from inside ns, within 5 seconds.
 func httpGet(ctx context.Context, ns *netns.NS, url string) (int, string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	return httpGetTimeout(ctx, ns, url, 5*time.Second)
+}
+
+// httpGetTimeout fetches url from inside ns, within timeout.
+func httpGetTimeout(ctx context.Context, ns *netns.NS, url string, timeout time.Duration) (int, string, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	tr := &http.Transport{DisableKeepAlives: true, DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		return ns.Dial(ctx, nil, network, addr)
@@ -127,7 +132,7 @@ func httpGet(ctx context.Context, ns *netns.NS, url string) (int, string, error)
 		return 0, "", err
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	return resp.StatusCode, string(b), err
 }
 

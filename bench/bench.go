@@ -24,6 +24,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -74,6 +75,10 @@ type Config struct {
 	LatencyTime, ThroughputTime, ConnRateTime time.Duration
 	// ConnRateConns is the concurrency of the new-connection runs (4).
 	ConnRateConns int
+	// ProfileDir, if set, is where CPU and heap profiles of the ztunnels
+	// are written, taken during extra, unmeasured runs after the rounds
+	// with a build of ztunnel that serves net/http/pprof.
+	ProfileDir string
 	// Logger receives progress; nil discards it.
 	Logger *slog.Logger
 }
@@ -265,6 +270,9 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			}
 		}
 	}
+	var zt *ztunnelPair
+	enrolled := map[string]bool{cm.Name: true, sm.Name: true}
+	pinPrefix := "/sys/fs/bpf/ambit-" + prefix
 	if want[PathAmbit] {
 		p := paths[PathAmbit]
 		if tools.ZtunnelErr != nil {
@@ -274,8 +282,8 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			if err := os.MkdirAll(zdir, 0o755); err != nil {
 				return nil, err
 			}
-			z, err := startZtunnels(ctx, tools.Ztunnel, zdir, caDir, "/sys/fs/bpf/ambit-"+prefix, topo,
-				map[string]bool{cm.Name: true, sm.Name: true})
+			z, err := startZtunnels(ctx, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled)
+			zt = z
 			if z != nil {
 				stops = append(stops, z.stop)
 			}
@@ -352,6 +360,42 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		}
 	}
 	res.Finished = time.Now().UTC()
+
+	if amb := paths[PathAmbit]; cfg.ProfileDir != "" && slices.Contains(active, amb) {
+		log.Info("profiling the ztunnels (extra runs, not part of the results)")
+		// Restart the ztunnels with the profiling build; capture stays
+		// pinned in between, as in a ztunnel upgrade.
+		pdir := filepath.Join(work, "ztunnel-pprof")
+		bin, err := buildProfilingZtunnel(ctx, cfg.RepoDir, work)
+		if err == nil {
+			zt.stop()
+			if err = os.MkdirAll(pdir, 0o755); err == nil {
+				var z *ztunnelPair
+				z, err = startZtunnels(ctx, bin, pdir, caDir, pinPrefix, topo, enrolled)
+				if z != nil {
+					stops = append(stops, z.stop)
+				}
+				if err == nil {
+					amb.procs = z.procs()
+					for _, w := range []struct {
+						kind  string
+						conns int
+					}{{WorkLatency, slices.Max(cfg.Connections)}, {WorkThroughput, 1}} {
+						var profs []Profile
+						profs, err = profileRun(ctx, cfg, tools, work, cfg.ProfileDir, bin, z.nodes, amb, w.kind, w.conns)
+						res.Profiles = append(res.Profiles, profs...)
+						if err != nil {
+							break
+						}
+					}
+				}
+			}
+		}
+		if err != nil {
+			log.Warn("profiling failed", "err", err)
+			res.ProfileError = err.Error()
+		}
+	}
 	return res, nil
 }
 

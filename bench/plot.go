@@ -84,10 +84,10 @@ func (r *Results) writePlot(file string, conns int) (bool, error) {
 	}
 	segment(img, left, top, left, H-bottom, black, 1)
 	segment(img, left, H-bottom, W-right, H-bottom, black, 1)
-	label(img, left, 30, fmt.Sprintf("Latency of 1 KB HTTP/1.1 requests at %d req/s over %d connection(s), %d rounds merged",
+	label(img, left, 20, fmt.Sprintf("Latency of 1 KB HTTP/1.1 requests at %d req/s over %d connection(s), %d rounds merged",
 		r.Config.QPS, conns, r.Config.Rounds), black)
 	label(img, W/2-40, H-20, "percentile", black)
-	label(img, 8, top-12, "latency (ms, log)", black)
+	label(img, 8, top-6, "latency (ms, log)", black)
 
 	for i, l := range lines {
 		c := pathColors[l.name]

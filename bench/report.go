@@ -235,6 +235,43 @@ func (r *Results) Markdown(plots []string) string {
 	}
 	w("\n")
 
+	if len(r.Profiles) > 0 || r.ProfileError != "" {
+		w("## Where ztunnel's time and memory go (pprof)\n\n")
+		w("Taken during extra runs after the measured rounds, with ztunnel rebuilt with a net/http/pprof listener (`go build -overlay`, sources untouched). ")
+		w("Open one with `go tool pprof -http=: bench/results/<file>`.\n\n")
+		if r.ProfileError != "" {
+			w("Profiling incomplete: %s\n\n", oneLine(r.ProfileError))
+		}
+		cats := []string{}
+		for _, c := range profileCategories {
+			cats = append(cats, c.name)
+		}
+		cats = append(cats, "other")
+		w("CPU samples by leaf function (percent of each profile):\n\n| ztunnel | run |")
+		for _, c := range cats {
+			w(" %s |", c)
+		}
+		w("\n|---|---|")
+		for range cats {
+			w("---:|")
+		}
+		w("\n")
+		for _, p := range r.Profiles {
+			if p.Kind != "cpu" {
+				continue
+			}
+			w("| %s | %s |", p.Node, p.Workload)
+			for _, c := range cats {
+				w(" %.0f |", p.Breakdown[c])
+			}
+			w("\n")
+		}
+		w("\n")
+		for _, p := range r.Profiles {
+			w("<details><summary>%s, %s, %s profile: <code>%s</code></summary>\n\n```\n%s\n```\n</details>\n\n", p.Node, p.Workload, p.Kind, p.File, p.Top)
+		}
+	}
+
 	w("## Go micro-benchmarks and control-plane scale\n\n")
 	mb := r.Microbench
 	switch {

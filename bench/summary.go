@@ -22,6 +22,9 @@ type Results struct {
 	PeakRSS map[string]int64        `json:"peakRssBytes,omitempty"`
 	Summary map[string]*PathSummary `json:"summary,omitempty"`
 	Targets []Target                `json:"targets,omitempty"`
+	// Profiles of the ztunnels, from extra runs after the measured ones.
+	Profiles     []Profile `json:"profiles,omitempty"`
+	ProfileError string    `json:"profileError,omitempty"`
 	// Microbench holds the Go benchmarks of the other packages.
 	Microbench *Microbench `json:"microbench,omitempty"`
 	Runs       []Run       `json:"runs"`

@@ -35,6 +35,7 @@ func main() {
 	flag.DurationVar(&cfg.LatencyTime, "latency-time", 0, "length of one latency run (default 10s)")
 	flag.DurationVar(&cfg.ThroughputTime, "throughput-time", 0, "length of one iperf3 run (default 5s)")
 	flag.DurationVar(&cfg.ConnRateTime, "connrate-time", 0, "length of one new-connection run (default 3s)")
+	profile := flag.Bool("profile", true, "after the rounds, take pprof CPU and heap profiles of the ztunnels (into <out>/pprof)")
 	conns := flag.String("connections", "1,64", "connection counts of the latency runs")
 	verbose := flag.Bool("v", true, "log progress")
 	flag.Parse()
@@ -45,6 +46,9 @@ func main() {
 	}
 	cfg.Logger = log
 	cfg.Paths = strings.Split(*paths, ",")
+	if *profile {
+		cfg.ProfileDir = filepath.Join(*out, "pprof")
+	}
 	for _, c := range strings.Split(*conns, ",") {
 		var n int
 		if _, err := fmt.Sscan(c, &n); err != nil || n < 1 {
