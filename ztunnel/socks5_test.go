@@ -18,7 +18,9 @@ func socksSnapshot() *model.Snapshot {
 
 func TestReadSOCKSRequest(t *testing.T) {
 	greet := []byte{5, 2, 2, 0} // offers user/pass and no-auth
-	req := func(rest ...byte) []byte { return append(append([]byte{}, greet...), append([]byte{5, 1, 0}, rest...)...) }
+	req := func(rest ...byte) []byte {
+		return append(append([]byte{}, greet...), append([]byte{5, 1, 0}, rest...)...)
+	}
 	for _, tc := range []struct {
 		name string
 		in   []byte
