@@ -56,6 +56,7 @@ type conn struct {
 	nextID         uint32 // client: next stream ID to open
 	lastPeerID     uint32 // server: highest stream ID the client opened
 	reserved       int    // client: streams reserved by Dial but not open yet
+	handlers       int    // server: handlers running (a reset stream's may outlive it)
 	sendWindow     int64  // connection-level send window
 	inflow         int64  // connection-level bytes the peer may still send
 	unackedConn    int64  // bytes consumed and not yet returned with WINDOW_UPDATE
@@ -564,7 +565,9 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.lastPeerID = id
-	if c.goingAway || c.err != nil || len(c.streams) >= c.maxStreams {
+	// Handlers of reset streams may still run: bound them too, so that a
+	// client opening and resetting streams quickly cannot pile them up.
+	if c.goingAway || c.err != nil || len(c.streams) >= c.maxStreams || c.handlers >= 2*c.maxStreams {
 		c.mu.Unlock()
 		c.writeRST(id, http2.ErrCodeRefusedStream)
 		return nil

@@ -125,5 +125,5 @@
 // stream when the handler returns), which a TCP proxy must do.
 //
 // Not there yet: PINGs to detect silently dead peers (today only TCP
-// notices); limits on rapidly reset streams; TLS session resumption.
+// notices); TLS session resumption.
 package hbone

@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -755,5 +756,99 @@ func TestServerStreamLimit(t *testing.T) {
 	}
 	if got := d.Conns(); got < n/2 {
 		t.Errorf("%d connections for %d streams, at most 2 each", got, n)
+	}
+}
+
+func TestIPv6(t *testing.T) {
+	checkGoroutines(t)
+	ln, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	up, err := net.Listen("tcp", "[::1]:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		c, err := up.Accept()
+		if err == nil {
+			echo(c)
+			c.Close()
+		}
+	}()
+	defer up.Close()
+	e := newEnv(t, echo, nil)
+	authority := make(chan string, 1)
+	srv := &Server{
+		Certs: e.certs,
+		LocalIdentity: func(dst netip.Addr) (spiffeid.ID, bool) {
+			return e.srvID, dst == netip.IPv6Loopback()
+		},
+		Handler: HandlerFunc(func(ctx context.Context, r *Request) {
+			authority <- r.Target.String()
+			dialHandler(ctx, r)
+		}),
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	defer func() { srv.Close(); <-done }()
+	r := e.request()
+	r.Addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	r.Target = up.Addr().(*net.TCPAddr).AddrPort()
+	r.ForwardedFor = netip.MustParseAddrPort("[fd00::7]:4567")
+	s, err := e.dialer().Dial(testCtx(t), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if got := <-authority; got != r.Target.String() || !strings.HasPrefix(got, "[::1]:") {
+		t.Errorf("authority %q, want %s", got, r.Target)
+	}
+	io.WriteString(s, "six")
+	s.CloseWrite()
+	if got, err := io.ReadAll(s); err != nil || string(got) != "six" {
+		t.Fatalf("echo %q, %v", got, err)
+	}
+}
+
+// TestRapidReset opens and resets streams as fast as possible: handlers of
+// reset streams stay bounded per connection.
+func TestRapidReset(t *testing.T) {
+	checkGoroutines(t)
+	const limit = 5
+	var running, peak atomic.Int32
+	e := newEnv(t, echo, func(s *Server) {
+		s.MaxConcurrentStreams = limit
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			n := running.Add(1)
+			defer running.Add(-1)
+			for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+			}
+			<-ctx.Done()
+			time.Sleep(20 * time.Millisecond) // slow cleanup
+		})
+	})
+	svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+	c, err := e.tlsClient(svid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, http2.ClientPreface)
+	fr := http2.NewFramer(c, c)
+	fr.WriteSettings()
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	enc.WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+	enc.WriteField(hpack.HeaderField{Name: ":authority", Value: e.target.String()})
+	go io.Copy(io.Discard, c)
+	for id := uint32(1); id < 2000; id += 2 {
+		fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: buf.Bytes(), EndHeaders: true})
+		fr.WriteRSTStream(id, http2.ErrCodeCancel)
+	}
+	waitFor(t, "handlers to finish", func() bool { return running.Load() == 0 })
+	if p := peak.Load(); p == 0 || p > 2*limit {
+		t.Errorf("%d handlers ran at once, want at most %d", p, 2*limit)
 	}
 }

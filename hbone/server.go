@@ -198,10 +198,16 @@ func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.Addr
 	} else {
 		st.cancel = cancel
 	}
+	c.handlers++
 	c.mu.Unlock()
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		defer func() {
+			c.mu.Lock()
+			c.handlers--
+			c.mu.Unlock()
+		}()
 		defer cancel()
 		defer st.close()
 		s.Handler.ServeHBONE(sctx, req)
