@@ -10,6 +10,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -38,8 +39,10 @@ type conn struct {
 	// must not block.
 	onStream    func(*stream, *http2.MetaHeadersFrame)
 	idleTimeout time.Duration
-	maxStreams  int // our own cap on concurrent streams (server: advertised; client: pool limit)
-	maxHeader   int // our cap on a received header list, in bytes
+	keepAlive   time.Duration // PING after this long without a frame; 0: never
+	frames      atomic.Uint64 // frames read: the keep-alive's sign of life
+	maxStreams  int           // our own cap on concurrent streams (server: advertised; client: pool limit)
+	maxHeader   int           // our cap on a received header list, in bytes
 
 	fr *http2.Framer // reading: the read loop only; writing: under wmu
 
@@ -67,6 +70,9 @@ type conn struct {
 	goingAway      bool   // GOAWAY sent or received: no new streams
 	err            error  // set once when the conn dies
 	idleTimer      *time.Timer
+	pingTimer      *time.Timer
+	pingFrames     uint64 // frames at the last keep-alive check
+	pinged         bool   // a keep-alive PING is unanswered
 	closeOnce      sync.Once
 	done           chan struct{} // closed when the read loop has exited
 }
@@ -159,6 +165,9 @@ func (c *conn) start(wg *sync.WaitGroup) {
 	if c.idleTimeout > 0 {
 		c.idleTimer = time.AfterFunc(c.idleTimeout, c.onIdle)
 	}
+	if c.keepAlive > 0 {
+		c.pingTimer = time.AfterFunc(c.keepAlive, c.onKeepAlive)
+	}
 	c.mu.Unlock()
 	wg.Add(1)
 	go func() {
@@ -177,6 +186,34 @@ func (c *conn) onIdle() {
 	if idle {
 		c.log.Debug("hbone: closing idle connection", "peer", c.peer, "remote", c.nc.RemoteAddr())
 		c.goAwayAndClose(http2.ErrCodeNo, errConnClosed)
+	}
+}
+
+// onKeepAlive runs every keepAlive: if no frame arrived since the last
+// run it sends a PING, and if none arrived after the PING either, the peer
+// is gone: close.
+func (c *conn) onKeepAlive() {
+	n := c.frames.Load()
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	alive := n != c.pingFrames
+	c.pingFrames = n
+	dead := !alive && c.pinged
+	ping := !alive && !c.pinged
+	c.pinged = ping
+	if !dead {
+		c.pingTimer.Reset(c.keepAlive)
+	}
+	c.mu.Unlock()
+	switch {
+	case dead:
+		c.log.Debug("hbone: peer does not answer pings", "peer", c.peer, "remote", c.nc.RemoteAddr())
+		c.close(errors.New("hbone: keep-alive timeout"))
+	case ping:
+		c.writeFrame(func(fr *http2.Framer) error { return fr.WritePing(false, [8]byte{'h', 'b', 'o', 'n', 'e'}) })
 	}
 }
 
@@ -212,6 +249,9 @@ func (c *conn) close(err error) {
 		c.err = err
 		if c.idleTimer != nil {
 			c.idleTimer.Stop()
+		}
+		if c.pingTimer != nil {
+			c.pingTimer.Stop()
 		}
 		for _, s := range c.streams {
 			s.failLocked(err)
@@ -341,6 +381,7 @@ func (c *conn) readLoop() {
 func (c *conn) readFrames() error {
 	for first := true; ; first = false {
 		f, err := c.fr.ReadFrame()
+		c.frames.Add(1)
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {

@@ -291,10 +291,8 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
 	c := newConn(tc, nc, false, d.logger())
 	c.peer, c.local = peer, r.Source
 	c.maxStreams = d.streamLimit()
-	c.idleTimeout = d.IdleTimeout
-	if c.idleTimeout <= 0 {
-		c.idleTimeout = DefaultIdleTimeout
-	}
+	c.idleTimeout = orDefault(d.IdleTimeout, DefaultIdleTimeout)
+	c.keepAlive = keepAlive(d.KeepAlive)
 	c.setHeaderLimit(DefaultMaxHeaderBytes)
 	err = c.writePreface([]http2.Setting{
 		{ID: http2.SettingEnablePush, Val: 0},

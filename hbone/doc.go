@@ -37,6 +37,7 @@
 //		MaxStreamsPerConn int           // default 100
 //		IdleTimeout       time.Duration // default DefaultIdleTimeout
 //		HandshakeTimeout  time.Duration // TCP+TLS; default DefaultHandshakeTimeout
+//		KeepAlive         time.Duration // PING when silent this long, close if still silent; default DefaultKeepAlive
 //		DialContext       func(ctx context.Context, network, addr string) (net.Conn, error) // default net.Dialer
 //		Logger            *slog.Logger  // nil: discard
 //	}
@@ -74,6 +75,7 @@
 //		MaxConcurrentStreams int           // per connection; default DefaultMaxConcurrentStreams
 //		HandshakeTimeout     time.Duration // TLS handshake + HTTP/2 preface; default DefaultHandshakeTimeout
 //		IdleTimeout          time.Duration // a connection without streams; default DefaultIdleTimeout
+//		KeepAlive            time.Duration // as Dialer's
 //		Logger               *slog.Logger
 //	}
 //	func (s *Server) Serve(ln net.Listener) error  // ErrServerClosed after Close/Shutdown
@@ -124,6 +126,6 @@
 // half-close a response while still reading the request body (it resets the
 // stream when the handler returns), which a TCP proxy must do.
 //
-// Not there yet: PINGs to detect silently dead peers (today only TCP
-// notices); TLS session resumption.
+// Not there yet: TLS session resumption; retrying a Dial whose pooled
+// connection died before the answer (the request may have been processed).
 package hbone

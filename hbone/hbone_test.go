@@ -852,3 +852,81 @@ func TestRapidReset(t *testing.T) {
 		t.Errorf("%d handlers ran at once, want at most %d", p, 2*limit)
 	}
 }
+
+// TestKeepAlive cuts the network silently under an open stream: the PINGs
+// go unanswered and both sides close the connection.
+func TestKeepAlive(t *testing.T) {
+	checkGoroutines(t)
+	const ka = 50 * time.Millisecond
+	e := newEnv(t, echo, func(s *Server) { s.KeepAlive = ka })
+	var frozen atomic.Bool
+	proxy := listenBlackhole(t, e.addr, &frozen)
+	d := &Dialer{Certs: e.certs, KeepAlive: ka}
+	defer d.Close()
+	r := e.request()
+	r.Addr = proxy
+	s, err := d.Dial(testCtx(t), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	time.Sleep(4 * ka) // pings answered: still up
+	io.WriteString(s, "x")
+	if _, err := io.ReadFull(s, make([]byte, 1)); err != nil {
+		t.Fatalf("before the cut: %v", err)
+	}
+	frozen.Store(true)
+	waitFor(t, "keep-alive close", func() bool { return d.Conns() == 0 })
+	if _, err := s.Read(make([]byte, 1)); err == nil {
+		t.Error("stream survived a dead connection")
+	}
+	waitFor(t, "server side close", func() bool {
+		e.server.mu.Lock()
+		defer e.server.mu.Unlock()
+		return len(e.server.conns) == 0
+	})
+}
+
+// listenBlackhole forwards TCP to dst until frozen, then drops everything
+// silently.
+func listenBlackhole(t *testing.T, dst netip.AddrPort, frozen *atomic.Bool) netip.AddrPort {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	pump := func(dst, src net.Conn) {
+		defer wg.Done()
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := src.Read(buf)
+			if err != nil {
+				dst.Close()
+				return
+			}
+			if !frozen.Load() {
+				dst.Write(buf[:n])
+			}
+		}
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", dst.String())
+			if err != nil {
+				c.Close()
+				continue
+			}
+			wg.Add(2)
+			go pump(u, c)
+			go pump(c, u)
+		}
+	}()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}

@@ -32,6 +32,16 @@ func orDefault[T int | time.Duration](v, def T) T {
 	return def
 }
 
+func keepAlive(d time.Duration) time.Duration {
+	switch {
+	case d < 0:
+		return 0
+	case d == 0:
+		return DefaultKeepAlive
+	}
+	return d
+}
+
 // Serve accepts HBONE connections on ln until Close or Shutdown, then
 // returns ErrServerClosed (or the listener's error). It closes ln.
 func (s *Server) Serve(ln net.Listener) error {
@@ -143,6 +153,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	c.peer, c.local = peer, localID
 	c.maxStreams = orDefault(s.MaxConcurrentStreams, DefaultMaxConcurrentStreams)
 	c.idleTimeout = orDefault(s.IdleTimeout, DefaultIdleTimeout)
+	c.keepAlive = keepAlive(s.KeepAlive)
 	maxHeader := orDefault(s.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	c.setHeaderLimit(maxHeader)
 	c.onStream = func(st *stream, f *http2.MetaHeadersFrame) {

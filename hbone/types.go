@@ -22,6 +22,7 @@ const (
 	DefaultMaxConcurrentStreams = 100
 	DefaultIdleTimeout          = 3 * time.Minute
 	DefaultHandshakeTimeout     = 10 * time.Second
+	DefaultKeepAlive            = 30 * time.Second
 	DefaultMaxHeaderBytes       = 16 << 10
 
 	// Flow-control windows and frame size, as Istio's ztunnel uses them.
@@ -76,6 +77,10 @@ type Dialer struct {
 	// HandshakeTimeout bounds the TCP connect and TLS handshake of a new
 	// connection (DefaultHandshakeTimeout if zero).
 	HandshakeTimeout time.Duration
+	// KeepAlive: a connection that received nothing for this long is sent
+	// a PING, and closed if nothing arrives in another KeepAlive
+	// (DefaultKeepAlive if zero; negative: never).
+	KeepAlive time.Duration
 	// DialContext makes the TCP connection (a net.Dialer if nil); ztunnel
 	// sets it to mark its sockets.
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
@@ -170,6 +175,10 @@ type Server struct {
 	// IdleTimeout closes connections without streams after this long
 	// (DefaultIdleTimeout if zero).
 	IdleTimeout time.Duration
+	// KeepAlive: as Dialer.KeepAlive, it finds clients that vanished
+	// while their streams were open (DefaultKeepAlive if zero; negative:
+	// never).
+	KeepAlive time.Duration
 	// Logger receives debug logs (nil: discard).
 	Logger *slog.Logger
 
