@@ -12,6 +12,9 @@ import (
 	"golang.org/x/net/http2"
 )
 
+// maxIdleRecvBuf is the largest receive buffer a drained stream keeps.
+const maxIdleRecvBuf = 256 << 10
+
 // Stream is one tunnelled connection: an HTTP/2 CONNECT stream used as a
 // net.Conn. CloseWrite half-closes it (END_STREAM); the peer then reads
 // io.EOF. Close resets the stream unless both directions already ended.
@@ -95,6 +98,9 @@ func (st *Stream) Read(p []byte) (int, error) {
 	s.roff += n
 	if s.roff == len(s.recv) {
 		s.recv = s.recv[:0]
+		if cap(s.recv) > maxIdleRecvBuf { // a burst is over: don't keep its memory
+			s.recv = nil
+		}
 		s.roff = 0
 	}
 	c.creditConnLocked(int64(n))
