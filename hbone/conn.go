@@ -537,12 +537,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		s.unacked += pad
 	}
 	if len(data) > 0 {
-		if s.roff > 0 && cap(s.recv)-len(s.recv) < len(data) {
-			k := copy(s.recv, s.recv[s.roff:])
-			s.recv = s.recv[:k]
-			s.roff = 0
-		}
-		s.recv = append(s.recv, data...)
+		s.recv.Write(data)
 	}
 	if f.StreamEnded() {
 		s.rclosed = true

@@ -12,9 +12,6 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// maxIdleRecvBuf is the largest receive buffer a drained stream keeps.
-const maxIdleRecvBuf = 256 << 10
-
 // Stream is one tunnelled connection: an HTTP/2 CONNECT stream used as a
 // net.Conn. CloseWrite half-closes it (END_STREAM); the peer then reads
 // io.EOF. Close resets the stream unless both directions already ended.
@@ -32,17 +29,16 @@ type stream struct {
 	cancel context.CancelFunc // server: cancels the handler's context; may be nil
 
 	// Guarded by c.mu:
-	status     int   // client: the response status
-	answered   bool  // the response was sent (server) or received (client)
-	respClosed bool  // resp is closed
-	sendWindow int64 // bytes we may send
-	inflow     int64 // bytes the peer may send
-	unacked    int64 // bytes consumed, not yet returned with WINDOW_UPDATE
-	recv       []byte
-	roff       int  // recv[roff:] is unread
-	rclosed    bool // END_STREAM received
-	wclosed    bool // END_STREAM sent
-	closed     bool // Close called
+	status     int     // client: the response status
+	answered   bool    // the response was sent (server) or received (client)
+	respClosed bool    // resp is closed
+	sendWindow int64   // bytes we may send
+	inflow     int64   // bytes the peer may send
+	unacked    int64   // bytes consumed, not yet returned with WINDOW_UPDATE
+	recv       recvBuf // received, unread
+	rclosed    bool    // END_STREAM received
+	wclosed    bool    // END_STREAM sent
+	closed     bool    // Close called
 	err        error
 	rcond      sync.Cond // readers; on c.mu
 	rdl, wdl   deadline
@@ -76,7 +72,7 @@ func (st *Stream) Read(p []byte) (int, error) {
 	s := st.s
 	c := s.c
 	c.mu.Lock()
-	for s.roff == len(s.recv) {
+	for s.recv.Len() == 0 {
 		switch {
 		case s.rclosed:
 			c.mu.Unlock()
@@ -94,15 +90,7 @@ func (st *Stream) Read(p []byte) (int, error) {
 		}
 		s.rcond.Wait()
 	}
-	n := copy(p, s.recv[s.roff:])
-	s.roff += n
-	if s.roff == len(s.recv) {
-		s.recv = s.recv[:0]
-		if cap(s.recv) > maxIdleRecvBuf { // a burst is over: don't keep its memory
-			s.recv = nil
-		}
-		s.roff = 0
-	}
+	n := s.recv.Read(p)
 	c.creditConnLocked(int64(n))
 	connInc := c.takeConnUpdateLocked()
 	var inc uint32
@@ -192,7 +180,7 @@ func (s *stream) close() {
 		return
 	}
 	s.closed = true
-	drained := s.roff == len(s.recv)
+	drained := s.recv.Len() == 0
 	var endStream, rst bool
 	code := http2.ErrCodeCancel
 	switch {
@@ -205,8 +193,8 @@ func (s *stream) close() {
 			code = http2.ErrCodeNo
 		}
 	}
-	c.creditConnLocked(int64(len(s.recv) - s.roff))
-	s.recv, s.roff = nil, 0
+	c.creditConnLocked(int64(s.recv.Len()))
+	s.recv.Reset()
 	s.rdl.stop()
 	s.wdl.stop()
 	s.failLocked(errStreamClosed)

@@ -1,0 +1,75 @@
+package hbone
+
+import "sync"
+
+// recvChunkSize is the size of the pooled chunks that hold a stream's
+// received, unread bytes.
+const recvChunkSize = 64 << 10
+
+var recvChunks = sync.Pool{New: func() any { b := make([]byte, 0, recvChunkSize); return &b }}
+
+// recvBuf is a FIFO of bytes kept in pooled chunks: a stream holds memory
+// only while it has unread data, and a burst does not leave a large buffer
+// behind. The zero value is empty. It is not safe for concurrent use (the
+// conn's mu guards it).
+type recvBuf struct {
+	chunks []*[]byte // each filled to its len; the last one is appended to
+	off    int       // read offset in chunks[0]
+	n      int       // unread bytes
+}
+
+func (b *recvBuf) Len() int { return b.n }
+
+// Write appends a copy of p.
+func (b *recvBuf) Write(p []byte) {
+	b.n += len(p)
+	for len(p) > 0 {
+		var last *[]byte
+		if k := len(b.chunks); k > 0 && len(*b.chunks[k-1]) < cap(*b.chunks[k-1]) {
+			last = b.chunks[k-1]
+		} else {
+			last = recvChunks.Get().(*[]byte)
+			b.chunks = append(b.chunks, last)
+		}
+		l := len(*last)
+		k := copy((*last)[l:cap(*last)], p)
+		*last = (*last)[:l+k]
+		p = p[k:]
+	}
+}
+
+// Read moves up to len(p) bytes into p and returns how many.
+func (b *recvBuf) Read(p []byte) int {
+	n := 0
+	for n < len(p) && len(b.chunks) > 0 {
+		c := b.chunks[0]
+		k := copy(p[n:], (*c)[b.off:])
+		n += k
+		b.off += k
+		if b.off == len(*c) {
+			b.dropFirst()
+		}
+	}
+	b.n -= n
+	return n
+}
+
+func (b *recvBuf) dropFirst() {
+	c := b.chunks[0]
+	*c = (*c)[:0]
+	recvChunks.Put(c)
+	b.chunks[0] = nil
+	b.chunks = b.chunks[1:]
+	if len(b.chunks) == 0 {
+		b.chunks = b.chunks[:0:0]
+	}
+	b.off = 0
+}
+
+// Reset discards everything, returning the chunks to the pool.
+func (b *recvBuf) Reset() {
+	for len(b.chunks) > 0 {
+		b.dropFirst()
+	}
+	b.n = 0
+}
