@@ -930,3 +930,63 @@ func listenBlackhole(t *testing.T, dst netip.AddrPort, frozen *atomic.Bool) neti
 	}()
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
+
+// TestFlowControl fills the stream and connection windows against a pod
+// that does not read for a while, then checks that everything arrives.
+func TestFlowControl(t *testing.T) {
+	checkGoroutines(t)
+	const size = 3*connWindow/2 + 12345 // more than the connection window
+	data := make([]byte, size)
+	rand.Read(data)
+	got := make(chan [32]byte, 1)
+	pod := func(c net.Conn) {
+		time.Sleep(300 * time.Millisecond) // let the windows run out
+		h := sha256.New()
+		io.Copy(h, c)
+		got <- [32]byte(h.Sum(nil))
+	}
+	e := newEnv(t, pod, nil)
+	s, err := e.dialer().Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	start := time.Now()
+	if _, err := s.Write(data); err != nil {
+		t.Fatal(err)
+	}
+	s.CloseWrite()
+	if time.Since(start) < 200*time.Millisecond {
+		t.Log("warning: the write did not block on flow control (socket buffers absorbed it)")
+	}
+	if <-got != sha256.Sum256(data) {
+		t.Fatal("pod received different bytes")
+	}
+}
+
+// TestDialCanceled cancels a Dial while the server's handler is still
+// connecting upstream: the handler's context ends too.
+func TestDialCanceled(t *testing.T) {
+	checkGoroutines(t)
+	handlerDone := make(chan error, 1)
+	e := newEnv(t, echo, func(s *Server) {
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			<-ctx.Done() // a slow upstream connect
+			handlerDone <- ctx.Err()
+		})
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	_, err := e.dialer().Dial(ctx, e.request())
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("dial: %v, want deadline exceeded", err)
+	}
+	select {
+	case err := <-handlerDone:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("handler context: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("handler context not canceled by the client's reset")
+	}
+}
