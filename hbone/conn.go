@@ -421,7 +421,9 @@ func (c *conn) readFrames() error {
 			c.mu.Lock()
 			c.goingAway = true
 			for id, s := range c.streams {
-				if id > f.LastStreamID { // never processed by the peer
+				// Streams we opened above the last one the peer processed
+				// can be retried elsewhere.
+				if !c.server && id > f.LastStreamID {
 					s.failLocked(errRefusedStream)
 					c.removeLocked(s)
 				}
@@ -443,6 +445,9 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	}
 	c.mu.Lock()
 	err := f.ForeachSetting(func(s http2.Setting) error {
+		if err := s.Valid(); err != nil {
+			return err
+		}
 		switch s.ID {
 		case http2.SettingInitialWindowSize:
 			delta := int64(s.Val) - c.peerInitWindow

@@ -990,3 +990,55 @@ func TestDialCanceled(t *testing.T) {
 		t.Fatal("handler context not canceled by the client's reset")
 	}
 }
+
+// TestClientGoAway: a client's GOAWAY (it will accept no pushed streams)
+// does not cut its own open streams.
+func TestClientGoAway(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+	c, err := e.tlsClient(svid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	io.WriteString(c, http2.ClientPreface)
+	fr := http2.NewFramer(c, c)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	fr.WriteSettings()
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	enc.WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+	enc.WriteField(hpack.HeaderField{Name: ":authority", Value: e.target.String()})
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: buf.Bytes(), EndHeaders: true})
+	var echoed []byte
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("read: %v (echoed %q)", err, echoed)
+		}
+		switch f := f.(type) {
+		case *http2.MetaHeadersFrame:
+			if st := f.PseudoValue("status"); st != "200" {
+				t.Fatalf("status %s", st)
+			}
+			fr.WriteGoAway(0, http2.ErrCodeNo, nil)
+			fr.WriteData(1, true, []byte("after goaway"))
+		case *http2.DataFrame:
+			echoed = append(echoed, f.Data()...)
+			if f.StreamEnded() {
+				if string(echoed) != "after goaway" {
+					t.Fatalf("echoed %q", echoed)
+				}
+				return
+			}
+		case *http2.RSTStreamFrame:
+			t.Fatalf("stream reset: %v", f.ErrCode)
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				fr.WriteSettingsAck()
+			}
+		}
+	}
+}
