@@ -484,21 +484,25 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 
 func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.mu.Lock()
-	defer c.mu.Unlock()
+	overflow := false
 	if f.StreamID == 0 {
 		c.sendWindow += int64(f.Increment)
 		if c.sendWindow > math.MaxInt32 {
+			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
 	} else if s := c.streams[f.StreamID]; s != nil {
 		s.sendWindow += int64(f.Increment)
-		if s.sendWindow > math.MaxInt32 {
+		if overflow = s.sendWindow > math.MaxInt32; overflow {
 			s.failLocked(http2.StreamError{StreamID: s.id, Code: http2.ErrCodeFlowControl})
 			c.removeLocked(s)
-			go c.writeRST(s.id, http2.ErrCodeFlowControl)
 		}
 	}
 	c.wcond.Broadcast()
+	c.mu.Unlock()
+	if overflow {
+		c.writeRST(f.StreamID, http2.ErrCodeFlowControl)
+	}
 	return nil
 }
 
@@ -582,7 +586,9 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		if err != nil || status < 100 || status > 999 {
 			s.failLocked(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
 			c.removeLocked(s)
-			go c.writeRST(id, http2.ErrCodeProtocol)
+			c.mu.Unlock()
+			c.writeRST(id, http2.ErrCodeProtocol)
+			c.mu.Lock() // for the deferred Unlock
 			return nil
 		}
 		if status < 200 && !f.StreamEnded() {
