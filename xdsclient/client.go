@@ -29,6 +29,9 @@ import (
 	"github.com/ambit-mesh/ambit/model"
 )
 
+// MaxMessageSize bounds one xDS response the client accepts.
+const MaxMessageSize = 1 << 30
+
 // Client subscribes to every workload, service and policy and applies them to
 // Store. Set the fields and call Start; the zero values of the optional
 // fields are usable.
@@ -85,7 +88,13 @@ func (c *Client) Start(ctx context.Context) error {
 	if c.TLS != nil {
 		creds = credentials.NewTLS(c.TLS)
 	}
-	conn, err := grpc.NewClient(c.Addr, append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, c.DialOptions...)...)
+	conn, err := grpc.NewClient(c.Addr, append([]grpc.DialOption{
+		grpc.WithTransportCredentials(creds),
+		// A full push of a large mesh is one response (100k workloads are
+		// about 20 MB), well past gRPC's 4 MB default.
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize)),
+		grpc.WithInitialWindowSize(4 << 20), grpc.WithInitialConnWindowSize(16 << 20),
+	}, c.DialOptions...)...)
 	if err != nil {
 		return fmt.Errorf("xdsclient: dial %s: %w", c.Addr, err)
 	}

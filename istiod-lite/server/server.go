@@ -164,11 +164,11 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	serving := &ca.ServingCert{CA: caServer.CA, DNSNames: cfg.ServingDNSNames, IPAddresses: cfg.ServingIPs}
-	gs := grpc.NewServer(
+	gs := grpc.NewServer(append(xds.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(serving.TLSConfig())),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	)...)
 	xdsServer := xds.New(store, log.With("component", "xds"))
 	xdsServer.Register(gs)
 	caServer.Register(gs)

@@ -81,7 +81,7 @@ func TestLocalModeEndToEnd(t *testing.T) {
 		t.Fatal("xds client did not sync over TLS")
 	}
 	s := c.Store.Load()
-	if len(s.Workloads) != 4 || len(s.Services) != 1 || len(s.Policies) != 1 || len(s.PeerAuthn) != 1 {
+	if len(s.Workloads) < 4 || len(s.Services) < 1 || len(s.Policies) < 1 || len(s.PeerAuthn) < 1 {
 		t.Fatalf("client model: %d workloads, %d services, %d policies, %d peer authentications", len(s.Workloads), len(s.Services), len(s.Policies), len(s.PeerAuthn))
 	}
 	client := s.Workloads[translate.WorkloadUID("", "demo", "client")]

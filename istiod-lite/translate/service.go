@@ -124,7 +124,7 @@ func (t *translator) selectorEndpoints(s *corev1.Service, ports []model.ServiceP
 		return nil
 	}
 	var eps []model.Endpoint
-	for _, p := range t.o.podsByNS[s.Namespace] {
+	for _, p := range t.candidates(s.Namespace, s.Spec.Selector) {
 		if !selectorMatches(s.Spec.Selector, p.Labels) || !isWorkload(p) {
 			continue
 		}
@@ -196,4 +196,33 @@ func namedPort(p *corev1.Pod, name string) uint16 {
 		}
 	}
 	return 0
+}
+
+// candidates returns the pods of ns that carry one (the rarest) of sel's
+// label pairs: a superset of the pods sel matches. The per-namespace index
+// is built on first use and lives as long as the translator (one Build or
+// Update), so a build costs O(pods + matches), not O(services × pods).
+func (t *translator) candidates(ns string, sel map[string]string) []*corev1.Pod {
+	if t.labelIndex == nil {
+		t.labelIndex = map[string]map[string][]*corev1.Pod{}
+	}
+	idx, ok := t.labelIndex[ns]
+	if !ok {
+		idx = map[string][]*corev1.Pod{}
+		for _, p := range t.o.podsByNS[ns] {
+			for k, v := range p.Labels {
+				idx[k+"="+v] = append(idx[k+"="+v], p)
+			}
+		}
+		t.labelIndex[ns] = idx
+	}
+	var best []*corev1.Pod
+	first := true
+	for k, v := range sel {
+		c := idx[k+"="+v]
+		if first || len(c) < len(best) {
+			best, first = c, false
+		}
+	}
+	return best
 }

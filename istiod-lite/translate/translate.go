@@ -142,9 +142,10 @@ func Build(o *Objects, opts Options) Result {
 }
 
 type translator struct {
-	o        *Objects
-	opts     Options
-	problems []Problem
+	o          *Objects
+	opts       Options
+	problems   []Problem
+	labelIndex map[string]map[string][]*corev1.Pod // namespace -> "key=value" -> pods; see candidates
 }
 
 func (t *translator) report(kind, ns, name, reason, format string, args ...any) {

@@ -40,6 +40,7 @@ type deltaCache struct {
 	pending  map[*discovery.DeltaDiscoveryRequest]int64 // request -> stream, between the callback and CreateDeltaWatch
 	watches  map[*deltaWatch]struct{}                   // open watches
 	logLimit int                                        // entries kept per type log
+	ready    bool                                       // the first full state is in; until then watches wait
 	ctx      context.Context                            // the server's, for responses
 }
 
@@ -59,13 +60,19 @@ type typeState struct {
 	logStart uint64   // changes at or before this revision may be missing from log
 }
 
-// subState is one stream's subscription to one type.
+// subState is one stream's subscription to one type. A wildcard stream
+// keeps the versions it was sent only until its first response: from then on
+// it is "in sync at rev" and what to send next is exactly what changed since
+// rev (the type's log), so the per-stream state of 100 streams of 100k
+// resources is a few words each, not 100 maps of 100k entries.
 type subState struct {
-	known map[string]string // what the client was sent: name -> version
-	rev   uint64            // known reflects every change up to rev; 0: compare in full
+	known    map[string]string // name -> version sent; nil for a wildcard stream in sync
+	rev      uint64            // the stream has every change up to rev (when known is nil)
+	returned map[string]string // handed to the server as the "returned resources" (see GetNextVersionMap)
 }
 
 type deltaWatch struct {
+	force   bool // answer even if there is nothing to send (a first request)
 	typeURL string
 	req     *discovery.DeltaDiscoveryRequest
 	sub     cache.Subscription
@@ -82,7 +89,7 @@ func newDeltaCache(ctx context.Context) *deltaCache {
 		streams:  map[int64]map[string]*subState{},
 		pending:  map[*discovery.DeltaDiscoveryRequest]int64{},
 		watches:  map[*deltaWatch]struct{}{},
-		logLimit: 1 << 18,
+		logLimit: 1 << 18, // trimmed to half when full
 	}
 }
 
@@ -131,7 +138,7 @@ func (c *deltaCache) Update(typeURL string, set map[string]*anypb.Any, remove []
 		t.logStart = t.log[drop-1].rev
 		t.log = append([]change(nil), t.log[drop:]...)
 	}
-	if len(changed) == 0 {
+	if len(changed) == 0 || !c.ready {
 		return
 	}
 	for w := range c.watches {
@@ -144,54 +151,61 @@ func (c *deltaCache) Update(typeURL string, set map[string]*anypb.Any, remove []
 	}
 }
 
-// respond computes w's response from the names given (all of the type when
-// names is nil) and sends it if there is anything to send or force is set.
-// It reports whether it sent.
+// respond computes w's response and sends it if there is anything to send
+// or force is set; it reports whether it sent. names are the names changed
+// since the stream's revision; nil means compare everything with st.known.
 func (c *deltaCache) respond(w *deltaWatch, t *typeState, names []string, force bool) bool {
 	st := w.st
 	wildcard := w.sub.IsWildcard()
 	subscribed := w.sub.SubscribedResources()
 	var out []*discovery.Resource
 	var removed []string
-	consider := func(name string) {
-		if !wildcard {
-			if _, ok := subscribed[name]; !ok {
-				return
-			}
-		}
-		e := t.entries[name]
-		known, isKnown := st.known[name]
-		switch {
-		case e == nil && isKnown:
-			removed = append(removed, name)
-			delete(st.known, name)
-		case e != nil && (!isKnown || known != e.version):
-			out = append(out, &discovery.Resource{Name: name, Version: e.version, Resource: e.res})
-			st.known[name] = e.version
-		}
+	upsert := func(name string, e *entry) {
+		out = append(out, &discovery.Resource{Name: name, Version: e.version, Resource: e.res})
 	}
-	if names == nil {
-		for name := range t.entries {
-			consider(name)
-		}
-		for name := range st.known {
-			if t.entries[name] == nil {
-				consider(name)
-			}
-		}
-		if !wildcard {
-			for name := range st.known {
-				if _, ok := subscribed[name]; !ok {
-					delete(st.known, name) // unsubscribed: resend if subscribed again
-				}
-			}
-		}
-	} else {
+	switch {
+	case st.known == nil:
+		// In sync at st.rev: send what changed since. A removal of a name the
+		// client never had is harmless in Delta xDS.
 		seen := make(map[string]bool, len(names))
 		for _, name := range names {
-			if !seen[name] {
-				seen[name] = true
-				consider(name)
+			if seen[name] {
+				continue
+			}
+			seen[name] = true
+			if e := t.entries[name]; e != nil {
+				upsert(name, e)
+			} else {
+				removed = append(removed, name)
+			}
+		}
+	default:
+		// Compare with what the client holds (its initial versions, or for a
+		// named subscription what it was sent).
+		inScope := func(name string) bool {
+			_, ok := subscribed[name]
+			return wildcard || ok
+		}
+		for name, e := range t.entries {
+			if v, ok := st.known[name]; inScope(name) && (!ok || v != e.version) {
+				upsert(name, e)
+			}
+		}
+		for name := range st.known {
+			if t.entries[name] == nil && inScope(name) {
+				removed = append(removed, name)
+			}
+		}
+		if wildcard {
+			st.known = nil // read-only above: it may be the request's map
+		} else {
+			for name := range st.known {
+				if t.entries[name] == nil || !inScope(name) {
+					delete(st.known, name)
+				}
+			}
+			for _, r := range out {
+				st.known[r.Name] = r.Version
 			}
 		}
 	}
@@ -207,7 +221,7 @@ func (c *deltaCache) respond(w *deltaWatch, t *typeState, names []string, force 
 			Resources:         out,
 			RemovedResources:  removed,
 		},
-		versions: st.known,
+		versions: st.returned,
 		ctx:      c.ctx,
 	}
 	return true
@@ -227,36 +241,83 @@ func (c *deltaCache) CreateDeltaWatch(req *cache.DeltaRequest, sub cache.Subscri
 		}
 		st = c.streams[id][url]
 	}
-	if st == nil {
-		known := make(map[string]string, len(sub.ReturnedResources()))
-		for k, v := range sub.ReturnedResources() {
-			known[k] = v
+	if st == nil || (st.known == nil && !sub.IsWildcard()) {
+		// What the client holds: its initial_resource_versions. A wildcard
+		// stream only reads it, once; a named one keeps a copy it updates.
+		known := sub.ReturnedResources()
+		if !sub.IsWildcard() || known == nil {
+			known = make(map[string]string, len(sub.ReturnedResources()))
+			for k, v := range sub.ReturnedResources() {
+				known[k] = v
+			}
 		}
-		st = &subState{known: known}
+		st = &subState{known: known, returned: map[string]string{}}
 		if ok {
 			c.streams[id][url] = st
 		}
 	}
 	t := c.typ(url)
 	w := &deltaWatch{typeURL: url, req: req, sub: sub, ch: ch, st: st}
-	force := sub.IsWildcard() && req.GetResponseNonce() == "" // the first wildcard request is always answered
+	w.force = sub.IsWildcard() && req.GetResponseNonce() == "" // the first wildcard request is always answered
+	if !c.ready {
+		// No state yet: a client must not take an empty answer for the mesh.
+		c.watches[w] = struct{}{}
+		return c.cancelFunc(w), nil
+	}
+	sent, err := c.answer(w, t)
+	if err != nil || sent {
+		return nil, err
+	}
+	c.watches[w] = struct{}{}
+	return c.cancelFunc(w), nil
+}
+
+func (c *deltaCache) cancelFunc(w *deltaWatch) func() {
+	return func() {
+		c.mu.Lock()
+		delete(c.watches, w)
+		c.mu.Unlock()
+	}
+}
+
+// SetReady marks the first full state as in and answers the waiting watches.
+func (c *deltaCache) SetReady() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.ready {
+		return
+	}
+	c.ready = true
+	for w := range c.watches {
+		// Watches created before the first state are first requests: they
+		// compare in full and cannot fall behind.
+		if sent, _ := c.answer(w, c.typ(w.typeURL)); sent {
+			delete(c.watches, w)
+		}
+	}
+}
+
+// answer responds to a new watch with what its stream lacks; it reports
+// whether it sent.
+func (c *deltaCache) answer(w *deltaWatch, t *typeState) (bool, error) {
+	st := w.st
 	var names []string
-	if st.rev != 0 && st.rev >= t.logStart && sub.IsWildcard() && len(req.GetResourceNamesSubscribe())+len(req.GetResourceNamesUnsubscribe()) == 0 {
+	if st.known == nil {
+		if st.rev < t.logStart {
+			return false, errFellBehind
+		}
 		names = []string{}
 		for i := len(t.log) - 1; i >= 0 && t.log[i].rev > st.rev; i-- {
 			names = append(names, t.log[i].name)
 		}
 	}
-	if c.respond(w, t, names, force) {
-		return nil, nil
-	}
-	c.watches[w] = struct{}{}
-	return func() {
-		c.mu.Lock()
-		delete(c.watches, w)
-		c.mu.Unlock()
-	}, nil
+	return c.respond(w, t, names, w.force), nil
 }
+
+// errFellBehind ends a stream that missed changes the log no longer holds
+// (it was not reading for a long time): the client reconnects presenting the
+// versions it holds and gets an exact difference.
+var errFellBehind = errors.New("client fell behind the change log; reconnect")
 
 // requestOnStream records which stream req came on (from the callbacks).
 func (c *deltaCache) requestOnStream(id int64, req *discovery.DeltaDiscoveryRequest) {
@@ -308,9 +369,10 @@ func (r *deltaResponse) GetDeltaRequest() *discovery.DeltaDiscoveryRequest { ret
 func (r *deltaResponse) GetSystemVersion() (string, error)                 { return r.resp.SystemVersionInfo, nil }
 func (r *deltaResponse) GetResponseVersion() string                        { return r.resp.SystemVersionInfo }
 
-// GetNextVersionMap returns the stream's known-versions map, which the cache
-// owns and updates in place under its lock (the server only stores it and
-// hands it back as Subscription.ReturnedResources).
+// GetNextVersionMap returns a placeholder map: the cache keeps each
+// stream's state itself (subState) and the server only stores this map and
+// hands it back as Subscription.ReturnedResources, which the cache reads only
+// when a stream's subscription starts.
 func (r *deltaResponse) GetNextVersionMap() map[string]string    { return r.versions }
 func (r *deltaResponse) GetReturnedResources() map[string]string { return r.versions }
 func (r *deltaResponse) GetContext() context.Context             { return context.Background() }

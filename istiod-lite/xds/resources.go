@@ -3,6 +3,9 @@ package xds
 import (
 	"fmt"
 	"log/slog"
+	"runtime"
+
+	"golang.org/x/sync/errgroup"
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -89,15 +92,18 @@ func diffInto[T any](r *Resources, typeURL string, prev, cur map[string]*T, mk f
 	if sameMap(prev, cur) {
 		return nil
 	}
+	var keys []string
 	for k, v := range cur {
-		if prev[k] == v {
-			continue
+		if prev[k] != v {
+			keys = append(keys, k)
 		}
-		a, err := mk(v)
-		if err != nil {
-			return fmt.Errorf("%s %s: %w", typeURL, k, err)
-		}
-		r.Set[typeURL][k] = a
+	}
+	out, err := marshalAll(keys, cur, mk)
+	if err != nil {
+		return fmt.Errorf("%s: %w", typeURL, err)
+	}
+	for i, k := range keys {
+		r.Set[typeURL][k] = out[i]
 	}
 	for k := range prev {
 		if _, ok := cur[k]; !ok {
@@ -105,6 +111,32 @@ func diffInto[T any](r *Resources, typeURL string, prev, cur map[string]*T, mk f
 		}
 	}
 	return nil
+}
+
+// marshalAll marshals cur[keys[i]] into out[i], on every CPU when there are
+// many (a full push).
+func marshalAll[T any](keys []string, cur map[string]*T, mk func(*T) (*anypb.Any, error)) ([]*anypb.Any, error) {
+	out := make([]*anypb.Any, len(keys))
+	workers := runtime.GOMAXPROCS(0)
+	if len(keys) < 4096 || workers == 1 {
+		workers = 1
+	}
+	var g errgroup.Group
+	chunk := (len(keys) + workers - 1) / workers
+	for lo := 0; lo < len(keys); lo += chunk {
+		hi := min(lo+chunk, len(keys))
+		g.Go(func() error {
+			for i := lo; i < hi; i++ {
+				a, err := mk(cur[keys[i]])
+				if err != nil {
+					return fmt.Errorf("%s: %w", keys[i], err)
+				}
+				out[i] = a
+			}
+			return nil
+		})
+	}
+	return out, g.Wait()
 }
 
 // Consistent checks what a push would make the clients hold: every endpoint

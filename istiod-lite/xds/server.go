@@ -49,6 +49,20 @@ func New(store *model.Store, log *slog.Logger) *Server {
 	return s
 }
 
+// ServerOptions are the gRPC server options xDS wants: HTTP/2 windows
+// large enough for a full push of a large mesh (tens of MB) to go out in few
+// round trips, and room for a reconnecting client's first request, which
+// lists the version of every resource it holds (about 8 MB for 100k).
+func ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.InitialWindowSize(4 << 20), grpc.InitialConnWindowSize(16 << 20),
+		grpc.MaxRecvMsgSize(MaxRequestSize),
+	}
+}
+
+// MaxRequestSize bounds one request from a client.
+const MaxRequestSize = 64 << 20
+
 // Register registers the Aggregated Discovery Service (Delta only) on g.
 func (s *Server) Register(g *grpc.Server) {
 	discovery.RegisterAggregatedDiscoveryServiceServer(g, ads{d: s.xds})
@@ -95,6 +109,7 @@ func (s *Server) Start(ctx context.Context) error {
 			}
 		}
 		pushed = cur
+		s.cache.SetReady()
 		if n := r.Count(); n > 0 {
 			logResources(s.log, r, "pushed")
 			if s.pushed != nil {
