@@ -75,6 +75,10 @@ type Config struct {
 	LatencyTime, ThroughputTime, ConnRateTime time.Duration
 	// ConnRateConns is the concurrency of the new-connection runs (4).
 	ConnRateConns int
+	// Nice is the niceness of every process the harness starts (servers,
+	// proxies, clients): below 0 shields the measurement from other work
+	// on a shared machine, the same for every path. 0 leaves it alone.
+	Nice int
 	// ProfileDir, if set, is where CPU and heap profiles of the ztunnels
 	// are written, taken during extra, unmeasured runs after the rounds
 	// with a build of ztunnel that serves net/http/pprof.
@@ -211,7 +215,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		}
 	}()
 	for _, pod := range []*netns.Pod{sp, sm} {
-		ps, err := startServers(tools.Fortio, tools.Iperf3, work, pod)
+		ps, err := startServers(cfg.Nice, tools.Fortio, tools.Iperf3, work, pod)
 		if err != nil {
 			return nil, err
 		}
@@ -258,7 +262,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		if err := os.MkdirAll(hdir, 0o755); err != nil {
 			return nil, err
 		}
-		hp, err := startHAProxy(tools.HAProxy, hdir, ca, n1, n2, sp)
+		hp, err := startHAProxy(cfg.Nice, tools.HAProxy, hdir, ca, n1, n2, sp)
 		if err != nil {
 			return nil, err
 		}
@@ -282,7 +286,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			if err := os.MkdirAll(zdir, 0o755); err != nil {
 				return nil, err
 			}
-			z, err := startZtunnels(ctx, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled)
+			z, err := startZtunnels(ctx, cfg.Nice, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled)
 			zt = z
 			if z != nil {
 				stops = append(stops, z.stop)
@@ -311,7 +315,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 	for _, name := range cfg.Paths {
 		p := paths[name]
 		if p.err == nil {
-			p.err = smoke(ctx, tools, work, p)
+			p.err = smoke(ctx, cfg.Nice, tools, work, p)
 		}
 		if p.err != nil {
 			log.Warn("path not measured", "path", name, "err", p.err)
@@ -360,6 +364,9 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		}
 	}
 	res.Finished = time.Now().UTC()
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		res.Machine["loadavgAtEnd"] = strings.Join(strings.Fields(string(b))[:3], " ")
+	}
 
 	if amb := paths[PathAmbit]; cfg.ProfileDir != "" && slices.Contains(active, amb) {
 		log.Info("profiling the ztunnels (extra runs, not part of the results)")
@@ -371,7 +378,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			zt.stop()
 			if err = os.MkdirAll(pdir, 0o755); err == nil {
 				var z *ztunnelPair
-				z, err = startZtunnels(ctx, bin, pdir, caDir, pinPrefix, topo, enrolled)
+				z, err = startZtunnels(ctx, cfg.Nice, bin, pdir, caDir, pinPrefix, topo, enrolled)
 				if z != nil {
 					stops = append(stops, z.stop)
 				}
@@ -401,7 +408,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 
 // smoke sends a few requests over p and checks that they are answered (and,
 // for ambit, counted by the ztunnels).
-func smoke(ctx context.Context, tools *Tools, work string, p *path) error {
+func smoke(ctx context.Context, niceness int, tools *Tools, work string, p *path) error {
 	var before float64
 	if p.counted != nil {
 		var err error
@@ -409,7 +416,7 @@ func smoke(ctx context.Context, tools *Tools, work string, p *path) error {
 			return fmt.Errorf("%w: ztunnel metrics: %w", errNotMeasured, err)
 		}
 	}
-	r, err := runFortio(ctx, tools.Fortio, p.client.NS, filepath.Join(work, "smoke-"+p.name+".json"),
+	r, err := runFortio(ctx, niceness, tools.Fortio, p.client.NS, filepath.Join(work, "smoke-"+p.name+".json"),
 		"-qps", "0", "-n", "20", "-c", "1", "-payload-size", "1024", p.httpURL)
 	if err != nil {
 		return fmt.Errorf("%w: smoke test: %w", errNotMeasured, err)
@@ -442,7 +449,7 @@ func runOne(ctx context.Context, cfg Config, tools *Tools, work string, p *path,
 	switch kind {
 	case WorkThroughput:
 		var ir *iperfResult
-		if ir, err = runIperf(ctx, tools.Iperf3, p.client.NS, p.iperfHost, p.iperfPort, cfg.ThroughputTime); err == nil {
+		if ir, err = runIperf(ctx, cfg.Nice, tools.Iperf3, p.client.NS, p.iperfHost, p.iperfPort, cfg.ThroughputTime); err == nil {
 			r.Bytes = ir.End.SumReceived.Bytes
 			r.Gbps = ir.End.SumReceived.BitsPerSecond / 1e9
 		}
@@ -456,7 +463,7 @@ func runOne(ctx context.Context, cfg Config, tools *Tools, work string, p *path,
 		}
 		var fr *fortioResult
 		jsonPath := filepath.Join(work, fmt.Sprintf("%s-%s-c%d.json", p.name, kind, conns))
-		if fr, err = runFortio(ctx, tools.Fortio, p.client.NS, jsonPath, append(args, p.httpURL)...); err == nil {
+		if fr, err = runFortio(ctx, cfg.Nice, tools.Fortio, p.client.NS, jsonPath, append(args, p.httpURL)...); err == nil {
 			ok, errs := fr.ok()
 			r.Requests, r.Errors = ok, errs+fr.ErrorsDurationHistogram.Count
 			r.ActualQPS = fr.ActualQPS

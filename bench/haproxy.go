@@ -33,7 +33,7 @@ type haproxyPair struct {
 
 // startHAProxy writes the certificates and configs into dir and starts both
 // HAProxys, forwarding to server's fortio and iperf3 ports.
-func startHAProxy(haproxy, dir string, ca *certs.CA, n1, n2 *netns.Node, server *netns.Pod) (*haproxyPair, error) {
+func startHAProxy(niceness int, haproxy, dir string, ca *certs.CA, n1, n2 *netns.Node, server *netns.Pod) (*haproxyPair, error) {
 	roots := ca.Bundle().X509Authorities()
 	if err := os.WriteFile(filepath.Join(dir, "ca.pem"), certs.EncodeCertificates(roots), 0o600); err != nil {
 		return nil, fmt.Errorf("haproxy: %w", err)
@@ -96,7 +96,7 @@ backend %[1]s
 		if err := os.WriteFile(path, []byte(h.cfg), 0o600); err != nil {
 			return nil, fmt.Errorf("haproxy: %w", err)
 		}
-		p, err := start(h.ns, h.name, filepath.Join(dir, h.name+".log"), haproxy, "-db", "-f", path)
+		p, err := start(niceness, h.ns, h.name, filepath.Join(dir, h.name+".log"), haproxy, "-db", "-f", path)
 		if err != nil {
 			hp.stop()
 			return nil, err

@@ -29,14 +29,24 @@ type process struct {
 	err  error // set before done is closed
 }
 
-// start runs name with args in ns, its output going to logPath.
-func start(ns *netns.NS, label, logPath, name string, args ...string) (*process, error) {
+// niced prefixes a command line with nice(1) when niceness is not 0.
+func niced(niceness int, name string, args []string) (string, []string) {
+	if niceness == 0 {
+		return name, args
+	}
+	return "nice", append([]string{"-n", strconv.Itoa(niceness), name}, args...)
+}
+
+// start runs name with args in ns at the given niceness, its output going
+// to logPath.
+func start(niceness int, ns *netns.NS, label, logPath, name string, args ...string) (*process, error) {
 	f, err := os.Create(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", label, err)
 	}
 	// Not CommandContext: processes are stopped with SIGTERM by stop, so
 	// they can drain and write their last words to the log.
+	name, args = niced(niceness, name, args)
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

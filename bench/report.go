@@ -50,8 +50,9 @@ func (r *Results) Markdown(plots []string) string {
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	c := r.Config
 	w("# ambit benchmark: direct vs HAProxy mTLS pair vs ambit\n\n")
-	w("Run %s → %s on %s (%s CPUs, kernel %s; load average at start %s). ",
-		r.Started.Format("2006-01-02 15:04:05Z"), r.Finished.Format("15:04:05Z"), r.Machine["cpu"], r.Machine["cpus"], r.Machine["kernel"], r.Machine["loadavgAtStart"])
+	w("Run %s → %s on %s (%s CPUs, kernel %s; load average %s at start, %s at end; every process of the benchmark at nice %d). ",
+		r.Started.Format("2006-01-02 15:04:05Z"), r.Finished.Format("15:04:05Z"), r.Machine["cpu"], r.Machine["cpus"], r.Machine["kernel"],
+		r.Machine["loadavgAtStart"], r.Machine["loadavgAtEnd"], c.Nice)
 	w("%d rounds; in each, every workload runs on every path before the next workload (order rotating per round). ", c.Rounds)
 	w("Latency: fortio, %d-byte POST echoed (HTTP/1.1, keep-alive), %d req/s uniform, %g s per run, histogram resolution %g µs, all rounds merged. ",
 		c.PayloadBytes, c.QPS, c.LatencySeconds, c.FortioResolutionUs)
@@ -279,14 +280,26 @@ func (r *Results) Markdown(plots []string) string {
 		w("Not run (meshbench was started without -microbench).\n\n")
 	default:
 		w("From `%s` (make bench runs `go test -run '^$' -bench . -benchmem` on ./hbone/... ./bpf/... ./istiod-lite/... first).\n\n", mb.File)
-		if len(mb.Results) > 0 {
-			w("| package | benchmark | metrics |\n|---|---|---|\n")
+		for _, part := range []struct {
+			title string
+			cp    bool
+		}{{"Data path (hbone, bpf)", false}, {"Control-plane scale (istiod-lite)", true}} {
+			var rows []MicroResult
 			for _, m := range mb.Results {
+				if strings.Contains(m.Package, "istiod-lite") == part.cp {
+					rows = append(rows, m)
+				}
+			}
+			if len(rows) == 0 {
+				continue
+			}
+			w("### %s\n\n| package | benchmark | metrics |\n|---|---|---|\n", part.title)
+			for _, m := range rows {
 				var ms []string
 				for _, u := range sortedKeys(m.Metrics) {
 					ms = append(ms, fmt.Sprintf("%s %s", num(m.Metrics[u], ""), u))
 				}
-				w("| %s | %s | %s |\n", m.Package, m.Name, strings.Join(ms, ", "))
+				w("| %s | %s | %s |\n", strings.TrimPrefix(m.Package, "github.com/ambit-mesh/ambit/"), m.Name, strings.Join(ms, ", "))
 			}
 			w("\n")
 		}
@@ -310,7 +323,7 @@ func num(v float64, unit string) string {
 	switch {
 	case unit == "ms":
 		return fmt.Sprintf("%.3f", v)
-	case unit == "count":
+	case unit == "count" || (v == math.Trunc(v) && math.Abs(v) < 1e15):
 		return fmt.Sprintf("%.0f", v)
 	case unit == "MB":
 		return fmt.Sprintf("%.1f", v)

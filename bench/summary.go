@@ -41,6 +41,7 @@ type PublicConfig struct {
 	ThroughputSeconds  float64  `json:"throughputSeconds"`
 	ConnRateSeconds    float64  `json:"connRateSeconds"`
 	ConnRateConns      int      `json:"connRateConnections"`
+	Nice               int      `json:"nice"`
 	FortioResolutionUs float64  `json:"fortioResolutionMicros"`
 }
 
@@ -48,7 +49,7 @@ func (c Config) public() PublicConfig {
 	return PublicConfig{
 		Paths: c.Paths, Rounds: c.Rounds, QPS: c.QPS, Connections: c.Connections, PayloadBytes: c.Payload,
 		LatencySeconds: c.LatencyTime.Seconds(), ThroughputSeconds: c.ThroughputTime.Seconds(),
-		ConnRateSeconds: c.ConnRateTime.Seconds(), ConnRateConns: c.ConnRateConns, FortioResolutionUs: fortioResolution * 1e6,
+		ConnRateSeconds: c.ConnRateTime.Seconds(), ConnRateConns: c.ConnRateConns, Nice: c.Nice, FortioResolutionUs: fortioResolution * 1e6,
 	}
 }
 

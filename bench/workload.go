@@ -57,9 +57,10 @@ type fortioResult struct {
 }
 
 // runFortio runs `fortio load` in ns and returns its parsed JSON.
-func runFortio(ctx context.Context, fortio string, ns *netns.NS, jsonPath string, args ...string) (*fortioResult, error) {
+func runFortio(ctx context.Context, niceness int, fortio string, ns *netns.NS, jsonPath string, args ...string) (*fortioResult, error) {
 	full := append([]string{"load", "-quiet", "-json", jsonPath, "-r", strconv.FormatFloat(fortioResolution, 'g', -1, 64), "-p", "50,90,99,99.9"}, args...)
-	cmd := ns.Command(ctx, fortio, full...)
+	name, full := niced(niceness, fortio, full)
+	cmd := ns.Command(ctx, name, full...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("fortio %s: %w: %s", strings.Join(args, " "), err, tailString(string(out), 1500))
@@ -101,8 +102,9 @@ type iperfResult struct {
 
 // runIperf runs an iperf3 client in ns against addr:port for d (after one
 // omitted second of slow start) and returns what the receiver counted.
-func runIperf(ctx context.Context, iperf3 string, ns *netns.NS, host string, port int, d time.Duration) (*iperfResult, error) {
-	cmd := ns.Command(ctx, iperf3, "-c", host, "-p", strconv.Itoa(port), "-t", strconv.Itoa(int(d.Seconds())), "-O", "1", "-J")
+func runIperf(ctx context.Context, niceness int, iperf3 string, ns *netns.NS, host string, port int, d time.Duration) (*iperfResult, error) {
+	name, args := niced(niceness, iperf3, []string{"-c", host, "-p", strconv.Itoa(port), "-t", strconv.Itoa(int(d.Seconds())), "-O", "1", "-J"})
+	cmd := ns.Command(ctx, name, args...)
 	out, err := cmd.Output()
 	var r iperfResult
 	if jerr := json.Unmarshal(out, &r); jerr != nil {
@@ -118,13 +120,13 @@ func runIperf(ctx context.Context, iperf3 string, ns *netns.NS, host string, por
 }
 
 // startServers runs fortio's echo server and an iperf3 server in pod.
-func startServers(fortio, iperf3, dir string, pod *netns.Pod) ([]*process, error) {
-	f, err := start(pod.NS, "fortio-"+pod.Name, filepath.Join(dir, "fortio-"+pod.Name+".log"), fortio,
+func startServers(niceness int, fortio, iperf3, dir string, pod *netns.Pod) ([]*process, error) {
+	f, err := start(niceness, pod.NS, "fortio-"+pod.Name, filepath.Join(dir, "fortio-"+pod.Name+".log"), fortio,
 		"server", "-http-port", fmt.Sprintf("0.0.0.0:%d", fortioPort), "-grpc-port", "disabled", "-redirect-port", "disabled", "-loglevel", "Warning")
 	if err != nil {
 		return nil, err
 	}
-	i, err := start(pod.NS, "iperf3-"+pod.Name, filepath.Join(dir, "iperf3-"+pod.Name+".log"), iperf3, "-s", "-p", strconv.Itoa(iperfPort))
+	i, err := start(niceness, pod.NS, "iperf3-"+pod.Name, filepath.Join(dir, "iperf3-"+pod.Name+".log"), iperf3, "-s", "-p", strconv.Itoa(iperfPort))
 	if err != nil {
 		f.stop(time.Second)
 		return nil, err

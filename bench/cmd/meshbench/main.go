@@ -36,6 +36,7 @@ func main() {
 	flag.DurationVar(&cfg.ThroughputTime, "throughput-time", 0, "length of one iperf3 run (default 5s)")
 	flag.DurationVar(&cfg.ConnRateTime, "connrate-time", 0, "length of one new-connection run (default 3s)")
 	profile := flag.Bool("profile", true, "after the rounds, take pprof CPU and heap profiles of the ztunnels (into <out>/pprof)")
+	flag.IntVar(&cfg.Nice, "nice", -10, "niceness of every process the harness starts, the same on every path (0: leave alone)")
 	conns := flag.String("connections", "1,64", "connection counts of the latency runs")
 	verbose := flag.Bool("v", true, "log progress")
 	flag.Parse()
