@@ -37,7 +37,9 @@ func (b BPFCapture) Reconcile(ctx context.Context, pods []*model.Workload) error
 // closeConnsOf ends the established connections from or to the workloads
 // in uids and waits (up to timeout) until their sockets are closed: pods
 // leaving capture must not hold proxied connections, since once released
-// their packets no longer reach the proxy's sockets.
+// their packets no longer reach the proxy's sockets. A connection still
+// being set up is not matched (its workloads are not final yet); it fails
+// on its own once capture no longer carries its packets.
 func (p *Proxy) closeConnsOf(uids map[string]bool, timeout time.Duration) int {
 	if len(uids) == 0 {
 		return 0

@@ -92,7 +92,10 @@ func TestCaptureFollowsTheNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	waitFor(t, "connection held by node2", func() bool { return m.n2.p.connCount() == 1 })
+	waitFor(t, "connection established at node2", func() bool {
+		d := m.n2.p.dumpConnections()
+		return len(d) == 1 && d[0].Established
+	})
 
 	// server-a leaves the node.
 	m.store.Apply(&model.Delta{RemovedWorkloads: []string{m.serverA.UID}})

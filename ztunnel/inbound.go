@@ -60,6 +60,10 @@ func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (fl
 		return flagNoDest, "target is not a local enrolled workload", nil
 	}
 	c.dstID = c.dstW.Identity()
+	if p.draining.Load() {
+		// Streams opened before the client saw our GOAWAY.
+		return flagAborted, "proxy is draining", nil
+	}
 	if host := r.Forwarded.Host; host != "" {
 		for _, s := range snap.Services {
 			if s.Hostname == host {
