@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -167,15 +166,6 @@ func peakRSSMiB() float64 {
 		}
 	}
 	return 0
-}
-
-type benchEnv struct {
-	objs   *translate.Objects
-	store  *model.Store
-	srv    *Server
-	conn   *grpc.ClientConn
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
 }
 
 func startBenchServer(b *testing.B, ctx context.Context, store *model.Store) (*Server, *grpc.ClientConn, func()) {
