@@ -13,9 +13,10 @@ var recvChunks = sync.Pool{New: func() any { b := make([]byte, 0, recvChunkSize)
 // behind. The zero value is empty. It is not safe for concurrent use (the
 // conn's mu guards it).
 type recvBuf struct {
-	chunks []*[]byte // each filled to its len; the last one is appended to
-	off    int       // read offset in chunks[0]
-	n      int       // unread bytes
+	chunks []*[]byte // chunks[head:] are in use, each filled to its len
+	head   int
+	off    int // read offset in chunks[head]
+	n      int // unread bytes
 }
 
 func (b *recvBuf) Len() int { return b.n }
@@ -25,7 +26,7 @@ func (b *recvBuf) Write(p []byte) {
 	b.n += len(p)
 	for len(p) > 0 {
 		var last *[]byte
-		if k := len(b.chunks); k > 0 && len(*b.chunks[k-1]) < cap(*b.chunks[k-1]) {
+		if k := len(b.chunks); k > b.head && len(*b.chunks[k-1]) < cap(*b.chunks[k-1]) {
 			last = b.chunks[k-1]
 		} else {
 			last = recvChunks.Get().(*[]byte)
@@ -41,8 +42,8 @@ func (b *recvBuf) Write(p []byte) {
 // Read moves up to len(p) bytes into p and returns how many.
 func (b *recvBuf) Read(p []byte) int {
 	n := 0
-	for n < len(p) && len(b.chunks) > 0 {
-		c := b.chunks[0]
+	for n < len(p) && b.head < len(b.chunks) {
+		c := b.chunks[b.head]
 		k := copy(p[n:], (*c)[b.off:])
 		n += k
 		b.off += k
@@ -55,20 +56,21 @@ func (b *recvBuf) Read(p []byte) int {
 }
 
 func (b *recvBuf) dropFirst() {
-	c := b.chunks[0]
+	c := b.chunks[b.head]
 	*c = (*c)[:0]
 	recvChunks.Put(c)
-	b.chunks[0] = nil
-	b.chunks = b.chunks[1:]
-	if len(b.chunks) == 0 {
-		b.chunks = b.chunks[:0:0]
+	b.chunks[b.head] = nil
+	b.head++
+	if b.head == len(b.chunks) { // empty: reuse the slice from its start
+		b.chunks = b.chunks[:0]
+		b.head = 0
 	}
 	b.off = 0
 }
 
 // Reset discards everything, returning the chunks to the pool.
 func (b *recvBuf) Reset() {
-	for len(b.chunks) > 0 {
+	for b.head < len(b.chunks) {
 		b.dropFirst()
 	}
 	b.n = 0

@@ -33,7 +33,7 @@ func TestRecvBuf(t *testing.T) {
 		}
 	}
 	b.Reset()
-	if b.Len() != 0 || len(b.chunks) != 0 || b.Read(out) != 0 {
+	if b.Len() != 0 || len(b.chunks) != b.head || b.Read(out) != 0 {
 		t.Fatal("Reset left data")
 	}
 }
