@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -83,7 +84,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			if closed {
 				return ErrServerClosed
 			}
-			if ne, ok := err.(net.Error); ok && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+			if ne, ok := err.(net.Error); ok && ne.Timeout() || errors.Is(err, syscall.EMFILE) {
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 				s.logger().Warn("hbone: accept", "err", err, "retry", backoff)
 				time.Sleep(backoff)

@@ -1,6 +1,0 @@
-package hbone
-
-import "syscall"
-
-// errTooManyFiles is the accept error worth waiting out.
-const errTooManyFiles = syscall.EMFILE
