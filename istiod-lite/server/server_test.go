@@ -2,13 +2,20 @@ package server
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
@@ -41,12 +48,16 @@ func TestLocalModeEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	copyDir(t, "../../examples/local", conf)
+	creds := filepath.Join(dir, "hosts")
+	if err := os.WriteFile(creds, []byte("node-1 node-one-secret-0123456789\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(t.Context())
 	addrs := make(chan [2]string, 1)
 	done := make(chan error, 1)
 	go func() {
 		done <- Run(ctx, Config{
-			Listen: "127.0.0.1:0", Admin: "127.0.0.1:0", ConfigDir: conf, CADir: filepath.Join(dir, "ca"),
+			Listen: "127.0.0.1:0", Admin: "127.0.0.1:0", ConfigDir: conf, CADir: filepath.Join(dir, "ca"), HostCredentials: creds,
 			Listening: func(g, a string) { addrs <- [2]string{g, a} },
 		})
 	}()
@@ -105,6 +116,31 @@ func TestLocalModeEndToEnd(t *testing.T) {
 			t.Fatal("the edit did not reach the client")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+
+	// The certificate service shares the port: node-1 gets demo/client's
+	// identity (a workload on node-1), and not one no workload there has.
+	cac := &ca.Client{Addr: a[0], Roots: authority.Bundle(), Token: "node-one-secret-0123456789"}
+	defer cac.Close()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr := func(id spiffeid.ID) []byte {
+		der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{id.URL()}}, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+	clientID := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/client")
+	chain, err := cac.Issue(ctx, clientID, csr(clientID))
+	if err != nil || len(chain) == 0 || chain[0].URIs[0].String() != clientID.String() {
+		t.Fatalf("issue %s on 15012: %v", clientID, err)
+	}
+	nobody := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/nobody")
+	if _, err := cac.Issue(ctx, nobody, csr(nobody)); err == nil {
+		t.Fatal("node-1 got an identity no workload on node-1 has")
 	}
 
 	resp, err := http.Get("http://" + a[1] + "/debug/proxy-status")
