@@ -379,6 +379,10 @@ func (c *conn) readLoop() {
 }
 
 func (c *conn) readFrames() error {
+	// A server's handshake deadline lasts until the first request's headers
+	// (a client that connects and then dribbles is cut off); a client has
+	// none.
+	deadline := c.server
 	for first := true; ; first = false {
 		f, err := c.fr.ReadFrame()
 		c.frames.Add(1)
@@ -395,7 +399,10 @@ func (c *conn) readFrames() error {
 			if !ok || sf.IsAck() {
 				return http2.ConnectionError(http2.ErrCodeProtocol)
 			}
-			c.nc.SetReadDeadline(time.Time{}) // the handshake deadline
+		}
+		if _, ok := f.(*http2.MetaHeadersFrame); ok && deadline {
+			c.nc.SetReadDeadline(time.Time{})
+			deadline = false
 		}
 		switch f := f.(type) {
 		case *http2.MetaHeadersFrame:

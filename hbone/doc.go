@@ -73,7 +73,7 @@
 //		IsWaypointFor        func(local, target netip.Addr) bool       // optional: allow authority != local IP
 //		MaxHeaderBytes       int           // default DefaultMaxHeaderBytes
 //		MaxConcurrentStreams int           // per connection; default DefaultMaxConcurrentStreams
-//		HandshakeTimeout     time.Duration // TLS handshake + HTTP/2 preface; default DefaultHandshakeTimeout
+//		HandshakeTimeout     time.Duration // TLS handshake + preface + first request's headers; default DefaultHandshakeTimeout
 //		IdleTimeout          time.Duration // a connection without streams; default DefaultIdleTimeout
 //		KeepAlive            time.Duration // as Dialer's
 //		Logger               *slog.Logger

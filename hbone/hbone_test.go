@@ -533,6 +533,21 @@ func TestSlowloris(t *testing.T) {
 		io.WriteString(c, http2.ClientPreface[:10])
 		expectClosed(t, c)
 	})
+	t.Run("half a HEADERS frame", func(t *testing.T) {
+		svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+		c, err := e.tlsClient(svid)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, http2.ClientPreface)
+		fr := http2.NewFramer(c, c)
+		fr.WriteSettings()
+		// A frame header announcing 100 bytes of HEADERS, then 10 of them.
+		c.Write([]byte{0, 0, 100, byte(http2.FrameHeaders), byte(http2.FlagHeadersEndHeaders), 0, 0, 0, 1})
+		c.Write(make([]byte, 10))
+		expectClosed(t, c)
+	})
 	t.Run("preface without settings", func(t *testing.T) {
 		svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
 		c, err := e.tlsClient(svid)

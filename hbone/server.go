@@ -142,8 +142,8 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		nc.Close()
 		return
 	}
-	// The handshake deadline still holds for the write side of the preface;
-	// the read loop clears the read side after the client's SETTINGS.
+	// The handshake deadline still holds: for writes until our preface is
+	// out, for reads until the first request's headers (the read loop).
 	var preface [len(http2.ClientPreface)]byte
 	if _, err := io.ReadFull(tc, preface[:]); err != nil || string(preface[:]) != http2.ClientPreface {
 		log.Debug("hbone: bad or slow preface", "remote", remote, "err", err)

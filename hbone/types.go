@@ -168,9 +168,10 @@ type Server struct {
 	// MaxConcurrentStreams caps streams per connection
 	// (DefaultMaxConcurrentStreams if zero).
 	MaxConcurrentStreams int
-	// HandshakeTimeout bounds the TLS handshake plus the HTTP/2 preface and
-	// first SETTINGS (DefaultHandshakeTimeout if zero): slow clients are
-	// closed.
+	// HandshakeTimeout bounds the TLS handshake, the HTTP/2 preface and
+	// the headers of the connection's first request
+	// (DefaultHandshakeTimeout if zero): slow clients are closed. Later,
+	// IdleTimeout bounds a connection without streams.
 	HandshakeTimeout time.Duration
 	// IdleTimeout closes connections without streams after this long
 	// (DefaultIdleTimeout if zero).
