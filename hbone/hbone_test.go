@@ -1057,3 +1057,50 @@ func TestClientGoAway(t *testing.T) {
 		}
 	}
 }
+
+// TestMultiplexedTransfers runs bulk echoes on many streams of one
+// connection at once: the connection window is shared and contended.
+func TestMultiplexedTransfers(t *testing.T) {
+	checkGoroutines(t)
+	const streams, size = 24, 1<<20 + 4321
+	e := newEnv(t, echo, nil)
+	d := e.dialer()
+	errs := make(chan error, streams)
+	for i := range streams {
+		go func() {
+			data := make([]byte, size)
+			rand.Read(data)
+			s, err := d.Dial(testCtx(t), e.request())
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer s.Close()
+			werr := make(chan error, 1)
+			go func() {
+				_, err := s.Write(data)
+				if err == nil {
+					err = s.CloseWrite()
+				}
+				werr <- err
+			}()
+			h := sha256.New()
+			n, err := io.Copy(h, s)
+			if err == nil {
+				err = <-werr
+			}
+			if err == nil && (n != size || [32]byte(h.Sum(nil)) != sha256.Sum256(data)) {
+				err = fmt.Errorf("stream %d: echoed %d bytes, hash mismatch or short", i, n)
+			}
+			errs <- err
+		}()
+	}
+	for range streams {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := d.Conns(); n != 1 {
+		t.Errorf("%d connections, want 1", n)
+	}
+}
