@@ -68,6 +68,8 @@ func TestManifestsApply(t *testing.T) {
 		{[]string{"create", "tokenreviews.authentication.k8s.io"}, "yes"},
 		{[]string{"get", "secrets/ambit-ca", "-n", "ambit-system"}, "yes"},
 		{[]string{"get", "secrets/other", "-n", "ambit-system"}, "no"},
+		{[]string{"update", "configmaps/ambit-ca-root", "-n", "ambit-system"}, "yes"},
+		{[]string{"update", "configmaps/other", "-n", "ambit-system"}, "no"},
 		{[]string{"list", "secrets", "-n", "ambit-system"}, "no"},
 		{[]string{"update", "pods"}, "no"},
 		{[]string{"update", "authorizationpolicies.security.istio.io"}, "no"},

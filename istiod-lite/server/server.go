@@ -158,6 +158,10 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return fmt.Errorf("ca: %w", err)
 		}
+		// ztunnels mount the roots from this ConfigMap to verify 15012.
+		if err := ca.PublishBundle(ctx, cs, cfg.CASecretNamespace, "", authority.Bundle()); err != nil {
+			return fmt.Errorf("ca: %w", err)
+		}
 		pods := &ca.PodIndex{Client: cs, Logger: log.With("component", "ca-pods")}
 		g.Go(func() error { return pods.Start(ctx) })
 		caServer = &ca.Server{CA: authority, Authenticator: &ca.KubeAuthenticator{Client: cs, TrustDomain: td}, Workloads: pods, Logger: log.With("component", "ca")}

@@ -1,0 +1,104 @@
+package server
+
+import (
+	"context"
+	"os/exec"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/integration/kube"
+	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/istiod-lite/translate"
+	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/xdsclient"
+)
+
+// Cluster mode against a real kube-apiserver, as the istiod-lite service
+// account of manifests/: the CA is created in its Secret, the roots are
+// published to the ConfigMap ztunnels mount, and a client that trusts only
+// those roots syncs the model built from the cluster.
+func TestClusterModeAsServiceAccount(t *testing.T) {
+	if _, err := exec.LookPath("kubectl"); err != nil {
+		t.Skip("kubectl not installed")
+	}
+	c := kube.Start(t, kube.Options{})
+	ctx := t.Context()
+	for _, args := range [][]string{
+		{"apply", "--server-side", "-f", "../../manifests/namespace.yaml", "-f", "../../manifests/crds/", "-f", "../../manifests/istiod-lite-rbac.yaml"},
+		{"wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"},
+	} {
+		if out, err := exec.Command("kubectl", append([]string{"--kubeconfig", c.Kubeconfig()}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("kubectl %v: %v\n%s", args, err, out)
+		}
+	}
+	admin := c.Client()
+	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo", Labels: map[string]string{model.LabelDataplaneMode: model.DataplaneAmbient}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CoreV1().ServiceAccounts("demo").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	p, err := admin.CoreV1().Pods("demo").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "demo"},
+		Spec:       corev1.PodSpec{NodeName: "node-1", Containers: []corev1.Container{{Name: "c", Image: "x"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.1.1.5"}
+	if _, err := admin.CoreV1().Pods("demo").UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	token, err := c.ServiceAccountToken(ctx, "ambit-system", "istiod-lite", nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	addrs := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(rctx, Config{Rest: c.ConfigForToken(token), Listen: "127.0.0.1:0", Admin: "-", Listening: func(g, _ string) { addrs <- g }})
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	}()
+	var addr string
+	select {
+	case addr = <-addrs:
+	case err := <-done:
+		t.Fatalf("Run: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatal("istiod-lite did not start")
+	}
+
+	if _, err := admin.CoreV1().Secrets(ca.DefaultNamespace).Get(ctx, ca.DefaultSecretName, metav1.GetOptions{}); err != nil {
+		t.Fatalf("CA secret: %v", err)
+	}
+	cm, err := admin.CoreV1().ConfigMaps(ca.DefaultNamespace).Get(ctx, ca.DefaultBundleConfigMap, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("bundle ConfigMap: %v", err)
+	}
+	roots, err := x509bundle.Parse(certs.DefaultTrustDomain, []byte(cm.Data[ca.BundleConfigMapKey]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	xc := &xdsclient.Client{Addr: addr, TLS: ca.ClientTLSConfig(roots, certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain)), Node: "node-1", Store: &model.Store{}}
+	go func() { _ = xc.Start(rctx) }()
+	select {
+	case <-xc.SyncedCh():
+	case <-time.After(30 * time.Second):
+		t.Fatal("client did not sync")
+	}
+	if w := xc.Store.Load().Workloads[translate.WorkloadUID("", "demo", "web")]; w == nil || !w.Enrolled || w.Node != "node-1" {
+		t.Fatalf("web: %+v", w)
+	}
+}
