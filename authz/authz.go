@@ -12,8 +12,11 @@ import (
 	"github.com/ambit-mesh/ambit/model"
 )
 
-// DefaultRootNamespace is Istio's root namespace: policies there apply mesh-wide.
-const DefaultRootNamespace = "istio-system"
+// DefaultRootNamespace is the root namespace: policies there apply
+// mesh-wide. It is istiod-lite's default too (Istio's is istio-system), so
+// that a policy is mesh-wide for the proxies exactly when the control plane
+// flags it so.
+const DefaultRootNamespace = "ambit-system"
 
 // Conn is what L4 policy sees of a connection.
 type Conn struct {

@@ -160,13 +160,13 @@ func TestEvaluate(t *testing.T) {
 			policies: []*model.Policy{pol("shop", "a", model.ActionAllow, map[string]string{"app": "web", "tier": "back"}, from(model.Source{Namespaces: []string{"ops"}})...)},
 			dst:      web, conn: cart, allow: true},
 		{name: "root namespace policy applies mesh-wide",
-			policies: []*model.Policy{pol("istio-system", "mesh-deny", model.ActionDeny, nil, from(model.Source{Namespaces: []string{"ops"}})...)},
-			dst:      db, conn: admin, allow: false, decidedBy: "istio-system/mesh-deny"},
+			policies: []*model.Policy{pol("ambit-system", "mesh-deny", model.ActionDeny, nil, from(model.Source{Namespaces: []string{"ops"}})...)},
+			dst:      db, conn: admin, allow: false, decidedBy: "ambit-system/mesh-deny"},
 		{name: "root namespace policy with selector applies to matching workloads anywhere",
-			policies: []*model.Policy{pol("istio-system", "dbs", model.ActionAllow, map[string]string{"app": "db"}, from(model.Source{Namespaces: []string{"ops"}})...)},
+			policies: []*model.Policy{pol("ambit-system", "dbs", model.ActionAllow, map[string]string{"app": "db"}, from(model.Source{Namespaces: []string{"ops"}})...)},
 			dst:      db, conn: cart, allow: false},
 		{name: "root namespace policy with selector skips others",
-			policies: []*model.Policy{pol("istio-system", "dbs", model.ActionAllow, map[string]string{"app": "db"}, from(model.Source{Namespaces: []string{"ops"}})...)},
+			policies: []*model.Policy{pol("ambit-system", "dbs", model.ActionAllow, map[string]string{"app": "db"}, from(model.Source{Namespaces: []string{"ops"}})...)},
 			dst:      web, conn: cart, allow: true},
 		{name: "MeshWide flag applies anywhere",
 			policies: []*model.Policy{{Name: "m", Namespace: "mesh-config", MeshWide: true, Action: model.ActionDeny, Rules: from(model.Source{Namespaces: []string{"shop"}})}},
@@ -227,20 +227,20 @@ func TestPeerAuthn(t *testing.T) {
 		want model.PeerAuthnMode
 	}{
 		{name: "nothing set is permissive", dst: web, want: model.MTLSPermissive},
-		{name: "mesh-wide strict", pas: []*model.PeerAuthentication{pa("istio-system", "default", model.MTLSStrict, nil)}, dst: web, want: model.MTLSStrict},
+		{name: "mesh-wide strict", pas: []*model.PeerAuthentication{pa("ambit-system", "default", model.MTLSStrict, nil)}, dst: web, want: model.MTLSStrict},
 		{name: "MeshWide flag", pas: []*model.PeerAuthentication{{Name: "m", Namespace: "cfg", MeshWide: true, Mode: model.MTLSStrict}}, dst: db, want: model.MTLSStrict},
 		{name: "namespace beats mesh", pas: []*model.PeerAuthentication{
-			pa("istio-system", "default", model.MTLSStrict, nil), pa("shop", "default", model.MTLSPermissive, nil)}, dst: web, want: model.MTLSPermissive},
+			pa("ambit-system", "default", model.MTLSStrict, nil), pa("shop", "default", model.MTLSPermissive, nil)}, dst: web, want: model.MTLSPermissive},
 		{name: "namespace of another workload does not apply", pas: []*model.PeerAuthentication{
-			pa("istio-system", "default", model.MTLSStrict, nil), pa("shop", "default", model.MTLSPermissive, nil)}, dst: db, want: model.MTLSStrict},
+			pa("ambit-system", "default", model.MTLSStrict, nil), pa("shop", "default", model.MTLSPermissive, nil)}, dst: db, want: model.MTLSStrict},
 		{name: "workload selector beats namespace", pas: []*model.PeerAuthentication{
 			pa("shop", "default", model.MTLSPermissive, nil), pa("shop", "web", model.MTLSStrict, map[string]string{"app": "web"})}, dst: web, want: model.MTLSStrict},
 		{name: "non-matching selector ignored", pas: []*model.PeerAuthentication{
 			pa("shop", "default", model.MTLSPermissive, nil), pa("shop", "other", model.MTLSStrict, map[string]string{"app": "other"})}, dst: web, want: model.MTLSPermissive},
 		{name: "unset inherits", pas: []*model.PeerAuthentication{
-			pa("istio-system", "default", model.MTLSStrict, nil), pa("shop", "web", model.MTLSUnset, map[string]string{"app": "web"})}, dst: web, want: model.MTLSStrict},
+			pa("ambit-system", "default", model.MTLSStrict, nil), pa("shop", "web", model.MTLSUnset, map[string]string{"app": "web"})}, dst: web, want: model.MTLSStrict},
 		{name: "disable at workload", pas: []*model.PeerAuthentication{
-			pa("istio-system", "default", model.MTLSStrict, nil), pa("shop", "web", model.MTLSDisable, map[string]string{"app": "web"})}, dst: web, want: model.MTLSDisable},
+			pa("ambit-system", "default", model.MTLSStrict, nil), pa("shop", "web", model.MTLSDisable, map[string]string{"app": "web"})}, dst: web, want: model.MTLSDisable},
 		{name: "nil destination is strict", dst: nil, want: model.MTLSStrict},
 	}
 	for _, tt := range tests {

@@ -141,7 +141,7 @@ func TestNetns(t *testing.T) {
 	writeConfig(`policies:
 - {name: only-a1, namespace: shop, action: ALLOW, selector: {app: b1}, rules: [{from: [{principals: [cluster.local/ns/shop/sa/a1]}]}]}
 peerAuthentications:
-- {name: default, namespace: istio-system, mode: STRICT}
+- {name: default, namespace: ambit-system, mode: STRICT}
 `)
 	refused := func(from *netns.Pod) bool {
 		ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)

@@ -353,7 +353,7 @@ func TestPlaintextInboundRefusals(t *testing.T) {
 	}
 
 	// STRICT (mesh-wide) refuses plaintext with a reset.
-	strict := &model.PeerAuthentication{Name: "default", Namespace: "istio-system", Mode: model.MTLSStrict}
+	strict := &model.PeerAuthentication{Name: "default", Namespace: "ambit-system", Mode: model.MTLSStrict}
 	m.setConfig(nil, []*model.PeerAuthentication{strict})
 	if !refused(netip.AddrPortFrom(ip(21), port)) {
 		t.Fatal("plaintext under STRICT was not reset")

@@ -23,6 +23,7 @@ import (
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/xdsclient"
 	"github.com/ambit-mesh/ambit/ztunnel"
 	"github.com/ambit-mesh/ambit/ztunnel/configfile"
 )
@@ -56,11 +57,13 @@ It listens on 15001 (outbound capture), 15006 (inbound plaintext capture),
 15021 (readiness), holds one SPIFFE certificate per local workload and carries
 enrolled workloads' TCP in mutual-TLS HTTP/2 CONNECT tunnels.
 
-Config: --config names a JSON or YAML file of the model (workloads, services,
-policies, peerAuthentications), reloaded when it changes.
-Certificates: --ca-address (istiod-lite's certificate service, with --ca-roots
-and --token-file), or --ca-dir, a directory holding the mesh's CA (generated
-on first start) for an in-process CA.
+Config: --xds-address streams it from istiod-lite (Delta xDS over TLS checked
+against --ca-roots; the last good config keeps serving while it is away), or
+--config names a JSON or YAML file of the model (workloads, services, policies,
+peerAuthentications), reloaded when it changes.
+Certificates: istiod-lite's certificate service (--ca-address, by default the
+--xds-address, with --ca-roots and --token-file), or --ca-dir, a directory
+holding the mesh's CA (generated on first start) for an in-process CA.
 Capture: --capture loads the eBPF capture into the node's network namespace.
 
 Usage: ztunnel [flags]
@@ -72,7 +75,7 @@ Usage: ztunnel [flags]
 	host, _ := os.Hostname()
 	fs.StringVar(&o.node, "node", envOr("NODE_NAME", host), "this node's name: workloads on other nodes are not served here ($NODE_NAME)")
 	fs.StringVar(&o.configFile, "config", "", "local mode: the model as a JSON or YAML file, reloaded on change")
-	fs.StringVar(&o.xdsAddr, "xds-address", "", "istiod-lite's xDS address (host:15012)")
+	fs.StringVar(&o.xdsAddr, "xds-address", "", "istiod-lite's address (host:15012): Delta xDS, and certificates unless --ca-address or --ca-dir says otherwise; needs --ca-roots")
 	fs.StringVar(&o.caDir, "ca-dir", "", "in-process CA: directory of the mesh CA (ca.crt, ca.key, roots.pem); created if missing")
 	fs.StringVar(&o.caAddr, "ca-address", "", "istiod-lite's certificate service (host:15012); needs --ca-roots and --token-file")
 	fs.StringVar(&o.caRoots, "ca-roots", "", "PEM roots that istiod-lite's serving certificate chains to (the ambit-ca-root ConfigMap)")
@@ -184,11 +187,16 @@ func run(ctx context.Context, o options) error {
 	}
 	log := slog.New(h).With("node", o.node)
 
-	if o.configFile == "" && o.xdsAddr == "" {
-		return errors.New("no config source: give --config (local mode) or --xds-address")
+	switch {
+	case o.configFile == "" && o.xdsAddr == "":
+		return errors.New("no config source: give --xds-address (istiod-lite) or --config (a file)")
+	case o.configFile != "" && o.xdsAddr != "":
+		return errors.New("give --xds-address or --config, not both")
+	case o.xdsAddr != "" && o.caRoots == "":
+		return errors.New("--xds-address needs --ca-roots (the roots istiod-lite's certificate chains to)")
 	}
-	if o.xdsAddr != "" {
-		return errors.New("--xds-address: the xDS client is not part of this build yet; use --config")
+	if o.xdsAddr != "" && o.caAddr == "" && o.caDir == "" {
+		o.caAddr = o.xdsAddr // istiod-lite serves xDS and certificates on one port
 	}
 	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
 	if err != nil {
@@ -203,12 +211,28 @@ func run(ctx context.Context, o options) error {
 	defer mgr.Close()
 
 	store := &model.Store{}
-	watcher := &configfile.Watcher{Path: o.configFile, Store: store, Logger: log.With("component", "config")}
-	if err := watcher.LoadOnce(); err != nil {
-		return err
+	var source func(ctx context.Context) error // keeps store in step with the config source
+	var synced func() bool
+	if o.xdsAddr != "" {
+		roots := &ca.BundleFile{Path: o.caRoots, TrustDomain: td}
+		xc := &xdsclient.Client{
+			Addr:   o.xdsAddr,
+			TLS:    ca.ClientTLSConfig(roots, td, spiffeid.ID{}),
+			Node:   o.node,
+			Store:  store,
+			Logger: log.With("component", "xds"),
+		}
+		source, synced = xc.Start, xc.Synced
+	} else {
+		watcher := &configfile.Watcher{Path: o.configFile, Store: store, Logger: log.With("component", "config")}
+		if err := watcher.LoadOnce(); err != nil {
+			return err
+		}
+		source = watcher.Run
 	}
 
 	cfg := o.proxy
+	cfg.Synced = synced
 	cfg.Store = store
 	cfg.Certs = mgr
 	cfg.Node = o.node
@@ -230,7 +254,7 @@ func run(ctx context.Context, o options) error {
 
 	g, gctx := errgroup.WithContext(ctx)
 	watchCtx, stopWatch := context.WithCancel(gctx)
-	g.Go(func() error { return watcher.Run(watchCtx) })
+	g.Go(func() error { return source(watchCtx) })
 	g.Go(func() error {
 		defer stopWatch() // the proxy has drained: nothing left to configure
 		return proxy.Run(gctx)

@@ -38,7 +38,7 @@ policies:
   - from: [{principals: [cluster.local/ns/shop/sa/cart], ipBlocks: [10.0.0.0/8]}]
     to: [{ports: [8080]}]
 peerAuthentications:
-- {name: default, namespace: istio-system, mode: STRICT}
+- {name: default, namespace: ambit-system, mode: STRICT}
 `
 
 func TestParseYAMLAndJSON(t *testing.T) {
@@ -58,7 +58,7 @@ func TestParseYAMLAndJSON(t *testing.T) {
 	if p == nil || p.Action != model.ActionAllow || p.Rules[0].From[0].IPBlocks[0] != netip.MustParsePrefix("10.0.0.0/8") || p.Rules[0].To[0].Ports[0] != 8080 {
 		t.Fatalf("policy %+v", p)
 	}
-	if pa := snap.PeerAuthn["istio-system/default"]; pa == nil || pa.Mode != model.MTLSStrict {
+	if pa := snap.PeerAuthn["ambit-system/default"]; pa == nil || pa.Mode != model.MTLSStrict {
 		t.Fatalf("peer authentication %+v", pa)
 	}
 
