@@ -86,29 +86,35 @@ func (d *Dialer) Dial(ctx context.Context, r DialRequest) (*Stream, error) {
 			continue
 		}
 		var st *Stream
-		st, err = d.await(ctx, s, r)
-		if errors.Is(err, errRefusedStream) {
+		st, err = d.await(ctx, s)
+		var se *StatusError
+		switch {
+		case err == nil:
+			return st, nil
+		case errors.Is(err, errRefusedStream):
 			continue // the server did not process it: try again
+		case errors.As(err, &se):
+			return nil, err
 		}
-		return st, err
+		break
 	}
 	return nil, fmt.Errorf("hbone dial %s: %w", r.Addr, err)
 }
 
 // await waits for the response to the CONNECT on s.
-func (d *Dialer) await(ctx context.Context, s *stream, r DialRequest) (*Stream, error) {
+func (d *Dialer) await(ctx context.Context, s *stream) (*Stream, error) {
 	select {
 	case <-s.resp:
 	case <-ctx.Done():
 		s.close()
-		return nil, fmt.Errorf("hbone dial %s: %w", r.Addr, ctx.Err())
+		return nil, ctx.Err()
 	}
 	s.c.mu.Lock()
 	status, answered, err := s.status, s.answered, s.err
 	s.c.mu.Unlock()
 	if !answered {
 		s.close()
-		return nil, fmt.Errorf("hbone dial %s: %w", r.Addr, err)
+		return nil, err
 	}
 	if status != 200 {
 		// The server has ended (or will reset) the stream: say no more
