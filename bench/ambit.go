@@ -28,7 +28,7 @@ type ztunnelPair struct {
 // startZtunnels writes the local-mode config (the mesh pods enrolled, the
 // plain ones not) and starts one ztunnel per node, one after the other (the
 // first creates the CA in caDir, the second loads it).
-func startZtunnels(ctx context.Context, niceness int, bin, dir, caDir, pinPrefix string, topo *netns.Topology, enrolled map[string]bool) (*ztunnelPair, error) {
+func startZtunnels(ctx context.Context, niceness int, env []string, bin, dir, caDir, pinPrefix string, topo *netns.Topology, enrolled map[string]bool) (*ztunnelPair, error) {
 	var y strings.Builder
 	y.WriteString("workloads:\n")
 	for _, n := range topo.Nodes {
@@ -46,7 +46,7 @@ func startZtunnels(ctx context.Context, niceness int, bin, dir, caDir, pinPrefix
 		pin := pinPrefix + "-" + n.Name
 		z.pins = append(z.pins, pin)
 		z.nodes = append(z.nodes, n)
-		p, err := start(niceness, n.NS, "ztunnel-"+n.Name, filepath.Join(dir, "ztunnel-"+n.Name+".log"), bin,
+		p, err := startEnv(niceness, env, n.NS, "ztunnel-"+n.Name, filepath.Join(dir, "ztunnel-"+n.Name+".log"), bin,
 			"--node", n.Name, "--config", cfg, "--ca-dir", caDir,
 			"--capture", "--bpf-pin-path", pin, "--uplinks", netns.Uplink)
 		if err != nil {

@@ -79,6 +79,9 @@ type Config struct {
 	// proxies, clients): below 0 shields the measurement from other work
 	// on a shared machine, the same for every path. 0 leaves it alone.
 	Nice int
+	// ZtunnelEnv are extra environment variables (KEY=value) for the
+	// ztunnels, e.g. Go runtime settings such as GOMAXPROCS or GOMEMLIMIT.
+	ZtunnelEnv []string
 	// ProfileDir, if set, is where CPU and heap profiles of the ztunnels
 	// are written, taken during extra, unmeasured runs after the rounds
 	// with a build of ztunnel that serves net/http/pprof.
@@ -286,7 +289,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			if err := os.MkdirAll(zdir, 0o755); err != nil {
 				return nil, err
 			}
-			z, err := startZtunnels(ctx, cfg.Nice, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled)
+			z, err := startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled)
 			zt = z
 			if z != nil {
 				stops = append(stops, z.stop)
@@ -378,7 +381,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			zt.stop()
 			if err = os.MkdirAll(pdir, 0o755); err == nil {
 				var z *ztunnelPair
-				z, err = startZtunnels(ctx, cfg.Nice, bin, pdir, caDir, pinPrefix, topo, enrolled)
+				z, err = startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, bin, pdir, caDir, pinPrefix, topo, enrolled)
 				if z != nil {
 					stops = append(stops, z.stop)
 				}

@@ -40,6 +40,11 @@ func niced(niceness int, name string, args []string) (string, []string) {
 // start runs name with args in ns at the given niceness, its output going
 // to logPath.
 func start(niceness int, ns *netns.NS, label, logPath, name string, args ...string) (*process, error) {
+	return startEnv(niceness, nil, ns, label, logPath, name, args...)
+}
+
+// startEnv is start with extra environment variables (KEY=value).
+func startEnv(niceness int, env []string, ns *netns.NS, label, logPath, name string, args ...string) (*process, error) {
 	f, err := os.Create(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", label, err)
@@ -49,6 +54,9 @@ func start(niceness int, ns *netns.NS, label, logPath, name string, args ...stri
 	name, args = niced(niceness, name, args)
 	cmd := exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
 	cmd.Stdout, cmd.Stderr = f, f
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		f.Close()

@@ -58,7 +58,11 @@ func (r *Results) Markdown(plots []string) string {
 		c.PayloadBytes, c.QPS, c.LatencySeconds, c.FortioResolutionUs)
 	w("Throughput: iperf3, one connection, %g s (+1 s omitted) per run, median of rounds. ", c.ThroughputSeconds)
 	w("New connections: fortio without keep-alive, %d concurrent, as fast as possible, %g s, median of rounds. ", c.ConnRateConns, c.ConnRateSeconds)
-	w("Proxy CPU and RSS from /proc (utime+stime, VmRSS sampled every 100 ms, VmHWM).\n\n")
+	w("Proxy CPU and RSS from /proc (utime+stime, VmRSS sampled every 100 ms, VmHWM).")
+	if len(c.ZtunnelEnv) > 0 {
+		w(" ztunnels ran with `%s`.", strings.Join(c.ZtunnelEnv, " "))
+	}
+	w("\n\n")
 
 	cols := c.Paths
 	w("| figure |")

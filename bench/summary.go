@@ -42,6 +42,7 @@ type PublicConfig struct {
 	ConnRateSeconds    float64  `json:"connRateSeconds"`
 	ConnRateConns      int      `json:"connRateConnections"`
 	Nice               int      `json:"nice"`
+	ZtunnelEnv         []string `json:"ztunnelEnv,omitempty"`
 	FortioResolutionUs float64  `json:"fortioResolutionMicros"`
 }
 
@@ -49,7 +50,7 @@ func (c Config) public() PublicConfig {
 	return PublicConfig{
 		Paths: c.Paths, Rounds: c.Rounds, QPS: c.QPS, Connections: c.Connections, PayloadBytes: c.Payload,
 		LatencySeconds: c.LatencyTime.Seconds(), ThroughputSeconds: c.ThroughputTime.Seconds(),
-		ConnRateSeconds: c.ConnRateTime.Seconds(), ConnRateConns: c.ConnRateConns, Nice: c.Nice, FortioResolutionUs: fortioResolution * 1e6,
+		ConnRateSeconds: c.ConnRateTime.Seconds(), ConnRateConns: c.ConnRateConns, Nice: c.Nice, ZtunnelEnv: c.ZtunnelEnv, FortioResolutionUs: fortioResolution * 1e6,
 	}
 }
 

@@ -37,6 +37,7 @@ func main() {
 	flag.DurationVar(&cfg.ConnRateTime, "connrate-time", 0, "length of one new-connection run (default 3s)")
 	profile := flag.Bool("profile", true, "after the rounds, take pprof CPU and heap profiles of the ztunnels (into <out>/pprof)")
 	flag.IntVar(&cfg.Nice, "nice", -10, "niceness of every process the harness starts, the same on every path (0: leave alone)")
+	ztEnv := flag.String("ztunnel-env", "", "extra environment for the ztunnels, comma-separated KEY=value (e.g. GOMAXPROCS=1)")
 	conns := flag.String("connections", "1,64", "connection counts of the latency runs")
 	verbose := flag.Bool("v", true, "log progress")
 	flag.Parse()
@@ -47,6 +48,9 @@ func main() {
 	}
 	cfg.Logger = log
 	cfg.Paths = strings.Split(*paths, ",")
+	if *ztEnv != "" {
+		cfg.ZtunnelEnv = strings.Split(*ztEnv, ",")
+	}
 	if *profile {
 		cfg.ProfileDir = filepath.Join(*out, "pprof")
 	}
