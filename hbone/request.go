@@ -119,17 +119,17 @@ func cutValue(s string) (val, rest string, err error) {
 	}
 	var b strings.Builder
 	for i := 1; i < len(s); i++ {
-		switch c := s[i]; {
-		case c == '"':
-			return b.String(), s[i+1:], nil
-		case c == '\\' && i+1 < len(s):
+		c := s[i]
+		if c == '\\' && i+1 < len(s) { // quoted-pair
 			i++
-			b.WriteByte(s[i])
-		case c < 0x20 && c != '\t' || c == 0x7f:
-			return "", "", errors.New("control character in quoted string")
-		default:
-			b.WriteByte(c)
+			c = s[i]
+		} else if c == '"' {
+			return b.String(), s[i+1:], nil
 		}
+		if c < 0x20 && c != '\t' || c == 0x7f {
+			return "", "", errors.New("control character in quoted string")
+		}
+		b.WriteByte(c)
 	}
 	return "", "", errors.New("unterminated quoted string")
 }
