@@ -173,10 +173,17 @@ func applyDelta[T any](old map[string]*T, upserts []*T, removed []string, key fu
 // Store holds the current snapshot. The zero value holds an empty snapshot
 // and is ready to use. Readers call Load (lock-free); writers are serialized.
 type Store struct {
-	mu      sync.Mutex // serializes writers and guards subs
+	mu      sync.Mutex // serializes writers and guards subs, version, log, logStart
 	current atomic.Pointer[Snapshot]
 	subs    []chan struct{}
+
+	version  uint64   // bumped by every Replace and Apply
+	log      []*Delta // the deltas that made versions logStart+1 .. version
+	logStart uint64
 }
+
+// maxLoggedDeltas bounds the deltas a Store keeps for Since.
+const maxLoggedDeltas = 4096
 
 var emptySnapshot = NewSnapshot(nil, nil, nil, nil)
 
@@ -193,6 +200,8 @@ func (st *Store) Replace(s *Snapshot) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.current.Store(s)
+	st.version++
+	st.log, st.logStart = nil, st.version
 	st.notifyLocked()
 }
 
@@ -204,7 +213,37 @@ func (st *Store) Apply(d *Delta) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.current.Store(st.Load().Apply(d))
+	st.version++
+	st.log = append(st.log, d)
+	if len(st.log) > maxLoggedDeltas {
+		drop := len(st.log) - maxLoggedDeltas/2
+		st.log = append([]*Delta(nil), st.log[drop:]...)
+		st.logStart += uint64(drop)
+	}
 	st.notifyLocked()
+}
+
+// LoadVersion returns the current snapshot and its version (the number of
+// Replace and Apply calls so far).
+func (st *Store) LoadVersion() (*Snapshot, uint64) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.Load(), st.version
+}
+
+// Since returns the deltas applied after version v, oldest first, with the
+// snapshot and version they lead to, so a consumer can process only what
+// changed. ok is false when they are not all kept (a Replace since, or too
+// many changes): the consumer then compares snapshots. The deltas must not
+// be modified.
+func (st *Store) Since(v uint64) (ds []*Delta, cur *Snapshot, version uint64, ok bool) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	cur, version = st.Load(), st.version
+	if v < st.logStart || v > st.version {
+		return nil, cur, version, false
+	}
+	return st.log[v-st.logStart:], cur, version, true
 }
 
 // Changed returns a channel that receives a value (coalesced) after every

@@ -51,3 +51,26 @@ func TestApplyPatchesIndexes(t *testing.T) {
 		t.Fatal("routes")
 	}
 }
+
+func TestSince(t *testing.T) {
+	var st Store
+	a := &Workload{UID: "a"}
+	st.Replace(NewSnapshot([]*Workload{a}, nil, nil, nil))
+	_, v := st.LoadVersion()
+	d1 := &Delta{Workloads: []*Workload{{UID: "b"}}}
+	d2 := &Delta{RemovedWorkloads: []string{"a"}}
+	st.Apply(d1)
+	st.Apply(&Delta{}) // empty: not a version
+	st.Apply(d2)
+	ds, cur, v2, ok := st.Since(v)
+	if !ok || len(ds) != 2 || ds[0] != d1 || ds[1] != d2 || v2 != v+2 || cur.Workloads["a"] != nil || cur.Workloads["b"] == nil {
+		t.Fatalf("Since: ok=%v %d deltas, version %d->%d", ok, len(ds), v, v2)
+	}
+	if ds, _, _, ok := st.Since(v2); !ok || len(ds) != 0 {
+		t.Fatal("Since(current) should be ok and empty")
+	}
+	st.Replace(cur)
+	if _, _, _, ok := st.Since(v2); ok {
+		t.Fatal("Since across a Replace should not be ok")
+	}
+}

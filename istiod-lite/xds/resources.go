@@ -88,6 +88,70 @@ func MakeResources(prev, cur *model.Snapshot) (*Resources, error) {
 	return r, nil
 }
 
+// MakeDeltaResources is MakeResources for the store's deltas ds that led to
+// cur: only the resources the deltas name are looked at (in cur, so several
+// deltas touching one resource give its final state), which keeps a one-pod
+// change O(1) instead of a comparison of the whole model.
+func MakeDeltaResources(ds []*model.Delta, cur *model.Snapshot) (*Resources, error) {
+	r := newResources()
+	var wl, svc, pol, pa []string
+	for _, d := range ds {
+		for _, w := range d.Workloads {
+			wl = append(wl, w.UID)
+		}
+		wl = append(wl, d.RemovedWorkloads...)
+		for _, v := range d.Services {
+			svc = append(svc, v.Key())
+		}
+		svc = append(svc, d.RemovedServices...)
+		for _, p := range d.Policies {
+			pol = append(pol, p.Key())
+		}
+		pol = append(pol, d.RemovedPolicies...)
+		for _, p := range d.PeerAuthn {
+			pa = append(pa, p.Key())
+		}
+		pa = append(pa, d.RemovedPeerAuthn...)
+	}
+	if err := keysInto(r, workload.WorkloadType, wl, cur.Workloads, makeWorkload); err != nil {
+		return nil, err
+	}
+	if err := keysInto(r, workload.ServiceType, svc, cur.Services, makeService); err != nil {
+		return nil, err
+	}
+	if err := keysInto(r, workload.AuthorizationType, pol, cur.Policies, makeAuthorization); err != nil {
+		return nil, err
+	}
+	if err := keysInto(r, workload.PeerAuthenticationType, pa, cur.PeerAuthn, makePeerAuthentication); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func keysInto[T any](r *Resources, typeURL string, keys []string, cur map[string]*T, mk func(*T) (*anypb.Any, error)) error {
+	seen := make(map[string]bool, len(keys))
+	var set []string
+	for _, k := range keys {
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		if cur[k] == nil {
+			r.Remove[typeURL] = append(r.Remove[typeURL], k)
+		} else {
+			set = append(set, k)
+		}
+	}
+	out, err := marshalAll(set, cur, mk)
+	if err != nil {
+		return fmt.Errorf("%s: %w", typeURL, err)
+	}
+	for i, k := range set {
+		r.Set[typeURL][k] = out[i]
+	}
+	return nil
+}
+
 func diffInto[T any](r *Resources, typeURL string, prev, cur map[string]*T, mk func(*T) (*anypb.Any, error)) error {
 	if sameMap(prev, cur) {
 		return nil

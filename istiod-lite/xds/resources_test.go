@@ -73,3 +73,45 @@ func TestConsistentRejectsDanglingEndpoint(t *testing.T) {
 		t.Fatal("a service endpoint without its workload passed")
 	}
 }
+
+// TestDeltaResourcesMatchDiff: from the store's deltas or by comparing
+// snapshots, a push carries the same resources.
+func TestDeltaResourcesMatchDiff(t *testing.T) {
+	var st model.Store
+	st.Replace(meshSnapshot(t))
+	before, v := st.LoadVersion()
+	w := *before.Workloads["Kubernetes/Pod/demo/server-1"]
+	w.Ready = !w.Ready
+	st.Apply(&model.Delta{Workloads: []*model.Workload{&w}})
+	st.Apply(&model.Delta{RemovedWorkloads: []string{"Kubernetes/Pod/demo/lost"}, RemovedPolicies: []string{"demo/deny-legacy"}})
+	ds, cur, _, ok := st.Since(v)
+	if !ok {
+		t.Fatal("Since")
+	}
+	fromDeltas, err := MakeDeltaResources(ds, cur)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fromDiff, err := MakeResources(before, cur)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, typ := range workload.TypeURLs {
+		a, b := fromDeltas.Set[typ], fromDiff.Set[typ]
+		if len(a) != len(b) {
+			t.Fatalf("%s: %d set from deltas, %d from the diff", typ, len(a), len(b))
+		}
+		for k := range b {
+			if a[k] == nil || !bytes.Equal(a[k].Value, b[k].Value) {
+				t.Fatalf("%s %s differs", typ, k)
+			}
+		}
+		ra, rb := slices.Sorted(slices.Values(fromDeltas.Remove[typ])), slices.Sorted(slices.Values(fromDiff.Remove[typ]))
+		if !slices.Equal(ra, rb) {
+			t.Fatalf("%s: removed %v vs %v", typ, ra, rb)
+		}
+	}
+	if fromDeltas.Count() != 3 {
+		t.Fatalf("%d resources, want 3", fromDeltas.Count())
+	}
+}

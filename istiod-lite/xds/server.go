@@ -91,11 +91,18 @@ func (s *Server) Status() []StreamStatus { return s.status.snapshot() }
 func (s *Server) Start(ctx context.Context) error {
 	defer s.cancel()
 	changed := s.store.Changed()
-	pushed := model.NewSnapshot(nil, nil, nil, nil)
+	pushed := model.NewSnapshot(nil, nil, nil, nil) // version 0 of a store is empty
+	var pushedVersion uint64
 	push := func() {
-		cur := s.store.Load()
 		start := time.Now()
-		r, err := MakeResources(pushed, cur)
+		ds, cur, version, ok := s.store.Since(pushedVersion)
+		var r *Resources
+		var err error
+		if ok {
+			r, err = MakeDeltaResources(ds, cur)
+		} else {
+			r, err = MakeResources(pushed, cur)
+		}
 		if err == nil {
 			err = Consistent(r, cur)
 		}
@@ -108,7 +115,7 @@ func (s *Server) Start(ctx context.Context) error {
 				s.cache.Update(t, r.Set[t], r.Remove[t])
 			}
 		}
-		pushed = cur
+		pushed, pushedVersion = cur, version
 		s.cache.SetReady()
 		if n := r.Count(); n > 0 {
 			logResources(s.log, r, "pushed")
