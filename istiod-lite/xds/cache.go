@@ -330,6 +330,11 @@ func (c *deltaCache) requestOnStream(id int64, req *discovery.DeltaDiscoveryRequ
 func (c *deltaCache) streamClosed(id int64) {
 	c.mu.Lock()
 	delete(c.streams, id)
+	for req, sid := range c.pending { // a request the server refused before watching
+		if sid == id {
+			delete(c.pending, req)
+		}
+	}
 	c.mu.Unlock()
 }
 
