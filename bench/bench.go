@@ -149,6 +149,8 @@ type Run struct {
 	// the traffic went through them.
 	ZtunnelConnections float64 `json:"ztunnelConnections,omitempty"`
 	Error              string  `json:"error,omitempty"`
+	// LoadAvg is the machine's 1-minute load average when the run started.
+	LoadAvg float64 `json:"loadavg"`
 }
 
 // path is one way from a client pod to a server pod.
@@ -441,7 +443,7 @@ func smoke(ctx context.Context, niceness int, tools *Tools, work string, p *path
 
 // runOne runs one workload on one path, measuring its proxies.
 func runOne(ctx context.Context, cfg Config, tools *Tools, work string, p *path, kind string, conns int) Run {
-	r := Run{Path: p.name, Workload: kind, Connections: conns}
+	r := Run{Path: p.name, Workload: kind, Connections: conns, LoadAvg: loadAvg()}
 	var before float64
 	if p.counted != nil {
 		before, _ = p.counted(ctx)
@@ -511,6 +513,20 @@ func waitListening(ctx context.Context, ns *netns.NS, addr netip.AddrPort) error
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// loadAvg is the 1-minute load average (0 if unknown).
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
 }
 
 // machineInfo describes where the numbers were taken.

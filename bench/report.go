@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 )
 
@@ -63,6 +64,14 @@ func (r *Results) Markdown(plots []string) string {
 		w(" ztunnels ran with `%s`.", strings.Join(c.ZtunnelEnv, " "))
 	}
 	w("\n\n")
+	var maxLoad float64
+	for _, run := range r.Runs {
+		maxLoad = max(maxLoad, run.LoadAvg)
+	}
+	if cpus, _ := strconv.Atoi(r.Machine["cpus"]); cpus > 0 && maxLoad > float64(cpus) {
+		w("**Shared machine:** the 1-minute load average reached %.1f on %d CPUs during the runs (other work than this benchmark). ", maxLoad, cpus)
+		w("Medians and CPU-time figures hold up; tail latencies (p99, and p90 over 64 connections) then measure scheduling delays as much as the paths: compare them across paths within this report, and see the per-run load in Rounds.\n\n")
+	}
 
 	cols := c.Paths
 	w("| figure |")
@@ -129,6 +138,16 @@ func (r *Results) Markdown(plots []string) string {
 				return q.get(l), true
 			}, false)
 		}
+	}
+	for _, conns := range c.Connections {
+		key := fmt.Sprintf("c%d", conns)
+		row(fmt.Sprintf("achieved req/s of the %d-conn latency runs (asked %d)", conns, c.QPS), "", func(s *PathSummary) (float64, bool) {
+			l := s.Latency[key]
+			if l == nil {
+				return 0, false
+			}
+			return l.ActualQPS, true
+		}, false)
 	}
 	row("new connections per second", "", func(s *PathSummary) (float64, bool) { return s.ConnsPerSec, len(s.ConnsPerSecRuns) > 0 }, false)
 	row("proxy CPU-seconds per GB (both proxies)", "", func(s *PathSummary) (float64, bool) { return s.CPUSecondsPerGB, s.CPUSecondsPerGB > 0 }, true)
@@ -213,7 +232,7 @@ func (r *Results) Markdown(plots []string) string {
 	w("\n")
 
 	w("## Rounds\n\nEvery run, in the order it ran (latency columns are fortio's own per-run figures).\n\n")
-	w("| round | workload | path | result | p50 ms | p99 ms | proxy CPU-s | connections counted by the ztunnels | error |\n|---:|---|---|---:|---:|---:|---:|---:|---|\n")
+	w("| round | workload | path | result | p50 ms | p99 ms | proxy CPU-s | connections counted by the ztunnels | load avg | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, run := range r.Runs {
 		var cpu float64
 		for _, p := range run.Proxies {
@@ -236,7 +255,7 @@ func (r *Results) Markdown(plots []string) string {
 		if v, ok := run.FortioPercentilesMs["p50"]; ok {
 			p50, p99 = fmt.Sprintf("%.3f", v), fmt.Sprintf("%.3f", run.FortioPercentilesMs["p99"])
 		}
-		w("| %d | %s | %s | %s | %s | %s | %.2f | %s | %s |\n", run.Round, run.Workload, run.Path, res, p50, p99, cpu, zc, oneLine(run.Error))
+		w("| %d | %s | %s | %s | %s | %s | %.2f | %s | %.1f | %s |\n", run.Round, run.Workload, run.Path, res, p50, p99, cpu, zc, run.LoadAvg, oneLine(run.Error))
 	}
 	w("\n")
 
