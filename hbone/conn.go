@@ -88,8 +88,9 @@ var errPeerClosed = errors.New("hbone: connection closed by peer")
 // or above a GOAWAY's last stream ID): Dial retries them.
 var errRefusedStream = errors.New("hbone: stream refused")
 
-// errStreamClosed is returned by operations on a closed stream.
-var errStreamClosed = errors.New("hbone: stream closed")
+// errStreamClosed is returned by operations on a closed stream; it is
+// net.ErrClosed, as for any net.Conn.
+var errStreamClosed = fmt.Errorf("hbone: stream closed: %w", net.ErrClosed)
 
 // errWriteClosed is returned by Write after CloseWrite.
 var errWriteClosed = errors.New("hbone: write after CloseWrite")

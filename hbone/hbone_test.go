@@ -1118,3 +1118,28 @@ func TestMultiplexedTransfers(t *testing.T) {
 		t.Errorf("%d connections, want 1", n)
 	}
 }
+
+func TestStreamClosedErrors(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	s, err := e.dialer().Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocked := make(chan error, 1)
+	go func() {
+		_, err := s.Read(make([]byte, 1))
+		blocked <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	s.Close()
+	if err := <-blocked; !errors.Is(err, net.ErrClosed) {
+		t.Errorf("pending Read after Close: %v, want net.ErrClosed", err)
+	}
+	if _, err := s.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Write after Close: %v, want net.ErrClosed", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
