@@ -1143,3 +1143,37 @@ func TestStreamClosedErrors(t *testing.T) {
 		t.Errorf("second Close: %v", err)
 	}
 }
+
+// TestTLSParameters: only TLS 1.3 with ALPN h2 is served.
+func TestTLSParameters(t *testing.T) {
+	checkGoroutines(t)
+	e := newEnv(t, echo, nil)
+	svid, _ := e.certs.GetX509SVID(context.Background(), e.cliID)
+	for name, edit := range map[string]func(*tls.Config){
+		"TLS 1.2":       func(c *tls.Config) { c.MinVersion, c.MaxVersion = tls.VersionTLS12, tls.VersionTLS12 },
+		"ALPN http/1.1": func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} },
+		"no ALPN":       func(c *tls.Config) { c.NextProtos = nil },
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := clientTLSConfig(svid, e.certs, []spiffeid.ID{e.srvID})
+			edit(cfg)
+			nc, err := net.Dial("tcp", e.addr.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			c := tls.Client(nc, cfg)
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if err := c.Handshake(); err != nil {
+				return // refused in the handshake
+			}
+			io.WriteString(c, http2.ClientPreface)
+			http2.NewFramer(c, c).WriteSettings()
+			if _, err := io.Copy(io.Discard, c); err != nil {
+				if ne, ok := err.(net.Error); ok && ne.Timeout() {
+					t.Fatal("server served the connection")
+				}
+			}
+		})
+	}
+}
