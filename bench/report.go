@@ -296,6 +296,21 @@ func (r *Results) Markdown(plots []string) string {
 		}
 	}
 
+	if len(r.LinkRSS) > 0 || r.LinkRSSError != "" {
+		w("## The RSS floor: what linking ztunnel's imports costs\n\n")
+		w("Idle programs that only import a set of packages (init functions run, nothing else), RSS after one second:\n\n")
+		if r.LinkRSSError != "" {
+			w("Not measured: %s\n\n", oneLine(r.LinkRSSError))
+		}
+		if len(r.LinkRSS) > 0 {
+			w("| imports | binary (MB) | idle RSS (MB) |\n|---|---:|---:|\n")
+			for _, l := range r.LinkRSS {
+				w("| %s | %.1f | %.1f |\n", l.Name, float64(l.BinaryBytes)/(1<<20), float64(l.RSSBytes)/(1<<20))
+			}
+			w("\n")
+		}
+	}
+
 	w("## Go micro-benchmarks and control-plane scale\n\n")
 	mb := r.Microbench
 	switch {

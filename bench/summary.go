@@ -25,6 +25,9 @@ type Results struct {
 	// Profiles of the ztunnels, from extra runs after the measured ones.
 	Profiles     []Profile `json:"profiles,omitempty"`
 	ProfileError string    `json:"profileError,omitempty"`
+	// LinkRSS is the idle RSS of programs linking ztunnel's imports.
+	LinkRSS      []LinkRSS `json:"linkRss,omitempty"`
+	LinkRSSError string    `json:"linkRssError,omitempty"`
 	// Microbench holds the Go benchmarks of the other packages.
 	Microbench *Microbench `json:"microbench,omitempty"`
 	Runs       []Run       `json:"runs"`

@@ -38,6 +38,7 @@ func main() {
 	profile := flag.Bool("profile", true, "after the rounds, take pprof CPU and heap profiles of the ztunnels (into <out>/pprof)")
 	flag.IntVar(&cfg.Nice, "nice", -10, "niceness of every process the harness starts, the same on every path (0: leave alone)")
 	ztEnv := flag.String("ztunnel-env", "", "extra environment for the ztunnels, comma-separated KEY=value (e.g. GOMAXPROCS=1)")
+	linkRSS := flag.Bool("link-rss", true, "measure the idle RSS of programs linking ztunnel's imports")
 	conns := flag.String("connections", "1,64", "connection counts of the latency runs")
 	verbose := flag.Bool("v", true, "log progress")
 	flag.Parse()
@@ -63,12 +64,12 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, cfg, *out, *micro, *reportOnly, log); err != nil {
+	if err := run(ctx, cfg, *out, *micro, *reportOnly, *linkRSS, log); err != nil {
 		fatal(err)
 	}
 }
 
-func run(ctx context.Context, cfg bench.Config, out, micro, reportOnly string, log *slog.Logger) error {
+func run(ctx context.Context, cfg bench.Config, out, micro, reportOnly string, linkRSS bool, log *slog.Logger) error {
 	var res *bench.Results
 	var measureErr error
 	if reportOnly != "" {
@@ -97,6 +98,14 @@ func run(ctx context.Context, cfg bench.Config, out, micro, reportOnly string, l
 		}
 		if measureErr != nil {
 			log.Error("measurement incomplete; writing what was measured", "err", measureErr)
+		}
+		if linkRSS {
+			log.Info("measuring the RSS floor of ztunnel's imports")
+			lr, err := bench.MeasureLinkRSS(ctx, cfg.RepoDir)
+			res.LinkRSS = lr
+			if err != nil {
+				res.LinkRSSError = err.Error()
+			}
 		}
 	}
 	if micro != "" {
