@@ -25,19 +25,9 @@ integration:
 
 # ambit's main job: the local mesh demo on the embedded default (examples/).
 demo:
-	@echo "make demo will bring up the local mesh: istiod-lite reading examples/, two"
-	@echo "network-namespace nodes each with a ztunnel and eBPF capture, a few pods in an"
-	@echo "enrolled namespace and one outside it, traffic between them, and a summary of"
-	@echo "who talked to whom, with which SPIFFE identities, encrypted or not."
-	@echo "It is not built yet (issue: integration)." >&2
-	@exit 1
+	@scripts/install-deps.sh base
+	$(GO) run ./integration/demo $(DEMOFLAGS)
 
-# Go micro-benchmarks of the data-path and control-plane packages, then the
-# end-to-end mesh benchmark (root: namespaces, eBPF): direct vs HAProxy mTLS
-# pair vs ambit. Writes bench/results/{latest.json,latest.md,*.png,pprof/}.
-# BENCHFLAGS go to meshbench (e.g. BENCHFLAGS='-rounds 1'); see bench/README.md.
-BENCH_PKGS ?= ./hbone/... ./bpf/... ./istiod-lite/...
-BENCHFLAGS ?=
 bench:
 	@scripts/install-deps.sh bench
 	@mkdir -p bench/results

@@ -29,6 +29,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/integration/app"
 	"github.com/ambit-mesh/ambit/integration/mesh"
 	"github.com/ambit-mesh/ambit/integration/netns"
@@ -81,7 +82,6 @@ func run(ctx context.Context, cfg config) error {
 	if cfg.verbose {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	start := time.Now()
 	pods, svcs, err := readExamples(cfg.examples)
 	if err != nil {
 		return err
@@ -154,24 +154,22 @@ func run(ctx context.Context, cfg config) error {
 	}
 	step("sending traffic")
 	flows := plan(pods, svcs)
-	for _, f := range flows {
+	for i, f := range flows {
+		// A fixed client port per flow finds its access-log lines even when
+		// the connect itself fails (a reset can beat connect's return).
+		f.local = netip.AddrPortFrom(f.from.ip, uint16(41000+i)).String()
 		f.exchange(ctx)
 	}
-	time.Sleep(500 * time.Millisecond) // let the access-log lines land
 	packets, err := pcap.Stop()
 	if err != nil {
 		return err
 	}
-	var logs []mesh.AccessLog
-	for _, n := range nodes {
-		l, err := m.AccessLogs(n.Name)
-		if err != nil {
-			return err
-		}
-		logs = append(logs, l...)
+	logs, err := settledAccessLogs(ctx, m, nodes)
+	if err != nil {
+		return err
 	}
 	report(os.Stdout, flows, logs, packets, m)
-	fmt.Printf("\nmesh up, traffic and summary in %s.\n", time.Since(start).Round(100*time.Millisecond))
+	fmt.Printf("\nmesh up, traffic and summary in %s.\n", time.Since(began).Round(100*time.Millisecond))
 	if cfg.keep {
 		fmt.Printf("kept running (-keep): logs in %s; node namespaces ambit-demo-<node>; interrupt to tear down.\n", work)
 		<-ctx.Done()
@@ -181,7 +179,38 @@ func run(ctx context.Context, cfg config) error {
 	return nil
 }
 
-func step(s string) { fmt.Fprintln(os.Stderr, "==>", s) }
+var began = time.Now()
+
+// settledAccessLogs reads every node's access log once no new line has
+// arrived for a second (a proxy writes a connection's line when it ends,
+// which can be just after the client saw the end), or after 10s.
+func settledAccessLogs(ctx context.Context, m *mesh.Mesh, nodes []netns.NodeConfig) ([]mesh.AccessLog, error) {
+	deadline := time.Now().Add(10 * time.Second)
+	var last []mesh.AccessLog
+	for {
+		var logs []mesh.AccessLog
+		for _, n := range nodes {
+			l, err := m.AccessLogs(n.Name)
+			if err != nil {
+				return nil, err
+			}
+			logs = append(logs, l...)
+		}
+		if (last != nil && len(logs) == len(last)) || time.Now().After(deadline) {
+			return logs, nil
+		}
+		last = logs
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func step(s string) {
+	fmt.Fprintf(os.Stderr, "==> [%5.1fs] %s\n", time.Since(began).Seconds(), s)
+}
 
 func repoRoot() (string, error) {
 	_, file, _, ok := runtime.Caller(0)
@@ -304,11 +333,8 @@ func (f *flow) exchange(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 	defer cancel()
 	f.res, f.err = app.Exchange(ctx, func(ctx context.Context) (net.Conn, error) {
-		c, err := f.from.net.NS.Dial(ctx, nil, "tcp", f.addr)
-		if err == nil {
-			f.local = c.LocalAddr().String()
-		}
-		return c, err
+		d := &net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.MustParseAddrPort(f.local))}
+		return f.from.net.NS.Dial(ctx, d, "tcp", f.addr)
 	}, 64<<10)
 }
 
@@ -332,16 +358,16 @@ func report(w *os.File, flows []*flow, logs []mesh.AccessLog, packets []netns.Pa
 	}
 
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "ambit demo: who talked to whom")
-	fmt.Fprintln(w)
+	fmt.Fprintf(w, "ambit demo: who talked to whom (identities are spiffe://%s/...)\n\n", certs.DefaultTrustDomain.Name())
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "FROM\tTO\tRESULT\tON THE WIRE\tIDENTITIES (client -> server)\tPOLICY")
+	fmt.Fprintln(tw, "FROM\tTO\tRESULT\tON THE WIRE\tIDENTITIES\tPOLICY")
+	var leaks []string
 	for _, f := range flows {
 		result := "ok"
 		if f.err != nil {
-			result = "refused: " + shortErr(f.err)
+			result = "failed: " + shortErr(f.err)
 		} else if f.res.Server != "" {
-			result = "ok, served by " + f.res.Server
+			result = "ok (" + f.res.Server + ")"
 		}
 		var out, in *mesh.AccessLog
 		for i, l := range bySrc[f.local] {
@@ -352,47 +378,68 @@ func report(w *os.File, flows []*flow, logs []mesh.AccessLog, packets []netns.Pa
 				in = &bySrc[f.local][i]
 			}
 		}
-		wire := "plain TCP (not captured)"
+		wire := "plain TCP, not captured"
 		ids := "-"
 		switch {
-		case out != nil && out.Route != "passthrough" && out.Route != "" && out.DstPrincipal != "":
-			wire = "HBONE mTLS (encrypted)"
-			ids = out.SrcPrincipal + " -> " + out.DstPrincipal
+		case out != nil && (out.Route == "hbone" || out.Route == "waypoint"):
+			wire = "HBONE mTLS"
+			ids = shortID(out.SrcPrincipal) + " -> " + shortID(out.DstPrincipal)
 		case out != nil:
-			wire = "plain TCP (" + out.Route + ", destination not in the mesh)"
+			wire = "plain TCP (" + out.Route + ": destination outside the mesh)"
 		case in != nil && in.Via != "hbone":
-			wire = "plain TCP (captured on arrival)"
+			wire = "plain TCP, captured at the destination"
 		}
 		if clear[f.local] {
-			wire += ", payload seen in clear on the underlay"
+			wire += "; payload seen in clear"
+			if out != nil && (out.Route == "hbone" || out.Route == "waypoint") {
+				leaks = append(leaks, f.from.key()+" -> "+f.to)
+			}
 		}
 		policy := "-"
 		switch {
 		case in != nil && in.Outcome == "denied":
-			policy = "DENIED by " + nonEmpty(in.Reason, "policy")
+			policy = "DENIED: " + nonEmpty(in.Reason, "policy")
 		case in != nil && in.Outcome == "ok":
 			policy = "allowed"
 		case out != nil && out.Outcome == "denied":
-			policy = "DENIED (" + nonEmpty(out.Reason, "upstream said 401") + ")"
+			policy = "DENIED: " + nonEmpty(out.Reason, "the destination answered 401")
+		}
+		if f.err != nil && f.noKubeProxy() {
+			result = "failed: no route to the VIP"
+			policy = "(no kube-proxy in the demo: only enrolled pods reach service VIPs, through ztunnel)"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", f.from.key(), f.to, result, wire, ids, policy)
 	}
 	tw.Flush()
-	fmt.Fprintf(w, "\nunderlay capture: %d TCP packets between the nodes, %d of them HBONE (port %d); the plaintext marker appeared in the packets of %d connection(s), none of them from an enrolled pod's captured traffic.\n",
-		total, hbone, model.PortHBONE, countClientFlows(flows, clear))
+	fmt.Fprintf(w, "\nunderlay capture: %d TCP packets crossed between the nodes, %d of them HBONE (port %d).\n", total, hbone, model.PortHBONE)
+	if len(leaks) == 0 {
+		fmt.Fprintf(w, "plaintext marker: seen only in connections that bypass the mesh (%d); never in a tunnelled one.\n", countClientFlows(flows, clear))
+	} else {
+		fmt.Fprintf(w, "PLAINTEXT LEAK: the marker crossed the underlay in tunnelled connections: %s\n", strings.Join(leaks, "; "))
+	}
 	for _, n := range m.Topo.Nodes {
-		var certs []struct {
-			Identity string    `json:"identity"`
+		var held []struct {
+			ID       string    `json:"identity"`
 			NotAfter time.Time `json:"notAfter"`
 		}
-		if err := m.Admin(context.Background(), n.Name, "/debug/certificates", &certs); err == nil {
+		if err := m.Admin(context.Background(), n.Name, "/debug/certificates", &held); err == nil {
 			var ids []string
-			for _, c := range certs {
-				ids = append(ids, c.Identity)
+			for _, c := range held {
+				ids = append(ids, fmt.Sprintf("%s (expires in %s)", shortID(c.ID), time.Until(c.NotAfter).Round(time.Minute)))
 			}
 			fmt.Fprintf(w, "%s's ztunnel holds certificates for: %s\n", n.Name, strings.Join(ids, ", "))
 		}
 	}
+}
+
+// noKubeProxy reports a failed dial to a service VIP from a pod outside the
+// mesh: without kube-proxy nothing routes VIPs for such pods.
+func (f *flow) noKubeProxy() bool {
+	return strings.HasPrefix(f.to, "svc ") && strings.Contains(f.err.Error(), "unreachable")
+}
+
+func shortID(id string) string {
+	return strings.TrimPrefix(id, "spiffe://"+certs.DefaultTrustDomain.Name()+"/")
 }
 
 func countClientFlows(flows []*flow, clear map[string]bool) int {
