@@ -43,6 +43,9 @@ func Join(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 	done := make(chan result, 1)
 	go func() {
 		n, err := copyHalf(b, a)
+		if err != nil {
+			closeBoth() // unblock the other direction
+		}
 		done <- result{n, err}
 	}()
 	n, err1 := copyHalf(a, b)
@@ -54,7 +57,7 @@ func Join(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 	aToB = r.n
 	closeBoth()
 	for _, e := range []error{r.err, err1} {
-		if e != nil && err == nil && !errors.Is(e, net.ErrClosed) && !errors.Is(e, errStreamClosed) {
+		if e != nil && err == nil && !errors.Is(e, net.ErrClosed) {
 			err = e
 		}
 	}
@@ -64,8 +67,8 @@ func Join(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) {
 	return aToB, bToA, err
 }
 
-// copyHalf copies src to dst until src's EOF, then half-closes dst. A
-// failed copy closes both ends of this direction.
+// copyHalf copies src to dst until src's EOF, then half-closes dst (or
+// closes it, if it cannot half-close).
 func copyHalf(dst, src net.Conn) (int64, error) {
 	n, err := copyConn(dst, src)
 	if err != nil {

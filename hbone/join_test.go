@@ -142,3 +142,22 @@ func TestCopyAllocations(t *testing.T) {
 		t.Errorf("copyConn: %v allocations per copy (want a pooled buffer, <= 3 small allocations)", allocs)
 	}
 }
+
+// TestJoinError: when one direction fails, the other (idle) one is not
+// left hanging.
+func TestJoinError(t *testing.T) {
+	checkGoroutines(t)
+	client, a := tcpPair(t)
+	b, server := tcpPair(t)
+	defer server.Close()
+	errc := make(chan error, 1)
+	go func() { _, _, err := Join(context.Background(), a, b); errc <- err }()
+	// The client resets its connection; the server side stays silent.
+	client.(*net.TCPConn).SetLinger(0)
+	client.Close()
+	select {
+	case <-errc:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Join hung after one side was reset")
+	}
+}
