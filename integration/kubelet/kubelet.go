@@ -4,6 +4,11 @@
 // from the node's pod CIDR, runs the pod's workload (ambit's echo app on
 // every declared container port) inside it, and writes the pod's status
 // (podIP, Running, Ready). When the Pod is deleted it removes all of it.
+//
+// A pod's start follows a CNI's order: its network and address exist and are
+// published (podIP, not yet Ready) before Prepare runs and before its
+// workload starts, so a mesh can capture it before its first packet. Pods
+// with hostNetwork (ztunnel) get the node's address and run nothing.
 package kubelet
 
 import (
@@ -29,9 +34,10 @@ import (
 type Kubelet struct {
 	Client kubernetes.Interface
 	Node   *netns.Node
-	// Prepare, when set, runs after a pod's network exists and before its
-	// workload starts: the moment a CNI plugin (and ambit's capture) acts.
-	// An error leaves the pod not running; it is retried on the next resync.
+	// Prepare, when set, runs after a pod's network exists and its podIP is
+	// published, and before its workload starts: the moment a CNI plugin
+	// (and ambit's capture) acts. An error removes the pod's network again;
+	// the pod is retried on the next resync.
 	Prepare func(ctx context.Context, pod *corev1.Pod, p *netns.Pod) error
 	// Logger; nil discards.
 	Logger *slog.Logger
@@ -119,17 +125,27 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	if r != nil {
 		return nil
 	}
+	if pod.Spec.HostNetwork {
+		k.mu.Lock()
+		k.pods[key] = &running{}
+		k.mu.Unlock()
+		return k.setStatus(ctx, pod, k.Node.IP.String(), true)
+	}
 	p, err := k.Node.AddPod(pod.Namespace + "." + pod.Name)
 	if err != nil {
 		return err
 	}
+	r = &running{net: p}
+	if err := k.setStatus(ctx, pod, p.IP.String(), false); err != nil {
+		k.teardown(r)
+		return err
+	}
 	if k.Prepare != nil {
 		if err := k.Prepare(ctx, pod, p); err != nil {
-			k.Node.RemovePod(p)
+			k.teardown(r)
 			return fmt.Errorf("prepare: %w", err)
 		}
 	}
-	r = &running{net: p}
 	for _, c := range pod.Spec.Containers {
 		for _, port := range c.Ports {
 			if port.Protocol != "" && port.Protocol != corev1.ProtocolTCP {
@@ -154,22 +170,39 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	k.mu.Lock()
 	k.pods[key] = r
 	k.mu.Unlock()
+	if err := k.setStatus(ctx, pod, p.IP.String(), true); err != nil {
+		return err
+	}
+	log.Info("pod running", "pod", key, "ip", p.IP.String())
+	return nil
+}
 
+// setStatus publishes the pod's address, Running, and its readiness.
+func (k *Kubelet) setStatus(ctx context.Context, pod *corev1.Pod, ip string, ready bool) error {
+	cur, err := k.Client.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("get pod: %w", err)
+	}
 	now := metav1.Now()
-	st := pod.DeepCopy()
+	cond := corev1.ConditionFalse
+	if ready {
+		cond = corev1.ConditionTrue
+	}
+	st := cur.DeepCopy()
 	st.Status.Phase = corev1.PodRunning
-	st.Status.PodIP = p.IP.String()
-	st.Status.PodIPs = []corev1.PodIP{{IP: p.IP.String()}}
+	st.Status.PodIP = ip
+	st.Status.PodIPs = []corev1.PodIP{{IP: ip}}
 	st.Status.HostIP = k.Node.IP.String()
-	st.Status.StartTime = &now
+	if st.Status.StartTime == nil {
+		st.Status.StartTime = &now
+	}
 	st.Status.Conditions = []corev1.PodCondition{
-		{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
-		{Type: corev1.ContainersReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		{Type: corev1.PodReady, Status: cond, LastTransitionTime: now},
+		{Type: corev1.ContainersReady, Status: cond, LastTransitionTime: now},
 	}
 	if _, err := k.Client.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, st, metav1.UpdateOptions{}); err != nil {
 		return fmt.Errorf("update status: %w", err)
 	}
-	log.Info("pod running", "pod", key, "ip", p.IP.String())
 	return nil
 }
 
@@ -189,7 +222,9 @@ func (k *Kubelet) teardown(r *running) {
 		s.Close()
 	}
 	r.done.Wait()
-	k.Node.RemovePod(r.net)
+	if r.net != nil {
+		k.Node.RemovePod(r.net)
+	}
 }
 
 func (k *Kubelet) stopAll(log *slog.Logger) {
