@@ -46,6 +46,7 @@ Usage: istiod-lite [flags]
 	fs.StringVar(&cfg.CADir, "ca-dir", "", "local mode: `directory` of the CA key and certificate, created if empty (default <config-dir>/.ambit-ca)")
 	fs.StringVar(&cfg.CASecretNamespace, "ca-secret-namespace", "", "cluster mode: `namespace` of the CA Secret (default ambit-system)")
 	fs.StringVar(&cfg.CASecretName, "ca-secret-name", "", "cluster mode: `name` of the CA Secret (default ambit-ca)")
+	fs.DurationVar(&cfg.CertTTL, "cert-ttl", 0, "lifetime of workload certificates (default 24h); proxies renew at half of it")
 	fs.StringVar(&cfg.HostCredentials, "host-credentials", "", "local mode: `file` of \"<host> <secret>\" lines hosts authenticate to the CA with")
 	fs.StringVar(&sans, "serving-sans", "", "extra comma-separated DNS names and IPs of the 15012 certificate")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")

@@ -64,6 +64,9 @@ type Config struct {
 	// HostCredentials, in local mode, is the file of "<host> <secret>" lines
 	// that hosts' ztunnels authenticate with; without it the CA refuses all.
 	HostCredentials string
+	// CertTTL is the lifetime (and the cap) of issued workload certificates
+	// (certs.DefaultLeafTTL when zero).
+	CertTTL time.Duration
 	// ServingDNSNames and ServingIPs are extra SANs of the 15012 certificate.
 	ServingDNSNames []string
 	ServingIPs      []net.IP
@@ -121,7 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.ConfigDir != "" {
 		log.Info("local mode", "dir", cfg.ConfigDir)
 		src = &registry.Files{Dir: cfg.ConfigDir, Store: store, Options: opts, Logger: log.With("component", "registry")}
-		authority, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: cfg.CADir}, td, certs.Options{}, log)
+		authority, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: cfg.CADir}, td, certs.Options{LeafTTL: cfg.CertTTL}, log)
 		if err != nil {
 			return fmt.Errorf("ca: %w", err)
 		}
@@ -154,7 +157,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("kubernetes dynamic client: %w", err)
 		}
 		src = &registry.Kubernetes{Client: cs, Dynamic: dyn, Store: store, Options: opts, Logger: log.With("component", "registry")}
-		authority, err := certs.LoadOrCreateCA(ctx, ca.SecretStore{Client: cs, Namespace: cfg.CASecretNamespace, Name: cfg.CASecretName}, td, certs.Options{}, log)
+		authority, err := certs.LoadOrCreateCA(ctx, ca.SecretStore{Client: cs, Namespace: cfg.CASecretNamespace, Name: cfg.CASecretName}, td, certs.Options{LeafTTL: cfg.CertTTL}, log)
 		if err != nil {
 			return fmt.Errorf("ca: %w", err)
 		}
