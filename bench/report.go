@@ -335,7 +335,7 @@ func (r *Results) Markdown(plots []string) string {
 			for _, m := range rows {
 				var ms []string
 				for _, u := range sortedKeys(m.Metrics) {
-					ms = append(ms, fmt.Sprintf("%s %s", num(m.Metrics[u], ""), u))
+					ms = append(ms, fmt.Sprintf("%s %s", num(m.Metrics[u], "bench"), u))
 				}
 				w("| %s | %s | %s |\n", strings.TrimPrefix(m.Package, "github.com/ambit-mesh/ambit/"), m.Name, strings.Join(ms, ", "))
 			}
@@ -361,7 +361,7 @@ func num(v float64, unit string) string {
 	switch {
 	case unit == "ms":
 		return fmt.Sprintf("%.3f", v)
-	case unit == "count" || (v == math.Trunc(v) && math.Abs(v) < 1e15):
+	case unit == "count" || (unit == "bench" && v == math.Trunc(v)):
 		return fmt.Sprintf("%.0f", v)
 	case unit == "MB":
 		return fmt.Sprintf("%.1f", v)
