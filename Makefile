@@ -21,7 +21,7 @@ test: deps
 # Tests that need root: a real kube-apiserver, network namespaces, eBPF.
 integration:
 	@scripts/install-deps.sh integration
-	$(GO) test -count=1 -timeout 30m -tags integration ./integration/...
+	$(GO) test -count=1 -timeout 20m -tags integration -v -run . ./integration/
 
 # ambit's main job: the local mesh demo on the embedded default (examples/).
 demo:

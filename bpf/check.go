@@ -93,6 +93,10 @@ func mountBPFFS(pinPath string, log *slog.Logger) error {
 	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("%w: missing a bpffs at %s, and mounting one failed: %v", ErrUnsupported, root, err)
 	}
-	log.Info("mounted bpffs", "path", root)
+	// A bpffs mounted here lives as long as this mount namespace. Under
+	// `ip netns exec` (a private mount namespace) it, and every pin in it,
+	// vanishes when the process exits, and capture with it; a DaemonSet
+	// mounts the host's /sys/fs/bpf so pins outlive restarts.
+	log.Warn("mounted a bpffs: pins survive a restart only if this mount is the host's", "path", root)
 	return nil
 }

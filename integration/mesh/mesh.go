@@ -62,6 +62,14 @@ type Options struct {
 	// presents to the CA (a service-account token bound to its pod); nil in
 	// local mode, where each node gets a generated host secret.
 	TokenFile func(node string) (string, error)
+	// CARoots is the PEM file of roots ztunnels verify istiod-lite with. In
+	// local mode it defaults to the CA directory's roots.pem; in cluster
+	// mode the caller writes it (from the ambit-ca-root ConfigMap) before
+	// starting ztunnels.
+	CARoots string
+	// Setup, when set, runs once the topology exists and before istiod-lite
+	// starts (e.g. to make the API server reachable from the first node).
+	Setup func(*netns.Topology) error
 	// CertTTL, when set, is the lifetime of workload certificates.
 	CertTTL time.Duration
 	// Logger receives the harness's progress; nil discards.
@@ -121,6 +129,11 @@ func Start(ctx context.Context, opts Options) (_ *Mesh, err error) {
 			return nil, err
 		}
 	}
+	if opts.Setup != nil {
+		if err := opts.Setup(topo); err != nil {
+			return nil, fmt.Errorf("mesh: setup: %w", err)
+		}
+	}
 	if err := m.StartIstiod(ctx); err != nil {
 		return nil, err
 	}
@@ -131,8 +144,17 @@ func (m *Mesh) credentialsFile() string { return filepath.Join(m.opts.WorkDir, "
 func (m *Mesh) hostSecretFile(node string) string {
 	return filepath.Join(m.opts.WorkDir, "host-secret-"+node)
 }
-func (m *Mesh) caDir() string     { return filepath.Join(m.opts.WorkDir, "ca") }
-func (m *Mesh) rootsFile() string { return filepath.Join(m.caDir(), "roots.pem") }
+func (m *Mesh) caDir() string { return filepath.Join(m.opts.WorkDir, "ca") }
+
+// CARootsFile is the PEM file of roots the ztunnels verify istiod-lite with.
+func (m *Mesh) CARootsFile() string { return m.rootsFile() }
+
+func (m *Mesh) rootsFile() string {
+	if m.opts.CARoots != "" {
+		return m.opts.CARoots
+	}
+	return filepath.Join(m.caDir(), "roots.pem")
+}
 
 // writeHostCredentials gives every node a random secret (local mode's CA
 // credentials) and istiod-lite the file of all of them.
@@ -332,7 +354,10 @@ func (m *Mesh) start(ctx context.Context, n *netns.Node, name, bin string, args 
 		return nil, fmt.Errorf("mesh: %w", err)
 	}
 	// Not CommandContext: the process outlives Start's context; Close ends it.
-	cmd := exec.Command("ip", append([]string{"netns", "exec", n.NS.Name, bin}, args...)...)
+	// nsenter, not `ip netns exec`: that one also gives the process a private
+	// mount namespace with a fresh /sys, so the bpffs ztunnel pins capture in
+	// would die with the process (a DaemonSet mounts the host's /sys/fs/bpf).
+	cmd := exec.Command("nsenter", append([]string{"--net=" + n.NS.Path(), "--", bin}, args...)...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -373,7 +398,7 @@ func (p *Proc) Terminate(timeout time.Duration) error {
 	}
 }
 
-// Pid is the process id (of `ip netns exec`, which execs the binary).
+// Pid is the process id (nsenter execs the binary, so it is the binary's).
 func (p *Proc) Pid() int { return p.cmd.Process.Pid }
 
 // Tail returns the last n lines of the process's log.
