@@ -45,8 +45,11 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb]\.go$$')); \
 		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags integration ./integration/
 	$(GO) tool staticcheck ./...
 	$(GO) test -count=1 -run TestEveryPackageHasDocComment .
+	@$(MAKE) --no-print-directory generate
+	@git diff --exit-code --stat -- bpf api || { echo "generated code is stale: run make generate and commit"; exit 1; }
 
 clean:
 	rm -rf bin
