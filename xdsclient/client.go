@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,6 +42,14 @@ type Client struct {
 	TLS   *tls.Config // nil: plaintext (tests only)
 	Node  string      // this ztunnel's node name, sent as the xDS Node id
 	Store *model.Store
+	// TokenFile holds the bearer token the client authenticates with (the
+	// ztunnel's projected service-account token, or the host's secret in
+	// local mode). It is read at every (re)connection, since kubelet rotates
+	// projected tokens. When empty, Token is used; when both are empty no
+	// token is sent, which only a server without authentication accepts
+	// (tests). A token needs TLS.
+	TokenFile string
+	Token     string
 	// Logger may be nil.
 	Logger *slog.Logger
 	// MinBackoff and MaxBackoff bound the wait between reconnections
@@ -88,13 +98,20 @@ func (c *Client) Start(ctx context.Context) error {
 	if c.TLS != nil {
 		creds = credentials.NewTLS(c.TLS)
 	}
-	conn, err := grpc.NewClient(c.Addr, append([]grpc.DialOption{
+	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		// A full push of a large mesh is one response (100k workloads are
 		// about 20 MB), well past gRPC's 4 MB default.
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize)),
 		grpc.WithInitialWindowSize(4 << 20), grpc.WithInitialConnWindowSize(16 << 20),
-	}, c.DialOptions...)...)
+	}
+	if c.TokenFile != "" || c.Token != "" {
+		if c.TLS == nil {
+			return errors.New("xdsclient: a token needs TLS")
+		}
+		opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{c}))
+	}
+	conn, err := grpc.NewClient(c.Addr, append(opts, c.DialOptions...)...)
 	if err != nil {
 		return fmt.Errorf("xdsclient: dial %s: %w", c.Addr, err)
 	}
@@ -175,6 +192,28 @@ func (c *Client) stream(ctx context.Context, ads discovery.AggregatedDiscoverySe
 		}
 	}
 }
+
+// tokenCreds sends the bearer token with each stream, reading TokenFile
+// anew each time.
+type tokenCreds struct{ c *Client }
+
+func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	tok := t.c.Token
+	if t.c.TokenFile != "" {
+		b, err := os.ReadFile(t.c.TokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("read token: %w", err)
+		}
+		tok = string(b)
+	}
+	tok = strings.TrimSpace(tok)
+	if tok == "" {
+		return nil, errors.New("empty token")
+	}
+	return map[string]string{"authorization": "Bearer " + tok}, nil
+}
+
+func (tokenCreds) RequireTransportSecurity() bool { return true }
 
 // apply decodes a whole response and applies it, or nothing of it.
 func (c *Client) apply(resp *discovery.DeltaDiscoveryResponse) error {
