@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -147,5 +148,57 @@ func TestWithCertificateManager(t *testing.T) {
 	}
 	if !slices.Equal(ids, []string{"spiffe://cluster.local/ns/shop/sa/server"}) {
 		t.Errorf("node2's manager holds %v, want only its workloads' identity", ids)
+	}
+}
+
+// TestCaptureWaitsForFirstConfig: a proxy that starts (or restarts, with
+// capture inherited from the pins) before its config source has synced must
+// not reconcile capture against the empty store: that would release every
+// pod and let their new connections out uncaptured.
+func TestCaptureWaitsForFirstConfig(t *testing.T) {
+	var synced atomic.Bool
+	store := &model.Store{}
+	rc := &recordingCapture{}
+	p, err := New(context.Background(), Config{Store: store, Node: "node1", Capture: rc, Synced: synced.Load})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		p.Close()
+	}()
+
+	// The source writes its first config before it reports synced (as the
+	// xDS client does): still nothing may be reconciled against emptiness.
+	calls := func() int {
+		rc.mu.Lock()
+		defer rc.mu.Unlock()
+		return len(rc.calls)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := calls(); n != 0 {
+		t.Fatalf("capture reconciled %d times before the first config: %+v", n, rc.last())
+	}
+	w := &model.Workload{UID: "c/Pod/ns/a", Name: "a", Namespace: "ns", Node: "node1", Enrolled: true,
+		Addresses: []netip.Addr{netip.MustParseAddr("10.1.0.2")}}
+	store.Replace(model.NewSnapshot([]*model.Workload{w}, nil, nil, nil))
+	time.Sleep(100 * time.Millisecond)
+	if n := calls(); n != 0 {
+		t.Fatalf("capture reconciled %d times before the source reported synced: %+v", n, rc.last())
+	}
+	synced.Store(true)
+	waitFor(t, "reconcile after sync", func() bool { return slices.Equal(rc.last().pods, []string{"a"}) })
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	for _, c := range rc.calls {
+		if len(c.pods) == 0 {
+			t.Fatalf("capture was reconciled to no pods: %+v", rc.calls)
+		}
 	}
 }

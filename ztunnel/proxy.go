@@ -160,6 +160,14 @@ func (p *Proxy) synced() bool {
 	if p.cfg.Capture != nil && !p.captured.Load() {
 		return false
 	}
+	return p.haveConfig()
+}
+
+// haveConfig reports whether the config source has delivered a first
+// config. Until then the store's emptiness means "not known yet", not "no
+// pods": acting on it would release the capture that a restarted proxy
+// inherited from its pins, and let enrolled pods' traffic out uncaptured.
+func (p *Proxy) haveConfig() bool {
 	if p.cfg.Synced != nil {
 		return p.cfg.Synced()
 	}
@@ -382,6 +390,20 @@ func (p *Proxy) watchConfig(changed <-chan struct{}) {
 	var lastPods []string // UIDs, sorted
 	var retry <-chan time.Time
 	for {
+		if !p.haveConfig() {
+			// Nothing to act on yet; the source's first config may land
+			// between its store update and its synced flag, so look again.
+			select {
+			case <-changed:
+				p.configured.Store(true)
+			case <-time.After(50 * time.Millisecond):
+			case <-p.quit:
+				return
+			case <-p.connCtx.Done():
+				return
+			}
+			continue
+		}
 		snap := p.cfg.Store.Load()
 		ids, pods := p.localWorkloads(snap)
 		if setter, ok := p.cfg.Certs.(interface{ SetIdentities([]spiffeid.ID) }); ok && !slices.Equal(ids, last) {
