@@ -2,11 +2,15 @@ package server
 
 import (
 	"context"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -54,6 +58,24 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	if _, err := admin.CoreV1().Pods("demo").UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	// node-1's ztunnel, whose pod-bound token authenticates it to xDS.
+	if _, err := admin.CoreV1().ServiceAccounts("ambit-system").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "ztunnel"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CoreV1().Pods("ambit-system").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "ztunnel-1", Namespace: "ambit-system"},
+		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "ztunnel", Containers: []corev1.Container{{Name: "c", Image: "x"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ztunnelToken, err := c.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{ca.DefaultAudience}, "ztunnel-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	webToken, err := c.ServiceAccountToken(ctx, "demo", "default", []string{ca.DefaultAudience}, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	token, err := c.ServiceAccountToken(ctx, "ambit-system", "istiod-lite", nil, "")
 	if err != nil {
@@ -91,7 +113,26 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	xc := &xdsclient.Client{Addr: addr, TLS: ca.ClientTLSConfig(roots, certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain)), Node: "node-1", Store: &model.Store{}}
+	tlsConf := ca.ClientTLSConfig(roots, certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain))
+	// xDS takes only node proxies' tokens (TokenReview), each for its own node.
+	for _, tc := range []struct {
+		what, token, node string
+		want              codes.Code
+	}{
+		{"no token", "", "node-1", codes.Unauthenticated},
+		{"istiod-lite's token (not for istio-ca, not pod-bound)", token, "node-1", codes.Unauthenticated},
+		{"a workload's token", webToken, "node-1", codes.PermissionDenied},
+		{"node-1's ztunnel claiming node-2", ztunnelToken, "node-2", codes.PermissionDenied},
+	} {
+		if err := firstResponse(ctx, addr, tlsConf, tc.token, tc.node); status.Code(err) != tc.want {
+			t.Fatalf("xds with %s: got %v, want %s", tc.what, err, tc.want)
+		}
+	}
+	tokenFile := filepath.Join(t.TempDir(), "token")
+	if err := os.WriteFile(tokenFile, []byte(ztunnelToken), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	xc := &xdsclient.Client{Addr: addr, TLS: tlsConf, TokenFile: tokenFile, Node: "node-1", Store: &model.Store{}}
 	go func() { _ = xc.Start(rctx) }()
 	select {
 	case <-xc.SyncedCh():

@@ -1,7 +1,8 @@
 // Package server wires istiod-lite: a registry (Kubernetes or a YAML
 // directory) builds the model, the xDS server streams it, and the
 // certificate service signs workload certificates, both on one TLS gRPC port
-// (15012); a localhost admin port serves health and proxy-status.
+// (15012) and both authenticating their clients' bearer tokens with one
+// ca.Authenticator; a localhost admin port serves health and proxy-status.
 package server
 
 import (
@@ -62,7 +63,10 @@ type Config struct {
 	CADir                           string
 	CASecretNamespace, CASecretName string
 	// HostCredentials, in local mode, is the file of "<host> <secret>" lines
-	// that hosts' ztunnels authenticate with; without it the CA refuses all.
+	// that hosts' ztunnels authenticate with, to the CA and to xDS (a host's
+	// xDS Node id must be its name); without it both refuse all. In cluster
+	// mode ztunnels authenticate with their pod-bound service-account token
+	// (audience ca.DefaultAudience) to both.
 	HostCredentials string
 	// CertTTL is the lifetime (and the cap) of issued workload certificates
 	// (certs.DefaultLeafTTL when zero).
@@ -120,7 +124,7 @@ func Run(ctx context.Context, cfg Config) error {
 	g, ctx := errgroup.WithContext(ctx)
 
 	var src source
-	var caServer *ca.Server
+	var caServer *ca.Server // its Authenticator authenticates xDS clients too
 	if cfg.ConfigDir != "" {
 		log.Info("local mode", "dir", cfg.ConfigDir)
 		src = &registry.Files{Dir: cfg.ConfigDir, Store: store, Options: opts, Logger: log.With("component", "registry")}
@@ -171,12 +175,15 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	serving := &ca.ServingCert{CA: caServer.CA, DNSNames: cfg.ServingDNSNames, IPAddresses: cfg.ServingIPs}
+	xdsServer := xds.New(store, log.With("component", "xds"))
 	gs := grpc.NewServer(append(xds.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(serving.TLSConfig())),
+		// xDS streams the whole mesh: only node proxies, with the token the
+		// CA takes. The CA authenticates each of its calls itself.
+		grpc.ChainStreamInterceptor(xdsServer.RequireAuthentication(caServer.Authenticator)),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
-	xdsServer := xds.New(store, log.With("component", "xds"))
 	xdsServer.Register(gs)
 	caServer.Register(gs)
 
@@ -239,7 +246,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 func hostAuth(path string, log *slog.Logger) (ca.Authenticator, error) {
 	if path == "" {
-		log.Warn("no host credentials file: the CA refuses every host")
+		log.Warn("no host credentials file: the CA and xDS refuse every host")
 		return ca.NewHostAuthenticator(nil)
 	}
 	return ca.LoadHostCredentials(path)

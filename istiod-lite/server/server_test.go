@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"io"
 	"net/http"
@@ -15,8 +16,16 @@ import (
 	"testing"
 	"time"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 
+	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
@@ -84,7 +93,23 @@ func TestLocalModeEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &xdsclient.Client{Addr: a[0], TLS: ca.ClientTLSConfig(authority.Bundle(), certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain)), Node: "node-1", Store: &model.Store{}}
+	tlsConf := ca.ClientTLSConfig(authority.Bundle(), certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain))
+
+	// xDS serves only authenticated hosts, each as its own node.
+	for _, tc := range []struct {
+		what, token, node string
+		want              codes.Code
+	}{
+		{"no token", "", "node-1", codes.Unauthenticated},
+		{"wrong token", "not-a-host-secret-0123456789", "node-1", codes.Unauthenticated},
+		{"node-1's token claiming node-2", "node-one-secret-0123456789", "node-2", codes.PermissionDenied},
+	} {
+		if err := firstResponse(ctx, a[0], tlsConf, tc.token, tc.node); status.Code(err) != tc.want {
+			t.Fatalf("xds with %s: got %v, want %s", tc.what, err, tc.want)
+		}
+	}
+
+	c := &xdsclient.Client{Addr: a[0], TLS: tlsConf, Node: "node-1", Token: "node-one-secret-0123456789", Store: &model.Store{}}
 	go func() { _ = c.Start(ctx) }()
 	select {
 	case <-c.SyncedCh():
@@ -149,7 +174,31 @@ func TestLocalModeEndToEnd(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	if !strings.Contains(string(body), `"node": "node-1"`) {
+	if !strings.Contains(string(body), `"node": "node-1"`) || !strings.Contains(string(body), `"caller": "host node-1"`) {
 		t.Fatalf("proxy-status: %s", body)
 	}
+}
+
+// firstResponse opens a Delta ADS stream to addr with the bearer token (none
+// if empty), subscribes to workloads as node and returns the error of the
+// first response.
+func firstResponse(ctx context.Context, addr string, tlsConf *tls.Config, token, node string) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+	}
+	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
+	if err != nil {
+		return err
+	}
+	// A refused stream may end before the request is out; Recv has the status.
+	_ = st.Send(&discovery.DeltaDiscoveryRequest{Node: &core.Node{Id: node}, TypeUrl: workload.WorkloadType, ResourceNamesSubscribe: []string{"*"}})
+	_, err = st.Recv()
+	return err
 }

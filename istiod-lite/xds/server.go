@@ -3,7 +3,8 @@
 // incremental (Delta) xDS, on go-control-plane's server with a cache built for
 // many wildcard subscribers of a large resource set (see deltaCache). Resources
 // are ambit.workload.v1 messages (api/workload). It tracks per-client versions
-// and ACK/NACK for proxy-status.
+// and ACK/NACK for proxy-status. With RequireAuthentication it serves only node
+// proxies, authenticated by their bearer token, each as its own node.
 package xds
 
 import (
@@ -20,7 +21,8 @@ import (
 )
 
 // Server serves the model in Store over Delta xDS. Create it with New,
-// Register it on a gRPC server, and run Start.
+// Register it on a gRPC server, and run Start. Without RequireAuthentication
+// it serves anyone who can reach it (tests).
 type Server struct {
 	store  *model.Store
 	log    *slog.Logger
@@ -29,6 +31,10 @@ type Server struct {
 	xds    delta.Server
 	ctx    context.Context // ends the xDS streams when Start returns
 	cancel context.CancelFunc
+
+	// authRequired is set by RequireAuthentication, before serving: streams
+	// must then carry an authenticated caller.
+	authRequired bool
 
 	// pushed, when set, is called after each push with its duration and size
 	// (for benchmarks and metrics).

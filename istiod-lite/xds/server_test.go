@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
 	"net/http/httptest"
 	"net/netip"
@@ -12,9 +13,12 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/ambit-mesh/ambit/api/workload"
+	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/xdsclient"
@@ -38,8 +42,40 @@ func meshSnapshot(t *testing.T) *model.Snapshot {
 	return translate.Build(o, translate.Options{}).Snapshot
 }
 
-// serve runs s on addr ("" picks a port) until the returned stop is called.
+// The hosts the test servers authenticate (local mode's HostAuthenticator):
+// node-<n> has the secret secret(node-<n>).
+var hosts = func() *ca.HostAuthenticator {
+	a, err := ca.NewHostAuthenticator(map[string]string{"node-1": secret("node-1"), "node-2": secret("node-2"), "node-3": secret("node-3")})
+	if err != nil {
+		panic(err)
+	}
+	return a
+}()
+
+func secret(node string) string { return node + "-secret-0123456789" }
+
+// testCA signs the test servers' certificates.
+var testCA = func() *certs.CA {
+	c, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	if err != nil {
+		panic(err)
+	}
+	return c
+}()
+
+// clientTLS verifies the test servers as ztunnels verify istiod-lite.
+func clientTLS() *tls.Config {
+	return ca.ClientTLSConfig(testCA.Bundle(), certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain))
+}
+
+// serve runs s on addr ("" picks a port) until the returned stop is called,
+// over TLS and requiring hosts' credentials, as istiod-lite does.
 func serve(t *testing.T, ctx context.Context, s *Server, addr string) (string, func()) {
+	t.Helper()
+	return serveWith(t, ctx, s, addr, grpc.ChainStreamInterceptor(s.RequireAuthentication(hosts)))
+}
+
+func serveWith(t *testing.T, ctx context.Context, s *Server, addr string, opts ...grpc.ServerOption) (string, func()) {
 	t.Helper()
 	if addr == "" {
 		addr = "127.0.0.1:0"
@@ -55,7 +91,8 @@ func serve(t *testing.T, ctx context.Context, s *Server, addr string) (string, f
 	if err != nil {
 		t.Fatal(err)
 	}
-	g := grpc.NewServer()
+	serving := &ca.ServingCert{CA: testCA}
+	g := grpc.NewServer(append(opts, grpc.Creds(credentials.NewTLS(serving.TLSConfig())))...)
 	s.Register(g)
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{}, 2)
@@ -70,7 +107,7 @@ func serve(t *testing.T, ctx context.Context, s *Server, addr string) (string, f
 }
 
 func startClient(t *testing.T, ctx context.Context, addr, node string) *xdsclient.Client {
-	c := &xdsclient.Client{Addr: addr, Node: node, Store: &model.Store{}, MinBackoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond}
+	c := &xdsclient.Client{Addr: addr, TLS: clientTLS(), Token: secret(node), Node: node, Store: &model.Store{}, MinBackoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond}
 	go func() { _ = c.Start(ctx) }()
 	select {
 	case <-c.SyncedCh():
@@ -159,7 +196,7 @@ func TestStreamsModelAndOnlyChanges(t *testing.T) {
 	})
 	rec := httptest.NewRecorder()
 	s.ServeHTTP(rec, httptest.NewRequest("GET", "/debug/proxy-status", nil))
-	if body := rec.Body.String(); !strings.Contains(body, `"node": "node-3"`) || !strings.Contains(body, "SYNCED") {
+	if body := rec.Body.String(); !strings.Contains(body, `"node": "node-3"`) || !strings.Contains(body, `"caller": "host node-3"`) || !strings.Contains(body, "SYNCED") {
 		t.Fatalf("proxy-status: %s", body)
 	}
 }

@@ -10,16 +10,26 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
 // StreamStatus is one connected client, for `ambitctl proxy-status`.
 type StreamStatus struct {
-	ID        int64                  `json:"id"`
-	Node      string                 `json:"node"` // the xDS Node id the client sent
+	ID int64 `json:"id"`
+	// Node is the authenticated caller's node when the server requires
+	// authentication (a stream whose xDS Node id names another is refused),
+	// else the xDS Node id the client sent.
+	Node string `json:"node"`
+	// Caller is the authenticated caller ("pod <ns>/<name>", "host <name>").
+	Caller    string                 `json:"caller,omitempty"`
 	Peer      string                 `json:"peer,omitempty"`
 	Connected time.Time              `json:"connected"`
 	Types     map[string]*TypeStatus `json:"types"` // by type URL
+
+	authenticated bool // Node and Caller were authenticated
 }
 
 // TypeStatus is the state of one type on one stream. The client is in sync
@@ -60,10 +70,12 @@ type statusTable struct {
 	now     func() time.Time
 }
 
-func (s *statusTable) open(ctx context.Context, id int64) {
-	st := &StreamStatus{ID: id, Connected: s.now(), Types: map[string]*TypeStatus{}}
-	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
-		st.Peer = p.Addr.String()
+// open records a stream; caller is its authenticated caller (nil when the
+// server does not authenticate).
+func (s *statusTable) open(ctx context.Context, id int64, caller *ca.Caller) {
+	st := &StreamStatus{ID: id, Connected: s.now(), Types: map[string]*TypeStatus{}, Peer: peerAddr(ctx)}
+	if caller != nil {
+		st.Node, st.Caller, st.authenticated = caller.Node, caller.Name, true
 	}
 	s.mu.Lock()
 	s.streams[id] = st
@@ -86,20 +98,25 @@ func (s *statusTable) typ(st *StreamStatus, url string) *TypeStatus {
 }
 
 // request records a request: the node, and an ACK or NACK of a nonce. It
-// returns whether it was a NACK, with the error.
-func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (nack bool, node string) {
+// returns whether it was a NACK and the stream's node and caller, or an error
+// (a status) for a request whose Node id is not the authenticated caller's
+// node.
+func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (nack bool, node, caller string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.streams[id]
 	if st == nil {
-		return false, ""
+		return false, "", "", nil
 	}
-	if n := req.GetNode().GetId(); n != "" {
+	if n := req.GetNode().GetId(); n != "" && n != st.Node {
+		if st.authenticated {
+			return false, st.Node, st.Caller, status.Errorf(codes.PermissionDenied, "%s is on node %s: it may not claim node %q", st.Caller, st.Node, n)
+		}
 		st.Node = n
 	}
 	nonce := req.GetResponseNonce()
 	if nonce == "" {
-		return false, st.Node
+		return false, st.Node, st.Caller, nil
 	}
 	t := s.typ(st, req.GetTypeUrl())
 	if req.GetErrorDetail() != nil {
@@ -111,7 +128,7 @@ func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (n
 		t.AckedNonce, t.AckedVersion = nonce, t.sentVersions[nonce]
 	}
 	delete(t.sentVersions, nonce)
-	return nack, st.Node
+	return nack, st.Node, st.Caller, nil
 }
 
 func (s *statusTable) response(id int64, resp *discovery.DeltaDiscoveryResponse) {
@@ -188,8 +205,18 @@ type callbacks struct {
 }
 
 func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) error {
-	c.s.status.open(ctx, id)
-	c.s.log.Debug("xds stream opened", "stream", id)
+	caller := callerFrom(ctx)
+	if caller == nil && c.s.authRequired {
+		// Registered on a gRPC server without the interceptor: fail closed.
+		c.s.log.Error("xds stream refused: not authenticated (is the interceptor of RequireAuthentication installed?)", "stream", id, "peer", peerAddr(ctx))
+		return status.Error(codes.Unauthenticated, "not authenticated")
+	}
+	c.s.status.open(ctx, id, caller)
+	if caller != nil {
+		c.s.log.Debug("xds stream opened", "stream", id, "caller", caller.Name, "node", caller.Node)
+	} else {
+		c.s.log.Debug("xds stream opened", "stream", id)
+	}
 	return nil
 }
 
@@ -200,8 +227,13 @@ func (c callbacks) OnDeltaStreamClosed(id int64, node *core.Node) {
 }
 
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
-	if nack, node := c.s.status.request(id, req); nack {
-		c.s.log.Warn("xds NACK", "stream", id, "node", node, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
+	nack, node, caller, err := c.s.status.request(id, req)
+	if err != nil {
+		c.s.log.Warn("xds client refused", "stream", id, "caller", caller, "node", node, "claimedNode", req.GetNode().GetId(), "code", codes.PermissionDenied.String(), "reason", status.Convert(err).Message())
+		return err
+	}
+	if nack {
+		c.s.log.Warn("xds NACK", "stream", id, "node", node, "caller", caller, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
 	}
 	c.s.cache.requestOnStream(id, req)
 	return nil
