@@ -4,7 +4,10 @@ import (
 	"context"
 	"io"
 	"net"
+	"sync"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // The benchmarks compare HBONE with plain TCP over loopback in the same run:
@@ -15,12 +18,34 @@ import (
 //	tcp        client -> sink
 //	tcp-proxy  client -> Join (spliced TCP proxy) -> sink
 //	hbone      client -> Stream -> TLS/HTTP2 -> Server -> Join -> sink
+// RoundTrip: 1 KiB written and its echo read back on an open connection
+// (the shape of the mesh benchmark's latency runs).
+//	tcp        client <-> echo
+//	hbone      client <-> Stream <-> TLS/HTTP2 <-> Server <-> Join <-> echo
+//	hbone-x16  16 streams of one pooled HBONE connection in parallel
 // Connect: open, one byte each way, close.
 //	tcp            a new TCP connection
 //	hbone-pooled   a new stream on a warm pooled HBONE connection
 //	hbone-new-conn a new HBONE connection (TCP + TLS 1.3 mTLS + HTTP/2) and stream
 
 const benchChunk = 64 << 10
+
+// measureCPU starts measuring the process's CPU time (user + system, all
+// threads: client, tunnel and server are in this process); the function it
+// returns reports it per operation as cpu-ns/op, the cost that wall-clock
+// ns/op hides on a busy machine.
+func measureCPU(b *testing.B) (stop func()) {
+	start := cpuTime()
+	return func() {
+		b.ReportMetric(float64(cpuTime()-start)/float64(b.N), "cpu-ns/op")
+	}
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
 
 func sink(c net.Conn) { io.Copy(io.Discard, c) }
 
@@ -29,6 +54,7 @@ func BenchmarkTunnelThroughput(b *testing.B) {
 	run := func(b *testing.B, c net.Conn) {
 		b.SetBytes(benchChunk)
 		b.ReportAllocs()
+		stop := measureCPU(b)
 		b.ResetTimer()
 		for range b.N {
 			if _, err := c.Write(buf); err != nil {
@@ -38,6 +64,7 @@ func BenchmarkTunnelThroughput(b *testing.B) {
 		c.(closeWriter).CloseWrite()
 		io.Copy(io.Discard, c) // wait for the far end to finish
 		b.StopTimer()
+		stop()
 		c.Close()
 	}
 	b.Run("tcp", func(b *testing.B) {
@@ -73,6 +100,83 @@ func BenchmarkTunnelThroughput(b *testing.B) {
 	})
 }
 
+func BenchmarkTunnelRoundTrip(b *testing.B) {
+	const size = 1 << 10
+	roundTrips := func(b *testing.B, c net.Conn, n int) {
+		buf := make([]byte, size)
+		for range n {
+			if _, err := c.Write(buf); err != nil {
+				b.Error(err)
+				return
+			}
+			if _, err := io.ReadFull(c, buf); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	}
+	b.Run("tcp", func(b *testing.B) {
+		up := listenPod(b, echo)
+		c, err := net.Dial("tcp", up.String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		b.SetBytes(2 * size)
+		b.ReportAllocs()
+		stop := measureCPU(b)
+		b.ResetTimer()
+		roundTrips(b, c, b.N)
+		stop()
+	})
+	b.Run("hbone", func(b *testing.B) {
+		e := newEnv(b, echo, nil)
+		s, err := e.dialer().Dial(context.Background(), e.request())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer s.Close()
+		b.SetBytes(2 * size)
+		b.ReportAllocs()
+		stop := measureCPU(b)
+		b.ResetTimer()
+		roundTrips(b, s, b.N)
+		stop()
+	})
+	b.Run("hbone-x16", func(b *testing.B) {
+		const streams = 16
+		e := newEnv(b, echo, nil)
+		d := e.dialer()
+		conns := make([]net.Conn, streams)
+		for i := range conns {
+			s, err := d.Dial(context.Background(), e.request())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer s.Close()
+			conns[i] = s
+		}
+		b.SetBytes(2 * size)
+		b.ReportAllocs()
+		stop := measureCPU(b)
+		b.ResetTimer()
+		var wg sync.WaitGroup
+		for i, c := range conns {
+			n := b.N / streams
+			if i < b.N%streams {
+				n++
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				roundTrips(b, c, n)
+			}()
+		}
+		wg.Wait()
+		stop()
+	})
+}
+
 func BenchmarkTunnelConnect(b *testing.B) {
 	roundTrip := func(b *testing.B, c net.Conn) {
 		var one [1]byte
@@ -87,6 +191,7 @@ func BenchmarkTunnelConnect(b *testing.B) {
 	b.Run("tcp", func(b *testing.B) {
 		up := listenPod(b, echo)
 		b.ReportAllocs()
+		defer measureCPU(b)()
 		for range b.N {
 			c, err := net.Dial("tcp", up.String())
 			if err != nil {
@@ -100,6 +205,7 @@ func BenchmarkTunnelConnect(b *testing.B) {
 		d := e.dialer()
 		ctx := context.Background()
 		b.ReportAllocs()
+		defer measureCPU(b)()
 		for range b.N {
 			s, err := d.Dial(ctx, e.request())
 			if err != nil {
@@ -112,6 +218,7 @@ func BenchmarkTunnelConnect(b *testing.B) {
 		e := newEnv(b, echo, nil)
 		ctx := context.Background()
 		b.ReportAllocs()
+		defer measureCPU(b)()
 		for range b.N {
 			d := &Dialer{Certs: e.certs}
 			s, err := d.Dial(ctx, e.request())
