@@ -46,8 +46,15 @@ type conn struct {
 
 	fr *http2.Framer // reading: the read loop only; writing: under wmu
 
+	// out is the TCP connection under nc; it gathers the TLS records of
+	// one batch of writes (see lockWrite) into one write(2).
+	out *batchConn
+	// writers counts goroutines waiting for wmu: the last one flushes.
+	writers atomic.Int32
+
 	// wmu guards the writing side of fr, henc and hbuf, and (client side)
-	// the order of stream IDs on the wire.
+	// the order of stream IDs on the wire. Take it with lockWrite and
+	// release it with unlockWrite.
 	wmu  sync.Mutex
 	henc *hpack.Encoder
 	hbuf bytes.Buffer
@@ -95,10 +102,12 @@ var errStreamClosed = fmt.Errorf("hbone: stream closed: %w", net.ErrClosed)
 // errWriteClosed is returned by Write after CloseWrite.
 var errWriteClosed = errors.New("hbone: write after CloseWrite")
 
-func newConn(nc, raw net.Conn, server bool, log *slog.Logger) *conn {
+// newConn makes a conn on nc, a TLS connection over out.
+func newConn(nc net.Conn, out *batchConn, server bool, log *slog.Logger) *conn {
 	c := &conn{
 		nc:             nc,
-		raw:            raw,
+		raw:            out.Conn,
+		out:            out,
 		server:         server,
 		log:            log,
 		streams:        make(map[uint32]*stream),
@@ -141,8 +150,21 @@ func headerListSize(fields []hpack.HeaderField) int {
 // writePreface writes the client preface (client side), our SETTINGS and
 // the connection window update.
 func (c *conn) writePreface(settings []http2.Setting) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
+	c.lockWrite()
+	err := c.writePrefaceLocked(settings)
+	if ferr := c.unlockWrite(); err == nil && ferr != nil {
+		err = fmt.Errorf("write preface: %w", ferr)
+	}
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.inflow = connWindow
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *conn) writePrefaceLocked(settings []http2.Setting) error {
 	if !c.server {
 		if _, err := io.WriteString(c.nc, http2.ClientPreface); err != nil {
 			return fmt.Errorf("write preface: %w", err)
@@ -154,10 +176,28 @@ func (c *conn) writePreface(settings []http2.Setting) error {
 	if err := c.fr.WriteWindowUpdate(0, connWindow-65535); err != nil {
 		return fmt.Errorf("write window update: %w", err)
 	}
-	c.mu.Lock()
-	c.inflow = connWindow
-	c.mu.Unlock()
 	return nil
+}
+
+// lockWrite takes wmu and opens a batch: the frames written until
+// unlockWrite go out with one write(2).
+func (c *conn) lockWrite() {
+	c.writers.Add(1)
+	c.wmu.Lock()
+	c.writers.Add(-1)
+	c.out.hold()
+}
+
+// unlockWrite sends the batch, unless another writer is waiting for wmu
+// (it will send its frames and these together), and releases wmu. The
+// error is the socket's.
+func (c *conn) unlockWrite() error {
+	var err error
+	if c.writers.Load() == 0 {
+		err = c.out.flush()
+	}
+	c.wmu.Unlock()
+	return err
 }
 
 // start runs the read loop (wg tracks it) and arms the idle timer.
@@ -275,9 +315,9 @@ func (c *conn) goAwayAndClose(code http2.ErrCode, err error) {
 	c.mu.Unlock()
 	if !dead {
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
-		c.wmu.Lock()
+		c.lockWrite()
 		c.fr.WriteGoAway(last, code, nil)
-		c.wmu.Unlock()
+		c.unlockWrite()
 	}
 	c.close(err)
 }
@@ -293,9 +333,11 @@ func (c *conn) shutdown() {
 	c.goingAway = true
 	last := c.lastPeerID
 	c.mu.Unlock()
-	c.wmu.Lock()
+	c.lockWrite()
 	err := c.fr.WriteGoAway(last, http2.ErrCodeNo, nil)
-	c.wmu.Unlock()
+	if ferr := c.unlockWrite(); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		c.close(err)
 		return
@@ -307,9 +349,11 @@ func (c *conn) shutdown() {
 
 // writeFrame runs f under wmu; a write error kills the conn.
 func (c *conn) writeFrame(f func(*http2.Framer) error) error {
-	c.wmu.Lock()
+	c.lockWrite()
 	err := f(c.fr)
-	c.wmu.Unlock()
+	if ferr := c.unlockWrite(); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		c.close(fmt.Errorf("hbone: write: %w", err))
 	}
@@ -318,9 +362,11 @@ func (c *conn) writeFrame(f func(*http2.Framer) error) error {
 
 // writeData writes one DATA frame.
 func (c *conn) writeData(id uint32, end bool, p []byte) error {
-	c.wmu.Lock()
+	c.lockWrite()
 	err := c.fr.WriteData(id, end, p)
-	c.wmu.Unlock()
+	if ferr := c.unlockWrite(); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		c.close(fmt.Errorf("hbone: write: %w", err))
 	}
@@ -476,9 +522,9 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 		case http2.SettingHeaderTableSize:
 			v := min(s.Val, 4096)
 			c.mu.Unlock()
-			c.wmu.Lock()
+			c.lockWrite()
 			c.henc.SetMaxDynamicTableSizeLimit(v)
-			c.wmu.Unlock()
+			c.unlockWrite() // a flush error comes back to the next writer
 			c.mu.Lock()
 		}
 		return nil
@@ -714,13 +760,13 @@ func (c *conn) sendWindowUpdates(id, inc, connInc uint32) {
 // openStream opens a client stream: a CONNECT with fields. The caller has
 // reserved a slot (c.reserved).
 func (c *conn) openStream(fields []hpack.HeaderField) (*stream, error) {
-	c.wmu.Lock()
+	c.lockWrite()
 	c.mu.Lock()
 	c.reserved--
 	if size := headerListSize(fields); size > c.peerMaxHeader {
 		c.maybeIdleLocked()
 		c.mu.Unlock()
-		c.wmu.Unlock()
+		c.unlockWrite()
 		return nil, fmt.Errorf("%w: %d bytes, the server accepts %d", ErrHeadersTooLarge, size, c.peerMaxHeader)
 	}
 	if c.err != nil || c.goingAway || c.nextID > math.MaxInt32 {
@@ -731,7 +777,7 @@ func (c *conn) openStream(fields []hpack.HeaderField) (*stream, error) {
 		c.goingAway = true
 		c.maybeIdleLocked()
 		c.mu.Unlock()
-		c.wmu.Unlock()
+		c.unlockWrite()
 		return nil, err
 	}
 	id := c.nextID
@@ -740,7 +786,9 @@ func (c *conn) openStream(fields []hpack.HeaderField) (*stream, error) {
 	s.resp = make(chan struct{})
 	c.mu.Unlock()
 	err := c.writeHeadersLocked(id, false, fields)
-	c.wmu.Unlock()
+	if ferr := c.unlockWrite(); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		err = fmt.Errorf("hbone: write headers: %w", err)
 		c.close(err)

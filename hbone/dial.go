@@ -284,7 +284,8 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	tc := tls.Client(nc, clientTLSConfig(svid, d.Certs, r.Peers))
+	out := &batchConn{Conn: nc}
+	tc := tls.Client(out, clientTLSConfig(svid, d.Certs, r.Peers))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
 		return nil, fmt.Errorf("tls handshake: %w", err)
@@ -294,7 +295,7 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
 		nc.Close()
 		return nil, fmt.Errorf("tls handshake: %w", err)
 	}
-	c := newConn(tc, nc, false, d.logger())
+	c := newConn(tc, out, false, d.logger())
 	c.peer, c.local = peer, r.Source
 	c.maxStreams = d.streamLimit()
 	c.idleTimeout = orDefault(d.IdleTimeout, DefaultIdleTimeout)

@@ -130,7 +130,8 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		},
 	}
 	nc.SetDeadline(time.Now().Add(orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout)))
-	tc := tls.Server(nc, cfg)
+	out := &batchConn{Conn: nc}
+	tc := tls.Server(out, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		log.Debug("hbone: handshake failed", "remote", remote, "local", local, "err", err)
 		nc.Close()
@@ -150,7 +151,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		tc.Close()
 		return
 	}
-	c := newConn(tc, nc, true, log)
+	c := newConn(tc, out, true, log)
 	c.peer, c.local = peer, localID
 	c.maxStreams = orDefault(s.MaxConcurrentStreams, DefaultMaxConcurrentStreams)
 	c.idleTimeout = orDefault(s.IdleTimeout, DefaultIdleTimeout)
@@ -299,9 +300,11 @@ func (r *Request) respond(status int, end bool) error {
 		return err
 	}
 	c.mu.Unlock()
-	c.wmu.Lock()
+	c.lockWrite()
 	err := c.writeHeadersLocked(s.id, end, []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)}})
-	c.wmu.Unlock()
+	if ferr := c.unlockWrite(); err == nil {
+		err = ferr
+	}
 	if err != nil {
 		c.close(fmt.Errorf("hbone: write: %w", err))
 		return err

@@ -1,0 +1,85 @@
+package hbone
+
+import (
+	"net"
+	"sync"
+)
+
+// batchLimit is how many bytes of TLS records a batch gathers before it
+// sends them without waiting for its end: a few 16 KiB records.
+const batchLimit = 128 << 10
+
+var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, batchLimit+16<<10+64); return &b }}
+
+// batchConn is the TCP connection under an HBONE connection's TLS. crypto/tls
+// writes every record (at most 16 KiB) with its own write(2); while a batch
+// is open, batchConn gathers the records instead and flush sends them with
+// one. The conn opens a batch when it takes wmu and flushes it when no other
+// writer is waiting for wmu, so a frame and the frames queued behind it
+// (DATA of other streams, WINDOW_UPDATEs, acks) leave together. Outside a
+// batch, writes go straight through: the handshake, and whatever crypto/tls
+// writes on its own (close_notify, a KeyUpdate answered by the reader).
+type batchConn struct {
+	net.Conn
+
+	// mu guards the fields below and is held across every write to the
+	// socket, so records keep their order (TLS sequence numbers).
+	mu       sync.Mutex
+	batching bool
+	buf      *[]byte // gathered records; nil when empty
+}
+
+// Write sends p now, or gathers it while a batch is open.
+func (b *batchConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.batching {
+		return b.Conn.Write(p)
+	}
+	if b.buf == nil {
+		b.buf = batchBufs.Get().(*[]byte)
+	}
+	if len(*b.buf)+len(p) > batchLimit && len(*b.buf) > 0 {
+		if err := b.flushLocked(); err != nil {
+			return 0, err
+		}
+		b.buf = batchBufs.Get().(*[]byte)
+	}
+	if len(*b.buf) == 0 && len(p) >= batchLimit {
+		return b.Conn.Write(p)
+	}
+	*b.buf = append(*b.buf, p...)
+	return len(p), nil
+}
+
+// hold opens a batch (if none is open).
+func (b *batchConn) hold() {
+	b.mu.Lock()
+	b.batching = true
+	b.mu.Unlock()
+}
+
+// flush closes the batch and sends what it gathered.
+func (b *batchConn) flush() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.batching = false
+	if b.buf == nil {
+		return nil
+	}
+	return b.flushLocked()
+}
+
+// flushLocked sends the gathered records and returns the buffer to the
+// pool. b.mu must be held; b.buf is not nil.
+func (b *batchConn) flushLocked() error {
+	buf := b.buf
+	b.buf = nil
+	var err error
+	if len(*buf) > 0 {
+		_, err = b.Conn.Write(*buf)
+	}
+	*buf = (*buf)[:0]
+	batchBufs.Put(buf)
+	return err
+}
