@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -63,9 +65,15 @@ var testCA = func() *certs.CA {
 	return c
 }()
 
-// clientTLS verifies the test servers as ztunnels verify istiod-lite.
+// serverID is the test servers' SPIFFE ID.
+var serverID = spiffeid.RequireFromString("spiffe://cluster.local/ns/ambit-system/sa/istiod-lite")
+
+// clientTLS verifies the test servers as ztunnels verify istiod-lite: by
+// SPIFFE ID, over TLS 1.3 with ALPN h2.
 func clientTLS() *tls.Config {
-	return ca.ClientTLSConfig(testCA.Bundle(), certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain))
+	c := tlsconfig.TLSClientConfig(testCA.Bundle(), tlsconfig.AuthorizeID(serverID))
+	c.MinVersion, c.NextProtos = tls.VersionTLS13, []string{"h2"}
+	return c
 }
 
 // serve runs s on addr ("" picks a port) until the returned stop is called,
@@ -91,7 +99,7 @@ func serveWith(t *testing.T, ctx context.Context, s *Server, addr string, opts .
 	if err != nil {
 		t.Fatal(err)
 	}
-	serving := &ca.ServingCert{CA: testCA}
+	serving := &ca.ServingCert{CA: testCA, ID: serverID}
 	g := grpc.NewServer(append(opts, grpc.Creds(credentials.NewTLS(serving.TLSConfig())))...)
 	s.Register(g)
 	ctx, cancel := context.WithCancel(ctx)
