@@ -35,12 +35,12 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/integration/app"
 	"github.com/ambit-mesh/ambit/integration/kube"
 	"github.com/ambit-mesh/ambit/integration/kubelet"
 	"github.com/ambit-mesh/ambit/integration/mesh"
 	"github.com/ambit-mesh/ambit/integration/netns"
-	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
 // env is one cluster: a real kube-apiserver with manifests/ applied,
@@ -664,7 +664,7 @@ func (e *env) requestCert(t *testing.T, node string, id spiffeid.ID) error {
 		t.Fatal(err)
 	}
 	ns := e.m.Topo.Node(node).NS
-	client := &ca.Client{Addr: e.m.XDSAddr().String(), Roots: roots, TokenFile: tokenFile,
+	client := &caclient.Client{Addr: e.m.XDSAddr().String(), Roots: roots, TokenFile: tokenFile,
 		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
 			return ns.Dial(ctx, nil, "tcp", addr)
 		})}}

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
@@ -34,7 +35,7 @@ func TestCertificateServiceLoss(t *testing.T) {
 	defer ln.Close()
 
 	managerFor := func(node string) *certs.Manager {
-		c := &ca.Client{Addr: ln.Addr().String(), Roots: authority.Bundle(), Token: node + "-secret-0123456789abcdef"}
+		c := &caclient.Client{Addr: ln.Addr().String(), Roots: authority.Bundle(), Token: node + "-secret-0123456789abcdef"}
 		mgr := &certs.Manager{Issuer: c, MinBackoff: 50 * time.Millisecond, MaxBackoff: 200 * time.Millisecond}
 		t.Cleanup(func() { mgr.Close(); c.Close() })
 		return mgr

@@ -21,7 +21,7 @@ import (
 	"github.com/ambit-mesh/ambit/authz"
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/certs"
-	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/xdsclient"
 	"github.com/ambit-mesh/ambit/ztunnel"
@@ -118,10 +118,10 @@ func newIssuer(ctx context.Context, o options, td spiffeid.TrustDomain, log *slo
 		if o.caRoots == "" || o.tokenFile == "" {
 			return nil, nil, errors.New("--ca-address needs --ca-roots and --token-file")
 		}
-		c := &ca.Client{
+		c := &caclient.Client{
 			Addr:        o.caAddr,
 			TrustDomain: td,
-			Roots:       &ca.BundleFile{Path: o.caRoots, TrustDomain: td},
+			Roots:       &caclient.BundleFile{Path: o.caRoots, TrustDomain: td},
 			TokenFile:   o.tokenFile,
 		}
 		return c, func() { c.Close() }, nil
@@ -214,10 +214,10 @@ func run(ctx context.Context, o options) error {
 	var source func(ctx context.Context) error // keeps store in step with the config source
 	var synced func() bool
 	if o.xdsAddr != "" {
-		roots := &ca.BundleFile{Path: o.caRoots, TrustDomain: td}
+		roots := &caclient.BundleFile{Path: o.caRoots, TrustDomain: td}
 		xc := &xdsclient.Client{
 			Addr:   o.xdsAddr,
-			TLS:    ca.ClientTLSConfig(roots, td, spiffeid.ID{}),
+			TLS:    caclient.TLSConfig(roots, td, spiffeid.ID{}),
 			Node:   o.node,
 			Store:  store,
 			Logger: log.With("component", "xds"),

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 )
 
 // ErrUnauthenticated is wrapped by Authenticators for credentials they
@@ -81,7 +82,7 @@ func AuthenticateIncoming(ctx context.Context, a Authenticator) (*Caller, error)
 // Defaults of KubeAuthenticator.
 const (
 	DefaultAudience  = "istio-ca"
-	DefaultNamespace = "ambit-system"
+	DefaultNamespace = caclient.DefaultNamespace // istiod-lite's own
 )
 
 // DefaultNodeProxies are the service accounts of ztunnels.

@@ -22,10 +22,9 @@
 //	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(serving.TLSConfig())))
 //	srv.Register(g) // xDS registers on the same server
 //
-// and in a ztunnel:
-//
-//	client := &ca.Client{Addr: "istiod-lite.ambit-system.svc:15012", Roots: bootstrapBundle, TokenFile: tokenPath}
-//	mgr := &certs.Manager{Issuer: client, Logger: log}
+// The client side (caclient.Client, caclient.TLSConfig, caclient.BundleFile,
+// caclient.ServerID) lives in certs/caclient, which ztunnels link without
+// client-go; this package is for istiod-lite only.
 //
 // The CA's root lives in the Secret ambit-system/ambit-ca (SecretStore, with
 // certs.LoadOrCreateCA) unless the operator provides one.

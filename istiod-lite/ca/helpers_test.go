@@ -26,6 +26,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
@@ -92,7 +93,7 @@ func newLogger(b *logBuffer) *slog.Logger {
 // when empty), to exercise the server's checks directly.
 func rawClient(t *testing.T, addr string, authority *certs.CA, token string) capb.CertificateServiceClient {
 	t.Helper()
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(ca.ClientTLSConfig(authority.Bundle(), authority.TrustDomain(), spiffeid.ID{})))}
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(caclient.TLSConfig(authority.Bundle(), authority.TrustDomain(), spiffeid.ID{})))}
 	if token != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(staticToken(token)))
 	}

@@ -26,6 +26,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/integration/kube"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
@@ -142,8 +143,8 @@ func TestKubeNodeAuthorization(t *testing.T) {
 		}
 		return tok
 	}
-	client := func(tokenFile string) *ca.Client {
-		c := &ca.Client{Addr: addr, Roots: &ca.BundleFile{Path: rootsFile}, TokenFile: tokenFile}
+	client := func(tokenFile string) *caclient.Client {
+		c := &caclient.Client{Addr: addr, Roots: &caclient.BundleFile{Path: rootsFile}, TokenFile: tokenFile}
 		t.Cleanup(func() { c.Close() })
 		return c
 	}

@@ -13,6 +13,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/model"
 )
@@ -38,7 +39,7 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 	var logs logBuffer
 	addr := serve(t, &ca.Server{CA: authority, Authenticator: auth, Workloads: ca.StoreWorkloads{Store: &store}, Logger: newLogger(&logs)})
 
-	client := &ca.Client{Addr: addr, Roots: authority.Bundle(), Token: "aaaaaaaaaaaaaaaaaaaaaaaa"}
+	client := &caclient.Client{Addr: addr, Roots: authority.Bundle(), Token: "aaaaaaaaaaaaaaaaaaaaaaaa"}
 	t.Cleanup(func() { client.Close() })
 	m := &certs.Manager{Issuer: client}
 	t.Cleanup(func() { m.Close() })
@@ -66,7 +67,7 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 		t.Fatalf("after the move: %v", err)
 	}
 
-	bad := &ca.Client{Addr: addr, Roots: authority.Bundle(), Token: "cccccccccccccccccccccccc"}
+	bad := &caclient.Client{Addr: addr, Roots: authority.Bundle(), Token: "cccccccccccccccccccccccc"}
 	t.Cleanup(func() { bad.Close() })
 	_, err = bad.Issue(ctx, cart, mustCSRDER(t, cart))
 	wantCode(t, "unknown secret", err, codes.Unauthenticated)
@@ -74,7 +75,7 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 	wantCode(t, "no token", err, codes.Unauthenticated)
 
 	// The client refuses a server that is not istiod-lite.
-	wrong := &ca.Client{Addr: addr, Roots: authority.Bundle(), Token: "aaaaaaaaaaaaaaaaaaaaaaaa", ServerID: spiffeid.RequireFromString("spiffe://cluster.local/ns/x/sa/y")}
+	wrong := &caclient.Client{Addr: addr, Roots: authority.Bundle(), Token: "aaaaaaaaaaaaaaaaaaaaaaaa", ServerID: spiffeid.RequireFromString("spiffe://cluster.local/ns/x/sa/y")}
 	t.Cleanup(func() { wrong.Close() })
 	if _, err := wrong.TrustBundle(ctx); err == nil {
 		t.Fatal("client accepted a server with another identity")
@@ -119,7 +120,7 @@ func TestServingCertRenewsAtHalfLife(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaf := first.Leaf
-	if got, err := x509svid.IDFromCert(leaf); err != nil || got != ca.ServerID(certs.DefaultTrustDomain) {
+	if got, err := x509svid.IDFromCert(leaf); err != nil || got != caclient.ServerID(certs.DefaultTrustDomain) {
 		t.Fatalf("serving id %s, %v", got, err)
 	}
 	if err := leaf.VerifyHostname(ca.DefaultDNSName); err != nil {
@@ -136,26 +137,5 @@ func TestServingCertRenewsAtHalfLife(t *testing.T) {
 	c, err := s.GetCertificate(nil)
 	if err != nil || c == first || !c.Leaf.NotAfter.After(leaf.NotAfter) {
 		t.Fatalf("not renewed after half-life (%v)", err)
-	}
-}
-
-// BundleFile follows the file: a rotated root reaches the next handshake.
-func TestBundleFileFollowsChanges(t *testing.T) {
-	dir := t.TempDir()
-	a, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
-	b, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
-	path := writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(a.Bundle().X509Authorities())))
-	src := &ca.BundleFile{Path: path}
-	got, err := src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
-	if err != nil || !got.HasX509Authority(a.SigningCertificate()) || got.HasX509Authority(b.SigningCertificate()) {
-		t.Fatalf("first read: %v", err)
-	}
-	writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(append(a.Bundle().X509Authorities(), b.SigningCertificate()))))
-	got, err = src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
-	if err != nil || !got.HasX509Authority(b.SigningCertificate()) {
-		t.Fatalf("after the change: %v", err)
-	}
-	if _, err := src.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.example")); err == nil {
-		t.Fatal("bundle for a foreign trust domain")
 	}
 }

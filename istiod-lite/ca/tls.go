@@ -7,21 +7,14 @@ import (
 	"sync"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 )
 
 // DefaultDNSName is the DNS SAN of istiod-lite's serving certificate.
 const DefaultDNSName = "istiod-lite." + DefaultNamespace + ".svc"
-
-// ServerID is istiod-lite's SPIFFE ID in td: its service account's.
-func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
-	id, _ := certs.WorkloadID(td, DefaultNamespace, "istiod-lite")
-	return id
-}
 
 // ServingCert is istiod-lite's TLS identity on 15012: a certificate signed by
 // CA with the URI SAN ID and the DNS SANs DefaultDNSName + DNSNames, renewed
@@ -30,7 +23,7 @@ func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
 type ServingCert struct {
 	// CA issues the certificate (required).
 	CA *certs.CA
-	// ID is the URI SAN (ServerID of the CA's trust domain if zero).
+	// ID is the URI SAN (caclient.ServerID of the CA's trust domain if zero).
 	ID spiffeid.ID
 	// DNSNames and IPAddresses are extra SANs (e.g. istiod-lite.ambit-system.svc.cluster.local, 127.0.0.1).
 	DNSNames    []string
@@ -60,7 +53,7 @@ func (s *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 	}
 	id := s.ID
 	if id.IsZero() {
-		id = ServerID(s.CA.TrustDomain())
+		id = caclient.ServerID(s.CA.TrustDomain())
 	}
 	svid, err := s.CA.IssueServing(id, s.TTL, certs.ServingOptions{
 		DNSNames:    append([]string{DefaultDNSName}, s.DNSNames...),
@@ -83,18 +76,4 @@ func (s *ServingCert) TLSConfig() *tls.Config {
 		GetCertificate: s.GetCertificate,
 		NextProtos:     []string{"h2"},
 	}
-}
-
-// ClientTLSConfig verifies istiod-lite's serving certificate the SPIFFE way:
-// it must chain to the bundle that roots supplies (read at each handshake, so
-// bundle updates apply) and carry the ID server (ServerID of the trust domain
-// when zero).
-func ClientTLSConfig(roots x509bundle.Source, td spiffeid.TrustDomain, server spiffeid.ID) *tls.Config {
-	if server.IsZero() {
-		server = ServerID(td)
-	}
-	c := tlsconfig.TLSClientConfig(roots, tlsconfig.AuthorizeID(server))
-	c.MinVersion = tls.VersionTLS13
-	c.NextProtos = []string{"h2"}
-	return c
 }

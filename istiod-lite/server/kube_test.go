@@ -15,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/integration/kube"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
@@ -113,7 +114,7 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tlsConf := ca.ClientTLSConfig(roots, certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain))
+	tlsConf := caclient.TLSConfig(roots, certs.DefaultTrustDomain, caclient.ServerID(certs.DefaultTrustDomain))
 	// xDS takes only node proxies' tokens (TokenReview), each for its own node.
 	for _, tc := range []struct {
 		what, token, node string

@@ -27,7 +27,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs"
-	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/xdsclient"
@@ -93,7 +93,7 @@ func TestLocalModeEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tlsConf := ca.ClientTLSConfig(authority.Bundle(), certs.DefaultTrustDomain, ca.ServerID(certs.DefaultTrustDomain))
+	tlsConf := caclient.TLSConfig(authority.Bundle(), certs.DefaultTrustDomain, caclient.ServerID(certs.DefaultTrustDomain))
 
 	// xDS serves only authenticated hosts, each as its own node.
 	for _, tc := range []struct {
@@ -145,7 +145,7 @@ func TestLocalModeEndToEnd(t *testing.T) {
 
 	// The certificate service shares the port: node-1 gets demo/client's
 	// identity (a workload on node-1), and not one no workload there has.
-	cac := &ca.Client{Addr: a[0], Roots: authority.Bundle(), Token: "node-one-secret-0123456789"}
+	cac := &caclient.Client{Addr: a[0], Roots: authority.Bundle(), Token: "node-one-secret-0123456789"}
 	defer cac.Close()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

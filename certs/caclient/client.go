@@ -1,4 +1,4 @@
-package ca
+package caclient
 
 import (
 	"context"
@@ -66,7 +66,7 @@ func (c *Client) client() (capb.CertificateServiceClient, error) {
 			return nil, errors.New("ca client: Addr and Roots are required")
 		}
 		opts := append([]grpc.DialOption{
-			grpc.WithTransportCredentials(credentials.NewTLS(ClientTLSConfig(c.Roots, c.td(), c.ServerID))),
+			grpc.WithTransportCredentials(credentials.NewTLS(TLSConfig(c.Roots, c.td(), c.ServerID))),
 			grpc.WithPerRPCCredentials(tokenCreds{c}),
 		}, c.DialOptions...)
 		conn, err := grpc.NewClient(c.Addr, opts...)

@@ -1,0 +1,159 @@
+package caclient
+
+import (
+	"context"
+	"crypto/tls"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ambit-mesh/ambit/certs"
+)
+
+// BundleFile follows the file: a rotated root reaches the next handshake.
+func TestBundleFileFollowsChanges(t *testing.T) {
+	dir := t.TempDir()
+	a, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	b, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	path := writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(a.Bundle().X509Authorities())))
+	src := &BundleFile{Path: path}
+	got, err := src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
+	if err != nil || !got.HasX509Authority(a.SigningCertificate()) || got.HasX509Authority(b.SigningCertificate()) {
+		t.Fatalf("first read: %v", err)
+	}
+	writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(append(a.Bundle().X509Authorities(), b.SigningCertificate()))))
+	got, err = src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
+	if err != nil || !got.HasX509Authority(b.SigningCertificate()) {
+		t.Fatalf("after the change: %v", err)
+	}
+	if _, err := src.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.example")); err == nil {
+		t.Fatal("bundle for a foreign trust domain")
+	}
+}
+
+// TLSConfig accepts a server that chains to the roots and presents
+// ServerID (or the ID asked for), and nothing else.
+func TestTLSConfigAuthorizesServerID(t *testing.T) {
+	td := certs.DefaultTrustDomain
+	authority, err := certs.NewSelfSignedCA(td, certs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := certs.NewSelfSignedCA(td, certs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := ServerID(td).String(), "spiffe://cluster.local/ns/ambit-system/sa/istiod-lite"; got != want {
+		t.Fatalf("ServerID = %s, want %s", got, want)
+	}
+	someone := spiffeid.RequireFromString("spiffe://cluster.local/ns/x/sa/y")
+	for name, tc := range map[string]struct {
+		signer *certs.CA
+		id     spiffeid.ID // the server's
+		want   spiffeid.ID // the client's expectation (zero: ServerID)
+		ok     bool
+	}{
+		"istiod-lite":      {authority, ServerID(td), spiffeid.ID{}, true},
+		"wrong identity":   {authority, someone, spiffeid.ID{}, false},
+		"explicit id":      {authority, someone, someone, true},
+		"untrusted signer": {other, ServerID(td), spiffeid.ID{}, false},
+	} {
+		t.Run(name, func(t *testing.T) {
+			svid, err := tc.signer.IssueServing(tc.id, 0, certs.ServingOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = handshake(t, &tls.Config{Certificates: []tls.Certificate{*certs.TLSCertificate(svid)}, NextProtos: []string{"h2"}},
+				TLSConfig(authority.Bundle(), td, tc.want))
+			if (err == nil) != tc.ok {
+				t.Fatalf("handshake: %v, want ok=%v", err, tc.ok)
+			}
+		})
+	}
+}
+
+// handshake runs a TLS handshake over loopback TCP (net.Pipe would
+// deadlock when both sides write, e.g. an alert against a flight).
+func handshake(t *testing.T, server, client *tls.Config) error {
+	t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		_ = c.(*tls.Conn).Handshake()
+		c.Close()
+	}()
+	c, err := tls.Dial("tcp", ln.Addr().String(), client)
+	if err == nil {
+		if p := c.ConnectionState().NegotiatedProtocol; p != "h2" {
+			t.Errorf("ALPN %q, want h2", p)
+		}
+		c.Close()
+	}
+	<-done
+	return err
+}
+
+// The token file is read for every call: kubelet rotates projected tokens.
+func TestTokenFileIsReadPerCall(t *testing.T) {
+	dir := t.TempDir()
+	path := writeFile(t, dir, "token", "first\n")
+	creds := tokenCreds{&Client{TokenFile: path, Token: "static"}}
+	for _, want := range []string{"first", "second"} {
+		writeFile(t, dir, "token", want+"\n")
+		md, err := creds.GetRequestMetadata(context.Background())
+		if err != nil || md["authorization"] != "Bearer "+want {
+			t.Fatalf("metadata %v, %v; want token %q", md, err, want)
+		}
+	}
+	if md, err := (tokenCreds{&Client{Token: "static"}}).GetRequestMetadata(context.Background()); err != nil || md["authorization"] != "Bearer static" {
+		t.Fatalf("static token: %v, %v", md, err)
+	}
+	if _, err := (tokenCreds{&Client{}}).GetRequestMetadata(context.Background()); err == nil {
+		t.Fatal("metadata without a token")
+	}
+	if _, err := (&Client{}).Issue(context.Background(), ServerID(certs.DefaultTrustDomain), nil); err == nil {
+		t.Fatal("Issue without Addr and Roots")
+	}
+}
+
+// The reason this package exists: every ztunnel links it, so it must not
+// pull in client-go, apimachinery or the Kubernetes API types.
+func TestNoKubernetesAPIDependencies(t *testing.T) {
+	gobin, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("no go command:", err)
+	}
+	out, err := exec.Command(gobin, "list", "-deps", ".").Output()
+	if err != nil {
+		t.Fatalf("go list: %v", err)
+	}
+	for _, p := range strings.Fields(string(out)) {
+		for _, banned := range []string{"k8s.io/client-go", "k8s.io/api/", "k8s.io/apimachinery"} {
+			if strings.HasPrefix(p, banned) {
+				t.Errorf("depends on %s", p)
+			}
+		}
+	}
+}
+
+func writeFile(t *testing.T, dir, name, data string) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
