@@ -277,10 +277,25 @@ spec:
 		if r.err == nil || !strings.Contains(r.err.Error(), "refused") {
 			t.Errorf("with ztunnel down, an enrolled pod's connection: %v (want connection refused)", r.err)
 		}
+		// Connections keep being attempted through the restart: none may
+		// slip out uncaptured while the new ztunnel loads and syncs.
+		hammer, stopHammer := context.WithCancel(ctx)
+		hammered := make(chan int)
+		go func() {
+			n := 0
+			for hammer.Err() == nil {
+				e.exchange(t, "shop/client-1", e.addr("shop/server-2", 8080), 1024)
+				n++
+				time.Sleep(10 * time.Millisecond)
+			}
+			hammered <- n
+		}()
 		start := time.Now()
 		if err := e.m.StartZtunnel(ctx, "node-1"); err != nil {
 			t.Fatal(err)
 		}
+		stopHammer()
+		t.Logf("%d connection attempts during the restart", <-hammered)
 		if !eventually(10*time.Second, func() bool {
 			return e.exchange(t, "shop/client-1", e.addr("shop/server-2", 8080), 64<<10).err == nil
 		}) {

@@ -58,7 +58,8 @@ It listens on 15001 (outbound capture), 15006 (inbound plaintext capture),
 enrolled workloads' TCP in mutual-TLS HTTP/2 CONNECT tunnels.
 
 Config: --xds-address streams it from istiod-lite (Delta xDS over TLS checked
-against --ca-roots; the last good config keeps serving while it is away), or
+against --ca-roots, authenticated with --token-file; the last good config keeps
+serving while it is away), or
 --config names a JSON or YAML file of the model (workloads, services, policies,
 peerAuthentications), reloaded when it changes.
 Certificates: istiod-lite's certificate service (--ca-address, by default the
@@ -75,11 +76,11 @@ Usage: ztunnel [flags]
 	host, _ := os.Hostname()
 	fs.StringVar(&o.node, "node", envOr("NODE_NAME", host), "this node's name: workloads on other nodes are not served here ($NODE_NAME)")
 	fs.StringVar(&o.configFile, "config", "", "local mode: the model as a JSON or YAML file, reloaded on change")
-	fs.StringVar(&o.xdsAddr, "xds-address", "", "istiod-lite's address (host:15012): Delta xDS, and certificates unless --ca-address or --ca-dir says otherwise; needs --ca-roots")
+	fs.StringVar(&o.xdsAddr, "xds-address", "", "istiod-lite's address (host:15012): Delta xDS, and certificates unless --ca-address or --ca-dir says otherwise; needs --ca-roots and --token-file")
 	fs.StringVar(&o.caDir, "ca-dir", "", "in-process CA: directory of the mesh CA (ca.crt, ca.key, roots.pem); created if missing")
 	fs.StringVar(&o.caAddr, "ca-address", "", "istiod-lite's certificate service (host:15012); needs --ca-roots and --token-file")
 	fs.StringVar(&o.caRoots, "ca-roots", "", "PEM roots that istiod-lite's serving certificate chains to (the ambit-ca-root ConfigMap)")
-	fs.StringVar(&o.tokenFile, "token-file", "", "bearer token for the certificate service (a projected service-account token, or the host's secret in local mode), re-read per call")
+	fs.StringVar(&o.tokenFile, "token-file", "", "bearer token for istiod-lite's xDS and certificate service (a projected service-account token with audience istio-ca, or the host's secret in local mode), re-read per call")
 	fs.StringVar(&o.trustDomain, "trust-domain", certs.DefaultTrustDomain.Name(), "SPIFFE trust domain")
 	fs.StringVar(&o.rootNamespace, "root-namespace", authz.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 	fs.StringVar(&o.proxy.OutboundAddr, "outbound-addr", fmt.Sprintf(":%d", model.PortOutbound), "outbound capture listener (empty: off)")
@@ -192,8 +193,8 @@ func run(ctx context.Context, o options) error {
 		return errors.New("no config source: give --xds-address (istiod-lite) or --config (a file)")
 	case o.configFile != "" && o.xdsAddr != "":
 		return errors.New("give --xds-address or --config, not both")
-	case o.xdsAddr != "" && o.caRoots == "":
-		return errors.New("--xds-address needs --ca-roots (the roots istiod-lite's certificate chains to)")
+	case o.xdsAddr != "" && (o.caRoots == "" || o.tokenFile == ""):
+		return errors.New("--xds-address needs --ca-roots (the roots istiod-lite's certificate chains to) and --token-file (istiod-lite authenticates xDS clients)")
 	}
 	if o.xdsAddr != "" && o.caAddr == "" && o.caDir == "" {
 		o.caAddr = o.xdsAddr // istiod-lite serves xDS and certificates on one port
@@ -216,11 +217,12 @@ func run(ctx context.Context, o options) error {
 	if o.xdsAddr != "" {
 		roots := &caclient.BundleFile{Path: o.caRoots, TrustDomain: td}
 		xc := &xdsclient.Client{
-			Addr:   o.xdsAddr,
-			TLS:    caclient.TLSConfig(roots, td, spiffeid.ID{}),
-			Node:   o.node,
-			Store:  store,
-			Logger: log.With("component", "xds"),
+			Addr:      o.xdsAddr,
+			TLS:       caclient.TLSConfig(roots, td, spiffeid.ID{}),
+			Node:      o.node,
+			TokenFile: o.tokenFile, // re-read at every reconnection
+			Store:     store,
+			Logger:    log.With("component", "xds"),
 		}
 		source, synced = xc.Start, xc.Synced
 	} else {
