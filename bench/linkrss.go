@@ -28,7 +28,7 @@ var linkSets = []struct {
 	{"empty Go program", nil},
 	{"+ data path (ztunnel, hbone, bpf, certs, configfile)", []string{"ztunnel", "hbone", "bpf", "certs", "ztunnel/configfile"}},
 	{"+ model, authz, xdsclient (gRPC, xDS protos)", []string{"model", "authz", "xdsclient"}},
-	{"+ istiod-lite/ca (client-go, k8s.io/api): everything cmd/ztunnel imports", []string{"istiod-lite/ca"}},
+	{"+ certs/caclient: everything cmd/ztunnel imports", []string{"certs/caclient"}},
 }
 
 // MeasureLinkRSS builds and runs one idle program per linkSets entry from

@@ -13,7 +13,7 @@
 //     from an operator's files (LoadCAFiles). Its bundle may hold several
 //     roots (Options.ExtraRoots, or a roots file) for rotation.
 //   - Issuer is what signs for a Manager: *CA in process, or the gRPC client
-//     of istiod-lite's certificate service (istiod-lite/ca.Client).
+//     of istiod-lite's certificate service (caclient.Client).
 //   - Provider is what the proxies consume: GetX509SVID(ctx, id) plus
 //     x509bundle.Source, SetIdentities and Certificates. Manager implements
 //     it over an Issuer; a SPIRE-backed provider can implement it too.

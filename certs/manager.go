@@ -23,7 +23,7 @@ import (
 
 // Issuer signs certificate requests for a Manager. Implementations: *CA
 // (local, in-process) and the gRPC client of istiod-lite's certificate
-// service (istiod-lite/ca.Client).
+// service (caclient.Client).
 type Issuer interface {
 	// Issue signs the DER-encoded PKCS#10 request for id and returns the
 	// chain, leaf first.
