@@ -48,6 +48,7 @@ lint:
 	$(GO) vet -tags integration ./integration/
 	$(GO) tool staticcheck ./...
 	$(GO) test -count=1 -run TestEveryPackageHasDocComment .
+	@! $(GO) list -deps ./cmd/ztunnel | grep -E '^k8s.io/(client-go|api/|apimachinery)' || { echo "cmd/ztunnel must not link Kubernetes client libraries (memory per node)"; exit 1; }
 	@$(MAKE) --no-print-directory generate
 	@git diff --exit-code --stat -- bpf api || { echo "generated code is stale: run make generate and commit"; exit 1; }
 
