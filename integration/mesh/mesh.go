@@ -300,9 +300,7 @@ func (m *Mesh) Istiod() *Proc {
 func (m *Mesh) waitReady(ctx context.Context, n *netns.Node, p *Proc) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return n.NS.Dial(ctx, nil, network, addr)
-	}}, Timeout: time.Second}
+	client := httpClientIn(n.NS, time.Second)
 	url := fmt.Sprintf("http://127.0.0.1:%d/healthz/ready", model.PortReady)
 	for {
 		resp, err := client.Get(url)
@@ -328,9 +326,7 @@ func (m *Mesh) Admin(ctx context.Context, node, path string, v any) error {
 	if n == nil {
 		return fmt.Errorf("mesh: no node %s", node)
 	}
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return n.NS.Dial(ctx, nil, network, addr)
-	}}, Timeout: 5 * time.Second}
+	client := httpClientIn(n.NS, 5*time.Second)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", model.PortAdmin, path), nil)
 	if err != nil {
 		return err
@@ -470,9 +466,7 @@ func (m *Mesh) Metrics(ctx context.Context, node, name string, match map[string]
 	if n == nil {
 		return 0, fmt.Errorf("mesh: no node %s", node)
 	}
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return n.NS.Dial(ctx, nil, network, addr)
-	}}, Timeout: 5 * time.Second}
+	client := httpClientIn(n.NS, 5*time.Second)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d/metrics", model.PortMetrics), nil)
 	if err != nil {
 		return 0, err
@@ -558,6 +552,17 @@ func (m *Mesh) Close() error {
 		errs = append(errs, m.Topo.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// httpClientIn returns an HTTP client whose connections are made inside ns
+// (a node's localhost-only admin and readiness ports).
+func httpClientIn(ns *netns.NS, timeout time.Duration) *http.Client {
+	return &http.Client{Timeout: timeout, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return ns.Dial(ctx, nil, network, addr)
+		},
+		DisableKeepAlives: true, // a kept-alive socket would outlive the namespace's proxy restarts
+	}}
 }
 
 func waitTCP(ctx context.Context, ns *netns.NS, addr string, p *Proc) error {
