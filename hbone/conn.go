@@ -431,7 +431,7 @@ func (c *conn) readFrames() error {
 	// none.
 	deadline := c.server
 	for first := true; ; first = false {
-		f, err := c.fr.ReadFrame()
+		f, err := c.readFrame(first)
 		c.frames.Add(1)
 		if err != nil {
 			var se http2.StreamError
@@ -440,6 +440,9 @@ func (c *conn) readFrames() error {
 				continue
 			}
 			return err
+		}
+		if f == nil {
+			continue // DATA read straight into its stream
 		}
 		if first {
 			sf, ok := f.(*http2.SettingsFrame)
@@ -491,6 +494,84 @@ func (c *conn) readFrames() error {
 			return err
 		}
 	}
+}
+
+// readFrame reads the next frame, or reads a large DATA frame's payload
+// straight into its stream's buffer and returns nil.
+func (c *conn) readFrame(first bool) (http2.Frame, error) {
+	fh, err := c.fr.ReadFrameHeader()
+	if err != nil {
+		return nil, err
+	}
+	if !first && fh.Type == http2.FrameData {
+		if ok, err := c.readDataDirect(fh); ok || err != nil {
+			return nil, err
+		}
+	}
+	return c.fr.ReadFrameForHeader(fh)
+}
+
+// directDataMin is the smallest DATA payload readDataDirect reads into
+// chunks of its own: each chunk of a stream's buffer then holds at least
+// half a chunk, whatever the frame sizes.
+const directDataMin = recvChunkSize / 2
+
+// readDataDirect reads the payload of a DATA frame that onData would accept
+// straight into its stream's buffer, in pooled chunks, saving the copy
+// through the framer's buffer. It returns false, having read nothing, for
+// the frames it leaves to ReadFrameForHeader and onData: small or padded
+// ones, and any that onData would refuse.
+func (c *conn) readDataDirect(fh http2.FrameHeader) (bool, error) {
+	if fh.Length < directDataMin || fh.Flags.Has(http2.FlagDataPadded) || fh.StreamID == 0 {
+		return false, nil
+	}
+	n := int(fh.Length)
+	c.mu.Lock()
+	s := c.streams[fh.StreamID]
+	if int64(n) > c.inflow || s == nil || s.rclosed || (!c.server && !s.answered) || int64(n) > s.inflow {
+		c.mu.Unlock()
+		return false, nil
+	}
+	c.inflow -= int64(n)
+	s.inflow -= int64(n)
+	c.mu.Unlock()
+	// Only this loop adds to s.recv, so the payload is read outside mu and
+	// added piece by piece; a piece too small for a chunk of its own is
+	// copied into the buffer's last chunk.
+	for n > 0 {
+		chunk := recvChunks.Get().(*[]byte)
+		k := min(n, recvChunkSize)
+		*chunk = (*chunk)[:k]
+		if _, err := io.ReadFull(c.nc, *chunk); err != nil {
+			*chunk = (*chunk)[:0]
+			recvChunks.Put(chunk)
+			return true, err
+		}
+		n -= k
+		c.mu.Lock()
+		var connInc uint32
+		switch {
+		case c.streams[fh.StreamID] != s: // closed or reset meanwhile: drop
+			c.creditConnLocked(int64(k))
+			connInc = c.takeConnUpdateLocked()
+			*chunk = (*chunk)[:0]
+			recvChunks.Put(chunk)
+		case k >= directDataMin:
+			s.recv.appendChunk(chunk)
+		default:
+			s.recv.Write(*chunk)
+			*chunk = (*chunk)[:0]
+			recvChunks.Put(chunk)
+		}
+		if n == 0 && fh.Flags.Has(http2.FlagDataEndStream) && c.streams[fh.StreamID] == s {
+			s.rclosed = true
+			c.maybeDoneLocked(s)
+		}
+		s.rcond.Broadcast()
+		c.mu.Unlock()
+		c.sendWindowUpdates(0, 0, connInc)
+	}
+	return true, nil
 }
 
 func (c *conn) onSettings(f *http2.SettingsFrame) error {

@@ -1177,3 +1177,57 @@ func TestTLSParameters(t *testing.T) {
 		})
 	}
 }
+
+// TestResetStreamsReturnWindow resets streams while large DATA frames for
+// them are arriving: the bytes dropped must go back to the connection
+// window, or the connection would stall once they add up to it.
+func TestResetStreamsReturnWindow(t *testing.T) {
+	checkGoroutines(t)
+	pod := func(c net.Conn) {
+		var one [1]byte
+		if _, err := io.ReadFull(c, one[:]); err != nil {
+			return
+		}
+		if one[0] == 'e' { // the last stream: echo
+			c.Write(one[:])
+			echo(c)
+		}
+		// Otherwise read a while, then close while more arrives: the
+		// server resets the stream.
+		io.CopyN(io.Discard, c, 8<<20)
+	}
+	e := newEnv(t, pod, nil)
+	d := e.dialer()
+	data := bytes.Repeat([]byte{'x'}, 64<<20)
+	for range 24 { // each stream is reset with data in flight: more than a connection window in all
+		s, err := d.Dial(testCtx(t), e.request())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.SetDeadline(time.Now().Add(10 * time.Second)) // a stalled window fails the test
+		for rest := data; len(rest) > 0; rest = rest[min(len(rest), 200<<10):] {
+			if _, err := s.Write(rest[:min(len(rest), 200<<10)]); err != nil {
+				break // reset by the server
+			}
+		}
+		s.Close()
+	}
+	s, err := d.Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(10 * time.Second))
+	msg := append([]byte{'e'}, data[:1<<20]...)
+	go s.Write(msg)
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(s, got); err != nil {
+		t.Fatalf("read after the resets: %v", err)
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatal("echo differs")
+	}
+	if n := d.Conns(); n != 1 {
+		t.Errorf("%d connections, want 1", n)
+	}
+}

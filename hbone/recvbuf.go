@@ -39,6 +39,13 @@ func (b *recvBuf) Write(p []byte) {
 	}
 }
 
+// appendChunk adds chunk, filled to its len and taken from recvChunks,
+// after the data already there; b owns it from now on.
+func (b *recvBuf) appendChunk(chunk *[]byte) {
+	b.chunks = append(b.chunks, chunk)
+	b.n += len(*chunk)
+}
+
 // Read moves up to len(p) bytes into p and returns how many.
 func (b *recvBuf) Read(p []byte) int {
 	n := 0
