@@ -3,6 +3,7 @@ package translate
 import (
 	"fmt"
 	"net/netip"
+	"reflect"
 	"strconv"
 	"strings"
 
@@ -11,20 +12,31 @@ import (
 )
 
 // policy translates an AuthorizationPolicy for ztunnel (L4). nil when it is
-// rejected. ztunnel cannot see L7 attributes, so, failing closed as Istio's
-// ztunnel does: an ALLOW rule with L7 attributes is dropped (it allows
-// nothing), and a DENY rule has its L7 attributes removed (it denies more).
+// ignored (targetRefs, AUDIT, CUSTOM).
+//
+// It fails closed, as Istio's ztunnel does for L7 attributes: what ztunnel
+// cannot enforce or parse never widens access.
+//   - An ALLOW rule with L7 attributes, an unparseable field (a port that is
+//     not a number, a bad CIDR) or an empty clause (from: [], source: {},
+//     to: [], operation: {}, which Istio's validation rejects) is dropped: it
+//     allows nothing. The policy is kept, so it still selects its workloads;
+//     with no rule left it allows nothing to them.
+//   - A DENY rule has those attributes or fields removed (an empty clause
+//     counts as absent): it denies more.
+//   - An unknown action (the API is case-sensitive: "deny" is unknown) gives
+//     a policy that denies everything to the selected workloads.
+//
+// Each of these is reported as a Problem.
 func (t *translator) policy(ap *security.AuthorizationPolicy) *model.Policy {
 	kind := security.KindAuthorizationPolicy
-	bad := func(format string, args ...any) *model.Policy {
-		t.report(kind, ap.Namespace, ap.Name, ReasonInvalidPolicy, format, args...)
-		return nil
-	}
 	if len(ap.Spec.TargetRefs) > 0 || ap.Spec.TargetRef != nil {
 		t.report(kind, ap.Namespace, ap.Name, ReasonUnsupported, "targetRefs policies are enforced by waypoints, which do not read policies yet; ignored")
 		return nil
 	}
 	p := &model.Policy{Name: ap.Name, Namespace: ap.Namespace, MeshWide: ap.Namespace == t.opts.RootNamespace}
+	if ap.Spec.Selector != nil && len(ap.Spec.Selector.MatchLabels) > 0 {
+		p.Selector = ap.Spec.Selector.MatchLabels
+	}
 	switch ap.Spec.Action {
 	case "", "ALLOW":
 		p.Action = model.ActionAllow
@@ -34,16 +46,20 @@ func (t *translator) policy(ap *security.AuthorizationPolicy) *model.Policy {
 		t.report(kind, ap.Namespace, ap.Name, ReasonUnsupported, "action %s is not supported; ignored", ap.Spec.Action)
 		return nil
 	default:
-		return bad("unknown action %q", ap.Spec.Action)
-	}
-	if ap.Spec.Selector != nil && len(ap.Spec.Selector.MatchLabels) > 0 {
-		p.Selector = ap.Spec.Selector.MatchLabels
+		t.report(kind, ap.Namespace, ap.Name, ReasonInvalidPolicy, "unknown action %q (actions are ALLOW, DENY, AUDIT, CUSTOM): the policy denies everything to the workloads it selects", ap.Spec.Action)
+		p.Action = model.ActionDeny
+		p.Rules = []model.Rule{{}} // an empty rule matches every connection
+		return p
 	}
 	p.Rules = []model.Rule{}
 	for i, r := range ap.Spec.Rules {
-		rule, l7, err := translateRule(r)
-		if err != nil {
-			return bad("rules[%d]: %v", i, err)
+		rule, l7, errs := t.translateRule(r)
+		if len(errs) > 0 {
+			if p.Action == model.ActionAllow {
+				t.report(kind, ap.Namespace, ap.Name, ReasonInvalidPolicy, "rules[%d]: %s: the rule allows nothing", i, strings.Join(errs, "; "))
+				continue
+			}
+			t.report(kind, ap.Namespace, ap.Name, ReasonInvalidPolicy, "rules[%d]: %s: the rule denies without the invalid fields", i, strings.Join(errs, "; "))
 		}
 		if l7 != "" {
 			if p.Action == model.ActionAllow {
@@ -57,51 +73,64 @@ func (t *translator) policy(ap *security.AuthorizationPolicy) *model.Policy {
 	return p
 }
 
-func translateRule(r security.Rule) (model.Rule, string, error) {
-	var out model.Rule
-	var l7 []string
+// translateRule translates a rule. Fields in error are left out of the
+// result (which widens it: only a DENY rule may be used so) and described in
+// errs; an empty from/to list is left out likewise.
+func (t *translator) translateRule(r security.Rule) (out model.Rule, l7 string, errs []string) {
+	var l7s []string
 	if len(r.When) > 0 {
-		l7 = append(l7, "when")
+		l7s = append(l7s, "when")
 	}
-	for _, f := range r.From {
+	if r.From != nil && len(r.From) == 0 {
+		errs = append(errs, "from is empty")
+	}
+	for j, f := range r.From {
 		s := f.Source
+		if reflect.DeepEqual(s, security.Source{}) {
+			errs = append(errs, fmt.Sprintf("from[%d].source is empty", j))
+		}
 		if len(s.RequestPrincipals)+len(s.NotRequestPrincipals) > 0 {
-			l7 = append(l7, "requestPrincipals")
+			l7s = append(l7s, "requestPrincipals")
 		}
 		if len(s.RemoteIPBlocks)+len(s.NotRemoteIPBlocks) > 0 {
-			l7 = append(l7, "remoteIpBlocks")
+			l7s = append(l7s, "remoteIpBlocks")
 		}
 		ips, err := prefixes(s.IPBlocks)
 		if err != nil {
-			return out, "", fmt.Errorf("ipBlocks: %w", err)
+			errs = append(errs, fmt.Sprintf("from[%d].source.ipBlocks: %v", j, err))
 		}
 		notIPs, err := prefixes(s.NotIPBlocks)
 		if err != nil {
-			return out, "", fmt.Errorf("notIpBlocks: %w", err)
+			errs = append(errs, fmt.Sprintf("from[%d].source.notIpBlocks: %v", j, err))
 		}
-		src := model.Source{
+		out.From = append(out.From, model.Source{
 			Principals: s.Principals, NotPrincipals: s.NotPrincipals,
 			Namespaces: s.Namespaces, NotNamespaces: s.NotNamespaces,
 			IPBlocks: ips, NotIPBlocks: notIPs,
-		}
-		out.From = append(out.From, src)
+		})
 	}
-	for _, to := range r.To {
+	if r.To != nil && len(r.To) == 0 {
+		errs = append(errs, "to is empty")
+	}
+	for j, to := range r.To {
 		op := to.Operation
+		if reflect.DeepEqual(op, security.Operation{}) {
+			errs = append(errs, fmt.Sprintf("to[%d].operation is empty", j))
+		}
 		if len(op.Hosts)+len(op.NotHosts)+len(op.Methods)+len(op.NotMethods)+len(op.Paths)+len(op.NotPaths) > 0 {
-			l7 = append(l7, "hosts/methods/paths")
+			l7s = append(l7s, "hosts/methods/paths")
 		}
 		ports, err := parsePorts(op.Ports)
 		if err != nil {
-			return out, "", fmt.Errorf("ports: %w", err)
+			errs = append(errs, fmt.Sprintf("to[%d].operation.ports: %v", j, err))
 		}
 		notPorts, err := parsePorts(op.NotPorts)
 		if err != nil {
-			return out, "", fmt.Errorf("notPorts: %w", err)
+			errs = append(errs, fmt.Sprintf("to[%d].operation.notPorts: %v", j, err))
 		}
 		out.To = append(out.To, model.Target{Ports: ports, NotPorts: notPorts})
 	}
-	return out, strings.Join(l7, ", "), nil
+	return out, strings.Join(l7s, ", "), errs
 }
 
 func prefixes(ss []string) ([]netip.Prefix, error) {

@@ -2,7 +2,8 @@
 // YAML files) into ambit's config model. It is pure: Build and Update read an
 // Objects set and return model values and the Problems found, without I/O.
 // Invalid objects are left out of the model and reported as Problems; the
-// rest of the model is still built.
+// rest of the model is still built. Invalid policies are the exception: they
+// are kept in a form that fails closed (see policy).
 package translate
 
 import (
