@@ -25,6 +25,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // pastCA returns a CA for cluster.local that shares the mesh's trust bundle
@@ -258,4 +259,70 @@ func TestBadClients(t *testing.T) {
 	waitFor(t, "unknown sources counted", func() bool {
 		return metricSum(t, m.n1.p, "ambit_ztunnel_connections_refused_total", map[string]string{"response_flags": "UNKNOWN_SOURCE"}) == 2
 	})
+}
+
+// TestForwardedClaimIsVerified: the forwarded header is the peer's claim. An
+// identity that claims another workload's address gets neither that address's
+// ipBlocks grant nor that address as its source; a ztunnel speaking for its
+// own pod (the address holds the peer's identity) keeps it.
+func TestForwardedClaimIsVerified(t *testing.T) {
+	cs := newTestCerts(t, "cluster.local")
+	m := newTestMeshWith(t, cs, nil)
+	ip := m.net.ip
+	// Only the client's address may reach the shop namespace's servers.
+	m.setConfig([]*model.Policy{{Name: "from-client-ip", Namespace: "shop", Action: model.ActionAllow,
+		Rules: []model.Rule{{From: []model.Source{{IPBlocks: []netip.Prefix{netip.PrefixFrom(ip(11), 32)}}}}}}}, nil)
+	d := &hbone.Dialer{Certs: cs, HandshakeTimeout: 5 * time.Second}
+	defer d.Close()
+	req := func(src spiffeid.ID) hbone.DialRequest {
+		return hbone.DialRequest{Source: src, Peers: []spiffeid.ID{m.serverA.Identity()},
+			Addr: netip.AddrPortFrom(ip(21), m.n2.port(ListenerHBONE)), Target: netip.AddrPortFrom(ip(21), 8080),
+			ForwardedFor: netip.AddrPortFrom(ip(11), 4242)} // the client's address
+	}
+
+	// The intruder (another identity) claims the client's address.
+	_, err := d.Dial(t.Context(), req(m.intruder.Identity()))
+	var se *hbone.StatusError
+	if !errors.As(err, &se) || se.Code != http.StatusUnauthorized {
+		t.Fatalf("intruder claiming the client's address: %v, want 401", err)
+	}
+	waitFor(t, "denied with the real source", func() bool {
+		for _, l := range strings.Split(m.n2.logs.String(), "\n") {
+			if strings.Contains(l, `"outcome":"denied"`) && strings.Contains(l, "ns/other/sa/intruder") {
+				return !strings.Contains(l, netip.AddrPortFrom(ip(11), 4242).String())
+			}
+		}
+		return false
+	})
+
+	// The client's own ztunnel speaking for it keeps its address.
+	st, err := d.Dial(t.Context(), req(m.client.Identity()))
+	if err != nil {
+		t.Fatalf("the client's own tunnel: %v", err)
+	}
+	st.Close()
+}
+
+// TestNoDeliveryToOwnListeners: where a workload's address is the host's own
+// (plain hosts), a tunnel to <workload>:<a ztunnel port> would be delivered to
+// the proxy itself, again and again; it is refused instead.
+func TestNoDeliveryToOwnListeners(t *testing.T) {
+	cs := newTestCerts(t, "cluster.local")
+	m := newTestMeshWith(t, cs, nil)
+	ip := m.net.ip
+	d := &hbone.Dialer{Certs: cs, HandshakeTimeout: 5 * time.Second}
+	defer d.Close()
+	for _, l := range []string{ListenerInbound, ListenerHBONE} {
+		_, err := d.Dial(t.Context(), hbone.DialRequest{Source: m.client.Identity(), Peers: []spiffeid.ID{m.serverA.Identity()},
+			Addr: netip.AddrPortFrom(ip(21), m.n2.port(ListenerHBONE)), Target: netip.AddrPortFrom(ip(21), m.n2.port(l)),
+			ForwardedFor: netip.AddrPortFrom(ip(11), 4242)})
+		var se *hbone.StatusError
+		if !errors.As(err, &se) || se.Code != http.StatusServiceUnavailable {
+			t.Fatalf("tunnel to the %s listener: %v, want 503", l, err)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := len(m.n2.p.dumpConnections()); n != 0 {
+		t.Fatalf("%d connections still open: the proxy delivered to itself", n)
+	}
 }

@@ -37,6 +37,7 @@ type conn struct {
 	route        string         // passthrough, direct, hbone, waypoint
 	upstream     netip.AddrPort // the address connected to
 	mtls         bool
+	srcTrusted   bool // src is the client's real address (not an unverified claim)
 
 	cancel     context.CancelFunc // ends the connection (relay closes both sides)
 	stopCancel func() bool        // unhooks cancel from the proxy's force close

@@ -11,6 +11,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/authz"
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // localIdentity tells the HBONE server which identity to present for a
@@ -29,14 +30,12 @@ func (p *Proxy) localIdentity(dst netip.Addr) (spiffeid.ID, bool) {
 // and the workload must accept the connection from the client's address
 // (503 otherwise) before the tunnel is answered 200.
 func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
-	src := r.Forwarded.For
-	if !src.IsValid() {
-		src = r.PeerAddr
-	}
-	src = netip.AddrPortFrom(src.Addr().Unmap(), src.Port())
+	src, srcW := p.hboneSource(r)
 	c, ctx := p.begin(ctx, dirInbound, ListenerHBONE, src, r.Target)
 	c.mtls = true
 	c.srcID = r.Peer
+	c.srcW = srcW
+	c.srcTrusted = srcW != nil
 	c.route = "hbone"
 	flags, reason, err := p.inboundHBONE(ctx, c, r)
 	if flags != flagNone {
@@ -49,15 +48,33 @@ func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
 	p.end(c, flags, reason, err)
 }
 
+// hboneSource is the client address a tunnel speaks for, and its workload.
+// The forwarded header is only the peer's claim: it is believed when the
+// mesh knows that address as a workload holding the peer's own identity (a
+// ztunnel speaking for its pod). Otherwise the source is the tunnel's TCP
+// peer, so that no identity can choose the address that ipBlocks rules match
+// and the delivered connection comes from.
+func (p *Proxy) hboneSource(r *hbone.Request) (netip.AddrPort, *model.Workload) {
+	unmap := func(a netip.AddrPort) netip.AddrPort { return netip.AddrPortFrom(a.Addr().Unmap(), a.Port()) }
+	if claimed := r.Forwarded.For; claimed.IsValid() {
+		if w := p.cfg.Store.Load().WorkloadByIP(claimed.Addr().Unmap()); w != nil && w.Identity() == r.Peer {
+			return unmap(claimed), w
+		}
+	}
+	return unmap(r.PeerAddr), nil
+}
+
 func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (flags, reason string, err error) {
 	snap := p.cfg.Store.Load()
-	if w := snap.WorkloadByIP(c.src.Addr()); w != nil && w.Identity() == r.Peer {
-		c.srcW = w
-	}
 	c.dstW = snap.WorkloadByIP(c.dst.Addr())
 	if c.dstW == nil || !c.dstW.Enrolled || !p.cfg.isLocal(c.dstW) {
 		c.dstW = nil
 		return flagNoDest, "target is not a local enrolled workload", nil
+	}
+	if p.isOwnListener(c.dst) {
+		// A workload address that is this host's own (plain hosts): the
+		// proxy would deliver to itself, and again, without end.
+		return flagNoDest, "target is one of the proxy's own listeners", nil
 	}
 	c.dstID = c.dstW.Identity()
 	if p.draining.Load() {
@@ -105,6 +122,7 @@ func (p *Proxy) servePlaintextInbound(ctx context.Context, client net.Conn) {
 func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) (flags, reason string, err error) {
 	snap := p.cfg.Store.Load()
 	c.srcW = snap.WorkloadByIP(c.src.Addr())
+	c.srcTrusted = true // the kernel's view of the peer
 	c.dstW = snap.WorkloadByIP(c.dst.Addr())
 	if c.dstW == nil || !p.cfg.isLocal(c.dstW) {
 		c.dstW = nil
@@ -115,6 +133,9 @@ func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) 
 	if !d.Allow {
 		return flagDeny, d.Reason, nil
 	}
+	if p.isOwnListener(c.dst) {
+		return flagNoDest, "destination is one of the proxy's own listeners", nil
+	}
 	upstream, err := p.deliver(ctx, c)
 	if err != nil {
 		return flagConnect, "local workload refused the connection", err
@@ -123,10 +144,11 @@ func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) 
 }
 
 // deliver connects to the local workload at c.dst, from the client's own
-// address when the proxy is transparent.
+// address when the proxy is transparent and that address is known for sure
+// (else from the node's).
 func (p *Proxy) deliver(ctx context.Context, c *conn) (net.Conn, error) {
 	var src netip.Addr
-	if p.cfg.Transparent {
+	if p.cfg.Transparent && c.srcTrusted {
 		src = c.src.Addr()
 	}
 	c.upstream = c.dst
