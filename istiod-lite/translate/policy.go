@@ -2,8 +2,10 @@ package translate
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -165,7 +167,14 @@ func parsePorts(ss []string) ([]uint16, error) {
 	return out, nil
 }
 
-// peerAuthn translates a PeerAuthentication.
+// peerAuthn translates a PeerAuthentication. It fails closed: an unknown
+// mode (the API is case-sensitive: "strict" is unknown) is STRICT.
+//
+// portLevelMtls is coarser than Istio's: the model has one mode per
+// workload, so when any port-level mode is STRICT (or unknown) the whole
+// workload's mode becomes STRICT, which refuses plaintext on every port, not
+// only that one. Port-level modes that relax the workload's (PERMISSIVE,
+// DISABLE) are ignored. Both are reported.
 func (t *translator) peerAuthn(pa *security.PeerAuthentication) *model.PeerAuthentication {
 	kind := security.KindPeerAuthentication
 	out := &model.PeerAuthentication{Name: pa.Name, Namespace: pa.Namespace, MeshWide: pa.Namespace == t.opts.RootNamespace}
@@ -176,21 +185,45 @@ func (t *translator) peerAuthn(pa *security.PeerAuthentication) *model.PeerAuthe
 	if pa.Spec.MTLS != nil {
 		mode = pa.Spec.MTLS.Mode
 	}
-	switch mode {
-	case "", "UNSET":
-		out.Mode = model.MTLSUnset
-	case "STRICT":
+	var ok bool
+	if out.Mode, ok = mtlsMode(mode); !ok {
+		t.report(kind, pa.Namespace, pa.Name, ReasonInvalidPolicy, "unknown mtls mode %q (modes are UNSET, DISABLE, PERMISSIVE, STRICT): STRICT applies", mode)
+	}
+	if len(pa.Spec.PortLevelMTLS) == 0 {
+		return out
+	}
+	var strict []string
+	for _, port := range slices.Sorted(maps.Keys(pa.Spec.PortLevelMTLS)) {
+		pm := pa.Spec.PortLevelMTLS[port].Mode
+		m, ok := mtlsMode(pm)
+		if !ok {
+			t.report(kind, pa.Namespace, pa.Name, ReasonInvalidPolicy, "portLevelMtls[%d]: unknown mtls mode %q: STRICT applies", port, pm)
+		}
+		if m == model.MTLSStrict {
+			strict = append(strict, strconv.FormatUint(uint64(port), 10))
+		}
+	}
+	if len(strict) > 0 && out.Mode != model.MTLSStrict {
 		out.Mode = model.MTLSStrict
-	case "PERMISSIVE":
-		out.Mode = model.MTLSPermissive
-	case "DISABLE":
-		out.Mode = model.MTLSDisable
-	default:
-		t.report(kind, pa.Namespace, pa.Name, ReasonInvalidPolicy, "unknown mtls mode %q", mode)
-		return nil
+		t.report(kind, pa.Namespace, pa.Name, ReasonUnsupported, "portLevelMtls is not supported per port: port %s is STRICT, so STRICT applies to every port", strings.Join(strict, ", "))
+		return out
 	}
-	if len(pa.Spec.PortLevelMTLS) > 0 {
-		t.report(kind, pa.Namespace, pa.Name, ReasonUnsupported, "portLevelMtls is not supported; the workload-level mode applies to every port")
-	}
+	t.report(kind, pa.Namespace, pa.Name, ReasonUnsupported, "portLevelMtls is not supported per port; the workload-level mode applies to every port")
 	return out
+}
+
+// mtlsMode parses a PeerAuthentication mode; an unknown one is STRICT and
+// not ok.
+func mtlsMode(s string) (model.PeerAuthnMode, bool) {
+	switch s {
+	case "", "UNSET":
+		return model.MTLSUnset, true
+	case "STRICT":
+		return model.MTLSStrict, true
+	case "PERMISSIVE":
+		return model.MTLSPermissive, true
+	case "DISABLE":
+		return model.MTLSDisable, true
+	}
+	return model.MTLSStrict, false
 }

@@ -131,3 +131,44 @@ spec:
 		t.Errorf("web (not selected) denied: %s", d.Reason)
 	}
 }
+
+// TestPeerAuthnFailsClosed: a PeerAuthentication mode ztunnel does not
+// understand, or a port-level STRICT, refuses plaintext.
+func TestPeerAuthnFailsClosed(t *testing.T) {
+	plain := authz.Conn{SrcIP: netip.MustParseAddr("10.1.2.20"), DstPort: 5432}
+	for _, c := range []struct {
+		name    string
+		spec    string
+		mode    model.PeerAuthnMode
+		problem string
+	}{
+		{"lowercase strict is unknown: STRICT", `{mtls: {mode: strict}}`, model.MTLSStrict, `unknown mtls mode "strict"`},
+		{"unknown mode: STRICT", `{mtls: {mode: STRIKT}}`, model.MTLSStrict, `unknown mtls mode "STRIKT"`},
+		{"port-level STRICT makes the workload STRICT", `{mtls: {mode: PERMISSIVE}, portLevelMtls: {5432: {mode: STRICT}}}`, model.MTLSStrict, "port 5432 is STRICT"},
+		{"port-level STRICT under UNSET", `{portLevelMtls: {8080: {mode: PERMISSIVE}, 5432: {mode: STRICT}}}`, model.MTLSStrict, "port 5432 is STRICT"},
+		{"port-level unknown mode: STRICT", `{mtls: {mode: PERMISSIVE}, portLevelMtls: {5432: {mode: strict}}}`, model.MTLSStrict, `portLevelMtls[5432]: unknown mtls mode "strict"`},
+		{"port-level PERMISSIVE under STRICT stays STRICT", `{mtls: {mode: STRICT}, portLevelMtls: {8080: {mode: PERMISSIVE}}}`, model.MTLSStrict, "the workload-level mode applies to every port"},
+		{"PERMISSIVE", `{mtls: {mode: PERMISSIVE}}`, model.MTLSPermissive, ""},
+		{"STRICT", `{mtls: {mode: STRICT}}`, model.MTLSStrict, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := buildYAML(t, Options{}, `apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: pa, namespace: shop}
+spec: `+c.spec+"\n")
+			web := r.Snapshot.Workloads[WorkloadUID("", "shop", "web")]
+			if got := (authz.Evaluator{}).PeerAuthnMode(r.Snapshot, web); got != c.mode {
+				t.Errorf("mode = %q, want %q", got, c.mode)
+			}
+			if d := (authz.Evaluator{}).AllowPlaintext(r.Snapshot, web, plain); d.Allow != (c.mode != model.MTLSStrict) {
+				t.Errorf("plaintext to 5432: allow = %v (%s)", d.Allow, d.Reason)
+			}
+			if c.problem == "" && len(r.Problems) > 0 {
+				t.Errorf("problems %v, want none", r.Problems)
+			}
+			if c.problem != "" && !hasProblem(r, c.problem) {
+				t.Errorf("problems %v, want one containing %q", r.Problems, c.problem)
+			}
+		})
+	}
+}
