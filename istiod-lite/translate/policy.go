@@ -106,7 +106,7 @@ func (t *translator) translateRule(r security.Rule) (out model.Rule, l7 string, 
 			errs = append(errs, fmt.Sprintf("from[%d].source.notIpBlocks: %v", j, err))
 		}
 		out.From = append(out.From, model.Source{
-			Principals: s.Principals, NotPrincipals: s.NotPrincipals,
+			Principals: t.principals(s.Principals), NotPrincipals: t.principals(s.NotPrincipals),
 			Namespaces: s.Namespaces, NotNamespaces: s.NotNamespaces,
 			IPBlocks: ips, NotIPBlocks: notIPs,
 		})
@@ -133,6 +133,29 @@ func (t *translator) translateRule(r security.Rule) (out model.Rule, l7 string, 
 		out.To = append(out.To, model.Target{Ports: ports, NotPorts: notPorts})
 	}
 	return out, strings.Join(l7s, ", "), errs
+}
+
+// localTrustDomain is the trust domain name that, in a principal, stands for
+// the mesh's own trust domain whatever it is (Istio's alias).
+const localTrustDomain = "cluster.local"
+
+// principals rewrites principals written in the local trust domain's alias,
+// "cluster.local/..." (with or without "spiffe://"), to the mesh's trust
+// domain, as Istio does; otherwise they would never match when the trust
+// domain is not cluster.local. Other principals are kept as written.
+func (t *translator) principals(ss []string) []string {
+	td := t.opts.TrustDomain
+	if len(ss) == 0 || td == "" || td == localTrustDomain {
+		return ss
+	}
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		if rest, ok := strings.CutPrefix(strings.TrimPrefix(s, "spiffe://"), localTrustDomain+"/"); ok {
+			s = td + "/" + rest
+		}
+		out[i] = s
+	}
+	return out
 }
 
 func prefixes(ss []string) ([]netip.Prefix, error) {

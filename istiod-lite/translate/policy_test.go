@@ -172,3 +172,39 @@ spec: `+c.spec+"\n")
 		})
 	}
 }
+
+// TestPrincipalTrustDomainAlias: "cluster.local" in a principal stands for
+// the mesh's trust domain.
+func TestPrincipalTrustDomainAlias(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		trustDomain string
+		source      string
+		allow       bool // for <trust domain>/ns/shop/sa/cart
+	}{
+		{"alias", "example.org", `{principals: ["cluster.local/ns/shop/sa/cart"]}`, true},
+		{"alias with scheme", "example.org", `{principals: ["spiffe://cluster.local/ns/shop/sa/cart"]}`, true},
+		{"alias prefix", "example.org", `{principals: ["cluster.local/ns/shop/*"]}`, true},
+		{"alias in notPrincipals", "example.org", `{principals: ["*"], notPrincipals: ["cluster.local/ns/shop/sa/cart"]}`, false},
+		{"own trust domain", "example.org", `{principals: ["example.org/ns/shop/sa/cart"]}`, true},
+		{"other trust domain", "example.org", `{principals: ["other.org/ns/shop/sa/cart"]}`, false},
+		{"other service account", "example.org", `{principals: ["cluster.local/ns/shop/sa/admin"]}`, false},
+		{"default trust domain", "", `{principals: ["cluster.local/ns/shop/sa/cart"]}`, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			td := c.trustDomain
+			if td == "" {
+				td = "cluster.local"
+			}
+			cart := authz.Conn{SrcIdentity: spiffeid.RequireFromString("spiffe://" + td + "/ns/shop/sa/cart"), DstPort: 80}
+			r := buildYAML(t, Options{TrustDomain: c.trustDomain}, authPolicy("ALLOW", `[{from: [{source: `+c.source+`}]}]`))
+			web := r.Snapshot.Workloads[WorkloadUID("", "shop", "web")]
+			if d := authz.Evaluate(r.Snapshot, web, cart); d.Allow != c.allow {
+				t.Errorf("allow = %v (%s), want %v; policy %+v", d.Allow, d.Reason, c.allow, r.Snapshot.Policies["shop/p"])
+			}
+			if len(r.Problems) > 0 {
+				t.Errorf("problems %v", r.Problems)
+			}
+		})
+	}
+}
