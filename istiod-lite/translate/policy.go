@@ -166,6 +166,13 @@ func prefixes(ss []string) ([]netip.Prefix, error) {
 			if err != nil {
 				return nil, fmt.Errorf("%q is not a CIDR: %w", s, err)
 			}
+			// Source addresses are unmapped (IPv4 as IPv4), so an
+			// IPv4-mapped prefix (::ffff:10.0.0.0/104) is written as the
+			// IPv4 one (10.0.0.0/8). A shorter IPv6 prefix that contains
+			// all of ::ffff:0:0/96 stays IPv6 and matches no IPv4 source.
+			if p.Addr().Is4In6() && p.Bits() >= 96 {
+				p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+			}
 			out = append(out, p.Masked())
 			continue
 		}

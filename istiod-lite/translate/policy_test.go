@@ -208,3 +208,31 @@ func TestPrincipalTrustDomainAlias(t *testing.T) {
 		})
 	}
 }
+
+// TestIPv4MappedCIDR: IPv4-mapped IPv6 blocks match the IPv4 sources they
+// stand for.
+func TestIPv4MappedCIDR(t *testing.T) {
+	from := func(ip string) authz.Conn { return authz.Conn{SrcIP: netip.MustParseAddr(ip), DstPort: 80} }
+	for _, c := range []struct {
+		name   string
+		action string
+		source string
+		conn   authz.Conn
+		allow  bool
+	}{
+		{"allow mapped CIDR", "ALLOW", `{ipBlocks: ["::ffff:10.1.0.0/112"]}`, from("10.1.2.20"), true},
+		{"allow mapped CIDR, mapped source", "ALLOW", `{ipBlocks: ["::ffff:10.1.0.0/112"]}`, from("::ffff:10.1.2.20"), true},
+		{"allow mapped CIDR, other source", "ALLOW", `{ipBlocks: ["::ffff:10.1.0.0/112"]}`, from("10.2.0.1"), false},
+		{"allow mapped address", "ALLOW", `{ipBlocks: ["::ffff:10.1.2.20"]}`, from("10.1.2.20"), true},
+		{"deny mapped CIDR", "DENY", `{ipBlocks: ["::ffff:10.0.0.0/104"]}`, from("10.1.2.20"), false},
+		{"allow all but mapped CIDR", "ALLOW", `{ipBlocks: ["0.0.0.0/0"], notIpBlocks: ["::ffff:10.0.0.0/104"]}`, from("10.1.2.20"), false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := buildYAML(t, Options{}, authPolicy(c.action, `[{from: [{source: `+c.source+`}]}]`))
+			web := r.Snapshot.Workloads[WorkloadUID("", "shop", "web")]
+			if d := authz.Evaluate(r.Snapshot, web, c.conn); d.Allow != c.allow {
+				t.Errorf("allow = %v (%s), want %v; policy %+v", d.Allow, d.Reason, c.allow, r.Snapshot.Policies["shop/p"])
+			}
+		})
+	}
+}
