@@ -110,7 +110,7 @@ type PeerAuthentication struct {
 type PeerAuthenticationSpec struct {
 	Selector      *WorkloadSelector    `json:"selector,omitempty"`
 	MTLS          *MutualTLS           `json:"mtls,omitempty"`
-	PortLevelMTLS map[uint32]MutualTLS `json:"portLevelMtls,omitempty"`
+	PortLevelMTLS map[string]MutualTLS `json:"portLevelMtls,omitempty"` // keyed by port number; string keys so that unstructured objects convert
 }
 
 // MutualTLS carries the mode: UNSET, DISABLE, PERMISSIVE, STRICT.

@@ -227,10 +227,10 @@ func (t *translator) peerAuthn(pa *security.PeerAuthentication) *model.PeerAuthe
 		pm := pa.Spec.PortLevelMTLS[port].Mode
 		m, ok := mtlsMode(pm)
 		if !ok {
-			t.report(kind, pa.Namespace, pa.Name, ReasonInvalidPolicy, "portLevelMtls[%d]: unknown mtls mode %q: STRICT applies", port, pm)
+			t.report(kind, pa.Namespace, pa.Name, ReasonInvalidPolicy, "portLevelMtls[%s]: unknown mtls mode %q: STRICT applies", port, pm)
 		}
 		if m == model.MTLSStrict {
-			strict = append(strict, strconv.FormatUint(uint64(port), 10))
+			strict = append(strict, port)
 		}
 	}
 	if len(strict) > 0 && out.Mode != model.MTLSStrict {
