@@ -85,8 +85,8 @@ spec: {rules: [{to: [{operation: {ports: ["http"]}}]}]}
 	uid := translate.WorkloadUID("", "demo", "a")
 	eventually(t, "first model", func() bool { w := store.Load().Workloads[uid]; return w != nil && w.Enrolled && w.Node == "node-1" })
 	eventually(t, "the bad policy reported", func() bool { return rep.has(translate.ReasonInvalidPolicy, "bad") })
-	if len(store.Load().Policies) != 0 {
-		t.Fatal("an invalid policy reached the model")
+	if bad := store.Load().Policies["demo/bad"]; bad == nil || len(bad.Rules) != 0 {
+		t.Fatalf("the invalid ALLOW policy must stay without its broken rule (it allows nothing): %+v", bad)
 	}
 
 	// A change to one file is picked up.

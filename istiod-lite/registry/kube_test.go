@@ -227,7 +227,9 @@ func TestKubernetesWatchers(t *testing.T) {
 	if ms := s.Services[svcKey]; ms == nil || len(ms.Endpoints) != 2 || ms.VIPs[0].String() != svc.Spec.ClusterIP {
 		t.Fatalf("service: %+v", ms)
 	}
-	if s.Policies["demo/good"] == nil || s.Policies["demo/bad"] != nil {
+	// The invalid ALLOW stays, without its broken rule: it allows nothing
+	// (fail closed) instead of vanishing and leaving the workload open.
+	if bad := s.Policies["demo/bad"]; s.Policies["demo/good"] == nil || bad == nil || len(bad.Rules) != 0 {
 		t.Fatalf("policies: %v", s.Policies)
 	}
 
