@@ -18,8 +18,8 @@
 // capture outlives the process: a ztunnel restart neither detaches capture
 // nor lets traffic bypass it, and the next Load picks the pinned state up
 // without re-enrolling pods. Pods are captured one by one (AddPod, RemovePod)
-// or as a whole (Reconcile); Enrolled decides from Kubernetes labels which
-// pods to capture. Uninstall removes everything.
+// or as a whole (Reconcile), for the pods model.Enrolled puts in the mesh.
+// Uninstall removes everything.
 //
 // What ztunnel must do:
 //   - listen on 0.0.0.0:15001, :15006 and :15008 with IP_TRANSPARENT (all

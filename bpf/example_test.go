@@ -8,6 +8,7 @@ import (
 	"net/netip"
 
 	"github.com/ambit-mesh/ambit/bpf"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // ztunnel embeds capture: it loads it at start (picking up what an earlier
@@ -53,7 +54,7 @@ func Example() {
 	var local []workload
 	var desired []bpf.Pod
 	for _, w := range local {
-		if bpf.Enrolled(w.NsLabels, w.Labels) {
+		if model.Enrolled(w.NsLabels, w.Labels) {
 			desired = append(desired, bpf.Pod{Name: w.Namespace + "/" + w.Name, IPs: w.IPs})
 		}
 	}

@@ -18,6 +18,20 @@ const (
 	LabelWaypointFor   = "istio.io/waypoint-for" // on a waypoint Gateway: service|workload|all|none
 )
 
+// Enrolled reports whether a pod is in the mesh, as Istio ambient decides:
+// its namespace is labelled istio.io/dataplane-mode=ambient and the pod does
+// not opt out with istio.io/dataplane-mode=none; a pod labelled ambient is
+// enrolled whatever its namespace says. Values are case-sensitive.
+func Enrolled(nsLabels, podLabels map[string]string) bool {
+	switch podLabels[LabelDataplaneMode] {
+	case DataplaneNone:
+		return false
+	case DataplaneAmbient:
+		return true
+	}
+	return nsLabels[LabelDataplaneMode] == DataplaneAmbient
+}
+
 // Ports of the data plane (see the design brief).
 const (
 	PortOutbound = 15001

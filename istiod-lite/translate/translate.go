@@ -80,17 +80,6 @@ const (
 	ReasonInvalidService     = "InvalidService"
 )
 
-// Enrolled reports whether a pod is in the mesh, as Istio ambient decides: its
-// namespace has istio.io/dataplane-mode=ambient and the pod does not opt out
-// with istio.io/dataplane-mode=none. (bpf/ has its own copy for the node agent.)
-func Enrolled(nsLabels, podLabels map[string]string) bool {
-	if podLabels[model.LabelDataplaneMode] == model.DataplaneNone {
-		return false
-	}
-	return nsLabels[model.LabelDataplaneMode] == model.DataplaneAmbient ||
-		podLabels[model.LabelDataplaneMode] == model.DataplaneAmbient
-}
-
 // WorkloadUID is the model UID of a pod.
 func WorkloadUID(clusterID, namespace, name string) string {
 	if clusterID == "" {
@@ -192,7 +181,7 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		Node:              p.Spec.NodeName,
 		Addresses:         addrs,
 		Labels:            p.Labels,
-		Enrolled:          Enrolled(nsLabels, p.Labels),
+		Enrolled:          model.Enrolled(nsLabels, p.Labels),
 		Ready:             podReady(p),
 		CanonicalName:     canonicalName(p),
 		CanonicalRevision: canonicalRevision(p),

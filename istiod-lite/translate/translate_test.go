@@ -19,26 +19,6 @@ import (
 
 var update = flag.Bool("update", false, "rewrite the golden files")
 
-func TestEnrolled(t *testing.T) {
-	amb := map[string]string{model.LabelDataplaneMode: "ambient"}
-	none := map[string]string{model.LabelDataplaneMode: "none"}
-	for _, c := range []struct {
-		name     string
-		ns, pod  map[string]string
-		enrolled bool
-	}{
-		{"namespace enrolled", amb, nil, true},
-		{"pod opts out", amb, none, false},
-		{"namespace not enrolled", nil, nil, false},
-		{"pod enrolls itself", nil, amb, true},
-		{"other mode", map[string]string{model.LabelDataplaneMode: "sidecar"}, nil, false},
-	} {
-		if got := Enrolled(c.ns, c.pod); got != c.enrolled {
-			t.Errorf("%s: Enrolled = %v, want %v", c.name, got, c.enrolled)
-		}
-	}
-}
-
 func load(t *testing.T, path string) *Objects {
 	t.Helper()
 	f, err := os.Open(path)

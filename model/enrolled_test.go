@@ -1,11 +1,11 @@
-package bpf
+package model
 
 import "testing"
 
 func TestEnrolled(t *testing.T) {
-	ambient := map[string]string{DataplaneModeLabel: DataplaneModeAmbient}
-	none := map[string]string{DataplaneModeLabel: DataplaneModeNone}
-	other := map[string]string{"app": "web", DataplaneModeLabel: "sidecar"}
+	ambient := map[string]string{LabelDataplaneMode: DataplaneAmbient}
+	none := map[string]string{LabelDataplaneMode: DataplaneNone}
+	other := map[string]string{"app": "web", LabelDataplaneMode: "sidecar"}
 	for _, tc := range []struct {
 		name     string
 		ns, pod  map[string]string
@@ -20,7 +20,7 @@ func TestEnrolled(t *testing.T) {
 		{"pod ambient in plain namespace", nil, ambient, true},
 		{"pod ambient in opted-out namespace", none, ambient, true},
 		{"pod unknown mode in enrolled namespace", ambient, other, true},
-		{"value is case-sensitive", map[string]string{DataplaneModeLabel: "Ambient"}, nil, false},
+		{"value is case-sensitive", map[string]string{LabelDataplaneMode: "Ambient"}, nil, false},
 	} {
 		if got := Enrolled(tc.ns, tc.pod); got != tc.enrolled {
 			t.Errorf("%s: Enrolled = %v, want %v", tc.name, got, tc.enrolled)
