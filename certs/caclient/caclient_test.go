@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/ambit-mesh/ambit/certs"
 )
@@ -51,19 +52,31 @@ func TestTLSConfigAuthorizesServerID(t *testing.T) {
 		t.Fatalf("ServerID = %s, want %s", got, want)
 	}
 	someone := spiffeid.RequireFromString("spiffe://cluster.local/ns/x/sa/y")
+	serving := certs.ServingOptions{DNSNames: []string{ServerDNSName}}
 	for name, tc := range map[string]struct {
 		signer *certs.CA
 		id     spiffeid.ID // the server's
+		opts   *certs.ServingOptions
 		want   spiffeid.ID // the client's expectation (zero: ServerID)
 		ok     bool
 	}{
-		"istiod-lite":      {authority, ServerID(td), spiffeid.ID{}, true},
-		"wrong identity":   {authority, someone, spiffeid.ID{}, false},
-		"explicit id":      {authority, someone, someone, true},
-		"untrusted signer": {other, ServerID(td), spiffeid.ID{}, false},
+		"istiod-lite":      {authority, ServerID(td), &serving, spiffeid.ID{}, true},
+		"wrong identity":   {authority, someone, &serving, spiffeid.ID{}, false},
+		"explicit id":      {authority, someone, &serving, someone, true},
+		"untrusted signer": {other, ServerID(td), &serving, spiffeid.ID{}, false},
+		// What a node proxy could have been issued from a CSR for
+		// istiod-lite's SPIFFE ID: the right ID, but not a serving
+		// certificate (the CA puts no DNS SAN on CSR-issued certificates).
+		"istiod-lite's ID without the serving DNS SAN": {authority, ServerID(td), nil, spiffeid.ID{}, false},
 	} {
 		t.Run(name, func(t *testing.T) {
-			svid, err := tc.signer.IssueServing(tc.id, 0, certs.ServingOptions{})
+			var svid *x509svid.SVID
+			var err error
+			if tc.opts != nil {
+				svid, err = tc.signer.IssueServing(tc.id, 0, *tc.opts)
+			} else {
+				svid, err = tc.signer.IssueSVID(tc.id, 0)
+			}
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -2,6 +2,9 @@ package caclient
 
 import (
 	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"slices"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -13,6 +16,12 @@ import (
 // DefaultNamespace is istiod-lite's namespace in a cluster.
 const DefaultNamespace = "ambit-system"
 
+// ServerDNSName is the DNS SAN istiod-lite's serving certificate always
+// carries. The CA never puts a DNS SAN on a certificate it signs from a CSR,
+// so no workload or proxy certificate can pass for istiod-lite's, even one
+// issued for istiod-lite's SPIFFE ID.
+const ServerDNSName = "istiod-lite." + DefaultNamespace + ".svc"
+
 // ServerID is istiod-lite's SPIFFE ID in td: that of its service account,
 // DefaultNamespace/istiod-lite.
 func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
@@ -22,13 +31,28 @@ func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
 
 // TLSConfig verifies istiod-lite's serving certificate the SPIFFE way: it
 // must chain to the bundle that roots supplies (read at each handshake, so
-// bundle updates apply) and carry the ID server (ServerID of td when zero).
+// bundle updates apply), carry the ID server (ServerID of td when zero) and
+// be a serving certificate (ServerDNSName).
 // It offers TLS 1.3 and ALPN h2, for the certificate service and xDS alike.
 func TLSConfig(roots x509bundle.Source, td spiffeid.TrustDomain, server spiffeid.ID) *tls.Config {
 	if server.IsZero() {
 		server = ServerID(td)
 	}
 	c := tlsconfig.TLSClientConfig(roots, tlsconfig.AuthorizeID(server))
+	verifySPIFFE := c.VerifyPeerCertificate
+	c.VerifyPeerCertificate = func(raw [][]byte, chains [][]*x509.Certificate) error {
+		if err := verifySPIFFE(raw, chains); err != nil {
+			return err
+		}
+		leaf, err := x509.ParseCertificate(raw[0]) // verifySPIFFE has checked there is one
+		if err != nil {
+			return err
+		}
+		if !slices.Contains(leaf.DNSNames, ServerDNSName) {
+			return errors.New("caclient: the peer's certificate is not a serving certificate of istiod-lite (no DNS SAN " + ServerDNSName + ")")
+		}
+		return nil
+	}
 	c.MinVersion = tls.VersionTLS13
 	c.NextProtos = []string{"h2"}
 	return c

@@ -35,6 +35,8 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 	store.Replace(model.NewSnapshot([]*model.Workload{
 		{UID: "local/host/shop/cart", Name: "cart", Namespace: "shop", ServiceAccount: "cart", Node: "host-a", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.1")}},
 		{UID: "local/host/shop/pay", Name: "pay", Namespace: "shop", ServiceAccount: "pay", Node: "host-b", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.2")}},
+		// istiod-lite itself runs on host-a: its identity is still not host-a's.
+		{UID: "local/host/ambit-system/istiod-lite", Name: "istiod-lite", Namespace: "ambit-system", ServiceAccount: "istiod-lite", Node: "host-a", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.3")}},
 	}, nil, nil, nil))
 	var logs logBuffer
 	addr := serve(t, &ca.Server{CA: authority, Authenticator: auth, Workloads: ca.StoreWorkloads{Store: &store}, Logger: newLogger(&logs)})
@@ -58,6 +60,8 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 	if !logs.hasLine("certificate refused", `caller="host host-a"`, "node=host-a", "identity=spiffe://cluster.local/ns/shop/sa/pay") {
 		t.Errorf("no refusal log line naming caller, node and identity:\n%s", logs.String())
 	}
+	_, err = client.Issue(ctx, caclient.ServerID(certs.DefaultTrustDomain), mustCSRDER(t, caclient.ServerID(certs.DefaultTrustDomain)))
+	wantCode(t, "host-a asks for istiod-lite's identity", err, codes.PermissionDenied)
 	// A workload that moves to host-a becomes obtainable by host-a.
 	snap := store.Load()
 	pay := *snap.Workloads["local/host/shop/pay"]

@@ -146,6 +146,11 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 		if err != nil {
 			return nil, refuse(codes.InvalidArgument, err.Error())
 		}
+		if ns == DefaultNamespace {
+			// The control plane's identities (istiod-lite's own among them)
+			// are never a node's to hold, whatever runs on that node.
+			return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s may not obtain %s: identities of namespace %s belong to the control plane", caller.Name, id, ns))
+		}
 		ok := false
 		if s.Workloads != nil {
 			if ok, err = s.Workloads.OnNode(ctx, caller.Node, ns, sa); err != nil {

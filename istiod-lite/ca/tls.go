@@ -14,7 +14,7 @@ import (
 )
 
 // DefaultDNSName is the DNS SAN of istiod-lite's serving certificate.
-const DefaultDNSName = "istiod-lite." + DefaultNamespace + ".svc"
+const DefaultDNSName = caclient.ServerDNSName
 
 // ServingCert is istiod-lite's TLS identity on 15012: a certificate signed by
 // CA with the URI SAN ID and the DNS SANs DefaultDNSName + DNSNames, renewed
