@@ -14,13 +14,17 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -181,6 +185,11 @@ func Run(ctx context.Context, cfg Config) error {
 		// xDS streams the whole mesh: only node proxies, with the token the
 		// CA takes. The CA authenticates each of its calls itself.
 		grpc.ChainStreamInterceptor(xdsServer.RequireAuthentication(caServer.Authenticator)),
+		// Before any request body is read (they may be large): a call
+		// without a bearer token is refused at once, and a connection's
+		// concurrent calls are bounded.
+		grpc.InTapHandle(requireBearer),
+		grpc.MaxConcurrentStreams(64),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
@@ -285,4 +294,15 @@ func adminMux(store *model.Store, x *xds.Server, src source) *http.ServeMux {
 		})
 	})
 	return mux
+}
+
+// requireBearer refuses a call that carries no bearer token before its
+// request is read; the services then check the token itself.
+func requireBearer(ctx context.Context, info *tap.Info) (context.Context, error) {
+	for _, v := range info.Header.Get("authorization") {
+		if len(v) > len("bearer ") && strings.EqualFold(v[:len("bearer ")], "bearer ") {
+			return ctx, nil
+		}
+	}
+	return nil, status.Error(codes.Unauthenticated, "no bearer token")
 }
