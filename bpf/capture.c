@@ -105,9 +105,18 @@ struct tcp4 {
 	__u8 syn_only; // SYN without ACK: a new connection
 };
 
-// parse returns 1 for IPv4 (filling t; t->tcp for TCP), -1 for IPv6 TCP, 0
-// otherwise.
+// parse returns 1 for IPv4 (filling t; t->tcp for TCP), -1 for IPv6 TCP, -2
+// for IPv4 TCP that cannot be inspected (a fragment, or a TCP header that is
+// not there; saddr and daddr are filled), 0 otherwise. Callers drop -1 and
+// -2 on enrolled pods' paths: what cannot be inspected cannot be captured.
 static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
+	// Headers may lie outside the linear data (a packet socket can send
+	// such frames): pull in what is read below, at most the whole packet.
+	__u32 want = ETH_HLEN + 60 + sizeof(struct tcphdr);
+	if (want > skb->len)
+		want = skb->len;
+	if ((long)skb->data_end - (long)skb->data < (long)want)
+		bpf_skb_pull_data(skb, want);
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
@@ -126,14 +135,16 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 		return 0;
 	t->saddr = ip->saddr;
 	t->daddr = ip->daddr;
-	if (ip->protocol != IPPROTO_TCP || ip->frag_off & bpf_htons(0x1fff)) // or not the first fragment
+	if (ip->protocol != IPPROTO_TCP)
 		return 1;
+	if (ip->frag_off & bpf_htons(0x3fff)) // more fragments, or an offset
+		return -2;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
-		return 0;
+		return -2;
 	struct tcphdr *tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > end)
-		return 0;
+		return -2;
 	t->tcp = 1;
 	t->ihl = ihl;
 	t->sport = tcp->source;
@@ -381,7 +392,10 @@ int pod_egress(struct __sk_buff *skb) {
 SEC("tcx/ingress")
 int uplink_ingress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
-	if (parse(skb, &t) <= 0 || !t.tcp)
+	int r = parse(skb, &t);
+	if (r == -2 && bpf_map_lookup_elem(&pods, &t.daddr))
+		return drop(); // uninspectable TCP to an enrolled pod
+	if (r <= 0 || !t.tcp)
 		return TCX_NEXT;
 	if (!bpf_map_lookup_elem(&pods, &t.daddr))
 		return TCX_NEXT;
