@@ -90,12 +90,9 @@ func (s *Server) authenticate(ctx context.Context, what string) (*Caller, error)
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
 		addr = p.Addr.String()
 	}
-	token, err := bearerToken(ctx)
+	c, err := AuthenticateIncoming(ctx, s.Authenticator)
 	if err == nil {
-		var c *Caller
-		if c, err = s.Authenticator.Authenticate(ctx, token); err == nil {
-			return c, nil
-		}
+		return c, nil
 	}
 	if errors.Is(err, ErrUnauthenticated) {
 		s.log().Warn("certificate service: unauthenticated", "request", what, "peer", addr, "err", err)
