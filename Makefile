@@ -1,25 +1,33 @@
 # ambit's build. Every target installs what it needs (scripts/install-deps.sh).
 GO      ?= go
 PKGS    ?= ./...
+# The Go micro-benchmarks make bench runs (bench/README.md).
+BENCH_PKGS ?= ./hbone/... ./bpf/... ./istiod-lite/... ./authz/... ./ztunnel/...
 GOFLAGS ?=
 export GOFLAGS
 
-.PHONY: all build test integration demo bench generate lint deps clean
+.PHONY: all build test integration demo bench generate lint deps tools clean
 
 all: build
 
 deps:
 	@scripts/install-deps.sh base
 
+# Long builds the tests use (kube-apiserver from the module proxy, minutes when
+# cold), once, under a lock, into ${AMBIT_CACHE:-~/.cache/ambit}, before any
+# test runs: never inside a test's timeout.
+tools: deps
+	@integration/apiserver/build.sh >/dev/null
+
 build:
 	$(GO) build -o bin/ ./cmd/...
 
 # Unit and in-process tests (real sockets, TLS, HTTP/2) with the race detector.
-test: deps
+test: deps tools
 	$(GO) test -race -count=1 -timeout 12m $(PKGS)
 
 # Tests that need root: a real kube-apiserver, network namespaces, eBPF.
-integration:
+integration: tools
 	@scripts/install-deps.sh integration
 	$(GO) test -count=1 -timeout 20m -tags integration -v -run . ./integration/
 
@@ -42,6 +50,7 @@ generate:
 	$(GO) generate ./...
 
 lint:
+	$(GO) mod tidy -diff
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '_bpfe[lb]\.go$$')); \
 		if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...

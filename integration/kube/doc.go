@@ -7,7 +7,7 @@
 //
 // In a test:
 //
-//	c := kube.Start(t, kube.Options{})          // skips when etcd/kube-apiserver are unavailable
+//	c := kube.Start(t, kube.Options{})          // fails, saying how to get them, when etcd/kube-apiserver are missing
 //	cs := c.Client()                            // kubernetes.Interface as cluster admin
 //	cfg := c.Config()                           // *rest.Config (a copy) as cluster admin
 //	tok, _ := c.ServiceAccountToken(ctx, "ns", "sa", []string{"istio-ca"}, "pod-name")
@@ -21,19 +21,20 @@
 //
 //	func TestMain(m *testing.M) {
 //		c, err := kube.New(context.Background(), kube.Options{})
-//		if errors.Is(err, kube.ErrUnavailable) { fmt.Println("skip:", err); os.Exit(0) }
+//		if err != nil { fmt.Fprintln(os.Stderr, err); os.Exit(1) }
 //		...
 //		code := m.Run(); c.Close(); os.Exit(code)
 //	}
 //
 // Binaries are found as follows. kube-apiserver: Options.APIServer, then
 // $AMBIT_KUBE_APISERVER, then the cache that integration/apiserver/build.sh
-// fills (${AMBIT_CACHE:-$XDG_CACHE_HOME/ambit}/kube-apiserver-<version>/), and
-// when it is missing the harness runs build.sh (minutes, once). etcd:
-// Options.Etcd, then $AMBIT_ETCD, then etcd on $PATH (apt-get install
-// etcd-server). Only when a binary cannot be found or built does Start skip
-// the test (New returns ErrUnavailable), with a message that says which one
-// and how to get it.
+// fills (${AMBIT_CACHE:-$XDG_CACHE_HOME/ambit}/kube-apiserver-<version>/).
+// The harness never builds it: a cold build takes longer than a test's
+// timeout, and test binaries run in parallel. `make tools` builds it once,
+// under a lock, before `make test`. etcd: Options.Etcd, then $AMBIT_ETCD,
+// then etcd on $PATH (apt-get install etcd-server). When a binary is missing,
+// New returns ErrUnavailable and Start fails the test with a message that
+// says which one and how to get it.
 //
 // Each cluster uses its own temporary directory and free loopback ports, so
 // several test binaries can run clusters side by side.

@@ -1,7 +1,6 @@
 package kube
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -17,7 +16,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,14 +41,14 @@ const Issuer = "https://kubernetes.default.svc.cluster.local"
 // AdminUser is the user name of the admin token (group system:masters).
 const AdminUser = "ambit-admin"
 
-// ErrUnavailable is returned (wrapped) by New when etcd or kube-apiserver can
-// be neither found nor built; Start turns it into a skip.
+// ErrUnavailable is returned (wrapped) by New when etcd or kube-apiserver is
+// not there (make tools builds kube-apiserver; make deps installs etcd).
 var ErrUnavailable = errors.New("kube: etcd or kube-apiserver unavailable")
 
 // Options tune a cluster. The zero value is usable.
 type Options struct {
 	// APIServer is the kube-apiserver binary. Default: $AMBIT_KUBE_APISERVER,
-	// else the build.sh cache, built when missing.
+	// else the cache that build.sh fills (never built by the harness).
 	APIServer string
 	// Etcd is the etcd binary. Default: $AMBIT_ETCD, else etcd on $PATH.
 	Etcd string
@@ -78,15 +76,13 @@ type Cluster struct {
 	closeErr   error
 }
 
-// Start starts a cluster for the test and stops it in t.Cleanup. It skips
-// the test when etcd or kube-apiserver is unavailable and fails it when they
-// are present but do not start.
+// Start starts a cluster for the test and stops it in t.Cleanup. It fails
+// the test when etcd or kube-apiserver is missing (the message says how to
+// get it: a skipped test would pass a run that checked nothing) or does not
+// start.
 func Start(t testing.TB, opts Options) *Cluster {
 	t.Helper()
 	c, err := New(t.Context(), opts)
-	if errors.Is(err, ErrUnavailable) {
-		t.Skipf("kube: %v", err)
-	}
 	if err != nil {
 		t.Fatalf("kube: %v", err)
 	}
@@ -104,7 +100,7 @@ func Start(t testing.TB, opts Options) *Cluster {
 // New starts a cluster; the caller must Close it. ctx bounds the start only,
 // not the cluster's life.
 func New(ctx context.Context, opts Options) (*Cluster, error) {
-	apiserverBin, err := findAPIServer(ctx, opts.APIServer)
+	apiserverBin, err := findAPIServer(opts.APIServer)
 	if err != nil {
 		return nil, err
 	}
@@ -397,10 +393,7 @@ func findEtcd(path string) (string, error) {
 	return p, nil
 }
 
-// buildMu serializes build.sh runs inside one process.
-var buildMu sync.Mutex
-
-func findAPIServer(ctx context.Context, path string) (string, error) {
+func findAPIServer(path string) (string, error) {
 	if path == "" {
 		path = os.Getenv("AMBIT_KUBE_APISERVER")
 	}
@@ -425,54 +418,9 @@ func findAPIServer(ctx context.Context, path string) (string, error) {
 	if isExecutable(cached) {
 		return cached, nil
 	}
-	buildMu.Lock()
-	defer buildMu.Unlock()
-	if isExecutable(cached) {
-		return cached, nil
-	}
-	script := buildScript()
-	if script == "" {
-		return "", fmt.Errorf("%w: kube-apiserver not at %s and integration/apiserver/build.sh not found; set AMBIT_KUBE_APISERVER", ErrUnavailable, cached)
-	}
-	cmd := exec.CommandContext(ctx, "bash", script)
-	cmd.Env = append(os.Environ(), "AMBIT_KUBE_VERSION="+version, "AMBIT_CACHE="+cache)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		return "", fmt.Errorf("%w: building kube-apiserver with %s failed: %v\n%s", ErrUnavailable, script, err, lastLines(stderr.String(), 20))
-	}
-	p := strings.TrimSpace(string(out))
-	if i := strings.LastIndexByte(p, '\n'); i >= 0 {
-		p = p[i+1:]
-	}
-	if !isExecutable(p) {
-		return "", fmt.Errorf("%w: build.sh printed %q, not an executable", ErrUnavailable, p)
-	}
-	return p, nil
-}
-
-// buildScript finds integration/apiserver/build.sh next to this source file
-// or above the working directory.
-func buildScript() string {
-	var candidates []string
-	if _, file, _, ok := runtime.Caller(0); ok {
-		candidates = append(candidates, filepath.Join(filepath.Dir(file), "..", "apiserver", "build.sh"))
-	}
-	if wd, err := os.Getwd(); err == nil {
-		for d := wd; ; d = filepath.Dir(d) {
-			candidates = append(candidates, filepath.Join(d, "integration", "apiserver", "build.sh"))
-			if filepath.Dir(d) == d {
-				break
-			}
-		}
-	}
-	for _, c := range candidates {
-		if _, err := os.Stat(c); err == nil {
-			return c
-		}
-	}
-	return ""
+	// Never built here: a cold build takes longer than a test's timeout, and
+	// parallel test binaries would each start one. make tools builds it once.
+	return "", fmt.Errorf("%w: kube-apiserver %s is not built at %s: run `make tools` (integration/apiserver/build.sh) or set AMBIT_KUBE_APISERVER", ErrUnavailable, version, cached)
 }
 
 func isExecutable(p string) bool {
