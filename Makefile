@@ -58,6 +58,7 @@ lint:
 	$(GO) tool staticcheck ./...
 	$(GO) test -count=1 -run TestEveryPackageHasDocComment .
 	@! $(GO) list -deps ./cmd/ztunnel | grep -E '^k8s.io/(client-go|api/|apimachinery)' || { echo "cmd/ztunnel must not link Kubernetes client libraries (memory per node)"; exit 1; }
+	@! $(GO) list -deps ./model ./identity | grep -E '^(crypto/x509|github.com/ambit-mesh/ambit/(certs|istiod-lite))' || { echo "model and identity must not link X.509 or the CA (names only: package identity)"; exit 1; }
 	@$(MAKE) --no-print-directory generate
 	@git diff --exit-code --stat -- bpf api || { echo "generated code is stale: run make generate and commit"; exit 1; }
 

@@ -8,7 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -129,7 +129,7 @@ func matchSource(s *model.Source, c Conn) bool {
 	hasID := !c.SrcIdentity.IsZero()
 	if hasID {
 		principal = strings.TrimPrefix(c.SrcIdentity.String(), "spiffe://")
-		ns, _, _ = certs.ParseWorkloadID(c.SrcIdentity)
+		ns, _, _ = identity.ParseWorkload(c.SrcIdentity)
 	}
 	if len(s.Principals) > 0 && (!hasID || !matchAny(s.Principals, principal, trimScheme)) {
 		return false

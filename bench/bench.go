@@ -32,6 +32,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/netns"
 )
 
@@ -238,7 +239,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 
 	// One CA for both proxies: ztunnels load it from caDir, HAProxy gets
 	// certificates it issued.
-	td := spiffeid.RequireTrustDomainFromString(certs.DefaultTrustDomain.Name())
+	td := spiffeid.RequireTrustDomainFromString(identity.DefaultTrustDomain.Name())
 	caDir := filepath.Join(work, "ca")
 	ca, err := certs.LoadOrCreateCA(ctx, certs.FileStore{Dir: caDir}, td, certs.Options{}, log)
 	if err != nil {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 var testNow = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
@@ -25,7 +27,7 @@ func fixedClock() func() time.Time { return func() time.Time { return testNow } 
 
 func newTestCA(t testing.TB) *CA {
 	t.Helper()
-	ca, err := NewSelfSignedCA(DefaultTrustDomain, Options{Now: fixedClock()})
+	ca, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{Now: fixedClock()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -34,7 +36,7 @@ func newTestCA(t testing.TB) *CA {
 
 func mustID(t testing.TB, ns, sa string) spiffeid.ID {
 	t.Helper()
-	id, err := WorkloadID(DefaultTrustDomain, ns, sa)
+	id, err := identity.Workload(identity.DefaultTrustDomain, ns, sa)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,14 +63,14 @@ func TestIssuedSVIDVerifiesAgainstBundle(t *testing.T) {
 	if _, _, err := x509svid.Verify(svid.Certificates, ca.Bundle(), x509svid.WithTime(testNow.Add(DefaultLeafTTL+time.Second))); err == nil {
 		t.Fatal("expired svid verified")
 	}
-	ns, sa, err := ParseWorkloadID(id)
+	ns, sa, err := identity.ParseWorkload(id)
 	if err != nil || ns != "shop" || sa != "cart" {
 		t.Fatalf("ParseWorkloadID = %q, %q, %v", ns, sa, err)
 	}
 }
 
 func TestLeafTTLIsConfigurableAndCapped(t *testing.T) {
-	ca, err := NewSelfSignedCA(DefaultTrustDomain, Options{Now: fixedClock(), LeafTTL: time.Hour})
+	ca, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{Now: fixedClock(), LeafTTL: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +123,7 @@ func newIntermediate(t testing.TB, root *CA) *CA {
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
-		URIs:                  []*url.URL{DefaultTrustDomain.ID().URL()},
+		URIs:                  []*url.URL{identity.DefaultTrustDomain.ID().URL()},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, root.cert, key.Public(), root.signer)
 	if err != nil {
@@ -131,7 +133,7 @@ func newIntermediate(t testing.TB, root *CA) *CA {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := NewCA(DefaultTrustDomain, cert, key, nil, root.roots, Options{Now: fixedClock()})
+	ca, err := NewCA(identity.DefaultTrustDomain, cert, key, nil, root.roots, Options{Now: fixedClock()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -227,7 +229,7 @@ func TestIssueServing(t *testing.T) {
 
 func TestCARefusesAfterItsOwnExpiry(t *testing.T) {
 	now := testNow
-	ca, err := NewSelfSignedCA(DefaultTrustDomain, Options{Now: func() time.Time { return now }})
+	ca, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{Now: func() time.Time { return now }})
 	if err != nil {
 		t.Fatal(err)
 	}

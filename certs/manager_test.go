@@ -14,6 +14,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // testIssuer wraps a CA (which the test may swap) and can be made to fail.
@@ -76,7 +78,7 @@ type managerFixture struct {
 func newManagerFixture(t *testing.T) *managerFixture {
 	t.Helper()
 	clk := clocktesting.NewFakeClock(testNow)
-	ca, err := NewSelfSignedCA(DefaultTrustDomain, Options{Now: clk.Now})
+	ca, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{Now: clk.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -285,7 +287,7 @@ func TestManagerRootRotation(t *testing.T) {
 	}
 
 	// Step 1: a new root, signing; the old root stays in the bundle.
-	next, err := NewSelfSignedCA(DefaultTrustDomain, Options{Now: f.clk.Now, ExtraRoots: []*x509.Certificate{f.ca.SigningCertificate()}})
+	next, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{Now: f.clk.Now, ExtraRoots: []*x509.Certificate{f.ca.SigningCertificate()}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,7 +313,7 @@ func TestManagerRootRotation(t *testing.T) {
 	}
 
 	// Step 2: the old root leaves the bundle; old-root certificates stop verifying.
-	final, err := NewCA(DefaultTrustDomain, next.cert, next.signer, nil, []*x509.Certificate{next.cert}, Options{Now: f.clk.Now})
+	final, err := NewCA(identity.DefaultTrustDomain, next.cert, next.signer, nil, []*x509.Certificate{next.cert}, Options{Now: f.clk.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -320,7 +322,7 @@ func TestManagerRootRotation(t *testing.T) {
 	leaf = renewed.Certificates[0]
 	f.clk.SetTime(leaf.NotBefore.Add(leaf.NotAfter.Sub(leaf.NotBefore) / 2))
 	eventually(t, "bundle without the old root", func() bool {
-		b, err := f.m.GetX509BundleForTrustDomain(DefaultTrustDomain)
+		b, err := f.m.GetX509BundleForTrustDomain(identity.DefaultTrustDomain)
 		return err == nil && len(b.X509Authorities()) == 1
 	})
 	if _, _, err := x509svid.Verify(oldPeer.Certificates, f.m, x509svid.WithTime(f.clk.Now())); err == nil {

@@ -8,15 +8,17 @@ import (
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 func TestLoadOrCreateCAFileStore(t *testing.T) {
 	store := FileStore{Dir: filepath.Join(t.TempDir(), "ca")}
-	ca1, err := LoadOrCreateCA(t.Context(), store, DefaultTrustDomain, Options{Now: fixedClock()}, nil)
+	ca1, err := LoadOrCreateCA(t.Context(), store, identity.DefaultTrustDomain, Options{Now: fixedClock()}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca2, err := LoadOrCreateCA(t.Context(), store, DefaultTrustDomain, Options{Now: fixedClock()}, nil)
+	ca2, err := LoadOrCreateCA(t.Context(), store, identity.DefaultTrustDomain, Options{Now: fixedClock()}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +48,7 @@ func TestLoadOrCreateCARace(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			cas[i], errs[i] = LoadOrCreateCA(t.Context(), store, DefaultTrustDomain, Options{Now: fixedClock()}, nil)
+			cas[i], errs[i] = LoadOrCreateCA(t.Context(), store, identity.DefaultTrustDomain, Options{Now: fixedClock()}, nil)
 		})
 	}
 	wg.Wait()
@@ -81,7 +83,7 @@ func TestLoadCAFilesIntermediateAndTwoRoots(t *testing.T) {
 	certFile := write("ca.crt", m.Cert)
 	keyFile := write("ca.key", m.Key)
 	rootsFile := write("roots.pem", EncodeCertificates([]*x509.Certificate{oldRoot.cert, newRoot.cert}))
-	ca, err := LoadCAFiles(DefaultTrustDomain, certFile, keyFile, rootsFile, Options{Now: fixedClock()})
+	ca, err := LoadCAFiles(identity.DefaultTrustDomain, certFile, keyFile, rootsFile, Options{Now: fixedClock()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,13 +108,13 @@ func TestLoadCAFilesIntermediateAndTwoRoots(t *testing.T) {
 		}
 	}
 	// Without a roots file an intermediate has no anchor.
-	if _, err := LoadCAFiles(DefaultTrustDomain, certFile, keyFile, "", Options{Now: fixedClock()}); err == nil {
+	if _, err := LoadCAFiles(identity.DefaultTrustDomain, certFile, keyFile, "", Options{Now: fixedClock()}); err == nil {
 		t.Fatal("loaded an intermediate without roots")
 	}
 	// A key that does not match is refused.
 	other, _ := oldRoot.Material()
 	badKey := write("other.key", other.Key)
-	if _, err := LoadCAFiles(DefaultTrustDomain, certFile, badKey, rootsFile, Options{Now: fixedClock()}); err == nil {
+	if _, err := LoadCAFiles(identity.DefaultTrustDomain, certFile, badKey, rootsFile, Options{Now: fixedClock()}); err == nil {
 		t.Fatal("loaded a CA with a mismatched key")
 	}
 }

@@ -9,13 +9,15 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
+
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // Two managers, one per side of a mutual-TLS connection, through a root
 // rotation: the server's listener and tls.Config stay the same, and whether
 // a handshake succeeds follows the server manager's bundle.
 func TestManagerMTLSFollowsBundleWithoutRestart(t *testing.T) {
-	old, err := NewSelfSignedCA(DefaultTrustDomain, Options{})
+	old, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -31,7 +33,7 @@ func TestManagerMTLSFollowsBundleWithoutRestart(t *testing.T) {
 		ClientAuth:            tls.RequireAnyClientCert,
 		GetCertificate:        GetCertificate(srv, srvID),
 		InsecureSkipVerify:    true, // verification is VerifyPeerCertificate's, against the live bundle
-		VerifyPeerCertificate: tlsconfig.VerifyPeerCertificate(srv, tlsconfig.AuthorizeMemberOf(DefaultTrustDomain)),
+		VerifyPeerCertificate: tlsconfig.VerifyPeerCertificate(srv, tlsconfig.AuthorizeMemberOf(identity.DefaultTrustDomain)),
 	}
 	l, err := tls.Listen("tcp", "127.0.0.1:0", serverConf)
 	if err != nil {
@@ -83,7 +85,7 @@ func TestManagerMTLSFollowsBundleWithoutRestart(t *testing.T) {
 		t.Fatalf("handshake under the old root: %v", err)
 	}
 
-	next, err := NewSelfSignedCA(DefaultTrustDomain, Options{ExtraRoots: []*x509.Certificate{old.SigningCertificate()}})
+	next, err := NewSelfSignedCA(identity.DefaultTrustDomain, Options{ExtraRoots: []*x509.Certificate{old.SigningCertificate()}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // testCerts is a CertSource over certs.CA: it issues (and caches) SVIDs
@@ -77,7 +78,7 @@ func newCA(t testing.TB, td string, now func() time.Time) *certs.CA {
 
 func workloadID(t testing.TB, td, ns, sa string) spiffeid.ID {
 	t.Helper()
-	id, err := certs.WorkloadID(spiffeid.RequireTrustDomainFromString(td), ns, sa)
+	id, err := identity.Workload(spiffeid.RequireTrustDomainFromString(td), ns, sa)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,7 +6,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // Well-known labels, as in Istio ambient.
@@ -51,7 +51,7 @@ type Workload struct {
 	Name           string            `json:"name"`
 	Namespace      string            `json:"namespace"`
 	ServiceAccount string            `json:"serviceAccount"`
-	TrustDomain    string            `json:"trustDomain,omitempty"` // empty means certs.DefaultTrustDomain
+	TrustDomain    string            `json:"trustDomain,omitempty"` // empty means identity.DefaultTrustDomain
 	Node           string            `json:"node,omitempty"`
 	Addresses      []netip.Addr      `json:"addresses"`
 	Labels         map[string]string `json:"labels,omitempty"`
@@ -74,7 +74,7 @@ type Workload struct {
 
 // Identity returns the workload's SPIFFE ID.
 func (w *Workload) Identity() spiffeid.ID {
-	td := certs.DefaultTrustDomain
+	td := identity.DefaultTrustDomain
 	if w.TrustDomain != "" {
 		if t, err := spiffeid.TrustDomainFromString(w.TrustDomain); err == nil {
 			td = t
@@ -84,7 +84,7 @@ func (w *Workload) Identity() spiffeid.ID {
 	if sa == "" {
 		sa = "default"
 	}
-	id, err := certs.WorkloadID(td, w.Namespace, sa)
+	id, err := identity.Workload(td, w.Namespace, sa)
 	if err != nil {
 		return spiffeid.ID{}
 	}

@@ -25,6 +25,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -42,19 +43,19 @@ func pastAndPresentCA(t *testing.T) (past, present *certs.CA) {
 		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test root"},
 		NotBefore: now.Add(-72 * time.Hour), NotAfter: now.Add(72 * time.Hour),
 		KeyUsage: x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
-		URIs: []*url.URL{certs.DefaultTrustDomain.ID().URL()},
+		URIs: []*url.URL{identity.DefaultTrustDomain.ID().URL()},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	root, _ := x509.ParseCertificate(der)
-	past, err = certs.NewCA(certs.DefaultTrustDomain, root, key, nil, []*x509.Certificate{root},
+	past, err = certs.NewCA(identity.DefaultTrustDomain, root, key, nil, []*x509.Certificate{root},
 		certs.Options{LeafTTL: time.Hour, Now: func() time.Time { return now.Add(-48 * time.Hour) }})
 	if err != nil {
 		t.Fatal(err)
 	}
-	present, err = certs.NewCA(certs.DefaultTrustDomain, root, key, nil, []*x509.Certificate{root}, certs.Options{})
+	present, err = certs.NewCA(identity.DefaultTrustDomain, root, key, nil, []*x509.Certificate{root}, certs.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -114,7 +115,7 @@ func TestCaptureFollowsTheNode(t *testing.T) {
 // CertSource): the proxies tell it their node's identities, tunnels work,
 // and the admin API reports its certificates with renewal times.
 func TestWithCertificateManager(t *testing.T) {
-	ca, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	ca, err := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
@@ -20,7 +21,7 @@ import (
 // tunnels to destinations they never talked to, with the certificates they
 // hold.
 func TestCertificateServiceLoss(t *testing.T) {
-	authority, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	authority, err := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,7 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -161,7 +161,7 @@ func waypointIdentity(snap *model.Snapshot, wp *model.WaypointRef) spiffeid.ID {
 	if w := snap.WorkloadByIP(wp.Address.Addr()); w != nil {
 		return w.Identity()
 	}
-	id, err := certs.WorkloadID(certs.DefaultTrustDomain, wp.Namespace, wp.Name)
+	id, err := identity.Workload(identity.DefaultTrustDomain, wp.Namespace, wp.Name)
 	if err != nil {
 		return spiffeid.ID{}
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // BundleFile is an x509bundle.Source backed by a PEM file (e.g. the mounted
@@ -19,7 +20,7 @@ import (
 type BundleFile struct {
 	// Path of the PEM roots (required).
 	Path string
-	// TrustDomain of the roots (certs.DefaultTrustDomain if zero).
+	// TrustDomain of the roots (identity.DefaultTrustDomain if zero).
 	TrustDomain spiffeid.TrustDomain
 
 	mu     sync.Mutex // guards raw and bundle
@@ -33,7 +34,7 @@ var _ x509bundle.Source = (*BundleFile)(nil)
 func (b *BundleFile) GetX509BundleForTrustDomain(td spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
 	own := b.TrustDomain
 	if own.IsZero() {
-		own = certs.DefaultTrustDomain
+		own = identity.DefaultTrustDomain
 	}
 	if td != own {
 		return nil, fmt.Errorf("bundle file %s: no bundle for trust domain %s", b.Path, td)

@@ -13,21 +13,22 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // BundleFile follows the file: a rotated root reaches the next handshake.
 func TestBundleFileFollowsChanges(t *testing.T) {
 	dir := t.TempDir()
-	a, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
-	b, _ := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	a, _ := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{})
+	b, _ := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{})
 	path := writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(a.Bundle().X509Authorities())))
 	src := &BundleFile{Path: path}
-	got, err := src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
+	got, err := src.GetX509BundleForTrustDomain(identity.DefaultTrustDomain)
 	if err != nil || !got.HasX509Authority(a.SigningCertificate()) || got.HasX509Authority(b.SigningCertificate()) {
 		t.Fatalf("first read: %v", err)
 	}
 	writeFile(t, dir, "roots.pem", string(certs.EncodeCertificates(append(a.Bundle().X509Authorities(), b.SigningCertificate()))))
-	got, err = src.GetX509BundleForTrustDomain(certs.DefaultTrustDomain)
+	got, err = src.GetX509BundleForTrustDomain(identity.DefaultTrustDomain)
 	if err != nil || !got.HasX509Authority(b.SigningCertificate()) {
 		t.Fatalf("after the change: %v", err)
 	}
@@ -39,7 +40,7 @@ func TestBundleFileFollowsChanges(t *testing.T) {
 // TLSConfig accepts a server that chains to the roots and presents
 // ServerID (or the ID asked for), and nothing else.
 func TestTLSConfigAuthorizesServerID(t *testing.T) {
-	td := certs.DefaultTrustDomain
+	td := identity.DefaultTrustDomain
 	authority, err := certs.NewSelfSignedCA(td, certs.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -48,11 +49,11 @@ func TestTLSConfigAuthorizesServerID(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, want := ServerID(td).String(), "spiffe://cluster.local/ns/ambit-system/sa/istiod-lite"; got != want {
+	if got, want := identity.ControlPlane(td).String(), "spiffe://cluster.local/ns/ambit-system/sa/istiod-lite"; got != want {
 		t.Fatalf("ServerID = %s, want %s", got, want)
 	}
 	someone := spiffeid.RequireFromString("spiffe://cluster.local/ns/x/sa/y")
-	serving := certs.ServingOptions{DNSNames: []string{ServerDNSName}}
+	serving := certs.ServingOptions{DNSNames: []string{identity.ControlPlaneDNSName}}
 	for name, tc := range map[string]struct {
 		signer *certs.CA
 		id     spiffeid.ID // the server's
@@ -60,14 +61,14 @@ func TestTLSConfigAuthorizesServerID(t *testing.T) {
 		want   spiffeid.ID // the client's expectation (zero: ServerID)
 		ok     bool
 	}{
-		"istiod-lite":      {authority, ServerID(td), &serving, spiffeid.ID{}, true},
+		"istiod-lite":      {authority, identity.ControlPlane(td), &serving, spiffeid.ID{}, true},
 		"wrong identity":   {authority, someone, &serving, spiffeid.ID{}, false},
 		"explicit id":      {authority, someone, &serving, someone, true},
-		"untrusted signer": {other, ServerID(td), &serving, spiffeid.ID{}, false},
+		"untrusted signer": {other, identity.ControlPlane(td), &serving, spiffeid.ID{}, false},
 		// What a node proxy could have been issued from a CSR for
 		// istiod-lite's SPIFFE ID: the right ID, but not a serving
 		// certificate (the CA puts no DNS SAN on CSR-issued certificates).
-		"istiod-lite's ID without the serving DNS SAN": {authority, ServerID(td), nil, spiffeid.ID{}, false},
+		"istiod-lite's ID without the serving DNS SAN": {authority, identity.ControlPlane(td), nil, spiffeid.ID{}, false},
 	} {
 		t.Run(name, func(t *testing.T) {
 			var svid *x509svid.SVID
@@ -137,7 +138,7 @@ func TestTokenFileIsReadPerCall(t *testing.T) {
 	if _, err := (tokenCreds{&Client{}}).GetRequestMetadata(context.Background()); err == nil {
 		t.Fatal("metadata without a token")
 	}
-	if _, err := (&Client{}).Issue(context.Background(), ServerID(certs.DefaultTrustDomain), nil); err == nil {
+	if _, err := (&Client{}).Issue(context.Background(), identity.ControlPlane(identity.DefaultTrustDomain), nil); err == nil {
 		t.Fatal("Issue without Addr and Roots")
 	}
 }

@@ -17,6 +17,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // Client is the gRPC client of the certificate service; it implements
@@ -27,7 +28,7 @@ type Client struct {
 	// Addr is istiod-lite's host:port (required), e.g.
 	// "istiod-lite.ambit-system.svc:15012".
 	Addr string
-	// TrustDomain (certs.DefaultTrustDomain if zero).
+	// TrustDomain (identity.DefaultTrustDomain if zero).
 	TrustDomain spiffeid.TrustDomain
 	// Roots verifies istiod-lite's serving certificate (required): in a
 	// cluster, the root bundle mounted from a ConfigMap; it is consulted at
@@ -53,7 +54,7 @@ var _ certs.Issuer = (*Client)(nil)
 
 func (c *Client) td() spiffeid.TrustDomain {
 	if c.TrustDomain.IsZero() {
-		return certs.DefaultTrustDomain
+		return identity.DefaultTrustDomain
 	}
 	return c.TrustDomain
 }

@@ -10,33 +10,17 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 
-	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
-
-// DefaultNamespace is istiod-lite's namespace in a cluster.
-const DefaultNamespace = "ambit-system"
-
-// ServerDNSName is the DNS SAN istiod-lite's serving certificate always
-// carries. The CA never puts a DNS SAN on a certificate it signs from a CSR,
-// so no workload or proxy certificate can pass for istiod-lite's, even one
-// issued for istiod-lite's SPIFFE ID.
-const ServerDNSName = "istiod-lite." + DefaultNamespace + ".svc"
-
-// ServerID is istiod-lite's SPIFFE ID in td: that of its service account,
-// DefaultNamespace/istiod-lite.
-func ServerID(td spiffeid.TrustDomain) spiffeid.ID {
-	id, _ := certs.WorkloadID(td, DefaultNamespace, "istiod-lite")
-	return id
-}
 
 // TLSConfig verifies istiod-lite's serving certificate the SPIFFE way: it
 // must chain to the bundle that roots supplies (read at each handshake, so
 // bundle updates apply), carry the ID server (ServerID of td when zero) and
-// be a serving certificate (ServerDNSName).
+// be a serving certificate (identity.ControlPlaneDNSName).
 // It offers TLS 1.3 and ALPN h2, for the certificate service and xDS alike.
 func TLSConfig(roots x509bundle.Source, td spiffeid.TrustDomain, server spiffeid.ID) *tls.Config {
 	if server.IsZero() {
-		server = ServerID(td)
+		server = identity.ControlPlane(td)
 	}
 	c := tlsconfig.TLSClientConfig(roots, tlsconfig.AuthorizeID(server))
 	verifySPIFFE := c.VerifyPeerCertificate
@@ -48,8 +32,8 @@ func TLSConfig(roots x509bundle.Source, td spiffeid.TrustDomain, server spiffeid
 		if err != nil {
 			return err
 		}
-		if !slices.Contains(leaf.DNSNames, ServerDNSName) {
-			return errors.New("caclient: the peer's certificate is not a serving certificate of istiod-lite (no DNS SAN " + ServerDNSName + ")")
+		if !slices.Contains(leaf.DNSNames, identity.ControlPlaneDNSName) {
+			return errors.New("caclient: the peer's certificate is not a serving certificate of istiod-lite (no DNS SAN " + identity.ControlPlaneDNSName + ")")
 		}
 		return nil
 	}

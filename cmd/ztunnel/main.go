@@ -22,6 +22,7 @@ import (
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/xdsclient"
 	"github.com/ambit-mesh/ambit/ztunnel"
@@ -81,7 +82,7 @@ Usage: ztunnel [flags]
 	fs.StringVar(&o.caAddr, "ca-address", "", "istiod-lite's certificate service (host:15012); needs --ca-roots and --token-file")
 	fs.StringVar(&o.caRoots, "ca-roots", "", "PEM roots that istiod-lite's serving certificate chains to (the ambit-ca-root ConfigMap)")
 	fs.StringVar(&o.tokenFile, "token-file", "", "bearer token for istiod-lite's xDS and certificate service (a projected service-account token with audience istio-ca, or the host's secret in local mode), re-read per call")
-	fs.StringVar(&o.trustDomain, "trust-domain", certs.DefaultTrustDomain.Name(), "SPIFFE trust domain")
+	fs.StringVar(&o.trustDomain, "trust-domain", identity.DefaultTrustDomain.Name(), "SPIFFE trust domain")
 	fs.StringVar(&o.rootNamespace, "root-namespace", authz.DefaultRootNamespace, "namespace whose policies apply mesh-wide")
 	fs.StringVar(&o.proxy.OutboundAddr, "outbound-addr", fmt.Sprintf(":%d", model.PortOutbound), "outbound capture listener (empty: off)")
 	fs.StringVar(&o.proxy.InboundAddr, "inbound-addr", fmt.Sprintf(":%d", model.PortInbound), "inbound plaintext capture listener (empty: off)")

@@ -29,7 +29,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
-	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/app"
 	"github.com/ambit-mesh/ambit/integration/mesh"
 	"github.com/ambit-mesh/ambit/integration/netns"
@@ -358,7 +358,7 @@ func report(w *os.File, flows []*flow, logs []mesh.AccessLog, packets []netns.Pa
 	}
 
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "ambit demo: who talked to whom (identities are spiffe://%s/...)\n\n", certs.DefaultTrustDomain.Name())
+	fmt.Fprintf(w, "ambit demo: who talked to whom (identities are spiffe://%s/...)\n\n", identity.DefaultTrustDomain.Name())
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "FROM\tTO\tRESULT\tON THE WIRE\tIDENTITIES\tPOLICY")
 	var leaks []string
@@ -439,7 +439,7 @@ func (f *flow) noKubeProxy() bool {
 }
 
 func shortID(id string) string {
-	return strings.TrimPrefix(id, "spiffe://"+certs.DefaultTrustDomain.Name()+"/")
+	return strings.TrimPrefix(id, "spiffe://"+identity.DefaultTrustDomain.Name()+"/")
 }
 
 func countClientFlows(flows []*flow, clear map[string]bool) int {

@@ -17,8 +17,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/ambit-mesh/ambit/certs"
-	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // ErrUnauthenticated is wrapped by Authenticators for credentials they
@@ -82,7 +81,7 @@ func AuthenticateIncoming(ctx context.Context, a Authenticator) (*Caller, error)
 // Defaults of KubeAuthenticator.
 const (
 	DefaultAudience  = "istio-ca"
-	DefaultNamespace = caclient.DefaultNamespace // istiod-lite's own
+	DefaultNamespace = identity.ControlPlaneNamespace // istiod-lite's own
 )
 
 // DefaultNodeProxies are the service accounts of ztunnels.
@@ -98,7 +97,7 @@ type KubeAuthenticator struct {
 	Client kubernetes.Interface
 	// Audiences the token must be issued for (default [DefaultAudience]).
 	Audiences []string
-	// TrustDomain of Workload callers' identities (certs.DefaultTrustDomain
+	// TrustDomain of Workload callers' identities (identity.DefaultTrustDomain
 	// if zero).
 	TrustDomain spiffeid.TrustDomain
 	// NodeProxies are the "<namespace>/<serviceaccount>"s of ztunnels
@@ -174,9 +173,9 @@ func (a *KubeAuthenticator) Authenticate(ctx context.Context, token string) (*Ca
 	}
 	td := a.TrustDomain
 	if td.IsZero() {
-		td = certs.DefaultTrustDomain
+		td = identity.DefaultTrustDomain
 	}
-	if c.Identity, err = certs.WorkloadID(td, ns, sa); err != nil {
+	if c.Identity, err = identity.Workload(td, ns, sa); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrUnauthenticated, err)
 	}
 	return c, nil

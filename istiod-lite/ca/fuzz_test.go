@@ -17,6 +17,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 type anyWorkload struct{}
@@ -33,7 +34,7 @@ func (nodeCaller) Authenticate(context.Context, string) (*Caller, error) {
 // PEM, validity) behind authentication: a request either gets
 // InvalidArgument or a certificate for exactly the identity it named.
 func FuzzCreateCertificate(f *testing.F) {
-	authority, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	authority, err := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{})
 	if err != nil {
 		f.Fatal(err)
 	}

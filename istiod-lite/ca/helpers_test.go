@@ -27,6 +27,7 @@ import (
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
@@ -160,7 +161,7 @@ func writeFile(t *testing.T, dir, name, data string) string {
 
 func wid(t *testing.T, ns, sa string) spiffeid.ID {
 	t.Helper()
-	id, err := certs.WorkloadID(certs.DefaultTrustDomain, ns, sa)
+	id, err := identity.Workload(identity.DefaultTrustDomain, ns, sa)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,7 @@ import (
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/kube"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
@@ -85,7 +86,7 @@ func TestKubeNodeAuthorization(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range cas {
 		wg.Go(func() {
-			cas[i], errs[i] = certs.LoadOrCreateCA(ctx, ca.SecretStore{Client: istiod}, certs.DefaultTrustDomain, certs.Options{}, nil)
+			cas[i], errs[i] = certs.LoadOrCreateCA(ctx, ca.SecretStore{Client: istiod}, identity.DefaultTrustDomain, certs.Options{}, nil)
 		})
 	}
 	wg.Wait()

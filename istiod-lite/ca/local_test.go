@@ -14,6 +14,7 @@ import (
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/model"
 )
@@ -22,7 +23,7 @@ import (
 // file and may obtain the identities of the model's workloads on that host.
 func TestLocalModeHostAuthorization(t *testing.T) {
 	dir := t.TempDir()
-	authority, err := certs.LoadOrCreateCA(t.Context(), certs.FileStore{Dir: filepath.Join(dir, "ca")}, certs.DefaultTrustDomain, certs.Options{}, nil)
+	authority, err := certs.LoadOrCreateCA(t.Context(), certs.FileStore{Dir: filepath.Join(dir, "ca")}, identity.DefaultTrustDomain, certs.Options{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,7 +61,7 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 	if !logs.hasLine("certificate refused", `caller="host host-a"`, "node=host-a", "identity=spiffe://cluster.local/ns/shop/sa/pay") {
 		t.Errorf("no refusal log line naming caller, node and identity:\n%s", logs.String())
 	}
-	_, err = client.Issue(ctx, caclient.ServerID(certs.DefaultTrustDomain), mustCSRDER(t, caclient.ServerID(certs.DefaultTrustDomain)))
+	_, err = client.Issue(ctx, identity.ControlPlane(identity.DefaultTrustDomain), mustCSRDER(t, identity.ControlPlane(identity.DefaultTrustDomain)))
 	wantCode(t, "host-a asks for istiod-lite's identity", err, codes.PermissionDenied)
 	// A workload that moves to host-a becomes obtainable by host-a.
 	snap := store.Load()
@@ -114,7 +115,7 @@ func mustCSRDER(t *testing.T, id spiffeid.ID) []byte {
 func TestServingCertRenewsAtHalfLife(t *testing.T) {
 	now := time.Date(2026, 3, 1, 0, 0, 0, 0, time.UTC)
 	clock := func() time.Time { return now }
-	authority, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{Now: clock, LeafTTL: 2 * time.Hour})
+	authority, err := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{Now: clock, LeafTTL: 2 * time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,7 +125,7 @@ func TestServingCertRenewsAtHalfLife(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaf := first.Leaf
-	if got, err := x509svid.IDFromCert(leaf); err != nil || got != caclient.ServerID(certs.DefaultTrustDomain) {
+	if got, err := x509svid.IDFromCert(leaf); err != nil || got != identity.ControlPlane(identity.DefaultTrustDomain) {
 		t.Fatalf("serving id %s, %v", got, err)
 	}
 	if err := leaf.VerifyHostname(ca.DefaultDNSName); err != nil {

@@ -19,6 +19,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // maxCSRPEM bounds the PEM text of a CSR before it is decoded.
@@ -139,7 +140,7 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 			return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s may obtain only its own identity %s, not %s", caller.Name, caller.Identity, id))
 		}
 	case NodeProxy:
-		ns, sa, err := certs.ParseWorkloadID(id)
+		ns, sa, err := identity.ParseWorkload(id)
 		if err != nil {
 			return nil, refuse(codes.InvalidArgument, err.Error())
 		}

@@ -10,11 +10,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/certs"
-	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // DefaultDNSName is the DNS SAN of istiod-lite's serving certificate.
-const DefaultDNSName = caclient.ServerDNSName
+const DefaultDNSName = identity.ControlPlaneDNSName
 
 // ServingCert is istiod-lite's TLS identity on 15012: a certificate signed by
 // CA with the URI SAN ID and the DNS SANs DefaultDNSName + DNSNames, renewed
@@ -53,7 +53,7 @@ func (s *ServingCert) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, er
 	}
 	id := s.ID
 	if id.IsZero() {
-		id = caclient.ServerID(s.CA.TrustDomain())
+		id = identity.ControlPlane(s.CA.TrustDomain())
 	}
 	svid, err := s.CA.IssueServing(id, s.TTL, certs.ServingOptions{
 		DNSNames:    append([]string{DefaultDNSName}, s.DNSNames...),

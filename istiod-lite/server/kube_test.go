@@ -14,8 +14,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/kube"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
@@ -110,11 +110,11 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	if err != nil {
 		t.Fatalf("bundle ConfigMap: %v", err)
 	}
-	roots, err := x509bundle.Parse(certs.DefaultTrustDomain, []byte(cm.Data[ca.BundleConfigMapKey]))
+	roots, err := x509bundle.Parse(identity.DefaultTrustDomain, []byte(cm.Data[ca.BundleConfigMapKey]))
 	if err != nil {
 		t.Fatal(err)
 	}
-	tlsConf := caclient.TLSConfig(roots, certs.DefaultTrustDomain, caclient.ServerID(certs.DefaultTrustDomain))
+	tlsConf := caclient.TLSConfig(roots, identity.DefaultTrustDomain, identity.ControlPlane(identity.DefaultTrustDomain))
 	// xDS takes only node proxies' tokens (TokenReview), each for its own node.
 	for _, tc := range []struct {
 		what, token, node string

@@ -31,6 +31,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/registry"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
@@ -112,7 +113,7 @@ type source interface {
 func Run(ctx context.Context, cfg Config) error {
 	cfg.defaults()
 	log := cfg.Logger
-	td := certs.DefaultTrustDomain
+	td := identity.DefaultTrustDomain
 	if cfg.TrustDomain != "" {
 		t, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
 		if err != nil {
@@ -121,7 +122,7 @@ func Run(ctx context.Context, cfg Config) error {
 		td = t
 	}
 	opts := translate.Options{ClusterID: cfg.ClusterID, DomainSuffix: cfg.DomainSuffix, RootNamespace: cfg.RootNamespace}
-	if td != certs.DefaultTrustDomain {
+	if td != identity.DefaultTrustDomain {
 		opts.TrustDomain = td.Name()
 	}
 	store := &model.Store{}

@@ -28,6 +28,7 @@ import (
 	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/xdsclient"
@@ -89,11 +90,11 @@ func TestLocalModeEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	authority, err := m.CA(certs.DefaultTrustDomain, certs.Options{})
+	authority, err := m.CA(identity.DefaultTrustDomain, certs.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	tlsConf := caclient.TLSConfig(authority.Bundle(), certs.DefaultTrustDomain, caclient.ServerID(certs.DefaultTrustDomain))
+	tlsConf := caclient.TLSConfig(authority.Bundle(), identity.DefaultTrustDomain, identity.ControlPlane(identity.DefaultTrustDomain))
 
 	// xDS serves only authenticated hosts, each as its own node.
 	for _, tc := range []struct {

@@ -32,7 +32,7 @@ const (
 // Options parameterize translation.
 type Options struct {
 	ClusterID     string // default DefaultClusterID
-	TrustDomain   string // empty means certs.DefaultTrustDomain
+	TrustDomain   string // empty means identity.DefaultTrustDomain
 	DomainSuffix  string // default DefaultDomainSuffix
 	RootNamespace string // policies here are mesh-wide; default DefaultRootNamespace
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
@@ -58,7 +59,7 @@ func secret(node string) string { return node + "-secret-0123456789" }
 
 // testCA signs the test servers' certificates.
 var testCA = func() *certs.CA {
-	c, err := certs.NewSelfSignedCA(certs.DefaultTrustDomain, certs.Options{})
+	c, err := certs.NewSelfSignedCA(identity.DefaultTrustDomain, certs.Options{})
 	if err != nil {
 		panic(err)
 	}
