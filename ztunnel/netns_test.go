@@ -203,6 +203,7 @@ func startZtunnelIn(t *testing.T, bin string, n *netns.Node, cfg, caDir, pinPath
 		"--capture", "--bpf-pin-path", pinPath, "--uplinks", netns.Uplink,
 		"--drain-timeout", "2s")
 	z.cmd.Stdout, z.cmd.Stderr = z.logs, z.logs
+	z.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // dies with a timed-out test
 	if err := z.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -32,6 +32,8 @@ func (n *NS) StartCapture(ifname, file, filter string) (*Capture, error) {
 		args = append(args, filter)
 	}
 	cmd := exec.Command("ip", args...)
+	// tcpdump dies with the test process, even one killed by a test timeout.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		return nil, fmt.Errorf("start capture: %w", err)
