@@ -13,6 +13,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/credential"
 	"github.com/ambit-mesh/ambit/identity"
 )
 
@@ -124,7 +125,7 @@ func handshake(t *testing.T, server, client *tls.Config) error {
 func TestTokenFileIsReadPerCall(t *testing.T) {
 	dir := t.TempDir()
 	path := writeFile(t, dir, "token", "first\n")
-	creds := tokenCreds{&Client{TokenFile: path, Token: "static"}}
+	creds := (&Client{TokenFile: path, Token: "static"}).credential()
 	for _, want := range []string{"first", "second"} {
 		writeFile(t, dir, "token", want+"\n")
 		md, err := creds.GetRequestMetadata(context.Background())
@@ -132,11 +133,15 @@ func TestTokenFileIsReadPerCall(t *testing.T) {
 			t.Fatalf("metadata %v, %v; want token %q", md, err, want)
 		}
 	}
-	if md, err := (tokenCreds{&Client{Token: "static"}}).GetRequestMetadata(context.Background()); err != nil || md["authorization"] != "Bearer static" {
+	if md, err := (&Client{Token: "static"}).credential().GetRequestMetadata(context.Background()); err != nil || md["authorization"] != "Bearer static" {
 		t.Fatalf("static token: %v, %v", md, err)
 	}
-	if _, err := (tokenCreds{&Client{}}).GetRequestMetadata(context.Background()); err == nil {
+	if _, err := (&Client{}).credential().GetRequestMetadata(context.Background()); err == nil {
 		t.Fatal("metadata without a token")
+	}
+	shared := &credential.Bearer{Token: "shared"}
+	if got := (&Client{Credential: shared, Token: "static"}).credential(); got != shared {
+		t.Fatal("Credential is not the one used")
 	}
 	if _, err := (&Client{}).Issue(context.Background(), identity.ControlPlane(identity.DefaultTrustDomain), nil); err == nil {
 		t.Fatal("Issue without Addr and Roots")

@@ -6,7 +6,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"sync"
 
@@ -17,6 +16,7 @@ import (
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/credential"
 	"github.com/ambit-mesh/ambit/identity"
 )
 
@@ -37,6 +37,10 @@ type Client struct {
 	// ServerID is the identity the server must present (ServerID of the
 	// trust domain if zero).
 	ServerID spiffeid.ID
+	// Credential is the bearer token sent with every call (read anew at
+	// each call); share one with the xDS client. When nil, TokenFile and
+	// Token are used as credential.Bearer{File: TokenFile, Token: Token}.
+	Credential *credential.Bearer
 	// TokenFile holds the bearer token and is read before every call, since
 	// kubelet rotates projected tokens. When empty, Token is used.
 	TokenFile string
@@ -68,7 +72,7 @@ func (c *Client) client() (capb.CertificateServiceClient, error) {
 		}
 		opts := append([]grpc.DialOption{
 			grpc.WithTransportCredentials(credentials.NewTLS(TLSConfig(c.Roots, c.td(), c.ServerID))),
-			grpc.WithPerRPCCredentials(tokenCreds{c}),
+			grpc.WithPerRPCCredentials(c.credential()),
 		}, c.DialOptions...)
 		conn, err := grpc.NewClient(c.Addr, opts...)
 		if err != nil {
@@ -147,22 +151,9 @@ func (c *Client) Close() error {
 	return err
 }
 
-// tokenCreds sends the bearer token, re-reading the file on each call.
-type tokenCreds struct{ c *Client }
-
-func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	tok := t.c.Token
-	if t.c.TokenFile != "" {
-		b, err := os.ReadFile(t.c.TokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("read token: %w", err)
-		}
-		tok = strings.TrimSpace(string(b))
+func (c *Client) credential() *credential.Bearer {
+	if c.Credential != nil {
+		return c.Credential
 	}
-	if tok == "" {
-		return nil, errors.New("no token configured")
-	}
-	return map[string]string{"authorization": "Bearer " + tok}, nil
+	return &credential.Bearer{File: c.TokenFile, Token: c.Token}
 }
-
-func (tokenCreds) RequireTransportSecurity() bool { return true }
