@@ -97,6 +97,12 @@ type Watcher struct {
 	Interval time.Duration
 	// Logger (nil: discard).
 	Logger *slog.Logger
+	// OnError, if set, is called on Run's goroutine with every reload that
+	// failed (the file could not be read or parsed), after the failure is
+	// final: the store still holds the last good config. It is called again
+	// at each check while the file stays broken, and must not block for
+	// long. Nil: failures are only logged.
+	OnError func(error)
 
 	loaded bool     // a config was installed; Run's goroutine only
 	sum    [32]byte // of the installed file's content
@@ -148,6 +154,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 		case <-t.C:
 		}
 		if err := w.LoadOnce(); err != nil {
+			if w.OnError != nil {
+				w.OnError(err)
+			}
 			if err.Error() != lastErr {
 				w.logger().Error("config reload failed; keeping the last good config", "path", w.Path, "err", err)
 			}

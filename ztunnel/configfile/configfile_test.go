@@ -1,6 +1,8 @@
 package configfile
 
 import (
+	"errors"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -87,15 +89,31 @@ func TestParseRejects(t *testing.T) {
 }
 
 // TestWatcherKeepsLastGoodConfig: the file changes, breaks, disappears and
-// comes back; the store follows good versions only.
+// comes back; the store follows good versions only. Each broken state is
+// waited for until the watcher has rejected it (OnError), so the checks
+// that the store kept its config come after the watcher looked.
 func TestWatcherKeepsLastGoodConfig(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "mesh.yaml")
-	if err := os.WriteFile(path, []byte(yamlConfig), 0o644); err != nil {
-		t.Fatal(err)
+	write := func(content string) {
+		t.Helper()
+		if err := os.WriteFile(path+".tmp", []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(path+".tmp", path); err != nil {
+			t.Fatal(err)
+		}
 	}
+	write(yamlConfig)
 	var store model.Store
 	changed := store.Changed()
-	w := &Watcher{Path: path, Store: &store, Interval: 10 * time.Millisecond}
+	errs := make(chan error, 64)
+	w := &Watcher{Path: path, Store: &store, Interval: 10 * time.Millisecond,
+		OnError: func(err error) {
+			select {
+			case errs <- err:
+			default: // the test drains as it waits; older errors are stale
+			}
+		}}
 	done := make(chan error, 1)
 	go func() { done <- w.Run(t.Context()) }()
 	wait := func(what string, cond func(*model.Snapshot) bool) {
@@ -110,21 +128,42 @@ func TestWatcherKeepsLastGoodConfig(t *testing.T) {
 			}
 		}
 	}
+	rejected := func(what string, match func(error) bool) {
+		t.Helper()
+		deadline := time.After(5 * time.Second)
+		for {
+			select {
+			case err := <-errs:
+				if match(err) {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("timed out waiting for the watcher to reject %s", what)
+			}
+		}
+	}
 	wait("first load", func(s *model.Snapshot) bool { return len(s.Workloads) == 1 })
+	good, version := store.LoadVersion()
+	kept := func(what string) {
+		t.Helper()
+		s, v := store.LoadVersion()
+		if v != version || s != good || s.Workloads["c/Pod/shop/web-1"] == nil {
+			t.Fatalf("%s replaced the config (version %d, was %d; workloads %v)", what, v, version, s.Workloads)
+		}
+	}
 
 	// A broken file: the store keeps the last good config.
-	os.WriteFile(path, []byte("workloads: [{uid: broken, colour: red}]"), 0o644)
-	time.Sleep(100 * time.Millisecond)
-	if s := store.Load(); len(s.Workloads) != 1 || s.Workloads["c/Pod/shop/web-1"] == nil {
-		t.Fatal("broken file replaced the config")
+	write("workloads: [{uid: broken, colour: red}]")
+	rejected("the broken file", func(err error) bool { return strings.Contains(err.Error(), "colour") })
+	kept("a broken file")
+	// A missing file: the same.
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
 	}
-	os.Remove(path)
-	time.Sleep(50 * time.Millisecond)
-	if len(store.Load().Workloads) != 1 {
-		t.Fatal("missing file cleared the config")
-	}
+	rejected("the missing file", func(err error) bool { return errors.Is(err, fs.ErrNotExist) })
+	kept("a missing file")
 	// A good new version is picked up.
-	os.WriteFile(path, []byte(strings.Replace(yamlConfig, "web-1", "web-2", -1)), 0o644)
+	write(strings.Replace(yamlConfig, "web-1", "web-2", -1))
 	wait("reload", func(s *model.Snapshot) bool { return s.Workloads["c/Pod/shop/web-2"] != nil })
 	select {
 	case err := <-done:
