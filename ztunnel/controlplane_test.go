@@ -12,6 +12,7 @@ import (
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/identity"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
@@ -25,7 +26,7 @@ func TestCertificateServiceLoss(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	hosts, err := ca.NewHostAuthenticator(map[string]string{"node1": "node1-secret-0123456789abcdef", "node2": "node2-secret-0123456789abcdef"})
+	hosts, err := auth.NewHostAuthenticator(map[string]string{"node1": "node1-secret-0123456789abcdef", "node2": "node2-secret-0123456789abcdef"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,6 +18,7 @@ import (
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/identity"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 )
 
 type anyWorkload struct{}
@@ -26,8 +27,8 @@ func (anyWorkload) OnNode(context.Context, string, string, string) (bool, error)
 
 type nodeCaller struct{}
 
-func (nodeCaller) Authenticate(context.Context, string) (*Caller, error) {
-	return &Caller{Kind: NodeProxy, Name: "host fuzz", Node: "fuzz"}, nil
+func (nodeCaller) Authenticate(context.Context, string) (*auth.Caller, error) {
+	return &auth.Caller{Kind: auth.NodeProxy, Name: "host fuzz", Node: "fuzz"}, nil
 }
 
 // FuzzCreateCertificate drives the service's request path (identity string,

@@ -29,6 +29,7 @@ import (
 	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/kube"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 )
 
@@ -52,7 +53,11 @@ func TestKubeNodeAuthorization(t *testing.T) {
 	pod(t, ctx, admin, "ambit-system", "ztunnel-2", "ztunnel", "node-2")
 	pod(t, ctx, admin, "shop", "cart-0", "cart", "node-1")
 	pod(t, ctx, admin, "shop", "pay-0", "pay", "node-2")
-	pod(t, ctx, admin, "shop", "waypoint-0", "waypoint", "node-2")
+	wpPod := pod(t, ctx, admin, "shop", "waypoint-0", "waypoint", "node-2")
+	wpPod.Labels = map[string]string{auth.LabelGatewayName: "waypoint"}
+	if _, err := admin.CoreV1().Pods("shop").Update(ctx, wpPod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 
 	// istiod-lite's RBAC: exactly what the certificate service needs.
 	create(t, ctx, admin, &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "ambit-ca"}, Rules: []rbacv1.PolicyRule{
@@ -131,12 +136,12 @@ func TestKubeNodeAuthorization(t *testing.T) {
 		t.Fatal("pod index did not sync")
 	}
 	var logs logBuffer
-	addr := serve(t, &ca.Server{CA: authority, Authenticator: &ca.KubeAuthenticator{Client: istiod}, Workloads: pods, Logger: newLogger(&logs)})
+	addr := serve(t, &ca.Server{CA: authority, Authenticator: &auth.KubeAuthenticator{Client: istiod}, Workloads: pods, Logger: newLogger(&logs)})
 
 	token := func(ns, sa, boundPod string, aud ...string) string {
 		t.Helper()
 		if aud == nil {
-			aud = []string{ca.DefaultAudience}
+			aud = []string{auth.DefaultAudience}
 		}
 		tok, err := cluster.ServiceAccountToken(ctx, ns, sa, aud, boundPod)
 		if err != nil {
@@ -214,7 +219,7 @@ func TestKubeNodeAuthorization(t *testing.T) {
 			t.Fatal(err)
 		}
 		wantCode(t, "waypoint asks for pay on its node", issue(wp, "pay"), codes.PermissionDenied)
-		if !logs.hasLine("certificate refused", `caller="pod shop/waypoint-0"`, "node=node-2", "identity="+pay.String()) {
+		if !logs.hasLine("certificate refused", `caller="pod shop/waypoint-0"`, "callerKind=waypoint", "node=node-2", "identity="+pay.String()) {
 			t.Errorf("no refusal log line for the waypoint:\n%s", logs.String())
 		}
 	})

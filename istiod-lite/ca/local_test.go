@@ -15,6 +15,7 @@ import (
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/identity"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/model"
 )
@@ -27,8 +28,8 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	credFile := writeFile(t, dir, "hosts", "# host secret\nhost-a aaaaaaaaaaaaaaaaaaaaaaaa\nhost-b bbbbbbbbbbbbbbbbbbbbbbbb\n")
-	auth, err := ca.LoadHostCredentials(credFile)
+	credFile := writeFile(t, dir, "hosts", "# host secret\nhost-a aaaaaaaaaaaaaaaaaaaaaaaa\nhost-b bbbbbbbbbbbbbbbbbbbbbbbb\nwaypoint shop/wp wwwwwwwwwwwwwwwwwwwwwwww\n")
+	hosts, err := auth.LoadHostCredentials(credFile, spiffeid.TrustDomain{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,7 +41,7 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 		{UID: "local/host/ambit-system/istiod-lite", Name: "istiod-lite", Namespace: "ambit-system", ServiceAccount: "istiod-lite", Node: "host-a", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.3")}},
 	}, nil, nil, nil))
 	var logs logBuffer
-	addr := serve(t, &ca.Server{CA: authority, Authenticator: auth, Workloads: ca.StoreWorkloads{Store: &store}, Logger: newLogger(&logs)})
+	addr := serve(t, &ca.Server{CA: authority, Authenticator: hosts, Workloads: ca.StoreWorkloads{Store: &store}, Logger: newLogger(&logs)})
 
 	client := &caclient.Client{Addr: addr, Roots: authority.Bundle(), Token: "aaaaaaaaaaaaaaaaaaaaaaaa"}
 	t.Cleanup(func() { client.Close() })
@@ -72,6 +73,19 @@ func TestLocalModeHostAuthorization(t *testing.T) {
 		t.Fatalf("after the move: %v", err)
 	}
 
+	// A waypoint declared in the file obtains its own identity and nothing
+	// else, not even a workload of a host.
+	wp := &caclient.Client{Addr: addr, Roots: authority.Bundle(), Token: "wwwwwwwwwwwwwwwwwwwwwwww"}
+	t.Cleanup(func() { wp.Close() })
+	if _, err := wp.Issue(ctx, wid(t, "shop", "wp"), mustCSRDER(t, wid(t, "shop", "wp"))); err != nil {
+		t.Fatalf("waypoint asks for its own identity: %v", err)
+	}
+	_, err = wp.Issue(ctx, cart, mustCSRDER(t, cart))
+	wantCode(t, "waypoint asks for cart", err, codes.PermissionDenied)
+	if !logs.hasLine("certificate refused", `caller="waypoint shop/wp"`, "callerKind=waypoint", "identity=spiffe://cluster.local/ns/shop/sa/cart") {
+		t.Errorf("no refusal log line for the waypoint:\n%s", logs.String())
+	}
+
 	bad := &caclient.Client{Addr: addr, Roots: authority.Bundle(), Token: "cccccccccccccccccccccccc"}
 	t.Cleanup(func() { bad.Close() })
 	_, err = bad.Issue(ctx, cart, mustCSRDER(t, cart))
@@ -95,7 +109,7 @@ func TestHostCredentialsValidation(t *testing.T) {
 		"duplicate":     "host-a aaaaaaaaaaaaaaaaaaaa\nhost-a bbbbbbbbbbbbbbbbbbbbbb\n",
 		"three fields":  "host-a aaaaaaaaaaaaaaaaaaaa extra\n",
 	} {
-		if _, err := ca.LoadHostCredentials(writeFile(t, dir, "f", content)); err == nil {
+		if _, err := auth.LoadHostCredentials(writeFile(t, dir, "f", content), spiffeid.TrustDomain{}); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}

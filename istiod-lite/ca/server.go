@@ -13,14 +13,18 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/identity"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 )
+
+// DefaultNamespace is istiod-lite's namespace: the CA's Secret and bundle
+// ConfigMap live there, and its identities are never a node's to hold.
+const DefaultNamespace = identity.ControlPlaneNamespace
 
 // maxCSRPEM bounds the PEM text of a CSR before it is decoded.
 const maxCSRPEM = 2*certs.MaxCSRSize + 1024
@@ -35,7 +39,7 @@ type Server struct {
 	// CA signs the certificates (required).
 	CA *certs.CA
 	// Authenticator checks callers' bearer tokens (required).
-	Authenticator Authenticator
+	Authenticator auth.Authenticator
 	// Workloads tells which service accounts have workloads on a node
 	// (required for NodeProxy callers; without it they are denied).
 	Workloads Workloads
@@ -86,34 +90,21 @@ func (s *Server) bundlePEM() []string {
 }
 
 // authenticate extracts the bearer token and asks the Authenticator.
-func (s *Server) authenticate(ctx context.Context, what string) (*Caller, error) {
+func (s *Server) authenticate(ctx context.Context, what string) (*auth.Caller, error) {
 	addr := ""
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
 		addr = p.Addr.String()
 	}
-	c, err := AuthenticateIncoming(ctx, s.Authenticator)
+	c, err := auth.AuthenticateIncoming(ctx, s.Authenticator)
 	if err == nil {
 		return c, nil
 	}
-	if errors.Is(err, ErrUnauthenticated) {
+	if errors.Is(err, auth.ErrUnauthenticated) {
 		s.log().Warn("certificate service: unauthenticated", "request", what, "peer", addr, "err", err)
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
 	s.log().Error("certificate service: cannot authenticate", "request", what, "peer", addr, "err", err)
 	return nil, status.Error(codes.Unavailable, "cannot verify the token now")
-}
-
-func bearerToken(ctx context.Context) (string, error) {
-	md, _ := metadata.FromIncomingContext(ctx)
-	vals := md.Get("authorization")
-	if len(vals) != 1 {
-		return "", fmt.Errorf("%w: want one authorization header with a bearer token, got %d", ErrUnauthenticated, len(vals))
-	}
-	scheme, tok, ok := strings.Cut(vals[0], " ")
-	if !ok || !strings.EqualFold(scheme, "bearer") || strings.TrimSpace(tok) == "" {
-		return "", fmt.Errorf("%w: authorization is not a bearer token", ErrUnauthenticated)
-	}
-	return strings.TrimSpace(tok), nil
 }
 
 func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertificateRequest) (*capb.CreateCertificateResponse, error) {
@@ -135,11 +126,11 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 		return nil, refuse(codes.InvalidArgument, fmt.Sprintf("identity %s is not in trust domain %s", id, s.CA.TrustDomain()))
 	}
 	switch caller.Kind {
-	case Workload:
-		if id != caller.Identity {
+	case auth.Workload, auth.Waypoint:
+		if caller.Identity.IsZero() || id != caller.Identity {
 			return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s may obtain only its own identity %s, not %s", caller.Name, caller.Identity, id))
 		}
-	case NodeProxy:
+	case auth.NodeProxy:
 		ns, sa, err := identity.ParseWorkload(id)
 		if err != nil {
 			return nil, refuse(codes.InvalidArgument, err.Error())
@@ -160,7 +151,7 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 			return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s on node %s may not obtain %s: no workload of service account %s/%s on that node", caller.Name, caller.Node, id, ns, sa))
 		}
 	default:
-		return nil, refuse(codes.PermissionDenied, "unknown caller kind")
+		return nil, refuse(codes.PermissionDenied, fmt.Sprintf("%s is a %s: it may not obtain certificates", caller.Name, caller.Kind))
 	}
 
 	if len(req.GetCsr()) > maxCSRPEM {

@@ -17,6 +17,7 @@ import (
 	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/kube"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
@@ -69,11 +70,11 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ztunnelToken, err := c.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{ca.DefaultAudience}, "ztunnel-1")
+	ztunnelToken, err := c.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{auth.DefaultAudience}, "ztunnel-1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	webToken, err := c.ServiceAccountToken(ctx, "demo", "default", []string{ca.DefaultAudience}, "web")
+	webToken, err := c.ServiceAccountToken(ctx, "demo", "default", []string{auth.DefaultAudience}, "web")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,7 @@
 // directory) builds the model, the xDS server streams it, and the
 // certificate service signs workload certificates, both on one TLS gRPC port
 // (15012) and both authenticating their clients' bearer tokens with one
-// ca.Authenticator; a localhost admin port serves health and proxy-status.
+// auth.Authenticator; a localhost admin port serves health and proxy-status.
 package server
 
 import (
@@ -32,6 +32,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/identity"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/registry"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
@@ -71,7 +72,7 @@ type Config struct {
 	// that hosts' ztunnels authenticate with, to the CA and to xDS (a host's
 	// xDS Node id must be its name); without it both refuse all. In cluster
 	// mode ztunnels authenticate with their pod-bound service-account token
-	// (audience ca.DefaultAudience) to both.
+	// (audience auth.DefaultAudience) to both.
 	HostCredentials string
 	// CertTTL is the lifetime (and the cap) of issued workload certificates
 	// (certs.DefaultLeafTTL when zero).
@@ -137,11 +138,11 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return fmt.Errorf("ca: %w", err)
 		}
-		auth, err := hostAuth(cfg.HostCredentials, log)
+		hosts, err := hostAuth(cfg.HostCredentials, td, log)
 		if err != nil {
 			return err
 		}
-		caServer = &ca.Server{CA: authority, Authenticator: auth, Workloads: ca.StoreWorkloads{Store: store}, Logger: log.With("component", "ca")}
+		caServer = &ca.Server{CA: authority, Authenticator: hosts, Workloads: ca.StoreWorkloads{Store: store}, Logger: log.With("component", "ca")}
 	} else {
 		rc := cfg.Rest
 		if rc == nil {
@@ -176,7 +177,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		pods := &ca.PodIndex{Client: cs, Logger: log.With("component", "ca-pods")}
 		g.Go(func() error { return pods.Start(ctx) })
-		caServer = &ca.Server{CA: authority, Authenticator: &ca.KubeAuthenticator{Client: cs, TrustDomain: td}, Workloads: pods, Logger: log.With("component", "ca")}
+		caServer = &ca.Server{CA: authority, Authenticator: &auth.KubeAuthenticator{Client: cs, TrustDomain: td}, Workloads: pods, Logger: log.With("component", "ca")}
 	}
 
 	serving := &ca.ServingCert{CA: caServer.CA, DNSNames: cfg.ServingDNSNames, IPAddresses: cfg.ServingIPs}
@@ -254,12 +255,12 @@ func Run(ctx context.Context, cfg Config) error {
 	return g.Wait()
 }
 
-func hostAuth(path string, log *slog.Logger) (ca.Authenticator, error) {
+func hostAuth(path string, td spiffeid.TrustDomain, log *slog.Logger) (auth.Authenticator, error) {
 	if path == "" {
 		log.Warn("no host credentials file: the CA and xDS refuse every host")
-		return ca.NewHostAuthenticator(nil)
+		return auth.NewHostAuthenticator(nil)
 	}
-	return ca.LoadHostCredentials(path)
+	return auth.LoadHostCredentials(path, td)
 }
 
 func stopGracefully(gs *grpc.Server, timeout time.Duration) {

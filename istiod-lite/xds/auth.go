@@ -12,7 +12,7 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
-	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 )
 
 // adsMethodPrefix prefixes the full method names of the ADS service.
@@ -31,23 +31,23 @@ var adsMethodPrefix = "/" + discovery.AggregatedDiscoveryService_ServiceDesc.Ser
 // callers that are not node proxies (a workload's token) with
 // codes.PermissionDenied, and so is a stream whose xDS Node id names another
 // node than the caller's: proxy-status shows the authenticated node.
-func (s *Server) RequireAuthentication(a ca.Authenticator) grpc.StreamServerInterceptor {
+func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerInterceptor {
 	s.authRequired = true
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 		if !strings.HasPrefix(info.FullMethod, adsMethodPrefix) {
 			return handler(srv, ss)
 		}
 		ctx := ss.Context()
-		caller, err := ca.AuthenticateIncoming(ctx, a)
+		caller, err := auth.AuthenticateIncoming(ctx, a)
 		if err != nil {
-			if errors.Is(err, ca.ErrUnauthenticated) {
+			if errors.Is(err, auth.ErrUnauthenticated) {
 				s.log.Warn("xds client refused", "peer", peerAddr(ctx), "code", codes.Unauthenticated.String(), "reason", err)
 				return status.Error(codes.Unauthenticated, err.Error())
 			}
 			s.log.Error("xds client not authenticated: cannot check its token", "peer", peerAddr(ctx), "err", err)
 			return status.Error(codes.Unavailable, "cannot verify the token now")
 		}
-		if caller.Kind != ca.NodeProxy {
+		if caller.Kind != auth.NodeProxy {
 			msg := fmt.Sprintf("%s is a %s, not a node proxy: it may not read the mesh's configuration", caller.Name, caller.Kind)
 			s.log.Warn("xds client refused", "peer", peerAddr(ctx), "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "code", codes.PermissionDenied.String(), "reason", msg)
 			return status.Error(codes.PermissionDenied, msg)
@@ -56,11 +56,11 @@ func (s *Server) RequireAuthentication(a ca.Authenticator) grpc.StreamServerInte
 	}
 }
 
-// callerKey is the context key of the authenticated *ca.Caller of a stream.
+// callerKey is the context key of the authenticated *auth.Caller of a stream.
 type callerKey struct{}
 
-func callerFrom(ctx context.Context) *ca.Caller {
-	c, _ := ctx.Value(callerKey{}).(*ca.Caller)
+func callerFrom(ctx context.Context) *auth.Caller {
+	c, _ := ctx.Value(callerKey{}).(*auth.Caller)
 	return c
 }
 

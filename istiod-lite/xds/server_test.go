@@ -21,6 +21,7 @@ import (
 	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/identity"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
@@ -48,7 +49,7 @@ func meshSnapshot(t *testing.T) *model.Snapshot {
 // The hosts the test servers authenticate (local mode's HostAuthenticator):
 // node-<n> has the secret secret(node-<n>).
 var hosts = func() *ca.HostAuthenticator {
-	a, err := ca.NewHostAuthenticator(map[string]string{"node-1": secret("node-1"), "node-2": secret("node-2"), "node-3": secret("node-3")})
+	a, err := auth.NewHostAuthenticator(map[string]string{"node-1": secret("node-1"), "node-2": secret("node-2"), "node-3": secret("node-3")})
 	if err != nil {
 		panic(err)
 	}

@@ -13,7 +13,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 )
 
 // StreamStatus is one connected client, for `ambitctl proxy-status`.
@@ -72,7 +72,7 @@ type statusTable struct {
 
 // open records a stream; caller is its authenticated caller (nil when the
 // server does not authenticate).
-func (s *statusTable) open(ctx context.Context, id int64, caller *ca.Caller) {
+func (s *statusTable) open(ctx context.Context, id int64, caller *auth.Caller) {
 	st := &StreamStatus{ID: id, Connected: s.now(), Types: map[string]*TypeStatus{}, Peer: peerAddr(ctx)}
 	if caller != nil {
 		st.Node, st.Caller, st.authenticated = caller.Node, caller.Name, true
