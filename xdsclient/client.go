@@ -1,8 +1,3 @@
-// Package xdsclient is the ztunnel side of istiod-lite's Delta xDS: it keeps
-// a *model.Store in step with the control plane's model (api/workload
-// resources), reconnects with jittered exponential backoff, ACKs the updates
-// it applies and NACKs the ones it cannot decode, and keeps serving the last
-// good state while the control plane is away.
 package xdsclient
 
 import (
@@ -12,8 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
-	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,45 +18,64 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/protobuf/proto"
 
-	"github.com/ambit-mesh/ambit/api/workload"
+	"github.com/ambit-mesh/ambit/credential"
 	"github.com/ambit-mesh/ambit/model"
 )
 
 // MaxMessageSize bounds one xDS response the client accepts.
 const MaxMessageSize = 1 << 30
 
-// Client subscribes to every workload, service and policy and applies them to
-// Store. Set the fields and call Start; the zero values of the optional
-// fields are usable.
+// Client is one delta-ADS subscription to istiod-lite. Set the fields and
+// call Start; the zero values of the optional fields are usable.
 type Client struct {
-	Addr  string      // istiod-lite's address, e.g. "istiod-lite.ambit-system:15012"
-	TLS   *tls.Config // nil: plaintext (tests only)
-	Node  string      // this ztunnel's node name, sent as the xDS Node id
+	// Addr is istiod-lite's address, e.g.
+	// "istiod-lite.ambit-system.svc:15012". Required.
+	Addr string
+	// TLS verifies the server (caclient.TLSConfig); nil: plaintext (tests
+	// only: a bearer token needs TLS).
+	TLS *tls.Config
+	// Node is this client's node id (the ztunnel's node name).
+	Node string
+	// NodeInfo, if set, is sent as the xDS Node instead of {Id: Node}.
+	NodeInfo *core.Node
+
+	// Credential is the bearer token sent with each stream (read anew at
+	// each reconnection); share one with the certificate client. When nil,
+	// TokenFile and Token are used as credential.Bearer{File: TokenFile,
+	// Token: Token}; when all are empty no token is sent, which only a
+	// server without authentication accepts (tests).
+	Credential *credential.Bearer
+	TokenFile  string
+	Token      string
+
+	// Types are the subscribed resource types, in subscription order.
+	Types []Type
+	// OnUpdate, if set, receives the whole accepted state after each
+	// response (see the package doc); an error NACKs the response.
+	OnUpdate func(*Snapshot) error
+	// Store is a shorthand for the ztunnel: when Types is empty, the client
+	// subscribes to WorkloadTypes(Store).
 	Store *model.Store
-	// TokenFile holds the bearer token the client authenticates with (the
-	// ztunnel's projected service-account token, or the host's secret in
-	// local mode). It is read at every (re)connection, since kubelet rotates
-	// projected tokens. When empty, Token is used; when both are empty no
-	// token is sent, which only a server without authentication accepts
-	// (tests). A token needs TLS.
-	TokenFile string
-	Token     string
+
 	// Logger may be nil.
 	Logger *slog.Logger
 	// MinBackoff and MaxBackoff bound the wait between reconnections
 	// (defaults 200ms and 30s); each wait is drawn from [d/2, d].
 	MinBackoff, MaxBackoff time.Duration
-	// DialOptions are added to the gRPC dial (e.g. per-RPC credentials).
+	// DialOptions are added to the gRPC dial (e.g. a custom dialer).
 	DialOptions []grpc.DialOption
 
 	synced     atomic.Bool
 	syncedOnce sync.Once
-	syncedCh   chan struct{} // closed on first sync; guarded by syncedOnce
+	syncedCh   chan struct{} // closed on first sync; made once by syncedOnce
 
-	mu       sync.Mutex                   // guards versions
-	versions map[string]map[string]string // type -> name -> version held
+	// The fields below are used by Start's goroutine only.
+	types    map[string]*Type
+	order    []string                     // type URLs, subscription order
+	versions map[string]map[string]string // type URL -> name -> version held
+	received map[string]bool              // type URL -> a response was accepted
+	snap     *Snapshot                    // last accepted state (with OnUpdate only)
 }
 
 func (c *Client) log() *slog.Logger {
@@ -77,22 +89,63 @@ func (c *Client) init() {
 	c.syncedOnce.Do(func() { c.syncedCh = make(chan struct{}) })
 }
 
-// Synced reports whether the client has received the full state once. It
-// stays true across reconnections: the store keeps the last good state.
+// Synced reports whether every subscribed type has had an accepted
+// response. It stays true across reconnections: the last good config stays.
 func (c *Client) Synced() bool { return c.synced.Load() }
 
-// SyncedCh is closed when the client has synced once.
+// SyncedCh is closed when the client has synced.
 func (c *Client) SyncedCh() <-chan struct{} {
 	c.init()
 	return c.syncedCh
 }
 
-// Start runs the client until ctx ends; it reconnects whenever the stream
+func (c *Client) credential() *credential.Bearer {
+	if c.Credential != nil {
+		return c.Credential
+	}
+	if c.TokenFile == "" && c.Token == "" {
+		return nil
+	}
+	return &credential.Bearer{File: c.TokenFile, Token: c.Token}
+}
+
+// setup checks the configuration and builds the type table.
+func (c *Client) setup() error {
+	types := c.Types
+	if len(types) == 0 && c.Store != nil {
+		types = WorkloadTypes(c.Store)
+	}
+	if c.Addr == "" || len(types) == 0 {
+		return errors.New("xdsclient: Addr and Types (or Store) are required")
+	}
+	c.types = make(map[string]*Type, len(types))
+	c.order = c.order[:0]
+	for i := range types {
+		t := &types[i]
+		if t.URL == "" {
+			return errors.New("xdsclient: a Type without URL")
+		}
+		if c.types[t.URL] != nil {
+			return fmt.Errorf("xdsclient: type %s registered twice", t.URL)
+		}
+		c.types[t.URL] = t
+		c.order = append(c.order, t.URL)
+	}
+	c.versions = map[string]map[string]string{}
+	c.received = map[string]bool{}
+	if c.OnUpdate != nil {
+		c.snap = &Snapshot{types: c.order, sets: map[string]map[string]Resource{}, received: map[string]bool{}}
+	}
+	return nil
+}
+
+// Start runs the client until ctx ends, reconnecting whenever the stream
 // ends. It returns nil when ctx ends, or an error for a bad configuration.
+// Call it once.
 func (c *Client) Start(ctx context.Context) error {
 	c.init()
-	if c.Store == nil || c.Addr == "" {
-		return errors.New("xdsclient: Addr and Store are required")
+	if err := c.setup(); err != nil {
+		return err
 	}
 	creds := insecure.NewCredentials()
 	if c.TLS != nil {
@@ -105,11 +158,11 @@ func (c *Client) Start(ctx context.Context) error {
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageSize)),
 		grpc.WithInitialWindowSize(4 << 20), grpc.WithInitialConnWindowSize(16 << 20),
 	}
-	if c.TokenFile != "" || c.Token != "" {
+	if cred := c.credential(); cred != nil {
 		if c.TLS == nil {
 			return errors.New("xdsclient: a token needs TLS")
 		}
-		opts = append(opts, grpc.WithPerRPCCredentials(tokenCreds{c}))
+		opts = append(opts, grpc.WithPerRPCCredentials(cred))
 	}
 	conn, err := grpc.NewClient(c.Addr, append(opts, c.DialOptions...)...)
 	if err != nil {
@@ -124,9 +177,10 @@ func (c *Client) Start(ctx context.Context) error {
 		maxB = max(30*time.Second, minB)
 	}
 	backoff := minB
+	ads := discovery.NewAggregatedDiscoveryServiceClient(conn)
 	for {
 		start := time.Now()
-		err := c.stream(ctx, discovery.NewAggregatedDiscoveryServiceClient(conn))
+		err := c.stream(ctx, ads)
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -135,10 +189,12 @@ func (c *Client) Start(ctx context.Context) error {
 		}
 		wait := backoff/2 + rand.N(backoff/2+1)
 		c.log().Warn("xds stream ended; reconnecting", "addr", c.Addr, "error", err, "in", wait)
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return nil
-		case <-time.After(wait):
+		case <-t.C:
 		}
 		backoff = min(backoff*2, maxB)
 	}
@@ -152,24 +208,27 @@ func (c *Client) stream(ctx context.Context, ads discovery.AggregatedDiscoverySe
 	if err != nil {
 		return fmt.Errorf("open stream: %w", err)
 	}
-	node := &core.Node{Id: c.Node}
-	c.mu.Lock()
-	for _, t := range workload.TypeURLs {
+	node := c.NodeInfo
+	if node == nil {
+		node = &core.Node{Id: c.Node}
+	}
+	for _, url := range c.order {
+		names := c.types[url].Names
+		if len(names) == 0 {
+			names = []string{"*"}
+		}
 		req := &discovery.DeltaDiscoveryRequest{
 			Node:                    node,
-			TypeUrl:                 t,
-			ResourceNamesSubscribe:  []string{"*"},
-			InitialResourceVersions: c.versions[t],
+			TypeUrl:                 url,
+			ResourceNamesSubscribe:  names,
+			InitialResourceVersions: c.versions[url],
 		}
 		node = nil // sent once per stream
 		if err := st.Send(req); err != nil {
-			c.mu.Unlock()
-			return fmt.Errorf("subscribe %s: %w", t, err)
+			return fmt.Errorf("subscribe %s: %w", url, err)
 		}
 	}
-	c.mu.Unlock()
 	c.log().Info("xds stream open", "addr", c.Addr, "node", c.Node)
-	seen := map[string]bool{}
 	for {
 		resp, err := st.Recv()
 		if err != nil {
@@ -179,13 +238,10 @@ func (c *Client) stream(ctx context.Context, ads discovery.AggregatedDiscoverySe
 		if err := c.apply(resp); err != nil {
 			c.log().Error("xds update rejected; keeping the last good state", "type", resp.GetTypeUrl(), "nonce", resp.GetNonce(), "error", err)
 			ack.ErrorDetail = &status.Status{Code: int32(codes.InvalidArgument), Message: err.Error()}
-		} else {
-			seen[resp.GetTypeUrl()] = true
-			if len(seen) == len(workload.TypeURLs) && !c.synced.Load() {
-				c.synced.Store(true)
-				close(c.syncedCh)
-				c.log().Info("xds synced", "workloads", len(c.Store.Load().Workloads), "services", len(c.Store.Load().Services))
-			}
+		} else if !c.synced.Load() && c.allReceived() {
+			c.synced.Store(true)
+			close(c.syncedCh)
+			c.log().Info("xds synced", "types", len(c.order))
 		}
 		if err := st.Send(ack); err != nil {
 			return fmt.Errorf("ack: %w", err)
@@ -193,129 +249,60 @@ func (c *Client) stream(ctx context.Context, ads discovery.AggregatedDiscoverySe
 	}
 }
 
-// tokenCreds sends the bearer token with each stream, reading TokenFile
-// anew each time.
-type tokenCreds struct{ c *Client }
-
-func (t tokenCreds) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
-	tok := t.c.Token
-	if t.c.TokenFile != "" {
-		b, err := os.ReadFile(t.c.TokenFile)
-		if err != nil {
-			return nil, fmt.Errorf("read token: %w", err)
+func (c *Client) allReceived() bool {
+	for _, url := range c.order {
+		if !c.received[url] {
+			return false
 		}
-		tok = string(b)
 	}
-	tok = strings.TrimSpace(tok)
-	if tok == "" {
-		return nil, errors.New("empty token")
-	}
-	return map[string]string{"authorization": "Bearer " + tok}, nil
+	return true
 }
-
-func (tokenCreds) RequireTransportSecurity() bool { return true }
 
 // apply decodes a whole response and applies it, or nothing of it.
 func (c *Client) apply(resp *discovery.DeltaDiscoveryResponse) error {
-	typ := resp.GetTypeUrl()
-	d := &model.Delta{}
+	url := resp.GetTypeUrl()
+	t := c.types[url]
+	if t == nil {
+		return fmt.Errorf("unsubscribed type %s", url)
+	}
+	d := Delta{TypeURL: url, Updated: make([]Resource, 0, len(resp.GetResources())), Removed: resp.GetRemovedResources()}
 	for _, r := range resp.GetResources() {
 		a := r.GetResource()
-		if a.GetTypeUrl() != typ {
-			return fmt.Errorf("resource %s: type %s in a %s response", r.GetName(), a.GetTypeUrl(), typ)
+		if a.GetTypeUrl() != url {
+			return fmt.Errorf("resource %s: type %s in a %s response", r.GetName(), a.GetTypeUrl(), url)
 		}
-		if err := decodeInto(d, typ, r.GetName(), a.GetValue()); err != nil {
-			return fmt.Errorf("resource %s: %w", r.GetName(), err)
+		var v any = a
+		if t.Decode != nil {
+			var err error
+			if v, err = t.Decode(r.GetName(), a); err != nil {
+				return fmt.Errorf("resource %s: %w", r.GetName(), err)
+			}
+		}
+		d.Updated = append(d.Updated, Resource{Name: r.GetName(), Version: r.GetVersion(), Value: v})
+	}
+	if t.Apply != nil {
+		if err := t.Apply(d); err != nil {
+			return err
 		}
 	}
-	switch typ {
-	case workload.WorkloadType:
-		d.RemovedWorkloads = resp.GetRemovedResources()
-	case workload.ServiceType:
-		d.RemovedServices = resp.GetRemovedResources()
-	case workload.AuthorizationType:
-		d.RemovedPolicies = resp.GetRemovedResources()
-	case workload.PeerAuthenticationType:
-		d.RemovedPeerAuthn = resp.GetRemovedResources()
-	default:
-		return fmt.Errorf("unknown type %s", typ)
+	if c.OnUpdate != nil {
+		next := c.snap.next(d)
+		if err := c.OnUpdate(next); err != nil {
+			return err
+		}
+		c.snap = next
 	}
-	c.Store.Apply(d)
-	c.mu.Lock()
-	if c.versions == nil {
-		c.versions = map[string]map[string]string{}
-	}
-	v := c.versions[typ]
+	c.received[url] = true
+	v := c.versions[url]
 	if v == nil {
-		v = map[string]string{}
-		c.versions[typ] = v
+		v = make(map[string]string, len(d.Updated))
+		c.versions[url] = v
 	}
-	for _, r := range resp.GetResources() {
-		v[r.GetName()] = r.GetVersion()
+	for _, r := range d.Updated {
+		v[r.Name] = r.Version
 	}
-	for _, n := range resp.GetRemovedResources() {
+	for _, n := range d.Removed {
 		delete(v, n)
-	}
-	c.mu.Unlock()
-	return nil
-}
-
-func decodeInto(d *model.Delta, typ, name string, b []byte) error {
-	switch typ {
-	case workload.WorkloadType:
-		var m workload.Workload
-		if err := proto.Unmarshal(b, &m); err != nil {
-			return err
-		}
-		w, err := workload.ToWorkload(&m)
-		if err != nil {
-			return err
-		}
-		if w.UID != name {
-			return fmt.Errorf("name %s != uid %s", name, w.UID)
-		}
-		d.Workloads = append(d.Workloads, w)
-	case workload.ServiceType:
-		var m workload.Service
-		if err := proto.Unmarshal(b, &m); err != nil {
-			return err
-		}
-		s, err := workload.ToService(&m)
-		if err != nil {
-			return err
-		}
-		if s.Key() != name {
-			return fmt.Errorf("name %s != key %s", name, s.Key())
-		}
-		d.Services = append(d.Services, s)
-	case workload.AuthorizationType:
-		var m workload.Authorization
-		if err := proto.Unmarshal(b, &m); err != nil {
-			return err
-		}
-		p, err := workload.ToPolicy(&m)
-		if err != nil {
-			return err
-		}
-		if p.Key() != name {
-			return fmt.Errorf("name %s != key %s", name, p.Key())
-		}
-		d.Policies = append(d.Policies, p)
-	case workload.PeerAuthenticationType:
-		var m workload.PeerAuthentication
-		if err := proto.Unmarshal(b, &m); err != nil {
-			return err
-		}
-		p, err := workload.ToPeerAuthn(&m)
-		if err != nil {
-			return err
-		}
-		if p.Key() != name {
-			return fmt.Errorf("name %s != key %s", name, p.Key())
-		}
-		d.PeerAuthn = append(d.PeerAuthn, p)
-	default:
-		return fmt.Errorf("unknown type %s", typ)
 	}
 	return nil
 }

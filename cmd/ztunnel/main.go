@@ -22,6 +22,7 @@ import (
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/credential"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/xdsclient"
@@ -112,7 +113,7 @@ Usage: ztunnel [flags]
 
 // newIssuer returns what signs the node's workload certificates: the
 // certificate service of istiod-lite, or an in-process CA.
-func newIssuer(ctx context.Context, o options, td spiffeid.TrustDomain, log *slog.Logger) (certs.Issuer, func(), error) {
+func newIssuer(ctx context.Context, o options, td spiffeid.TrustDomain, token *credential.Bearer, log *slog.Logger) (certs.Issuer, func(), error) {
 	switch {
 	case o.caAddr != "" && o.caDir != "":
 		return nil, nil, errors.New("give --ca-address or --ca-dir, not both")
@@ -124,7 +125,7 @@ func newIssuer(ctx context.Context, o options, td spiffeid.TrustDomain, log *slo
 			Addr:        o.caAddr,
 			TrustDomain: td,
 			Roots:       &caclient.BundleFile{Path: o.caRoots, TrustDomain: td},
-			TokenFile:   o.tokenFile,
+			Credential:  token,
 		}
 		return c, func() { c.Close() }, nil
 	case o.caDir != "":
@@ -204,7 +205,10 @@ func run(ctx context.Context, o options) error {
 	if err != nil {
 		return fmt.Errorf("--trust-domain: %w", err)
 	}
-	issuer, closeIssuer, err := newIssuer(ctx, o, td, log)
+	// One bearer token for xDS and certificates, re-read at each call
+	// (kubelet rotates projected tokens).
+	token := &credential.Bearer{File: o.tokenFile}
+	issuer, closeIssuer, err := newIssuer(ctx, o, td, token, log)
 	if err != nil {
 		return err
 	}
@@ -218,12 +222,12 @@ func run(ctx context.Context, o options) error {
 	if o.xdsAddr != "" {
 		roots := &caclient.BundleFile{Path: o.caRoots, TrustDomain: td}
 		xc := &xdsclient.Client{
-			Addr:      o.xdsAddr,
-			TLS:       caclient.TLSConfig(roots, td, spiffeid.ID{}),
-			Node:      o.node,
-			TokenFile: o.tokenFile, // re-read at every reconnection
-			Store:     store,
-			Logger:    log.With("component", "xds"),
+			Addr:       o.xdsAddr,
+			TLS:        caclient.TLSConfig(roots, td, spiffeid.ID{}),
+			Node:       o.node,
+			Credential: token,
+			Types:      xdsclient.WorkloadTypes(store),
+			Logger:     log.With("component", "xds"),
 		}
 		source, synced = xc.Start, xc.Synced
 	} else {
