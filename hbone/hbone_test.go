@@ -960,37 +960,226 @@ func listenBlackhole(t *testing.T, dst netip.AddrPort, frozen *atomic.Bool) neti
 	return ln.Addr().(*net.TCPAddr).AddrPort()
 }
 
-// TestFlowControl fills the stream and connection windows against a pod
-// that does not read for a while, then checks that everything arrives.
+// TestFlowControl checks that flow control holds a writer back while the
+// peer does not read, and lets it go on as the peer reads. The handler
+// accepts and does not read: a Write into one stream stops after exactly
+// the stream window and stays blocked; it resumes by exactly what the
+// handler reads and completes once the handler reads everything. Writes
+// into more streams than the connection window holds stop after exactly
+// the connection window.
 func TestFlowControl(t *testing.T) {
-	checkGoroutines(t)
-	const size = 3*connWindow/2 + 12345 // more than the connection window
-	data := make([]byte, size)
-	rand.Read(data)
-	got := make(chan [32]byte, 1)
-	pod := func(c net.Conn) {
-		time.Sleep(300 * time.Millisecond) // let the windows run out
-		h := sha256.New()
-		io.Copy(h, c)
-		got <- [32]byte(h.Sum(nil))
-	}
-	e := newEnv(t, pod, nil)
-	s, err := e.dialer().Dial(testCtx(t), e.request())
+	t.Run("stream", func(t *testing.T) {
+		checkGoroutines(t)
+		h := newHeldStreams(t)
+		e := newEnv(t, echo, func(s *Server) { s.Handler = h })
+		cs, err := e.dialer().Dial(testCtx(t), e.request())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer cs.Close()
+		ss := h.next(t)
+		data := make([]byte, 2*streamWindow+12345)
+		rand.Read(data)
+		wrote := make(chan error, 1)
+		go func() { wrote <- writeAndClose(cs, data) }()
+
+		// The writer stops when the handler holds a full window.
+		blocked := func(when string, received int) {
+			t.Helper()
+			waitFor(t, when+": the handler's window to fill", func() bool { return bufferedOn(ss) >= streamWindow })
+			if n := bufferedOn(ss); n != streamWindow {
+				t.Fatalf("%s: the handler holds %d unread bytes, more than its window (%d)", when, n, streamWindow)
+			}
+			if w, _ := sendWindows(cs); w != 0 {
+				t.Fatalf("%s: the client's stream send window is %d, want 0", when, w)
+			}
+			select {
+			case err := <-wrote:
+				t.Fatalf("%s: Write of %d bytes returned (%v) after %d bytes reached the peer: it did not block on flow control",
+					when, len(data), err, received)
+			default:
+			}
+		}
+		blocked("at first", streamWindow)
+
+		// Reading a quarter of the window lets exactly that much more in,
+		// and the writer blocks again.
+		first := make([]byte, streamWindow/4)
+		if _, err := io.ReadFull(ss, first); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(first, data[:len(first)]) {
+			t.Fatal("handler read different bytes")
+		}
+		blocked("after reading a quarter", streamWindow+len(first))
+
+		// Reading everything lets the Write complete.
+		got := make(chan [32]byte, 1)
+		go func() {
+			hash := sha256.New()
+			io.Copy(hash, ss)
+			got <- [32]byte(hash.Sum(nil))
+		}()
+		select {
+		case err := <-wrote:
+			if err != nil {
+				t.Fatalf("write: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the Write did not complete once the handler read")
+		}
+		select {
+		case sum := <-got:
+			if sum != sha256.Sum256(data[len(first):]) {
+				t.Fatal("handler received different bytes")
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the handler did not read to the end")
+		}
+	})
+
+	t.Run("connection", func(t *testing.T) {
+		checkGoroutines(t)
+		h := newHeldStreams(t)
+		e := newEnv(t, echo, func(s *Server) { s.Handler = h })
+		d := e.dialer()
+		const n = connWindow/streamWindow + 1 // their stream windows hold more than the connection's
+		var cli, srv []*Stream
+		for range n {
+			cs, err := d.Dial(testCtx(t), e.request())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cs.Close()
+			if len(cli) > 0 && cs.s.c != cli[0].s.c {
+				t.Fatal("streams on different connections")
+			}
+			cli = append(cli, cs)
+			srv = append(srv, h.next(t))
+		}
+		data := make([][]byte, n)
+		wrote := make(chan error, n)
+		for i, cs := range cli {
+			data[i] = make([]byte, streamWindow+12345)
+			rand.Read(data[i])
+			go func() { wrote <- writeAndClose(cs, data[i]) }()
+		}
+		total := func() int {
+			sum := 0
+			for _, ss := range srv {
+				sum += bufferedOn(ss)
+			}
+			return sum
+		}
+		waitFor(t, "the connection window to fill", func() bool { return total() >= connWindow })
+		if got := total(); got != connWindow {
+			t.Fatalf("the handlers hold %d unread bytes, more than the connection window (%d)", got, connWindow)
+		}
+		if _, w := sendWindows(cli[0]); w != 0 {
+			t.Fatalf("the client's connection send window is %d, want 0", w)
+		}
+		select {
+		case err := <-wrote:
+			t.Fatalf("a Write returned (%v) while the connection window was exhausted", err)
+		default:
+		}
+
+		// Reading lets every Write complete.
+		got := make(chan bool, n)
+		for i, ss := range srv {
+			go func() {
+				hash := sha256.New()
+				io.Copy(hash, ss)
+				got <- [32]byte(hash.Sum(nil)) == sha256.Sum256(data[i])
+			}()
+		}
+		for range n {
+			select {
+			case err := <-wrote:
+				if err != nil {
+					t.Fatalf("write: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the Writes did not complete once the handlers read")
+			}
+		}
+		for range n {
+			select {
+			case ok := <-got:
+				if !ok {
+					t.Fatal("a handler received different bytes")
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("a handler did not read to the end")
+			}
+		}
+	})
+}
+
+// heldStreams is a Handler that accepts every request and hands its stream
+// to the test, which reads it (or not); the handler returns when the test
+// ends or the stream's context does.
+type heldStreams struct {
+	streams chan *Stream
+	done    chan struct{}
+}
+
+func newHeldStreams(t *testing.T) *heldStreams {
+	h := &heldStreams{streams: make(chan *Stream), done: make(chan struct{})}
+	t.Cleanup(func() { close(h.done) })
+	return h
+}
+
+func (h *heldStreams) ServeHBONE(ctx context.Context, r *Request) {
+	st, err := r.Accept()
 	if err != nil {
-		t.Fatal(err)
+		return
 	}
-	defer s.Close()
-	start := time.Now()
-	if _, err := s.Write(data); err != nil {
-		t.Fatal(err)
+	select {
+	case h.streams <- st:
+	case <-ctx.Done():
+		return
+	case <-h.done:
+		return
 	}
-	s.CloseWrite()
-	if time.Since(start) < 200*time.Millisecond {
-		t.Log("warning: the write did not block on flow control (socket buffers absorbed it)")
+	select {
+	case <-ctx.Done():
+	case <-h.done:
 	}
-	if <-got != sha256.Sum256(data) {
-		t.Fatal("pod received different bytes")
+}
+
+// next returns the next accepted stream.
+func (h *heldStreams) next(t *testing.T) *Stream {
+	t.Helper()
+	select {
+	case st := <-h.streams:
+		return st
+	case <-time.After(5 * time.Second):
+		t.Fatal("no stream reached the handler")
+		return nil
 	}
+}
+
+// bufferedOn reports the bytes a stream received and not yet read.
+func bufferedOn(st *Stream) int {
+	st.s.c.mu.Lock()
+	defer st.s.c.mu.Unlock()
+	return st.s.recv.Len()
+}
+
+// sendWindows reports what a stream and its connection may still send.
+func sendWindows(st *Stream) (stream, conn int64) {
+	st.s.c.mu.Lock()
+	defer st.s.c.mu.Unlock()
+	return st.s.sendWindow, st.s.c.sendWindow
+}
+
+// writeAndClose writes p and half-closes.
+func writeAndClose(st *Stream, p []byte) error {
+	if _, err := st.Write(p); err != nil {
+		return err
+	}
+	return st.CloseWrite()
 }
 
 // TestDialCanceled cancels a Dial while the server's handler is still
