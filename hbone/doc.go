@@ -76,6 +76,8 @@
 //		HandshakeTimeout     time.Duration // TLS handshake + preface + first request's headers; default DefaultHandshakeTimeout
 //		IdleTimeout          time.Duration // a connection without streams; default DefaultIdleTimeout
 //		KeepAlive            time.Duration // as Dialer's
+//		BaseContext          func(ln net.Listener) context.Context // optional: the parent of handshakes' and handlers' contexts
+//		OnReject             func(Rejection) // optional: refused peers and requests (handshake, preface, bad_request), to count and log
 //		Logger               *slog.Logger
 //	}
 //	func (s *Server) Serve(ln net.Listener) error  // ErrServerClosed after Close/Shutdown
@@ -102,7 +104,7 @@
 //	func (r *Request) Reject(status int) error
 //
 //	// Join copies a<->b with half-close, closes both, returns the bytes each way.
-//	func Join(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error)
+//	func Join(ctx context.Context, a, b net.Conn) (aToB, bToA int64, err error) // relay.Join
 //
 //	// Pure helpers (fuzzed).
 //	func ParseAuthority(s string) (netip.AddrPort, error)

@@ -59,11 +59,17 @@ func (s *Server) Serve(ln net.Listener) error {
 	if s.listeners == nil {
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*conn]struct{})
-		// The root of every handler's context: canceled by Close.
-		s.ctx, s.cancel = context.WithCancel(context.Background())
 	}
 	s.listeners[ln] = struct{}{}
-	ctx := s.ctx
+	base := context.Background() // only when the caller gave no BaseContext
+	if s.BaseContext != nil {
+		if base = s.BaseContext(ln); base == nil {
+			panic("hbone: BaseContext returned a nil context")
+		}
+	}
+	// The root of the handlers' contexts of this listener: Close ends it.
+	ctx, cancel := context.WithCancel(base)
+	s.cancels = append(s.cancels, cancel)
 	s.wg.Add(1)
 	s.mu.Unlock()
 	defer s.wg.Done()
@@ -108,6 +114,12 @@ func (s *Server) Serve(ln net.Listener) error {
 	}
 }
 
+func (s *Server) reject(r Rejection) {
+	if s.OnReject != nil {
+		s.OnReject(r)
+	}
+}
+
 // serveConn runs the TLS handshake and the HTTP/2 connection.
 func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	log := s.logger()
@@ -134,12 +146,14 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	tc := tls.Server(out, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		log.Debug("hbone: handshake failed", "remote", remote, "local", local, "err", err)
+		s.reject(Rejection{Reason: RejectHandshake, Remote: remote, Local: local, Err: err})
 		nc.Close()
 		return
 	}
 	peer, err := peerID(tc.ConnectionState())
 	if err != nil {
 		log.Debug("hbone: handshake failed", "remote", remote, "local", local, "err", err)
+		s.reject(Rejection{Reason: RejectHandshake, Remote: remote, Local: local, Err: err})
 		nc.Close()
 		return
 	}
@@ -148,6 +162,10 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 	var preface [len(http2.ClientPreface)]byte
 	if _, err := io.ReadFull(tc, preface[:]); err != nil || string(preface[:]) != http2.ClientPreface {
 		log.Debug("hbone: bad or slow preface", "remote", remote, "err", err)
+		if err == nil {
+			err = errors.New("not an HTTP/2 client preface")
+		}
+		s.reject(Rejection{Reason: RejectPreface, Remote: remote, Local: local, Err: err})
 		tc.Close()
 		return
 	}
@@ -196,6 +214,7 @@ func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.Addr
 	if status != 0 {
 		s.logger().Debug("hbone: bad request", "remote", remote, "status", status,
 			"method", f.PseudoValue("method"), "authority", f.PseudoValue("authority"))
+		s.reject(Rejection{Reason: RejectBadRequest, Remote: remote, Local: local, Status: status})
 		s.wg.Add(1)
 		go func() { // the read loop must not wait for writes
 			defer s.wg.Done()
@@ -365,8 +384,8 @@ func (s *Server) Close() error {
 	for c := range s.conns {
 		conns = append(conns, c)
 	}
-	if s.cancel != nil {
-		s.cancel()
+	for _, cancel := range s.cancels {
+		cancel()
 	}
 	s.mu.Unlock()
 	for _, c := range conns {

@@ -180,6 +180,17 @@ type Server struct {
 	// while their streams were open (DefaultKeepAlive if zero; negative:
 	// never).
 	KeepAlive time.Duration
+	// BaseContext, if set, returns the context that handshakes and
+	// handlers of connections accepted on ln run under (as
+	// http.Server.BaseContext): ending it ends them. Nil: a context that
+	// only Close ends.
+	BaseContext func(ln net.Listener) context.Context
+	// OnReject, if set, is told of every peer or request the server refuses
+	// before a handler sees it (failed handshakes, bad prefaces, malformed
+	// or misdirected requests): for a proxy these are security events to
+	// count and log. It runs on the connection's goroutine and must not
+	// block.
+	OnReject func(Rejection)
 	// Logger receives debug logs (nil: discard).
 	Logger *slog.Logger
 
@@ -187,10 +198,33 @@ type Server struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
 	conns     map[*conn]struct{}
-	closed    bool               // Close or Shutdown called
-	ctx       context.Context    // parent of handlers' contexts
-	cancel    context.CancelFunc // cancels ctx (Close)
-	wg        sync.WaitGroup     // Serve loops, connections and handlers
+	closed    bool                 // Close or Shutdown called
+	cancels   []context.CancelFunc // end each Serve's context (Close)
+	wg        sync.WaitGroup       // Serve loops, connections and handlers
+}
+
+// RejectReason says why a Server refused a peer or a request.
+type RejectReason string
+
+// Reasons for a Rejection (also the values of ztunnel's reason label).
+const (
+	// RejectHandshake: the TLS handshake failed (no local workload owns the
+	// destination, foreign trust domain, missing or expired certificate).
+	RejectHandshake RejectReason = "handshake"
+	// RejectPreface: the HTTP/2 client preface was wrong or too slow.
+	RejectPreface RejectReason = "preface"
+	// RejectBadRequest: a malformed or misdirected CONNECT, answered with
+	// Status.
+	RejectBadRequest RejectReason = "bad_request"
+)
+
+// Rejection is one refusal, for Server.OnReject.
+type Rejection struct {
+	Reason RejectReason
+	Remote netip.AddrPort // the peer's TCP address
+	Local  netip.AddrPort // the TCP destination
+	Status int            // the HTTP status answered (RejectBadRequest)
+	Err    error          // what failed (handshakes and prefaces), or nil
 }
 
 // Request is one CONNECT request received by a Server.
