@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
@@ -12,25 +13,28 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 )
 
 // adsMethodPrefix prefixes the full method names of the ADS service.
 var adsMethodPrefix = "/" + discovery.AggregatedDiscoveryService_ServiceDesc.ServiceName + "/"
 
-// RequireAuthentication makes the server serve only node proxies (ztunnels,
-// local hosts) that a authenticates by the bearer token of their stream
-// ("authorization: Bearer <token>", as the certificate service takes it),
-// and returns the stream interceptor that does it. Install the interceptor
-// on the gRPC server the service is registered on
-// (grpc.ChainStreamInterceptor), before it serves; it passes the streams of
-// other services through untouched. From this call on, a stream that did not
-// come through the interceptor is refused.
+// RequireAuthentication makes the server serve only callers that a
+// authenticates by the bearer token of their stream ("authorization: Bearer
+// <token>", as the certificate service takes it) and that are node proxies
+// (ztunnels, local hosts) or waypoints, and returns the stream interceptor
+// that does it. Install the interceptor on the gRPC server the service is
+// registered on (grpc.ChainStreamInterceptor), before it serves; it passes
+// the streams of other services through untouched. From this call on, a
+// stream that did not come through the interceptor is refused.
 //
 // Callers without a usable token are refused with codes.Unauthenticated,
-// callers that are not node proxies (a workload's token) with
-// codes.PermissionDenied, and so is a stream whose xDS Node id names another
-// node than the caller's: proxy-status shows the authenticated node.
+// other kinds of callers (a workload's token) with codes.PermissionDenied.
+// Each request is then authorized by the caller's kind (authorize): a node
+// proxy reads the workload types as its own node (a request whose xDS Node
+// id names another node is PermissionDenied; proxy-status shows the
+// authenticated node), a waypoint the Envoy types of its own waypoint.
 func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerInterceptor {
 	s.authRequired = true
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
@@ -47,13 +51,39 @@ func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerIn
 			s.log.Error("xds client not authenticated: cannot check its token", "peer", peerAddr(ctx), "err", err)
 			return status.Error(codes.Unavailable, "cannot verify the token now")
 		}
-		if caller.Kind != auth.NodeProxy {
-			msg := fmt.Sprintf("%s is a %s, not a node proxy: it may not read the mesh's configuration", caller.Name, caller.Kind)
+		if caller.Kind != auth.NodeProxy && caller.Kind != auth.Waypoint {
+			msg := fmt.Sprintf("%s is a %s, neither a node proxy nor a waypoint: it may not read xDS configuration", caller.Name, caller.Kind)
 			s.log.Warn("xds client refused", "peer", peerAddr(ctx), "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "code", codes.PermissionDenied.String(), "reason", msg)
 			return status.Error(codes.PermissionDenied, msg)
 		}
 		return handler(srv, callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller)})
 	}
+}
+
+// authorize says whether a stream of caller (nil on a server that does not
+// authenticate) may subscribe to typeURL: node proxies to the workload
+// types, waypoints to the Envoy types; nothing else. The error is a
+// PermissionDenied status.
+func authorize(caller *auth.Caller, typeURL string) error {
+	kind, name := auth.NodeProxy, "an unauthenticated client"
+	if caller != nil {
+		kind, name = caller.Kind, caller.Name
+	}
+	switch {
+	case kind == auth.NodeProxy && slices.Contains(workload.TypeURLs, typeURL):
+		return nil
+	case kind == auth.Waypoint && isEnvoyType(typeURL):
+		return nil
+	case kind == auth.NodeProxy && isEnvoyType(typeURL):
+		return status.Errorf(codes.PermissionDenied, "%s is a node proxy: it may subscribe to the ambit.workload.v1 types, not to %s (Envoy types are served to waypoints)", name, typeURL)
+	case kind == auth.NodeProxy:
+		return status.Errorf(codes.PermissionDenied, "%s is a node proxy: it may subscribe to the ambit.workload.v1 types, not to %s", name, typeURL)
+	case kind == auth.Waypoint && slices.Contains(workload.TypeURLs, typeURL):
+		return status.Errorf(codes.PermissionDenied, "%s is a waypoint: it may subscribe to its own Envoy resources (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment), not to %s (served to node proxies)", name, typeURL)
+	case kind == auth.Waypoint:
+		return status.Errorf(codes.PermissionDenied, "%s is a waypoint: it may subscribe to its own Envoy resources (Listener, RouteConfiguration, Cluster, ClusterLoadAssignment), not to %s", name, typeURL)
+	}
+	return status.Errorf(codes.PermissionDenied, "%s is a %s: it may not subscribe to %s", name, kind, typeURL)
 }
 
 // callerKey is the context key of the authenticated *auth.Caller of a stream.

@@ -239,7 +239,7 @@ func BenchmarkOnePodChange100Streams(b *testing.B) {
 	srv, conn, stop := startBenchServer(b, b.Context(), store)
 	defer stop()
 	var pushes atomic.Int64
-	srv.pushed = func(time.Duration, int) { pushes.Add(1) }
+	srv.workloads.pushed = func(time.Duration, int) { pushes.Add(1) }
 	ctx, cancel := context.WithCancel(b.Context())
 	defer cancel()
 

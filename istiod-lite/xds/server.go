@@ -1,10 +1,42 @@
-// Package xds is istiod-lite's xDS server: it streams the model (workloads,
-// services, authorization policies, peer authentications) to ztunnels over
-// incremental (Delta) xDS, on go-control-plane's server with a cache built for
-// many wildcard subscribers of a large resource set (see deltaCache). Resources
-// are ambit.workload.v1 messages (api/workload). It tracks per-client versions
-// and ACK/NACK for proxy-status. With RequireAuthentication it serves only node
-// proxies, authenticated by their bearer token, each as its own node.
+// Package xds is istiod-lite's xDS server: one Delta ADS endpoint (on 15012,
+// next to the certificate service) that serves two kinds of clients from two
+// generators.
+//
+// The core (Server) owns the streams: go-control-plane's delta server, the
+// authentication hook (RequireAuthentication: every stream carries an
+// auth.Caller), per-kind authorization of each request's type URL, and the
+// ACK/NACK status table behind proxy-status. It routes each watch to a
+// generator by type URL through a mux cache; since a
+// caller's kind fixes the type URLs it may subscribe to (authorize), the type
+// URL also picks the generator the caller's kind is served by (mux: a
+// go-control-plane cache.MuxCache):
+//
+//   - node proxies (ztunnels, local hosts) subscribe, wildcard, to the
+//     ambit.workload.v1 types (api/workload): workloads, services,
+//     authorization and peer authentication policies, as their own node. The
+//     workload generator (workloads.go) streams the model's changes into
+//     deltaCache, a cache built for many identical wildcard subscribers of a
+//     large resource set (cache.go). Every node proxy gets the same resources.
+//   - waypoints subscribe to the Envoy v3 types (Listener,
+//     RouteConfiguration, Cluster, ClusterLoadAssignment) and get only their
+//     own waypoint's resources, whatever they send as their xDS node. The
+//     waypoint generator (waypoints.go) builds, for each connected waypoint,
+//     a go-control-plane cache.Snapshot from envoy.ForWaypoint (a pure
+//     function of the model), validates every resource (ValidateAll, nested
+//     typed configs included) and the snapshot's consistency, and publishes
+//     it in a go-control-plane SnapshotCache keyed by the authenticated
+//     waypoint, never by the client's node. A snapshot that fails is not
+//     published: the waypoint keeps the last good one and proxy-status shows
+//     the error. Snapshots are rebuilt on every model change.
+//
+// Any other combination (a node proxy asking for Envoy types, a waypoint for
+// workload types, a workload's or an operator's token) is PermissionDenied.
+//
+// Resource versions are hashes of their bytes in both generators, so a
+// reconnecting client that presents the versions it holds receives only what
+// changed while it was away, and a version a client NACKed is not sent to
+// that stream again: it is sent something new only when the model changes
+// what that client should have.
 package xds
 
 import (
@@ -14,31 +46,36 @@ import (
 	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/server/delta/v3"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
+	"github.com/ambit-mesh/ambit/istiod-lite/envoy"
 	"github.com/ambit-mesh/ambit/model"
 )
 
-// Server serves the model in Store over Delta xDS. Create it with New,
+// Server serves the model in a store over Delta ADS. Create it with New,
 // Register it on a gRPC server, and run Start. Without RequireAuthentication
-// it serves anyone who can reach it (tests).
+// it serves anyone who can reach it the workload types (tests), and the
+// Envoy types to no one.
 type Server struct {
-	store  *model.Store
-	log    *slog.Logger
-	cache  *deltaCache
-	status *statusTable
-	xds    delta.Server
-	ctx    context.Context // ends the xDS streams when Start returns
-	cancel context.CancelFunc
+	// BuildWaypoint builds a waypoint's Envoy resources from a snapshot of
+	// the model (envoy.ForWaypoint if nil). Set it before Start.
+	BuildWaypoint func(*model.Snapshot, envoy.Waypoint) (*envoy.Resources, error)
+
+	store     *model.Store
+	log       *slog.Logger
+	workloads *workloadGen
+	waypoints *waypointGen
+	status    *statusTable
+	xds       delta.Server
+	ctx       context.Context // ends the xDS streams when Start returns
+	cancel    context.CancelFunc
 
 	// authRequired is set by RequireAuthentication, before serving: streams
 	// must then carry an authenticated caller.
 	authRequired bool
-
-	// pushed, when set, is called after each push with its duration and size
-	// (for benchmarks and metrics).
-	pushed func(d time.Duration, resources int)
 }
 
 // New returns a server for store. log may be nil.
@@ -50,10 +87,33 @@ func New(store *model.Store, log *slog.Logger) *Server {
 	// returns (its ctx is not known yet when Register is called).
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{store: store, log: log, status: &statusTable{streams: map[int64]*StreamStatus{}, now: time.Now}, ctx: ctx, cancel: cancel}
-	s.cache = newDeltaCache(ctx)
-	s.xds = delta.NewServer(ctx, s.cache, callbacks{s})
+	s.workloads = &workloadGen{store: store, log: log, cache: newDeltaCache(ctx)}
+	s.waypoints = newWaypointGen(store, log, func(m *model.Snapshot, wp envoy.Waypoint) (*envoy.Resources, error) {
+		if s.BuildWaypoint != nil {
+			return s.BuildWaypoint(m, wp)
+		}
+		return envoy.ForWaypoint(m, wp)
+	})
+	s.xds = delta.NewServer(ctx, &cache.MuxCache{
+		// By type URL: authorize has checked that the stream's caller kind
+		// is the one that generator serves.
+		ClassifyDelta: func(r *cache.DeltaRequest) string {
+			if isEnvoyType(r.GetTypeUrl()) {
+				return genWaypoints
+			}
+			return genWorkloads
+		},
+		Classify: func(*cache.Request) string { return genWorkloads }, // SotW: refused there
+		Caches:   map[string]cache.Cache{genWorkloads: s.workloads.cache, genWaypoints: s.waypoints},
+	}, callbacks{s})
 	return s
 }
+
+// The generators, as the mux cache names them.
+const (
+	genWorkloads = "workloads"
+	genWaypoints = "waypoints"
+)
 
 // ServerOptions are the gRPC server options xDS wants: HTTP/2 windows
 // large enough for a full push of a large mesh (tens of MB) to go out in few
@@ -91,54 +151,15 @@ func (a ads) DeltaAggregatedResources(st discovery.AggregatedDiscoveryService_De
 // ACK/NACK state.
 func (s *Server) Status() []StreamStatus { return s.status.snapshot() }
 
-// Start pushes every change of the store to the cache (and so to the
-// clients) until ctx ends. A snapshot that fails its consistency check is not
-// pushed; the clients keep the last pushed state until a good one arrives.
+// Start runs the generators until ctx ends: every change of the store
+// reaches the node proxies' cache and rebuilds the connected waypoints'
+// snapshots. When it returns, the streams end.
 func (s *Server) Start(ctx context.Context) error {
 	defer s.cancel()
-	changed := s.store.Changed()
-	pushed := model.NewSnapshot(nil, nil, nil, nil) // version 0 of a store is empty
-	var pushedVersion uint64
-	push := func() {
-		start := time.Now()
-		ds, cur, version, ok := s.store.Since(pushedVersion)
-		var r *Resources
-		var err error
-		if ok {
-			r, err = MakeDeltaResources(ds, cur)
-		} else {
-			r, err = MakeResources(pushed, cur)
-		}
-		if err == nil {
-			err = Consistent(r, cur)
-		}
-		if err != nil {
-			s.log.Error("not pushing an inconsistent model; clients keep the last one", "error", err)
-			return
-		}
-		for _, t := range typeOrder {
-			if len(r.Set[t])+len(r.Remove[t]) > 0 {
-				s.cache.Update(t, r.Set[t], r.Remove[t])
-			}
-		}
-		pushed, pushedVersion = cur, version
-		s.cache.SetReady()
-		if n := r.Count(); n > 0 {
-			logResources(s.log, r, "pushed")
-			if s.pushed != nil {
-				s.pushed(time.Since(start), n)
-			}
-		}
-	}
-	push()
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-changed:
-			push()
-		}
-	}
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return s.workloads.Start(ctx) })
+	g.Go(func() error { return s.waypoints.Start(ctx) })
+	return g.Wait()
 }
 
 func sameMap[K comparable, V any](a, b map[K]V) bool {

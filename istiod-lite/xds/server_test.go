@@ -48,7 +48,7 @@ func meshSnapshot(t *testing.T) *model.Snapshot {
 
 // The hosts the test servers authenticate (local mode's HostAuthenticator):
 // node-<n> has the secret secret(node-<n>).
-var hosts = func() *ca.HostAuthenticator {
+var hosts = func() *auth.HostAuthenticator {
 	a, err := auth.NewHostAuthenticator(map[string]string{"node-1": secret("node-1"), "node-2": secret("node-2"), "node-3": secret("node-3")})
 	if err != nil {
 		panic(err)
@@ -254,7 +254,7 @@ func TestNACKKeepsLastGoodState(t *testing.T) {
 	// A resource the client cannot decode (3-byte address).
 	bad, _ := anypb.New(&workload.Workload{Uid: "bad", Addresses: [][]byte{{1, 2, 3}}})
 	bad.TypeUrl = workload.WorkloadType
-	s.cache.Update(workload.WorkloadType, map[string]*anypb.Any{"bad": bad}, nil)
+	s.workloads.cache.Update(workload.WorkloadType, map[string]*anypb.Any{"bad": bad}, nil)
 
 	eventually(t, "NACK", func() bool {
 		for _, st := range s.Status() {

@@ -19,17 +19,27 @@ import (
 // StreamStatus is one connected client, for `ambitctl proxy-status`.
 type StreamStatus struct {
 	ID int64 `json:"id"`
+	// Kind is the authenticated caller's kind ("node-proxy", "waypoint");
+	// empty when the server does not authenticate.
+	Kind string `json:"kind,omitempty"`
 	// Node is the authenticated caller's node when the server requires
-	// authentication (a stream whose xDS Node id names another is refused),
-	// else the xDS Node id the client sent.
+	// authentication (a node proxy whose xDS Node id names another is
+	// refused), else the xDS Node id the client sent.
 	Node string `json:"node"`
-	// Caller is the authenticated caller ("pod <ns>/<name>", "host <name>").
-	Caller    string                 `json:"caller,omitempty"`
+	// Caller is the authenticated caller ("pod <ns>/<name>", "host <name>",
+	// "waypoint <ns>/<name>").
+	Caller string `json:"caller,omitempty"`
+	// Waypoint is the waypoint a waypoint caller is ("<ns>/<name>"): the one
+	// whose resources its stream reads.
+	Waypoint string `json:"waypoint,omitempty"`
+	// ProxyID is the xDS Node id a waypoint sent (its pod or host name); it
+	// selects nothing.
+	ProxyID   string                 `json:"proxyId,omitempty"`
 	Peer      string                 `json:"peer,omitempty"`
 	Connected time.Time              `json:"connected"`
 	Types     map[string]*TypeStatus `json:"types"` // by type URL
 
-	authenticated bool // Node and Caller were authenticated
+	caller *auth.Caller // the authenticated caller (nil when the server does not authenticate)
 }
 
 // TypeStatus is the state of one type on one stream. The client is in sync
@@ -73,19 +83,39 @@ type statusTable struct {
 // open records a stream; caller is its authenticated caller (nil when the
 // server does not authenticate).
 func (s *statusTable) open(ctx context.Context, id int64, caller *auth.Caller) {
-	st := &StreamStatus{ID: id, Connected: s.now(), Types: map[string]*TypeStatus{}, Peer: peerAddr(ctx)}
+	st := &StreamStatus{ID: id, Connected: s.now(), Types: map[string]*TypeStatus{}, Peer: peerAddr(ctx), caller: caller}
 	if caller != nil {
-		st.Node, st.Caller, st.authenticated = caller.Node, caller.Name, true
+		st.Kind, st.Node, st.Caller = caller.Kind.String(), caller.Node, caller.Name
+		if caller.Kind == auth.Waypoint {
+			st.Waypoint = caller.Waypoint.String()
+		}
 	}
 	s.mu.Lock()
 	s.streams[id] = st
 	s.mu.Unlock()
 }
 
-func (s *statusTable) closed(id int64) {
+// closed forgets a stream and returns its caller.
+func (s *statusTable) closed(id int64) *auth.Caller {
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
 	delete(s.streams, id)
-	s.mu.Unlock()
+	if st == nil {
+		return nil
+	}
+	return st.caller
+}
+
+// callerOf returns the stream's caller and whether the stream is known.
+func (s *statusTable) callerOf(id int64) (*auth.Caller, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	if st == nil {
+		return nil, false
+	}
+	return st.caller, true
 }
 
 func (s *statusTable) typ(st *StreamStatus, url string) *TypeStatus {
@@ -98,25 +128,35 @@ func (s *statusTable) typ(st *StreamStatus, url string) *TypeStatus {
 }
 
 // request records a request: the node, and an ACK or NACK of a nonce. It
-// returns whether it was a NACK and the stream's node and caller, or an error
-// (a status) for a request whose Node id is not the authenticated caller's
-// node.
-func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (nack bool, node, caller string, err error) {
+// returns whether it was a NACK and the stream's node, or an error (a
+// status) for a request whose node is not the authenticated caller's: a
+// node proxy's Node id must be its node, a waypoint's Node cluster (when
+// set) its waypoint.
+func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (nack bool, node string, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.streams[id]
 	if st == nil {
-		return false, "", "", nil
+		return false, "", nil
 	}
-	if n := req.GetNode().GetId(); n != "" && n != st.Node {
-		if st.authenticated {
-			return false, st.Node, st.Caller, status.Errorf(codes.PermissionDenied, "%s is on node %s: it may not claim node %q", st.Caller, st.Node, n)
+	if n := req.GetNode(); n != nil {
+		switch c := st.caller; {
+		case c == nil:
+			if n.GetId() != "" {
+				st.Node = n.GetId()
+			}
+		case c.Kind == auth.Waypoint:
+			if cl := n.GetCluster(); cl != "" && cl != st.Waypoint {
+				return false, st.Node, status.Errorf(codes.PermissionDenied, "%s is waypoint %s: it may not claim cluster %q", st.Caller, st.Waypoint, cl)
+			}
+			st.ProxyID = n.GetId()
+		case n.GetId() != "" && n.GetId() != st.Node:
+			return false, st.Node, status.Errorf(codes.PermissionDenied, "%s is on node %s: it may not claim node %q", st.Caller, st.Node, n.GetId())
 		}
-		st.Node = n
 	}
 	nonce := req.GetResponseNonce()
 	if nonce == "" {
-		return false, st.Node, st.Caller, nil
+		return false, st.Node, nil
 	}
 	t := s.typ(st, req.GetTypeUrl())
 	if req.GetErrorDetail() != nil {
@@ -128,7 +168,7 @@ func (s *statusTable) request(id int64, req *discovery.DeltaDiscoveryRequest) (n
 		t.AckedNonce, t.AckedVersion = nonce, t.sentVersions[nonce]
 	}
 	delete(t.sentVersions, nonce)
-	return nack, st.Node, st.Caller, nil
+	return nack, st.Node, nil
 }
 
 func (s *statusTable) response(id int64, resp *discovery.DeltaDiscoveryResponse) {
@@ -172,8 +212,11 @@ func (s *statusTable) snapshot() []StreamStatus {
 
 // statusJSON is the debug endpoint's document.
 type statusJSON struct {
+	// Resources counts the node proxies' (workload) resources by type URL.
 	Resources map[string]int `json:"resources"`
-	Streams   []streamJSON   `json:"streams"`
+	// Waypoints are the connected waypoints' snapshots by "<ns>/<name>".
+	Waypoints map[string]WaypointStatus `json:"waypoints"`
+	Streams   []streamJSON              `json:"streams"`
 }
 
 type streamJSON struct {
@@ -184,7 +227,7 @@ type streamJSON struct {
 // ServeHTTP serves the proxy status as JSON (mounted on the admin port at
 // /debug/proxy-status).
 func (s *Server) ServeHTTP(w http.ResponseWriter, _ *http.Request) {
-	doc := statusJSON{Resources: s.cache.Resources()}
+	doc := statusJSON{Resources: s.workloads.cache.Resources(), Waypoints: s.waypoints.Status()}
 	for _, st := range s.Status() {
 		sj := streamJSON{StreamStatus: st, Sync: map[string]string{}}
 		for k, t := range st.Types {
@@ -212,30 +255,53 @@ func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) er
 		return status.Error(codes.Unauthenticated, "not authenticated")
 	}
 	c.s.status.open(ctx, id, caller)
-	if caller != nil {
-		c.s.log.Debug("xds stream opened", "stream", id, "caller", caller.Name, "node", caller.Node)
-	} else {
+	switch {
+	case caller == nil:
 		c.s.log.Debug("xds stream opened", "stream", id)
+	case caller.Kind == auth.Waypoint:
+		c.s.waypoints.streamOpened(caller.Waypoint)
+		c.s.log.Debug("xds stream opened", "stream", id, "caller", caller.Name, "callerKind", caller.Kind.String(), "waypoint", caller.Waypoint.String())
+	default:
+		c.s.log.Debug("xds stream opened", "stream", id, "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node)
 	}
 	return nil
 }
 
 func (c callbacks) OnDeltaStreamClosed(id int64, node *core.Node) {
-	c.s.status.closed(id)
-	c.s.cache.streamClosed(id)
+	caller := c.s.status.closed(id)
+	c.s.workloads.cache.streamClosed(id)
+	if caller != nil && caller.Kind == auth.Waypoint {
+		c.s.waypoints.streamClosed(id, caller.Waypoint)
+	}
 	c.s.log.Debug("xds stream closed", "stream", id, "node", node.GetId())
 }
 
 func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryRequest) error {
-	nack, node, caller, err := c.s.status.request(id, req)
+	caller, ok := c.s.status.callerOf(id)
+	if !ok {
+		return status.Error(codes.Internal, "unknown stream")
+	}
+	name := ""
+	if caller != nil {
+		name = caller.Name
+	}
+	if err := authorize(caller, req.GetTypeUrl()); err != nil {
+		c.s.log.Warn("xds client refused", "stream", id, "caller", name, "type", req.GetTypeUrl(), "code", codes.PermissionDenied.String(), "reason", status.Convert(err).Message())
+		return err
+	}
+	nack, node, err := c.s.status.request(id, req)
 	if err != nil {
-		c.s.log.Warn("xds client refused", "stream", id, "caller", caller, "node", node, "claimedNode", req.GetNode().GetId(), "code", codes.PermissionDenied.String(), "reason", status.Convert(err).Message())
+		c.s.log.Warn("xds client refused", "stream", id, "caller", name, "node", node, "claimedNode", req.GetNode().GetId(), "claimedCluster", req.GetNode().GetCluster(), "code", codes.PermissionDenied.String(), "reason", status.Convert(err).Message())
 		return err
 	}
 	if nack {
-		c.s.log.Warn("xds NACK", "stream", id, "node", node, "caller", caller, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
+		c.s.log.Warn("xds NACK", "stream", id, "node", node, "caller", name, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
 	}
-	c.s.cache.requestOnStream(id, req)
+	if isEnvoyType(req.GetTypeUrl()) {
+		c.s.waypoints.requestOnStream(id, caller.Waypoint, req) // authorize: caller is a waypoint
+	} else {
+		c.s.workloads.cache.requestOnStream(id, req)
+	}
 	return nil
 }
 
