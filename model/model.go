@@ -2,7 +2,6 @@ package model
 
 import (
 	"net/netip"
-	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -215,49 +214,3 @@ type PeerAuthentication struct {
 
 // Key returns the store key.
 func (p *PeerAuthentication) Key() string { return p.Namespace + "/" + p.Name }
-
-// HTTPRoute is a Gateway API HTTPRoute reduced to what a waypoint needs
-// (GAMMA: its parent is a Service). ztunnels do not receive it; it is kept in
-// the model for the waypoint. Key: "<namespace>/<name>".
-type HTTPRoute struct {
-	Name      string          `json:"name"`
-	Namespace string          `json:"namespace"`
-	Parents   []RouteParent   `json:"parents"`
-	Hostnames []string        `json:"hostnames,omitempty"`
-	Rules     []HTTPRouteRule `json:"rules"`
-}
-
-// Key returns the store key.
-func (r *HTTPRoute) Key() string { return r.Namespace + "/" + r.Name }
-
-// RouteParent is a parentRef: a Service (GAMMA) or a Gateway.
-type RouteParent struct {
-	Kind      string `json:"kind"` // "Service" or "Gateway"
-	Namespace string `json:"namespace"`
-	Name      string `json:"name"`
-	Port      uint16 `json:"port,omitempty"`
-}
-
-// HTTPRouteRule is one rule: its matches (any), its weighted backends and
-// its timeout.
-type HTTPRouteRule struct {
-	Matches  []HTTPMatch       `json:"matches,omitempty"`
-	Backends []WeightedBackend `json:"backends"`
-	// Timeout is the request timeout (Gateway API timeouts.request), 0 = none.
-	Timeout time.Duration `json:"timeout,omitempty"`
-}
-
-// HTTPMatch matches a request; every set field must match.
-type HTTPMatch struct {
-	PathType string            `json:"pathType,omitempty"` // Exact, PathPrefix, RegularExpression
-	Path     string            `json:"path,omitempty"`
-	Method   string            `json:"method,omitempty"`
-	Headers  map[string]string `json:"headers,omitempty"` // exact matches
-}
-
-// WeightedBackend is a backendRef: a service port with a weight.
-type WeightedBackend struct {
-	Service string `json:"service"` // Service.Key() of the backend
-	Port    uint16 `json:"port"`
-	Weight  int32  `json:"weight"`
-}

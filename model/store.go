@@ -17,6 +17,13 @@ type Snapshot struct {
 	// HTTPRoutes are for waypoints (ztunnels do not receive them). NewSnapshot
 	// leaves it empty; a builder may fill it before publishing the snapshot.
 	HTTPRoutes map[string]*HTTPRoute // by HTTPRoute.Key()
+	// GRPCRoutes, DestinationRules, WaypointPolicies and Waypoints are the
+	// rest of the L7 model (see l7.go), for waypoints only; NewSnapshot
+	// leaves them empty likewise.
+	GRPCRoutes       map[string]*HTTPRoute       // GRPCRoutes by HTTPRoute.Key()
+	DestinationRules map[string]*DestinationRule // by DestinationRule.Key()
+	WaypointPolicies map[string]*WaypointPolicy  // by WaypointPolicy.Key()
+	Waypoints        map[string]*Waypoint        // by Waypoint.Key()
 
 	// indexes, built by index()
 	byIP  map[netip.Addr]*Workload
@@ -36,13 +43,35 @@ type Delta struct {
 	RemovedPeerAuthn  []string
 	HTTPRoutes        []*HTTPRoute
 	RemovedHTTPRoutes []string
+
+	GRPCRoutes              []*HTTPRoute
+	RemovedGRPCRoutes       []string
+	DestinationRules        []*DestinationRule
+	RemovedDestinationRules []string
+	WaypointPolicies        []*WaypointPolicy
+	RemovedWaypointPolicies []string
+	Waypoints               []*Waypoint
+	RemovedWaypoints        []string
 }
 
 // Empty reports whether d changes nothing.
 func (d *Delta) Empty() bool {
 	return len(d.Workloads)+len(d.Services)+len(d.Policies)+len(d.PeerAuthn)+
 		len(d.RemovedWorkloads)+len(d.RemovedServices)+len(d.RemovedPolicies)+len(d.RemovedPeerAuthn)+
-		len(d.HTTPRoutes)+len(d.RemovedHTTPRoutes) == 0
+		len(d.HTTPRoutes)+len(d.RemovedHTTPRoutes)+d.l7Len() == 0
+}
+
+// l7Len returns the number of L7 (waypoint-only) changes in d.
+func (d *Delta) l7Len() int {
+	return len(d.GRPCRoutes) + len(d.RemovedGRPCRoutes) + len(d.DestinationRules) + len(d.RemovedDestinationRules) +
+		len(d.WaypointPolicies) + len(d.RemovedWaypointPolicies) + len(d.Waypoints) + len(d.RemovedWaypoints)
+}
+
+// Len returns the number of upserts and removals in d.
+func (d *Delta) Len() int {
+	return len(d.Workloads) + len(d.Services) + len(d.Policies) + len(d.PeerAuthn) + len(d.HTTPRoutes) +
+		len(d.RemovedWorkloads) + len(d.RemovedServices) + len(d.RemovedPolicies) + len(d.RemovedPeerAuthn) +
+		len(d.RemovedHTTPRoutes) + d.l7Len()
 }
 
 // NewSnapshot builds a snapshot (with its indexes) from resource lists.
@@ -53,6 +82,11 @@ func NewSnapshot(workloads []*Workload, services []*Service, policies []*Policy,
 		Policies:   make(map[string]*Policy, len(policies)),
 		PeerAuthn:  make(map[string]*PeerAuthentication, len(peerAuthn)),
 		HTTPRoutes: map[string]*HTTPRoute{},
+
+		GRPCRoutes:       map[string]*HTTPRoute{},
+		DestinationRules: map[string]*DestinationRule{},
+		WaypointPolicies: map[string]*WaypointPolicy{},
+		Waypoints:        map[string]*Waypoint{},
 	}
 	for _, w := range workloads {
 		s.Workloads[w.UID] = w
@@ -101,6 +135,11 @@ func (s *Snapshot) Apply(d *Delta) *Snapshot {
 		Policies:   applyDelta(s.Policies, d.Policies, d.RemovedPolicies, (*Policy).Key),
 		PeerAuthn:  applyDelta(s.PeerAuthn, d.PeerAuthn, d.RemovedPeerAuthn, (*PeerAuthentication).Key),
 		HTTPRoutes: applyDelta(s.HTTPRoutes, d.HTTPRoutes, d.RemovedHTTPRoutes, (*HTTPRoute).Key),
+
+		GRPCRoutes:       applyDelta(s.GRPCRoutes, d.GRPCRoutes, d.RemovedGRPCRoutes, (*HTTPRoute).Key),
+		DestinationRules: applyDelta(s.DestinationRules, d.DestinationRules, d.RemovedDestinationRules, (*DestinationRule).Key),
+		WaypointPolicies: applyDelta(s.WaypointPolicies, d.WaypointPolicies, d.RemovedWaypointPolicies, (*WaypointPolicy).Key),
+		Waypoints:        applyDelta(s.Waypoints, d.Waypoints, d.RemovedWaypoints, (*Waypoint).Key),
 	}
 	if s.byIP == nil {
 		n.index()

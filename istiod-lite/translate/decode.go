@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -87,6 +88,10 @@ func decodeDoc(doc []byte) ([]any, []string, error) {
 		obj = &gwv1.Gateway{}
 	case "gateway.networking.k8s.io/v1/HTTPRoute", "gateway.networking.k8s.io/v1beta1/HTTPRoute":
 		obj = &gwv1.HTTPRoute{}
+	case "gateway.networking.k8s.io/v1/GRPCRoute":
+		obj = &gwv1.GRPCRoute{}
+	case "networking.istio.io/v1/DestinationRule", "networking.istio.io/v1beta1/DestinationRule", "networking.istio.io/v1alpha3/DestinationRule":
+		obj = &networkingv1.DestinationRule{}
 	case "security.istio.io/v1/AuthorizationPolicy", "security.istio.io/v1beta1/AuthorizationPolicy":
 		obj = &security.AuthorizationPolicy{}
 	case "security.istio.io/v1/PeerAuthentication", "security.istio.io/v1beta1/PeerAuthentication":

@@ -1,6 +1,7 @@
 package translate
 
 import (
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -19,6 +20,8 @@ type Objects struct {
 	EndpointSlices        map[string]*discoveryv1.EndpointSlice
 	Gateways              map[string]*gwv1.Gateway
 	HTTPRoutes            map[string]*gwv1.HTTPRoute
+	GRPCRoutes            map[string]*gwv1.GRPCRoute
+	DestinationRules      map[string]*networkingv1.DestinationRule
 	AuthorizationPolicies map[string]*security.AuthorizationPolicy
 	PeerAuthentications   map[string]*security.PeerAuthentication
 
@@ -37,6 +40,8 @@ func NewObjects() *Objects {
 		EndpointSlices:        map[string]*discoveryv1.EndpointSlice{},
 		Gateways:              map[string]*gwv1.Gateway{},
 		HTTPRoutes:            map[string]*gwv1.HTTPRoute{},
+		GRPCRoutes:            map[string]*gwv1.GRPCRoute{},
+		DestinationRules:      map[string]*networkingv1.DestinationRule{},
 		AuthorizationPolicies: map[string]*security.AuthorizationPolicy{},
 		PeerAuthentications:   map[string]*security.PeerAuthentication{},
 		podsByNS:              map[string]map[string]*corev1.Pod{},
@@ -100,6 +105,14 @@ func (o *Objects) Set(obj any) Changes {
 		k := Key(v.Namespace, v.Name)
 		o.HTTPRoutes[k] = v
 		ch.HTTPRoutes = []string{k}
+	case *gwv1.GRPCRoute:
+		k := Key(v.Namespace, v.Name)
+		o.GRPCRoutes[k] = v
+		ch.GRPCRoutes = []string{k}
+	case *networkingv1.DestinationRule:
+		k := Key(v.Namespace, v.Name)
+		o.DestinationRules[k] = v
+		ch.DestinationRules = []string{k}
 	case *security.AuthorizationPolicy:
 		k := Key(v.Namespace, v.Name)
 		o.AuthorizationPolicies[k] = v
@@ -147,6 +160,12 @@ func (o *Objects) Delete(obj any, key string) Changes {
 	case *gwv1.HTTPRoute:
 		delete(o.HTTPRoutes, key)
 		ch.HTTPRoutes = []string{key}
+	case *gwv1.GRPCRoute:
+		delete(o.GRPCRoutes, key)
+		ch.GRPCRoutes = []string{key}
+	case *networkingv1.DestinationRule:
+		delete(o.DestinationRules, key)
+		ch.DestinationRules = []string{key}
 	case *security.AuthorizationPolicy:
 		delete(o.AuthorizationPolicies, key)
 		ch.AuthorizationPolicies = []string{key}
@@ -233,6 +252,8 @@ type Changes struct {
 	Pods                  []string
 	Services              []string
 	HTTPRoutes            []string
+	GRPCRoutes            []string
+	DestinationRules      []string
 	AuthorizationPolicies []string
 	PeerAuthentications   []string
 }
@@ -244,6 +265,8 @@ func (c *Changes) Merge(c2 Changes) {
 	c.Pods = append(c.Pods, c2.Pods...)
 	c.Services = append(c.Services, c2.Services...)
 	c.HTTPRoutes = append(c.HTTPRoutes, c2.HTTPRoutes...)
+	c.GRPCRoutes = append(c.GRPCRoutes, c2.GRPCRoutes...)
+	c.DestinationRules = append(c.DestinationRules, c2.DestinationRules...)
 	c.AuthorizationPolicies = append(c.AuthorizationPolicies, c2.AuthorizationPolicies...)
 	c.PeerAuthentications = append(c.PeerAuthentications, c2.PeerAuthentications...)
 }
@@ -251,5 +274,6 @@ func (c *Changes) Merge(c2 Changes) {
 // Empty reports whether c names nothing.
 func (c *Changes) Empty() bool {
 	return !c.Full && len(c.Namespaces)+len(c.Pods)+len(c.Services)+len(c.HTTPRoutes)+
+		len(c.GRPCRoutes)+len(c.DestinationRules)+
 		len(c.AuthorizationPolicies)+len(c.PeerAuthentications) == 0
 }

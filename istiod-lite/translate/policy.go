@@ -14,7 +14,7 @@ import (
 )
 
 // policy translates an AuthorizationPolicy for ztunnel (L4). nil when it is
-// ignored (targetRefs, AUDIT, CUSTOM).
+// ignored (AUDIT, CUSTOM) or is a waypoint's (targetRefs: waypointPolicy).
 //
 // It fails closed, as Istio's ztunnel does for L7 attributes: what ztunnel
 // cannot enforce or parse never widens access.
@@ -32,8 +32,7 @@ import (
 func (t *translator) policy(ap *security.AuthorizationPolicy) *model.Policy {
 	kind := security.KindAuthorizationPolicy
 	if len(ap.Spec.TargetRefs) > 0 || ap.Spec.TargetRef != nil {
-		t.report(kind, ap.Namespace, ap.Name, ReasonUnsupported, "targetRefs policies are enforced by waypoints, which do not read policies yet; ignored")
-		return nil
+		return nil // enforced by waypoints: see waypointPolicy
 	}
 	p := &model.Policy{Name: ap.Name, Namespace: ap.Namespace, MeshWide: ap.Namespace == t.opts.RootNamespace}
 	if ap.Spec.Selector != nil && len(ap.Spec.Selector.MatchLabels) > 0 {

@@ -128,6 +128,24 @@ func Build(o *Objects, opts Options) Result {
 			snap.HTTPRoutes[r.Key()] = r
 		}
 	}
+	for _, k := range sortedKeys(o.GRPCRoutes) {
+		if r := t.grpcRoute(o.GRPCRoutes[k]); r != nil {
+			snap.GRPCRoutes[r.Key()] = r
+		}
+	}
+	for _, k := range sortedKeys(o.DestinationRules) {
+		if d := t.destinationRule(o.DestinationRules[k]); d != nil {
+			snap.DestinationRules[d.Key()] = d
+		}
+	}
+	for _, k := range sortedKeys(o.AuthorizationPolicies) {
+		if p := t.waypointPolicy(o.AuthorizationPolicies[k]); p != nil {
+			snap.WaypointPolicies[p.Key()] = p
+		}
+	}
+	for _, w := range t.waypoints() {
+		snap.Waypoints[w.Key()] = w
+	}
 	return Result{Snapshot: snap, Problems: t.problems}
 }
 

@@ -44,6 +44,10 @@ type golden struct {
 	Policies   []*model.Policy             `json:"policies"`
 	PeerAuthn  []*model.PeerAuthentication `json:"peerAuthentications"`
 	HTTPRoutes []*model.HTTPRoute          `json:"httpRoutes"`
+	GRPCRoutes []*model.HTTPRoute          `json:"grpcRoutes,omitempty"`
+	DestRules  []*model.DestinationRule    `json:"destinationRules,omitempty"`
+	WPolicies  []*model.WaypointPolicy     `json:"waypointPolicies,omitempty"`
+	Waypoints  []*model.Waypoint           `json:"waypoints,omitempty"`
 	Problems   []string                    `json:"problems"`
 }
 
@@ -59,7 +63,9 @@ func render(t *testing.T, r Result) []byte {
 	g := golden{
 		Workloads: values(r.Snapshot.Workloads), Services: values(r.Snapshot.Services),
 		Policies: values(r.Snapshot.Policies), PeerAuthn: values(r.Snapshot.PeerAuthn),
-		HTTPRoutes: values(r.Snapshot.HTTPRoutes),
+		HTTPRoutes: values(r.Snapshot.HTTPRoutes), GRPCRoutes: values(r.Snapshot.GRPCRoutes),
+		DestRules: values(r.Snapshot.DestinationRules), WPolicies: values(r.Snapshot.WaypointPolicies),
+		Waypoints: values(r.Snapshot.Waypoints),
 	}
 	for _, p := range r.Problems {
 		g.Problems = append(g.Problems, p.String())

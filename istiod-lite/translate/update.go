@@ -71,7 +71,7 @@ func Update(o *Objects, prev *model.Snapshot, ch Changes, opts Options) (*model.
 			d.Workloads = append(d.Workloads, w)
 		}
 	}
-	existenceChanged := false
+	existenceChanged := false // a service appeared, went, or changed its ports (route status)
 	for k := range svcs {
 		ns, name, _ := strings.Cut(k, "/")
 		mk := ns + "/" + name + "." + ns + ".svc." + opts.DomainSuffix
@@ -83,37 +83,23 @@ func Update(o *Objects, prev *model.Snapshot, ch Changes, opts Options) (*model.
 			existenceChanged = true
 		case s != nil && !reflect.DeepEqual(s, old):
 			d.Services = append(d.Services, s)
-			existenceChanged = existenceChanged || old == nil
+			existenceChanged = existenceChanged || old == nil || !reflect.DeepEqual(s.Ports, old.Ports)
 		}
 	}
-	routes := set(ch.HTTPRoutes)
+	routes, grpcRoutes := set(ch.HTTPRoutes), set(ch.GRPCRoutes)
 	if existenceChanged {
 		for k := range o.HTTPRoutes {
 			routes[k] = true
 		}
-	}
-	for k := range routes {
-		var r *model.HTTPRoute
-		if obj := o.HTTPRoutes[k]; obj != nil {
-			r = t.route(obj)
-		}
-		if old := prev.HTTPRoutes[k]; r == nil && old != nil {
-			d.RemovedHTTPRoutes = append(d.RemovedHTTPRoutes, k)
-		} else if r != nil && !reflect.DeepEqual(r, old) {
-			d.HTTPRoutes = append(d.HTTPRoutes, r)
+		for k := range o.GRPCRoutes {
+			grpcRoutes[k] = true
 		}
 	}
-	for k := range set(ch.AuthorizationPolicies) {
-		var p *model.Policy
-		if obj := o.AuthorizationPolicies[k]; obj != nil {
-			p = t.policy(obj)
-		}
-		if old := prev.Policies[k]; p == nil && old != nil {
-			d.RemovedPolicies = append(d.RemovedPolicies, k)
-		} else if p != nil && !reflect.DeepEqual(p, old) {
-			d.Policies = append(d.Policies, p)
-		}
-	}
+	d.HTTPRoutes, d.RemovedHTTPRoutes = updateKeys(routes, o.HTTPRoutes, prev.HTTPRoutes, t.route)
+	d.GRPCRoutes, d.RemovedGRPCRoutes = updateKeys(grpcRoutes, o.GRPCRoutes, prev.GRPCRoutes, t.grpcRoute)
+	d.DestinationRules, d.RemovedDestinationRules = updateKeys(set(ch.DestinationRules), o.DestinationRules, prev.DestinationRules, t.destinationRule)
+	d.Policies, d.RemovedPolicies = updateKeys(set(ch.AuthorizationPolicies), o.AuthorizationPolicies, prev.Policies, t.policy)
+	d.WaypointPolicies, d.RemovedWaypointPolicies = updateKeys(set(ch.AuthorizationPolicies), o.AuthorizationPolicies, prev.WaypointPolicies, t.waypointPolicy)
 	for k := range set(ch.PeerAuthentications) {
 		var p *model.PeerAuthentication
 		if obj := o.PeerAuthentications[k]; obj != nil {
@@ -128,6 +114,23 @@ func Update(o *Objects, prev *model.Snapshot, ch Changes, opts Options) (*model.
 	return d, t.problems
 }
 
+// updateKeys re-translates the objects with keys ks (model keys equal object
+// keys) and returns the upserts and removals that change prev.
+func updateKeys[O any, M any](ks map[string]bool, objs map[string]*O, prev map[string]*M, tr func(*O) *M) (upserts []*M, removed []string) {
+	for k := range ks {
+		var m *M
+		if obj := objs[k]; obj != nil {
+			m = tr(obj)
+		}
+		if old := prev[k]; m == nil && old != nil {
+			removed = append(removed, k)
+		} else if m != nil && !reflect.DeepEqual(m, old) {
+			upserts = append(upserts, m)
+		}
+	}
+	return upserts, removed
+}
+
 // Diff returns the delta that turns prev into next. Values are compared by
 // pointer first, then deeply.
 func Diff(prev, next *model.Snapshot) *model.Delta {
@@ -137,6 +140,10 @@ func Diff(prev, next *model.Snapshot) *model.Delta {
 	d.Policies, d.RemovedPolicies = diffMap(prev.Policies, next.Policies)
 	d.PeerAuthn, d.RemovedPeerAuthn = diffMap(prev.PeerAuthn, next.PeerAuthn)
 	d.HTTPRoutes, d.RemovedHTTPRoutes = diffMap(prev.HTTPRoutes, next.HTTPRoutes)
+	d.GRPCRoutes, d.RemovedGRPCRoutes = diffMap(prev.GRPCRoutes, next.GRPCRoutes)
+	d.DestinationRules, d.RemovedDestinationRules = diffMap(prev.DestinationRules, next.DestinationRules)
+	d.WaypointPolicies, d.RemovedWaypointPolicies = diffMap(prev.WaypointPolicies, next.WaypointPolicies)
+	d.Waypoints, d.RemovedWaypoints = diffMap(prev.Waypoints, next.Waypoints)
 	return d
 }
 
