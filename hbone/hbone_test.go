@@ -986,18 +986,18 @@ func TestFlowControl(t *testing.T) {
 		// The writer stops when the handler holds a full window.
 		blocked := func(when string, received int) {
 			t.Helper()
-			waitFor(t, when+": the handler's window to fill", func() bool { return bufferedOn(ss) >= streamWindow })
+			waitFor(t, when+": the handler's window to fill", func() bool { return bufferedOn(ss) >= streamWindow || len(wrote) > 0 })
+			select {
+			case err := <-wrote:
+				t.Fatalf("%s: Write of %d bytes returned (%v) with %d bytes expected to have reached the peer: it did not block on flow control",
+					when, len(data), err, received)
+			default:
+			}
 			if n := bufferedOn(ss); n != streamWindow {
 				t.Fatalf("%s: the handler holds %d unread bytes, more than its window (%d)", when, n, streamWindow)
 			}
 			if w, _ := sendWindows(cs); w != 0 {
 				t.Fatalf("%s: the client's stream send window is %d, want 0", when, w)
-			}
-			select {
-			case err := <-wrote:
-				t.Fatalf("%s: Write of %d bytes returned (%v) after %d bytes reached the peer: it did not block on flow control",
-					when, len(data), err, received)
-			default:
 			}
 		}
 		blocked("at first", streamWindow)
@@ -1071,17 +1071,17 @@ func TestFlowControl(t *testing.T) {
 			}
 			return sum
 		}
-		waitFor(t, "the connection window to fill", func() bool { return total() >= connWindow })
+		waitFor(t, "the connection window to fill", func() bool { return total() >= connWindow || len(wrote) > 0 })
+		select {
+		case err := <-wrote:
+			t.Fatalf("a Write returned (%v) while the connection window was exhausted (%d bytes reached the handlers)", err, total())
+		default:
+		}
 		if got := total(); got != connWindow {
 			t.Fatalf("the handlers hold %d unread bytes, more than the connection window (%d)", got, connWindow)
 		}
 		if _, w := sendWindows(cli[0]); w != 0 {
 			t.Fatalf("the client's connection send window is %d, want 0", w)
-		}
-		select {
-		case err := <-wrote:
-			t.Fatalf("a Write returned (%v) while the connection window was exhausted", err)
-		default:
 		}
 
 		// Reading lets every Write complete.
