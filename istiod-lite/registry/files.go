@@ -33,6 +33,13 @@ type Files struct {
 	Interval time.Duration
 	// Reporter receives the objects translation rejects (default: the log).
 	Reporter Reporter
+	// OnError, if set, is called on Start's goroutine with each file a
+	// reload rejected (the error names it; its last good objects are kept
+	// in the model) and each failure to read the directory (the last model
+	// stays). A reload happens when the directory changes, so a file that
+	// stays broken is reported once. It must not block for long. Nil:
+	// failures are only logged.
+	OnError func(error)
 
 	good   map[string][]any // Start's goroutine only: last good objects per file
 	once   sync.Once
@@ -81,6 +88,7 @@ func (f *Files) Start(ctx context.Context) error {
 		s, err := f.fingerprint()
 		if err != nil {
 			log.Error("config directory unreadable; keeping the last model", "dir", f.Dir, "error", err)
+			f.onError(fmt.Errorf("files: %w", err))
 			continue
 		}
 		if bytes.Equal(s, sum) {
@@ -136,6 +144,7 @@ func (f *Files) load(log *slog.Logger) []any {
 	files, err := f.files()
 	if err != nil {
 		log.Error("config directory unreadable", "dir", f.Dir, "error", err)
+		f.onError(fmt.Errorf("files: %w", err))
 	}
 	seen := map[string]bool{}
 	var all []any
@@ -144,6 +153,7 @@ func (f *Files) load(log *slog.Logger) []any {
 		objs, err := decodeFile(p)
 		if err != nil {
 			log.Error("config file rejected; keeping its last good objects", "file", p, "error", err)
+			f.onError(fmt.Errorf("config file %s: %w", p, err))
 			objs = f.good[p]
 		} else {
 			f.good[p] = objs
@@ -156,6 +166,12 @@ func (f *Files) load(log *slog.Logger) []any {
 		}
 	}
 	return all
+}
+
+func (f *Files) onError(err error) {
+	if f.OnError != nil {
+		f.OnError(err)
+	}
 }
 
 func decodeFile(p string) ([]any, error) {

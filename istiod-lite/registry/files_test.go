@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -76,7 +77,14 @@ spec: {rules: [{to: [{operation: {ports: ["http"]}}]}]}
 `)
 	store := &model.Store{}
 	rep := &problems{}
-	f := &Files{Dir: dir, Store: store, Interval: 20 * time.Millisecond, Reporter: rep}
+	errs := make(chan error, 16)
+	f := &Files{Dir: dir, Store: store, Interval: 20 * time.Millisecond, Reporter: rep,
+		OnError: func(err error) {
+			select {
+			case errs <- err:
+			default:
+			}
+		}}
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error)
 	go func() { done <- f.Start(ctx) }()
@@ -100,16 +108,37 @@ status: {phase: Running, podIP: 10.0.0.2}
 	uidB := translate.WorkloadUID("", "demo", "b")
 	eventually(t, "reload", func() bool { return store.Load().Workloads[uidB] != nil })
 
-	// A file that does not parse keeps its last good objects.
+	// A file that does not parse keeps its last good objects: wait until
+	// the reload rejected it, then add a pod in a new file. Once that pod is
+	// in the model, the model was built from a load that rejected mesh.yaml
+	// (the builder publishes asynchronously), and it still holds a and b.
 	write("mesh.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: [broken\n")
-	time.Sleep(200 * time.Millisecond)
-	if store.Load().Workloads[uidB] == nil || store.Load().Workloads[uid] == nil {
-		t.Fatal("a broken file emptied the model")
+	select {
+	case err := <-errs:
+		if !strings.Contains(err.Error(), "mesh.yaml") {
+			t.Fatalf("rejected: %v, want mesh.yaml", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("timed out waiting for the broken file to be rejected")
+	}
+	write("more.yaml", `apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: demo}
+spec: {nodeName: node-3}
+status: {phase: Running, podIP: 10.0.0.3}
+`)
+	uidC := translate.WorkloadUID("", "demo", "c")
+	eventually(t, "the new file", func() bool { return store.Load().Workloads[uidC] != nil })
+	if ws := store.Load().Workloads; ws[uid] == nil || ws[uidB] == nil {
+		t.Fatalf("a broken file lost its last good objects: workloads %v", ws)
 	}
 
 	// Removing the file removes its objects.
 	if err := os.Remove(filepath.Join(dir, "mesh.yaml")); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "removal", func() bool { return len(store.Load().Workloads) == 0 })
+	eventually(t, "removal", func() bool {
+		ws := store.Load().Workloads
+		return len(ws) == 1 && ws[uidC] != nil
+	})
 }
