@@ -1,0 +1,96 @@
+// Package ambitctl is ambit's command line, in the manner of istioctl: cobra
+// commands over client-go that install ambit from the manifests embedded in
+// the binary, enroll namespaces, manage waypoints and analyze configuration.
+// cmd/ambitctl is a thin main around Run; the pure analysis lives in
+// ambitctl/analyzer.
+package ambitctl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+
+	"github.com/spf13/cobra"
+)
+
+// FieldManager is the server-side apply field manager of everything
+// ambitctl writes.
+const FieldManager = "ambitctl"
+
+// ExitError carries an exit code other than 1 (or a failure already
+// reported, with a nil Err) from a command to Run.
+type ExitError struct {
+	Code int
+	Err  error
+}
+
+func (e *ExitError) Error() string {
+	if e.Err == nil {
+		return fmt.Sprintf("exit status %d", e.Code)
+	}
+	return e.Err.Error()
+}
+
+func (e *ExitError) Unwrap() error { return e.Err }
+
+// Run executes ambitctl with args (without the program name) and returns the
+// process's exit code; errors are printed to stderr as one line.
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	root := NewCommand()
+	root.SetArgs(args)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	err := root.ExecuteContext(ctx)
+	if err == nil {
+		return 0
+	}
+	code := 1
+	var ee *ExitError
+	if errors.As(err, &ee) {
+		code = ee.Code
+		if ee.Err == nil {
+			return code
+		}
+	}
+	fmt.Fprintln(stderr, "ambitctl:", oneLine(err.Error()))
+	return code
+}
+
+// oneLine keeps an error on one line (API errors sometimes hold newlines).
+func oneLine(s string) string {
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// NewCommand returns ambitctl's root command with all its subcommands.
+func NewCommand() *cobra.Command {
+	g := &globalFlags{}
+	root := &cobra.Command{
+		Use:   "ambitctl",
+		Short: "Install and operate the ambit sidecar-free mesh",
+		Long: `ambitctl installs and operates ambit, a sidecar-free service mesh.
+
+Enroll a namespace with the label istio.io/dataplane-mode=ambient, deploy a
+waypoint per namespace or service account for L7 features, and analyze what
+the mesh is told to do.`,
+		Example: `  ambitctl install
+  ambitctl enroll demo
+  ambitctl waypoint apply -n demo --enroll-namespace --wait
+  ambitctl analyze -A`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	g.register(root)
+	root.AddCommand(
+		newInstallCommand(g),
+		newUninstallCommand(g),
+		newEnrollCommand(g),
+		newUnenrollCommand(g),
+		newWaypointCommand(g),
+		newVersionCommand(g),
+		newAnalyzeCommand(g),
+	)
+	root.CompletionOptions.HiddenDefaultCmd = false
+	return root
+}
