@@ -1,26 +1,20 @@
 package ambitctl
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
-	"io/fs"
-	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/ambit-mesh/ambit/ambitctl/analyzer"
 	"github.com/ambit-mesh/ambit/istiod-lite/security"
-	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 )
 
 type analyzeFlags struct {
@@ -73,7 +67,8 @@ func runAnalyze(ctx context.Context, out io.Writer, g *globalFlags, f *analyzeFl
 	var in analyzer.Input
 	var what, ns string
 	if len(f.files) > 0 {
-		if err := readFiles(&in, f.files); err != nil {
+		var err error
+		if in, err = analyzer.ReadFiles(f.files...); err != nil {
 			return err
 		}
 		what = strings.Join(f.files, ", ")
@@ -134,67 +129,6 @@ func findingNamespace(f analyzer.Finding) string {
 	}
 	ns, _, _ := strings.Cut(rest, "/")
 	return ns
-}
-
-// readFiles decodes YAML files and directories (recursively: .yaml, .yml,
-// .json) with istiod-lite's decoder, plus the pod templates of workloads.
-func readFiles(in *analyzer.Input, paths []string) error {
-	for _, root := range paths {
-		err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
-			if err != nil {
-				return err
-			}
-			if d.IsDir() {
-				return nil
-			}
-			if p != root {
-				switch filepath.Ext(p) {
-				case ".yaml", ".yml", ".json":
-				default:
-					return nil
-				}
-			}
-			b, err := os.ReadFile(p)
-			if err != nil {
-				return err
-			}
-			objs, _, err := translate.Decode(bytes.NewReader(b))
-			if err != nil {
-				return fmt.Errorf("%s: %w", p, err)
-			}
-			in.Add(objs...)
-			in.Workloads = append(in.Workloads, templateWorkloads(b)...)
-			return nil
-		})
-		if err != nil {
-			return fmt.Errorf("read %w", err)
-		}
-	}
-	return nil
-}
-
-// templateWorkloads returns the pod templates of the controllers in a YAML
-// stream (documents that do not parse are translate.Decode's to report).
-func templateWorkloads(b []byte) []analyzer.Workload {
-	objs, err := decodeUnstructured(bytes.NewReader(b))
-	if err != nil {
-		return nil
-	}
-	var ws []analyzer.Workload
-	for _, o := range objs {
-		p, ok := podSpecPaths[o.GetKind()]
-		if !ok || o.GetKind() == "Pod" {
-			continue
-		}
-		labelsPath := append(append([]string{}, p[:len(p)-1]...), "metadata", "labels")
-		l, _, _ := unstructured.NestedStringMap(o.Object, labelsPath...)
-		ns := o.GetNamespace()
-		if ns == "" {
-			ns = "default"
-		}
-		ws = append(ws, analyzer.Workload{Kind: o.GetKind(), Namespace: ns, Name: o.GetName(), Labels: l})
-	}
-	return ws
 }
 
 // readCluster lists what Analyze reads; kinds whose CRD is absent are empty.
