@@ -1,0 +1,303 @@
+package waypoint
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"log"
+	"net"
+	"net/http"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
+
+	"github.com/ambit-mesh/ambit/hbone"
+)
+
+// downstream is what the HBONE CONNECT told us about the client.
+type downstream struct {
+	peer     spiffeid.ID    // the client's verified identity (source principal)
+	peerAddr netip.AddrPort // TCP source of the HBONE connection
+	target   netip.AddrPort // the CONNECT authority: VIP:port or podIP:port
+	srcAddr  netip.AddrPort // forwarded for=, when sent
+	baggage  hbone.Baggage
+	h2       bool // HTTP/2 prior knowledge inside the tunnel
+}
+
+func (d *downstream) principal() string {
+	if d.peer.IsZero() {
+		return ""
+	}
+	return d.peer.String()
+}
+
+// serveHBONE serves one CONNECT stream: the target picks the filter chain;
+// HTTP chains get an HTTP/1.1 or HTTP/2 server on the tunnelled bytes, TCP
+// chains a relay.
+func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
+	snap := p.snap.Load()
+	ds := &downstream{peer: r.Peer, peerAddr: r.PeerAddr, target: r.Target, srcAddr: r.Forwarded.For, baggage: r.Baggage}
+	if snap == nil || p.draining.Load() {
+		r.Reject(http.StatusServiceUnavailable)
+		return
+	}
+	chain := snap.chainFor(r.Target)
+	if chain == nil {
+		p.m.noChain.Inc()
+		p.access.Info("waypoint: no filter chain", "authority", r.Target.String(), "response_flags", "NR",
+			"downstream_remote_address", r.PeerAddr.String(), "source_principal", ds.principal())
+		r.Reject(http.StatusServiceUnavailable)
+		return
+	}
+	if chain.tcp != nil {
+		p.serveTCP(ctx, r, snap, chain, ds)
+		return
+	}
+	st, err := r.Accept()
+	if err != nil {
+		return
+	}
+	pc := &peekConn{Conn: st, r: bufio.NewReaderSize(st, 4096)}
+	st.SetReadDeadline(time.Now().Add(p.cfg.ReadHeaderTimeout))
+	h2, err := pc.isHTTP2()
+	st.SetReadDeadline(time.Time{})
+	if err != nil {
+		return
+	}
+	ds.h2 = h2
+	if h2 {
+		p.serveH2(ctx, pc, chain.http, ds)
+	} else {
+		p.serveH1(ctx, pc, chain.http, ds)
+	}
+}
+
+// peekConn replays the bytes read while detecting the protocol.
+type peekConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c *peekConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// isHTTP2 reports whether the stream starts with the HTTP/2 client preface
+// (prior knowledge); anything else is served as HTTP/1.x (net/http answers
+// 400 to what is not HTTP).
+func (c *peekConn) isHTTP2() (bool, error) {
+	preface := []byte(http2.ClientPreface)
+	for n := 1; n <= len(preface); n++ {
+		b, err := c.r.Peek(n)
+		if err != nil {
+			if len(b) > 0 && !bytes.HasPrefix(preface, b) {
+				return false, nil
+			}
+			return false, err
+		}
+		if !bytes.HasPrefix(preface, b) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// track registers an inner HTTP server for drain; false when closed.
+func (p *Proxy) track(hs *http.Server) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed || p.draining.Load() {
+		return false
+	}
+	p.inner[hs] = struct{}{}
+	return true
+}
+
+func (p *Proxy) untrack(hs *http.Server) {
+	p.mu.Lock()
+	delete(p.inner, hs)
+	p.mu.Unlock()
+}
+
+var discardLog = log.New(discardWriter{}, "", 0)
+
+type discardWriter struct{}
+
+func (discardWriter) Write(p []byte) (int, error) { return len(p), nil }
+
+func (p *Proxy) innerServer(ctx context.Context, hc *httpChain, ds *downstream) *http.Server {
+	return &http.Server{
+		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { p.serveHTTP(w, r, ds) }),
+		MaxHeaderBytes:    hc.maxHeaderBytes,
+		ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
+		IdleTimeout:       hc.idleTimeout,
+		ErrorLog:          discardLog,
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+	}
+}
+
+// serveH1 runs net/http's server on the one tunnelled connection.
+func (p *Proxy) serveH1(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
+	hs := p.innerServer(ctx, hc, ds)
+	ln := &oneConnListener{c: c, done: make(chan struct{})}
+	connDone := make(chan struct{})
+	hs.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateClosed || s == http.StateHijacked {
+			ln.Close()
+			close(connDone)
+		}
+	}
+	if !p.track(hs) {
+		c.Close()
+		return
+	}
+	defer p.untrack(hs)
+	hs.Serve(ln) // returns once the listener closes: when the connection ends, or on Shutdown
+	if !ln.closeListener() {
+		<-connDone // accepted: wait for it (Shutdown lets its request finish)
+	}
+}
+
+// serveH2 runs x/net/http2's server on the tunnelled connection (prior
+// knowledge). Its rapid-reset and CONTINUATION-flood defences apply.
+func (p *Proxy) serveH2(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
+	hs := p.innerServer(ctx, hc, ds)
+	h2s := &http2.Server{MaxConcurrentStreams: 250, IdleTimeout: hc.idleTimeout}
+	if err := http2.ConfigureServer(hs, h2s); err != nil {
+		p.log.Error("waypoint: http2 server", "err", err)
+		c.Close()
+		return
+	}
+	if !p.track(hs) {
+		c.Close()
+		return
+	}
+	defer p.untrack(hs)
+	h2s.ServeConn(c, &http2.ServeConnOpts{Context: ctx, BaseConfig: hs, Handler: hs.Handler})
+}
+
+// oneConnListener hands out one connection, then blocks until closed.
+type oneConnListener struct {
+	mu       sync.Mutex // guards c and accepted
+	c        net.Conn
+	accepted bool
+	once     sync.Once
+	done     chan struct{}
+}
+
+func (l *oneConnListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	c := l.c
+	l.c = nil
+	if c != nil {
+		l.accepted = true
+	}
+	l.mu.Unlock()
+	if c != nil {
+		return c, nil
+	}
+	<-l.done
+	return nil, net.ErrClosed
+}
+
+// Close closes the listener; it reports whether the connection had never
+// been accepted (and closes it then).
+func (l *oneConnListener) Close() error {
+	l.closeListener()
+	return nil
+}
+
+func (l *oneConnListener) closeListener() bool {
+	l.mu.Lock()
+	c := l.c
+	l.c = nil
+	l.mu.Unlock()
+	if c != nil {
+		c.Close()
+	}
+	l.once.Do(func() { close(l.done) })
+	return l.neverAccepted()
+}
+
+func (l *oneConnListener) neverAccepted() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return !l.accepted
+}
+
+func (l *oneConnListener) Addr() net.Addr { return dummyAddr{} }
+
+type dummyAddr struct{}
+
+func (dummyAddr) Network() string { return "hbone" }
+func (dummyAddr) String() string  { return "hbone" }
+
+// serveTCP relays a TCP chain's stream to an endpoint of its cluster,
+// after network RBAC.
+func (p *Proxy) serveTCP(ctx context.Context, r *hbone.Request, snap *snapshot, chain *filterChain, ds *downstream) {
+	start := time.Now()
+	flag := "-"
+	var h *host
+	var in, out int64
+	defer func() {
+		p.tcpConn(chain, ds, h, flag, in, out)
+		p.access.Info("waypoint: tcp", "start_time", start.UTC().Format(time.RFC3339Nano), "response_flags", flag,
+			"bytes_received", in, "bytes_sent", out, "duration", time.Since(start).Milliseconds(),
+			"upstream_cluster", chain.tcp.cluster, "upstream_host", hostAddr(h), "authority", ds.target.String(),
+			"downstream_remote_address", ds.peerAddr.String(), "source_principal", ds.principal())
+	}()
+	rin := &rbacInput{principal: ds.principal(), port: uint32(ds.target.Port())}
+	for _, f := range chain.tcp.rbac {
+		if f.denies(rin) {
+			flag = "RBAC"
+			r.Reject(http.StatusUnauthorized)
+			return
+		}
+	}
+	v := snap.clusters[chain.tcp.cluster]
+	if v == nil {
+		flag = "NC"
+		r.Reject(http.StatusServiceUnavailable)
+		return
+	}
+	if h = v.pick(time.Now(), nil); h == nil {
+		flag = "UH"
+		r.Reject(http.StatusServiceUnavailable)
+		return
+	}
+	release, err := v.admit(ctx, false)
+	if err != nil {
+		flag = "UO"
+		r.Reject(http.StatusServiceUnavailable)
+		return
+	}
+	defer release()
+	dctx, cancel := context.WithTimeout(ctx, v.s.connectTimeout)
+	up, err := p.dialHost(dctx, h)
+	cancel()
+	if err != nil {
+		flag = "UF"
+		v.report(h, outcomeGateway, time.Now())
+		r.Reject(http.StatusServiceUnavailable)
+		return
+	}
+	v.report(h, outcomeOK, time.Now())
+	st, err := r.Accept()
+	if err != nil {
+		up.Close()
+		return
+	}
+	in, out, err = hbone.Join(ctx, st, up)
+	if err != nil && !errors.Is(err, net.ErrClosed) {
+		p.log.Debug("waypoint: tcp relay", "err", err)
+	}
+}
+
+func hostAddr(h *host) string {
+	if h == nil {
+		return "-"
+	}
+	return h.spec.addr.String()
+}
