@@ -204,29 +204,21 @@ type connDump struct {
 }
 
 func (p *Proxy) dumpConnections() []connDump {
-	p.mu.Lock()
-	cs := make([]*conn, 0, len(p.conns))
-	for _, c := range p.conns {
-		cs = append(cs, c)
-	}
-	p.mu.Unlock()
+	cs := p.conns.Conns()
 	out := make([]connDump, 0, len(cs))
 	for _, c := range cs {
-		d := connDump{ID: c.id, Direction: c.direction, Via: c.via, Src: c.src.String(), Dst: c.dst.String(),
-			Established: c.established.Load(), BytesReceived: c.received.Load(), BytesSent: c.sent.Load(),
-			Age: time.Since(c.start).Round(time.Millisecond).String()}
+		d := connDump{ID: c.ID, Direction: c.Direction, Via: c.Via, Src: c.Src.String(), Dst: c.Dst.String(),
+			Established: c.Established(), BytesReceived: c.Received(), BytesSent: c.Sent(),
+			Age: time.Since(c.Start).Round(time.Millisecond).String()}
 		if d.Established { // the handler's fields are final once established
-			d.Route = c.route
-			d.SrcPrincipal, d.DstPrincipal = principal(c.srcID), principal(c.dstID)
-			if c.upstream.IsValid() {
-				d.Upstream = c.upstream.String()
+			d.Route = c.Route
+			d.SrcPrincipal, d.DstPrincipal = c.Source.PrincipalLabel(), c.Destination.PrincipalLabel()
+			if c.Upstream.IsValid() {
+				d.Upstream = c.Upstream.String()
 			}
-			if c.service != nil {
-				d.Service = c.service.Hostname
-			}
+			d.Service = c.Service
 		}
 		out = append(out, d)
 	}
-	slices.SortFunc(out, func(a, b connDump) int { return cmp.Compare(a.ID, b.ID) })
 	return out
 }

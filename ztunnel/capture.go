@@ -44,27 +44,19 @@ func (p *Proxy) closeConnsOf(uids map[string]bool, timeout time.Duration) int {
 	if len(uids) == 0 {
 		return 0
 	}
-	p.mu.Lock()
 	var ids []uint64
-	for _, c := range p.conns {
-		if !c.established.Load() { // the handler's fields are final once established
+	for _, tc := range p.conns.Conns() {
+		if !tc.Established() { // the handler's fields are final once established
 			continue
 		}
-		if (c.srcW != nil && uids[c.srcW.UID]) || (c.dstW != nil && uids[c.dstW.UID]) {
-			c.cancel()
-			ids = append(ids, c.id)
+		if uids[tc.Source.UID] || uids[tc.Destination.UID] {
+			tc.Cancel()
+			ids = append(ids, tc.ID)
 		}
 	}
-	p.mu.Unlock()
 	deadline := time.Now().Add(timeout)
 	for _, id := range ids {
-		for {
-			p.mu.Lock()
-			_, open := p.conns[id]
-			p.mu.Unlock()
-			if !open || time.Now().After(deadline) {
-				break
-			}
+		for p.conns.Open(id) && !time.Now().After(deadline) {
 			time.Sleep(5 * time.Millisecond)
 		}
 	}

@@ -32,11 +32,11 @@ func (p *Proxy) localIdentity(dst netip.Addr) (spiffeid.ID, bool) {
 func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
 	src, srcW := p.hboneSource(r)
 	c, ctx := p.begin(ctx, dirInbound, ListenerHBONE, src, r.Target)
-	c.mtls = true
-	c.srcID = r.Peer
+	c.MTLS = true
+	c.Source.Principal = r.Peer
 	c.srcW = srcW
 	c.srcTrusted = srcW != nil
-	c.route = "hbone"
+	c.Route = "hbone"
 	flags, reason, err := p.inboundHBONE(ctx, c, r)
 	if flags != flagNone {
 		status := http.StatusServiceUnavailable
@@ -66,17 +66,17 @@ func (p *Proxy) hboneSource(r *hbone.Request) (netip.AddrPort, *model.Workload) 
 
 func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (flags, reason string, err error) {
 	snap := p.cfg.Store.Load()
-	c.dstW = snap.WorkloadByIP(c.dst.Addr())
+	c.dstW = snap.WorkloadByIP(c.Dst.Addr())
 	if c.dstW == nil || !c.dstW.Enrolled || !p.cfg.isLocal(c.dstW) {
 		c.dstW = nil
 		return flagNoDest, "target is not a local enrolled workload", nil
 	}
-	if p.isOwnListener(c.dst) {
+	if p.isOwnListener(c.Dst) {
 		// A workload address that is this host's own (plain hosts): the
 		// proxy would deliver to itself, and again, without end.
 		return flagNoDest, "target is one of the proxy's own listeners", nil
 	}
-	c.dstID = c.dstW.Identity()
+	c.Destination.Principal = c.dstW.Identity()
 	if p.draining.Load() {
 		// Streams opened before the client saw our GOAWAY.
 		return flagAborted, "proxy is draining", nil
@@ -89,7 +89,7 @@ func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (fl
 			}
 		}
 	}
-	d := p.az.Evaluate(snap, c.dstW, authz.Conn{SrcIdentity: r.Peer, SrcIP: c.src.Addr(), DstPort: c.dst.Port()})
+	d := p.az.Evaluate(snap, c.dstW, authz.Conn{SrcIdentity: r.Peer, SrcIP: c.Src.Addr(), DstPort: c.Dst.Port()})
 	if !d.Allow {
 		return flagDeny, d.Reason, nil
 	}
@@ -111,7 +111,7 @@ func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (fl
 // peer without identity resets it.
 func (p *Proxy) servePlaintextInbound(ctx context.Context, client net.Conn) {
 	c, ctx := p.begin(ctx, dirInbound, ListenerInbound, addrPort(client.RemoteAddr()), addrPort(client.LocalAddr()))
-	c.route = "plaintext"
+	c.Route = "plaintext"
 	flags, reason, err := p.plaintextInbound(ctx, c, client)
 	if flags != flagNone {
 		reset(client)
@@ -121,19 +121,19 @@ func (p *Proxy) servePlaintextInbound(ctx context.Context, client net.Conn) {
 
 func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) (flags, reason string, err error) {
 	snap := p.cfg.Store.Load()
-	c.srcW = snap.WorkloadByIP(c.src.Addr())
+	c.srcW = snap.WorkloadByIP(c.Src.Addr())
 	c.srcTrusted = true // the kernel's view of the peer
-	c.dstW = snap.WorkloadByIP(c.dst.Addr())
+	c.dstW = snap.WorkloadByIP(c.Dst.Addr())
 	if c.dstW == nil || !p.cfg.isLocal(c.dstW) {
 		c.dstW = nil
 		return flagNoDest, "destination is not a local workload", nil
 	}
-	c.dstID = c.dstW.Identity()
-	d := p.az.AllowPlaintext(snap, c.dstW, authz.Conn{SrcIP: c.src.Addr(), DstPort: c.dst.Port()})
+	c.Destination.Principal = c.dstW.Identity()
+	d := p.az.AllowPlaintext(snap, c.dstW, authz.Conn{SrcIP: c.Src.Addr(), DstPort: c.Dst.Port()})
 	if !d.Allow {
 		return flagDeny, d.Reason, nil
 	}
-	if p.isOwnListener(c.dst) {
+	if p.isOwnListener(c.Dst) {
 		return flagNoDest, "destination is one of the proxy's own listeners", nil
 	}
 	upstream, err := p.deliver(ctx, c)
@@ -143,20 +143,20 @@ func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) 
 	return flagNone, "", p.relay(ctx, c, client, upstream)
 }
 
-// deliver connects to the local workload at c.dst, from the client's own
+// deliver connects to the local workload at c.Dst, from the client's own
 // address when the proxy is transparent and that address is known for sure
 // (else from the node's).
 func (p *Proxy) deliver(ctx context.Context, c *conn) (net.Conn, error) {
 	var src netip.Addr
 	if p.cfg.Transparent && c.srcTrusted {
-		src = c.src.Addr()
+		src = c.Src.Addr()
 	}
-	c.upstream = c.dst
+	c.Upstream = c.Dst
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.connectTimeout())
 	defer cancel()
-	up, err := dialer(src, p.cfg.Mark).DialContext(dctx, "tcp", c.dst.String())
+	up, err := dialer(src, p.cfg.Mark).DialContext(dctx, "tcp", c.Dst.String())
 	if err != nil {
-		return nil, fmt.Errorf("deliver to %s: %w", c.dst, err)
+		return nil, fmt.Errorf("deliver to %s: %w", c.Dst, err)
 	}
 	return up, nil
 }

@@ -3,70 +3,73 @@ package ztunnel
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
-// Istio's TCP metric labels, in this order.
-var tcpLabels = []string{
-	"reporter",
-	"source_workload", "source_workload_namespace", "source_principal",
-	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_service",
-	"response_flags", "connection_security_policy",
-}
-
-// Values of the response_flags label (Istio's ztunnel uses the same words).
+// Values of the response_flags label (telemetry's, Istio's words).
 const (
-	flagNone      = "-"       // served
-	flagDeny      = "DENY"    // refused by AuthorizationPolicy or PeerAuthentication
-	flagConnect   = "CONNECT" // the upstream (or tunnel) connect failed
-	flagNoRoute   = "NR"      // resolution failed (no endpoint, unknown port, missing waypoint)
-	flagNoSource  = "UNKNOWN_SOURCE"
-	flagNoDest    = "UNKNOWN_DESTINATION"
-	flagAborted   = "ABORTED" // closed by drain or shutdown
-	flagBadSOCKS5 = "BAD_REQUEST"
+	flagNone      = telemetry.FlagNone
+	flagDeny      = telemetry.FlagDeny
+	flagConnect   = telemetry.FlagConnect
+	flagNoRoute   = telemetry.FlagNoRoute
+	flagNoSource  = telemetry.FlagNoSource
+	flagNoDest    = telemetry.FlagNoDest
+	flagAborted   = telemetry.FlagAborted
+	flagBadSOCKS5 = telemetry.FlagBadRequest
 )
 
-// metrics are the proxy's Prometheus collectors, on its own registry.
+// metrics are the proxy's Prometheus collectors, on its own registry: the
+// Istio TCP metrics (telemetry) and the ztunnel's own.
 type metrics struct {
-	reg      *prometheus.Registry
-	opened   *prometheus.CounterVec
-	closed   *prometheus.CounterVec
-	sent     *prometheus.CounterVec
-	received *prometheus.CounterVec
-	active   *prometheus.GaugeVec
-	denied   *prometheus.CounterVec
+	reg    *prometheus.Registry
+	tcp    *telemetry.Metrics
+	active *prometheus.GaugeVec
+	denied *prometheus.CounterVec
 	// hboneRefused counts HBONE peers refused before any stream: failed
 	// handshakes (foreign trust domain, expired certificate, unknown local
-	// workload) and malformed requests.
+	// workload), bad prefaces and malformed requests (hbone.Server.OnReject).
 	hboneRefused *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
-		opened: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_connections_opened_total", Help: "TCP connections opened.",
-		}, tcpLabels),
-		closed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_connections_closed_total", Help: "TCP connections closed.",
-		}, tcpLabels),
-		sent: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_sent_bytes_total", Help: "Bytes sent back to the client (response direction).",
-		}, tcpLabels),
-		received: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_received_bytes_total", Help: "Bytes received from the client (request direction).",
-		}, tcpLabels),
 		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "ambit_ztunnel_active_connections", Help: "Connections being proxied, by direction.",
 		}, []string{"direction"}),
 		denied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_ztunnel_connections_refused_total", Help: "Connections refused, by direction and response flag.",
 		}, []string{"direction", "response_flags"}),
+		hboneRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ambit_ztunnel_hbone_refused_total", Help: "HBONE peers refused before a stream was served, by reason.",
+		}, []string{"reason"}),
 	}
-	m.hboneRefused = prometheus.NewCounterVec(prometheus.CounterOpts{
-		Name: "ambit_ztunnel_hbone_refused_total", Help: "HBONE peers refused before a stream was served, by reason.",
-	}, []string{"reason"})
-	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received, m.active, m.denied, m.hboneRefused,
+	m.tcp = telemetry.NewMetrics(m.reg)
+	m.reg.MustRegister(m.active, m.denied, m.hboneRefused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// hboneRejected counts and logs a peer the HBONE server refused: for a
+// proxy these are security events (hbone logs them at debug level only).
+func (p *Proxy) hboneRejected(r hbone.Rejection) {
+	p.m.hboneRefused.WithLabelValues(string(r.Reason)).Inc()
+	msg := map[hbone.RejectReason]string{
+		hbone.RejectHandshake:  "handshake failed: peer refused",
+		hbone.RejectPreface:    "bad or slow preface: peer refused",
+		hbone.RejectBadRequest: "bad request: peer refused",
+	}[r.Reason]
+	if msg == "" {
+		msg = "peer refused"
+	}
+	attrs := []any{"component", "hbone", "reason", string(r.Reason), "remote", r.Remote, "local", r.Local}
+	if r.Status != 0 {
+		attrs = append(attrs, "status", r.Status)
+	}
+	if r.Err != nil {
+		attrs = append(attrs, "err", r.Err.Error())
+	}
+	p.log.Warn(msg, attrs...)
 }

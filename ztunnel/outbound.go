@@ -37,22 +37,22 @@ func (p *Proxy) outbound(ctx context.Context, client net.Conn, via string, src, 
 
 func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, ready func(string) error) (flags, reason string, err error) {
 	snap := p.cfg.Store.Load()
-	c.srcW = snap.WorkloadByIP(c.src.Addr())
+	c.srcW = snap.WorkloadByIP(c.Src.Addr())
 	if c.srcW == nil || !p.cfg.isLocal(c.srcW) {
 		return flagNoSource, "source address is not a workload on this node", nil
 	}
-	c.srcID = c.srcW.Identity()
-	if p.isOwnListener(c.dst) {
+	c.Source.Principal = c.srcW.Identity()
+	if p.isOwnListener(c.Dst) {
 		return flagNoRoute, "destination is one of the proxy's own listeners (a loop)", nil
 	}
-	route, err := Resolve(snap, c.srcW, c.dst, nil)
+	route, err := Resolve(snap, c.srcW, c.Dst, nil)
 	c.service, c.dstW = route.Service, route.Workload
 	if err != nil {
 		return flagNoRoute, "no route", err
 	}
-	c.route = route.Kind.String()
+	c.Route = route.Kind.String()
 	if route.Waypoint != nil {
-		c.route = "waypoint"
+		c.Route = "waypoint"
 	}
 
 	dctx, cancel := context.WithTimeout(ctx, p.cfg.connectTimeout())
@@ -60,7 +60,7 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 	var upstream net.Conn
 	switch route.Kind {
 	case RoutePassthrough, RouteDirect:
-		c.upstream = route.Addr
+		c.Upstream = route.Addr
 		upstream, err = dialer(netip.Addr{}, p.cfg.Mark).DialContext(dctx, "tcp", route.Addr.String())
 		if err != nil {
 			return flagConnect, "upstream connect failed", fmt.Errorf("dial %s: %w", route.Addr, err)
@@ -69,17 +69,17 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 		if p.dialer == nil {
 			return flagConnect, "no certificates: cannot tunnel", nil
 		}
-		c.mtls = true
+		c.MTLS = true
 		if len(route.Peers) > 0 {
-			c.dstID = route.Peers[0]
+			c.Destination.Principal = route.Peers[0]
 		}
-		c.upstream = p.cfg.hboneDialAddr(route.Addr)
+		c.Upstream = p.cfg.hboneDialAddr(route.Addr)
 		req := hbone.DialRequest{
-			Source:       c.srcID,
+			Source:       c.Source.Principal,
 			Peers:        route.Peers,
-			Addr:         c.upstream,
+			Addr:         c.Upstream,
 			Target:       route.Target,
-			ForwardedFor: c.src,
+			ForwardedFor: c.Src,
 			Baggage:      baggage(c.srcW),
 		}
 		if route.Service != nil {
@@ -93,7 +93,7 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 			}
 			return flagConnect, "tunnel failed", derr
 		}
-		c.dstID = st.Peer()
+		c.Destination.Principal = st.Peer()
 		upstream = st
 	}
 	if ready != nil {

@@ -21,6 +21,7 @@ import (
 	"github.com/ambit-mesh/ambit/authz"
 	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
 // Listener names, for Addr.
@@ -63,11 +64,11 @@ type Proxy struct {
 	runDone      chan struct{}  // closed when Run returns
 	wg           sync.WaitGroup // accept loops, connection handlers, servers, the config watcher
 
-	// mu guards started, conns and nextID.
-	mu      sync.Mutex
+	// conns are the open connections: metrics, access log, admin dump.
+	conns telemetry.Tracker
+
+	mu      sync.Mutex // guards started
 	started bool
-	conns   map[uint64]*conn
-	nextID  uint64
 }
 
 // New checks cfg and opens the configured listeners; the proxy serves
@@ -88,8 +89,8 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 		listeners: map[string]net.Listener{},
 		quit:      make(chan struct{}),
 		runDone:   make(chan struct{}),
-		conns:     map[uint64]*conn{},
 	}
+	p.conns.Metrics, p.conns.Logger = p.m.tcp, log
 	p.connCtx, p.forceClose = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -130,7 +131,9 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 				Certs:         cfg.Certs,
 				LocalIdentity: p.localIdentity,
 				Handler:       hbone.HandlerFunc(p.serveHBONE),
-				Logger:        slog.New(&hboneLogHandler{inner: log.Handler(), refused: p.m.hboneRefused}).With("component", "hbone"),
+				BaseContext:   func(net.Listener) context.Context { return p.connCtx },
+				OnReject:      p.hboneRejected,
+				Logger:        log.With("component", "hbone"),
 			}
 		}
 	} else if _, ok := p.listeners[ListenerHBONE]; ok {
@@ -377,11 +380,7 @@ func (p *Proxy) waitIdle(ctx context.Context) {
 	}
 }
 
-func (p *Proxy) connCount() int {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return len(p.conns)
-}
+func (p *Proxy) connCount() int { return p.conns.Len() }
 
 // watchConfig keeps the certificate identities and the capture in step
 // with the node's workloads. A failed capture reconcile is retried.

@@ -203,7 +203,7 @@ func (c *prefixConn) Read(b []byte) (int, error) { return c.r.Read(b) }
 
 // CloseWrite half-closes the underlying connection.
 func (c *prefixConn) CloseWrite() error {
-	if cw, ok := c.Conn.(closeWriter); ok {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}
 	return c.Conn.Close()
