@@ -1,9 +1,29 @@
 // Package envoy builds the Envoy v3 resources (LDS, RDS, CDS, EDS) of one
 // waypoint from the model: a pure function, golden-tested, whose output is the
 // subset of Envoy that waypoint/ENVOY.md lists and the waypoint implements.
+//
+// Layout (names as istiod's waypoint config):
+//   - one listener, main_internal, with a filter chain per (service VIP set,
+//     port) of the services bound to the waypoint: HTTP chains
+//     (inbound-vip|<port>|http|<host>) carry an HTTP connection manager with
+//     the RBAC filters of the waypoint's L7 policies and an RDS route config
+//     of the same name; TCP chains (inbound-vip|<port>|tcp|<host>) a TCP proxy,
+//     after a network RBAC filter when policies apply;
+//   - a route config per HTTP chain: the GAMMA routes attached to the
+//     service (HTTPRoute and GRPCRoute), in Gateway API precedence order, or
+//     a default route to the service itself with Istio's default retries;
+//   - an EDS cluster outbound|<port>||<host> per service port reached (the
+//     bound services' ports, route backends and mirrors), with its
+//     DestinationRule's settings mapped as Istio maps them;
+//   - its endpoints: podIP:targetPort, with the pod's identity and HBONE port
+//     in filter_metadata["ambit"].
 package envoy
 
 import (
+	"cmp"
+	"fmt"
+	"slices"
+
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -26,10 +46,115 @@ type Waypoint struct {
 	Name      string
 }
 
+// Names.
+const (
+	ListenerName = "main_internal"
+)
+
+// ClusterName is the name of the cluster of a service port.
+func ClusterName(port uint16, hostname string) string {
+	return fmt.Sprintf("outbound|%d||%s", port, hostname)
+}
+
 // ForWaypoint returns the resources of waypoint wp in snapshot s: the
-// services (and, for waypoint-for workload/all, the workloads) bound to it,
-// their routes, clusters and endpoints, and its L7 policies. It is pure: the
-// same snapshot gives the same resources, in a stable order.
+// services bound to it, their routes, clusters and endpoints, and its L7
+// policies. It is pure: the same snapshot gives the same resources, in a
+// stable order.
 func ForWaypoint(s *model.Snapshot, wp Waypoint) (*Resources, error) {
-	return &Resources{}, nil
+	if s == nil {
+		return nil, fmt.Errorf("envoy: no snapshot")
+	}
+	b := &builder{s: s, wp: wp, clusters: map[string]clusterRef{}}
+	var chains []*listener.FilterChain
+	var routes []*route.RouteConfiguration
+	for _, svc := range b.boundServices() {
+		for _, sp := range sortedPorts(svc.Ports) {
+			c, rc, err := b.makeChain(svc, sp)
+			if err != nil {
+				return nil, fmt.Errorf("envoy: service %s port %d: %w", svc.Key(), sp.Port, err)
+			}
+			if c == nil {
+				continue
+			}
+			chains = append(chains, c)
+			if rc != nil {
+				routes = append(routes, rc)
+			}
+		}
+	}
+	out := &Resources{Listeners: []*listener.Listener{makeListener(chains)}, Routes: routes}
+	for _, name := range sortedKeys(b.clusters) {
+		ref := b.clusters[name]
+		out.Clusters = append(out.Clusters, makeCluster(name, ref.port, b.destinationRule(ref.svc)))
+		out.Endpoints = append(out.Endpoints, makeEndpoints(s, name, ref.svc, ref.port))
+	}
+	return out, nil
+}
+
+// builder holds one ForWaypoint call's state.
+type builder struct {
+	s        *model.Snapshot
+	wp       Waypoint
+	clusters map[string]clusterRef // the clusters routes and chains name
+}
+
+type clusterRef struct {
+	svc  *model.Service
+	port model.ServicePort
+}
+
+// boundServices returns the services bound to the waypoint, by key.
+func (b *builder) boundServices() []*model.Service {
+	var out []*model.Service
+	for _, svc := range b.s.Services {
+		if w := svc.Waypoint; w != nil && w.Name == b.wp.Name && w.Namespace == b.wp.Namespace && len(svc.VIPs) > 0 {
+			out = append(out, svc)
+		}
+	}
+	slices.SortFunc(out, func(a, b *model.Service) int { return cmp.Compare(a.Key(), b.Key()) })
+	return out
+}
+
+// useCluster records the cluster of a service port and returns its name;
+// ok is false when the service or port is not in the model.
+func (b *builder) useCluster(svcKey string, port uint16) (string, bool) {
+	svc := b.s.Services[svcKey]
+	if svc == nil {
+		return "", false
+	}
+	for _, sp := range svc.Ports {
+		if sp.Port == port {
+			name := ClusterName(port, svc.Hostname)
+			b.clusters[name] = clusterRef{svc: svc, port: sp}
+			return name, true
+		}
+	}
+	return "", false
+}
+
+// destinationRule returns the DestinationRule of a service: the first by
+// key when several name it.
+func (b *builder) destinationRule(svc *model.Service) *model.DestinationRule {
+	var best *model.DestinationRule
+	for _, dr := range b.s.DestinationRules {
+		if dr.Service == svc.Key() && (best == nil || dr.Key() < best.Key()) {
+			best = dr
+		}
+	}
+	return best
+}
+
+func sortedPorts(ps []model.ServicePort) []model.ServicePort {
+	out := slices.Clone(ps)
+	slices.SortFunc(out, func(a, b model.ServicePort) int { return cmp.Compare(a.Port, b.Port) })
+	return out
+}
+
+func sortedKeys[T any](m map[string]T) []string {
+	ks := make([]string, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
 }
