@@ -3,7 +3,9 @@ package ztunnel
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -239,11 +241,20 @@ func TestControlPlaneLoss(t *testing.T) {
 		}
 	}
 	write(file)
-	w := &configfile.Watcher{Path: path, Store: m.store, Interval: 10 * time.Millisecond}
+	errs := make(chan error, 64)
+	w := &configfile.Watcher{Path: path, Store: m.store, Interval: 10 * time.Millisecond,
+		OnError: func(err error) {
+			select {
+			case errs <- err:
+			default: // drained while waiting; older errors are stale
+			}
+		}}
+	_, before := m.store.LoadVersion()
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() { done <- w.Run(ctx) }()
 	defer func() { cancel(); <-done }()
+	waitFor(t, "the first load", func() bool { _, v := m.store.LoadVersion(); return v > before })
 	try := func() error {
 		c, err := socksDial(m.n1.p.Addr(ListenerSOCKS5), m.client.Addresses[0], m.vip.String())
 		if err != nil {
@@ -255,14 +266,42 @@ func TestControlPlaneLoss(t *testing.T) {
 	if err := try(); err != nil {
 		t.Fatal(err)
 	}
+	// rejected waits until the watcher has looked at the file and rejected
+	// it, then checks that the store kept the config it had.
+	_, version := m.store.LoadVersion()
+	rejected := func(what string, match func(error) bool) {
+		t.Helper()
+		deadline := time.After(10 * time.Second)
+		for {
+			select {
+			case err := <-errs:
+				if !match(err) {
+					continue
+				}
+				if _, v := m.store.LoadVersion(); v != version {
+					t.Fatalf("%s changed the store (version %d, was %d)", what, v, version)
+				}
+				return
+			case <-deadline:
+				t.Fatalf("timed out waiting for the watcher to reject %s", what)
+			}
+		}
+	}
 	// The control plane goes away: garbage, then nothing.
-	os.WriteFile(path, []byte("{not json"), 0o644)
-	time.Sleep(50 * time.Millisecond)
+	if err := os.WriteFile(path+".tmp", []byte("{not json"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
+		t.Fatal(err)
+	}
+	rejected("the broken config", func(err error) bool { return strings.Contains(err.Error(), "parse config") })
 	if err := try(); err != nil {
 		t.Fatalf("after the config broke: %v", err)
 	}
-	os.Remove(path)
-	time.Sleep(50 * time.Millisecond)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	rejected("the missing config", func(err error) bool { return errors.Is(err, fs.ErrNotExist) })
 	if err := try(); err != nil {
 		t.Fatalf("after the config vanished: %v", err)
 	}
