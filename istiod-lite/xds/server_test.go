@@ -46,10 +46,14 @@ func meshSnapshot(t *testing.T) *model.Snapshot {
 	return translate.Build(o, translate.Options{}).Snapshot
 }
 
-// The hosts the test servers authenticate (local mode's HostAuthenticator):
-// node-<n> has the secret secret(node-<n>).
+// The callers the test servers authenticate (local mode's
+// HostAuthenticator): node-<n> has the secret secret(node-<n>), the waypoints
+// east/wp and west/wp secret("east/wp") and secret("west/wp").
 var hosts = func() *auth.HostAuthenticator {
-	a, err := auth.NewHostAuthenticator(map[string]string{"node-1": secret("node-1"), "node-2": secret("node-2"), "node-3": secret("node-3")})
+	a, err := auth.HostCredentials{
+		Hosts:     map[string]string{"node-1": secret("node-1"), "node-2": secret("node-2"), "node-3": secret("node-3")},
+		Waypoints: map[auth.WaypointRef]string{eastWP: secret(eastWP.String()), westWP: secret(westWP.String())},
+	}.Authenticator()
 	if err != nil {
 		panic(err)
 	}

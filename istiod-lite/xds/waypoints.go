@@ -42,10 +42,10 @@ type waypointGen struct {
 	cache cache.SnapshotCache
 	now   func() time.Time
 
-	mu      sync.Mutex                                               // guards everything below
-	wps     map[auth.WaypointRef]*waypointState                      // connected waypoints
+	mu      sync.Mutex                                                // guards everything below
+	wps     map[auth.WaypointRef]*waypointState                       // connected waypoints
 	pending map[*discovery.DeltaDiscoveryRequest]pendingWaypointWatch // between the request callback and CreateDeltaWatch
-	kick    chan struct{}                                            // (cap 1) a waypoint without a snapshot connected
+	kick    chan struct{}                                             // (cap 1) a waypoint without a snapshot connected
 }
 
 type pendingWaypointWatch struct {
