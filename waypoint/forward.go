@@ -462,6 +462,10 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 	out := r.Clone(ctx)
 	out.RequestURI = ""
 	out.URL.Scheme = "http"
+	out.URL.Host = "upstream" // pools are per host already; this only names the pool
+	if r.Host == "" {
+		out.Host = v.s.service
+	}
 	out.Close = false
 	removeHopHeaders(out.Header)
 	if out.Header.Get("X-Forwarded-Proto") == "" {
@@ -598,6 +602,9 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		v.c.retries.Add(-1)
 	}
 	rec.upstreamMs = time.Since(upstart).Milliseconds()
+	if res.err != nil {
+		p.log.Debug("waypoint: upstream", "cluster", v.s.name, "host", hostAddr(rec.host), "err", res.err)
+	}
 	switch res.kind {
 	case tryConnect:
 		localReply(w, rec, http.StatusServiceUnavailable, "UF", "upstream_reset_before_response_started{connection_failure}",
