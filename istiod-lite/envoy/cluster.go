@@ -245,23 +245,23 @@ func makeLbEndpoint(w *model.Workload, targetPort uint16) *endpoint.LbEndpoint {
 	if !w.Ready {
 		health = core.HealthStatus_UNHEALTHY
 	}
-	md := map[string]any{
-		"identity":           w.Identity().String(),
-		"workload":           cmpOr(w.WorkloadName, w.Name),
-		"namespace":          w.Namespace,
-		"canonical_service":  w.CanonicalName,
-		"canonical_revision": w.CanonicalRevision,
-	}
+	str := structpb.NewStringValue
+	md := &structpb.Struct{Fields: map[string]*structpb.Value{
+		"identity":           str(w.Identity().String()),
+		"workload":           str(cmpOr(w.WorkloadName, w.Name)),
+		"namespace":          str(w.Namespace),
+		"canonical_service":  str(w.CanonicalName),
+		"canonical_revision": str(w.CanonicalRevision),
+	}}
 	if w.Enrolled {
-		md["hbone_port"] = float64(model.PortHBONE)
+		md.Fields["hbone_port"] = structpb.NewNumberValue(model.PortHBONE)
 	}
-	st, _ := structpb.NewStruct(md) // strings and numbers only: cannot fail
 	return &endpoint.LbEndpoint{
 		HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
 			Address: socketAddress(w.Addresses[0].String(), uint32(targetPort)),
 		}},
 		HealthStatus: health,
-		Metadata:     &core.Metadata{FilterMetadata: map[string]*structpb.Struct{"ambit": st}},
+		Metadata:     &core.Metadata{FilterMetadata: map[string]*structpb.Struct{"ambit": md}},
 	}
 }
 
