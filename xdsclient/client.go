@@ -52,7 +52,9 @@ type Client struct {
 	// Types are the subscribed resource types, in subscription order.
 	Types []Type
 	// OnUpdate, if set, receives the whole accepted state after each
-	// response (see the package doc); an error NACKs the response.
+	// response (see the package doc); an error NACKs the response. It runs
+	// after the type's Apply, if any (which it cannot undo): a consumer
+	// uses one or the other.
 	OnUpdate func(*Snapshot) error
 	// Store is a shorthand for the ztunnel: when Types is empty, the client
 	// subscribes to WorkloadTypes(Store).
