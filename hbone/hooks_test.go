@@ -4,12 +4,15 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // rejections collects what Server.OnReject is told.
@@ -64,6 +67,27 @@ func TestOnReject(t *testing.T) {
 	r := rs.wait(t, RejectHandshake)
 	if r.Err == nil || r.Local != e.addr || !r.Remote.IsValid() {
 		t.Fatalf("handshake rejection %+v", r)
+	}
+
+	// A verified client that does not speak HTTP/2: a bad preface.
+	svid, err := e.certs.GetX509SVID(t.Context(), e.cliID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc, err := net.Dial("tcp", e.addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Client(nc, clientTLSConfig(svid, e.certs, []spiffeid.ID{e.srvID}))
+	tc.SetDeadline(time.Now().Add(5 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(tc, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+	io.Copy(io.Discard, tc)
+	tc.Close()
+	if r := rs.wait(t, RejectPreface); r.Err == nil || r.Local != e.addr {
+		t.Fatalf("preface rejection %+v", r)
 	}
 
 	// A misdirected CONNECT: 400, and told as bad_request.
