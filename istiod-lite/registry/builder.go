@@ -124,8 +124,7 @@ func (b *builder) run(ctx context.Context, ready <-chan struct{}) {
 		b.mu.Unlock()
 		if d != nil {
 			b.store.Apply(d)
-			n := len(d.Workloads) + len(d.Services) + len(d.Policies) + len(d.PeerAuthn) + len(d.HTTPRoutes) +
-				len(d.RemovedWorkloads) + len(d.RemovedServices) + len(d.RemovedPolicies) + len(d.RemovedPeerAuthn) + len(d.RemovedHTTPRoutes)
+			n := d.Len()
 			if first || n > 0 {
 				b.log.Info("model updated", "full", ch.Full, "changed", n, "took", time.Since(start).Round(time.Microsecond),
 					"workloads", len(b.store.Load().Workloads), "services", len(b.store.Load().Services))

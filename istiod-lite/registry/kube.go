@@ -2,10 +2,12 @@ package registry
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"sync"
 
+	networkingv1 "istio.io/client-go/pkg/apis/networking/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -32,12 +34,15 @@ import (
 var (
 	GatewaysResource   = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gateways"}
 	HTTPRoutesResource = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "httproutes"}
+	GRPCRoutesResource = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "grpcroutes"}
+	// DestinationRulesResource is Istio's networking.istio.io/v1.
+	DestinationRulesResource = schema.GroupVersionResource{Group: "networking.istio.io", Version: "v1", Resource: "destinationrules"}
 )
 
 // Kubernetes builds the model from a cluster through shared informers:
 // Namespaces, Pods, Services, EndpointSlices, and, when their CRDs are
-// installed, Gateways, HTTPRoutes, AuthorizationPolicies and
-// PeerAuthentications. It publishes the first model once every informer has
+// installed, Gateways, HTTPRoutes, GRPCRoutes, DestinationRules,
+// AuthorizationPolicies and PeerAuthentications. It publishes the first model once every informer has
 // synced, then incremental updates. While the API server is unreachable the
 // informers keep their caches, so the model stays as it was; when it returns
 // they re-list and only real differences reach the model.
@@ -130,6 +135,8 @@ func (k *Kubernetes) Start(ctx context.Context) error {
 	}{
 		{GatewaysResource, &gwv1.Gateway{}, func() any { return &gwv1.Gateway{} }},
 		{HTTPRoutesResource, &gwv1.HTTPRoute{}, func() any { return &gwv1.HTTPRoute{} }},
+		{GRPCRoutesResource, &gwv1.GRPCRoute{}, func() any { return &gwv1.GRPCRoute{} }},
+		{DestinationRulesResource, &networkingv1.DestinationRule{}, func() any { return &networkingv1.DestinationRule{} }},
 		{security.AuthorizationPolicies, &security.AuthorizationPolicy{}, func() any { return &security.AuthorizationPolicy{} }},
 		{security.PeerAuthentications, &security.PeerAuthentication{}, func() any { return &security.PeerAuthentication{} }},
 	} {
@@ -146,6 +153,18 @@ func (k *Kubernetes) Start(ctx context.Context) error {
 				return nil, fmt.Errorf("unexpected %T", obj)
 			}
 			out := newObj()
+			if _, isProto := out.(*networkingv1.DestinationRule); isProto {
+				// Istio's types decode their protobuf specs with their own
+				// UnmarshalJSON: go through JSON.
+				b, err := json.Marshal(u.Object)
+				if err != nil {
+					return nil, err
+				}
+				if err := json.Unmarshal(b, out); err != nil {
+					return nil, err
+				}
+				return out, nil
+			}
 			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, out); err != nil {
 				return nil, err
 			}
@@ -231,6 +250,14 @@ func (r *eventReporter) Report(p translate.Problem) {
 		case "HTTPRoute":
 			if x := o.HTTPRoutes[key]; x != nil {
 				ref.UID, ref.APIVersion, ref.ResourceVersion = x.UID, "gateway.networking.k8s.io/v1", x.ResourceVersion
+			}
+		case "GRPCRoute":
+			if x := o.GRPCRoutes[key]; x != nil {
+				ref.UID, ref.APIVersion, ref.ResourceVersion = x.UID, "gateway.networking.k8s.io/v1", x.ResourceVersion
+			}
+		case translate.KindDestinationRule:
+			if x := o.DestinationRules[key]; x != nil {
+				ref.UID, ref.APIVersion, ref.ResourceVersion = x.UID, "networking.istio.io/v1", x.ResourceVersion
 			}
 		case security.KindAuthorizationPolicy:
 			if x := o.AuthorizationPolicies[key]; x != nil {
