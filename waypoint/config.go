@@ -787,8 +787,8 @@ func compile(rs []Resource) (*compiled, error) {
 		if err := r.Resource.(interface{ ValidateAll() error }).ValidateAll(); err != nil {
 			return nil, fmt.Errorf("%s %q: %w", kind, name, err)
 		}
-		if err := checkFields(r.Resource.ProtoReflect(), fmt.Sprintf("%s %q:", kind, name)); err != nil {
-			return nil, err
+		if err := checkFields(r.Resource.ProtoReflect(), ""); err != nil {
+			return nil, fmt.Errorf("%s %q: %w", kind, name, err)
 		}
 		switch m := r.Resource.(type) {
 		case *listenerv3.Listener:

@@ -504,7 +504,9 @@ func TestClusterNotFound(t *testing.T) {
 	b := newBackend(t, whoami("ok"))
 	cl := clusterName(svc)
 	e.apply(simple(svc, []*routev3.Route{weighted(prefixMatch("/"), map[string]uint32{cl: 50, "outbound|80||missing": 50},
-		func(a *routev3.RouteAction) { a.ClusterNotFoundResponseCode = routev3.RouteAction_INTERNAL_SERVER_ERROR })},
+		func(a *routev3.RouteAction) {
+			a.ClusterNotFoundResponseCode = routev3.RouteAction_INTERNAL_SERVER_ERROR
+		})},
 		map[string][]ep{cl: {{addr: b.addr}}})...)
 	c := e.client(e.cliID, target, false)
 	codes := map[int]int{}
