@@ -13,6 +13,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/ambit-mesh/ambit/model"
 )
@@ -157,5 +158,68 @@ func TestUpdateMatchesBuild(t *testing.T) {
 				t.Fatalf("%s: incremental != full\nincremental: %s\nfull: %s", s.name, g, w)
 			}
 		}
+	}
+}
+
+// TestUpdateL7MatchesBuild: the incremental path gives the same L7 model
+// (routes and their status, GRPCRoutes, DestinationRules, waypoint
+// policies) as a full build.
+func TestUpdateL7MatchesBuild(t *testing.T) {
+	o := load(t, "testdata/mesh.yaml")
+	snap := Build(o, Options{}).Snapshot
+	decode := func(doc string) any {
+		objs, _, err := Decode(strings.NewReader(doc))
+		if err != nil || len(objs) != 1 {
+			t.Fatalf("decode: %v (%d objects)", err, len(objs))
+		}
+		return objs[0]
+	}
+	steps := []struct {
+		name   string
+		change func() Changes
+	}{
+		{"destination rule", func() Changes {
+			return o.Set(decode(`{apiVersion: networking.istio.io/v1, kind: DestinationRule, metadata: {name: cart, namespace: shop},
+  spec: {host: cart, trafficPolicy: {connectionPool: {tcp: {maxConnections: 3}}, portLevelSettings: [{port: {number: 80}, loadBalancer: {simple: RANDOM}}]}}}`))
+		}},
+		{"grpc route", func() Changes {
+			return o.Set(decode(`{apiVersion: gateway.networking.k8s.io/v1, kind: GRPCRoute, metadata: {name: g, namespace: shop},
+  spec: {parentRefs: [{group: "", kind: Service, name: cart}], rules: [{matches: [{method: {service: a.B, method: C}}], backendRefs: [{name: cart, port: 80}]}]}}`))
+		}},
+		{"waypoint policy", func() Changes {
+			return o.Set(decode(`{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: wp, namespace: shop},
+  spec: {targetRefs: [{kind: Service, group: "", name: cart}], rules: [{to: [{operation: {methods: [GET]}}]}]}}`))
+		}},
+		{"route parent loses its port", func() Changes {
+			s := o.Services["shop/cart"].DeepCopy()
+			s.Spec.Ports[0].Port = 81
+			return o.Set(s)
+		}},
+		{"destination rule deleted", func() Changes {
+			return o.Delete(decode(`{apiVersion: networking.istio.io/v1, kind: DestinationRule, metadata: {name: x}}`), "shop/cart")
+		}},
+		{"grpc route deleted", func() Changes { return o.Delete(&gwv1.GRPCRoute{}, "shop/g") }},
+	}
+	for _, s := range steps {
+		ch := s.change()
+		d, _ := Update(o, snap, ch, Options{})
+		snap = snap.Apply(d)
+		want := Build(o, Options{}).Snapshot
+		for _, pair := range []struct{ got, want any }{
+			{snap.HTTPRoutes, want.HTTPRoutes}, {snap.GRPCRoutes, want.GRPCRoutes}, {snap.DestinationRules, want.DestinationRules},
+			{snap.WaypointPolicies, want.WaypointPolicies}, {snap.Waypoints, want.Waypoints}, {snap.Policies, want.Policies},
+		} {
+			if !reflect.DeepEqual(pair.got, pair.want) {
+				g, _ := json.MarshalIndent(pair.got, "", " ")
+				w, _ := json.MarshalIndent(pair.want, "", " ")
+				t.Fatalf("%s: incremental != full\nincremental: %s\nfull: %s", s.name, g, w)
+			}
+		}
+	}
+	if len(snap.WaypointPolicies) != 1 || len(snap.GRPCRoutes) != 0 || len(snap.DestinationRules) != 0 {
+		t.Errorf("end state: %d waypoint policies, %d grpc routes, %d destination rules", len(snap.WaypointPolicies), len(snap.GRPCRoutes), len(snap.DestinationRules))
+	}
+	if r := snap.HTTPRoutes["shop/cart-split"]; r == nil || r.Parents[0].Accepted() {
+		t.Errorf("a route whose parent port is gone is still accepted: %+v", r)
 	}
 }
