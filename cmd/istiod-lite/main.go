@@ -1,6 +1,6 @@
 // Command istiod-lite is ambit's control plane: it watches Kubernetes (or a
-// directory of the same YAML), serves Delta xDS to ztunnels and signs
-// workload certificates, all on 15012.
+// directory of the same YAML), serves Delta xDS to ztunnels and waypoints and
+// signs workload certificates, all on 15012.
 package main
 
 import (
@@ -24,8 +24,9 @@ func main() {
 
 It builds one model of workloads, services and policies from Kubernetes (or
 from a directory of the same YAML objects in local mode), streams it to
-ztunnels over Delta xDS, and signs SPIFFE workload certificates, all over TLS
-on 15012. /healthz, /readyz, /debug/proxy-status and /debug/model are on the
+ztunnels (workloads, services, policies) and waypoints (their Envoy listeners,
+routes, clusters and endpoints) over Delta xDS, and signs SPIFFE workload
+certificates, all over TLS on 15012. /healthz, /readyz, /debug/proxy-status and /debug/model are on the
 admin address.
 
 Usage: istiod-lite [flags]
@@ -47,7 +48,7 @@ Usage: istiod-lite [flags]
 	fs.StringVar(&cfg.CASecretNamespace, "ca-secret-namespace", "", "cluster mode: `namespace` of the CA Secret (default ambit-system)")
 	fs.StringVar(&cfg.CASecretName, "ca-secret-name", "", "cluster mode: `name` of the CA Secret (default ambit-ca)")
 	fs.DurationVar(&cfg.CertTTL, "cert-ttl", 0, "lifetime of workload certificates (default 24h); proxies renew at half of it")
-	fs.StringVar(&cfg.HostCredentials, "host-credentials", "", "local mode: `file` of \"<host> <secret>\" lines hosts authenticate to the CA with")
+	fs.StringVar(&cfg.HostCredentials, "host-credentials", "", "local mode: `file` of \"<host> <secret>\" and \"waypoint <namespace>/<name> <secret>\" lines hosts and waypoints authenticate with")
 	fs.StringVar(&sans, "serving-sans", "", "extra comma-separated DNS names and IPs of the 15012 certificate")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	_ = fs.Parse(os.Args[1:])

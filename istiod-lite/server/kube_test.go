@@ -8,12 +8,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/kube"
@@ -78,6 +80,21 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A waypoint pod: the Gateway label, and the service account of the
+	// Gateway's name.
+	if _, err := admin.CoreV1().ServiceAccounts("demo").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "waypoint"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.CoreV1().Pods("demo").Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "waypoint-0", Namespace: "demo", Labels: map[string]string{auth.LabelGatewayName: "waypoint"}},
+		Spec:       corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "waypoint", Containers: []corev1.Container{{Name: "c", Image: "x"}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waypointToken, err := c.ServiceAccountToken(ctx, "demo", "waypoint", []string{auth.DefaultAudience}, "waypoint-0")
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	token, err := c.ServiceAccountToken(ctx, "ambit-system", "istiod-lite", nil, "")
 	if err != nil {
@@ -116,17 +133,20 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 		t.Fatal(err)
 	}
 	tlsConf := caclient.TLSConfig(roots, identity.DefaultTrustDomain, identity.ControlPlane(identity.DefaultTrustDomain))
-	// xDS takes only node proxies' tokens (TokenReview), each for its own node.
+	// xDS takes node proxies' tokens (TokenReview), each for its own node
+	// and the workload types, and waypoints' for the Envoy types.
 	for _, tc := range []struct {
-		what, token, node string
-		want              codes.Code
+		what, token, node, typeURL string
+		want                       codes.Code
 	}{
-		{"no token", "", "node-1", codes.Unauthenticated},
-		{"istiod-lite's token (not for istio-ca, not pod-bound)", token, "node-1", codes.Unauthenticated},
-		{"a workload's token", webToken, "node-1", codes.PermissionDenied},
-		{"node-1's ztunnel claiming node-2", ztunnelToken, "node-2", codes.PermissionDenied},
+		{"no token", "", "node-1", workload.WorkloadType, codes.Unauthenticated},
+		{"istiod-lite's token (not for istio-ca, not pod-bound)", token, "node-1", workload.WorkloadType, codes.Unauthenticated},
+		{"a workload's token", webToken, "node-1", workload.WorkloadType, codes.PermissionDenied},
+		{"node-1's ztunnel claiming node-2", ztunnelToken, "node-2", workload.WorkloadType, codes.PermissionDenied},
+		{"node-1's ztunnel asking for clusters", ztunnelToken, "node-1", resource.ClusterType, codes.PermissionDenied},
+		{"the waypoint asking for workloads", waypointToken, "waypoint-0", workload.WorkloadType, codes.PermissionDenied},
 	} {
-		if err := firstResponse(ctx, addr, tlsConf, tc.token, tc.node); status.Code(err) != tc.want {
+		if _, err := firstResponse(ctx, addr, tlsConf, tc.token, tc.node, tc.typeURL); status.Code(err) != tc.want {
 			t.Fatalf("xds with %s: got %v, want %s", tc.what, err, tc.want)
 		}
 	}

@@ -1,5 +1,6 @@
 // Package server wires istiod-lite: a registry (Kubernetes or a YAML
-// directory) builds the model, the xDS server streams it, and the
+// directory) builds the model, the xDS server streams it (workload types to
+// node proxies, each waypoint's Envoy resources to that waypoint), and the
 // certificate service signs workload certificates, both on one TLS gRPC port
 // (15012) and both authenticating their clients' bearer tokens with one
 // auth.Authenticator; a localhost admin port serves health and proxy-status.
@@ -70,9 +71,11 @@ type Config struct {
 	CASecretNamespace, CASecretName string
 	// HostCredentials, in local mode, is the file of "<host> <secret>" lines
 	// that hosts' ztunnels authenticate with, to the CA and to xDS (a host's
-	// xDS Node id must be its name); without it both refuse all. In cluster
-	// mode ztunnels authenticate with their pod-bound service-account token
-	// (audience auth.DefaultAudience) to both.
+	// xDS Node id must be its name), and of "waypoint <namespace>/<name>
+	// <secret>" lines for waypoints (format: package istiod-lite/auth);
+	// without it both refuse all. In cluster mode ztunnels and waypoints
+	// authenticate with their pod-bound service-account token (audience
+	// auth.DefaultAudience) to both.
 	HostCredentials string
 	// CertTTL is the lifetime (and the cap) of issued workload certificates
 	// (certs.DefaultLeafTTL when zero).
@@ -184,8 +187,9 @@ func Run(ctx context.Context, cfg Config) error {
 	xdsServer := xds.New(store, log.With("component", "xds"))
 	gs := grpc.NewServer(append(xds.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(serving.TLSConfig())),
-		// xDS streams the whole mesh: only node proxies, with the token the
-		// CA takes. The CA authenticates each of its calls itself.
+		// xDS serves node proxies and waypoints, with the token the CA
+		// takes, each what its kind may read. The CA authenticates each of
+		// its calls itself.
 		grpc.ChainStreamInterceptor(xdsServer.RequireAuthentication(caServer.Authenticator)),
 		// Before any request body is read (they may be large): a call
 		// without a bearer token is refused at once, and a connection's

@@ -18,6 +18,7 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -59,7 +60,7 @@ func TestLocalModeEndToEnd(t *testing.T) {
 	}
 	copyDir(t, "../../examples/local", conf)
 	creds := filepath.Join(dir, "hosts")
-	if err := os.WriteFile(creds, []byte("node-1 node-one-secret-0123456789\n"), 0o600); err != nil {
+	if err := os.WriteFile(creds, []byte("node-1 node-one-secret-0123456789\nwaypoint demo/waypoint waypoint-demo-secret-0123456789\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
@@ -105,7 +106,7 @@ func TestLocalModeEndToEnd(t *testing.T) {
 		{"wrong token", "not-a-host-secret-0123456789", "node-1", codes.Unauthenticated},
 		{"node-1's token claiming node-2", "node-one-secret-0123456789", "node-2", codes.PermissionDenied},
 	} {
-		if err := firstResponse(ctx, a[0], tlsConf, tc.token, tc.node); status.Code(err) != tc.want {
+		if _, err := firstResponse(ctx, a[0], tlsConf, tc.token, tc.node, workload.WorkloadType); status.Code(err) != tc.want {
 			t.Fatalf("xds with %s: got %v, want %s", tc.what, err, tc.want)
 		}
 	}
@@ -169,37 +170,86 @@ func TestLocalModeEndToEnd(t *testing.T) {
 		t.Fatal("node-1 got an identity no workload on node-1 has")
 	}
 
-	resp, err := http.Get("http://" + a[1] + "/debug/proxy-status")
+	// The waypoint declared in the credentials file: its own identity only,
+	// Envoy types only.
+	wpc := &caclient.Client{Addr: a[0], Roots: authority.Bundle(), Token: "waypoint-demo-secret-0123456789"}
+	defer wpc.Close()
+	wpID := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/waypoint")
+	if _, err := wpc.Issue(ctx, wpID, csr(wpID)); err != nil {
+		t.Fatalf("the waypoint asks for its identity: %v", err)
+	}
+	if _, err := wpc.Issue(ctx, clientID, csr(clientID)); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the waypoint asks for demo/client's identity: %v", err)
+	}
+	if _, err := firstResponse(ctx, a[0], tlsConf, "waypoint-demo-secret-0123456789", "waypoint-0", workload.WorkloadType); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("the waypoint subscribes to workloads: %v", err)
+	}
+	if _, err := firstResponse(ctx, a[0], tlsConf, "node-one-secret-0123456789", "node-1", resource.ClusterType); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("node-1 subscribes to clusters: %v", err)
+	}
+	// A waypoint stream is served (what it gets is envoy.ForWaypoint's) and
+	// shows in proxy-status with its kind, and its snapshot's state.
+	wp, closeWP, err := openADS(ctx, a[0], tlsConf, "waypoint-demo-secret-0123456789")
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if !strings.Contains(string(body), `"node": "node-1"`) || !strings.Contains(string(body), `"caller": "host node-1"`) {
-		t.Fatalf("proxy-status: %s", body)
+	defer closeWP()
+	if err := wp.Send(&discovery.DeltaDiscoveryRequest{Node: &core.Node{Id: "waypoint-0", Cluster: "demo/waypoint"}, TypeUrl: resource.ClusterType, ResourceNamesSubscribe: []string{"*"}}); err != nil {
+		t.Fatal(err)
+	}
+	proxyStatus := func() string {
+		resp, err := http.Get("http://" + a[1] + "/debug/proxy-status")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return string(body)
+	}
+	deadline = time.Now().Add(20 * time.Second)
+	for {
+		body := proxyStatus()
+		if strings.Contains(body, `"node": "node-1"`) && strings.Contains(body, `"caller": "host node-1"`) &&
+			strings.Contains(body, `"kind": "waypoint"`) && strings.Contains(body, `"waypoint": "demo/waypoint"`) &&
+			strings.Contains(body, `"demo/waypoint": {`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("proxy-status: %s", body)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
 // firstResponse opens a Delta ADS stream to addr with the bearer token (none
-// if empty), subscribes to workloads as node and returns the error of the
-// first response.
-func firstResponse(ctx context.Context, addr string, tlsConf *tls.Config, token, node string) error {
+// if empty), subscribes to typeURL as node and returns the first response.
+func firstResponse(ctx context.Context, addr string, tlsConf *tls.Config, token, node, typeURL string) (*discovery.DeltaDiscoveryResponse, error) {
+	st, closeStream, err := openADS(ctx, addr, tlsConf, token)
+	if err != nil {
+		return nil, err
+	}
+	defer closeStream()
+	// A refused stream may end before the request is out; Recv has the status.
+	_ = st.Send(&discovery.DeltaDiscoveryRequest{Node: &core.Node{Id: node}, TypeUrl: typeURL, ResourceNamesSubscribe: []string{"*"}})
+	return st.Recv()
+}
+
+// openADS opens a Delta ADS stream to addr with the bearer token (none if
+// empty); closeStream ends it.
+func openADS(ctx context.Context, addr string, tlsConf *tls.Config, token string) (_ discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesClient, closeStream func(), _ error) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)))
 	if err != nil {
-		return err
+		return nil, nil, err
 	}
-	defer conn.Close()
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
-	defer cancel()
 	if token != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
 	}
 	st, err := discovery.NewAggregatedDiscoveryServiceClient(conn).DeltaAggregatedResources(ctx)
 	if err != nil {
-		return err
+		cancel()
+		conn.Close()
+		return nil, nil, err
 	}
-	// A refused stream may end before the request is out; Recv has the status.
-	_ = st.Send(&discovery.DeltaDiscoveryRequest{Node: &core.Node{Id: node}, TypeUrl: workload.WorkloadType, ResourceNamesSubscribe: []string{"*"}})
-	_, err = st.Recv()
-	return err
+	return st, func() { cancel(); conn.Close() }, nil
 }
