@@ -64,7 +64,7 @@ func ForWaypoint(s *model.Snapshot, wp Waypoint) (*Resources, error) {
 	if s == nil {
 		return nil, fmt.Errorf("envoy: no snapshot")
 	}
-	b := &builder{s: s, wp: wp, clusters: map[string]clusterRef{}}
+	b := newBuilder(s, wp)
 	var chains []*listener.FilterChain
 	var routes []*route.RouteConfiguration
 	for _, svc := range b.boundServices() {
@@ -96,6 +96,38 @@ type builder struct {
 	s        *model.Snapshot
 	wp       Waypoint
 	clusters map[string]clusterRef // the clusters routes and chains name
+
+	// indexes of s, built once
+	routes   map[string][]*model.HTTPRoute     // "<ns>/<service name>" -> routes with an accepted parentRef to it, by kind and key
+	policies []*model.WaypointPolicy           // by key
+	drs      map[string]*model.DestinationRule // Service.Key() -> its rule (the first by key)
+}
+
+func newBuilder(s *model.Snapshot, wp Waypoint) *builder {
+	b := &builder{s: s, wp: wp, clusters: map[string]clusterRef{}, routes: map[string][]*model.HTTPRoute{}, drs: map[string]*model.DestinationRule{}}
+	for _, m := range []map[string]*model.HTTPRoute{s.HTTPRoutes, s.GRPCRoutes} {
+		for _, k := range sortedKeys(m) {
+			r := m[k]
+			seen := map[string]bool{}
+			for i := range r.Parents {
+				p := &r.Parents[i]
+				if key := p.Namespace + "/" + p.Name; p.Kind == "Service" && p.Accepted() && !seen[key] {
+					seen[key] = true
+					b.routes[key] = append(b.routes[key], r)
+				}
+			}
+		}
+	}
+	for _, k := range sortedKeys(s.WaypointPolicies) {
+		b.policies = append(b.policies, s.WaypointPolicies[k])
+	}
+	for _, k := range sortedKeys(s.DestinationRules) {
+		dr := s.DestinationRules[k]
+		if b.drs[dr.Service] == nil {
+			b.drs[dr.Service] = dr
+		}
+	}
+	return b
 }
 
 type clusterRef struct {
@@ -135,13 +167,7 @@ func (b *builder) useCluster(svcKey string, port uint16) (string, bool) {
 // destinationRule returns the DestinationRule of a service: the first by
 // key when several name it.
 func (b *builder) destinationRule(svc *model.Service) *model.DestinationRule {
-	var best *model.DestinationRule
-	for _, dr := range b.s.DestinationRules {
-		if dr.Service == svc.Key() && (best == nil || dr.Key() < best.Key()) {
-			best = dr
-		}
-	}
-	return best
+	return b.drs[svc.Key()]
 }
 
 func sortedPorts(ps []model.ServicePort) []model.ServicePort {

@@ -46,7 +46,7 @@ func (b *builder) makeChain(svc *model.Service, sp model.ServicePort) (*listener
 	for _, vip := range svc.VIPs {
 		match.PrefixRanges = append(match.PrefixRanges, &core.CidrRange{AddressPrefix: vip.String(), PrefixLen: wrapperspb.UInt32(uint32(vip.BitLen()))})
 	}
-	deny, allow := b.policies(svc)
+	deny, allow := b.policiesFor(svc)
 	if !http {
 		name := fmt.Sprintf("inbound-vip|%d|tcp|%s", sp.Port, svc.Hostname)
 		cl, _ := b.useCluster(svc.Key(), sp.Port)
@@ -87,12 +87,11 @@ func (b *builder) makeChain(svc *model.Service, sp model.ServicePort) (*listener
 	return chain, rc, nil
 }
 
-// policies returns the waypoint policies that apply to a service (those
+// policiesFor returns the waypoint policies that apply to a service (those
 // targeting the waypoint's Gateway or the service), DENY and ALLOW, by
 // key.
-func (b *builder) policies(svc *model.Service) (deny, allow []*model.WaypointPolicy) {
-	for _, k := range sortedKeys(b.s.WaypointPolicies) {
-		p := b.s.WaypointPolicies[k]
+func (b *builder) policiesFor(svc *model.Service) (deny, allow []*model.WaypointPolicy) {
+	for _, p := range b.policies {
 		applies := false
 		for _, t := range p.Targets {
 			switch t.Kind {

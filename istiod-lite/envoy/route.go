@@ -30,15 +30,12 @@ const hostSelectionRetryMaxAttempts = 5
 // parentRef to svc (on port, or on every port).
 func (b *builder) attachedRoutes(svc *model.Service, port uint16) []*model.HTTPRoute {
 	var out []*model.HTTPRoute
-	for _, m := range []map[string]*model.HTTPRoute{b.s.HTTPRoutes, b.s.GRPCRoutes} {
-		for _, k := range sortedKeys(m) {
-			r := m[k]
-			for i := range r.Parents {
-				p := &r.Parents[i]
-				if p.Kind == "Service" && p.Namespace == svc.Namespace && p.Name == svc.Name && (p.Port == 0 || p.Port == port) && p.Accepted() {
-					out = append(out, r)
-					break
-				}
+	for _, r := range b.routes[svc.Namespace+"/"+svc.Name] {
+		for i := range r.Parents {
+			p := &r.Parents[i]
+			if p.Kind == "Service" && p.Namespace == svc.Namespace && p.Name == svc.Name && (p.Port == 0 || p.Port == port) && p.Accepted() {
+				out = append(out, r)
+				break
 			}
 		}
 	}
