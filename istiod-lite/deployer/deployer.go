@@ -5,7 +5,8 @@
 // 15021), re-applies them when they are edited or deleted, and writes the
 // Gateway's status: Accepted, Programmed (once the Service has a cluster IP
 // and the Deployment a ready replica), listener conditions with
-// attachedRoutes, and status.addresses once programmed.
+// attachedRoutes, and status.addresses once programmed. It also accepts the
+// GatewayClasses it serves (their Accepted condition).
 //
 // Run it only on the elected replica (istiod-lite/leader):
 //
@@ -24,9 +25,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -101,9 +104,16 @@ type Controller struct {
 	mu sync.Mutex // guards queue and written
 	// queue is the running term's work queue (nil when not running).
 	queue workqueue.TypedRateLimitingInterface[string]
-	// written maps a Gateway key to the resourceVersion of its last status
-	// write, so that the informer's echo of that write is not reconciled.
-	written map[string]string
+	// written maps a Gateway key to its last status write.
+	written map[string]*write
+}
+
+// write is a status write: the informer's echo of it is not reconciled,
+// and a reconcile from a cache still older than it is put off until the
+// echo arrives (it would compute from stale status and conflict).
+type write struct {
+	from, to string // the Gateway's resourceVersion before and after
+	deferred bool   // a reconcile waits for the echo
 }
 
 // New returns a Controller for cfg, with defaults filled in.
@@ -133,7 +143,7 @@ func New(cfg Config) *Controller {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Controller{cfg: cfg, log: log.With("component", "deployer"), written: map[string]string{}}
+	return &Controller{cfg: cfg, log: log.With("component", "deployer"), written: map[string]*write{}}
 }
 
 // listers of one term.
@@ -273,13 +283,34 @@ func (c *Controller) Requeue(namespace, name string) {
 // isEcho reports whether a Gateway update is only the informer's echo of
 // this controller's own status write.
 func (c *Controller) isEcho(o, n *gwv1.Gateway) bool {
-	if o.Generation != n.Generation {
-		return false
+	if o.Generation != n.Generation || o.ResourceVersion == n.ResourceVersion {
+		return false // a spec change, or a resync
 	}
 	key := n.Namespace + "/" + n.Name
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.written[key] == n.ResourceVersion
+	w := c.written[key]
+	if w == nil || w.to != n.ResourceVersion {
+		return false
+	}
+	if w.deferred {
+		w.deferred = false
+		return false
+	}
+	return true
+}
+
+// stale reports whether gw, from the cache, predates this controller's
+// last status write to it; the reconcile is then put off to the echo.
+func (c *Controller) stale(gw *gwv1.Gateway) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	w := c.written[gw.Namespace+"/"+gw.Name]
+	if w == nil || w.from != gw.ResourceVersion {
+		return false
+	}
+	w.deferred = true
+	return true
 }
 
 func (c *Controller) enqueueObject(q workqueue.TypedRateLimitingInterface[string], obj any) {
@@ -300,6 +331,7 @@ func (c *Controller) enqueueClass(q workqueue.TypedRateLimitingInterface[string]
 	if !ok {
 		return
 	}
+	q.Add(classPrefix + gc.Name)
 	gws, err := l.gateways.List(labels.Everything())
 	if err != nil {
 		return
@@ -358,6 +390,9 @@ func (c *Controller) manages(l listers, gw *gwv1.Gateway) bool {
 
 // reconcile converges one Gateway's owned objects and status.
 func (c *Controller) reconcile(ctx context.Context, l listers, key string) error {
+	if class, ok := strings.CutPrefix(key, classPrefix); ok {
+		return c.reconcileClass(ctx, l, class)
+	}
 	ns, name, err := cache.SplitMetaNamespaceKey(key)
 	if err != nil {
 		return nil
@@ -372,6 +407,9 @@ func (c *Controller) reconcile(ctx context.Context, l listers, key string) error
 	}
 	if err != nil {
 		return fmt.Errorf("get gateway: %w", err)
+	}
+	if c.stale(gw) {
+		return nil
 	}
 	if !c.manages(l, gw) {
 		// Not (or no longer) ours: remove what we deployed for it; its
@@ -392,6 +430,51 @@ func (c *Controller) reconcile(ctx context.Context, l listers, key string) error
 		o.attached = c.cfg.AttachedRoutes(gw.Namespace, gw.Name)
 	}
 	return c.writeStatus(ctx, gw, gatewayStatus(gw, v, o, c.cfg.ClusterDomain, metav1.Now()))
+}
+
+// classPrefix marks a GatewayClass's key in the queue (a colon is in no
+// namespace's name).
+const classPrefix = ":class:"
+
+// reconcileClass accepts a GatewayClass served by this controller (its
+// Accepted condition; other conditions are left as they are).
+func (c *Controller) reconcileClass(ctx context.Context, l listers, name string) error {
+	gc, err := l.classes.Get(name)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("get gatewayclass: %w", err)
+	}
+	if gc.Spec.ControllerName != ControllerName {
+		return nil
+	}
+	accepted := metav1.Condition{
+		Type: string(gwv1.GatewayClassConditionStatusAccepted), Status: metav1.ConditionTrue,
+		Reason: string(gwv1.GatewayClassReasonAccepted), Message: "Handled by istiod-lite's waypoint deployer",
+		ObservedGeneration: gc.Generation,
+	}
+	conds := keepTimes(gc.Status.Conditions, metav1.Now(), accepted)
+	st := gc.Status.DeepCopy()
+	replaced := false
+	for i := range st.Conditions {
+		if st.Conditions[i].Type == accepted.Type {
+			st.Conditions[i], replaced = conds[0], true
+		}
+	}
+	if !replaced {
+		st.Conditions = append(st.Conditions, conds[0])
+	}
+	if equality.Semantic.DeepEqual(gc.Status, *st) {
+		return nil
+	}
+	upd := gc.DeepCopy()
+	upd.Status = *st
+	if _, err := c.cfg.Gateway.GatewayV1().GatewayClasses().UpdateStatus(ctx, upd, metav1.UpdateOptions{FieldManager: FieldManager}); err != nil {
+		return fmt.Errorf("update gatewayclass status: %w", err)
+	}
+	c.log.Info("gatewayclass accepted", "name", name)
+	return nil
 }
 
 // controlledBy reports whether obj is controlled by gw (by UID).
@@ -480,7 +563,7 @@ func (c *Controller) writeStatus(ctx context.Context, gw *gwv1.Gateway, st gwv1.
 		return fmt.Errorf("update gateway status: %w", err)
 	}
 	c.mu.Lock()
-	c.written[gw.Namespace+"/"+gw.Name] = got.ResourceVersion
+	c.written[gw.Namespace+"/"+gw.Name] = &write{from: gw.ResourceVersion, to: got.ResourceVersion}
 	c.mu.Unlock()
 	c.log.Info("gateway status", "namespace", gw.Namespace, "name", gw.Name, "programmed", conditionStatus(st.Conditions, string(gwv1.GatewayConditionProgrammed)))
 	return nil

@@ -94,20 +94,25 @@ type counting struct {
 	base http.RoundTripper
 }
 
-// key classifies a request: "PATCH deployments", "PUT gateways/status", ...
+// classify names a request: "PATCH deployments", "PUT gateways/status", ...
 func classify(r *http.Request) string {
 	parts := strings.Split(strings.Trim(r.URL.Path, "/"), "/")
-	// .../namespaces/<ns>/<resource>/<name>[/<sub>]
-	for i := 0; i+2 < len(parts); i++ {
-		if parts[i] == "namespaces" {
-			res := parts[i+2]
-			if i+4 < len(parts) {
-				res += "/" + parts[i+4]
-			}
-			return r.Method + " " + res
-		}
+	switch { // /api/v1/... or /apis/<group>/<version>/...
+	case len(parts) > 2 && parts[0] == "api":
+		parts = parts[2:]
+	case len(parts) > 3 && parts[0] == "apis":
+		parts = parts[3:]
+	default:
+		return r.Method + " " + r.URL.Path
 	}
-	return r.Method + " " + parts[len(parts)-1]
+	if len(parts) > 2 && parts[0] == "namespaces" {
+		parts = parts[2:]
+	}
+	res := parts[0]
+	if len(parts) > 2 {
+		res += "/" + parts[2]
+	}
+	return r.Method + " " + res
 }
 
 func (t counting) RoundTrip(r *http.Request) (*http.Response, error) {
@@ -573,6 +578,18 @@ func TestOtherClassIgnored(t *testing.T) {
 	}
 	if _, err := cluster.Client().AppsV1().Deployments(ns).Get(t.Context(), "theirs", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 		t.Errorf("another class's Gateway deployed: %v", err)
+	}
+	// Its class is not accepted either; the waypoint class is.
+	eventually(t, "waypoint class accepted", func() (bool, string) {
+		gc, err := gwClient().GatewayV1().GatewayClasses().Get(t.Context(), deployer.WaypointClass, metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		c := cond(gc.Status.Conditions, "Accepted")
+		return c.Status == "True" && c.ObservedGeneration == gc.Generation, fmt.Sprintf("%+v", c)
+	})
+	if gc, err := gwClient().GatewayV1().GatewayClasses().Get(t.Context(), "other", metav1.GetOptions{}); err != nil || cond(gc.Status.Conditions, "Accepted").Status == "True" {
+		t.Errorf("another controller's class accepted: %v %+v", err, gc.Status)
 	}
 	if w := r.c.writes(); w["PATCH deployments"] != 1 || w["PUT gateways/status"] != 1 {
 		t.Errorf("writes %v, want one Deployment apply and one status write (for ours)", w)
