@@ -2,7 +2,6 @@ package ambitctl
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -46,8 +45,8 @@ func (w waiter) wait(ctx context.Context, items []readiness) error {
 		heartbeat = 5 * time.Second
 	}
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, w.Timeout)
-	defer cancel()
+	deadline := time.NewTimer(w.Timeout)
+	defer deadline.Stop()
 	type progress struct {
 		state   string
 		printed time.Time
@@ -62,24 +61,27 @@ func (w waiter) wait(ctx context.Context, items []readiness) error {
 			if ps[i].done {
 				continue
 			}
-			ready, state, err := it.check(ctx)
-			if err != nil && ctx.Err() == nil {
-				return fmt.Errorf("wait for %s: %w", it.object, err)
+			// A failed check (an API hiccup) is a state to report, not the
+			// end of the wait; the deadline ends it.
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			ready, state, err := it.check(cctx)
+			cancel()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if err != nil {
+				ready, state = false, "error: "+oneLine(err.Error())
 			}
 			elapsed := time.Since(start).Round(time.Second)
-			if err == nil && ready {
+			if ready {
 				ps[i].done = true
 				fmt.Fprintf(w.Out, "✔ %s ready (%s)\n", it.object, elapsed)
 				continue
 			}
-			if err == nil {
-				pending++
-				if state != ps[i].state || time.Since(ps[i].printed) >= heartbeat {
-					fmt.Fprintf(w.Out, "  waiting for %s: %s; want %s (%s)\n", it.object, state, it.want, elapsed)
-					ps[i].state, ps[i].printed = state, time.Now()
-				}
-			} else {
-				pending++
+			pending++
+			if state != ps[i].state || time.Since(ps[i].printed) >= heartbeat {
+				fmt.Fprintf(w.Out, "  waiting for %s: %s; want %s (%s)\n", it.object, state, it.want, elapsed)
+				ps[i].state, ps[i].printed = state, time.Now()
 			}
 		}
 		if pending == 0 {
@@ -87,25 +89,24 @@ func (w waiter) wait(ctx context.Context, items []readiness) error {
 		}
 		select {
 		case <-ctx.Done():
-			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				var not []string
-				for i, it := range items {
-					if !ps[i].done {
-						not = append(not, it.object)
+			return ctx.Err()
+		case <-deadline.C:
+			var not []string
+			first := -1
+			for i, it := range items {
+				if !ps[i].done {
+					not = append(not, it.object)
+					if first < 0 {
+						first = i
 					}
 				}
-				first := 0
-				for ps[first].done {
-					first++
-				}
-				more := ""
-				if len(not) > 1 {
-					more = fmt.Sprintf(" (and %d more: %s)", len(not)-1, strings.Join(not[1:], ", "))
-				}
-				return fmt.Errorf("%s not ready after %s: %s; want %s%s (raise --timeout, or check it with kubectl describe)",
-					items[first].object, w.Timeout, ps[first].state, items[first].want, more)
 			}
-			return ctx.Err()
+			more := ""
+			if len(not) > 1 {
+				more = fmt.Sprintf(" (and %d more: %s)", len(not)-1, strings.Join(not[1:], ", "))
+			}
+			return fmt.Errorf("%s not ready after %s: %s; want %s%s (raise --timeout, or look at it with kubectl describe)",
+				items[first].object, w.Timeout, ps[first].state, items[first].want, more)
 		case <-t.C:
 		}
 	}
