@@ -240,6 +240,13 @@ func makeEndpoints(s *model.Snapshot, name string, svc *model.Service, port mode
 	return cla
 }
 
+// makePodEndpoints returns the one endpoint of a workload port.
+func makePodEndpoints(name string, w *model.Workload, port uint16) *endpoint.ClusterLoadAssignment {
+	return &endpoint.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpoint.LocalityLbEndpoints{{
+		LbEndpoints: []*endpoint.LbEndpoint{makeLbEndpoint(w, port)},
+	}}}
+}
+
 func makeLbEndpoint(w *model.Workload, targetPort uint16) *endpoint.LbEndpoint {
 	health := core.HealthStatus_HEALTHY
 	if !w.Ready {

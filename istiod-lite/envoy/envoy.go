@@ -82,9 +82,23 @@ func ForWaypoint(s *model.Snapshot, wp Waypoint) (*Resources, error) {
 			}
 		}
 	}
+	for _, w := range b.boundWorkloads() {
+		for _, pp := range b.workloadPorts(w) {
+			c, rc := b.makePodChain(w, pp)
+			chains = append(chains, c)
+			if rc != nil {
+				routes = append(routes, rc)
+			}
+		}
+	}
 	out := &Resources{Listeners: []*listener.Listener{makeListener(chains)}, Routes: routes}
 	for _, name := range sortedKeys(b.clusters) {
 		ref := b.clusters[name]
+		if ref.pod != nil {
+			out.Clusters = append(out.Clusters, makeCluster(name, ref.port, nil))
+			out.Endpoints = append(out.Endpoints, makePodEndpoints(name, ref.pod, ref.port.Port))
+			continue
+		}
 		out.Clusters = append(out.Clusters, makeCluster(name, ref.port, b.destinationRule(ref.svc)))
 		out.Endpoints = append(out.Endpoints, makeEndpoints(s, name, ref.svc, ref.port))
 	}
@@ -101,6 +115,7 @@ type builder struct {
 	routes   map[string][]*model.HTTPRoute     // "<ns>/<service name>" -> routes with an accepted parentRef to it, by kind and key
 	policies []*model.WaypointPolicy           // by key
 	drs      map[string]*model.DestinationRule // Service.Key() -> its rule (the first by key)
+	podPorts map[string][]model.ServicePort    // workload UID -> its ports; built on first use
 }
 
 func newBuilder(s *model.Snapshot, wp Waypoint) *builder {
@@ -130,8 +145,11 @@ func newBuilder(s *model.Snapshot, wp Waypoint) *builder {
 	return b
 }
 
+// clusterRef is what a cluster reaches: a service port, or (pod set) one
+// workload's port.
 type clusterRef struct {
 	svc  *model.Service
+	pod  *model.Workload
 	port model.ServicePort
 }
 
@@ -145,6 +163,46 @@ func (b *builder) boundServices() []*model.Service {
 	}
 	slices.SortFunc(out, func(a, b *model.Service) int { return cmp.Compare(a.Key(), b.Key()) })
 	return out
+}
+
+// boundWorkloads returns the workloads bound to the waypoint (for
+// traffic addressed to their own IPs: waypoint-for workload or all), by
+// UID.
+func (b *builder) boundWorkloads() []*model.Workload {
+	var out []*model.Workload
+	for _, w := range b.s.Workloads {
+		if r := w.Waypoint; r != nil && r.Name == b.wp.Name && r.Namespace == b.wp.Namespace && len(w.Addresses) > 0 {
+			out = append(out, w)
+		}
+	}
+	slices.SortFunc(out, func(a, b *model.Workload) int { return cmp.Compare(a.UID, b.UID) })
+	return out
+}
+
+// workloadPorts returns the ports a bound workload serves: the target
+// ports of the services it backs (the model has no container ports), each
+// with the service port's name and protocol (the first service by key
+// wins), by port.
+func (b *builder) workloadPorts(w *model.Workload) []model.ServicePort {
+	if b.podPorts == nil {
+		b.podPorts = map[string][]model.ServicePort{}
+		for _, k := range sortedKeys(b.s.Services) {
+			svc := b.s.Services[k]
+			for _, ep := range svc.Endpoints {
+				for _, sp := range svc.Ports {
+					tp := sp.TargetPort
+					if p, ok := ep.Ports[sp.Port]; ok {
+						tp = p
+					}
+					if tp == 0 || slices.ContainsFunc(b.podPorts[ep.WorkloadUID], func(p model.ServicePort) bool { return p.Port == tp }) {
+						continue
+					}
+					b.podPorts[ep.WorkloadUID] = append(b.podPorts[ep.WorkloadUID], model.ServicePort{Name: sp.Name, Port: tp, TargetPort: tp, Protocol: sp.Protocol})
+				}
+			}
+		}
+	}
+	return sortedPorts(b.podPorts[w.UID])
 }
 
 // useCluster records the cluster of a service port and returns its name;

@@ -2,6 +2,7 @@ package envoy
 
 import (
 	"fmt"
+	"net/netip"
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -42,29 +43,66 @@ func (b *builder) makeChain(svc *model.Service, sp model.ServicePort) (*listener
 	routes := b.attachedRoutes(svc, sp.Port)
 	proto := portProtocol(sp)
 	http := proto == protoHTTP || proto == protoHTTP2 || (proto == protoUnknown && len(routes) > 0)
-	match := &listener.FilterChainMatch{DestinationPort: wrapperspb.UInt32(uint32(sp.Port))}
-	for _, vip := range svc.VIPs {
-		match.PrefixRanges = append(match.PrefixRanges, &core.CidrRange{AddressPrefix: vip.String(), PrefixLen: wrapperspb.UInt32(uint32(vip.BitLen()))})
-	}
 	deny, allow := b.policiesFor(svc)
+	cl, _ := b.useCluster(svc.Key(), sp.Port)
 	if !http {
 		name := fmt.Sprintf("inbound-vip|%d|tcp|%s", sp.Port, svc.Hostname)
-		cl, _ := b.useCluster(svc.Key(), sp.Port)
-		var filters []*listener.Filter
-		for _, rb := range []*rbacRules{makeRBAC(model.ActionDeny, deny, true), makeRBAC(model.ActionAllow, allow, true)} {
-			if rb != nil {
-				filters = append(filters, &listener.Filter{Name: filterNetRBAC, ConfigType: &listener.Filter_TypedConfig{
-					TypedConfig: mustAny(&rbacnet.RBAC{StatPrefix: name, Rules: rb.rules}),
-				}})
-			}
-		}
-		filters = append(filters, &listener.Filter{Name: filterTCPProxy, ConfigType: &listener.Filter_TypedConfig{
-			TypedConfig: mustAny(&tcpproxy.TcpProxy{StatPrefix: name, ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: cl}}),
-		}})
-		return &listener.FilterChain{Name: name, FilterChainMatch: match, Filters: filters}, nil, nil
+		return makeTCPChain(name, svc.VIPs, sp.Port, cl, deny, allow), nil, nil
 	}
 	name := fmt.Sprintf("inbound-vip|%d|http|%s", sp.Port, svc.Hostname)
-	rc := b.makeRouteConfig(name, svc, sp, routes)
+	var rc *route.RouteConfiguration
+	if len(routes) == 0 {
+		rc = makeDefaultRouteConfig(name, cl)
+	} else {
+		rc = b.makeRouteConfig(name, routes)
+	}
+	return makeHTTPChain(name, svc.VIPs, sp.Port, deny, allow), rc, nil
+}
+
+// makePodChain returns the filter chain of a bound workload's port (a
+// target port of a service it backs; pod-addressed traffic, waypoint-for
+// workload or all), and its route config when it is HTTP: a default route
+// to the pod itself. Only policies targeting the waypoint's Gateway apply.
+func (b *builder) makePodChain(w *model.Workload, pp model.ServicePort) (*listener.FilterChain, *route.RouteConfiguration) {
+	deny, allow := b.policiesFor(nil)
+	addr := w.Addresses[0].String()
+	cl := ClusterName(pp.Port, addr)
+	b.clusters[cl] = clusterRef{pod: w, port: pp}
+	name := fmt.Sprintf("inbound-pod|%d|%s", pp.Port, addr)
+	proto := portProtocol(pp)
+	if proto != protoHTTP && proto != protoHTTP2 {
+		return makeTCPChain(name, w.Addresses, pp.Port, cl, deny, allow), nil
+	}
+	return makeHTTPChain(name, w.Addresses, pp.Port, deny, allow), makeDefaultRouteConfig(name, cl)
+}
+
+func makeChainMatch(addrs []netip.Addr, port uint16) *listener.FilterChainMatch {
+	match := &listener.FilterChainMatch{DestinationPort: wrapperspb.UInt32(uint32(port))}
+	for _, a := range addrs {
+		match.PrefixRanges = append(match.PrefixRanges, &core.CidrRange{AddressPrefix: a.String(), PrefixLen: wrapperspb.UInt32(uint32(a.BitLen()))})
+	}
+	return match
+}
+
+// makeTCPChain: network RBAC filters (DENY, then ALLOW) and a TCP proxy.
+func makeTCPChain(name string, addrs []netip.Addr, port uint16, cluster string, deny, allow []*model.WaypointPolicy) *listener.FilterChain {
+	var filters []*listener.Filter
+	for _, rb := range []*rbacRules{makeRBAC(model.ActionDeny, deny, true), makeRBAC(model.ActionAllow, allow, true)} {
+		if rb != nil {
+			filters = append(filters, &listener.Filter{Name: filterNetRBAC, ConfigType: &listener.Filter_TypedConfig{
+				TypedConfig: mustAny(&rbacnet.RBAC{StatPrefix: name, Rules: rb.rules}),
+			}})
+		}
+	}
+	filters = append(filters, &listener.Filter{Name: filterTCPProxy, ConfigType: &listener.Filter_TypedConfig{
+		TypedConfig: mustAny(&tcpproxy.TcpProxy{StatPrefix: name, ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: cluster}}),
+	}})
+	return &listener.FilterChain{Name: name, FilterChainMatch: makeChainMatch(addrs, port), Filters: filters}
+}
+
+// makeHTTPChain: an HTTP connection manager with the RDS route config of
+// the chain's name, RBAC filters (DENY, then ALLOW) and the router.
+func makeHTTPChain(name string, addrs []netip.Addr, port uint16, deny, allow []*model.WaypointPolicy) *listener.FilterChain {
 	var httpFilters []*hcm.HttpFilter
 	for _, rb := range []*rbacRules{makeRBAC(model.ActionDeny, deny, false), makeRBAC(model.ActionAllow, allow, false)} {
 		if rb != nil {
@@ -81,15 +119,14 @@ func (b *builder) makeChain(svc *model.Service, sp model.ServicePort) (*listener
 		}},
 		HttpFilters: httpFilters,
 	}
-	chain := &listener.FilterChain{Name: name, FilterChainMatch: match, Filters: []*listener.Filter{{
+	return &listener.FilterChain{Name: name, FilterChainMatch: makeChainMatch(addrs, port), Filters: []*listener.Filter{{
 		Name: filterHCM, ConfigType: &listener.Filter_TypedConfig{TypedConfig: mustAny(m)},
 	}}}
-	return chain, rc, nil
 }
 
 // policiesFor returns the waypoint policies that apply to a service (those
-// targeting the waypoint's Gateway or the service), DENY and ALLOW, by
-// key.
+// targeting the waypoint's Gateway or the service; svc nil: the Gateway
+// only), DENY and ALLOW, by key.
 func (b *builder) policiesFor(svc *model.Service) (deny, allow []*model.WaypointPolicy) {
 	for _, p := range b.policies {
 		applies := false
@@ -98,7 +135,7 @@ func (b *builder) policiesFor(svc *model.Service) (deny, allow []*model.Waypoint
 			case "Gateway":
 				applies = applies || (p.Namespace == b.wp.Namespace && t.Name == b.wp.Name)
 			case "Service":
-				applies = applies || (p.Namespace == svc.Namespace && t.Name == svc.Name)
+				applies = applies || (svc != nil && p.Namespace == svc.Namespace && t.Name == svc.Name)
 			}
 		}
 		if !applies {

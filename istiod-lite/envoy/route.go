@@ -111,22 +111,25 @@ func b2i(b bool) int {
 	return 0
 }
 
-// makeRouteConfig returns the route config of an HTTP chain: the attached
-// routes in precedence order, or the default route to the service itself.
-func (b *builder) makeRouteConfig(name string, svc *model.Service, sp model.ServicePort, routes []*model.HTTPRoute) *route.RouteConfiguration {
+// makeDefaultRouteConfig is the route config of a chain no route attaches
+// to: every request to cluster, with Istio's default retries and no
+// timeout.
+func makeDefaultRouteConfig(name, cluster string) *route.RouteConfiguration {
+	vh := &route.VirtualHost{Name: name, Domains: []string{"*"}, Routes: []*route.Route{{
+		Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+		Action: &route.Route_Route{Route: &route.RouteAction{
+			ClusterSpecifier: &route.RouteAction_Cluster{Cluster: cluster},
+			Timeout:          durationpb.New(0),
+			RetryPolicy:      makeRetryPolicy(nil, 0),
+		}},
+	}}}
+	return &route.RouteConfiguration{Name: name, VirtualHosts: []*route.VirtualHost{vh}}
+}
+
+// makeRouteConfig returns the route config of an HTTP chain with routes
+// attached, in precedence order; unmatched requests get 404 (GAMMA).
+func (b *builder) makeRouteConfig(name string, routes []*model.HTTPRoute) *route.RouteConfiguration {
 	vh := &route.VirtualHost{Name: name, Domains: []string{"*"}}
-	if len(routes) == 0 {
-		cl, _ := b.useCluster(svc.Key(), sp.Port)
-		vh.Routes = []*route.Route{{
-			Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
-			Action: &route.Route_Route{Route: &route.RouteAction{
-				ClusterSpecifier: &route.RouteAction_Cluster{Cluster: cl},
-				Timeout:          durationpb.New(0),
-				RetryPolicy:      makeRetryPolicy(nil, 0),
-			}},
-		}}
-		return &route.RouteConfiguration{Name: name, VirtualHosts: []*route.VirtualHost{vh}}
-	}
 	var es []routeEntry
 	for _, r := range routes {
 		for i := range r.Rules {
