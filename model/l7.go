@@ -103,6 +103,18 @@ const (
 	ReasonRefNotPermitted  = "RefNotPermitted"
 )
 
+// AuthorizationPolicy condition types and reasons (Istio's): which proxy
+// enforces the policy and whether as written. WaypointPolicy carries its
+// WaypointAccepted condition; a selector policy's ZtunnelAccepted follows
+// from the Problems translation reports for it (L7RuleNotEnforcedByZtunnel,
+// InvalidPolicy: False, UnsupportedValue; none: True, Accepted).
+const (
+	ConditionZtunnelAccepted  = "ZtunnelAccepted"
+	ConditionWaypointAccepted = "WaypointAccepted"
+
+	ReasonTargetNotFound = "TargetNotFound"
+)
+
 // Condition is a status condition computed by translation, for a status
 // writer to write (metav1.Condition's Type, Status, Reason, Message).
 type Condition struct {
@@ -318,6 +330,9 @@ type WaypointPolicy struct {
 	Targets   []PolicyTarget `json:"targets"`
 	Action    Action         `json:"action"`
 	Rules     []L7Rule       `json:"rules"`
+	// Conditions is the policy's status (a WaypointAccepted condition),
+	// for a status writer.
+	Conditions []Condition `json:"conditions,omitempty"`
 }
 
 // Key returns the store key.

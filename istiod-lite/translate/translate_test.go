@@ -223,3 +223,44 @@ func TestUpdateL7MatchesBuild(t *testing.T) {
 		t.Errorf("a route whose parent port is gone is still accepted: %+v", r)
 	}
 }
+
+// TestWaypointPolicyStatus: a targetRefs policy says who enforces it, and
+// when it is enforced more strictly than written or waits for its target.
+func TestWaypointPolicyStatus(t *testing.T) {
+	o := load(t, "testdata/mesh.yaml")
+	for _, doc := range []string{
+		`{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: ok, namespace: shop},
+  spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: waypoint}], rules: [{to: [{operation: {methods: [GET]}}]}]}}`,
+		`{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: strict, namespace: shop},
+  spec: {targetRefs: [{kind: Service, group: "", name: cart}], rules: [{from: [{source: {requestPrincipals: ["*"]}}]}]}}`,
+		`{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: waiting, namespace: shop},
+  spec: {targetRefs: [{kind: Service, group: "", name: nothere}], rules: [{}]}}`,
+	} {
+		objs, _, err := Decode(strings.NewReader(doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Set(objs[0])
+	}
+	s := Build(o, Options{}).Snapshot
+	for name, want := range map[string]model.Condition{
+		"ok":      {Type: model.ConditionWaypointAccepted, Status: true, Reason: model.ReasonAccepted, Message: "enforced by waypoint shop/waypoint"},
+		"strict":  {Type: model.ConditionWaypointAccepted, Status: false, Reason: model.ReasonUnsupportedValue},
+		"waiting": {Type: model.ConditionWaypointAccepted, Status: false, Reason: model.ReasonTargetNotFound},
+	} {
+		p := s.WaypointPolicies["shop/"+name]
+		if p == nil || len(p.Conditions) != 1 {
+			t.Fatalf("%s: %+v", name, p)
+		}
+		got := p.Conditions[0]
+		if want.Message == "" {
+			got.Message = ""
+		}
+		if got != want {
+			t.Errorf("%s: condition %+v, want %+v", name, p.Conditions[0], want)
+		}
+	}
+	if p := s.WaypointPolicies["shop/strict"]; len(p.Rules) != 0 {
+		t.Errorf("an ALLOW rule the waypoint cannot evaluate was kept: %+v", p.Rules)
+	}
+}

@@ -99,7 +99,15 @@ func Update(o *Objects, prev *model.Snapshot, ch Changes, opts Options) (*model.
 	d.GRPCRoutes, d.RemovedGRPCRoutes = updateKeys(grpcRoutes, o.GRPCRoutes, prev.GRPCRoutes, t.grpcRoute)
 	d.DestinationRules, d.RemovedDestinationRules = updateKeys(set(ch.DestinationRules), o.DestinationRules, prev.DestinationRules, t.destinationRule)
 	d.Policies, d.RemovedPolicies = updateKeys(set(ch.AuthorizationPolicies), o.AuthorizationPolicies, prev.Policies, t.policy)
-	d.WaypointPolicies, d.RemovedWaypointPolicies = updateKeys(set(ch.AuthorizationPolicies), o.AuthorizationPolicies, prev.WaypointPolicies, t.waypointPolicy)
+	wps := set(ch.AuthorizationPolicies)
+	if existenceChanged { // a Service target may have appeared or gone: status
+		for k, ap := range o.AuthorizationPolicies {
+			if len(ap.Spec.TargetRefs) > 0 || ap.Spec.TargetRef != nil {
+				wps[k] = true
+			}
+		}
+	}
+	d.WaypointPolicies, d.RemovedWaypointPolicies = updateKeys(wps, o.AuthorizationPolicies, prev.WaypointPolicies, t.waypointPolicy)
 	for k := range set(ch.PeerAuthentications) {
 		var p *model.PeerAuthentication
 		if obj := o.PeerAuthentications[k]; obj != nil {

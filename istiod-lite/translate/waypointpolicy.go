@@ -40,6 +40,19 @@ func (t *translator) waypointPolicy(ap *security.AuthorizationPolicy) *model.Way
 		report(ReasonInvalidPolicy, "selector and targetRefs are exclusive; the selector is ignored")
 	}
 	p := &model.WaypointPolicy{Name: ap.Name, Namespace: ap.Namespace}
+	var enforcers, missing, notes []string
+	defer func() {
+		c := model.Condition{Type: model.ConditionWaypointAccepted, Status: true, Reason: model.ReasonAccepted}
+		switch {
+		case len(enforcers) == 0:
+			c.Status, c.Reason, c.Message = false, model.ReasonTargetNotFound, "no target exists yet: "+strings.Join(missing, ", ")
+		case len(notes) > 0:
+			c.Status, c.Reason, c.Message = false, model.ReasonUnsupportedValue, "enforced by "+strings.Join(enforcers, ", ")+", more restrictive than written: "+strings.Join(notes, "; ")
+		default:
+			c.Message = "enforced by " + strings.Join(enforcers, ", ")
+		}
+		p.Conditions = []model.Condition{c}
+	}()
 	for i, r := range refs {
 		switch {
 		case r.Namespace != "" && r.Namespace != ap.Namespace:
@@ -47,11 +60,17 @@ func (t *translator) waypointPolicy(ap *security.AuthorizationPolicy) *model.Way
 		case r.Kind == "Gateway" && r.Group == "gateway.networking.k8s.io":
 			if !t.isWaypoint(ap.Namespace, r.Name) {
 				report(ReasonTargetNotFound, "targetRefs[%d]: Gateway %s is not a waypoint (class %s); the policy waits for it", i, Key(ap.Namespace, r.Name), WaypointClass)
+				missing = append(missing, "Gateway "+Key(ap.Namespace, r.Name))
+			} else {
+				enforcers = append(enforcers, "waypoint "+Key(ap.Namespace, r.Name))
 			}
 			p.Targets = append(p.Targets, model.PolicyTarget{Kind: "Gateway", Name: r.Name})
 		case r.Kind == "Service" && (r.Group == "" || r.Group == "core"):
 			if t.o.Services[Key(ap.Namespace, r.Name)] == nil {
 				report(ReasonTargetNotFound, "targetRefs[%d]: Service %s does not exist; the policy waits for it", i, Key(ap.Namespace, r.Name))
+				missing = append(missing, "Service "+Key(ap.Namespace, r.Name))
+			} else {
+				enforcers = append(enforcers, "the waypoint of Service "+Key(ap.Namespace, r.Name))
 			}
 			p.Targets = append(p.Targets, model.PolicyTarget{Kind: "Service", Name: r.Name})
 		default:
@@ -73,6 +92,7 @@ func (t *translator) waypointPolicy(ap *security.AuthorizationPolicy) *model.Way
 		report(ReasonInvalidPolicy, "unknown action %q (actions are ALLOW, DENY, AUDIT, CUSTOM): the policy denies everything to its targets", ap.Spec.Action)
 		p.Action = model.ActionDeny
 		p.Rules = []model.L7Rule{{}}
+		notes = append(notes, fmt.Sprintf("unknown action %q: denies everything", ap.Spec.Action))
 		return p
 	}
 	p.Rules = []model.L7Rule{}
@@ -86,6 +106,7 @@ func (t *translator) waypointPolicy(ap *security.AuthorizationPolicy) *model.Way
 			why = append(why, unsupported+" cannot be evaluated by a waypoint")
 		}
 		if len(why) > 0 {
+			notes = append(notes, fmt.Sprintf("rules[%d] %s", i, strings.Join(why, "; ")))
 			if p.Action == model.ActionAllow {
 				report(ReasonInvalidPolicy, "rules[%d]: %s: the rule allows nothing", i, strings.Join(why, "; "))
 				continue
