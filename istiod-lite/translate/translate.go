@@ -2,8 +2,14 @@
 // YAML files) into ambit's config model. It is pure: Build and Update read an
 // Objects set and return model values and the Problems found, without I/O.
 // Invalid objects are left out of the model and reported as Problems; the
-// rest of the model is still built. Invalid policies are the exception: they
-// are kept in a form that fails closed (see policy).
+// rest of the model is still built. Invalid policies and routes are the
+// exception: they are kept in a form that fails closed (see policy,
+// waypointPolicy and route.go), and routes carry their Gateway API status
+// per parent (model.RouteParent.Conditions) for a status writer.
+//
+// The L7 model (routes, GRPCRoutes, DestinationRules, policies with
+// targetRefs, waypoints) is for waypoints: istiod-lite/envoy builds each
+// waypoint's Envoy resources from it.
 package translate
 
 import (
