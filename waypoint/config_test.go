@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -164,12 +166,15 @@ func TestConfigSwapUnderLoad(t *testing.T) {
 func TestClusterStateKept(t *testing.T) {
 	e := newEnv(t, nil)
 	var conns atomic.Int64
-	b := newBackend(t, whoami("x"))
-	b.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+	hs := httptest.NewUnstartedServer(whoami("x"))
+	hs.Config.ConnState = func(_ net.Conn, s http.ConnState) {
 		if s == http.StateNew {
 			conns.Add(1)
 		}
 	}
+	hs.Start()
+	t.Cleanup(hs.Close)
+	b := &backend{Server: hs, addr: netip.MustParseAddrPort(strings.TrimPrefix(hs.URL, "http://"))}
 	cl := clusterName(svc)
 	rs := simple(svc, []*routev3.Route{toCluster(prefixMatch("/"), cl)}, map[string][]ep{cl: {{addr: b.addr}}})
 	e.apply(rs...)

@@ -82,9 +82,9 @@ func TestH2RapidReset(t *testing.T) {
 	}
 	// Let what was started finish, then count.
 	var last int64 = -1
-	eventually(t, 5*time.Second, func() bool {
+	eventually(t, 30*time.Second, func() bool {
 		n := served.Load()
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond)
 		stable := n == served.Load() && n == last
 		last = n
 		return stable
