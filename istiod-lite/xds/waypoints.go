@@ -84,7 +84,7 @@ func newWaypointGen(store *model.Store, log *slog.Logger, build func(*model.Snap
 		store:   store,
 		log:     log,
 		build:   build,
-		cache:   cache.NewSnapshotCache(true, cache.IDHash{}, nil),
+		cache:   cache.NewSnapshotCache(true, cache.IDHash{}, cacheLogger{log}),
 		now:     time.Now,
 		wps:     map[auth.WaypointRef]*waypointState{},
 		pending: map[*discovery.DeltaDiscoveryRequest]pendingWaypointWatch{},
@@ -163,7 +163,14 @@ func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model
 
 // snapshot is the pure part: the waypoint's resources from the model,
 // validated, as a consistent snapshot.
-func (g *waypointGen) snapshot(m *model.Snapshot, wp auth.WaypointRef, version string) (*cache.Snapshot, error) {
+func (g *waypointGen) snapshot(m *model.Snapshot, wp auth.WaypointRef, version string) (_ *cache.Snapshot, err error) {
+	defer func() {
+		// A translation bug for one waypoint must not take the control
+		// plane (and every other client) down: it is that waypoint's error.
+		if p := recover(); p != nil {
+			err = fmt.Errorf("build: panic: %v", p)
+		}
+	}()
 	r, err := g.build(m, envoy.Waypoint{Namespace: wp.Namespace, Name: wp.Name})
 	if err != nil {
 		return nil, fmt.Errorf("build: %w", err)
@@ -333,3 +340,12 @@ func (g *waypointGen) Status() map[string]WaypointStatus {
 	}
 	return out
 }
+
+// cacheLogger passes go-control-plane's log lines to slog: its debug and
+// info lines (one per watch) at debug level.
+type cacheLogger struct{ log *slog.Logger }
+
+func (l cacheLogger) Debugf(format string, args ...any) { l.log.Debug(fmt.Sprintf(format, args...)) }
+func (l cacheLogger) Infof(format string, args ...any)  { l.log.Debug(fmt.Sprintf(format, args...)) }
+func (l cacheLogger) Warnf(format string, args ...any)  { l.log.Warn(fmt.Sprintf(format, args...)) }
+func (l cacheLogger) Errorf(format string, args ...any) { l.log.Error(fmt.Sprintf(format, args...)) }

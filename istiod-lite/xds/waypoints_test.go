@@ -45,6 +45,7 @@ var (
 // testWaypointResources builds (they are not endpoints).
 const (
 	knobBuildError   = "knob-build-error"  // the build fails
+	knobPanic        = "knob-panic"        // the build panics
 	knobInvalid      = "knob-invalid"      // the listener's HTTP connection manager has no stat_prefix
 	knobInconsistent = "knob-inconsistent" // the route configuration the listener names is missing
 	knobTimeout      = "knob-timeout"      // the cluster's connect timeout is 2 s instead of 1 s
@@ -75,6 +76,9 @@ func testWaypointResources(m *model.Snapshot, wp envoy.Waypoint) (*envoy.Resourc
 				Address: m.Workloads[uid].Addresses[0].String(), PortSpecifier: &core.SocketAddress_PortValue{PortValue: 8080},
 			}}},
 		}}})
+	}
+	if knobs[knobPanic] {
+		panic("translation bug")
 	}
 	if knobs[knobBuildError] {
 		return nil, fmt.Errorf("waypoint %s/%s: cannot translate", wp.Namespace, wp.Name)
@@ -462,6 +466,7 @@ func TestWaypointBadSnapshotNotPublished(t *testing.T) {
 		knob, err string
 	}{
 		{knobBuildError, "cannot translate"},
+		{knobPanic, "build: panic: translation bug"},
 		{knobInvalid, "invalid Listener \"main_internal-east-wp\": filter_chains[0].filters[0].typed_config: invalid HttpConnectionManager.StatPrefix"},
 		{knobInconsistent, "inconsistent snapshot"},
 	} {
