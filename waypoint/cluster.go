@@ -514,7 +514,8 @@ func (e *connectError) Unwrap() error { return e.err }
 // countedConn counts open connections per host and cluster.
 type countedConn struct {
 	net.Conn
-	once sync.Once
+	requests atomic.Int64 // responses received on it (max_requests_per_connection)
+	once     sync.Once
 	h    *host
 	c    *cluster
 }

@@ -192,3 +192,30 @@ func TestClusterStateKept(t *testing.T) {
 		t.Errorf("%d upstream connections over 5 config updates, want 1 (pool kept)", conns.Load())
 	}
 }
+
+// TestMaxRequestsPerConnection: HttpProtocolOptions max_requests_per_connection
+// 3 on HTTP/1.1: nine sequential requests use three upstream connections.
+func TestMaxRequestsPerConnection(t *testing.T) {
+	e := newEnv(t, nil)
+	var conns atomic.Int64
+	hs := httptest.NewUnstartedServer(whoami("x"))
+	hs.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	hs.Start()
+	t.Cleanup(hs.Close)
+	cl := clusterName(svc)
+	e.apply(simple(svc, []*routev3.Route{toCluster(prefixMatch("/"), cl)},
+		map[string][]ep{cl: {{addr: netip.MustParseAddrPort(strings.TrimPrefix(hs.URL, "http://"))}}}, protocolOptions(false, 3))...)
+	c := e.client(e.cliID, target, false)
+	for range 9 {
+		if code, _, _ := get(t, c, "http://"+svc+"/"); code != 200 {
+			t.Fatal(code)
+		}
+	}
+	if conns.Load() != 3 {
+		t.Errorf("%d upstream connections for 9 requests at 3 per connection", conns.Load())
+	}
+}

@@ -133,6 +133,7 @@ func (p *Proxy) innerServer(ctx context.Context, hc *httpChain, ds *downstream) 
 		MaxHeaderBytes:    hc.maxHeaderBytes,
 		ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
 		IdleTimeout:       hc.idleTimeout,
+		ReadTimeout:       hc.requestTimeout, // HCM request_timeout: the whole request read (0: none)
 		ErrorLog:          discardLog,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 	}
