@@ -116,6 +116,8 @@ func (c *cluster) explain(what string, err error) error {
 	var ue *url.Error
 	var oe *net.OpError
 	switch {
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		return fmt.Errorf("%s: %w", what, err)
 	case errors.As(err, &oe), errors.As(err, &ue) && !apierrors.IsTimeout(err):
 		return fmt.Errorf("%s: cannot reach the API server at %s (is the cluster up and --context right?): %w", what, c.host, err)
 	case apierrors.IsUnauthorized(err):

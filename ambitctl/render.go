@@ -24,14 +24,14 @@ type images struct {
 	Tag string
 }
 
-// render returns the embedded installation, CRDs first, then the rest in the
-// kustomization's order, with the images transform applied.
+// render returns the embedded installation, CRDs first, then Namespaces, then
+// the rest in the kustomization's order, with the images transform applied.
 func render(img images) ([]*unstructured.Unstructured, error) {
 	k, err := manifests.Load()
 	if err != nil {
 		return nil, err
 	}
-	var crds, rest []*unstructured.Unstructured
+	var crds, nss, rest []*unstructured.Unstructured
 	for _, res := range k.Resources {
 		b, err := manifests.FS.ReadFile(res)
 		if err != nil {
@@ -45,14 +45,17 @@ func render(img images) ([]*unstructured.Unstructured, error) {
 			if err := transformImages(o, k.Images, img); err != nil {
 				return nil, fmt.Errorf("manifests: %s: %w", ref(o), err)
 			}
-			if o.GetKind() == "CustomResourceDefinition" {
+			switch {
+			case o.GetKind() == "CustomResourceDefinition":
 				crds = append(crds, o)
-			} else {
+			case o.GetKind() == "Namespace" && o.GetAPIVersion() == "v1":
+				nss = append(nss, o)
+			default:
 				rest = append(rest, o)
 			}
 		}
 	}
-	return append(crds, rest...), nil
+	return append(append(crds, nss...), rest...), nil
 }
 
 // decodeUnstructured reads a YAML stream into objects (List kinds expanded).

@@ -117,5 +117,5 @@ func (g *globalFlags) controlPlaneVersion(ctx context.Context) (string, error) {
 	if cs := d.Spec.Template.Spec.Containers; len(cs) > 0 {
 		return imageTag(cs[0].Image), nil
 	}
-	return "", fmt.Errorf("Deployment %s/%s has no container", controlPlaneNamespace, controlPlaneDeployment)
+	return "", fmt.Errorf("the control plane's Deployment %s/%s has no container", controlPlaneNamespace, controlPlaneDeployment)
 }
