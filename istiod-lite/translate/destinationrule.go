@@ -85,7 +85,9 @@ func (t *translator) trafficPolicy(report func(reason, format string, args ...an
 			if lb.GetSimple() == networking.LoadBalancerSettings_ROUND_ROBIN {
 				out.LoadBalancer = model.LBRoundRobin
 			}
-		case networking.LoadBalancerSettings_LEAST_REQUEST, networking.LoadBalancerSettings_LEAST_CONN:
+		case networking.LoadBalancerSettings_LEAST_REQUEST:
+			out.LoadBalancer = model.LBLeastRequest
+		case networking.LoadBalancerSettings_LEAST_CONN: //lint:ignore SA1019 the deprecated alias of LEAST_REQUEST is still written
 			out.LoadBalancer = model.LBLeastRequest
 		case networking.LoadBalancerSettings_RANDOM:
 			out.LoadBalancer = model.LBRandom
@@ -133,9 +135,10 @@ func (t *translator) trafficPolicy(report func(reason, format string, args ...an
 		if v := od.GetConsecutive_5XxErrors(); v != nil {
 			n := v.GetValue()
 			o.Consecutive5xx = &n
-		} else if od.GetConsecutiveErrors() > 0 { // deprecated alias (Istio maps it to 5xx)
-			n := uint32(od.GetConsecutiveErrors())
-			o.Consecutive5xx = &n
+		}
+		//lint:ignore SA1019 the deprecated field is reported, not used
+		if od.GetConsecutiveErrors() != 0 {
+			report(ReasonUnsupported, "%s.outlierDetection.consecutiveErrors is deprecated and not supported (use consecutive5xxErrors or consecutiveGatewayErrors); ignored", where)
 		}
 		if v := od.GetConsecutiveGatewayErrors(); v != nil {
 			n := v.GetValue()
