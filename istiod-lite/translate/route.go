@@ -20,8 +20,11 @@ import (
 //     port, in another namespace) stays in the rule, marked invalid, and its
 //     share of requests is answered with 500; ResolvedRefs is False;
 //   - a rule with a filter ambit does not support, or an invalid value (a
-//     bad regular expression, a prefix rewrite without a prefix match),
-//     answers every request it matches with 500; PartiallyInvalid is True.
+//     prefix rewrite without a prefix match, a bad timeout), answers every
+//     request it matches with 500; PartiallyInvalid is True;
+//   - an invalid match (a bad regular expression) is dropped, and a rule
+//     left with none is dropped (it matches nothing rather than
+//     everything); PartiallyInvalid is True.
 //
 // Each of these is also reported as a Problem (a Warning Event).
 
@@ -30,12 +33,26 @@ import (
 type routeRule struct {
 	name     *gwv1.SectionName
 	matches  []model.HTTPMatch
-	invalid  string // set when the matches are invalid
+	badMatch []string // why matches were dropped
+	allBad   bool     // every match was invalid: the rule matches nothing
 	filters  []gwv1.HTTPRouteFilter
 	backends []routeBackend
 	timeouts *gwv1.HTTPRouteTimeouts
 	retry    *gwv1.HTTPRouteRetry
 	session  bool
+}
+
+// addMatch adds a match, or drops an invalid one (it cannot be programmed:
+// a proxy would refuse the whole config). A rule whose every match is
+// invalid is dropped, not widened to match everything.
+func (rr *routeRule) addMatch(m model.HTTPMatch, err error) {
+	if err != nil {
+		rr.badMatch = append(rr.badMatch, err.Error())
+		rr.allBad = len(rr.matches) == 0
+		return
+	}
+	rr.matches = append(rr.matches, m)
+	rr.allBad = false
 }
 
 type routeBackend struct {
@@ -50,10 +67,7 @@ func (t *translator) route(r *gwv1.HTTPRoute) *model.HTTPRoute {
 		rr := routeRule{name: rule.Name, filters: rule.Filters, timeouts: rule.Timeouts, retry: rule.Retry, session: rule.SessionPersistence != nil}
 		for _, m := range rule.Matches {
 			hm, err := httpMatch(m)
-			if err != nil && rr.invalid == "" {
-				rr.invalid = err.Error()
-			}
-			rr.matches = append(rr.matches, hm)
+			rr.addMatch(hm, err)
 		}
 		for _, b := range rule.BackendRefs {
 			rr.backends = append(rr.backends, routeBackend{ref: b.BackendRef, filters: b.Filters})
@@ -71,10 +85,7 @@ func (t *translator) grpcRoute(r *gwv1.GRPCRoute) *model.HTTPRoute {
 		rr := routeRule{name: rule.Name, session: rule.SessionPersistence != nil}
 		for _, m := range rule.Matches {
 			hm, err := grpcMatch(m)
-			if err != nil && rr.invalid == "" {
-				rr.invalid = err.Error()
-			}
-			rr.matches = append(rr.matches, hm)
+			rr.addMatch(hm, err)
 		}
 		for _, f := range rule.Filters {
 			rr.filters = append(rr.filters, grpcFilter(f))
@@ -116,6 +127,17 @@ func (t *translator) translateRoute(kind string, meta metav1.ObjectMeta, spec gw
 	var partial []string
 	out.Rules = []model.HTTPRouteRule{}
 	for i, rr := range rules {
+		if len(rr.badMatch) > 0 {
+			what := "the invalid matches are dropped"
+			if rr.allBad {
+				what = "the rule is dropped"
+			}
+			partial = append(partial, fmt.Sprintf("rules[%d]: %s (%s)", i, strings.Join(rr.badMatch, "; "), what))
+			report(ReasonInvalidRoute, "rules[%d]: %s: %s", i, strings.Join(rr.badMatch, "; "), what)
+			if rr.allBad {
+				continue
+			}
+		}
 		mr := t.routeRule(meta.Namespace, rr, func(reason, msg string) {
 			if resolved.Status {
 				resolved = model.Condition{Type: model.ConditionResolvedRefs, Status: false, Reason: reason, Message: fmt.Sprintf("rules[%d]: %s", i, msg)}
@@ -123,7 +145,7 @@ func (t *translator) translateRoute(kind string, meta metav1.ObjectMeta, spec gw
 			report(reason, "rules[%d]: %s: its share of requests is answered with 500", i, msg)
 		})
 		if mr.Invalid != "" {
-			partial = append(partial, fmt.Sprintf("rules[%d]: %s", i, mr.Invalid))
+			partial = append(partial, fmt.Sprintf("rules[%d]: %s (answered with 500)", i, mr.Invalid))
 			report(ReasonInvalidRoute, "rules[%d]: %s: the rule answers 500", i, mr.Invalid)
 		}
 		if rr.session {
@@ -149,7 +171,7 @@ func (t *translator) translateRoute(kind string, meta metav1.ObjectMeta, spec gw
 			}
 			rp.Conditions = []model.Condition{accepted, resolved}
 			if len(partial) > 0 && accepted.Status {
-				rp.Conditions = append(rp.Conditions, model.Condition{Type: model.ConditionPartiallyInvalid, Status: true, Reason: model.ReasonUnsupportedValue, Message: strings.Join(partial, "; ") + " (answered with 500)"})
+				rp.Conditions = append(rp.Conditions, model.Condition{Type: model.ConditionPartiallyInvalid, Status: true, Reason: model.ReasonUnsupportedValue, Message: strings.Join(partial, "; ")})
 			}
 		}
 		// Other parents (Gateways) are not ambit's: no status for them.
@@ -185,7 +207,7 @@ func (t *translator) routeParentAccepted(routeNS string, p model.RouteParent) mo
 // routeRule translates one rule. badRef is called for each backendRef
 // that cannot be resolved, with a Gateway API ResolvedRefs reason.
 func (t *translator) routeRule(ns string, rr routeRule, badRef func(reason, msg string)) model.HTTPRouteRule {
-	mr := model.HTTPRouteRule{Matches: rr.matches, Invalid: rr.invalid, Backends: []model.WeightedBackend{}}
+	mr := model.HTTPRouteRule{Matches: rr.matches, Backends: []model.WeightedBackend{}}
 	if rr.name != nil {
 		mr.Name = string(*rr.name)
 	}
