@@ -202,6 +202,11 @@ func TestInstallDryRun(t *testing.T) {
 	}
 }
 
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
+
 func grep(s, sub string) string {
 	var out []string
 	for _, l := range strings.Split(s, "\n") {
@@ -443,6 +448,10 @@ func TestCluster(t *testing.T) {
 			t.Errorf("waypoint apply --wait: %v\n%s", err, stderr.String())
 		}
 		setStatus(t, dyn, gwRes, "shop", "reviews", "False", "")
+		r = run(t, kc, "waypoint", "apply", "-n", "shop", "--for-service-account", "reviews", "--wait", "--timeout=2s")
+		if want := "ambitctl: Gateway shop/reviews not ready after 2s: Programmed=False (Pending: waypoint deployment has no ready replica); want Programmed=True"; r.code != 1 || !strings.HasPrefix(lastLine(r.stderr), want) {
+			t.Errorf("--wait on a waypoint that stays unprogrammed: want %q: %s", want, r)
+		}
 
 		golden(t, "waypoint-list", mustRun(t, kc, "waypoint", "list", "-n", "shop").stdout)
 		golden(t, "waypoint-status", mustRun(t, kc, "waypoint", "status", "-n", "shop").stdout)
@@ -489,7 +498,9 @@ func TestCluster(t *testing.T) {
 	})
 
 	t.Run("uninstall", func(t *testing.T) {
-		mustRun(t, kc, "uninstall")
+		if r := mustRun(t, kc, "uninstall"); !strings.Contains(r.stdout, "CRDs kept") {
+			t.Errorf("uninstall does not say it kept the CRDs:\n%s", r.stdout)
+		}
 		mapper := mapperFor()
 		for _, o := range embedded {
 			got, err := getObj(mapper, o)

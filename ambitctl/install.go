@@ -190,6 +190,9 @@ func runUninstall(ctx context.Context, out io.Writer, g *globalFlags, f *uninsta
 			fmt.Fprintf(out, "deleted %s\n", ref(o))
 		}
 	}
+	if !f.purge {
+		fmt.Fprintln(out, "CRDs kept, and with them your Gateways, routes and policies (uninstall --purge deletes them)")
+	}
 	if !f.dryRun {
 		fmt.Fprintln(out, "✔ ambit uninstalled")
 	}
