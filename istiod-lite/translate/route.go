@@ -142,6 +142,10 @@ func (t *translator) translateRoute(kind string, meta metav1.ObjectMeta, spec gw
 			if resolved.Status {
 				resolved = model.Condition{Type: model.ConditionResolvedRefs, Status: false, Reason: reason, Message: fmt.Sprintf("rules[%d]: %s", i, msg)}
 			}
+			if strings.HasPrefix(msg, "requestMirror: ") {
+				report(reason, "rules[%d]: %s", i, msg)
+				return
+			}
 			report(reason, "rules[%d]: %s: its share of requests is answered with 500", i, msg)
 		})
 		if mr.Invalid != "" {
@@ -275,7 +279,9 @@ func (t *translator) routeRule(ns string, rr routeRule, badRef func(reason, msg 
 			}
 			svc, port, reason, msg := t.backend(ns, m.BackendRef)
 			if reason != "" {
-				invalid("requestMirror: %s", msg)
+				// Gateway API: an unresolved mirror backend is not
+				// configured (ResolvedRefs False); the request is served.
+				badRef(reason, "requestMirror: "+msg+" (not mirrored)")
 				continue
 			}
 			pct := 100.0
