@@ -598,3 +598,34 @@ func setStatus(t *testing.T, dyn dynamic.Interface, gvr schema.GroupVersionResou
 		t.Fatal(err)
 	}
 }
+
+// Errors are one line a person can act on, even when the API server is down.
+func TestErrorsAreOneLine(t *testing.T) {
+	kc := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(kc, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		args []string
+		kc   string
+		want string
+	}{
+		{[]string{"enroll", "demo"}, kc, "ambitctl: label namespace demo: cannot reach the API server at https://127.0.0.1:1 (is the cluster up and --context right?)"},
+		{[]string{"waypoint", "list"}, "", "ambitctl: no cluster to talk to: no kubeconfig found"},
+		{[]string{"enroll"}, "", "ambitctl: enroll takes NAMESPACE (got 0 arguments); see ambitctl enroll --help"},
+		{[]string{"waypoint", "list", "-o", "xml"}, kc, `ambitctl: unknown output format "xml": use -o table, json or yaml`},
+		{[]string{"waypoint", "delete"}, kc, "ambitctl: name the waypoints to delete, or give --all (not both)"},
+	} {
+		r := run(t, tc.kc, tc.args...)
+		line := strings.TrimSpace(r.stderr)
+		if r.code != 1 || strings.Contains(line, "\n") || !strings.HasPrefix(line, tc.want) {
+			t.Errorf("ambitctl %s: want one line starting %q: %s", strings.Join(tc.args, " "), tc.want, r)
+		}
+	}
+}

@@ -75,6 +75,9 @@ type cluster struct {
 func (g *globalFlags) cluster() (*cluster, error) {
 	cc := g.clientConfig()
 	cfg, err := cc.ClientConfig()
+	if clientcmd.IsEmptyConfig(err) {
+		return nil, fmt.Errorf("no cluster to talk to: no kubeconfig found (set --kubeconfig or $KUBECONFIG, or write ~/.kube/config)")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("no cluster to talk to: %w (set --kubeconfig, $KUBECONFIG or --context)", err)
 	}
