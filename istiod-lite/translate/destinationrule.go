@@ -15,6 +15,9 @@ import (
 // KindDestinationRule is the kind of DestinationRule objects.
 const KindDestinationRule = "DestinationRule"
 
+// ReasonConflict: another object already configures the same thing.
+const ReasonConflict = "Conflict"
+
 // destinationRule translates a DestinationRule's trafficPolicy subset for
 // waypoints: connectionPool, outlierDetection, loadBalancer.simple and
 // portLevelSettings. Other fields are reported as unsupported and ignored
@@ -38,6 +41,9 @@ func (t *translator) destinationRule(dr *networkingv1.DestinationRule) *model.De
 	}
 	if len(spec.GetSubsets()) > 0 {
 		report(ReasonUnsupported, "subsets are not supported (no VirtualService); ignored")
+	}
+	if first := t.firstDestinationRule(svc); first != "" && first < Key(dr.Namespace, dr.Name) {
+		report(ReasonConflict, "DestinationRule %s already applies to %s; this one is ignored (rules for one host are not merged)", first, host)
 	}
 	out := &model.DestinationRule{Name: dr.Name, Namespace: dr.Namespace, Service: svc}
 	tp := spec.GetTrafficPolicy()
@@ -165,6 +171,24 @@ func (t *translator) duration(report func(reason, format string, args ...any), w
 		return 0
 	}
 	return d.AsDuration()
+}
+
+// firstDestinationRule returns the key of the first DestinationRule (by
+// key) for a service: the one waypoints apply (istiod-lite/envoy).
+func (t *translator) firstDestinationRule(svc string) string {
+	first := ""
+	for k, dr := range t.o.DestinationRules {
+		if first != "" && k >= first {
+			continue
+		}
+		if dr.Spec.GetWorkloadSelector() != nil {
+			continue
+		}
+		if s, ok := t.serviceForHost(dr.Namespace, dr.Spec.GetHost()); ok && s == svc {
+			first = k
+		}
+	}
+	return first
 }
 
 // serviceForHost resolves a DestinationRule host, as Istio does for
