@@ -160,6 +160,9 @@ func TestHelpHasExamples(t *testing.T) {
 	if r := mustRun(t, "", "completion", "bash"); !strings.Contains(r.stdout, "__start_ambitctl") {
 		t.Errorf("completion bash:\n%s", r.stdout)
 	}
+	if r := mustRun(t, "", "__complete", "waypoint", "apply", "--for", ""); !strings.Contains(r.stdout, "workload\n") {
+		t.Errorf("completion of --for:\n%s", r.stdout)
+	}
 }
 
 func TestInstallDryRun(t *testing.T) {
@@ -340,6 +343,9 @@ func TestCluster(t *testing.T) {
 		if !strings.Contains(r.stderr, "warning: pod shop/batch-0 opts out") ||
 			!strings.Contains(r.stderr, "warning: service shop/cart has istio.io/use-waypoint=missing but Gateway shop/missing does not exist") {
 			t.Errorf("enroll warnings: %s", r)
+		}
+		if strings.Contains(r.stderr, "not installed") {
+			t.Errorf("enroll says ambit is not installed: %s", r)
 		}
 		mustRun(t, kc, "unenroll", "shop")
 		if ns, _ := cs.CoreV1().Namespaces().Get(ctx, "shop", metav1.GetOptions{}); ns.Labels["istio.io/dataplane-mode"] != "" {

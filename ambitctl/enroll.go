@@ -105,6 +105,9 @@ func runEnroll(ctx context.Context, out, errOut io.Writer, g *globalFlags, ns st
 	if err != nil {
 		return err
 	}
+	if _, err := c.kube.AppsV1().DaemonSets(controlPlaneNamespace).Get(ctx, "ztunnel", metav1.GetOptions{}); apierrors.IsNotFound(err) {
+		warnings = append(warnings, fmt.Sprintf("ambit is not installed (no DaemonSet %s/ztunnel): nothing captures the namespace's traffic until you run ambitctl install", controlPlaneNamespace))
+	}
 	for _, w := range warnings {
 		fmt.Fprintln(errOut, "warning:", w)
 	}
