@@ -173,6 +173,7 @@ func (c *Controller) Start(ctx context.Context) error {
 		return errors.New("deployer: already started")
 	}
 	c.queue = q
+	clear(c.written) // another replica may have written since a past term
 	c.mu.Unlock()
 	defer func() {
 		c.mu.Lock()
@@ -266,7 +267,7 @@ func cacheErr(ctx context.Context, what string) error {
 	if ctx.Err() != nil {
 		return nil // stopped while syncing
 	}
-	return fmt.Errorf("sync %s cache: %w", what, errors.New("not synced"))
+	return fmt.Errorf("deployer: %s cache did not sync", what)
 }
 
 // Requeue asks for a Gateway's reconciliation (e.g. when its attached

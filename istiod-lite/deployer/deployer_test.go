@@ -229,11 +229,15 @@ func eventually(t *testing.T, what string, cond func() (bool, string)) {
 	t.Fatalf("%s: not within 30s; last: %s", what, last)
 }
 
-func namespace(t *testing.T, name string) {
+// namespace creates a namespace named after prefix (unique: -count=N
+// reuses the cluster).
+func namespace(t *testing.T, prefix string) string {
 	t.Helper()
-	if _, err := cluster.Client().CoreV1().Namespaces().Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+	ns, err := cluster.Client().CoreV1().Namespaces().Create(t.Context(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: prefix + "-"}}, metav1.CreateOptions{})
+	if err != nil {
 		t.Fatal(err)
 	}
+	return ns.Name
 }
 
 func gwClient() gwclient.Interface { return gwclient.NewForConfigOrDie(cluster.Config()) }
@@ -309,8 +313,8 @@ func checkOwned(t *testing.T, obj metav1.Object, gw *gwv1.Gateway) {
 }
 
 func TestWaypointConverges(t *testing.T) {
-	const ns, name = "converge", "waypoint"
-	namespace(t, ns)
+	const name = "waypoint"
+	ns := namespace(t, "converge")
 	r := newReplica(t)
 	start(t, r.ctrl.Start)
 	cs := cluster.Client()
@@ -403,7 +407,7 @@ func TestWaypointConverges(t *testing.T) {
 	markReady(t, cs, ns, name)
 	eventually(t, "programmed", hasCondition(t, ns, name, "Programmed", "True", "Programmed"))
 	gw = getGateway(t, ns, name)
-	want := []string{"IPAddress=" + svc.Spec.ClusterIP, "Hostname=waypoint.converge.svc.cluster.local"}
+	want := []string{"IPAddress=" + svc.Spec.ClusterIP, "Hostname=waypoint." + ns + ".svc.cluster.local"}
 	if got := addresses(gw); strings.Join(got, ",") != strings.Join(want, ",") {
 		t.Errorf("addresses %v, want %v", got, want)
 	}
@@ -498,8 +502,7 @@ func addresses(gw *gwv1.Gateway) []string {
 }
 
 func TestListeners(t *testing.T) {
-	const ns = "listeners"
-	namespace(t, ns)
+	ns := namespace(t, "listeners")
 	r := newReplica(t)
 	start(t, r.ctrl.Start)
 	cs := cluster.Client()
@@ -561,8 +564,7 @@ func TestListeners(t *testing.T) {
 func getErr[T any](_ T, err error) error { return err }
 
 func TestOtherClassIgnored(t *testing.T) {
-	const ns = "other"
-	namespace(t, ns)
+	ns := namespace(t, "other")
 	r := newReplica(t)
 	start(t, r.ctrl.Start)
 	createGateway(t, waypoint(ns, "theirs", "other"))

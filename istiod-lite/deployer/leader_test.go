@@ -23,8 +23,8 @@ func elector(r *replica, id string) *leader.Elector {
 // converged and writes nothing; a leader cut off from the Lease stops before
 // a successor starts.
 func TestLeaderHandover(t *testing.T) {
-	const ns, name = "handover", "waypoint"
-	namespace(t, ns)
+	const name = "waypoint"
+	ns := namespace(t, "handover")
 	a, b := newReplica(t), newReplica(t)
 	ea, eb := elector(a, "a"), elector(b, "b")
 	stopA := start(t, ea.Start)
