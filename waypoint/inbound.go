@@ -41,7 +41,7 @@ func (d *downstream) principal() string {
 func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
 	snap := p.snap.Load()
 	ds := &downstream{peer: r.Peer, peerAddr: r.PeerAddr, target: r.Target, srcAddr: r.Forwarded.For, baggage: r.Baggage}
-	if snap == nil || p.draining.Load() {
+	if snap == nil {
 		r.Reject(http.StatusServiceUnavailable)
 		return
 	}
@@ -104,12 +104,17 @@ func (c *peekConn) isHTTP2() (bool, error) {
 	return true, nil
 }
 
-// track registers an inner HTTP server for drain; false when closed.
+// track registers an inner HTTP server for drain; false when closed. A
+// stream that raced the drain's GOAWAY is still served, without
+// keep-alive.
 func (p *Proxy) track(hs *http.Server) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed || p.draining.Load() {
+	if p.closed {
 		return false
+	}
+	if p.draining.Load() {
+		hs.SetKeepAlivesEnabled(false)
 	}
 	p.inner[hs] = struct{}{}
 	return true

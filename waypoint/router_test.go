@@ -310,7 +310,7 @@ func TestOutlierEjection(t *testing.T) {
 	})
 	g1, g2 := newBackend(t, whoami("g1")), newBackend(t, whoami("g2"))
 	cl := clusterName(svc)
-	const ejection = 500 * time.Millisecond
+	const ejection = 2 * time.Second
 	e.apply(simple(svc, []*routev3.Route{toCluster(prefixMatch("/"), cl)},
 		map[string][]ep{cl: {{addr: bad.addr}, {addr: g1.addr}, {addr: g2.addr}}}, outlier(5, 50*time.Millisecond, ejection, 100))...)
 	c := e.client(e.cliID, target, false)
@@ -343,7 +343,7 @@ func TestOutlierEjection(t *testing.T) {
 		t.Errorf("/clusters ejections %d, want 1", dump[0].Ejections)
 	}
 	before := badCalls.Load()
-	eventually(t, 3*time.Second, func() bool {
+	eventually(t, 6*time.Second, func() bool {
 		get(t, c, "http://"+svc+"/")
 		return badCalls.Load() > before
 	}, "the ejected host never came back")
