@@ -148,7 +148,7 @@ func hboneTo(routes map[netip.Addr]*node) func(netip.AddrPort) netip.AddrPort {
 
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
