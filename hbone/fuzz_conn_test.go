@@ -87,9 +87,15 @@ func (fx *fuzzConnEnv) run(t *testing.T, input []byte) {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- s.Serve(ln) }()
 	cc, sc := net.Pipe()
-	t.Cleanup(func() { // on failure too: later inputs count goroutines
+	t.Cleanup(func() { // on failure too, without hanging on a stuck connection
 		cc.Close()
-		s.Close()
+		closed := make(chan struct{})
+		go func() { s.Close(); close(closed) }()
+		select {
+		case <-closed:
+		case <-time.After(fuzzConnDeadline):
+			t.Errorf("Server.Close did not return within %v\n%s", fuzzConnDeadline, hboneStacks())
+		}
 	})
 	srv := &pipeConn{Conn: sc, local: fuzzLocal, remote: fuzzRemote, closed: make(chan struct{})}
 	ln.conns <- srv
