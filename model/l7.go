@@ -3,6 +3,10 @@ package model
 import (
 	"net/netip"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/ambit-mesh/ambit/identity"
 )
 
 // This file is the L7 part of the model: what waypoints need and ztunnels do
@@ -27,6 +31,24 @@ type Waypoint struct {
 
 // Key returns the store key.
 func (w *Waypoint) Key() string { return w.Namespace + "/" + w.Name }
+
+// Identity returns the waypoint's SPIFFE ID in trust domain td (the zero
+// TrustDomain means identity.DefaultTrustDomain): the identity a bound
+// target's ztunnel accepts HBONE from, and the one the waypoint presents.
+func (w *Waypoint) Identity(td spiffeid.TrustDomain) spiffeid.ID {
+	if td.IsZero() {
+		td = identity.DefaultTrustDomain
+	}
+	sa := w.ServiceAccount
+	if sa == "" {
+		sa = w.Name
+	}
+	id, err := identity.Workload(td, w.Namespace, sa)
+	if err != nil {
+		return spiffeid.ID{}
+	}
+	return id
+}
 
 // Ref returns the reference bound objects carry.
 func (w *Waypoint) Ref() *WaypointRef {
