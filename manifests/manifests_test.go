@@ -100,6 +100,8 @@ func TestManifestsApply(t *testing.T) {
 		{[]string{"delete", "services", "-n", "shop"}, "yes"},
 		{[]string{"patch", "serviceaccounts", "-n", "shop"}, "yes"},
 		{[]string{"watch", "serviceaccounts"}, "yes"},
+		{[]string{"patch", "configmaps", "-n", "shop"}, "yes"},
+		{[]string{"get", "configmaps", "-n", "shop"}, "no"},
 		{[]string{"create", "serviceaccounts", "--subresource=token", "-n", "shop"}, "no"},
 		{[]string{"update", "gateways.gateway.networking.k8s.io", "--subresource=status"}, "yes"},
 		{[]string{"update", "gateways.gateway.networking.k8s.io"}, "no"},
@@ -135,6 +137,12 @@ func testDeployerRBAC(t *testing.T, c *kube.Cluster) {
 	defer cancel()
 	admin := c.Client()
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// the CA roots istiod-lite would have published
+	if _, err := admin.CoreV1().ConfigMaps("ambit-system").Create(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "ambit-ca-root"}, Data: map[string]string{"root-cert.pem": "ROOTS"},
+	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	tok, err := c.ServiceAccountToken(ctx, "ambit-system", "istiod-lite", nil, "")

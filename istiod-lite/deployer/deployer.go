@@ -1,8 +1,9 @@
 // Package deployer is the waypoint deployment controller. For each Gateway
 // whose class is served by istio.io/mesh-controller (istio-waypoint), it
 // applies, server-side and owned by the Gateway, a ServiceAccount, a
-// Deployment running the waypoint and a Service (mesh 15008, status-port
-// 15021), re-applies them when they are edited or deleted, and writes the
+// Deployment running the waypoint, a Service (mesh 15008, status-port
+// 15021) and a copy of istiod-lite's CA roots (ConfigMap <name>-ca-root,
+// which the pod mounts: it can mount only its own namespace's), re-applies them when they are edited or deleted, and writes the
 // Gateway's status: Accepted, Programmed (once the Service has a cluster IP
 // and the Deployment a ready replica), listener conditions with
 // attachedRoutes, and status.addresses once programmed. It also accepts the
@@ -32,6 +33,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 	utilruntime "k8s.io/apimachinery/pkg/util/runtime"
@@ -55,6 +57,8 @@ const (
 	DefaultImage     = "ghcr.io/ambit-mesh/ambit:latest"
 	DefaultXDS       = "istiod-lite.ambit-system.svc:15012"
 	DefaultDomain    = "cluster.local"
+	DefaultRootNS    = "ambit-system"
+	DefaultRootCM    = "ambit-ca-root"
 	DefaultResync    = 10 * time.Minute
 	defaultWorkers   = 2
 	defaultCommand   = "/waypoint"
@@ -76,6 +80,11 @@ type Config struct {
 	// XDSAddress is istiod-lite's xDS and certificate address given to the
 	// waypoint (default DefaultXDS).
 	XDSAddress string
+	// RootNamespace and RootConfigMap name the ConfigMap where istiod-lite
+	// publishes its CA roots (key root-cert.pem; defaults ambit-system,
+	// ambit-ca-root). Each waypoint gets a copy in its namespace,
+	// <gateway>-ca-root, kept in step.
+	RootNamespace, RootConfigMap string
 	// TrustDomain is the mesh's SPIFFE trust domain (default cluster.local).
 	TrustDomain string
 	// ClusterDomain is the DNS suffix of status.addresses' hostname
@@ -127,6 +136,12 @@ func New(cfg Config) *Controller {
 	if cfg.XDSAddress == "" {
 		cfg.XDSAddress = DefaultXDS
 	}
+	if cfg.RootNamespace == "" {
+		cfg.RootNamespace = DefaultRootNS
+	}
+	if cfg.RootConfigMap == "" {
+		cfg.RootConfigMap = DefaultRootCM
+	}
 	if cfg.TrustDomain == "" {
 		cfg.TrustDomain = defaultTrustRoot
 	}
@@ -153,6 +168,8 @@ type listers struct {
 	deployments appslisters.DeploymentLister
 	services    corelisters.ServiceLister
 	accounts    corelisters.ServiceAccountLister
+	configMaps  corelisters.ConfigMapLister // the owned copies of the roots
+	roots       corelisters.ConfigMapLister // the roots' source (one object)
 }
 
 // Start watches Gateways, GatewayClasses and the owned objects, and
@@ -191,9 +208,17 @@ func (c *Controller) Start(ctx context.Context) error {
 	depInf := kf.Apps().V1().Deployments()
 	svcInf := kf.Core().V1().Services()
 	saInf := kf.Core().V1().ServiceAccounts()
+	cmInf := kf.Core().V1().ConfigMaps()
+	rf := informers.NewSharedInformerFactoryWithOptions(c.cfg.Kube, c.cfg.Resync,
+		informers.WithNamespace(c.cfg.RootNamespace),
+		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", c.cfg.RootConfigMap).String()
+		}))
+	rootInf := rf.Core().V1().ConfigMaps()
 	l := listers{
 		gateways: gwInf.Lister(), classes: classInf.Lister(),
 		deployments: depInf.Lister(), services: svcInf.Lister(), accounts: saInf.Lister(),
+		configMaps: cmInf.Lister(), roots: rootInf.Lister(),
 	}
 
 	if _, err := gwInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -223,28 +248,39 @@ func (c *Controller) Start(ctx context.Context) error {
 		UpdateFunc: func(_, obj any) { c.enqueueOwner(q, obj) },
 		DeleteFunc: func(obj any) { c.enqueueOwner(q, obj) },
 	}
-	for _, inf := range []cache.SharedIndexInformer{depInf.Informer(), svcInf.Informer(), saInf.Informer()} {
+	for _, inf := range []cache.SharedIndexInformer{depInf.Informer(), svcInf.Informer(), saInf.Informer(), cmInf.Informer()} {
 		if _, err := inf.AddEventHandler(owned); err != nil {
 			return fmt.Errorf("owned handler: %w", err)
 		}
 	}
+	if _, err := rootInf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    func(any) { c.enqueueAll(q, l) },
+		UpdateFunc: func(any, any) { c.enqueueAll(q, l) },
+		DeleteFunc: func(any) { c.enqueueAll(q, l) },
+	}); err != nil {
+		return fmt.Errorf("roots handler: %w", err)
+	}
 
 	gf.Start(ctx.Done())
 	kf.Start(ctx.Done())
+	rf.Start(ctx.Done())
 	defer func() {
 		q.ShutDown()
 		cancel()
 		gf.Shutdown()
 		kf.Shutdown()
+		rf.Shutdown()
 	}()
 	for typ, ok := range gf.WaitForCacheSync(ctx.Done()) {
 		if !ok {
 			return cacheErr(ctx, typ.String())
 		}
 	}
-	for typ, ok := range kf.WaitForCacheSync(ctx.Done()) {
-		if !ok {
-			return cacheErr(ctx, typ.String())
+	for _, f := range []informers.SharedInformerFactory{kf, rf} {
+		for typ, ok := range f.WaitForCacheSync(ctx.Done()) {
+			if !ok {
+				return cacheErr(ctx, typ.String())
+			}
 		}
 	}
 	c.log.Info("deploying waypoints", "workers", c.cfg.Workers)
@@ -341,6 +377,17 @@ func (c *Controller) enqueueClass(q workqueue.TypedRateLimitingInterface[string]
 		if string(gw.Spec.GatewayClassName) == gc.Name {
 			q.Add(gw.Namespace + "/" + gw.Name)
 		}
+	}
+}
+
+// enqueueAll enqueues every Gateway (the roots changed).
+func (c *Controller) enqueueAll(q workqueue.TypedRateLimitingInterface[string], l listers) {
+	gws, err := l.gateways.List(labels.Everything())
+	if err != nil {
+		return
+	}
+	for _, gw := range gws {
+		q.Add(gw.Namespace + "/" + gw.Name)
 	}
 }
 
@@ -491,6 +538,18 @@ func (c *Controller) apply(ctx context.Context, l listers, gw *gwv1.Gateway) (ob
 	opts := metav1.ApplyOptions{FieldManager: FieldManager, Force: true}
 	var o observed
 
+	// The roots first: the pod cannot start without them. With no roots
+	// published yet, a copy made earlier is kept.
+	if src, err := l.roots.ConfigMaps(c.cfg.RootNamespace).Get(c.cfg.RootConfigMap); err == nil && src.Data[CARootKey] != "" {
+		cm := objs.rootConfigMap(src.Data[CARootKey])
+		if have, err := l.configMaps.ConfigMaps(gw.Namespace).Get(RootConfigMapName(gw.Name)); err != nil || !sameConfigMap(have, cm) {
+			if _, err := c.cfg.Kube.CoreV1().ConfigMaps(gw.Namespace).Apply(ctx, cm, opts); err != nil {
+				return o, fmt.Errorf("apply root configmap: %w", err)
+			}
+			c.log.Info("applied", "kind", "ConfigMap", "namespace", gw.Namespace, "name", RootConfigMapName(gw.Name))
+		}
+	}
+
 	sa := objs.serviceAccount()
 	if have, err := l.accounts.ServiceAccounts(gw.Namespace).Get(gw.Name); err != nil || !sameServiceAccount(have, sa) {
 		if _, err := c.cfg.Kube.CoreV1().ServiceAccounts(gw.Namespace).Apply(ctx, sa, opts); err != nil {
@@ -545,6 +604,10 @@ func (c *Controller) deleteOwned(ctx context.Context, l listers, gw *gwv1.Gatewa
 	}
 	s, err := l.services.Services(gw.Namespace).Get(gw.Name)
 	if err := del("Service", s, err, c.cfg.Kube.CoreV1().Services(gw.Namespace).Delete); err != nil {
+		return err
+	}
+	cm, err := l.configMaps.ConfigMaps(gw.Namespace).Get(RootConfigMapName(gw.Name))
+	if err := del("ConfigMap", cm, err, c.cfg.Kube.CoreV1().ConfigMaps(gw.Namespace).Delete); err != nil {
 		return err
 	}
 	a, err := l.accounts.ServiceAccounts(gw.Namespace).Get(gw.Name)

@@ -66,6 +66,13 @@ func setup(ctx context.Context) error {
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambit-system"}}, metav1.CreateOptions{}); err != nil {
 		return err
 	}
+	// the CA roots istiod-lite publishes
+	if _, err := cs.CoreV1().ConfigMaps("ambit-system").Create(ctx, &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: "ambit-ca-root"},
+		Data:       map[string]string{"root-cert.pem": "ROOT-1"},
+	}, metav1.CreateOptions{}); err != nil {
+		return err
+	}
 	gw := gwclient.NewForConfigOrDie(cluster.Config())
 	for name, ctrl := range map[string]gwv1.GatewayController{
 		deployer.WaypointClass: deployer.ControllerName,
@@ -389,6 +396,25 @@ func TestWaypointConverges(t *testing.T) {
 		t.Errorf("service selector %v", svc.Spec.Selector)
 	}
 
+	// The CA roots, copied into the waypoint's namespace, mounted.
+	eventually(t, "roots copied", func() (bool, string) {
+		cm, err := cs.CoreV1().ConfigMaps(ns).Get(t.Context(), name+"-ca-root", metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		checkOwned(t, cm, gw)
+		return cm.Data["root-cert.pem"] == "ROOT-1", fmt.Sprint(cm.Data)
+	})
+	var rootsVolume string
+	for _, v := range pod.Spec.Volumes {
+		if v.ConfigMap != nil {
+			rootsVolume = v.ConfigMap.Name
+		}
+	}
+	if rootsVolume != name+"-ca-root" {
+		t.Errorf("roots volume %q", rootsVolume)
+	}
+
 	// Accepted, not yet Programmed: no ready replica, no addresses.
 	eventually(t, "accepted", hasCondition(t, ns, name, "Accepted", "True", "Accepted"))
 	eventually(t, "pending", hasCondition(t, ns, name, "Programmed", "False", "Pending"))
@@ -437,6 +463,23 @@ func TestWaypointConverges(t *testing.T) {
 	eventually(t, "attachedRoutes 3", func() (bool, string) {
 		gw := getGateway(t, ns, name)
 		return gw.Status.Listeners[0].AttachedRoutes == 3, fmt.Sprint(gw.Status.Listeners[0].AttachedRoutes)
+	})
+
+	// Rotated roots reach the copy.
+	src, err := cs.CoreV1().ConfigMaps("ambit-system").Get(t.Context(), "ambit-ca-root", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Data["root-cert.pem"] += "\nROOT-2"
+	if _, err := cs.CoreV1().ConfigMaps("ambit-system").Update(t.Context(), src, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "rotated roots copied", func() (bool, string) {
+		cm, err := cs.CoreV1().ConfigMaps(ns).Get(t.Context(), name+"-ca-root", metav1.GetOptions{})
+		if err != nil {
+			return false, err.Error()
+		}
+		return cm.Data["root-cert.pem"] == src.Data["root-cert.pem"], fmt.Sprint(cm.Data)
 	})
 
 	// An edited owned Deployment is re-applied.
@@ -554,6 +597,7 @@ func TestListeners(t *testing.T) {
 		getErr(cs.AppsV1().Deployments(ns).Get(t.Context(), "mixed", metav1.GetOptions{})),
 		getErr(cs.CoreV1().Services(ns).Get(t.Context(), "mixed", metav1.GetOptions{})),
 		getErr(cs.CoreV1().ServiceAccounts(ns).Get(t.Context(), "mixed", metav1.GetOptions{})),
+		getErr(cs.CoreV1().ConfigMaps(ns).Get(t.Context(), "mixed-ca-root", metav1.GetOptions{})),
 	} {
 		if !apierrors.IsNotFound(err) {
 			t.Errorf("an object of a refused waypoint remains: %v", err)

@@ -27,3 +27,8 @@ func sameServiceAccount(have *corev1.ServiceAccount, want *corev1ac.ServiceAccou
 	got, err := corev1ac.ExtractServiceAccount(have, FieldManager)
 	return err == nil && equality.Semantic.DeepEqual(got, want)
 }
+
+func sameConfigMap(have *corev1.ConfigMap, want *corev1ac.ConfigMapApplyConfiguration) bool {
+	got, err := corev1ac.ExtractConfigMap(have, FieldManager)
+	return err == nil && equality.Semantic.DeepEqual(got, want)
+}

@@ -22,7 +22,7 @@ const (
 	TokenDir          = "/var/run/secrets/tokens"
 	TokenFile         = TokenDir + "/istio-token"
 	CARootDir         = "/var/run/secrets/ambit-ca-root"
-	CARootConfigMap   = "ambit-ca-root"
+	CARootKey         = "root-cert.pem"
 	proxyContainer    = "istio-proxy" // Istio's name; tools look for it
 	proxyUID          = 1337
 	tokenExpirySecs   = 43200
@@ -80,6 +80,22 @@ func (o objects) serviceAccount() *corev1ac.ServiceAccountApplyConfiguration {
 	return sa
 }
 
+// RootConfigMapName is the name of the copy of istiod-lite's CA roots a
+// waypoint mounts (a pod can mount only ConfigMaps of its namespace).
+func RootConfigMapName(gateway string) string { return gateway + "-ca-root" }
+
+// rootConfigMap is the waypoint's copy of istiod-lite's CA roots (PEM).
+func (o objects) rootConfigMap(roots string) *corev1ac.ConfigMapApplyConfiguration {
+	cm := corev1ac.ConfigMap(RootConfigMapName(o.gw.Name), o.gw.Namespace).
+		WithLabels(o.labels()).
+		WithOwnerReferences(o.owner()).
+		WithData(map[string]string{CARootKey: roots})
+	if a := o.annotations(); len(a) > 0 {
+		cm.WithAnnotations(a)
+	}
+	return cm
+}
+
 func (o objects) service() *corev1ac.ServiceApplyConfiguration {
 	svc := corev1ac.Service(o.gw.Name, o.gw.Namespace).
 		WithLabels(o.labels()).
@@ -120,7 +136,7 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 	env := []*corev1ac.EnvVarApplyConfiguration{
 		corev1ac.EnvVar().WithName("XDS_ADDRESS").WithValue(c.XDSAddress),
 		corev1ac.EnvVar().WithName("CA_ADDRESS").WithValue(c.XDSAddress),
-		corev1ac.EnvVar().WithName("CA_ROOTS").WithValue(CARootDir + "/root-cert.pem"),
+		corev1ac.EnvVar().WithName("CA_ROOTS").WithValue(CARootDir + "/" + CARootKey),
 		corev1ac.EnvVar().WithName("TOKEN_FILE").WithValue(TokenFile),
 		corev1ac.EnvVar().WithName("TRUST_DOMAIN").WithValue(c.TrustDomain),
 		corev1ac.EnvVar().WithName("GATEWAY_NAME").WithValue(o.gw.Name),
@@ -184,8 +200,9 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 						WithAudience(TokenAudience).
 						WithExpirationSeconds(tokenExpirySecs).
 						WithPath("istio-token")))),
+			// no roots yet: the pod waits (it could not trust istiod-lite)
 			corev1ac.Volume().WithName("ambit-ca-root").WithConfigMap(corev1ac.ConfigMapVolumeSource().
-				WithName(CARootConfigMap).WithOptional(true)),
+				WithName(RootConfigMapName(o.gw.Name))),
 			corev1ac.Volume().WithName("tmp").WithEmptyDir(corev1ac.EmptyDirVolumeSource()),
 		)
 
