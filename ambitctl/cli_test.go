@@ -276,6 +276,7 @@ func TestCluster(t *testing.T) {
 
 	t.Run("install", func(t *testing.T) {
 		r := mustRun(t, kc, "install", "--wait=false")
+		t.Logf("install:\n%s", r.stdout)
 		if !strings.Contains(r.stdout, "applied Deployment ambit-system/istiod-lite") || !strings.Contains(r.stdout, "✔ CustomResourceDefinition gateways.gateway.networking.k8s.io ready") {
 			t.Errorf("install output:\n%s", r.stdout)
 		}
@@ -304,6 +305,7 @@ func TestCluster(t *testing.T) {
 		// available, and install must say so, naming it and its condition.
 		start := time.Now()
 		r := run(t, kc, "install", "--timeout=3s")
+		t.Logf("install --timeout=3s: %s", r)
 		if r.code != 1 {
 			t.Fatalf("want exit 1: %s", r)
 		}
