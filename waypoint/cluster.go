@@ -2,7 +2,6 @@ package waypoint
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -18,7 +17,6 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/net/http2"
 )
 
 const httpProtocolOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -268,13 +266,11 @@ type host struct {
 	conns        atomic.Int64
 	ejectedUntil atomic.Int64 // unix nanos; 0: not ejected
 
-	mu         sync.Mutex // guards the fields below
-	consec5xx  int
-	consecGw   int
-	ejections  int // multiplier for base_ejection_time
-	rts        map[rtKey]http.RoundTripper
-	rq5xx, rq  uint64
-	lastReport time.Time
+	mu        sync.Mutex // guards the fields below
+	consec5xx int
+	consecGw  int
+	ejections int // multiplier for base_ejection_time
+	rts       map[rtKey]http.RoundTripper
 }
 
 type rtKey struct {
@@ -516,8 +512,8 @@ type countedConn struct {
 	net.Conn
 	requests atomic.Int64 // responses received on it (max_requests_per_connection)
 	once     sync.Once
-	h    *host
-	c    *cluster
+	h        *host
+	c        *cluster
 }
 
 func (c *countedConn) Close() error {
@@ -550,26 +546,19 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 		c.conns.Add(1)
 		return &countedConn{Conn: nc, h: h, c: c}, nil
 	}
-	var rt http.RoundTripper
-	if h2 {
-		rt = &http2.Transport{
-			AllowHTTP:          true,
-			DisableCompression: true,
-			IdleConnTimeout:    k.idle,
-			ReadIdleTimeout:    30 * time.Second,
-			DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
-				return dial(ctx)
-			},
-		}
+	rt := &http.Transport{
+		DialContext:         func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     k.idle,
+		DisableKeepAlives:   k.maxReqPerConn == 1,
+		DisableCompression:  true,
+		Protocols:           new(http.Protocols),
+	}
+	if h2 { // HTTP/2 with prior knowledge (h2c) inside the tunnel
+		rt.Protocols.SetUnencryptedHTTP2(true)
+		rt.HTTP2 = &http.HTTP2Config{SendPingTimeout: 30 * time.Second}
 	} else {
-		rt = &http.Transport{
-			DialContext:         func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
-			MaxIdleConnsPerHost: 1024,
-			IdleConnTimeout:     k.idle,
-			DisableKeepAlives:   k.maxReqPerConn == 1,
-			DisableCompression:  true,
-			ForceAttemptHTTP2:   false,
-		}
+		rt.Protocols.SetHTTP1(true)
 	}
 	h.rts[k] = rt
 	return rt

@@ -147,8 +147,9 @@ func compileHeaderAdds(opts []*corev3.HeaderValueOption, path string) ([]headerA
 		if len(o.GetHeader().GetRawValue()) > 0 {
 			h.value = string(o.GetHeader().GetRawValue())
 		}
-		if o.GetAppend() != nil { // deprecated form
-			if o.GetAppend().GetValue() {
+		//lint:ignore SA1019 the deprecated form may still be sent; honoured as Envoy does
+		if app := o.GetAppend(); app != nil {
+			if app.GetValue() {
 				h.action = corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD
 			} else {
 				h.action = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
@@ -466,6 +467,7 @@ func compileRouteAction(a *routev3.RouteAction, m *routev3.RouteMatch, path stri
 			ra.total += wc.weight
 			ra.clusters = append(ra.clusters, wc)
 		}
+		//lint:ignore SA1019 deprecated but may be sent: it must then agree with the weights
 		if tw := cs.WeightedClusters.GetTotalWeight(); tw != nil && uint64(tw.GetValue()) != ra.total {
 			return nil, fieldError(path+".weighted_clusters.total_weight", "%d is not the sum of the weights (%d)", tw.GetValue(), ra.total)
 		}

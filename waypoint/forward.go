@@ -390,7 +390,8 @@ func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Requ
 			return tryResult{kind: tryCanceled, err: err}
 		case errors.As(err, &ce):
 			return tryResult{kind: tryConnect, err: err}
-		case errors.As(err, &se) && se.Code == http2.ErrCodeRefusedStream:
+		case errors.As(err, &se) && se.Code == http2.ErrCodeRefusedStream,
+			strings.Contains(err.Error(), "REFUSED_STREAM"): // net/http's bundled HTTP/2 has its own error type
 			return tryResult{kind: tryRefused, err: err}
 		default:
 			return tryResult{kind: tryReset, err: err}

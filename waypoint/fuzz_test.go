@@ -1,16 +1,12 @@
 package waypoint
 
 import (
-	"bufio"
-	"bytes"
-	"net"
 	"regexp"
 	"testing"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	"golang.org/x/net/http2"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -30,34 +26,6 @@ func FuzzTraceParent(f *testing.F) {
 		}
 		if traceParentRE.MatchString(in) && in[3:35] != "00000000000000000000000000000000" && out[3:35] != in[3:35] {
 			t.Fatalf("trace id not continued: %q -> %q", in, out)
-		}
-	})
-}
-
-// FuzzDetect: the protocol sniffer says HTTP/2 exactly when the stream
-// starts with the client preface, and replays every byte it read.
-func FuzzDetect(f *testing.F) {
-	f.Add([]byte(http2.ClientPreface + "rest"))
-	f.Add([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
-	f.Add([]byte("PRI * HTTP/2.0\r\n"))
-	f.Add([]byte{})
-	f.Fuzz(func(t *testing.T, in []byte) {
-		a, b := net.Pipe()
-		go func() { b.Write(in); b.Close() }()
-		pc := &peekConn{Conn: a, r: bufio.NewReader(a)}
-		h2, err := pc.isHTTP2()
-		want := bytes.HasPrefix(in, []byte(http2.ClientPreface))
-		if h2 != want {
-			t.Fatalf("isHTTP2(%q) = %v, %v", in, h2, err)
-		}
-		if err != nil && len(in) >= len(http2.ClientPreface) && want {
-			t.Fatalf("isHTTP2(%q): %v", in, err)
-		}
-		var got bytes.Buffer
-		got.ReadFrom(pc)
-		a.Close()
-		if !bytes.Equal(got.Bytes(), in) {
-			t.Fatalf("replayed %q, want %q", got.Bytes(), in)
 		}
 	})
 }

@@ -2,9 +2,7 @@ package waypoint
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -21,7 +19,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"golang.org/x/net/http2"
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/hbone"
@@ -170,14 +167,12 @@ func (e *env) client(id spiffeid.ID, target string, h2 bool) *http.Client {
 			ForwardedFor: netip.MustParseAddrPort("10.1.0.7:40000"),
 			Baggage:      "k8s.namespace.name=shop,k8s.deployment.name=client,service.name=client,service.version=v1"})
 	}
-	var rt http.RoundTripper
+	rt := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
+		MaxIdleConnsPerHost: 100, Protocols: new(http.Protocols)}
 	if h2 {
-		rt = &http2.Transport{AllowHTTP: true, DialTLSContext: func(ctx context.Context, _, _ string, _ *tls.Config) (net.Conn, error) {
-			return dial(ctx)
-		}}
+		rt.Protocols.SetUnencryptedHTTP2(true) // prior knowledge
 	} else {
-		rt = &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
-			MaxIdleConnsPerHost: 100}
+		rt.Protocols.SetHTTP1(true)
 	}
 	c := &http.Client{Transport: rt, Timeout: 20 * time.Second,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
@@ -222,52 +217,6 @@ func newH2CBackend(t testing.TB, h http.HandlerFunc) *backend {
 	s.Start()
 	t.Cleanup(s.Close)
 	return &backend{Server: s, addr: netip.MustParseAddrPort(strings.TrimPrefix(s.URL, "http://"))}
-}
-
-// hboneFront puts an HBONE server (identity id) in front of loopback
-// backends: a stand-in for the destination's ztunnel. It returns its port.
-func (e *env) hboneFront(id spiffeid.ID) uint16 {
-	e.t.Helper()
-	srv := &hbone.Server{Certs: e.certs,
-		LocalIdentity: func(netip.Addr) (spiffeid.ID, bool) { return id, true },
-		Handler: hbone.HandlerFunc(func(ctx context.Context, r *hbone.Request) {
-			var nd net.Dialer
-			up, err := nd.DialContext(ctx, "tcp", r.Target.String())
-			if err != nil {
-				r.Reject(503)
-				return
-			}
-			s, err := r.Accept()
-			if err != nil {
-				up.Close()
-				return
-			}
-			up = &peerHeaderConn{Conn: up, peer: r.Peer.String()}
-			hbone.Join(ctx, s, up)
-		})}
-	ln := listen(e.t)
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	e.t.Cleanup(func() {
-		srv.Close()
-		if err := <-done; !errors.Is(err, hbone.ErrServerClosed) {
-			e.t.Errorf("hbone front: %v", err)
-		}
-	})
-	return ln.Addr().(*net.TCPAddr).AddrPort().Port()
-}
-
-// peerHeaderConn is a plain conn (the peer is recorded for the test only).
-type peerHeaderConn struct {
-	net.Conn
-	peer string
-}
-
-func (c *peerHeaderConn) CloseWrite() error {
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		return cw.CloseWrite()
-	}
-	return nil
 }
 
 // get does a GET and returns status, body and headers.

@@ -1,8 +1,6 @@
 package waypoint
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"log"
@@ -13,7 +11,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/net/http2"
 
 	"github.com/ambit-mesh/ambit/hbone"
 )
@@ -25,7 +22,6 @@ type downstream struct {
 	target   netip.AddrPort // the CONNECT authority: VIP:port or podIP:port
 	srcAddr  netip.AddrPort // forwarded for=, when sent
 	baggage  hbone.Baggage
-	h2       bool // HTTP/2 prior knowledge inside the tunnel
 }
 
 func (d *downstream) principal() string {
@@ -61,47 +57,7 @@ func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
 	if err != nil {
 		return
 	}
-	pc := &peekConn{Conn: st, r: bufio.NewReaderSize(st, 4096)}
-	st.SetReadDeadline(time.Now().Add(p.cfg.ReadHeaderTimeout))
-	h2, err := pc.isHTTP2()
-	st.SetReadDeadline(time.Time{})
-	if err != nil {
-		return
-	}
-	ds.h2 = h2
-	if h2 {
-		p.serveH2(ctx, pc, chain.http, ds)
-	} else {
-		p.serveH1(ctx, pc, chain.http, ds)
-	}
-}
-
-// peekConn replays the bytes read while detecting the protocol.
-type peekConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (c *peekConn) Read(p []byte) (int, error) { return c.r.Read(p) }
-
-// isHTTP2 reports whether the stream starts with the HTTP/2 client preface
-// (prior knowledge); anything else is served as HTTP/1.x (net/http answers
-// 400 to what is not HTTP).
-func (c *peekConn) isHTTP2() (bool, error) {
-	preface := []byte(http2.ClientPreface)
-	for n := 1; n <= len(preface); n++ {
-		b, err := c.r.Peek(n)
-		if err != nil {
-			if len(b) > 0 && !bytes.HasPrefix(preface, b) {
-				return false, nil
-			}
-			return false, err
-		}
-		if !bytes.HasPrefix(preface, b) {
-			return false, nil
-		}
-	}
-	return true, nil
+	p.serveConn(ctx, st, chain.http, ds)
 }
 
 // track registers an inner HTTP server for drain; false when closed. A
@@ -132,8 +88,13 @@ type discardWriter struct{}
 
 func (discardWriter) Write(p []byte) (int, error) { return len(p), nil }
 
-func (p *Proxy) innerServer(ctx context.Context, hc *httpChain, ds *downstream) *http.Server {
-	return &http.Server{
+// serveConn runs net/http's server on the one tunnelled connection: it
+// serves HTTP/1.1, and HTTP/2 with prior knowledge (h2c, gRPC included)
+// when the bytes start with the HTTP/2 preface; anything else gets 400.
+// HTTP/2's defences against rapid reset and CONTINUATION floods are
+// net/http's.
+func (p *Proxy) serveConn(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
+	hs := &http.Server{
 		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { p.serveHTTP(w, r, ds) }),
 		MaxHeaderBytes:    hc.maxHeaderBytes,
 		ReadHeaderTimeout: p.cfg.ReadHeaderTimeout,
@@ -141,12 +102,11 @@ func (p *Proxy) innerServer(ctx context.Context, hc *httpChain, ds *downstream) 
 		ReadTimeout:       hc.requestTimeout, // HCM request_timeout: the whole request read (0: none)
 		ErrorLog:          discardLog,
 		BaseContext:       func(net.Listener) context.Context { return ctx },
+		Protocols:         new(http.Protocols),
+		HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: 250},
 	}
-}
-
-// serveH1 runs net/http's server on the one tunnelled connection.
-func (p *Proxy) serveH1(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
-	hs := p.innerServer(ctx, hc, ds)
+	hs.Protocols.SetHTTP1(true)
+	hs.Protocols.SetUnencryptedHTTP2(true)
 	ln := &oneConnListener{c: c, done: make(chan struct{})}
 	connDone := make(chan struct{})
 	hs.ConnState = func(_ net.Conn, s http.ConnState) {
@@ -162,26 +122,8 @@ func (p *Proxy) serveH1(ctx context.Context, c net.Conn, hc *httpChain, ds *down
 	defer p.untrack(hs)
 	hs.Serve(ln) // returns once the listener closes: when the connection ends, or on Shutdown
 	if !ln.closeListener() {
-		<-connDone // accepted: wait for it (Shutdown lets its request finish)
+		<-connDone // accepted: wait for it (Shutdown lets its requests finish)
 	}
-}
-
-// serveH2 runs x/net/http2's server on the tunnelled connection (prior
-// knowledge). Its rapid-reset and CONTINUATION-flood defences apply.
-func (p *Proxy) serveH2(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
-	hs := p.innerServer(ctx, hc, ds)
-	h2s := &http2.Server{MaxConcurrentStreams: 250, IdleTimeout: hc.idleTimeout}
-	if err := http2.ConfigureServer(hs, h2s); err != nil {
-		p.log.Error("waypoint: http2 server", "err", err)
-		c.Close()
-		return
-	}
-	if !p.track(hs) {
-		c.Close()
-		return
-	}
-	defer p.untrack(hs)
-	h2s.ServeConn(c, &http2.ServeConnOpts{Context: ctx, BaseConfig: hs, Handler: hs.Handler})
 }
 
 // oneConnListener hands out one connection, then blocks until closed.

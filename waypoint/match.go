@@ -103,18 +103,6 @@ func compileHeaderMatch(h *routev3.HeaderMatcher, path string) (*headerMatch, er
 	case *routev3.HeaderMatcher_PresentMatch:
 		v := s.PresentMatch
 		hm.present = &v
-	case *routev3.HeaderMatcher_ExactMatch:
-		hm.str = &stringMatch{kind: matchExact, value: s.ExactMatch}
-	case *routev3.HeaderMatcher_PrefixMatch:
-		hm.str = &stringMatch{kind: matchPrefix, value: s.PrefixMatch}
-	case *routev3.HeaderMatcher_SuffixMatch:
-		hm.str = &stringMatch{kind: matchSuffix, value: s.SuffixMatch}
-	case *routev3.HeaderMatcher_ContainsMatch:
-		hm.str = &stringMatch{kind: matchContains, value: s.ContainsMatch}
-	case *routev3.HeaderMatcher_SafeRegexMatch:
-		var re *regexp.Regexp
-		re, err = compileRegex(s.SafeRegexMatch, path+".safe_regex_match")
-		hm.str = &stringMatch{kind: matchRegex, re: re}
 	case nil:
 		t := true // no specifier: presence (Envoy)
 		hm.present = &t

@@ -39,8 +39,7 @@ var allowed = map[protoreflect.FullName][]string{
 	"envoy.type.matcher.v3.PathMatcher":             {"path"},
 	"envoy.type.matcher.v3.StringMatcher":           {"exact", "prefix", "suffix", "safe_regex", "contains", "ignore_case"},
 	"envoy.type.matcher.v3.RegexMatcher":            {"google_re2", "regex"},
-	"envoy.config.route.v3.HeaderMatcher": {"name", "string_match", "present_match", "invert_match", "exact_match",
-		"prefix_match", "suffix_match", "contains_match", "safe_regex_match", "treat_missing_header_as_empty"},
+	"envoy.config.route.v3.HeaderMatcher":           {"name", "string_match", "present_match", "invert_match", "treat_missing_header_as_empty"},
 	// RDS
 	"envoy.config.route.v3.RouteConfiguration": {"name", "virtual_hosts", "request_headers_to_add", "request_headers_to_remove",
 		"response_headers_to_add", "response_headers_to_remove", "validate_clusters", "ignore_port_in_host_matching"},
