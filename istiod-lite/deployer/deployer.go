@@ -456,6 +456,12 @@ func (c *Controller) reconcile(ctx context.Context, l listers, key string) error
 	if err != nil {
 		return fmt.Errorf("get gateway: %w", err)
 	}
+	if gw.DeletionTimestamp != nil {
+		// Being deleted (e.g. foreground deletion, or a finalizer): the
+		// garbage collector deletes the owned objects; re-creating them
+		// would fight it.
+		return nil
+	}
 	if c.stale(gw) {
 		return nil
 	}

@@ -641,3 +641,40 @@ func TestOtherClassIgnored(t *testing.T) {
 		t.Errorf("writes %v, want one Deployment apply and one status write (for ours)", w)
 	}
 }
+
+// A Gateway being deleted (held by a finalizer here, as by foreground
+// deletion) is left to the garbage collector: a deleted owned object is not
+// re-created.
+func TestDeletingGatewayLeftToGC(t *testing.T) {
+	ns := namespace(t, "deleting")
+	r := newReplica(t)
+	start(t, r.ctrl.Start)
+	cs := cluster.Client()
+	gw := waypoint(ns, "going", deployer.WaypointClass)
+	gw.Finalizers = []string{"example.com/hold"}
+	createGateway(t, gw)
+	createGateway(t, waypoint(ns, "staying", deployer.WaypointClass))
+	eventually(t, "going deployed", hasCondition(t, ns, "going", "Programmed", "False", "Pending"))
+
+	if err := gwClient().GatewayV1().Gateways(ns).Delete(t.Context(), "going", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "deletion seen", func() (bool, string) {
+		return getGateway(t, ns, "going").DeletionTimestamp != nil, ""
+	})
+	if err := cs.AppsV1().Deployments(ns).Delete(t.Context(), "going", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// One worker, a FIFO queue: "going" (queued by the Deployment's
+	// deletion and the requeue) is handled before "staying" settles.
+	r.ctrl.Requeue(ns, "going")
+	r.settle(t, ns, "staying")
+	if _, err := cs.AppsV1().Deployments(ns).Get(t.Context(), "going", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("the Deployment of a Gateway being deleted was re-created: %v", err)
+	}
+	g := getGateway(t, ns, "going")
+	g.Finalizers = nil
+	if _, err := gwClient().GatewayV1().Gateways(ns).Update(t.Context(), g, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
