@@ -26,9 +26,10 @@ func (p *Proxy) localIdentity(dst netip.Addr) (spiffeid.ID, bool) {
 }
 
 // serveHBONE handles one tunnel arriving on 15008: the target must be a
-// local workload, the peer's identity must pass its policy (401 otherwise),
-// and the workload must accept the connection from the client's address
-// (503 otherwise) before the tunnel is answered 200.
+// local workload, a waypoint-bound target accepts only its waypoint's
+// identity (401 otherwise: no bypass), the peer's identity must pass its
+// policy (401 otherwise), and the workload must accept the connection from
+// the client's address (503 otherwise) before the tunnel is answered 200.
 func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
 	src, srcW := p.hboneSource(r)
 	c, ctx := p.begin(ctx, dirInbound, ListenerHBONE, src, r.Target)
@@ -65,7 +66,7 @@ func (p *Proxy) hboneSource(r *hbone.Request) (netip.AddrPort, *model.Workload) 
 }
 
 func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (flags, reason string, err error) {
-	snap := p.cfg.Store.Load()
+	snap, bind := p.snapshot()
 	c.dstW = snap.WorkloadByIP(c.Dst.Addr())
 	if c.dstW == nil || !c.dstW.Enrolled || !p.cfg.isLocal(c.dstW) {
 		c.dstW = nil
@@ -82,12 +83,11 @@ func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (fl
 		return flagAborted, "proxy is draining", nil
 	}
 	if host := r.Forwarded.Host; host != "" {
-		for _, s := range snap.Services {
-			if s.Hostname == host {
-				c.service = s
-				break
-			}
-		}
+		c.service = bind.byHost[host]
+	}
+	if why := bind.checkBypass(c.dstW, c.Dst, r.Peer); why != "" {
+		p.m.bypassRefused.WithLabelValues(ListenerHBONE).Inc()
+		return flagDeny, why, nil
 	}
 	d := p.az.Evaluate(snap, c.dstW, authz.Conn{SrcIdentity: r.Peer, SrcIP: c.Src.Addr(), DstPort: c.Dst.Port()})
 	if !d.Allow {
@@ -107,7 +107,8 @@ func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (fl
 
 // servePlaintextInbound handles a connection captured on 15006: plaintext
 // to a local enrolled workload, whose original destination is the accepted
-// socket's local address. PeerAuthentication STRICT or a policy refusing a
+// socket's local address. A waypoint-bound target (a bypass: plaintext is
+// never from its waypoint), PeerAuthentication STRICT or a policy refusing a
 // peer without identity resets it.
 func (p *Proxy) servePlaintextInbound(ctx context.Context, client net.Conn) {
 	c, ctx := p.begin(ctx, dirInbound, ListenerInbound, addrPort(client.RemoteAddr()), addrPort(client.LocalAddr()))
@@ -120,7 +121,7 @@ func (p *Proxy) servePlaintextInbound(ctx context.Context, client net.Conn) {
 }
 
 func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) (flags, reason string, err error) {
-	snap := p.cfg.Store.Load()
+	snap, bind := p.snapshot()
 	c.srcW = snap.WorkloadByIP(c.Src.Addr())
 	c.srcTrusted = true // the kernel's view of the peer
 	c.dstW = snap.WorkloadByIP(c.Dst.Addr())
@@ -129,6 +130,11 @@ func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) 
 		return flagNoDest, "destination is not a local workload", nil
 	}
 	c.Destination.Principal = c.dstW.Identity()
+	if why := bind.checkBypass(c.dstW, c.Dst, spiffeid.ID{}); why != "" {
+		// No identity at all: never its waypoint, whatever PeerAuthentication says.
+		p.m.bypassRefused.WithLabelValues(ListenerInbound).Inc()
+		return flagDeny, why, nil
+	}
 	d := p.az.AllowPlaintext(snap, c.dstW, authz.Conn{SrcIP: c.Src.Addr(), DstPort: c.Dst.Port()})
 	if !d.Allow {
 		return flagDeny, d.Reason, nil

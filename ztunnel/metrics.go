@@ -31,6 +31,10 @@ type metrics struct {
 	// handshakes (foreign trust domain, expired certificate, unknown local
 	// workload), bad prefaces and malformed requests (hbone.Server.OnReject).
 	hboneRefused *prometheus.CounterVec
+	// bypassRefused counts connections refused because they went around
+	// the waypoint their target is bound to, by listener (hbone: a tunnel
+	// from another identity; inbound: plaintext).
+	bypassRefused *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -45,9 +49,13 @@ func newMetrics() *metrics {
 		hboneRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ambit_ztunnel_hbone_refused_total", Help: "HBONE peers refused before a stream was served, by reason.",
 		}, []string{"reason"}),
+		bypassRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ambit_ztunnel_waypoint_bypass_refused_total",
+			Help: "Connections to a waypoint-bound target refused because they did not come from its waypoint, by listener.",
+		}, []string{"listener"}),
 	}
 	m.tcp = telemetry.NewMetrics(m.reg)
-	m.reg.MustRegister(m.active, m.denied, m.hboneRefused,
+	m.reg.MustRegister(m.active, m.denied, m.hboneRefused, m.bypassRefused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

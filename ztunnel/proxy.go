@@ -67,6 +67,11 @@ type Proxy struct {
 	// conns are the open connections: metrics, access log, admin dump.
 	conns telemetry.Tracker
 
+	// bind is the bindings index of the newest snapshot indexed (see
+	// snapshot); bindMu serializes its builds.
+	bind   atomic.Pointer[bindings]
+	bindMu sync.Mutex
+
 	mu      sync.Mutex // guards started
 	started bool
 }
@@ -403,7 +408,7 @@ func (p *Proxy) watchConfig(changed <-chan struct{}) {
 			}
 			continue
 		}
-		snap := p.cfg.Store.Load()
+		snap, _ := p.snapshot() // indexes the new config before connections need it
 		ids, pods := p.localWorkloads(snap)
 		if setter, ok := p.cfg.Certs.(interface{ SetIdentities([]spiffeid.ID) }); ok && !slices.Equal(ids, last) {
 			setter.SetIdentities(ids)
