@@ -14,6 +14,7 @@ import (
 	"net/http/httptrace"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -649,7 +650,9 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 	rec.code = resp.StatusCode
 	w.WriteHeader(resp.StatusCode)
 	flush := r.ProtoMajor == 2 || resp.ContentLength < 0
-	bp := make([]byte, 32<<10)
+	bpp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bpp)
+	bp := *bpp
 	for {
 		n, err := resp.Body.Read(bp)
 		if n > 0 {
@@ -680,6 +683,8 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		w.Header()[http.TrailerPrefix+k] = vs
 	}
 }
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // canceled answers when the route timeout fired (504 UT) or notes that
 // the client went away (DC).
