@@ -300,9 +300,10 @@ func TestPolicyAllowAndDeny(t *testing.T) {
 		return metricSum(t, m.n2.p, "istio_tcp_connections_closed_total", with(denied, "reporter", "destination")) == 1 &&
 			metricSum(t, m.n1.p, "istio_tcp_connections_closed_total", with(denied, "reporter", "source")) == 1
 	})
-	if logs := m.n2.logs.String(); !strings.Contains(logs, `"outcome":"denied"`) || !strings.Contains(logs, "no allow policy matched") {
-		t.Errorf("no denial in the access log:\n%s", logs)
-	}
+	waitFor(t, "denial in the access log", func() bool {
+		logs := m.n2.logs.String()
+		return strings.Contains(logs, `"outcome":"denied"`) && strings.Contains(logs, "no allow policy matched")
+	})
 
 	// A DENY policy on the target port beats the ALLOW.
 	deny := &model.Policy{Name: "no-8080", Namespace: "shop", Action: model.ActionDeny,
@@ -363,9 +364,8 @@ func TestPlaintextInboundRefusals(t *testing.T) {
 			"reporter": "destination", "response_flags": "DENY", "connection_security_policy": "none",
 			"destination_workload": "server-a", "source_workload": "legacy"}) == 1
 	})
-	if logs := m.n2.logs.String(); !strings.Contains(logs, "PeerAuthentication STRICT") {
-		t.Errorf("no STRICT refusal in the log:\n%s", logs)
-	}
+	// The metric is counted just before the log line is written.
+	waitFor(t, "STRICT refusal in the log", func() bool { return strings.Contains(m.n2.logs.String(), "PeerAuthentication STRICT") })
 
 	// PERMISSIVE, but an ALLOW policy on principals: plaintext never matches.
 	allow := &model.Policy{Name: "principals", Namespace: "shop", Action: model.ActionAllow,
