@@ -45,6 +45,11 @@ func chainName(port uint32, host string) string {
 // httpChain serves vip:port with the route config of the same name; rbac
 // filters go before the router.
 func httpFC(vip string, port uint32, host string, rbac ...*rbacv3.RBAC) *listenerv3.FilterChain {
+	return httpFCWith(vip, port, host, nil, rbac...)
+}
+
+// httpFCWith is httpFC with the HTTP connection manager tweaked.
+func httpFCWith(vip string, port uint32, host string, tweak func(*hcmv3.HttpConnectionManager), rbac ...*rbacv3.RBAC) *listenerv3.FilterChain {
 	name := chainName(port, host)
 	var filters []*hcmv3.HttpFilter
 	for _, r := range rbac {
@@ -58,6 +63,9 @@ func httpFC(vip string, port uint32, host string, rbac ...*rbacv3.RBAC) *listene
 		RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: name,
 			ConfigSource: &corev3.ConfigSource{ConfigSourceSpecifier: &corev3.ConfigSource_Ads{Ads: &corev3.AggregatedConfigSource{}}}}},
 		HttpFilters: filters,
+	}
+	if tweak != nil {
+		tweak(hcm)
 	}
 	return &listenerv3.FilterChain{
 		Name: name,

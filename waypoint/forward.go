@@ -240,7 +240,7 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 		return
 	}
 	rec.cluster = v
-	p.forward(rw, r, rec, ra, v, snap, func(h http.Header) { respMods(h, wc) })
+	p.forward(rw, r, rec, ra, v, snap, hc.streamIdleTimeout, func(h http.Header) { respMods(h, wc) })
 }
 
 func redirectLocation(ra *redirectAction, m *routeMatch, r *http.Request) string {
@@ -465,12 +465,23 @@ func outcomeOf(t tryResult) int {
 
 // forward is the router: retries, timeouts, circuit breakers, outlier
 // detection, mirroring, and the streamed response.
-func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAction, v *clusterView, snap *snapshot, respMods func(http.Header)) {
+func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAction, v *clusterView, snap *snapshot,
+	streamIdle time.Duration, respMods func(http.Header)) {
 	ctx := r.Context()
 	if ra.timeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, ra.timeout)
 		defer cancel()
+	}
+	// stream_idle_timeout: no progress from the upstream for this long
+	// (waiting for headers, or between body reads) ends the stream.
+	var idle *time.Timer
+	if streamIdle > 0 {
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		defer cancel(nil)
+		idle = time.AfterFunc(streamIdle, func() { cancel(errStreamIdle) })
+		defer idle.Stop()
 	}
 	h2 := v.s.proto == protoHTTP2 || (v.s.proto == protoDownstream && r.ProtoMajor == 2)
 	out := r.Clone(ctx)
@@ -572,9 +583,12 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 				localReply(w, rec, http.StatusServiceUnavailable, "UO", "upstream_reset_before_response_started{overflow}",
 					"upstream connect error or disconnect/reset before headers. reset reason: overflow")
 			} else {
-				p.canceled(w, r, rec)
+				p.canceled(ctx, w, r, rec)
 			}
 			return
+		}
+		if idle != nil {
+			idle.Reset(streamIdle)
 		}
 		res = p.try(ctx, v, h, out, bodyFor(), perTry, h2)
 		if res.kind != tryOK {
@@ -610,7 +624,7 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		case <-ctx.Done():
 			t.Stop()
 			v.c.retries.Add(-1)
-			p.canceled(w, r, rec)
+			p.canceled(ctx, w, r, rec)
 			return
 		}
 		v.c.retries.Add(-1)
@@ -632,7 +646,7 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		localReply(w, rec, http.StatusGatewayTimeout, "UT", "upstream_per_try_timeout", "upstream request timeout")
 		return
 	case tryCanceled:
-		p.canceled(w, r, rec)
+		p.canceled(ctx, w, r, rec)
 		return
 	}
 	resp := res.resp
@@ -655,6 +669,9 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 	bp := *bpp
 	for {
 		n, err := resp.Body.Read(bp)
+		if idle != nil && n > 0 {
+			idle.Reset(streamIdle)
+		}
 		if n > 0 {
 			if _, werr := w.Write(bp[:n]); werr != nil {
 				rec.flag("DC")
@@ -669,7 +686,9 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		}
 		if err != nil {
 			// Headers are out: the only honest answer is a reset.
-			if ctx.Err() != nil && r.Context().Err() == nil {
+			if errors.Is(context.Cause(ctx), errStreamIdle) {
+				rec.flag("SI")
+			} else if ctx.Err() != nil && r.Context().Err() == nil {
 				rec.flag("UT")
 			} else if r.Context().Err() != nil {
 				rec.flag("DC")
@@ -684,14 +703,20 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 	}
 }
 
+var errStreamIdle = errors.New("stream idle timeout")
+
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
 // canceled answers when the route timeout fired (504 UT) or notes that
 // the client went away (DC).
-func (p *Proxy) canceled(w *respWriter, r *http.Request, rec *record) {
+func (p *Proxy) canceled(ctx context.Context, w *respWriter, r *http.Request, rec *record) {
 	if r.Context().Err() != nil {
 		rec.code = 0
 		rec.flag("DC")
+		return
+	}
+	if errors.Is(context.Cause(ctx), errStreamIdle) {
+		localReply(w, rec, http.StatusRequestTimeout, "SI", "stream_idle_timeout", "stream timeout")
 		return
 	}
 	localReply(w, rec, http.StatusGatewayTimeout, "UT", "response_timeout", "upstream request timeout")

@@ -2,6 +2,7 @@ package waypoint
 
 import (
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net/http"
 	"strings"
@@ -12,8 +13,10 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
 )
 
 // TestCanarySplit: weighted_clusters 90/10 over 1000 requests lands within
@@ -516,5 +519,56 @@ func TestClusterNotFound(t *testing.T) {
 	}
 	if codes[500] < 45 || codes[500] > 55 || codes[200]+codes[500] != 100 {
 		t.Errorf("codes %v", codes)
+	}
+}
+
+// TestStreamIdleTimeout: HCM stream_idle_timeout 400 ms: a backend silent
+// before its headers gets 408 SI; one that stalls mid-body has the stream
+// reset (flag SI); a slow but steady body is not cut.
+func TestStreamIdleTimeout(t *testing.T) {
+	e := newEnv(t, nil)
+	b := newBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/silent":
+			time.Sleep(2 * time.Second)
+		case "/stall":
+			w.Write([]byte("first"))
+			w.(http.Flusher).Flush()
+			time.Sleep(2 * time.Second)
+			w.Write([]byte("late"))
+		case "/steady":
+			for range 10 {
+				w.Write([]byte("tick"))
+				w.(http.Flusher).Flush()
+				time.Sleep(50 * time.Millisecond)
+			}
+		}
+	})
+	cl := clusterName(svc)
+	e.apply(res(listener(httpFCWith(testVIP, 80, svc, func(h *hcmv3.HttpConnectionManager) {
+		h.StreamIdleTimeout = durationpb.New(400 * time.Millisecond)
+	}))), res(routeConfig(chainName(80, svc), toCluster(prefixMatch("/"), cl))), res(edsCluster(cl)), res(cla(cl, ep{addr: b.addr})))
+	c := e.client(e.cliID, target, false)
+	start := time.Now()
+	if code, body, _ := get(t, c, "http://"+svc+"/silent"); code != 408 || body != "stream timeout" {
+		t.Errorf("silent: %d %q", code, body)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Errorf("silent answered after %v", d)
+	}
+	resp, err := c.Get("http://" + svc + "/stall")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err == nil || string(got) != "first" {
+		t.Errorf("stall: %q %v; want the first chunk then an error", got, err)
+	}
+	if code, body, _ := get(t, c, "http://"+svc+"/steady"); code != 200 || body != strings.Repeat("tick", 10) {
+		t.Errorf("steady: %d %q", code, body)
+	}
+	if n := scrape(t, e.metric, "istio_requests_total", `response_flags="SI"`); n != 2 {
+		t.Errorf("SI counted %v, want 2", n)
 	}
 }
