@@ -4,8 +4,13 @@
 // server), a ztunnel with eBPF capture on each node and the echo workload in
 // each pod that declares a port, sends traffic between the pods, and prints
 // who talked to whom, with which SPIFFE identities, whether the bytes crossed
-// the wire encrypted, and the policy decisions. Then it tears everything down
-// (unless -keep). It needs root.
+// the wire encrypted, and the policy decisions. Its L7 act runs the
+// waypoint of the examples (a pod labelled with a Gateway's name) with
+// bin/waypoint, sends HTTP through each HTTPRoute from an enrolled client
+// (eBPF -> ztunnel -> HBONE -> waypoint -> HBONE -> ztunnel -> pod) and
+// prints the codes, the observed canary split, the retries the waypoint made
+// and the identity it saw. Then it tears everything down (unless -keep). It
+// needs root.
 package main
 
 import (
@@ -28,6 +33,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/integration/app"
@@ -63,7 +69,19 @@ type pod struct {
 	ip    netip.Addr
 	ports []int
 	net   *netns.Pod
+	http  *app.HTTP // the L7 backends' server (app.AnnotationProtocol http)
 }
+
+// l7 reports whether an object belongs to the L7 act only (label
+// ambit.dev/demo-act=l7): it stays out of the L4 table.
+func l7(labels map[string]string) bool { return labels[labelAct] == "l7" }
+
+const labelAct = "ambit.dev/demo-act"
+
+// waypointOf is the Gateway a waypoint pod runs for ("" for other pods).
+func (p *pod) waypointOf() string { return p.obj.Labels[gatewayNameLabel] }
+
+const gatewayNameLabel = "gateway.networking.k8s.io/gateway-name"
 
 func (p *pod) key() string { return p.obj.Namespace + "/" + p.obj.Name }
 
@@ -82,9 +100,16 @@ func run(ctx context.Context, cfg config) error {
 	if cfg.verbose {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	pods, svcs, err := readExamples(cfg.examples)
+	ex, err := readExamples(cfg.examples)
 	if err != nil {
 		return err
+	}
+	pods, svcs := ex.pods, ex.svcs
+	var waypoints []string
+	for _, p := range pods {
+		if gw := p.waypointOf(); gw != "" {
+			waypoints = append(waypoints, p.obj.Namespace+"/"+gw)
+		}
 	}
 	nodes, err := nodesOf(pods)
 	if err != nil {
@@ -98,13 +123,13 @@ func run(ctx context.Context, cfg config) error {
 	if !cfg.keep {
 		defer os.RemoveAll(work)
 	}
-	step("building ztunnel and istiod-lite")
+	step("building ztunnel, istiod-lite and waypoint")
 	bin := filepath.Join(work, "bin")
 	if err := mesh.Build(ctx, repo, bin); err != nil {
 		return err
 	}
 	step(fmt.Sprintf("starting istiod-lite on %s (local mode: %s)", nodes[0].Name, cfg.examples))
-	m, err := mesh.Start(ctx, mesh.Options{BinDir: bin, WorkDir: work, Nodes: nodes, Prefix: "ambit-demo", ConfigDir: cfg.examples, Logger: log})
+	m, err := mesh.Start(ctx, mesh.Options{BinDir: bin, WorkDir: work, Nodes: nodes, Prefix: "ambit-demo", ConfigDir: cfg.examples, Waypoints: waypoints, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -135,15 +160,42 @@ func run(ctx context.Context, cfg config) error {
 			s.Close()
 		}
 	}()
+	var httpServers []*app.HTTP
+	defer func() {
+		for _, s := range httpServers {
+			s.Close()
+		}
+	}()
 	for _, p := range pods {
+		if p.waypointOf() != "" {
+			continue // runs bin/waypoint, below
+		}
+		if p.http, err = app.HTTPFromAnnotations(p.obj.Name, p.obj.Annotations); err != nil {
+			return fmt.Errorf("pod %s: %w", p.key(), err)
+		}
 		for _, port := range p.ports {
 			ln, err := p.net.NS.Listen(ctx, nil, "tcp", ":"+strconv.Itoa(port))
 			if err != nil {
 				return fmt.Errorf("pod %s: %w", p.key(), err)
 			}
+			if p.http != nil {
+				httpServers = append(httpServers, p.http)
+				go p.http.Serve(ln)
+				continue
+			}
 			s := &app.Server{Name: p.key()}
 			servers = append(servers, s)
 			go s.Serve(ln)
+		}
+	}
+	for _, p := range pods {
+		if gw := p.waypointOf(); gw != "" {
+			step(fmt.Sprintf("starting waypoint %s/%s in pod %s on %s", p.obj.Namespace, gw, p.obj.Name, p.obj.Spec.NodeName))
+			t := time.Now()
+			if _, err := m.StartWaypoint(ctx, mesh.WaypointOptions{Name: p.obj.Name, NS: p.net.NS, Namespace: p.obj.Namespace, Gateway: gw, Node: p.obj.Name}); err != nil {
+				return err
+			}
+			step(fmt.Sprintf("waypoint %s ready after %s", p.obj.Name, time.Since(t).Round(10*time.Millisecond)))
 		}
 	}
 
@@ -169,6 +221,9 @@ func run(ctx context.Context, cfg config) error {
 		return err
 	}
 	report(os.Stdout, flows, logs, packets, m)
+	if err := l7Act(ctx, os.Stdout, m, ex, nodes); err != nil {
+		return fmt.Errorf("L7 act: %w", err)
+	}
 	fmt.Printf("\nmesh up, traffic and summary in %s.\n", time.Since(began).Round(100*time.Millisecond))
 	if cfg.keep {
 		fmt.Printf("kept running (-keep): logs in %s; node namespaces ambit-demo-<node>; interrupt to tear down.\n", work)
@@ -235,30 +290,40 @@ func repoRoot() (string, error) {
 
 func exists(p string) bool { _, err := os.Stat(p); return err == nil }
 
-// readExamples decodes the Pods and Services of dir.
-func readExamples(dir string) ([]*pod, []*corev1.Service, error) {
+// examples are the objects of the examples directory the demo acts on.
+type examples struct {
+	pods   []*pod
+	svcs   []*corev1.Service
+	routes []*gwv1.HTTPRoute
+}
+
+// readExamples decodes the Pods, Services and HTTPRoutes of dir.
+func readExamples(dir string) (*examples, error) {
 	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
 	if err != nil || len(files) == 0 {
-		return nil, nil, fmt.Errorf("no YAML in %s", dir)
+		return nil, fmt.Errorf("no YAML in %s", dir)
 	}
 	var pods []*pod
 	var svcs []*corev1.Service
+	var routes []*gwv1.HTTPRoute
 	for _, f := range files {
 		r, err := os.Open(f)
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		objs, _, err := translate.Decode(r)
 		r.Close()
 		if err != nil {
-			return nil, nil, fmt.Errorf("%s: %w", f, err)
+			return nil, fmt.Errorf("%s: %w", f, err)
 		}
 		for _, o := range objs {
 			switch o := o.(type) {
+			case *gwv1.HTTPRoute:
+				routes = append(routes, o)
 			case *corev1.Pod:
 				ip, err := netip.ParseAddr(o.Status.PodIP)
 				if err != nil || o.Spec.NodeName == "" {
-					return nil, nil, fmt.Errorf("%s: pod %s/%s needs spec.nodeName and status.podIP", f, o.Namespace, o.Name)
+					return nil, fmt.Errorf("%s: pod %s/%s needs spec.nodeName and status.podIP", f, o.Namespace, o.Name)
 				}
 				p := &pod{obj: o, ip: ip}
 				for _, c := range o.Spec.Containers {
@@ -273,7 +338,10 @@ func readExamples(dir string) ([]*pod, []*corev1.Service, error) {
 		}
 	}
 	sort.Slice(pods, func(i, j int) bool { return pods[i].key() < pods[j].key() })
-	return pods, svcs, nil
+	sort.Slice(routes, func(i, j int) bool {
+		return routes[i].Namespace+"/"+routes[i].Name < routes[j].Namespace+"/"+routes[j].Name
+	})
+	return &examples{pods: pods, svcs: svcs, routes: routes}, nil
 }
 
 // nodesOf derives the nodes (sorted by name) and their /24 pod CIDRs.
@@ -306,11 +374,17 @@ type flow struct {
 }
 
 // plan: every pod (as a client) to every server pod's ports, and to every
-// service, skipping a pod talking to itself.
+// service, skipping a pod talking to itself and the L7 act's objects.
 func plan(pods []*pod, svcs []*corev1.Service) []*flow {
 	var flows []*flow
 	for _, c := range pods {
+		if l7(c.obj.Labels) {
+			continue
+		}
 		for _, s := range svcs {
+			if l7(s.Labels) {
+				continue
+			}
 			for _, ip := range s.Spec.ClusterIPs {
 				for _, port := range s.Spec.Ports {
 					flows = append(flows, &flow{from: c, to: fmt.Sprintf("svc %s.%s:%d", s.Name, s.Namespace, port.Port), addr: net.JoinHostPort(ip, strconv.Itoa(int(port.Port)))})
@@ -318,7 +392,7 @@ func plan(pods []*pod, svcs []*corev1.Service) []*flow {
 			}
 		}
 		for _, s := range pods {
-			if s == c {
+			if s == c || l7(s.obj.Labels) {
 				continue
 			}
 			for _, port := range s.ports {

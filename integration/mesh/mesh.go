@@ -34,9 +34,10 @@ import (
 	"github.com/ambit-mesh/ambit/model"
 )
 
-// Build compiles ztunnel and istiod-lite from the module at repo into dir.
+// Build compiles ztunnel, istiod-lite and waypoint from the module at repo
+// into dir.
 func Build(ctx context.Context, repo, dir string) error {
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+string(os.PathSeparator), "./cmd/ztunnel", "./cmd/istiod-lite")
+	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+string(os.PathSeparator), "./cmd/ztunnel", "./cmd/istiod-lite", "./cmd/waypoint")
 	cmd.Dir = repo
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build binaries: %w: %s", err, out)
@@ -46,7 +47,8 @@ func Build(ctx context.Context, repo, dir string) error {
 
 // Options describe a mesh to start.
 type Options struct {
-	// BinDir holds the ztunnel and istiod-lite binaries (see Build). Required.
+	// BinDir holds the ztunnel, istiod-lite and waypoint binaries (see
+	// Build). Required.
 	BinDir string
 	// WorkDir receives logs, credentials and the CA; required.
 	WorkDir string
@@ -67,6 +69,10 @@ type Options struct {
 	// mode the caller writes it (from the ambit-ca-root ConfigMap) before
 	// starting ztunnels.
 	CARoots string
+	// Waypoints, in local mode, are the waypoints ("<namespace>/<gateway>")
+	// that get a line in istiod-lite's host credentials (format: package
+	// istiod-lite/auth) and a secret file, which StartWaypoint presents.
+	Waypoints []string
 	// Setup, when set, runs once the topology exists and before istiod-lite
 	// starts (e.g. to make the API server reachable from the first node).
 	Setup func(*netns.Topology) error
@@ -82,9 +88,10 @@ type Mesh struct {
 	opts Options
 	log  *slog.Logger
 
-	mu       sync.Mutex       // guards istiod, ztunnels
-	istiod   *Proc            // nil while stopped
-	ztunnels map[string]*Proc // by node; missing while stopped
+	mu        sync.Mutex       // guards istiod, ztunnels, waypoints
+	istiod    *Proc            // nil while stopped
+	ztunnels  map[string]*Proc // by node; missing while stopped
+	waypoints map[string]*Proc // by WaypointOptions.Name; missing while stopped
 }
 
 // Proc is a component's process.
@@ -118,7 +125,7 @@ func Start(ctx context.Context, opts Options) (_ *Mesh, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("mesh: %w", err)
 	}
-	m := &Mesh{Topo: topo, opts: opts, log: log, ztunnels: map[string]*Proc{}}
+	m := &Mesh{Topo: topo, opts: opts, log: log, ztunnels: map[string]*Proc{}, waypoints: map[string]*Proc{}}
 	defer func() {
 		if err != nil {
 			m.Close()
@@ -143,6 +150,9 @@ func Start(ctx context.Context, opts Options) (_ *Mesh, err error) {
 func (m *Mesh) credentialsFile() string { return filepath.Join(m.opts.WorkDir, "host-credentials") }
 func (m *Mesh) hostSecretFile(node string) string {
 	return filepath.Join(m.opts.WorkDir, "host-secret-"+node)
+}
+func (m *Mesh) waypointSecretFile(key string) string {
+	return filepath.Join(m.opts.WorkDir, "waypoint-secret-"+strings.ReplaceAll(key, "/", "."))
 }
 func (m *Mesh) caDir() string { return filepath.Join(m.opts.WorkDir, "ca") }
 
@@ -169,6 +179,15 @@ func (m *Mesh) writeHostCredentials() error {
 		}
 		lines = append(lines, n.Name+" "+secret)
 	}
+	for _, key := range m.opts.Waypoints {
+		b := make([]byte, 24)
+		rand.Read(b)
+		secret := hex.EncodeToString(b)
+		if err := os.WriteFile(m.waypointSecretFile(key), []byte(secret+"\n"), 0o600); err != nil {
+			return fmt.Errorf("mesh: %w", err)
+		}
+		lines = append(lines, "waypoint "+key+" "+secret)
+	}
 	return os.WriteFile(m.credentialsFile(), []byte(strings.Join(lines, "\n")+"\n"), 0o600)
 }
 
@@ -190,7 +209,7 @@ func (m *Mesh) StartIstiod(ctx context.Context) error {
 	if m.opts.CertTTL > 0 {
 		args = append(args, "--cert-ttl", m.opts.CertTTL.String())
 	}
-	p, err := m.start(ctx, node, "istiod-lite", filepath.Join(m.opts.BinDir, "istiod-lite"), args...)
+	p, err := m.start(ctx, node.NS, node.Name, "istiod-lite", filepath.Join(m.opts.BinDir, "istiod-lite"), args...)
 	if err != nil {
 		return err
 	}
@@ -258,14 +277,14 @@ func (m *Mesh) StartZtunnel(ctx context.Context, node string) error {
 		"--uplinks", netns.Uplink,
 		"--drain-timeout", "2s",
 	}
-	p, err := m.start(ctx, n, "ztunnel-"+node, filepath.Join(m.opts.BinDir, "ztunnel"), args...)
+	p, err := m.start(ctx, n.NS, n.Name, "ztunnel-"+node, filepath.Join(m.opts.BinDir, "ztunnel"), args...)
 	if err != nil {
 		return err
 	}
 	m.mu.Lock()
 	m.ztunnels[node] = p
 	m.mu.Unlock()
-	if err := m.waitReady(ctx, n, p); err != nil {
+	if err := m.waitReady(ctx, n.NS, p); err != nil {
 		return fmt.Errorf("ztunnel on %s not ready: %w\n%s", node, err, p.Tail(40))
 	}
 	return nil
@@ -297,10 +316,10 @@ func (m *Mesh) Istiod() *Proc {
 	return m.istiod
 }
 
-func (m *Mesh) waitReady(ctx context.Context, n *netns.Node, p *Proc) error {
+func (m *Mesh) waitReady(ctx context.Context, ns *netns.NS, p *Proc) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	client := httpClientIn(n.NS, time.Second)
+	client := httpClientIn(ns, time.Second)
 	url := fmt.Sprintf("http://127.0.0.1:%d/healthz/ready", model.PortReady)
 	for {
 		resp, err := client.Get(url)
@@ -343,7 +362,7 @@ func (m *Mesh) Admin(ctx context.Context, node, path string, v any) error {
 	return json.NewDecoder(resp.Body).Decode(v)
 }
 
-func (m *Mesh) start(ctx context.Context, n *netns.Node, name, bin string, args ...string) (*Proc, error) {
+func (m *Mesh) start(ctx context.Context, ns *netns.NS, where, name, bin string, args ...string) (*Proc, error) {
 	logPath := filepath.Join(m.opts.WorkDir, name+".log")
 	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -353,7 +372,7 @@ func (m *Mesh) start(ctx context.Context, n *netns.Node, name, bin string, args 
 	// nsenter, not `ip netns exec`: that one also gives the process a private
 	// mount namespace with a fresh /sys, so the bpffs ztunnel pins capture in
 	// would die with the process (a DaemonSet mounts the host's /sys/fs/bpf).
-	cmd := exec.Command("nsenter", append([]string{"--net=" + n.NS.Path(), "--", bin}, args...)...)
+	cmd := exec.Command("nsenter", append([]string{"--net=" + ns.Path(), "--", bin}, args...)...)
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -366,7 +385,7 @@ func (m *Mesh) start(ctx context.Context, n *netns.Node, name, bin string, args 
 		f.Close()
 		close(p.done)
 	}()
-	m.log.Info("started", "component", name, "node", n.Name, "pid", cmd.Process.Pid)
+	m.log.Info("started", "component", name, "in", where, "pid", cmd.Process.Pid)
 	return p, nil
 }
 
@@ -532,8 +551,12 @@ func (m *Mesh) Close() error {
 	for _, p := range m.ztunnels {
 		procs = append(procs, p)
 	}
+	for _, p := range m.waypoints {
+		procs = append(procs, p)
+	}
 	m.istiod = nil
 	m.ztunnels = map[string]*Proc{}
+	m.waypoints = map[string]*Proc{}
 	m.mu.Unlock()
 	for _, p := range procs {
 		if p != nil {
