@@ -152,6 +152,13 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 	}
 	defer func() { p.finish(rec, rw) }()
 	snap := p.snap.Load()
+	if r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
+		// net/http cannot tell us whether a Content-Length came with the
+		// chunked framing (it drops it, RFC 9112 6.3): close after this
+		// response, as the RFC requires then, so that bytes another parser
+		// framed differently never become a second request here.
+		w.Header().Set("Connection", "close")
+	}
 
 	if r.Header.Get("X-Request-Id") == "" {
 		r.Header.Set("X-Request-Id", newRequestID())
