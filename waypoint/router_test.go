@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -570,5 +571,36 @@ func TestStreamIdleTimeout(t *testing.T) {
 	}
 	if n := scrape(t, e.metric, "istio_requests_total", `response_flags="SI"`); n != 2 {
 		t.Errorf("SI counted %v, want 2", n)
+	}
+}
+
+// TestPreviousHosts: RANDOM load balancing over two replicas, one always
+// 503, one retry: with previous_hosts the retry always goes to the other
+// replica (100%); without, it picks the broken one again half the time
+// (about 75%).
+func TestPreviousHosts(t *testing.T) {
+	for _, avoid := range []bool{true, false} {
+		e := newEnv(t, nil)
+		bad := newBackend(t, func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(503) })
+		good := newBackend(t, whoami("good"))
+		cl := clusterName(svc)
+		rt := toCluster(prefixMatch("/"), cl, retries("5xx", 1, 0))
+		if !avoid {
+			rt.GetRoute().RetryPolicy.RetryHostPredicate = nil
+		}
+		e.apply(simple(svc, []*routev3.Route{rt}, map[string][]ep{cl: {{addr: bad.addr}, {addr: good.addr}}},
+			func(c *clusterv3.Cluster) { c.LbPolicy = clusterv3.Cluster_RANDOM })...)
+		c := e.client(e.cliID, target, false)
+		ok := 0
+		for range 400 {
+			if code, _, _ := get(t, c, "http://"+svc+"/"); code == 200 {
+				ok++
+			}
+		}
+		pct := float64(ok) / 4
+		t.Logf("previous_hosts=%v: %.1f%% success", avoid, pct)
+		if avoid && pct < 100 || !avoid && (pct < 65 || pct > 85) {
+			t.Errorf("previous_hosts=%v: %.1f%% success", avoid, pct)
+		}
 	}
 }
