@@ -3,6 +3,7 @@ package ztunnel
 import (
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 
@@ -38,6 +39,7 @@ func buildBindings(snap *model.Snapshot, keep func(*model.Workload) bool) *bindi
 		if svc.Waypoint == nil {
 			continue
 		}
+		var only []*model.WaypointRef // shared by the targets svc alone binds (cap 1: an append copies)
 		for _, ep := range svc.Endpoints {
 			w := snap.Workloads[ep.WorkloadUID]
 			if w == nil || (keep != nil && !keep(w)) {
@@ -47,8 +49,14 @@ func buildBindings(snap *model.Snapshot, keep func(*model.Workload) bool) *bindi
 				port := endpointPort(sp, ep)
 				for _, a := range w.Addresses {
 					k := netip.AddrPortFrom(a.Unmap(), port)
-					if !slices.ContainsFunc(b.byTarget[k], func(o *model.WaypointRef) bool { return sameWaypoint(o, svc.Waypoint) }) {
-						b.byTarget[k] = append(b.byTarget[k], svc.Waypoint)
+					switch cur := b.byTarget[k]; {
+					case cur == nil:
+						if only == nil {
+							only = []*model.WaypointRef{svc.Waypoint}
+						}
+						b.byTarget[k] = only
+					case !slices.ContainsFunc(cur, func(o *model.WaypointRef) bool { return sameWaypoint(o, svc.Waypoint) }):
+						b.byTarget[k] = append(cur, svc.Waypoint)
 					}
 				}
 			}
@@ -160,7 +168,19 @@ func (p *Proxy) snapshot() (*model.Snapshot, *bindings) {
 	if b := p.bind.Load(); b != nil && b.snap == snap {
 		return snap, b
 	}
-	b := buildBindings(snap, p.cfg.isLocal)
+	var b *bindings
+	if old := p.bind.Load(); old != nil && sameMap(old.snap.Services, snap.Services) && sameMap(old.snap.Workloads, snap.Workloads) {
+		// A change to other resources (policies, say): model.Snapshot.Apply
+		// shares the maps it does not touch, and the index depends on these two only.
+		b = &bindings{snap: snap, byTarget: old.byTarget, byHost: old.byHost}
+	} else {
+		b = buildBindings(snap, p.cfg.isLocal)
+	}
 	p.bind.Store(b)
 	return snap, b
+}
+
+// sameMap reports whether a and b are the same map (not merely equal).
+func sameMap[K comparable, V any](a, b map[K]V) bool {
+	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
 }
