@@ -10,6 +10,26 @@
 // address. It serves an admin API (15000, localhost), Prometheus metrics with
 // Istio's names (15020) and readiness (15021).
 //
+// No waypoint bypass (ambit's default; Istio needs a hand-written L4 policy
+// for it): a target is waypoint-bound when its workload has a waypoint
+// (waypoint-for workload/all), or when it is an endpoint of a Service with a
+// waypoint and the target port is one that Service sends to on this endpoint
+// (the endpoint's port map, else the target port, else the port; the pod's
+// other ports are not bound). A tunnel to a bound target is accepted only from
+// one of the binding waypoints' identities, spiffe://<the pod's trust
+// domain>/ns/<waypoint namespace>/sa/<waypoint name> (Istio's and ambit's
+// deployer's naming: the service account is the Gateway's name); anything
+// else is refused with 401 as a policy denial (response flag DENY, counted in
+// ambit_ztunnel_waypoint_bypass_refused_total, the reason in the access log).
+// A binding waypoint without an address (missing, not ready) changes
+// nothing, so the target fails closed. Plaintext captured on 15006 has no
+// identity: to a bound target it is reset, whatever PeerAuthentication says.
+// A tunnel from the waypoint then passes the normal L4 policy (package authz)
+// with the waypoint as the source principal. Which (pod IP, port) are bound is
+// indexed once per config snapshot, for the node's workloads. Since the
+// destination cannot tell which Service a tunnel was addressed to, a port
+// shared with a Service without a waypoint is bound too.
+//
 // A Proxy is made with New, which binds every configured listener (so tests
 // can ask for ephemeral ports and read them back with Addr), and runs with Run
 // until its context ends, then drains: it stops accepting and lets
