@@ -534,6 +534,12 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 	if h.rts == nil {
 		h.rts = map[rtKey]http.RoundTripper{}
 	}
+	for old, rt := range h.rts { // the cluster's settings changed: retire the old pool of this protocol
+		if old.h2 == k.h2 {
+			rt.(*http.Transport).CloseIdleConnections()
+			delete(h.rts, old)
+		}
+	}
 	c := v.c
 	dial := func(ctx context.Context) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(ctx, k.connect)

@@ -67,13 +67,13 @@ type Proxy struct {
 	draining atomic.Bool
 	serving  atomic.Bool
 
-	mu      sync.Mutex // guards inner, closed, bgCtx and bgStop
-	inner   map[*http.Server]struct{}
-	closed  bool
-	bg      sync.WaitGroup     // mirrors
-	bgCtx   context.Context    // set by Serve; parent of mirrors and of the drain
-	bgStop  context.CancelFunc // cancels bgCtx (Close)
-	closeMu sync.Once
+	mu        sync.Mutex // guards inner, closed, bgCtx and bgStop
+	inner     map[*http.Server]struct{}
+	closed    bool
+	bg        sync.WaitGroup     // mirrors
+	bgCtx     context.Context    // set by Serve; parent of mirrors and of the drain
+	bgStop    context.CancelFunc // cancels bgCtx (Close)
+	closeOnce sync.Once
 }
 
 // New returns a Proxy; it serves nothing until Start or Serve.
@@ -292,7 +292,7 @@ func (p *Proxy) drain() {
 
 // Close stops everything at once and waits for goroutines. Idempotent.
 func (p *Proxy) Close() error {
-	p.closeMu.Do(func() {
+	p.closeOnce.Do(func() {
 		p.mu.Lock()
 		p.closed = true
 		inner := make([]*http.Server, 0, len(p.inner))
