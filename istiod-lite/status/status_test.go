@@ -474,6 +474,12 @@ func TestStatus(t *testing.T) {
 	// Routes: resolved, a missing backend, a parent shared with another controller.
 	of(gw.GatewayV1().HTTPRoutes(ns).Create(ctx, httpRoute(ns, "good", []gwv1.ParentReference{serviceParent("reviews")}, backend("v1", 8080)), metav1.CreateOptions{})).must(t)
 	of(gw.GatewayV1().HTTPRoutes(ns).Create(ctx, httpRoute(ns, "bad", []gwv1.ParentReference{serviceParent("reviews")}, backend("v2", 8080)), metav1.CreateOptions{})).must(t)
+	partial := httpRoute(ns, "partial", []gwv1.ParentReference{serviceParent("reviews")}, backend("v1", 8080))
+	partial.Spec.Rules = append(partial.Spec.Rules, gwv1.HTTPRouteRule{
+		Filters:     []gwv1.HTTPRouteFilter{{Type: gwv1.HTTPRouteFilterExtensionRef, ExtensionRef: &gwv1.LocalObjectReference{Group: "example.com", Kind: "Magic", Name: "m"}}},
+		BackendRefs: []gwv1.HTTPBackendRef{{BackendRef: backend("v1", 8080)}},
+	})
+	of(gw.GatewayV1().HTTPRoutes(ns).Create(ctx, partial, metav1.CreateOptions{})).must(t)
 	gwParent := gwv1.ParentReference{Name: "edge"}
 	shared := of(gw.GatewayV1().HTTPRoutes(ns).Create(ctx, httpRoute(ns, "shared", []gwv1.ParentReference{gwParent, serviceParent("reviews")}, backend("v1", 8080)), metav1.CreateOptions{})).must(t)
 	theirs := gwv1.RouteParentStatus{ParentRef: shared.Spec.ParentRefs[0], ControllerName: "example.com/edge", Conditions: []metav1.Condition{{
@@ -513,6 +519,7 @@ func TestStatus(t *testing.T) {
 
 	routeHas(t, gw, ns, "good", "reviews", 1, "Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs")
 	routeHas(t, gw, ns, "bad", "reviews", 1, "Accepted=True/Accepted", "ResolvedRefs=False/BackendNotFound")
+	routeHas(t, gw, ns, "partial", "reviews", 1, "Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs", "PartiallyInvalid=True/UnsupportedValue")
 	routeHas(t, gw, ns, "shared", "reviews", 1, "Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs")
 	eventually(t, "grpcroute accepted", func() (bool, string) {
 		rt := of(gw.GatewayV1().GRPCRoutes(ns).Get(ctx, "grpc", metav1.GetOptions{})).must(t)
