@@ -114,6 +114,13 @@ func TestManifestsApply(t *testing.T) {
 		{[]string{"update", "leases.coordination.k8s.io/other", "-n", "ambit-system"}, "no"},
 		{[]string{"create", "leases.coordination.k8s.io", "-n", "default"}, "no"},
 		{[]string{"delete", "leases.coordination.k8s.io/istiod-lite-leader", "-n", "ambit-system"}, "no"},
+		// the status writer: route and policy status (update), the Service
+		// WaypointBound condition (server-side apply: patch), nothing else
+		{[]string{"update", "httproutes.gateway.networking.k8s.io", "--subresource=status"}, "yes"},
+		{[]string{"update", "grpcroutes.gateway.networking.k8s.io", "--subresource=status"}, "yes"},
+		{[]string{"update", "authorizationpolicies.security.istio.io", "--subresource=status"}, "yes"},
+		{[]string{"patch", "services", "--subresource=status", "-n", "shop"}, "yes"},
+		{[]string{"update", "services", "--subresource=status", "-n", "shop"}, "no"},
 	} {
 		got := canI(kc, append(c.args, sa)...)
 		if strings.TrimSpace(got) != c.want {
