@@ -33,6 +33,11 @@
 // dropped. Nothing of an enrolled pod's TCP leaves the node unencrypted
 // unless ztunnel sends it.
 //
+// What a pod veth carries: IPv4, IPv6 and ARP frames, untagged. Tagged
+// frames (802.1Q, 802.1ad, even with VLAN 0) and any other ethertype are
+// dropped in both directions: the kernel strips VLAN 0 tags after TCX has
+// run and would route the inner packet unseen.
+//
 // IPv4 only: IPv6 TCP of enrolled pods is dropped rather than let through.
 
 #include <linux/bpf.h>
@@ -77,7 +82,7 @@ enum stat {
 	STAT_HBONE,      // new HBONE connections given to ztunnel
 	STAT_SOCKET,     // segments of connections ztunnel holds
 	STAT_REFUSED,    // SYNs answered with RST: no ztunnel listener
-	STAT_DROPPED,    // packets dropped: unknown connection, spoofed, IPv6 TCP
+	STAT_DROPPED,    // packets dropped: unknown connection, spoofed, IPv6 TCP, tagged
 	STAT_MAX,
 };
 
@@ -105,10 +110,19 @@ struct tcp4 {
 	__u8 syn_only; // SYN without ACK: a new connection
 };
 
-// parse returns 1 for IPv4 (filling t; t->tcp for TCP), -1 for IPv6 TCP, -2
-// for IPv4 TCP that cannot be inspected (a fragment, or a TCP header that is
-// not there; saddr and daddr are filled), 0 otherwise. Callers drop -1 and
-// -2 on enrolled pods' paths: what cannot be inspected cannot be captured.
+// What parse found.
+enum {
+	P_IP4 = 1,     // IPv4: t filled (t->tcp for TCP)
+	P_PASS = 0,    // nothing to capture: ARP, IPv6 that is not TCP
+	P_IP6 = -1,    // IPv6 TCP
+	P_HIDDEN = -2, // IPv4 TCP that cannot be inspected (a fragment, or a TCP header
+	               // that is not there); saddr and daddr are filled
+	P_FOREIGN = -3, // a tagged frame or another ethertype: no pod sends it
+};
+
+// parse classifies the frame (see the P_ values). Callers drop P_IP6 and
+// P_HIDDEN on enrolled pods' paths: what cannot be inspected cannot be
+// captured; pod veths also drop P_FOREIGN (see pod_parse).
 static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 	// Headers may lie outside the linear data (a packet socket can send
 	// such frames): pull in what is read below, at most the whole packet.
@@ -121,36 +135,50 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
-		return 0;
+		return P_FOREIGN;
+	// skb->protocol is what the stack acts on; it must be the frame's own.
+	if (skb->protocol != eth->h_proto)
+		return P_FOREIGN;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return P_PASS;
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
-			return 0;
-		return ip6->nexthdr == IPPROTO_TCP ? -1 : 0;
+			return P_IP6;
+		return ip6->nexthdr == IPPROTO_TCP ? P_IP6 : P_PASS;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return 0;
+		return P_FOREIGN;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end)
-		return 0;
+		return P_FOREIGN;
 	t->saddr = ip->saddr;
 	t->daddr = ip->daddr;
 	if (ip->protocol != IPPROTO_TCP)
-		return 1;
+		return P_IP4;
 	if (ip->frag_off & bpf_htons(0x3fff)) // more fragments, or an offset
-		return -2;
+		return P_HIDDEN;
 	__u32 ihl = ip->ihl * 4;
 	if (ihl < sizeof(*ip))
-		return -2;
+		return P_HIDDEN;
 	struct tcphdr *tcp = (void *)ip + ihl;
 	if ((void *)(tcp + 1) > end)
-		return -2;
+		return P_HIDDEN;
 	t->tcp = 1;
 	t->ihl = ihl;
 	t->sport = tcp->source;
 	t->dport = tcp->dest;
 	t->syn_only = tcp->syn && !tcp->ack;
-	return 1;
+	return P_IP4;
+}
+
+// pod_parse is parse for a pod veth, where tagged frames are foreign too: a
+// tag that the kernel took out of the frame before TCX (the outer one of a
+// stacked pair, or a lone VLAN 0 tag) still makes a tagged frame.
+static __always_inline int pod_parse(struct __sk_buff *skb, struct tcp4 *t) {
+	if (skb->vlan_present)
+		return P_FOREIGN;
+	return parse(skb, t);
 }
 
 // lookup finds the socket for the tuple (established first, then listening),
@@ -330,10 +358,10 @@ static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t, int ro
 SEC("tcx/ingress")
 int pod_ingress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
-	int r = parse(skb, &t);
+	int r = pod_parse(skb, &t);
 	if (r < 0)
 		return drop();
-	if (r == 0)
+	if (r == P_PASS)
 		return TCX_NEXT;
 
 	if (skb->mark & loop_mark) { // looped back by pod_egress: inbound
@@ -359,10 +387,10 @@ int pod_ingress(struct __sk_buff *skb) {
 SEC("tcx/egress")
 int pod_egress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
-	int r = parse(skb, &t);
+	int r = pod_parse(skb, &t);
 	if (r < 0)
 		return drop();
-	if (r == 0 || !t.tcp)
+	if (r == P_PASS || !t.tcp)
 		return TCX_NEXT;
 	// The node's own packets carry their socket or were not received on any
 	// interface. They go to the pod as they are (health probes, ztunnel's
@@ -393,9 +421,11 @@ SEC("tcx/ingress")
 int uplink_ingress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
 	int r = parse(skb, &t);
-	if (r == -2 && bpf_map_lookup_elem(&pods, &t.daddr))
+	if (r == P_HIDDEN && bpf_map_lookup_elem(&pods, &t.daddr))
 		return drop(); // uninspectable TCP to an enrolled pod
-	if (r <= 0 || !t.tcp)
+	// Anything else that is not IPv4 TCP goes on: pod_egress filters what
+	// is routed to an enrolled pod.
+	if (r != P_IP4 || !t.tcp)
 		return TCX_NEXT;
 	if (!bpf_map_lookup_elem(&pods, &t.daddr))
 		return TCX_NEXT;
