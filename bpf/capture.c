@@ -39,9 +39,17 @@
 // run and would route the inner packet unseen.
 //
 // IPv4 only: IPv6 TCP of enrolled pods is dropped rather than let through.
+// IPv6 passes only when its upper-layer protocol is ICMPv6 (neighbour
+// discovery, MLD) or UDP, found by walking at most MAX_EXT extension headers
+// (hop-by-hop, routing, destination options); fragments, too many headers,
+// TCP, and every other protocol (AH, ESP, mobility, unknown ones) are dropped.
+// This allowlist is the fail-closed choice: what the walk does not fully
+// understand is dropped rather than passed, and the bounded walk with
+// bpf_skb_load_bytes keeps the verifier's work small and fixed.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/in6.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
@@ -113,12 +121,42 @@ struct tcp4 {
 // What parse found.
 enum {
 	P_IP4 = 1,     // IPv4: t filled (t->tcp for TCP)
-	P_PASS = 0,    // nothing to capture: ARP, IPv6 that is not TCP
-	P_IP6 = -1,    // IPv6 TCP
+	P_PASS = 0,    // nothing to capture: ARP, IPv6 ICMPv6 or UDP
+	P_IP6 = -1,    // IPv6 that is TCP or cannot be told not to be (see ip6_allowed)
 	P_HIDDEN = -2, // IPv4 TCP that cannot be inspected (a fragment, or a TCP header
 	               // that is not there); saddr and daddr are filled
 	P_FOREIGN = -3, // a tagged frame or another ethertype: no pod sends it
 };
+
+// At most this many IPv6 extension headers are walked; a packet with more
+// is dropped.
+#define MAX_EXT 8
+
+// ip6_allowed reports whether an IPv6 packet whose first next-header value is
+// nexthdr, with its extension headers from off, carries ICMPv6 or UDP.
+static __always_inline int ip6_allowed(struct __sk_buff *skb, __u32 off, __u8 nexthdr) {
+#pragma unroll
+	for (int i = 0; i < MAX_EXT; i++) {
+		switch (nexthdr) {
+		case IPPROTO_ICMPV6:
+		case IPPROTO_UDP:
+			return 1;
+		case IPPROTO_HOPOPTS:
+		case IPPROTO_ROUTING:
+		case IPPROTO_DSTOPTS: {
+			__u8 h[2]; // next header, length in 8-octet units beyond the first
+			if (bpf_skb_load_bytes(skb, off, h, sizeof(h)))
+				return 0;
+			nexthdr = h[0];
+			off += (h[1] + 1) * 8;
+			break;
+		}
+		default: // TCP, fragments, AH, ESP, no next header, unknown
+			return 0;
+		}
+	}
+	return 0;
+}
 
 // parse classifies the frame (see the P_ values). Callers drop P_IP6 and
 // P_HIDDEN on enrolled pods' paths: what cannot be inspected cannot be
@@ -145,7 +183,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return P_IP6;
-		return ip6->nexthdr == IPPROTO_TCP ? P_IP6 : P_PASS;
+		return ip6_allowed(skb, ETH_HLEN + sizeof(*ip6), ip6->nexthdr) ? P_PASS : P_IP6;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return P_FOREIGN;
