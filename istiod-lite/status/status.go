@@ -292,7 +292,7 @@ func (w *Writer) Start(ctx context.Context) error {
 		}
 		return ok, nil
 	}
-	gwGV := gwv1.SchemeGroupVersion
+	gwGV := schema.GroupVersion{Group: gwv1.GroupName, Version: "v1"}
 	if ok, err := served(gwGV.WithResource("gateways")); err != nil {
 		return err
 	} else if ok {
