@@ -85,7 +85,10 @@ type Pod struct {
 	// captured pod is dropped.
 	IPs []netip.Addr
 	// HostIfname is the node side of the pod's veth. Empty: the interface
-	// of the route to the pod's first IPv4 address in the node's namespace.
+	// of the route to the pod's first IPv4 address (else its first IPv6
+	// one) in the node's namespace. Either way it must be a veth with its
+	// peer in another namespace, reached by a /32 (/128) scope-link route
+	// to that address (see ErrNoPodVeth).
 	HostIfname string
 }
 
@@ -96,7 +99,7 @@ type Stats struct {
 	HBONE    uint64 // new HBONE connections given to ztunnel
 	Socket   uint64 // segments of connections ztunnel holds
 	Refused  uint64 // SYNs refused (RST) for want of a ztunnel listener
-	Dropped  uint64 // segments dropped (unknown connection, spoofed, IPv6)
+	Dropped  uint64 // packets dropped (unknown connection, spoofed, IPv6 TCP, tagged or foreign frames)
 }
 
 // Capture is the loaded capture of one node. Its programs, maps and links
@@ -106,13 +109,22 @@ type Capture struct {
 	opts Options
 	log  *slog.Logger
 
-	mu    sync.Mutex // guards objs and links, and serialises changes
-	objs  captureObjects
-	links map[string]link.Link // by pin name, e.g. "pod-pv0-ingress"
+	mu      sync.Mutex // guards objs, links and skipped, and serialises changes
+	objs    captureObjects
+	links   map[string]link.Link // by pin name, e.g. "pod-pv0-ingress"
+	skipped map[string]string    // pods not captured for want of a veth: name -> why
 }
 
 // ErrClosed is returned by the methods of a Capture after Close.
 var ErrClosed = errors.New("capture is closed")
+
+// ErrNoPodVeth is returned (wrapped, naming the pod and why) for a pod that
+// has no veth capture can take: its veth is gone (a CNI DEL during a rolling
+// update, a pod terminating while ztunnel restarts), or the device its
+// address routes to is not a pod's veth (the uplink, lo, a bridge). Such a
+// pod is skipped, never captured on that device: programs for a pod on the
+// node's uplink would cut the node off.
+var ErrNoPodVeth = errors.New("no pod veth")
 
 const (
 	linksDir   = "links"
@@ -150,7 +162,7 @@ func Load(opts Options) (*Capture, error) {
 			return nil, fmt.Errorf("load capture: set %s: %w", name, err)
 		}
 	}
-	c := &Capture{opts: opts, log: opts.Logger, links: map[string]link.Link{}}
+	c := &Capture{opts: opts, log: opts.Logger, links: map[string]link.Link{}, skipped: map[string]string{}}
 	err = spec.LoadAndAssign(&c.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: opts.PinPath}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
 		return nil, fmt.Errorf("load capture: maps pinned in %s are from an incompatible version; uninstall first: %w", opts.PinPath, err)
@@ -285,10 +297,27 @@ func (c *Capture) AddPod(ctx context.Context, p Pod) error {
 }
 
 func (c *Capture) addPod(ctx context.Context, p Pod) error {
-	dev, ifindex, err := c.resolve(ctx, p)
+	nv, err := c.nodeView(ctx)
 	if err != nil {
 		return fmt.Errorf("add pod %s: %w", p.Name, err)
 	}
+	dev, ifindex, err := c.resolve(ctx, nv, p)
+	if err != nil {
+		c.skip(p, err)
+		return fmt.Errorf("add pod %s: %w", p.Name, err)
+	}
+	delete(c.skipped, p.Name)
+	return c.attachPod(p, dev, ifindex)
+}
+
+// skip records and logs that p is not captured.
+func (c *Capture) skip(p Pod, err error) {
+	c.skipped[p.Name] = err.Error()
+	c.log.Error("pod not captured", "pod", p.Name, "ips", p.IPs, "err", err)
+}
+
+// attachPod captures p on its veth dev (resolved).
+func (c *Capture) attachPod(p Pod, dev string, ifindex int) error {
 	// Addresses first: once the programs are attached, traffic from an
 	// address the map does not know is dropped.
 	for _, ip := range p.IPs {
@@ -324,14 +353,12 @@ func (c *Capture) RemovePod(ctx context.Context, p Pod) error {
 	if c.objs.Pods == nil {
 		return ErrClosed
 	}
-	dev := p.HostIfname
-	if dev == "" {
-		// The veth may be gone with the pod: fall back to the map.
-		if d, _, err := c.resolve(ctx, p); err == nil {
-			dev = d
-		} else if d := c.devOfIPs(p.IPs); d != "" {
-			dev = d
-		}
+	delete(c.skipped, p.Name)
+	// Only a device the pod is captured on is released: the veth may be
+	// gone with the pod, and the route to its address may lead elsewhere.
+	dev := c.devOfIPs(p.IPs)
+	if dev == "" && p.HostIfname != "" && c.links[podPrefix+p.HostIfname+ingressSfx] != nil {
+		dev = p.HostIfname
 	}
 	var errs []error
 	if dev != "" {
@@ -387,25 +414,50 @@ func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
 	if c.objs.Pods == nil {
 		return ErrClosed
 	}
+	nv, err := c.nodeView(ctx)
+	if err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
 	var errs []error
 	wantDev := map[string]bool{}
 	wantIP := map[[4]byte]uint32{}
-	var add []Pod
+	type resolved struct {
+		p       Pod
+		dev     string
+		ifindex int
+	}
+	var add []resolved
+	skipped := map[string]string{}
 	for _, p := range desired {
-		dev, ifindex, err := c.resolve(ctx, p)
+		dev, ifindex, err := c.resolve(ctx, nv, p)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("reconcile pod %s: %w", p.Name, err))
+			skipped[p.Name] = err.Error()
+			if c.skipped[p.Name] != err.Error() { // once per reason: callers retry
+				c.log.Error("pod not captured", "pod", p.Name, "ips", p.IPs, "err", err)
+			}
+			// Fail closed: a veth the pod is captured on and that still
+			// exists stays captured (say its route is gone but the pod
+			// still sends); one that is gone is released below.
+			if dev, ifindex := c.capturedOn(nv, p.IPs); dev != "" {
+				wantDev[dev] = true
+				for _, ip := range p.IPs {
+					if ip.Is4() {
+						wantIP[ip.As4()] = uint32(ifindex)
+					}
+				}
+			}
 			continue
 		}
-		p.HostIfname = dev
 		wantDev[dev] = true
 		for _, ip := range p.IPs {
 			if ip.Is4() {
 				wantIP[ip.As4()] = uint32(ifindex)
 			}
 		}
-		add = append(add, p)
+		add = append(add, resolved{p, dev, ifindex})
 	}
+	c.skipped = skipped
 	for name := range c.links {
 		if !strings.HasPrefix(name, podPrefix) {
 			continue
@@ -432,8 +484,10 @@ func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
 			errs = append(errs, err)
 		}
 	}
-	for _, p := range add {
-		errs = append(errs, c.addPod(ctx, p))
+	for _, r := range add {
+		if err := c.attachPod(r.p, r.dev, r.ifindex); err != nil {
+			errs = append(errs, fmt.Errorf("reconcile pod %s: %w", r.p.Name, err))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -464,6 +518,19 @@ func (c *Capture) Pods() (map[netip.Addr]string, error) {
 		return nil, fmt.Errorf("list pods: %w", err)
 	}
 	return out, nil
+}
+
+// Skipped returns the pods that are not captured because they have no veth
+// capture can take (see ErrNoPodVeth), by name, with the reason: those of
+// the last Reconcile, and those AddPod refused since.
+func (c *Capture) Skipped() map[string]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make(map[string]string, len(c.skipped))
+	for k, v := range c.skipped {
+		out[k] = v
+	}
+	return out
 }
 
 // Stats returns the programs' counters.
@@ -598,34 +665,158 @@ func (c *Capture) detach(name string) error {
 	return l.Close()
 }
 
-// resolve finds the veth of p: HostIfname, or the route to its first IPv4
-// address.
-func (c *Capture) resolve(ctx context.Context, p Pod) (dev string, ifindex int, err error) {
+// node is what resolve needs to know of the node, read once per change.
+type node struct {
+	uplinks map[string]bool       // Options.Uplinks, the default routes' devices, lo
+	veths   map[string]bool       // veths whose peer is in another namespace
+	host    map[netip.Addr]string // /32 and /128 scope-link routes of the main table: device
+}
+
+// nodeView reads the node's links and routes for resolve.
+func (c *Capture) nodeView(ctx context.Context) (*node, error) {
+	nv := &node{uplinks: map[string]bool{"lo": true}, veths: map[string]bool{}, host: map[netip.Addr]string{}}
+	for _, dev := range c.opts.Uplinks {
+		nv.uplinks[dev] = true
+	}
+	for name := range c.links {
+		if dev, ok := strings.CutPrefix(name, upPrefix); ok {
+			nv.uplinks[dev] = true
+		}
+	}
+	var links []struct {
+		Name     string `json:"ifname"`
+		NetnsID  *int   `json:"link_netnsid"`
+		LinkInfo struct {
+			Kind string `json:"info_kind"`
+		} `json:"linkinfo"`
+	}
+	if err := c.ipJSON(ctx, &links, "-d", "link", "show"); err != nil {
+		return nil, err
+	}
+	for _, l := range links {
+		if l.LinkInfo.Kind == "veth" && l.NetnsID != nil {
+			nv.veths[l.Name] = true
+		}
+	}
+	for _, family := range []string{"-4", "-6"} {
+		var routes []struct {
+			Dst     string `json:"dst"`
+			Dev     string `json:"dev"`
+			Gateway string `json:"gateway"`
+			Scope   string `json:"scope"`
+			Type    string `json:"type"`
+		}
+		if err := c.ipJSON(ctx, &routes, family, "route", "show", "table", "main"); err != nil {
+			if family == "-6" { // a node without IPv6
+				c.log.Debug("no IPv6 routes", "err", err)
+				continue
+			}
+			return nil, err
+		}
+		for _, r := range routes {
+			if r.Dst == "default" {
+				nv.uplinks[r.Dev] = true
+				continue
+			}
+			// iproute2 prints host routes without their prefix length.
+			ip, err := netip.ParseAddr(r.Dst)
+			if err != nil || r.Gateway != "" || (r.Type != "" && r.Type != "unicast") {
+				continue
+			}
+			if ip.Is4() && r.Scope != "link" { // IPv6 routes have no scope
+				continue
+			}
+			nv.host[ip] = r.Dev
+		}
+	}
+	return nv, nil
+}
+
+// podAddr is the address p is found by: its first IPv4 address, else its
+// first IPv6 one.
+func podAddr(p Pod) netip.Addr {
+	var v6 netip.Addr
+	for _, a := range p.IPs {
+		if a.Is4() {
+			return a
+		}
+		if !v6.IsValid() && a.Is6() {
+			v6 = a
+		}
+	}
+	return v6
+}
+
+// resolve finds the host side of p's veth: HostIfname, or the device of the
+// route to p's address (podAddr). It accepts only a veth whose peer lives in
+// another network namespace and to which a /32 (/128) scope-link route leads
+// for that address, and never an uplink, the device of a default route, or
+// lo. Anything else is an error wrapping ErrNoPodVeth: when a pod's veth is
+// gone, its address routes through the uplink, and pod programs there would
+// drop the node's own traffic.
+func (c *Capture) resolve(ctx context.Context, nv *node, p Pod) (dev string, ifindex int, err error) {
+	ip := podAddr(p)
+	if !ip.IsValid() {
+		return "", 0, fmt.Errorf("no address: %w", ErrNoPodVeth)
+	}
 	dev = p.HostIfname
 	if dev == "" {
-		var ip netip.Addr
-		for _, a := range p.IPs {
-			if a.Is4() {
-				ip = a
-				break
-			}
-		}
-		if !ip.IsValid() {
-			return "", 0, errors.New("no IPv4 address and no host interface")
-		}
 		if dev, err = c.routeDev(ctx, ip.String()); err != nil {
-			return "", 0, err
+			return "", 0, fmt.Errorf("%w: %w", ErrNoPodVeth, err)
 		}
+	}
+	switch {
+	case nv.uplinks[dev]:
+		return "", 0, fmt.Errorf("%w: %s routes through %s, an uplink or the node's own device (the pod's veth is gone?)", ErrNoPodVeth, ip, dev)
+	case !nv.veths[dev]:
+		return "", 0, fmt.Errorf("%w: %s routes through %s, which is not a veth with its peer in another namespace", ErrNoPodVeth, ip, dev)
+	case nv.host[ip] != dev:
+		return "", 0, fmt.Errorf("%w: no /%d scope-link route to %s through %s", ErrNoPodVeth, ip.BitLen(), ip, dev)
 	}
 	err = c.inNetns(func() error {
 		ifi, err := net.InterfaceByName(dev)
 		if err != nil {
-			return fmt.Errorf("host interface: %w", err)
+			return fmt.Errorf("%w: host interface: %w", ErrNoPodVeth, err)
 		}
 		ifindex = ifi.Index
 		return nil
 	})
 	return dev, ifindex, err
+}
+
+// capturedOn returns the pod veth that one of ips is captured on, if it
+// still exists, or "".
+func (c *Capture) capturedOn(nv *node, ips []netip.Addr) (string, int) {
+	for _, ip := range ips {
+		var v capturePod
+		if !ip.Is4() || c.objs.Pods.Lookup(key(ip), &v) != nil {
+			continue
+		}
+		for n, l := range c.links {
+			dev, ok := strings.CutPrefix(n, podPrefix)
+			if ok && strings.HasSuffix(n, ingressSfx) && linkIfindex(l) == int(v.Ifindex) {
+				if dev = strings.TrimSuffix(dev, ingressSfx); nv.veths[dev] {
+					return dev, int(v.Ifindex)
+				}
+			}
+		}
+	}
+	return "", 0
+}
+
+// ipJSON runs ip -j args and decodes its output into v.
+func (c *Capture) ipJSON(ctx context.Context, v any, args ...string) error {
+	out, err := c.ip(ctx, append([]string{"-j"}, args...)...)
+	if err != nil {
+		return err
+	}
+	if len(bytes.TrimSpace(out)) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(out, v); err != nil {
+		return fmt.Errorf("parse ip %s: %w", strings.Join(args, " "), err)
+	}
+	return nil
 }
 
 // routeDev returns the interface of the route to dst ("default" or an IP).

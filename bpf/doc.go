@@ -43,7 +43,20 @@
 // accept_local on the pod's host veth (ztunnel's tunnels to its own pods come
 // back in from the node's address). It uses iproute2 for rules and routes.
 //
-// IPv4 only: the IPv6 TCP of an enrolled pod is dropped.
+// A pod veth carries only untagged IPv4, IPv6 and ARP frames: tagged frames
+// (802.1Q, 802.1ad) and other ethertypes are dropped, since the kernel
+// strips VLAN 0 tags after TCX and would route the inner packet unseen.
+//
+// IPv4 only: the IPv6 TCP of an enrolled pod is dropped. IPv6 passes only
+// when its upper-layer protocol is ICMPv6 or UDP, found by walking a bounded
+// chain of extension headers (hop-by-hop, routing, destination options);
+// fragments, longer chains and every other protocol are dropped.
+//
+// Pods are captured only on a veth whose peer lives in another network
+// namespace and to which a /32 (/128) scope-link route leads for the pod's
+// address; never on an uplink, the default route's device or lo. A pod
+// without such a veth (its veth is gone while the model still lists it) is
+// skipped with an error wrapping ErrNoPodVeth and listed by Skipped.
 package bpf
 
 //go:generate go tool bpf2go -tags linux -target bpfel -type pod capture capture.c -- -O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu
