@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/ambit-mesh/ambit/istiod-lite/deployer"
 	"github.com/ambit-mesh/ambit/istiod-lite/server"
 )
 
@@ -28,6 +29,12 @@ ztunnels (workloads, services, policies) and waypoints (their Envoy listeners,
 routes, clusters and endpoints) over Delta xDS, and signs SPIFFE workload
 certificates, all over TLS on 15012. /healthz, /readyz, /debug/proxy-status and /debug/model are on the
 admin address.
+
+In cluster mode it also deploys a waypoint (ServiceAccount, Deployment,
+Service) for each Gateway of class istio-waypoint and writes the status of
+Gateways, HTTPRoutes, GRPCRoutes, Services and AuthorizationPolicies: only the
+replica holding the Lease ambit-system/istiod-lite-leader does, so several
+replicas can serve xDS side by side. Local mode does neither.
 
 Usage: istiod-lite [flags]
 
@@ -49,10 +56,15 @@ Usage: istiod-lite [flags]
 	fs.StringVar(&cfg.CASecretName, "ca-secret-name", "", "cluster mode: `name` of the CA Secret (default ambit-ca)")
 	fs.DurationVar(&cfg.CertTTL, "cert-ttl", 0, "lifetime of workload certificates (default 24h); proxies renew at half of it")
 	fs.StringVar(&cfg.HostCredentials, "host-credentials", "", "local mode: `file` of \"<host> <secret>\" and \"waypoint <namespace>/<name> <secret>\" lines hosts and waypoints authenticate with")
+	leaderElect := fs.Bool("leader-elect", true, "cluster mode: deploy waypoints and write statuses only while holding the Lease ambit-system/istiod-lite-leader, so that replicas can run side by side (false: always, for a single replica)")
+	fs.StringVar(&cfg.LeaderIdentity, "leader-identity", "", "cluster mode: this replica's `name` in the Lease (default $POD_NAME, else the host name)")
+	fs.StringVar(&cfg.WaypointImage, "waypoint-image", deployer.DefaultImage, "cluster mode: waypoint Deployments' container `image`")
+	fs.StringVar(&cfg.WaypointXDSAddress, "waypoint-xds-address", deployer.DefaultXDS, "cluster mode: xDS and CA `address` given to waypoints")
 	fs.StringVar(&sans, "serving-sans", "", "extra comma-separated DNS names and IPs of the 15012 certificate")
 	fs.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	_ = fs.Parse(os.Args[1:])
 
+	cfg.DisableLeaderElection = !*leaderElect
 	for _, s := range strings.Split(sans, ",") {
 		if s = strings.TrimSpace(s); s == "" {
 			continue

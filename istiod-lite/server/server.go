@@ -4,6 +4,14 @@
 // certificate service signs workload certificates, both on one TLS gRPC port
 // (15012) and both authenticating their clients' bearer tokens with one
 // auth.Authenticator; a localhost admin port serves health and proxy-status.
+//
+// In Kubernetes mode it also runs the writers, on the one replica that
+// holds the Lease ambit-system/istiod-lite-leader (istiod-lite/leader): the
+// waypoint deployer (istiod-lite/deployer, whose Gateways' attachedRoutes
+// are counted from each published model) and the status writer
+// (istiod-lite/status), together for one term. Every replica serves xDS and
+// certificates. Local mode has no deployer, no status writer and no
+// election.
 package server
 
 import (
@@ -30,6 +38,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/identity"
@@ -84,6 +93,26 @@ type Config struct {
 	ServingDNSNames []string
 	ServingIPs      []net.IP
 
+	// In cluster mode, one replica at a time deploys waypoints (package
+	// istiod-lite/deployer) and writes statuses (istiod-lite/status): the
+	// holder of the Lease ambit-system/istiod-lite-leader (istiod-lite/leader);
+	// every replica serves xDS and certificates. Local mode has neither
+	// (nothing to deploy to, nowhere to write status).
+	//
+	// DisableLeaderElection runs them on this replica without a Lease: only
+	// for a single replica.
+	DisableLeaderElection bool
+	// LeaderIdentity is this replica's name in the Lease (default: the
+	// POD_NAME environment variable, else the host name).
+	LeaderIdentity string
+	// LeaseDuration, RenewDeadline and RetryPeriod tune the election
+	// (leader's defaults when zero: 15 s, 10 s, 2 s).
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
+	// WaypointImage is the waypoint Deployments' container image (default
+	// deployer.DefaultImage); WaypointXDSAddress is the xDS and CA address
+	// waypoints are given (default deployer.DefaultXDS).
+	WaypointImage, WaypointXDSAddress string
+
 	Logger *slog.Logger // may be nil
 
 	// Listening, when set, is called with the bound addresses (tests, and
@@ -134,6 +163,7 @@ func Run(ctx context.Context, cfg Config) error {
 
 	var src source
 	var caServer *ca.Server // its Authenticator authenticates xDS clients too
+	var ctrls *controllers  // cluster mode's writers
 	if cfg.ConfigDir != "" {
 		log.Info("local mode", "dir", cfg.ConfigDir)
 		src = &registry.Files{Dir: cfg.ConfigDir, Store: store, Options: opts, Logger: log.With("component", "registry")}
@@ -169,7 +199,12 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return fmt.Errorf("kubernetes dynamic client: %w", err)
 		}
+		gw, err := gwclient.NewForConfig(rc)
+		if err != nil {
+			return fmt.Errorf("gateway api client: %w", err)
+		}
 		src = &registry.Kubernetes{Client: cs, Dynamic: dyn, Store: store, Options: opts, Logger: log.With("component", "registry")}
+		ctrls = newControllers(&cfg, cs, gw, dyn, opts, log)
 		authority, err := certs.LoadOrCreateCA(ctx, ca.SecretStore{Client: cs, Namespace: cfg.CASecretNamespace, Name: cfg.CASecretName}, td, certs.Options{LeafTTL: cfg.CertTTL}, log)
 		if err != nil {
 			return fmt.Errorf("ca: %w", err)
@@ -211,6 +246,9 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	g.Go(func() error { return src.Start(ctx) })
+	if ctrls != nil {
+		g.Go(func() error { return ctrls.Start(ctx, store, src.Synced()) })
+	}
 	g.Go(func() error { return xdsServer.Start(ctx) })
 	g.Go(func() error {
 		// Clients are served once the first model is published: a ztunnel
