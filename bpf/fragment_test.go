@@ -75,3 +75,86 @@ func sendTCPFragment(p *netns.Pod, dst netip.Addr) error {
 		return unix.Sendto(fd, append(ip, tcp...), 0, &unix.SockaddrInet4{Addr: dst4})
 	})
 }
+
+// TestCraftedTCPOfEnrolledPodsDoesNotLeave re-runs the attack's crafted raw
+// TCP packets (odd flag combinations, IP options) from an enrolled pod: none
+// crosses the underlay from the pod's address, while the same packets from
+// a pod outside the mesh do (the control).
+func TestCraftedTCPOfEnrolledPodsDoesNotLeave(t *testing.T) {
+	e := newEnv(t, "a1")
+	a1, a2, b2 := e.pod("a1"), e.pod("a2"), e.pod("b2")
+	pc, err := e.topo.Node("n1").NS.StartCapture(netns.Uplink, filepath.Join(t.TempDir(), "crafted.pcap"), "tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const (
+		fin, syn, rst, psh, ack, urg = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+	)
+	flags := []byte{syn, syn | fin, syn | rst, syn | ack, syn | urg, fin, 0, fin | psh | urg, ack, psh | ack, rst, rst | ack, 0xff}
+	// IP options: none, NOPs + end of list, a record-route option.
+	options := [][]byte{nil, {1, 1, 1, 0}, {7, 7, 4, 0, 0, 0, 0, 0}}
+	var n int
+	for _, p := range []*netns.Pod{a1, a2} {
+		for oi, opt := range options {
+			for fi, f := range flags {
+				pkt := withIPOptions(ipv4TCP(p.IP, b2.IP, uint16(42000+oi*100+fi), 8080, f, []byte("crafted-plaintext")), opt)
+				if err := sendRaw(p, b2.IP, pkt); err != nil {
+					t.Fatalf("%s: %v", p.Name, err)
+				}
+				n++
+			}
+		}
+	}
+	want := len(flags) * len(options) // a2's, all routable
+	var from map[netip.Addr]int
+	deadline := time.Now().Add(5 * time.Second)
+	for from[a2.IP] < want && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+		pkts, _ := netns.ReadPcap(pc.File)
+		from = map[netip.Addr]int{}
+		for _, p := range pkts {
+			if p.Dst == netip.AddrPortFrom(b2.IP, 8080) {
+				from[p.Src.Addr()]++
+			}
+		}
+	}
+	pkts, err := pc.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pkts {
+		if p.Src.Addr() == a1.IP {
+			t.Errorf("the enrolled pod's crafted packet crossed the underlay: %v", p)
+		}
+	}
+	if from[a2.IP] < want {
+		t.Errorf("saw %d of the unenrolled pod's %d packets on the uplink: the test proves nothing", from[a2.IP], want)
+	}
+	t.Logf("sent %d crafted packets", n)
+}
+
+// withIPOptions inserts opts (a multiple of 4 bytes) after the IPv4 header
+// of pkt, fixing its lengths and header checksum.
+func withIPOptions(pkt, opts []byte) []byte {
+	if len(opts) == 0 {
+		return pkt
+	}
+	out := append(append(append([]byte{}, pkt[:20]...), opts...), pkt[20:]...)
+	out[0] = 0x40 | byte((20+len(opts))/4)
+	binary.BigEndian.PutUint16(out[2:], uint16(len(out)))
+	out[10], out[11] = 0, 0
+	binary.BigEndian.PutUint16(out[10:], checksum(out[:20+len(opts)]))
+	return out
+}
+
+// sendRaw sends the IPv4 packet pkt from inside p with a raw socket.
+func sendRaw(p *netns.Pod, dst netip.Addr, pkt []byte) error {
+	return p.NS.Do(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		return unix.Sendto(fd, pkt, 0, &unix.SockaddrInet4{Addr: dst.As4()})
+	})
+}
