@@ -189,6 +189,10 @@ func TestManagerBacksOffWithJitterAndRecovers(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "ca unavailable") {
 		t.Fatalf("GetX509SVID while failing: %v", err)
 	}
+	// The last step started attempt 9; let it fail and arm its retry timer
+	// before the clock moves, or the step could land before the timer exists.
+	eventually(t, "ninth attempt", func() bool { return f.iss.count(id) == 9 })
+	f.waitTimers(t, 1)
 	f.iss.set(nil, nil)
 	f.clk.Step(time.Minute)
 	eventually(t, "recovery", func() bool {
