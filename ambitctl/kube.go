@@ -64,6 +64,7 @@ func (g *globalFlags) clientConfig() clientcmd.ClientConfig {
 
 // cluster holds the clients of one API server.
 type cluster struct {
+	cfg       *rest.Config // for port-forwarding
 	host      string
 	namespace string // -n, else the context's, else "default"
 	kube      kubernetes.Interface
@@ -102,6 +103,7 @@ func (g *globalFlags) cluster() (*cluster, error) {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
 	return &cluster{
+		cfg:       cfg,
 		host:      cfg.Host,
 		namespace: ns,
 		kube:      kc,

@@ -90,6 +90,8 @@ the mesh is told to do.`,
 		newWaypointCommand(g),
 		newVersionCommand(g),
 		newAnalyzeCommand(g),
+		newZtunnelConfigCommand(g),
+		newProxyConfigCommand(g),
 	)
 	root.CompletionOptions.HiddenDefaultCmd = false
 	return root
