@@ -54,6 +54,8 @@ func newControllers(cfg *Config, cs kubernetes.Interface, gw gwclient.Interface,
 		}
 		c.elector = &leader.Elector{
 			Client: cs, Run: c.run, Identity: id,
+			// the pod's namespace (downward API), else leader's default
+			Namespace:     os.Getenv("POD_NAMESPACE"),
 			LeaseDuration: cfg.LeaseDuration, RenewDeadline: cfg.RenewDeadline, RetryPeriod: cfg.RetryPeriod,
 			Logger: log.With("component", "leader"),
 		}

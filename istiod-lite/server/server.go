@@ -95,7 +95,8 @@ type Config struct {
 
 	// In cluster mode, one replica at a time deploys waypoints (package
 	// istiod-lite/deployer) and writes statuses (istiod-lite/status): the
-	// holder of the Lease ambit-system/istiod-lite-leader (istiod-lite/leader);
+	// holder of the Lease istiod-lite-leader in $POD_NAMESPACE (default
+	// ambit-system; package istiod-lite/leader);
 	// every replica serves xDS and certificates. Local mode has neither
 	// (nothing to deploy to, nowhere to write status).
 	//
