@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"net/http"
@@ -11,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -39,13 +41,21 @@ import (
 // leader may make: everything but its Lease, token reviews, the CA (Secret
 // and roots ConfigMap in ambit-system, which every replica ensures at
 // start) and Events (every replica's registry warns).
+// Once cut, every request fails: the replica is partitioned from the API
+// server (as a crashed node: it cannot release its Lease).
 type writes struct {
-	mu sync.Mutex // guards n
-	n  map[string]int
+	mu  sync.Mutex // guards n
+	n   map[string]int
+	cut atomic.Bool
 }
+
+var errPartitioned = errors.New("partitioned from the API server")
 
 func (w *writes) wrap(rt http.RoundTripper) http.RoundTripper {
 	return roundTripper(func(r *http.Request) (*http.Response, error) {
+		if w.cut.Load() {
+			return nil, errPartitioned
+		}
 		resp, err := rt.RoundTrip(r)
 		if r.Method == http.MethodGet || err != nil || resp.StatusCode >= 300 {
 			return resp, err
@@ -399,6 +409,30 @@ func TestTwoReplicas(t *testing.T) {
 	d = waitFor(t, "wp1's attachedRoutes 0", 30*time.Second, deployed("wp1", 0))
 	t.Logf("attachedRoutes 1 -> 0 on wp1 %v after the route's deletion", d.Round(time.Millisecond))
 
+	// The first leader comes back (as a restarted pod) and stands by; the
+	// second is partitioned from the API server, as a crashed node that
+	// cannot release the Lease: the first takes over once the Lease
+	// expires.
+	back := startReplica(t, rc, lead.id)
+	if h := holder(); h != standby.id {
+		t.Fatalf("Lease held by %q after the restart, want %s", h, standby.id)
+	}
+	t0 = time.Now()
+	standby.writes.cut.Store(true)
+	takeover := waitFor(t, "the restarted replica leads", 60*time.Second, func() (bool, string) { h := holder(); return h == back.id, h })
+	t.Logf("takeover from a partitioned leader: %v (LeaseDuration 3s, RenewDeadline 2s, RetryPeriod 250ms)", takeover.Round(time.Millisecond))
+	_, err = gws.Create(ctx, gateway("wp3"), metav1.CreateOptions{})
+	mustCreate("gateway wp3", err)
+	waitFor(t, "wp3 deployed by the restarted replica", 30*time.Second, deployed("wp3", 0))
+	if n := back.writes.snapshot(); !slices.ContainsFunc(slices.Collect(maps.Keys(n)), func(k string) bool { return strings.HasSuffix(k, "/gateways/wp3/status") }) {
+		t.Errorf("wp3's status was not written by %s: %v", back.id, n)
+	}
+	for k := range back.writes.snapshot() {
+		if strings.Contains(k, "/wp1") || strings.Contains(k, "/wp2") {
+			t.Errorf("the third term rewrote a converged object: %s", k)
+		}
+	}
+
 	// A waypoint (the deployer's service account) reads its Envoy config
 	// from the replica left.
 	_, err = admin.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
@@ -410,11 +444,11 @@ func TestTwoReplicas(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := firstResponse(ctx, standby.addr, tlsConf, wpToken, "wp1-0", resource.ListenerType)
+	resp, err := firstResponse(ctx, back.addr, tlsConf, wpToken, "wp1-0", resource.ListenerType)
 	if err != nil {
-		t.Fatalf("waypoint xDS from %s: %v", standby.id, err)
+		t.Fatalf("waypoint xDS from %s: %v", back.id, err)
 	}
 	if len(resp.GetResources()) == 0 {
-		t.Errorf("waypoint got no listeners from %s", standby.id)
+		t.Errorf("waypoint got no listeners from %s", back.id)
 	}
 }
