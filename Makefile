@@ -6,7 +6,7 @@ BENCH_PKGS ?= ./hbone/... ./bpf/... ./istiod-lite/... ./authz/... ./ztunnel/...
 GOFLAGS ?=
 export GOFLAGS
 
-.PHONY: all build test integration demo bench generate lint deps tools clean
+.PHONY: all build test integration demo bench generate lint deps tools clean images
 
 all: build
 
@@ -21,6 +21,15 @@ tools: deps
 
 build:
 	$(GO) build -o bin/ ./cmd/...
+
+# OCI images of istiod-lite, ztunnel and waypoint, without a Docker engine
+# (go-containerregistry, as ko): bin/images/NAME/ (OCI layout) and
+# bin/images/NAME.tar (docker load). IMAGE_HUB and IMAGE_TAG are what
+# `ambitctl install --hub --tag` then takes (ambitctl/images).
+IMAGE_HUB ?= ghcr.io/ambit-mesh
+IMAGE_TAG ?= latest
+images:
+	$(GO) run ./cmd/ambit-images -out bin/images -hub $(IMAGE_HUB) -tag $(IMAGE_TAG)
 
 # Unit and in-process tests (real sockets, TLS, HTTP/2) with the race detector.
 test: deps tools
