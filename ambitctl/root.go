@@ -92,6 +92,7 @@ the mesh is told to do.`,
 		newAnalyzeCommand(g),
 		newZtunnelConfigCommand(g),
 		newProxyConfigCommand(g),
+		newProxyStatusCommand(g),
 	)
 	root.CompletionOptions.HiddenDefaultCmd = false
 	return root
