@@ -13,6 +13,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/relay"
 )
 
 // downstream is what the HBONE CONNECT told us about the client.
@@ -183,16 +184,22 @@ func (dummyAddr) Network() string { return "hbone" }
 func (dummyAddr) String() string  { return "hbone" }
 
 // serveTCP relays a TCP chain's stream to an endpoint of its cluster,
-// after network RBAC.
+// after network RBAC. The stream is in the connection table from the
+// start, counted opened once the upstream is connected, its bytes as they
+// move, and closed with its response flag at the end.
 func (p *Proxy) serveTCP(ctx context.Context, r *hbone.Request, snap *snapshot, chain *filterChain, ds *downstream) {
-	start := time.Now()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c := tcpConn(chain, ds)
+	c.Cancel = cancel
+	p.conns.Begin(c)
 	flag := "-"
 	var h *host
-	var in, out int64
+	var err error
 	defer func() {
-		p.tcpConn(chain, ds, h, flag, in, out)
-		p.access.Info("waypoint: tcp", "start_time", start.UTC().Format(time.RFC3339Nano), "response_flags", flag,
-			"bytes_received", in, "bytes_sent", out, "duration", time.Since(start).Milliseconds(),
+		p.conns.End(c, flag, "", err)
+		p.access.Info("waypoint: tcp", "start_time", c.Start.UTC().Format(time.RFC3339Nano), "response_flags", flag,
+			"bytes_received", c.Received(), "bytes_sent", c.Sent(), "duration", time.Since(c.Start).Milliseconds(),
 			"upstream_cluster", chain.tcp.cluster, "upstream_host", hostAddr(h), "authority", ds.target.String(),
 			"downstream_remote_address", ds.peerAddr.String(), "source_principal", ds.principal())
 	}()
@@ -215,31 +222,32 @@ func (p *Proxy) serveTCP(ctx context.Context, r *hbone.Request, snap *snapshot, 
 		r.Reject(http.StatusServiceUnavailable)
 		return
 	}
-	release, err := v.admit(ctx, false)
-	if err != nil {
+	tcpDestination(c, h)
+	release, aerr := v.admit(ctx, false)
+	if aerr != nil {
 		flag = "UO"
 		r.Reject(http.StatusServiceUnavailable)
 		return
 	}
 	defer release()
-	dctx, cancel := context.WithTimeout(ctx, v.s.connectTimeout)
-	up, err := p.dialHost(dctx, h)
-	cancel()
-	if err != nil {
-		flag = "UF"
+	dctx, dcancel := context.WithTimeout(ctx, v.s.connectTimeout)
+	up, derr := p.dialHost(dctx, h)
+	dcancel()
+	if derr != nil {
+		flag, err = "UF", derr
 		v.report(h, outcomeGateway, time.Now())
 		r.Reject(http.StatusServiceUnavailable)
 		return
 	}
 	v.report(h, outcomeOK, time.Now())
-	st, err := r.Accept()
-	if err != nil {
+	st, aerr := r.Accept()
+	if aerr != nil {
 		up.Close()
 		return
 	}
-	in, out, err = hbone.Join(ctx, st, up)
-	if err != nil && !errors.Is(err, net.ErrClosed) {
-		p.log.Debug("waypoint: tcp relay", "err", err)
+	p.conns.Establish(c)
+	if _, _, jerr := relay.Join(ctx, st, up, c.Count); jerr != nil && !errors.Is(jerr, net.ErrClosed) && !errors.Is(jerr, context.Canceled) {
+		p.log.Debug("waypoint: tcp relay", "err", jerr)
 	}
 }
 

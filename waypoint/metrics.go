@@ -8,10 +8,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
-// Istio's request metric labels (reporter="waypoint"), in this order.
-// (To move to the shared telemetry package once it exists.)
+// Istio's request metric labels (reporter="waypoint"), in this order. The
+// request families are the waypoint's alone; the istio_tcp_* ones, of its
+// tcp_proxy chains, are the shared package telemetry's.
 var requestLabels = []string{
 	"reporter",
 	"source_workload", "source_workload_namespace", "source_principal", "source_canonical_service", "source_canonical_revision",
@@ -21,12 +24,6 @@ var requestLabels = []string{
 	"request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
 }
 
-var tcpLabels = []string{
-	"reporter", "source_workload", "source_workload_namespace", "source_principal",
-	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_service", "response_flags", "connection_security_policy",
-}
-
 // metrics are the waypoint's Prometheus collectors, on its own registry.
 type metrics struct {
 	reg            *prometheus.Registry
@@ -34,10 +31,7 @@ type metrics struct {
 	duration       *prometheus.HistogramVec
 	reqBytes       *prometheus.HistogramVec
 	respBytes      *prometheus.HistogramVec
-	tcpOpened      *prometheus.CounterVec
-	tcpClosed      *prometheus.CounterVec
-	tcpSent        *prometheus.CounterVec
-	tcpReceived    *prometheus.CounterVec
+	tcp            *telemetry.Metrics // istio_tcp_*, of tcp_proxy chains
 	noChain        prometheus.Counter
 	mirrored       *prometheus.CounterVec
 	configApplied  prometheus.Counter
@@ -61,18 +55,6 @@ func newMetrics() *metrics {
 		respBytes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "istio_response_bytes", Help: "Response sizes (headers and body).", Buckets: sizeBuckets,
 		}, requestLabels),
-		tcpOpened: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_connections_opened_total", Help: "TCP connections relayed (tcp_proxy chains).",
-		}, tcpLabels),
-		tcpClosed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_connections_closed_total", Help: "TCP connections closed (tcp_proxy chains).",
-		}, tcpLabels),
-		tcpSent: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_sent_bytes_total", Help: "Bytes sent back to the client (tcp_proxy chains).",
-		}, tcpLabels),
-		tcpReceived: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_received_bytes_total", Help: "Bytes received from the client (tcp_proxy chains).",
-		}, tcpLabels),
 		noChain: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "ambit_waypoint_no_filter_chain_total", Help: "CONNECTs whose authority matched no filter chain (NR).",
 		}),
@@ -86,7 +68,8 @@ func newMetrics() *metrics {
 			Name: "ambit_waypoint_config_rejected_total", Help: "Config sets rejected as invalid.",
 		}),
 	}
-	m.reg.MustRegister(m.requests, m.duration, m.reqBytes, m.respBytes, m.tcpOpened, m.tcpClosed, m.tcpSent, m.tcpReceived,
+	m.tcp = telemetry.NewMetrics(m.reg)
+	m.reg.MustRegister(m.requests, m.duration, m.reqBytes, m.respBytes,
 		m.noChain, m.mirrored, m.configApplied, m.configRejected,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -195,20 +178,24 @@ func headerSize(r *http.Request) int64 {
 	return n
 }
 
-// tcpConn records a relayed TCP connection.
-func (p *Proxy) tcpConn(chain *filterChain, ds *downstream, h *host, flag string, in, out int64) {
-	var dst hostLabels
-	dstPrincipal := "unknown"
-	if h != nil {
-		dst = h.spec.labels
-		if !h.spec.identity.IsZero() {
-			dstPrincipal = h.spec.identity.String()
-		}
+// tcpConn returns the telemetry record of a tcp_proxy chain's stream
+// (reporter "waypoint"); the destination is filled in once an endpoint is
+// picked.
+func tcpConn(chain *filterChain, ds *downstream) *telemetry.Conn {
+	src := ds.srcAddr
+	if !src.IsValid() {
+		src = ds.peerAddr
 	}
-	l := []string{"waypoint", orUnknown(ds.baggage.WorkloadName), orUnknown(ds.baggage.Namespace), orUnknown(ds.principal()),
-		orUnknown(dst.workload), orUnknown(dst.namespace), dstPrincipal, orUnknown(chain.service), flag, "mutual_tls"}
-	p.m.tcpOpened.WithLabelValues(l...).Inc()
-	p.m.tcpClosed.WithLabelValues(l...).Inc()
-	p.m.tcpReceived.WithLabelValues(l...).Add(float64(in))
-	p.m.tcpSent.WithLabelValues(l...).Add(float64(out))
+	return &telemetry.Conn{
+		Direction: telemetry.Inbound, Via: "hbone", Reporter: "waypoint",
+		Src: src, Dst: ds.target,
+		Source:  telemetry.Peer{Workload: ds.baggage.WorkloadName, Namespace: ds.baggage.Namespace, Principal: ds.peer},
+		Service: chain.service, Route: chain.tcp.cluster, MTLS: true,
+	}
+}
+
+// tcpDestination names the endpoint h in c.
+func tcpDestination(c *telemetry.Conn, h *host) {
+	c.Destination = telemetry.Peer{Workload: h.spec.labels.workload, Namespace: h.spec.labels.namespace, Principal: h.spec.identity}
+	c.Upstream = h.spec.addr
 }

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
 // Config configures a Proxy. Identity and Certs are required.
@@ -56,6 +57,7 @@ type Proxy struct {
 	dialer  *hbone.Dialer
 	ownDial bool
 	m       *metrics
+	conns   telemetry.Tracker // tcp_proxy streams: the open-connection table and istio_tcp_*
 	server  *hbone.Server
 
 	snap atomic.Pointer[snapshot] // the config every new request uses
@@ -83,6 +85,7 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p := &Proxy{cfg: cfg, log: orDiscard(cfg.Logger), access: orDiscard(cfg.AccessLog), clusters: map[string]*cluster{},
 		inner: map[*http.Server]struct{}{}, m: newMetrics()}
+	p.conns.Metrics = p.m.tcp
 	if p.cfg.RetryBufferBytes == 0 {
 		p.cfg.RetryBufferBytes = 64 << 10
 	}

@@ -117,9 +117,25 @@ func TestTCPChain(t *testing.T) {
 	s := e.rawStream(testVIP + ":9000")
 	s.SetDeadline(time.Now().Add(5 * time.Second))
 	io.WriteString(s, "ping")
+	echoed := make([]byte, 4)
+	if _, err := io.ReadFull(s, echoed); err != nil || string(echoed) != "ping" {
+		t.Fatalf("relay: %q %v", echoed, err)
+	}
+	// Open: in the connection table, counted opened, its bytes counted as
+	// they moved, not closed.
+	db := `destination_service="db.shop.svc.cluster.local"`
+	eventually(t, 2*time.Second, func() bool {
+		return scrape(t, e.metric, "istio_tcp_sent_bytes_total", db, `reporter="waypoint"`) == 4
+	}, "tcp bytes not counted while the connection is open")
+	if n := e.p.conns.Len(); n != 1 {
+		t.Errorf("connection table: %d open, want 1", n)
+	}
+	if o, c := scrape(t, e.metric, "istio_tcp_connections_opened_total", db), scrape(t, e.metric, "istio_tcp_connections_closed_total", db); o != 1 || c != 0 {
+		t.Errorf("open connection: opened %v closed %v, want 1 and 0", o, c)
+	}
 	s.(interface{ CloseWrite() error }).CloseWrite()
 	b, err := io.ReadAll(s)
-	if err != nil || string(b) != "ping" {
+	if err != nil || len(b) != 0 {
 		t.Errorf("relay: %q %v", b, err)
 	}
 	d := &hbone.Dialer{Certs: e.certs}
@@ -134,8 +150,11 @@ func TestTCPChain(t *testing.T) {
 		t.Errorf("NR counted %v", n)
 	}
 	eventually(t, 2*time.Second, func() bool {
-		return scrape(t, e.metric, "istio_tcp_received_bytes_total", `destination_service="db.shop.svc.cluster.local"`) == 4
-	}, "tcp bytes not counted")
+		return scrape(t, e.metric, "istio_tcp_connections_closed_total", db, `response_flags="-"`) == 1 && e.p.conns.Len() == 0
+	}, "tcp connection not counted closed")
+	if n := scrape(t, e.metric, "istio_tcp_received_bytes_total", db); n != 4 {
+		t.Errorf("received bytes %v, want 4", n)
+	}
 }
 
 // TestTelemetryAndAccessLog: one access-log line per request with Istio's
