@@ -5,6 +5,13 @@
 // every declared container port) inside it, and writes the pod's status
 // (podIP, Running, Ready). When the Pod is deleted it removes all of it.
 //
+// A container whose image is in Images runs that binary instead, as a
+// process in the pod's namespace (env, $(VAR) expansion, emptyDir, configMap
+// and projected token volumes; restarted when it exits; Ready once its HTTP
+// readiness probe passes): that is how ambit's own images (the waypoint) run
+// here. A pod annotated app.ambit.dev/protocol=http runs the app's HTTP mode
+// (package app).
+//
 // A pod's start follows a CNI's order: its network and address exist and are
 // published (podIP, not yet Ready) before Prepare runs and before its
 // workload starts, so a mesh can capture it before its first packet. Pods
@@ -16,6 +23,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,6 +53,20 @@ type Kubelet struct {
 	// Logger; nil discards.
 	Logger *slog.Logger
 
+	// Images maps container images to binaries on this machine; a
+	// container of such an image runs the binary (see the package doc).
+	Images map[string]string
+	// Token mints a projected serviceAccountToken volume's token for pod
+	// (its service account, audience, bound to the pod). Required when an
+	// image-run pod mounts one.
+	Token func(ctx context.Context, pod *corev1.Pod, audience string) (string, error)
+	// WorkDir receives image-run pods' volumes and logs (default: a
+	// directory under os.TempDir()).
+	WorkDir string
+	// RestartDelay is the wait before an exited process starts again
+	// (default 1s).
+	RestartDelay time.Duration
+
 	mu   sync.Mutex // guards pods
 	pods map[string]*running
 }
@@ -49,6 +74,8 @@ type Kubelet struct {
 type running struct {
 	net     *netns.Pod
 	servers []*app.Server
+	https   []*app.HTTP
+	procs   []*proc
 	done    sync.WaitGroup
 }
 
@@ -113,6 +140,7 @@ func (k *Kubelet) Start(ctx context.Context) error {
 			}
 			if err := k.ensure(ctx, key, pod, log); err != nil {
 				log.Error("pod start", "pod", key, "err", err)
+				time.AfterFunc(time.Second, func() { enqueue(pod) }) // e.g. a ConfigMap not there yet
 			}
 		}
 	}
@@ -146,7 +174,24 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 			return fmt.Errorf("prepare: %w", err)
 		}
 	}
+	dir := filepath.Join(k.workDir(), pod.Namespace+"."+pod.Name)
+	ran := false
 	for _, c := range pod.Spec.Containers {
+		if _, ok := k.Images[c.Image]; ok {
+			spec, err := k.resolve(ctx, pod, p, c, dir)
+			if err != nil {
+				k.teardown(r)
+				return fmt.Errorf("container %s: %w", c.Name, err)
+			}
+			r.procs = append(r.procs, k.startProc(pod, p, pod.Namespace+"."+pod.Name+"."+c.Name, spec, dir, log))
+			ran = true
+			continue
+		}
+		h, err := app.HTTPFromAnnotations(pod.Name, pod.Annotations)
+		if err != nil {
+			k.teardown(r)
+			return err
+		}
 		for _, port := range c.Ports {
 			if port.Protocol != "" && port.Protocol != corev1.ProtocolTCP {
 				continue
@@ -156,12 +201,20 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 				k.teardown(r)
 				return fmt.Errorf("listen on %d: %w", port.ContainerPort, err)
 			}
-			s := &app.Server{Name: pod.Name, Logger: log}
-			r.servers = append(r.servers, s)
+			var serve func(net.Listener) error
+			if h != nil {
+				hs := &app.HTTP{Name: h.Name, FailRatio: h.FailRatio, Delay: h.Delay, Logger: log}
+				r.https = append(r.https, hs)
+				serve = hs.Serve
+			} else {
+				s := &app.Server{Name: pod.Name, Logger: log}
+				r.servers = append(r.servers, s)
+				serve = s.Serve
+			}
 			r.done.Add(1)
 			go func() {
 				defer r.done.Done()
-				if err := s.Serve(ln); err != nil {
+				if err := serve(ln); err != nil {
 					log.Error("app", "pod", key, "err", err)
 				}
 			}()
@@ -170,6 +223,10 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	k.mu.Lock()
 	k.pods[key] = r
 	k.mu.Unlock()
+	if ran {
+		log.Info("pod started; ready when its probe passes", "pod", key, "ip", p.IP.String())
+		return nil // the process supervisor publishes readiness
+	}
 	if err := k.setStatus(ctx, pod, p.IP.String(), true); err != nil {
 		return err
 	}
@@ -218,7 +275,13 @@ func (k *Kubelet) stop(key string, log *slog.Logger) {
 }
 
 func (k *Kubelet) teardown(r *running) {
+	for _, pr := range r.procs {
+		pr.stop()
+	}
 	for _, s := range r.servers {
+		s.Close()
+	}
+	for _, s := range r.https {
 		s.Close()
 	}
 	r.done.Wait()
@@ -247,4 +310,35 @@ func (k *Kubelet) Pod(key string) *netns.Pod {
 		return r.net
 	}
 	return nil
+}
+
+func (k *Kubelet) workDir() string {
+	if k.WorkDir != "" {
+		return k.WorkDir
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("ambit-kubelet-%d-%s", os.Getpid(), k.Node.Name))
+}
+
+// Kill ends the processes of the pod ("namespace/name") with SIGKILL, as a
+// crash: they start again after RestartDelay. It returns how many it killed.
+func (k *Kubelet) Kill(key string) int {
+	k.mu.Lock()
+	r := k.pods[key]
+	k.mu.Unlock()
+	n := 0
+	if r != nil {
+		for _, pr := range r.procs {
+			if pr.kill() {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// LogFile is the log of container of the pod ("namespace/name") run from
+// Images.
+func (k *Kubelet) LogFile(key, container string) string {
+	ns, name, _ := strings.Cut(key, "/")
+	return filepath.Join(k.workDir(), ns+"."+name, ns+"."+name+"."+container+".log")
 }

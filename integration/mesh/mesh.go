@@ -76,6 +76,8 @@ type Options struct {
 	// Setup, when set, runs once the topology exists and before istiod-lite
 	// starts (e.g. to make the API server reachable from the first node).
 	Setup func(*netns.Topology) error
+	// IstiodArgs are more flags for istiod-lite.
+	IstiodArgs []string
 	// CertTTL, when set, is the lifetime of workload certificates.
 	CertTTL time.Duration
 	// Logger receives the harness's progress; nil discards.
@@ -209,6 +211,7 @@ func (m *Mesh) StartIstiod(ctx context.Context) error {
 	if m.opts.CertTTL > 0 {
 		args = append(args, "--cert-ttl", m.opts.CertTTL.String())
 	}
+	args = append(args, m.opts.IstiodArgs...)
 	p, err := m.start(ctx, node.NS, node.Name, "istiod-lite", filepath.Join(m.opts.BinDir, "istiod-lite"), args...)
 	if err != nil {
 		return err

@@ -148,7 +148,12 @@ type RequestLog struct {
 // RequestLogs reads every access-log line of the waypoint called name (its
 // log file is appended to across restarts).
 func (m *Mesh) RequestLogs(name string) ([]RequestLog, error) {
-	f, err := os.Open(filepath.Join(m.opts.WorkDir, "waypoint-"+name+".log"))
+	return ReadRequestLogs(filepath.Join(m.opts.WorkDir, "waypoint-"+name+".log"))
+}
+
+// ReadRequestLogs reads the access-log lines of a waypoint's log file.
+func ReadRequestLogs(path string) ([]RequestLog, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}

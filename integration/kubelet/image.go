@@ -1,0 +1,378 @@
+package kubelet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/ambit-mesh/ambit/integration/netns"
+)
+
+// proc is a container run from Kubelet.Images: a process in the pod's
+// network namespace, restarted when it exits (restartPolicy Always) until
+// stop.
+type proc struct {
+	name string // <namespace>.<pod>.<container>
+	log  string // its combined stdout/stderr
+
+	mu      sync.Mutex // guards cmd, stopped
+	cmd     *exec.Cmd  // the current run; nil between runs
+	stopped bool
+
+	stopCh chan struct{}  // closed by stop
+	done   chan struct{}  // closed when the supervisor returns
+	runs   sync.WaitGroup // the current run's waiter
+}
+
+// containerSpec is a container resolved for this machine: binary, argv,
+// environment, and readiness probe.
+type containerSpec struct {
+	bin      string
+	args     []string
+	env      []string
+	probeURL string // the readiness probe's (HTTP GET), "" without one
+}
+
+// resolve turns container c of pod into a process spec: its image mapped to a
+// binary, env resolved (values with $(VAR) expansion, fieldRefs), volumes
+// materialized under dir, and every argument or env value that starts with a
+// volume's mountPath pointed at that volume's directory instead (there are no
+// mount namespaces here). The image's entrypoint (command[0]) is the binary;
+// command[1:] and args follow, $(VAR) expanded.
+func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c corev1.Container, dir string) (*containerSpec, error) {
+	bin := k.Images[c.Image]
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	vols, err := k.volumes(ctx, pod, c, dir)
+	if err != nil {
+		return nil, err
+	}
+	// Longest mount path first, in one pass (a volume's directory may
+	// itself start with another mount's path, /tmp).
+	mounts := slices.Collect(func(yield func(string) bool) {
+		for m := range vols {
+			if !yield(m) {
+				return
+			}
+		}
+	})
+	slices.SortFunc(mounts, func(a, b string) int { return len(b) - len(a) })
+	repath := func(s string) string {
+		for _, m := range mounts {
+			if s == m || strings.HasPrefix(s, m+"/") {
+				return vols[m] + s[len(m):]
+			}
+			if i := strings.Index(s, "="+m); i >= 0 && (len(s) == i+1+len(m) || s[i+1+len(m)] == '/') {
+				return s[:i+1] + vols[m] + s[i+1+len(m):] // --flag=/path
+			}
+		}
+		return s
+	}
+	vars := map[string]string{}
+	var env []string
+	for _, e := range c.Env {
+		// Paths are rewritten before expansion: an expanded $(VAR) is
+		// already rewritten.
+		v := expand(repath(e.Value), vars)
+		if e.ValueFrom != nil {
+			if e.ValueFrom.FieldRef == nil {
+				return nil, fmt.Errorf("env %s: only fieldRef is supported", e.Name)
+			}
+			switch e.ValueFrom.FieldRef.FieldPath {
+			case "metadata.name":
+				v = pod.Name
+			case "metadata.namespace":
+				v = pod.Namespace
+			case "spec.nodeName":
+				v = pod.Spec.NodeName
+			case "spec.serviceAccountName":
+				v = pod.Spec.ServiceAccountName
+			case "status.podIP":
+				v = p.IP.String()
+			case "status.hostIP":
+				v = k.Node.IP.String()
+			default:
+				return nil, fmt.Errorf("env %s: fieldRef %s is not supported", e.Name, e.ValueFrom.FieldRef.FieldPath)
+			}
+		}
+		vars[e.Name] = v
+		env = append(env, e.Name+"="+v)
+	}
+	env = append(env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME="+dir)
+	var args []string
+	if len(c.Command) > 1 {
+		args = append(args, c.Command[1:]...)
+	}
+	args = append(args, c.Args...)
+	for i, a := range args {
+		args[i] = expand(repath(a), vars)
+	}
+	spec := &containerSpec{bin: bin, args: args, env: env}
+	if c.ReadinessProbe != nil && c.ReadinessProbe.HTTPGet != nil {
+		hg := c.ReadinessProbe.HTTPGet
+		port := hg.Port.IntValue()
+		if hg.Port.Type == intstr.String {
+			for _, cp := range c.Ports {
+				if cp.Name == hg.Port.StrVal {
+					port = int(cp.ContainerPort)
+				}
+			}
+		}
+		if port == 0 {
+			return nil, fmt.Errorf("readiness probe port %s: no such container port", hg.Port.String())
+		}
+		spec.probeURL = "http://" + net.JoinHostPort(p.IP.String(), strconv.Itoa(port)) + hg.Path
+	}
+	return spec, nil
+}
+
+var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
+
+// expand replaces $(VAR) with vars' values, as the kubelet does (an
+// unknown reference stays as written).
+func expand(s string, vars map[string]string) string {
+	return varRef.ReplaceAllStringFunc(s, func(m string) string {
+		if v, ok := vars[m[2:len(m)-1]]; ok {
+			return v
+		}
+		return m
+	})
+}
+
+// volumes materializes the volumes container c mounts under dir and returns
+// mountPath -> directory.
+func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Container, dir string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, m := range c.VolumeMounts {
+		i := slices.IndexFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == m.Name })
+		if i < 0 {
+			return nil, fmt.Errorf("volume mount %s: no such volume", m.Name)
+		}
+		v := pod.Spec.Volumes[i]
+		vd := filepath.Join(dir, "volumes", v.Name)
+		if err := os.MkdirAll(vd, 0o700); err != nil {
+			return nil, err
+		}
+		switch {
+		case v.EmptyDir != nil:
+		case v.ConfigMap != nil:
+			if err := k.writeConfigMap(ctx, pod.Namespace, v.ConfigMap.Name, v.ConfigMap.Items, vd); err != nil {
+				return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+			}
+		case v.Projected != nil:
+			for _, src := range v.Projected.Sources {
+				switch {
+				case src.ServiceAccountToken != nil:
+					if k.Token == nil {
+						return nil, fmt.Errorf("volume %s: a service-account token needs Kubelet.Token", v.Name)
+					}
+					tok, err := k.Token(ctx, pod, src.ServiceAccountToken.Audience)
+					if err != nil {
+						return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+					}
+					if err := os.WriteFile(filepath.Join(vd, src.ServiceAccountToken.Path), []byte(tok), 0o600); err != nil {
+						return nil, err
+					}
+				case src.ConfigMap != nil:
+					if err := k.writeConfigMap(ctx, pod.Namespace, src.ConfigMap.Name, src.ConfigMap.Items, vd); err != nil {
+						return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+					}
+				default:
+					return nil, fmt.Errorf("volume %s: only serviceAccountToken and configMap projections are supported", v.Name)
+				}
+			}
+		default:
+			return nil, fmt.Errorf("volume %s: only emptyDir, configMap and projected volumes are supported", v.Name)
+		}
+		out[m.MountPath] = vd
+	}
+	return out, nil
+}
+
+func (k *Kubelet) writeConfigMap(ctx context.Context, ns, name string, items []corev1.KeyToPath, dir string) error {
+	cm, err := k.Client.CoreV1().ConfigMaps(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("configmap %s/%s: %w", ns, name, err)
+	}
+	if len(items) == 0 {
+		for key := range cm.Data {
+			items = append(items, corev1.KeyToPath{Key: key, Path: key})
+		}
+	}
+	for _, it := range items {
+		v, ok := cm.Data[it.Key]
+		if !ok {
+			return fmt.Errorf("configmap %s/%s has no key %s", ns, name, it.Key)
+		}
+		if err := os.WriteFile(filepath.Join(dir, it.Path), []byte(v), 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startProc supervises spec in p's namespace: it runs it, waits for its
+// readiness probe (if any) and publishes Ready, publishes not Ready when it
+// exits, and starts it again after RestartDelay, until stop.
+func (k *Kubelet) startProc(pod *corev1.Pod, p *netns.Pod, name string, spec *containerSpec, dir string, log *slog.Logger) *proc {
+	pr := &proc{name: name, log: filepath.Join(dir, name+".log"), stopCh: make(chan struct{}), done: make(chan struct{})}
+	delay := k.RestartDelay
+	if delay <= 0 {
+		delay = time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		<-pr.stopCh
+		cancel()
+	}()
+	go func() {
+		defer close(pr.done)
+		for restarts := 0; ; restarts++ {
+			exited, err := pr.run(p, spec)
+			if err != nil {
+				log.Error("container start", "container", name, "err", err)
+			} else {
+				log.Info("container started", "container", name, "restarts", restarts)
+				if k.waitProbe(ctx, spec.probeURL, exited) {
+					if err := k.setStatus(ctx, pod, p.IP.String(), true); err != nil {
+						log.Error("pod status", "container", name, "err", err)
+					}
+				}
+				select {
+				case <-exited:
+				case <-pr.stopCh:
+					return
+				}
+				log.Info("container exited", "container", name)
+			}
+			if ctx.Err() != nil {
+				return
+			}
+			if err := k.setStatus(ctx, pod, p.IP.String(), false); err != nil && ctx.Err() == nil {
+				log.Error("pod status", "container", name, "err", err)
+			}
+			select {
+			case <-pr.stopCh:
+				return
+			case <-time.After(delay):
+			}
+		}
+	}()
+	return pr
+}
+
+// run starts one run of the process; exited closes when it ends.
+func (pr *proc) run(p *netns.Pod, spec *containerSpec) (<-chan struct{}, error) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.stopped {
+		return nil, errors.New("stopped")
+	}
+	f, err := os.OpenFile(pr.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("nsenter", append([]string{"--net=" + p.NS.Path(), "--", spec.bin}, spec.args...)...)
+	cmd.Env = spec.env
+	cmd.Stdout, cmd.Stderr = f, f
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	pr.cmd = cmd
+	exited := make(chan struct{})
+	pr.runs.Add(1)
+	go func() {
+		defer pr.runs.Done()
+		cmd.Wait()
+		f.Close()
+		pr.mu.Lock()
+		pr.cmd = nil
+		pr.mu.Unlock()
+		close(exited)
+	}()
+	return exited, nil
+}
+
+// kill ends the current run with SIGKILL (a crash: the supervisor starts it
+// again). It reports whether a run was killed.
+func (pr *proc) kill() bool {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	if pr.cmd == nil {
+		return false
+	}
+	syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGKILL)
+	return true
+}
+
+// stop ends the process for good (SIGTERM, then SIGKILL after 3s) and
+// waits for it.
+func (pr *proc) stop() {
+	pr.mu.Lock()
+	if pr.stopped {
+		pr.mu.Unlock()
+		<-pr.done
+		return
+	}
+	pr.stopped = true
+	close(pr.stopCh)
+	cmd := pr.cmd
+	pr.mu.Unlock()
+	if cmd != nil {
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		t := time.AfterFunc(3*time.Second, func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+		pr.runs.Wait()
+		t.Stop()
+	}
+	<-pr.done
+}
+
+// waitProbe polls the readiness probe (from the node, as a kubelet does)
+// until it passes (true), the run exits or ctx ends (false). No probe:
+// ready at once.
+func (k *Kubelet) waitProbe(ctx context.Context, url string, exited <-chan struct{}) bool {
+	if url == "" {
+		return true
+	}
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return k.Node.NS.Dial(ctx, nil, network, addr)
+		},
+		DisableKeepAlives: true,
+	}}
+	for {
+		if resp, err := client.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode >= 200 && resp.StatusCode < 400 {
+				return true
+			}
+		}
+		select {
+		case <-exited:
+			return false
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
