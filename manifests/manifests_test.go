@@ -55,7 +55,9 @@ func TestManifestsApply(t *testing.T) {
 	// and namespace the rest of the dry run needs).
 	mustKubectl(t, kc, "apply", "--server-side", "--dry-run=server", "-f", "namespace.yaml", "-f", "crds/")
 	mustKubectl(t, kc, "apply", "--server-side", "-f", "namespace.yaml", "-f", "crds/")
-	mustKubectl(t, kc, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+	if err := c.WaitCRDsEstablished(t.Context()); err != nil {
+		t.Fatal(err)
+	}
 
 	// Everything, as `kubectl apply -k manifests/`: dry run, then for real.
 	mustKubectl(t, kc, "apply", "--server-side", "--dry-run=server", "-k", ".")

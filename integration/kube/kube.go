@@ -25,6 +25,9 @@ import (
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -519,4 +522,53 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// crdGVR is the resource of CustomResourceDefinitions.
+var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+
+// WaitCRDsEstablished waits until every CustomResourceDefinition in the
+// cluster reports Established=True, or ctx ends. Use it instead of
+// `kubectl wait --for=condition=Established crd --all`, which fails at once
+// ("accessor error") on a CRD created so recently that it has no conditions.
+func (c *Cluster) WaitCRDsEstablished(ctx context.Context) error {
+	dyn, err := dynamic.NewForConfig(c.Config())
+	if err != nil {
+		return fmt.Errorf("kube: %w", err)
+	}
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		list, err := dyn.Resource(crdGVR).List(ctx, metav1.ListOptions{})
+		var pending []string
+		if err == nil {
+			for _, crd := range list.Items {
+				if !established(crd.Object) {
+					pending = append(pending, crd.GetName())
+				}
+			}
+			if len(pending) == 0 {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			if err != nil {
+				return fmt.Errorf("kube: CRDs not established: %w", err)
+			}
+			return fmt.Errorf("kube: CRDs not established: %s: %w", strings.Join(pending, ", "), ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+func established(obj map[string]any) bool {
+	conds, _, _ := unstructured.NestedSlice(obj, "status", "conditions")
+	for _, c := range conds {
+		m, _ := c.(map[string]any)
+		if m["type"] == "Established" && m["status"] == "True" {
+			return true
+		}
+	}
+	return false
 }

@@ -55,12 +55,14 @@ func setup(ctx context.Context) error {
 	for _, args := range [][]string{
 		{"apply", "--server-side", "-f", "../../manifests/crds/gateway.networking.k8s.io_gatewayclasses.yaml",
 			"-f", "../../manifests/crds/gateway.networking.k8s.io_gateways.yaml"},
-		{"wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"},
 	} {
 		out, err := exec.CommandContext(ctx, "kubectl", append([]string{"--kubeconfig", kc}, args...)...).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("kubectl %s: %w\n%s", strings.Join(args, " "), err, out)
 		}
+	}
+	if err := cluster.WaitCRDsEstablished(ctx); err != nil {
+		return err
 	}
 	cs := cluster.Client()
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambit-system"}}, metav1.CreateOptions{}); err != nil {

@@ -48,7 +48,9 @@ func TestKubernetesL7Kinds(t *testing.T) {
 	ctx := t.Context()
 	kc := c.Kubeconfig()
 	kubectl(t, kc, "apply", "--server-side", "-f", "../../manifests/namespace.yaml", "-f", "../../manifests/crds/")
-	kubectl(t, kc, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+	if err := c.WaitCRDsEstablished(ctx); err != nil {
+		t.Fatal(err)
+	}
 	kubectl(t, kc, "apply", "--server-side", "-f", "../../manifests/istiod-lite-rbac.yaml")
 	admin := c.Client()
 	adminDyn, err := dynamic.NewForConfig(c.Config())

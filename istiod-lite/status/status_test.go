@@ -74,18 +74,10 @@ func setup(ctx context.Context) error {
 	if err := kubectl(append([]string{"apply", "--server-side"}, files...)...); err != nil {
 		return err
 	}
-	// kubectl wait fails on a CRD that has no conditions yet: retried.
-	var err error
-	for range 50 {
-		if err = kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"); err == nil {
-			break
-		}
-		time.Sleep(200 * time.Millisecond) // polling interval; bounded by the 50 tries
-	}
-	if err != nil {
+	if err := cluster.WaitCRDsEstablished(ctx); err != nil {
 		return err
 	}
-	_, err = cluster.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambit-system"}}, metav1.CreateOptions{})
+	_, err := cluster.Client().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "ambit-system"}}, metav1.CreateOptions{})
 	return err
 }
 
