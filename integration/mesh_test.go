@@ -41,6 +41,7 @@ import (
 	"github.com/ambit-mesh/ambit/integration/kubelet"
 	"github.com/ambit-mesh/ambit/integration/mesh"
 	"github.com/ambit-mesh/ambit/integration/netns"
+	"github.com/ambit-mesh/ambit/istiod-lite/deployer"
 )
 
 // env is one cluster: a real kube-apiserver with manifests/ applied,
@@ -54,6 +55,7 @@ type env struct {
 	m       *mesh.Mesh
 	kls     map[string]*kubelet.Kubelet
 	ips     sync.Map // "ns/name" -> pod IP
+	work    string   // the test's directory: binaries, logs
 }
 
 const (
@@ -386,6 +388,7 @@ func setup(t *testing.T) *env {
 	}
 
 	work := t.TempDir()
+	e.work = work
 	bin := filepath.Join(work, "bin")
 	if err := mesh.Build(ctx, repo, bin); err != nil {
 		t.Fatal(err)
@@ -402,6 +405,8 @@ func setup(t *testing.T) *env {
 		CARoots:    filepath.Join(work, "ambit-ca-root.pem"),
 		CertTTL:    certTTL,
 		TokenFile:  e.ztunnelToken(work),
+		// Waypoints reach istiod-lite where the ztunnels do (no cluster DNS).
+		IstiodArgs: []string{"--waypoint-xds-address", netip.AddrPortFrom(netns.UnderlayPrefix.Addr().Next(), 15012).String()},
 		Setup: func(topo *netns.Topology) (err error) {
 			fwd, err = forward(topo.Nodes[0].NS, "127.0.0.1:6443", strings.TrimPrefix(c.Config().Host, "https://"))
 			return err
@@ -449,7 +454,14 @@ func setup(t *testing.T) *env {
 	runCtx, stopKubelets := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	for _, n := range m.Topo.Nodes {
-		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Prepare: e.waitCaptured, Logger: log}
+		// ambit's image runs the binaries just built (the waypoint's
+		// Deployment uses it), with a projected token bound to its pod.
+		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Prepare: e.waitCaptured, Logger: log,
+			Images:       map[string]string{deployer.DefaultImage: filepath.Join(bin, "waypoint")},
+			Token:        e.podToken,
+			WorkDir:      filepath.Join(work, "kubelet-"+n.Name),
+			RestartDelay: 2 * time.Second,
+		}
 		e.kls[n.Name] = kl
 		wg.Add(1)
 		go func() {
@@ -513,12 +525,22 @@ func (e *env) ztunnelToken(dir string) func(node string) (string, error) {
 	}
 }
 
+// podToken mints pod's projected service-account token for audience,
+// bound to the pod, as the kubelet would for a serviceAccountToken volume.
+func (e *env) podToken(ctx context.Context, pod *corev1.Pod, audience string) (string, error) {
+	var auds []string
+	if audience != "" {
+		auds = []string{audience}
+	}
+	return e.cluster.ServiceAccountToken(ctx, pod.Namespace, pod.Spec.ServiceAccountName, auds, pod.Name)
+}
+
 // waitCaptured is the kubelet's CNI step: an enrolled pod's workload starts
 // only once its node's ztunnel has attached capture to its veth.
 func (e *env) waitCaptured(ctx context.Context, pod *corev1.Pod, p *netns.Pod) error {
 	e.ips.Store(pod.Namespace+"/"+pod.Name, p.IP)
-	if pod.Namespace != shop {
-		return nil
+	if pod.Namespace != shop || pod.Labels["istio.io/dataplane-mode"] == "none" {
+		return nil // not enrolled (a waypoint's pod opts out)
 	}
 	pin := filepath.Join(e.m.PinPath(p.Node.Name), "links", "pod-"+p.HostIfname+"-ingress")
 	deadline := time.Now().Add(60 * time.Second)

@@ -1,0 +1,681 @@
+//go:build integration
+
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
+
+	"github.com/ambit-mesh/ambit/integration/app"
+	"github.com/ambit-mesh/ambit/integration/mesh"
+)
+
+const waypointPod = shop + "/waypoint-0"
+
+// TestWaypoint is the L7 half end to end: a waypoint Gateway applied with
+// kubectl, its Deployment made by istiod-lite's deployer, its pod run by the
+// kubelet stand-in with bin/waypoint, and HTTP from enrolled clients through
+// eBPF -> ztunnel -> HBONE -> waypoint -> HBONE -> ztunnel -> pod.
+func TestWaypoint(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: network namespaces and eBPF")
+	}
+	e := setup(t)
+	ctx := context.Background()
+	e.experimentalHTTPRoutes(t)
+
+	for _, sa := range []string{"reviews", "flaky", "slow", "userdata"} {
+		if _, err := e.cs.CoreV1().ServiceAccounts(shop).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	httpApp := map[string]string{app.AnnotationProtocol: "http"}
+	e.pod(ctx, shop, "client-1", "node-1", "client", nil, 0)
+	e.pod(ctx, shop, "intruder-1", "node-1", "intruder", nil, 0)
+	e.httpPod(ctx, "reviews-v1", "node-1", "reviews", map[string]string{"app": "reviews", "version": "v1"}, httpApp)
+	e.httpPod(ctx, "reviews-v2", "node-2", "reviews", map[string]string{"app": "reviews", "version": "v2"}, httpApp)
+	e.httpPod(ctx, "flaky-0", "node-2", "flaky", map[string]string{"app": "flaky"},
+		map[string]string{app.AnnotationProtocol: "http", app.AnnotationFailRatio: "0.5"})
+	e.httpPod(ctx, "slow-0", "node-1", "slow", map[string]string{"app": "slow"},
+		map[string]string{app.AnnotationProtocol: "http", app.AnnotationDelay: "2s"})
+	e.httpPod(ctx, "userdata-0", "node-2", "userdata", map[string]string{"app": "userdata"}, httpApp)
+	bound := map[string]string{"istio.io/use-waypoint": "waypoint"}
+	vips := map[string]netip.Addr{}
+	for _, s := range []struct {
+		name     string
+		selector map[string]string
+		labels   map[string]string
+	}{
+		{"reviews", map[string]string{"app": "reviews"}, bound},
+		{"reviews-v1", map[string]string{"app": "reviews", "version": "v1"}, nil},
+		{"reviews-v2", map[string]string{"app": "reviews", "version": "v2"}, nil},
+		{"flaky", map[string]string{"app": "flaky"}, bound},
+		{"slow", map[string]string{"app": "slow"}, bound},
+		{"userdata", map[string]string{"app": "userdata"}, bound},
+	} {
+		vips[s.name] = e.httpService(ctx, s.name, s.selector, s.labels)
+	}
+	e.kubectlApply(t, fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: %[1]s, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: flaky, port: 80}]
+  rules:
+  - retry: {attempts: 3, codes: [503], backoff: 10ms}
+    backendRefs: [{name: flaky, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: slow, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: slow, port: 80}]
+  rules:
+  - timeouts: {request: 500ms}
+    backendRefs: [{name: slow, port: 80}]
+`, shop))
+	wpVIP := e.runWaypoint(t, "waypoint", "node-2")
+	t.Logf("waypoint shop/waypoint: Service cluster IP %s, pod %s", wpVIP, e.ip(waypointPod))
+	for _, p := range []string{"shop/client-1", "shop/intruder-1", "shop/reviews-v1", "shop/reviews-v2", "shop/flaky-0", "shop/slow-0", "shop/userdata-0"} {
+		e.waitReady(ctx, p)
+	}
+	// The routes are in the waypoint's config (a first 200 may come before
+	// them, through the default route). Its config dump lists no
+	// RouteConfiguration (yet); the canary's backend clusters come in the
+	// same snapshot as its route.
+	var missing string
+	if !eventually(30*time.Second, func() bool {
+		missing = e.waypointConfigLacks("outbound|80||reviews-v1.shop.svc.cluster.local", "outbound|80||reviews-v2.shop.svc.cluster.local")
+		return missing == ""
+	}) {
+		out, _ := exec.Command("kubectl", "--kubeconfig", e.cluster.Kubeconfig(), "get", "httproutes", "-n", shop, "-o", "yaml").CombinedOutput()
+		os.WriteFile(filepath.Join(e.work, "httproutes.yaml"), out, 0o644)
+		t.Fatalf("the waypoint never got the HTTPRoutes: %s\n%s", missing, e.waypointTail())
+	}
+	client := e.httpClient("shop/client-1", true)
+	reviews := fmt.Sprintf("http://%s/", netip.AddrPortFrom(vips["reviews"], 80))
+	var last string
+	if !eventually(30*time.Second, func() bool {
+		code, _, err := get(client, http.MethodGet, reviews)
+		last = fmt.Sprint(code, err)
+		return err == nil && code == http.StatusOK
+	}) {
+		t.Fatalf("no 200 through the waypoint after 30s (last: %s)\n%s", last, e.waypointTail())
+	}
+
+	t.Run("1-canary-90-10-then-50-50", func(t *testing.T) {
+		v2 := e.split(t, client, reviews, 1000)
+		t.Logf("90/10 over 1000 requests: v2 %.1f%%", v2)
+		if v2 < 7 || v2 > 13 {
+			t.Errorf("v2 got %.1f%% of 1000 requests, want 10 ± 3", v2)
+		}
+		// Re-weight while a client keeps sending (one request at a time):
+		// the new split shows when 20 consecutive answers hold at least 7
+		// from v2 (the 90/10 split gives 2); it is seen at the last of them.
+		type answer struct {
+			at time.Time
+			v2 bool
+		}
+		var mu sync.Mutex // guards answers
+		var answers []answer
+		var sendErr error
+		stop := make(chan struct{})
+		sent := make(chan struct{})
+		go func() {
+			defer close(sent)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				code, from, err := get(client, http.MethodGet, reviews)
+				mu.Lock()
+				if err != nil || code != http.StatusOK {
+					sendErr = fmt.Errorf("during the re-weight: %d %v", code, err)
+				}
+				answers = append(answers, answer{time.Now(), from == "reviews-v2"})
+				mu.Unlock()
+			}
+		}()
+		start := time.Now()
+		e.kubectlApply(t, fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: %s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 80}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 50}, {name: reviews-v2, port: 80, weight: 50}]
+`, shop))
+		applied := time.Now() // kubectl returned: the API server has the change
+		var seen time.Time
+		for i := 0; seen.IsZero(); {
+			mu.Lock()
+			for ; i+20 <= len(answers); i++ {
+				n := 0
+				for _, a := range answers[i : i+20] {
+					if a.at.After(start) && a.v2 {
+						n++
+					}
+				}
+				if n >= 7 {
+					seen = answers[i+19].at
+					break
+				}
+			}
+			mu.Unlock()
+			if time.Since(start) > 30*time.Second {
+				close(stop)
+				t.Fatalf("clients still see the old split 30s after the re-weight")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		close(stop)
+		<-sent
+		if sendErr != nil {
+			t.Fatal(sendErr)
+		}
+		took := seen.Sub(applied)
+		t.Logf("re-weighted to 50/50 (%d requests sent meanwhile): clients saw the new split %s after kubectl apply started, %s after it returned (kubectl itself took %s)",
+			len(answers), seen.Sub(start).Round(time.Millisecond), took.Round(time.Millisecond), applied.Sub(start).Round(time.Millisecond))
+		if took > 2*time.Second {
+			t.Errorf("the new split took %s to show after the apply, want under 2s", took)
+		}
+		v2 = e.split(t, client, reviews, 1000)
+		t.Logf("50/50 over 1000 requests: v2 %.1f%%", v2)
+		if v2 < 47 || v2 > 53 {
+			t.Errorf("v2 got %.1f%% of 1000 requests after the re-weight, want 50 ± 3", v2)
+		}
+	})
+
+	t.Run("2-retries", func(t *testing.T) {
+		url := fmt.Sprintf("http://%s/flaky", netip.AddrPortFrom(vips["flaky"], 80))
+		before := e.requestLogs(t)
+		ok := 0
+		const n = 200
+		for range n {
+			if code, _, err := get(client, http.MethodGet, url); err == nil && code == http.StatusOK {
+				ok++
+			}
+		}
+		logs := e.settledRequestLogs(t, before, n)
+		retries := 0
+		for _, l := range logs {
+			if l.Attempts > 1 {
+				retries += l.Attempts - 1
+			}
+		}
+		t.Logf("flaky backend (every second request 503), retry attempts 3 on 503: %d/%d succeeded (%.1f%%), %d retries by the waypoint", ok, n, 100*float64(ok)/n, retries)
+		if float64(ok) < 0.99*n {
+			t.Errorf("success %d/%d, want ≥ 99%%", ok, n)
+		}
+		if retries < n/2 {
+			t.Errorf("the waypoint logged %d retries for %d requests to a backend failing half of them", retries, n)
+		}
+		// Four clients at once interleave on the backend's alternation (for
+		// the record, not asserted: a request's tries can all land on
+		// failures).
+		var mu sync.Mutex
+		okc := 0
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := e.httpClient("shop/client-1", true)
+				for range n / 4 {
+					if code, _, err := get(c, http.MethodGet, url); err == nil && code == http.StatusOK {
+						mu.Lock()
+						okc++
+						mu.Unlock()
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		t.Logf("same with 4 concurrent clients: %d/%d succeeded", okc, n)
+	})
+
+	t.Run("3-timeout", func(t *testing.T) {
+		url := fmt.Sprintf("http://%s/slow", netip.AddrPortFrom(vips["slow"], 80))
+		before := e.requestLogs(t)
+		var worst time.Duration
+		for i := range 5 {
+			start := time.Now()
+			code, _, err := get(client, http.MethodGet, url)
+			took := time.Since(start)
+			worst = max(worst, took)
+			if err != nil || code != http.StatusGatewayTimeout {
+				t.Errorf("request %d to the 2s backend with timeouts.request 500ms: %d %v after %s, want 504", i, code, err, took)
+			}
+		}
+		t.Logf("2s backend, timeouts.request 500ms: 504 in at most %s", worst.Round(time.Millisecond))
+		if worst >= 600*time.Millisecond {
+			t.Errorf("slowest 504 took %s, want under 600ms", worst)
+		}
+		for _, l := range e.settledRequestLogs(t, before, 5) {
+			if l.Code != http.StatusGatewayTimeout || !strings.Contains(l.Flags, "UT") {
+				t.Errorf("waypoint log for the timeout: code %d flags %q", l.Code, l.Flags)
+			}
+		}
+	})
+
+	t.Run("4-l7-policy", func(t *testing.T) {
+		e.kubectlApply(t, fmt.Sprintf(`apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: userdata-get, namespace: %s}
+spec:
+  targetRefs: [{kind: Service, group: "", name: userdata}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["%s/ns/shop/sa/client"]}}]
+    to: [{operation: {methods: ["GET"], paths: ["/userdata/*"]}}]
+`, shop, td))
+		base := fmt.Sprintf("http://%s", netip.AddrPortFrom(vips["userdata"], 80))
+		intruder := e.httpClient("shop/intruder-1", true)
+		var got string
+		if !eventually(20*time.Second, func() bool {
+			c1, _, _ := get(client, http.MethodGet, base+"/userdata/42")
+			c2, _, _ := get(client, http.MethodPost, base+"/userdata/42")
+			c3, _, _ := get(intruder, http.MethodGet, base+"/userdata/42")
+			got = fmt.Sprintf("client GET %d, client POST %d, intruder GET %d", c1, c2, c3)
+			return c1 == 200 && c2 == 403 && c3 == 403
+		}) {
+			t.Fatalf("policy not enforced 20s after apply: %s (want 200, 403, 403)", got)
+		}
+		t.Logf("L7 policy: %s", got)
+		body := getBody(t, client, http.MethodPost, base+"/userdata/42")
+		if body != "RBAC: access denied" {
+			t.Errorf("403 body %q", body)
+		}
+	})
+
+	t.Run("5-no-bypass", func(t *testing.T) {
+		// The client dials a waypoint-bound pod directly: its ztunnel
+		// tunnels to the pod's ztunnel with the client's identity, which
+		// only the waypoint's may use for that pod.
+		direct := fmt.Sprintf("http://%s/", e.addr("shop/reviews-v1", 8080))
+		c := e.httpClient("shop/client-1", false)
+		code, from, err := get(c, http.MethodGet, direct)
+		t.Logf("client -> reviews-v1 pod directly: code %d from %q, err %v", code, from, err)
+		if err == nil {
+			t.Errorf("a direct connection to a waypoint-bound pod was served (%d by %s): the waypoint was bypassed", code, from)
+		}
+		n, err := e.m.Metrics(ctx, "node-1", "ambit_ztunnel_waypoint_bypass_refused_total", nil)
+		t.Logf("node-1 ztunnel ambit_ztunnel_waypoint_bypass_refused_total = %v (%v)", n, err)
+	})
+
+	t.Run("6-waypoint-killed-fails-closed", func(t *testing.T) {
+		c := e.httpClient("shop/client-1", false) // a new connection per request
+		url := fmt.Sprintf("http://%s/", netip.AddrPortFrom(vips["reviews"], 80))
+		kl := e.kls["node-2"]
+		if kl.Kill(waypointPod) != 1 {
+			t.Fatal("no waypoint process to kill")
+		}
+		killed := time.Now()
+		// While it is down (the kubelet restarts it after 2s) every request
+		// fails: none reaches a backend around it.
+		failed, served := 0, 0
+		for time.Since(killed) < 1500*time.Millisecond {
+			code, from, err := get(c, http.MethodGet, url)
+			if err == nil {
+				served++
+				t.Errorf("with the waypoint down, a request was answered %d by %q", code, from)
+			} else {
+				failed++
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		t.Logf("waypoint down: %d requests failed, %d answered", failed, served)
+		if failed == 0 {
+			t.Error("no request was tried while the waypoint was down")
+		}
+		var took time.Duration
+		if !eventually(30*time.Second, func() bool {
+			code, _, err := get(c, http.MethodGet, url)
+			took = time.Since(killed)
+			return err == nil && code == http.StatusOK
+		}) {
+			t.Fatalf("traffic did not recover 30s after the waypoint was killed\n%s", e.waypointTail())
+		}
+		t.Logf("recovered %s after the kill (the kubelet stand-in restarts it after 2s)", took.Round(time.Millisecond))
+	})
+}
+
+// experimentalHTTPRoutes replaces the HTTPRoute CRD of manifests/ (Gateway
+// API's standard channel) with the experimental channel's of the same
+// bundle, from the module: HTTPRoute rules' retry field is experimental.
+func (e *env) experimentalHTTPRoutes(t *testing.T) {
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
+	if err != nil {
+		t.Fatalf("go list gateway-api: %v", err)
+	}
+	crd := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "experimental", "gateway.networking.k8s.io_httproutes.yaml")
+	for _, args := range [][]string{
+		{"apply", "--server-side", "--force-conflicts", "-f", crd},
+		{"wait", "--for", "condition=established", "--timeout", "60s", "crd/httproutes.gateway.networking.k8s.io"},
+	} {
+		if out, err := exec.Command("kubectl", append([]string{"--kubeconfig", e.cluster.Kubeconfig()}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+// runWaypoint waits for the Deployment istiod-lite's deployer made for the
+// Gateway,
+// creates its pod on node (standing in for the ReplicaSet controller and the
+// scheduler: there is no controller-manager in this harness), waits until
+// the kubelet stand-in runs it ready, and routes the waypoint Service's
+// cluster IP to it. It returns that cluster IP.
+func (e *env) runWaypoint(t *testing.T, gw, node string) netip.Addr {
+	ctx := context.Background()
+	var tmpl corev1.PodTemplateSpec
+	if !eventually(30*time.Second, func() bool {
+		d, err := e.cs.AppsV1().Deployments(shop).Get(ctx, gw, metav1.GetOptions{})
+		if err == nil {
+			tmpl = d.Spec.Template
+		}
+		return err == nil
+	}) {
+		t.Fatalf("the deployer made no Deployment %s/%s", shop, gw)
+	}
+	name := strings.TrimPrefix(waypointPod, shop+"/")
+	pod := &corev1.Pod{ObjectMeta: tmpl.ObjectMeta, Spec: tmpl.Spec}
+	pod.Name, pod.Namespace, pod.Spec.NodeName = name, shop, node
+	if _, err := e.cs.CoreV1().Pods(shop).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if !eventually(60*time.Second, func() bool {
+		p, err := e.cs.CoreV1().Pods(shop).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("waypoint pod never became ready\n%s", e.waypointTail())
+	}
+	// The Deployment controller's part: the Deployment has its replica.
+	if d, err := e.cs.AppsV1().Deployments(shop).Get(ctx, gw, metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	} else {
+		d.Status = appsv1.DeploymentStatus{ObservedGeneration: d.Generation, Replicas: 1, UpdatedReplicas: 1, ReadyReplicas: 1, AvailableReplicas: 1}
+		if _, err := e.cs.AppsV1().Deployments(shop).UpdateStatus(ctx, d, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var vip netip.Addr
+	if !eventually(30*time.Second, func() bool {
+		s, err := e.cs.CoreV1().Services(shop).Get(ctx, gw, metav1.GetOptions{})
+		if err == nil {
+			vip, _ = netip.ParseAddr(s.Spec.ClusterIP)
+		}
+		return vip.IsValid()
+	}) {
+		t.Fatalf("the deployer made no Service %s/%s with a cluster IP", shop, gw)
+	}
+	e.routeVIP(t, vip, waypointPod)
+	// istiod-lite's status writer: Programmed, with the address.
+	gwc, err := gwclient.NewForConfig(e.cluster.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var status string
+	if !eventually(20*time.Second, func() bool {
+		g, err := gwc.GatewayV1().Gateways(shop).Get(ctx, gw, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		status = ""
+		programmed := false
+		for _, c := range g.Status.Conditions {
+			status += fmt.Sprintf("%s=%s (%s) ", c.Type, c.Status, c.Reason)
+			programmed = programmed || (c.Type == "Programmed" && c.Status == metav1.ConditionTrue)
+		}
+		for _, a := range g.Status.Addresses {
+			status += "address " + a.Value + " "
+		}
+		return programmed && len(g.Status.Addresses) > 0
+	}) {
+		t.Errorf("Gateway %s/%s not Programmed with an address 20s after its pod was ready: %s", shop, gw, status)
+	}
+	t.Logf("Gateway %s/%s status: %s", shop, gw, status)
+	return vip
+}
+
+// routeVIP stands in for kube-proxy for a Service with one endpoint:
+// ztunnel dials a waypoint's address (the Service's cluster IP) as it is,
+// so the pod holds the cluster IP (on lo) and every node routes it to the
+// pod.
+func (e *env) routeVIP(t *testing.T, vip netip.Addr, key string) {
+	p := e.netns(key)
+	if err := p.NS.IP(fmt.Sprintf("addr add %s/32 dev lo", vip)); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range e.m.Topo.Nodes {
+		route := fmt.Sprintf("route add %s/32 via %s", vip, p.Node.IP)
+		if n == p.Node {
+			route = fmt.Sprintf("route add %s/32 via %s dev %s", vip, p.IP, p.HostIfname)
+		}
+		if err := n.NS.IP(route); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// waypointConfigLacks says what of subs the waypoint's config dump (admin,
+// localhost in its pod) does not contain; "" when it has them all.
+func (e *env) waypointConfigLacks(subs ...string) string {
+	var raw json.RawMessage
+	if err := mesh.AdminIn(context.Background(), e.netns(waypointPod).NS, "/config_dump", &raw); err != nil {
+		return err.Error()
+	}
+	var lack []string
+	for _, s := range subs {
+		if !strings.Contains(string(raw), s) {
+			lack = append(lack, s)
+		}
+	}
+	if lack != nil {
+		os.WriteFile(filepath.Join(e.work, "waypoint-config-dump.json"), raw, 0o644)
+		return fmt.Sprintf("config dump lacks %s", strings.Join(lack, ", "))
+	}
+	return ""
+}
+
+func (e *env) waypointTail() string {
+	b, err := os.ReadFile(e.kls["node-2"].LogFile(waypointPod, "istio-proxy"))
+	if err != nil {
+		return "(no waypoint log: " + err.Error() + ")"
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > 30 {
+		lines = lines[len(lines)-30:]
+	}
+	return "---- waypoint (tail)\n" + strings.Join(lines, "\n")
+}
+
+func (e *env) requestLogs(t *testing.T) []mesh.RequestLog {
+	t.Helper()
+	logs, err := mesh.ReadRequestLogs(e.kls["node-2"].LogFile(waypointPod, "istio-proxy"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return logs
+}
+
+// settledRequestLogs returns the waypoint's request logs after before, once
+// there are n of them (a request is logged when it ends), or after 5s.
+func (e *env) settledRequestLogs(t *testing.T, before []mesh.RequestLog, n int) []mesh.RequestLog {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		logs := e.requestLogs(t)
+		if len(logs)-len(before) >= n || time.Now().After(deadline) {
+			return logs[len(before):]
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// split sends n requests to url from 4 clients at once and returns the
+// percentage answered by reviews-v2 (every answer must be a 200).
+func (e *env) split(t *testing.T, c *http.Client, url string, n int) float64 {
+	t.Helper()
+	var mu sync.Mutex
+	by := map[string]int{}
+	var bad []string
+	work := make(chan int)
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range work {
+				code, from, err := get(c, http.MethodGet, url)
+				mu.Lock()
+				if err != nil || code != http.StatusOK {
+					bad = append(bad, fmt.Sprint(code, err))
+				} else {
+					by[from]++
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	for i := range n {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	if len(bad) > 0 {
+		t.Errorf("%d of %d requests failed; first: %s", len(bad), n, bad[0])
+	}
+	total := by["reviews-v1"] + by["reviews-v2"]
+	if total == 0 {
+		t.Fatalf("no answer from reviews: %v", by)
+	}
+	return 100 * float64(by["reviews-v2"]) / float64(total)
+}
+
+func count(bs []bool) int {
+	n := 0
+	for _, b := range bs {
+		if b {
+			n++
+		}
+	}
+	return n
+}
+
+// httpClient makes HTTP requests from inside pod key (captured like any
+// of its connections), keeping connections alive or not.
+func (e *env) httpClient(key string, keepAlive bool) *http.Client {
+	p := e.netns(key)
+	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return p.NS.Dial(ctx, nil, network, addr)
+		},
+		DisableKeepAlives:   !keepAlive,
+		MaxIdleConnsPerHost: 8,
+	}}
+}
+
+// get makes one request and returns its code and the answering backend
+// (X-Ambit-App).
+func get(c *http.Client, method, url string) (int, string, error) {
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, resp.Header.Get("X-Ambit-App"), nil
+}
+
+func getBody(t *testing.T, c *http.Client, method, url string) string {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return strings.TrimSpace(string(b))
+}
+
+// httpPod creates a pod in shop running the app's HTTP mode on 8080.
+func (e *env) httpPod(ctx context.Context, name, node, sa string, labels, annotations map[string]string) {
+	e.t.Helper()
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: shop, Labels: labels, Annotations: annotations},
+		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa, Containers: []corev1.Container{{
+			Name: "app", Image: "ambit-app", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}},
+		}}},
+	}
+	if _, err := e.cs.CoreV1().Pods(shop).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// httpService creates a Service in shop, port 80 (http) -> 8080.
+func (e *env) httpService(ctx context.Context, name string, selector, labels map[string]string) netip.Addr {
+	e.t.Helper()
+	s := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: shop, Labels: labels},
+		Spec: corev1.ServiceSpec{Selector: selector, Ports: []corev1.ServicePort{{
+			Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), AppProtocol: ptr("http"),
+		}}},
+	}
+	s, err := e.cs.CoreV1().Services(shop).Create(ctx, s, metav1.CreateOptions{})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return netip.MustParseAddr(s.Spec.ClusterIP)
+}
+
+func ptr[T any](v T) *T { return &v }
