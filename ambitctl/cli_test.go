@@ -309,7 +309,7 @@ func TestCluster(t *testing.T) {
 		if r.code != 1 {
 			t.Fatalf("want exit 1: %s", r)
 		}
-		if !strings.Contains(r.stdout, "waiting for Deployment ambit-system/istiod-lite: Available not reported, 0/1 replicas available") {
+		if !strings.Contains(r.stdout, "waiting for Deployment ambit-system/istiod-lite: Available not reported, 0/2 replicas available") {
 			t.Errorf("no progress line for istiod-lite:\n%s", r.stdout)
 		}
 		line := strings.TrimSpace(r.stderr)
@@ -482,6 +482,61 @@ func TestCluster(t *testing.T) {
 			t.Fatalf("want exit 1: %s", r)
 		}
 		golden(t, "analyze-cluster", r.stdout)
+	})
+
+	t.Run("describe", func(t *testing.T) {
+		b, err := os.ReadFile("testdata/describe/objects.yaml")
+		if err != nil {
+			t.Fatal(err)
+		}
+		mapper := mapperFor()
+		// uninstall's test counts the Gateways left: take this one away
+		defer func() {
+			if err := dyn.Resource(gwRes).Namespace("desc").Delete(ctx, "wp", metav1.DeleteOptions{}); err != nil {
+				t.Errorf("delete Gateway desc/wp: %v", err)
+			}
+		}()
+		for _, o := range decodeStream(t, string(b)) {
+			gvk := o.GroupVersionKind()
+			m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ri := dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+			if m.Scope.Name() != meta.RESTScopeNameNamespace {
+				_, err = dyn.Resource(m.Resource).Create(ctx, o, metav1.CreateOptions{})
+			} else {
+				_, err = ri.Create(ctx, o, metav1.CreateOptions{})
+			}
+			if err != nil {
+				t.Fatalf("create %s %s: %v", o.GetKind(), o.GetName(), err)
+			}
+		}
+		// what a kubelet would report
+		for _, p := range []struct{ ns, name, ip string }{
+			{"desc", "reviews-0", "10.244.1.11"}, {"desc", "ratings-0", "10.244.2.21"},
+			{"desc-plain", "plain-0", "10.244.1.31"}, {"ambit-system", "ztunnel-n1", "10.0.0.1"},
+		} {
+			pod := must(cs.CoreV1().Pods(p.ns).Get(ctx, p.name, metav1.GetOptions{}))
+			pod.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: p.ip, PodIPs: []corev1.PodIP{{IP: p.ip}},
+				Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}}
+			must(cs.CoreV1().Pods(p.ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}))
+		}
+		setStatus(t, dyn, gwRes, "desc", "wp", "True", "10.96.7.50")
+
+		for _, tc := range []struct{ golden, ns, kind, name string }{
+			{"describe-pod-reviews", "desc", "pod", "reviews-0"},
+			{"describe-pod-optout", "desc", "pod", "ratings-0"},
+			{"describe-pod-plain", "desc-plain", "pod", "plain-0"},
+			{"describe-service-reviews", "desc", "service", "reviews"},
+			{"describe-service-ratings", "desc", "svc", "ratings"},
+		} {
+			golden(t, tc.golden, mustRun(t, kc, "describe", tc.kind, tc.name, "-n", tc.ns).stdout)
+		}
+		r := run(t, kc, "describe", "pod", "nope", "-n", "desc")
+		if r.code != 1 || strings.TrimSpace(r.stderr) != "ambitctl: pod desc/nope not found (wrong -n?)" {
+			t.Errorf("describe of a missing pod: %s", r)
+		}
 	})
 
 	t.Run("waypoint-delete", func(t *testing.T) {

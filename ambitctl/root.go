@@ -93,6 +93,7 @@ the mesh is told to do.`,
 		newZtunnelConfigCommand(g),
 		newProxyConfigCommand(g),
 		newProxyStatusCommand(g),
+		newDescribeCommand(g),
 	)
 	root.CompletionOptions.HiddenDefaultCmd = false
 	return root
