@@ -571,4 +571,3 @@ func orNone(s string) string {
 	}
 	return s
 }
-
