@@ -60,6 +60,16 @@ func (s *Server) Serve(ln net.Listener) error {
 		s.listeners = make(map[net.Listener]struct{})
 		s.conns = make(map[*conn]struct{})
 	}
+	if s.pending == nil {
+		timeout := orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout)
+		s.pending = &pendingSet{
+			max:       orDefault(s.MaxPendingHandshakes, DefaultMaxPendingHandshakes),
+			perSource: orDefault(s.MaxPendingHandshakesPerSource, DefaultMaxPendingHandshakesPerSource),
+			timeout:   timeout,
+			loaded:    min(orDefault(s.HandshakeTimeoutUnderLoad, DefaultHandshakeTimeoutUnderLoad), timeout),
+		}
+	}
+	pending := s.pending
 	s.listeners[ln] = struct{}{}
 	base := context.Background() // only when the caller gave no BaseContext
 	if s.BaseContext != nil {
@@ -107,9 +117,11 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		s.wg.Add(1)
 		s.mu.Unlock()
+		// Bounded before the goroutine starts: a flood sheds its own oldest.
+		pc := pending.add(nc, addrPort(nc.RemoteAddr()).Addr())
 		go func() {
 			defer s.wg.Done()
-			s.serveConn(ctx, nc)
+			s.serveConn(ctx, nc, pending, pc)
 		}()
 	}
 }
@@ -120,8 +132,9 @@ func (s *Server) reject(r Rejection) {
 	}
 }
 
-// serveConn runs the TLS handshake and the HTTP/2 connection.
-func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
+// serveConn runs the TLS handshake and the HTTP/2 connection. nc is
+// pending (pc, with its handshake deadline set) until the preface is read.
+func (s *Server) serveConn(ctx context.Context, nc net.Conn, pending *pendingSet, pc *pendingConn) {
 	log := s.logger()
 	local := addrPort(nc.LocalAddr())
 	remote := addrPort(nc.RemoteAddr())
@@ -141,7 +154,12 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 			return serverTLSConfig(svid, s.Certs), nil
 		},
 	}
-	nc.SetDeadline(time.Now().Add(orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout)))
+	handshaking := true
+	defer func() {
+		if handshaking {
+			pending.remove(pc)
+		}
+	}()
 	out := &batchConn{Conn: nc}
 	tc := tls.Server(out, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -169,6 +187,8 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) {
 		tc.Close()
 		return
 	}
+	handshaking = false
+	pending.remove(pc)
 	c := newConn(tc, out, true, log)
 	c.peer, c.local = peer, localID
 	c.maxStreams = orDefault(s.MaxConcurrentStreams, DefaultMaxConcurrentStreams)

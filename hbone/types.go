@@ -25,6 +25,11 @@ const (
 	DefaultKeepAlive            = 30 * time.Second
 	DefaultMaxHeaderBytes       = 16 << 10
 
+	// Bounds on a Server's connections still in their handshake.
+	DefaultMaxPendingHandshakes          = 1024
+	DefaultMaxPendingHandshakesPerSource = 64
+	DefaultHandshakeTimeoutUnderLoad     = 2 * time.Second
+
 	// Flow-control windows and frame size, as Istio's ztunnel uses them.
 	streamWindow = 4 << 20
 	connWindow   = 16 << 20
@@ -176,6 +181,21 @@ type Server struct {
 	// IdleTimeout closes connections without streams after this long
 	// (DefaultIdleTimeout if zero).
 	IdleTimeout time.Duration
+	// MaxPendingHandshakes bounds the accepted connections whose TLS
+	// handshake and HTTP/2 preface are not done yet, over all sources
+	// (DefaultMaxPendingHandshakes if zero). Each holds a goroutine and a
+	// file descriptor before the peer proved anything; when the bound is
+	// reached the oldest pending one is closed to make room, so a flood
+	// of idle connections cannot lock out legitimate clients.
+	MaxPendingHandshakes int
+	// MaxPendingHandshakesPerSource bounds them per source IP, the same
+	// way (DefaultMaxPendingHandshakesPerSource if zero).
+	MaxPendingHandshakesPerSource int
+	// HandshakeTimeoutUnderLoad replaces HandshakeTimeout while more than
+	// half of MaxPendingHandshakes are in use, for the new connections
+	// and the pending ones (DefaultHandshakeTimeoutUnderLoad if zero; never
+	// longer than HandshakeTimeout).
+	HandshakeTimeoutUnderLoad time.Duration
 	// KeepAlive: as Dialer.KeepAlive, it finds clients that vanished
 	// while their streams were open (DefaultKeepAlive if zero; negative:
 	// never).
@@ -200,6 +220,7 @@ type Server struct {
 	conns     map[*conn]struct{}
 	closed    bool                 // Close or Shutdown called
 	cancels   []context.CancelFunc // end each Serve's context (Close)
+	pending   *pendingSet          // connections in their handshake; set once by the first Serve
 	wg        sync.WaitGroup       // Serve loops, connections and handlers
 }
 

@@ -1,0 +1,164 @@
+package hbone
+
+import (
+	"context"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"testing"
+	"time"
+)
+
+// idleConns opens n TCP connections to addr from source IP src (a
+// loopback alias) that never send a byte, closed at the end of the test.
+func idleConns(t *testing.T, addr, src string, n int) []net.Conn {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	conns := make([]net.Conn, 0, n)
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for range n {
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatalf("idle connection %d from %s: %v", len(conns), src, err)
+		}
+		conns = append(conns, c)
+	}
+	return conns
+}
+
+// echoOnce dials through the server and checks one echo round trip.
+func echoOnce(t *testing.T, e *env, d *Dialer, timeout time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	s, err := d.Dial(ctx, e.request())
+	if err != nil {
+		t.Fatalf("legitimate dial after the flood: %v", err)
+	}
+	defer s.Close()
+	s.SetDeadline(time.Now().Add(timeout))
+	if _, err := s.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	s.CloseWrite()
+	got, err := io.ReadAll(s)
+	if err != nil || string(got) != "ping" {
+		t.Fatalf("echo after the flood: %q, %v", got, err)
+	}
+	return time.Since(start)
+}
+
+// waitLong polls cond until it holds or d passes.
+func waitLong(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func openFDs() int {
+	ents, _ := os.ReadDir("/proc/self/fd")
+	return len(ents)
+}
+
+// TestPendingHandshakeFlood: idle connections that never start their TLS
+// handshake, from several sources and from the legitimate client's own
+// source, beyond the bounds, do not keep a legitimate mTLS client out, and
+// the server's goroutines and descriptors for them stay bounded.
+func TestPendingHandshakeFlood(t *testing.T) {
+	checkGoroutines(t)
+	const max, perSource = 64, 16
+	e := newEnv(t, echo, func(s *Server) {
+		s.MaxPendingHandshakes = max
+		s.MaxPendingHandshakesPerSource = perSource
+	})
+	d := e.dialer()
+	echoOnce(t, e, d, 5*time.Second) // warm the certificates
+	d.Close()
+	goroutines, fds := runtime.NumGoroutine(), openFDs()
+
+	const perAttacker, attackers = 100, 8
+	for i := range attackers {
+		idleConns(t, e.addr.String(), "127.0.0."+string(rune('2'+i)), perAttacker)
+	}
+	// The legitimate client's own source floods too: its newest connection
+	// must still get in.
+	idleConns(t, e.addr.String(), "127.0.0.1", perAttacker)
+	const total = (attackers + 1) * perAttacker
+	waitLong(t, 10*time.Second, "the server to accept the flood", func() bool {
+		p, shed := e.server.pending.counts()
+		return p+shed == total
+	})
+	p, shed := e.server.pending.counts()
+	if p > max {
+		t.Errorf("%d pending handshakes, bound %d", p, max)
+	}
+	e.server.pending.mu.Lock()
+	for src, l := range e.server.pending.bySource {
+		if l.Len() > perSource {
+			t.Errorf("%d pending handshakes from %s, bound %d", l.Len(), src, perSource)
+		}
+	}
+	e.server.pending.mu.Unlock()
+	// The shed ones' goroutines end: the server holds at most max.
+	waitLong(t, 10*time.Second, "shed handshakes to end", func() bool {
+		return runtime.NumGoroutine() <= goroutines+max+8
+	})
+	// The client's idle sockets are in this process too: total of them,
+	// plus at most max server-side ones.
+	if n := openFDs() - fds; n > total+max+8 {
+		t.Errorf("%d more descriptors open, want at most %d (%d client sockets, %d pending)", n, total+max+8, total, max)
+	}
+	d = e.dialer()
+	took := echoOnce(t, e, d, 5*time.Second)
+	t.Logf("%d idle connections: %d pending, %d shed; legitimate CONNECT took %v", total, p, shed, took)
+	if took > 2*time.Second {
+		t.Errorf("legitimate CONNECT took %v", took)
+	}
+}
+
+// TestHandshakeTimeoutUnderLoad: once more than half of the pending budget
+// is in use, pending connections get the short deadline.
+func TestHandshakeTimeoutUnderLoad(t *testing.T) {
+	checkGoroutines(t)
+	const short = 300 * time.Millisecond
+	e := newEnv(t, echo, func(s *Server) {
+		s.MaxPendingHandshakes = 8
+		s.HandshakeTimeoutUnderLoad = short
+	})
+	// Four (half) keep the long deadline; the fifth puts all on the short one.
+	start := time.Now()
+	conns := idleConns(t, e.addr.String(), "127.0.0.2", 4)
+	waitLong(t, 5*time.Second, "the server to accept", func() bool { p, _ := e.server.pending.counts(); return p == 4 })
+	for _, c := range conns {
+		c.SetReadDeadline(time.Now().Add(short))
+		if _, err := c.Read(make([]byte, 1)); !isTimeout(err) {
+			t.Fatalf("closed under half the budget (%v): want the long deadline", err)
+		}
+	}
+	conns = append(conns, idleConns(t, e.addr.String(), "127.0.0.3", 1)...)
+	for i, c := range conns {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil || isTimeout(err) {
+			t.Fatalf("connection %d not closed under load: %v", i, err)
+		}
+	}
+	if el := time.Since(start); el > 3*time.Second {
+		t.Errorf("closed after %v, want about %v after the load began", el, short)
+	}
+}
+
+func isTimeout(err error) bool {
+	ne, ok := err.(net.Error)
+	return ok && ne.Timeout()
+}
