@@ -462,11 +462,17 @@ func (c *conn) readFrames() error {
 		case *http2.WindowUpdateFrame:
 			err = c.onWindowUpdate(f)
 		case *http2.RSTStreamFrame:
-			var err error = http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode}
-			if f.ErrCode == http2.ErrCodeRefusedStream {
-				err = errRefusedStream
+			c.mu.Lock()
+			idle := c.isIdleIDLocked(f.StreamID)
+			c.mu.Unlock()
+			if idle { // RFC 9113 5.1, 6.4
+				return http2.ConnectionError(http2.ErrCodeProtocol)
 			}
-			c.resetStream(f.StreamID, 0, err)
+			var rerr error = http2.StreamError{StreamID: f.StreamID, Code: f.ErrCode}
+			if f.ErrCode == http2.ErrCodeRefusedStream {
+				rerr = errRefusedStream
+			}
+			c.resetStream(f.StreamID, 0, rerr)
 		case *http2.SettingsFrame:
 			err = c.onSettings(f)
 		case *http2.PingFrame:
@@ -489,6 +495,11 @@ func (c *conn) readFrames() error {
 			c.mu.Unlock()
 		case *http2.PushPromiseFrame:
 			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		var se http2.StreamError
+		if errors.As(err, &se) {
+			c.resetStream(se.StreamID, se.Code, se)
+			continue
 		}
 		if err != nil {
 			return err
@@ -626,6 +637,9 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
+	} else if c.isIdleIDLocked(f.StreamID) { // RFC 9113 5.1, 6.9
+		c.mu.Unlock()
+		return http2.ConnectionError(http2.ErrCodeProtocol)
 	} else if s := c.streams[f.StreamID]; s != nil {
 		s.sendWindow += int64(f.Increment)
 		if overflow = s.sendWindow > math.MaxInt32; overflow {
@@ -692,13 +706,18 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	return nil
 }
 
-// isIdleIDLocked reports whether id was never opened (using it is a
-// connection error). c.mu must be held.
+// isIdleIDLocked reports whether stream id was never opened: above the
+// last one the client opened, or one the server would have opened (there
+// are no pushes). Frames other than HEADERS and PRIORITY on it are a
+// connection error (RFC 9113 5.1). c.mu must be held.
 func (c *conn) isIdleIDLocked(id uint32) bool {
-	if c.server {
-		return id%2 == 1 && id > c.lastPeerID
+	if id == 0 {
+		return false
 	}
-	return id%2 == 1 && id >= c.nextID
+	if c.server {
+		return id%2 == 0 || id > c.lastPeerID
+	}
+	return id%2 == 0 || id >= c.nextID
 }
 
 func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
@@ -707,8 +726,18 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	s := c.streams[id]
 	if s != nil {
 		defer c.mu.Unlock()
-		if c.server || s.answered {
-			// Trailers: they must end the stream.
+		switch {
+		case s.rclosed:
+			// The peer ended its side: nothing may follow (RFC 9113 5.1,
+			// half-closed (remote)).
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeStreamClosed}
+		case c.server || s.answered && s.status/100 == 2:
+			// Trailers on a CONNECT request or on an established tunnel:
+			// only DATA and stream management may follow the headers
+			// (RFC 9113 8.5), so it is reset, not taken for a FIN.
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
+		case s.answered:
+			// Trailers of a refusal: they must end the stream.
 			if !f.StreamEnded() {
 				return http2.ConnectionError(http2.ErrCodeProtocol)
 			}

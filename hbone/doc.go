@@ -75,6 +75,9 @@
 //		MaxConcurrentStreams int           // per connection; default DefaultMaxConcurrentStreams
 //		HandshakeTimeout     time.Duration // TLS handshake + preface + first request's headers; default DefaultHandshakeTimeout
 //		IdleTimeout          time.Duration // a connection without streams; default DefaultIdleTimeout
+//		MaxPendingHandshakes          int  // connections before their handshake, in total; default 1024
+//		MaxPendingHandshakesPerSource int  // the same per source IP; default 64
+//		HandshakeTimeoutUnderLoad     time.Duration // while over half of MaxPendingHandshakes are used; default 2s
 //		KeepAlive            time.Duration // as Dialer's
 //		BaseContext          func(ln net.Listener) context.Context // optional: the parent of handshakes' and handlers' contexts
 //		OnReject             func(Rejection) // optional: refused peers and requests (handshake, preface, bad_request), to count and log
@@ -121,6 +124,20 @@
 // (REFUSED_STREAM) and the Dialer retries them elsewhere, learning the
 // limit. Pooled connections keep the certificate they were made with; new
 // ones get the CertSource's current SVID.
+//
+// Unauthenticated connections are bounded: at most MaxPendingHandshakes
+// accepted connections may be in their TLS handshake or HTTP/2 preface at
+// once, and MaxPendingHandshakesPerSource from one source IP; past a bound
+// the oldest pending one is closed (a flood of idle connections sheds
+// itself, the newest, legitimate or not, gets in), and while more than
+// half of the total is in use every pending connection gets the shorter
+// HandshakeTimeoutUnderLoad.
+//
+// Protocol violations get RFC 9113's answers: frames other than HEADERS on
+// an idle stream close the connection (PROTOCOL_ERROR, GOAWAY); a HEADERS
+// frame after the peer's END_STREAM resets the stream (STREAM_CLOSED);
+// trailers on a CONNECT stream reset it (PROTOCOL_ERROR, 8.5), so the
+// upstream connection is closed rather than half-closed.
 //
 // The HTTP/2 framing is x/net/http2's Framer and hpack; the connection logic
 // (streams, flow control, settings) is this package's own, small because it
