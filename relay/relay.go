@@ -11,6 +11,11 @@
 // the other direction ends too. Join returns when both directions are done,
 // after closing both connections.
 //
+// Join keeps a connection as long as its peers do. A proxy facing untrusted
+// peers uses a Joiner instead, to close connections silent for its
+// IdleTimeout, to bound how long one stays half-closed (HalfCloseTimeout),
+// and to notice at once a reset of a TCP peer that had sent its FIN.
+//
 // Between two *net.TCPConn the kernel splices (io.Copy uses splice(2): no
 // copy through user space); otherwise each direction copies through a
 // pooled 64 KiB buffer, taken only while that direction runs.
@@ -19,9 +24,14 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
 )
 
 // Direction is one way through a Join.
@@ -57,11 +67,52 @@ type closeWriter interface{ CloseWrite() error }
 // Join copies a->b and b->a until both directions end, or one fails, or ctx
 // ends; then it closes a and b and returns the bytes copied each way and
 // the first error other than EOF or the close Join itself caused; ctx's
-// error if ctx ended first.
+// error if ctx ended first. It keeps a silent connection forever: see
+// Joiner for bounds.
 //
 // onBytes, if not nil, is called as bytes are written to the destination,
 // with their direction; the two directions call it concurrently.
 func Join(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64)) (aToB, bToA int64, err error) {
+	return run(ctx, a, b, onBytes, nil)
+}
+
+// Joiner is Join with bounds on how long a silent connection is kept: a
+// proxy facing untrusted peers sets them, so that connections whose peers
+// went quiet (or half-closed and then went quiet) are reclaimed. Its zero
+// value is Join: no bounds.
+type Joiner struct {
+	// IdleTimeout closes both connections (Join returns ErrIdle) when no
+	// byte moved either way for this long; 0: never. Sources are read with
+	// deadlines; a direction the kernel splices reports its bytes when its
+	// deadline passes, so a connection is closed between IdleTimeout and
+	// about twice that after its last byte.
+	IdleTimeout time.Duration
+	// HalfCloseTimeout bounds a half-closed connection: once one direction
+	// ended (its source sent EOF and its destination was half-closed), the
+	// other has this long to end too, then both are closed (Join returns
+	// ErrHalfClosed); 0: no bound.
+	HalfCloseTimeout time.Duration
+}
+
+// Errors Joiner.Join returns when it closed a connection for its bounds.
+var (
+	ErrIdle       = errors.New("relay: idle timeout")
+	ErrHalfClosed = errors.New("relay: half-closed too long")
+)
+
+// Join is the package's Join with j's bounds. With any bound set, a
+// half-closed TCP source is still watched (a TCP connection that sent its
+// FIN can still be reset): its reset closes both connections at once.
+func (j Joiner) Join(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64)) (aToB, bToA int64, err error) {
+	if j.IdleTimeout <= 0 && j.HalfCloseTimeout <= 0 {
+		return run(ctx, a, b, onBytes, nil)
+	}
+	w := &watch{j: j, src: [2]net.Conn{AToB: a, BToA: b}, onBytes: onBytes}
+	w.last.Store(time.Now().UnixNano())
+	return run(ctx, a, b, onBytes, w)
+}
+
+func run(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64), w *watch) (aToB, bToA int64, err error) {
 	var once sync.Once
 	closeBoth := func() {
 		once.Do(func() {
@@ -71,6 +122,10 @@ func Join(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64)
 	}
 	stop := context.AfterFunc(ctx, closeBoth)
 	defer stop()
+	if w != nil {
+		w.closeBoth = closeBoth
+		defer w.resets.Wait() // after closeBoth: the reset watchers end
+	}
 
 	type result struct {
 		n   int64
@@ -78,20 +133,26 @@ func Join(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64)
 	}
 	done := make(chan result, 1)
 	go func() {
-		n, err := half(b, a, AToB, onBytes)
+		n, err := half(b, a, AToB, onBytes, w)
 		if err != nil {
 			closeBoth() // unblock the other direction
 		}
 		done <- result{n, err}
 	}()
-	bToA, err1 := half(a, b, BToA, onBytes)
+	bToA, err1 := half(a, b, BToA, onBytes, w)
 	if err1 != nil {
 		closeBoth()
 	}
 	r := <-done
 	aToB = r.n
 	closeBoth()
-	for _, e := range []error{r.err, err1} {
+	errs := []error{r.err, err1}
+	if w != nil {
+		w.mu.Lock()
+		errs = append(errs, w.reset)
+		w.mu.Unlock()
+	}
+	for _, e := range errs {
 		if e != nil && err == nil && !errors.Is(e, net.ErrClosed) {
 			err = e
 		}
@@ -104,24 +165,158 @@ func Join(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64)
 
 // half copies src to dst until src's EOF, then half-closes dst (or closes
 // it, if it cannot half-close or the half-close fails: the peer is gone).
-func half(dst, src net.Conn, d Direction, onBytes func(Direction, int64)) (int64, error) {
-	n, err := copyConn(dst, src, d, onBytes)
+func half(dst, src net.Conn, d Direction, onBytes func(Direction, int64), w *watch) (int64, error) {
+	var n int64
+	var err error
+	if w == nil {
+		n, err = copyConn(dst, src, d, onBytes, false)
+	} else {
+		n, err = w.copy(dst, src, d)
+	}
 	if err != nil {
 		return n, err
 	}
 	if cw, ok := dst.(closeWriter); ok && cw.CloseWrite() == nil {
+		if w != nil {
+			w.ended(d)
+		}
 		return n, nil
 	}
 	dst.Close()
 	return n, nil
 }
 
+// watch is the state of a Joiner's bounds for one Join.
+type watch struct {
+	j         Joiner
+	src       [2]net.Conn // each direction's source, by Direction
+	onBytes   func(Direction, int64)
+	closeBoth func()
+	last      atomic.Int64   // unix nanoseconds of the last byte either way (or the start)
+	resets    sync.WaitGroup // reset watchers
+
+	// mu guards the fields below and the read deadlines of src.
+	mu      sync.Mutex
+	done    [2]bool   // the direction reached EOF and half-closed
+	doneAt  time.Time // when the first direction did
+	asker   int       // 1+the direction that found the connection idle and asks the other to confirm; 0: none
+	askedAt int64     // unix nanoseconds of the ask
+	reset   error     // a half-closed source's reset
+}
+
+// copy is copyConn that tells w about bytes and returns to w when src's
+// read deadline passes.
+func (w *watch) copy(dst, src net.Conn, d Direction) (int64, error) {
+	hook := func(d Direction, n int64) {
+		w.last.Store(time.Now().UnixNano())
+		if w.onBytes != nil {
+			w.onBytes(d, n)
+		}
+	}
+	w.mu.Lock()
+	w.armLocked(d, time.Now())
+	w.mu.Unlock()
+	var total int64
+	for {
+		n, err := copyConn(dst, src, d, hook, true)
+		total += n
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return total, err
+		}
+		if err := w.expired(d, n > 0); err != nil {
+			return total, err
+		}
+	}
+}
+
+// armLocked sets direction d's read deadline: the idle bound from the last
+// byte, and the half-close bound if the other direction ended. w.mu must
+// be held.
+func (w *watch) armLocked(d Direction, now time.Time) {
+	var dl time.Time
+	if idle := w.j.IdleTimeout; idle > 0 {
+		dl = time.Unix(0, w.last.Load()).Add(idle)
+		if !dl.After(now) {
+			dl = now.Add(idle)
+		}
+	}
+	if w.done[1-d] && w.j.HalfCloseTimeout > 0 {
+		if hd := w.doneAt.Add(w.j.HalfCloseTimeout); dl.IsZero() || hd.Before(dl) {
+			dl = hd
+		}
+	}
+	w.src[d].SetReadDeadline(dl)
+}
+
+// expired decides, when direction d's read deadline passed (progressed:
+// it moved bytes since its last report), whether a bound is reached; if
+// not it re-arms d's deadline. A direction that finds the connection idle
+// asks the other to confirm (its deadline is set to now, so a spliced
+// direction reports bytes it moved): the connection is closed when the
+// other finds no bytes either.
+func (w *watch) expired(d Direction, progressed bool) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	other := 1 - d
+	if w.done[other] && w.j.HalfCloseTimeout > 0 && !now.Before(w.doneAt.Add(w.j.HalfCloseTimeout)) {
+		return ErrHalfClosed
+	}
+	if idle := w.j.IdleTimeout; idle > 0 && !progressed {
+		last := w.last.Load()
+		if now.UnixNano()-last >= int64(idle) {
+			switch {
+			case w.done[other]: // it moves no more bytes
+				return ErrIdle
+			case w.asker == int(other)+1 && w.askedAt >= last: // confirmed
+				return ErrIdle
+			case w.asker == 0 || w.askedAt < last:
+				w.asker, w.askedAt = int(d)+1, now.UnixNano()
+				w.src[other].SetReadDeadline(now)
+			}
+		}
+	}
+	w.armLocked(d, now)
+	return nil
+}
+
+// ended records that direction d reached EOF and half-closed its
+// destination: the other direction gets the half-close bound, and a TCP
+// source is watched for a reset.
+func (w *watch) ended(d Direction) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	now := time.Now()
+	w.done[d] = true
+	if !w.done[1-d] {
+		w.doneAt = now
+		w.armLocked(1-d, now)
+	}
+	src := w.src[d]
+	src.SetReadDeadline(time.Time{})
+	if sc, ok := src.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			w.resets.Add(1)
+			go func() {
+				defer w.resets.Done()
+				if err := waitReset(rc); err != nil {
+					w.mu.Lock()
+					w.reset = fmt.Errorf("relay: %s source reset after its EOF: %w", d, err)
+					w.mu.Unlock()
+					w.closeBoth()
+				}
+			}()
+		}
+	}
+}
+
 // copyConn copies src to dst until src's EOF: spliced between TCP sockets,
 // else through a pooled buffer.
-func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64)) (int64, error) {
+// chunked: splice in SpliceChunk steps even without a hook.
+func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64), chunked bool) (int64, error) {
 	if dt, ok := dst.(*net.TCPConn); ok {
 		if st, ok := src.(*net.TCPConn); ok {
-			return splice(dt, st, d, onBytes)
+			return splice(dt, st, d, onBytes, chunked)
 		}
 	}
 	bp := bufs.Get().(*[]byte)
@@ -154,8 +349,8 @@ func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64)) (i
 
 // splice lets the kernel copy, SpliceChunk bytes at a time when there is a
 // hook to tell.
-func splice(dst, src *net.TCPConn, d Direction, onBytes func(Direction, int64)) (int64, error) {
-	if onBytes == nil {
+func splice(dst, src *net.TCPConn, d Direction, onBytes func(Direction, int64), chunked bool) (int64, error) {
+	if onBytes == nil && !chunked {
 		return io.Copy(dst, src)
 	}
 	var total int64
@@ -164,7 +359,7 @@ func splice(dst, src *net.TCPConn, d Direction, onBytes func(Direction, int64)) 
 		lr.N = SpliceChunk
 		n, err := dst.ReadFrom(lr)
 		total += n
-		if n > 0 {
+		if n > 0 && onBytes != nil {
 			onBytes(d, n)
 		}
 		if err != nil || n < SpliceChunk {

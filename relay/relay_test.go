@@ -219,11 +219,11 @@ func TestJoinError(t *testing.T) {
 func TestCopyAllocations(t *testing.T) {
 	data := strings.Repeat("z", 3*BufSize)
 	src, dst := &memConn{r: strings.NewReader(data)}, &memConn{}
-	copyConn(dst, src, AToB, nil) // warm the pool
+	copyConn(dst, src, AToB, nil, false) // warm the pool
 	var total int64
 	allocs := testing.AllocsPerRun(50, func() {
 		src.r.Reset(data)
-		n, _ := copyConn(dst, src, AToB, nil)
+		n, _ := copyConn(dst, src, AToB, nil, false)
 		total += n
 	})
 	if allocs > 1 || total == 0 {
