@@ -5,12 +5,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -29,7 +31,10 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/restmapper"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/ambit-mesh/ambit/ambitctl"
+	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/integration/kube"
 )
 
@@ -273,6 +278,40 @@ func TestCluster(t *testing.T) {
 	for _, sa := range []string{"default", "reviews"} { // no service-account controller here
 		must(cs.CoreV1().ServiceAccounts("shop").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}))
 	}
+
+	t.Run("precheck", func(t *testing.T) {
+		// Istio's Telemetry CRD installed by Helm, and a node on an old
+		// kernel
+		crd := &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+			"metadata": map[string]any{"name": "telemetries.telemetry.istio.io",
+				"labels":      map[string]any{"app.kubernetes.io/managed-by": "Helm"},
+				"annotations": map[string]any{"meta.helm.sh/release-name": "istio-base", "meta.helm.sh/release-namespace": "istio-system"}},
+			"spec": map[string]any{"group": "telemetry.istio.io", "scope": "Namespaced",
+				"names":    map[string]any{"kind": "Telemetry", "plural": "telemetries", "singular": "telemetry", "listKind": "TelemetryList"},
+				"versions": []any{map[string]any{"name": "v1", "served": true, "storage": true, "schema": map[string]any{"openAPIV3Schema": map[string]any{"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}},
+		}}
+		crdRes := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+		must(dyn.Resource(crdRes).Create(ctx, crd, metav1.CreateOptions{FieldManager: "helm"}))
+		for _, n := range []struct{ name, kernel string }{{"node-old", "5.15.0-91-generic"}, {"node-new", "6.8.0-45-generic"}} {
+			node := must(cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.name}}, metav1.CreateOptions{}))
+			node.Status.NodeInfo = corev1.NodeSystemInfo{KernelVersion: n.kernel, OSImage: "Ubuntu 24.04 LTS"}
+			must(cs.CoreV1().Nodes().UpdateStatus(ctx, node, metav1.UpdateOptions{}))
+		}
+		r := run(t, kc, "precheck")
+		if r.code != 1 || strings.TrimSpace(r.stderr) != "ambitctl: precheck found 1 error(s): see the ERROR lines above" {
+			t.Errorf("precheck: want exit 1 for the old kernel: %s", r)
+		}
+		golden(t, "precheck", regexp.MustCompile(`v1\.\d+\.\d+\S*`).ReplaceAllString(r.stdout, "v1.X"))
+		for _, n := range []string{"node-old", "node-new"} {
+			if err := cs.CoreV1().Nodes().Delete(ctx, n, metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if r := mustRun(t, kc, "precheck", "-o", "json"); !strings.Contains(r.stdout, `"status": "WARN"`) || !strings.Contains(r.stdout, "helm release istio-system/istio-base") {
+			t.Errorf("precheck -o json:\n%s", r.stdout)
+		}
+	})
 
 	t.Run("install", func(t *testing.T) {
 		r := mustRun(t, kc, "install", "--wait=false")
@@ -536,6 +575,45 @@ func TestCluster(t *testing.T) {
 		r := run(t, kc, "describe", "pod", "nope", "-n", "desc")
 		if r.code != 1 || strings.TrimSpace(r.stderr) != "ambitctl: pod desc/nope not found (wrong -n?)" {
 			t.Errorf("describe of a missing pod: %s", r)
+		}
+	})
+
+	t.Run("check", func(t *testing.T) {
+		// just installed, nothing running
+		r := run(t, kc, "check")
+		if r.code != 1 {
+			t.Errorf("check with nothing running: want exit 1: %s", r)
+		}
+		golden(t, "check-not-running", r.stdout)
+
+		// what the controllers and istiod-lite would report
+		d := must(cs.AppsV1().Deployments("ambit-system").Get(ctx, "istiod-lite", metav1.GetOptions{}))
+		d.Status = appsv1.DeploymentStatus{ObservedGeneration: d.Generation, Replicas: 2, UpdatedReplicas: 2, ReadyReplicas: 2, AvailableReplicas: 2,
+			Conditions: []appsv1.DeploymentCondition{{Type: appsv1.DeploymentAvailable, Status: corev1.ConditionTrue, Reason: "MinimumReplicasAvailable"}}}
+		must(cs.AppsV1().Deployments("ambit-system").UpdateStatus(ctx, d, metav1.UpdateOptions{}))
+		ds := must(cs.AppsV1().DaemonSets("ambit-system").Get(ctx, "ztunnel", metav1.GetOptions{}))
+		ds.Status = appsv1.DaemonSetStatus{ObservedGeneration: ds.Generation, DesiredNumberScheduled: 3, CurrentNumberScheduled: 3, NumberReady: 3, NumberAvailable: 3, UpdatedNumberScheduled: 3}
+		must(cs.AppsV1().DaemonSets("ambit-system").UpdateStatus(ctx, ds, metav1.UpdateOptions{}))
+		gcRes := schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "gatewayclasses"}
+		gc := must(dyn.Resource(gcRes).Get(ctx, "istio-waypoint", metav1.GetOptions{}))
+		gc.Object["status"] = map[string]any{"conditions": []any{map[string]any{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+			"lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": gc.GetGeneration()}}}
+		must(dyn.Resource(gcRes).UpdateStatus(ctx, gc, metav1.UpdateOptions{}))
+		authority, err := certs.NewSelfSignedCA(spiffeid.RequireTrustDomainFromString("cluster.local"), certs.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		root := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: authority.SigningCertificate().Raw})
+		must(cs.CoreV1().ConfigMaps("ambit-system").Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "ambit-ca-root"},
+			Data: map[string]string{"root-cert.pem": string(root)}}, metav1.CreateOptions{}))
+		r = mustRun(t, kc, "check")
+		masked := regexp.MustCompile(`\(serial [0-9a-f]+\) valid until \S+: expires in \d+ days`).ReplaceAllString(r.stdout, "(serial <serial>) valid until <time>: expires in <n> days")
+		masked = regexp.MustCompile(`CN=ambit root CA \S+`).ReplaceAllString(masked, "CN=ambit root CA <time>")
+		golden(t, "check-ready", masked)
+		// a root about to expire is a warning, not an error
+		r = mustRun(t, kc, "check", "--warn-within", "876000h")
+		if !strings.Contains(r.stdout, "WARN") || !strings.Contains(r.stdout, "rotate the CA") {
+			t.Errorf("check --warn-within: %s", r)
 		}
 	})
 

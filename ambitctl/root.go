@@ -94,6 +94,8 @@ the mesh is told to do.`,
 		newProxyConfigCommand(g),
 		newProxyStatusCommand(g),
 		newDescribeCommand(g),
+		newPrecheckCommand(g),
+		newCheckCommand(g),
 	)
 	root.CompletionOptions.HiddenDefaultCmd = false
 	return root
