@@ -8,6 +8,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/relay"
 )
 
 // Config configures a Proxy. Store is required; every other field is
@@ -72,6 +73,14 @@ type Config struct {
 	// DrainTimeout bounds how long Run lets connections finish after its
 	// context ends (DefaultDrainTimeout if zero; negative: close at once).
 	DrainTimeout time.Duration
+	// IdleTimeout closes a proxied connection through which no byte moved
+	// either way for this long (DefaultIdleTimeout if zero; negative:
+	// never).
+	IdleTimeout time.Duration
+	// HalfCloseTimeout bounds how long a proxied connection stays
+	// half-closed: after one side's FIN, the other has this long to end
+	// too (DefaultHalfCloseTimeout if zero; negative: no bound).
+	HalfCloseTimeout time.Duration
 	// Logger receives structured logs and one access-log line per
 	// connection (nil: discard).
 	Logger *slog.Logger
@@ -79,6 +88,16 @@ type Config struct {
 
 // DefaultDrainTimeout is how long connections may finish after shutdown starts.
 const DefaultDrainTimeout = 30 * time.Second
+
+// Bounds on silent connections (relay.Joiner). The idle timeout is Envoy's
+// TCP proxy default, which Istio's sidecars and waypoints keep: long-lived
+// quiet connections (databases, message brokers) are expected to use TCP
+// keep-alives or their own pings. The half-close bound reclaims
+// connections whose client sent its FIN and whose upstream never answers.
+const (
+	DefaultIdleTimeout      = time.Hour
+	DefaultHalfCloseTimeout = 5 * time.Minute
+)
 
 // Capture steers the node's enrolled workloads' traffic to the proxy (the
 // bpf package's loader implements it in the node agent).
@@ -102,6 +121,25 @@ func (c *Config) drainTimeout() time.Duration {
 		return 0
 	}
 	return c.DrainTimeout
+}
+
+// joiner is the relay with the bounds on silent connections.
+func (c *Config) joiner() relay.Joiner {
+	return relay.Joiner{
+		IdleTimeout:      positive(c.IdleTimeout, DefaultIdleTimeout),
+		HalfCloseTimeout: positive(c.HalfCloseTimeout, DefaultHalfCloseTimeout),
+	}
+}
+
+// positive returns d, def if d is zero, 0 (none) if d is negative.
+func positive(d, def time.Duration) time.Duration {
+	switch {
+	case d == 0:
+		return def
+	case d < 0:
+		return 0
+	}
+	return d
 }
 
 func (c *Config) hboneDialAddr(a netip.AddrPort) netip.AddrPort {

@@ -7,7 +7,6 @@ import (
 	"net/netip"
 
 	"github.com/ambit-mesh/ambit/model"
-	"github.com/ambit-mesh/ambit/relay"
 	"github.com/ambit-mesh/ambit/telemetry"
 )
 
@@ -65,11 +64,12 @@ func peer(w *model.Workload, p telemetry.Peer) telemetry.Peer {
 }
 
 // relay counts c as opened and established, then copies between client and
-// upstream (relay.Join), adding bytes to the Istio counters as they move.
+// upstream (relay.Joiner: the bounds on silent connections), adding bytes
+// to the Istio counters as they move.
 func (p *Proxy) relay(ctx context.Context, c *conn, client, upstream net.Conn) error {
 	c.fill()
 	p.conns.Establish(&c.Conn)
-	_, _, err := relay.Join(ctx, client, upstream, c.Count)
+	_, _, err := p.cfg.joiner().Join(ctx, client, upstream, c.Count)
 	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
 		err = nil // ended by the proxy or by the pod leaving, not failed
 	}
