@@ -113,7 +113,10 @@ func (c *cluster) podAdmin(ctx context.Context, pod *corev1.Pod, port int) (*adm
 	select {
 	case <-ready:
 	case err := <-done:
-		return nil, c.explain("port-forward to "+what, err)
+		if err == nil {
+			err = errors.New("forwarding ended before it was ready")
+		}
+		return nil, c.explain("port-forward to "+what+" on node "+orNone(pod.Spec.NodeName)+" (through the API server and the node's kubelet)", err)
 	case <-ctx.Done():
 		closer()
 		return nil, fmt.Errorf("port-forward to %s: %w", what, ctx.Err())

@@ -572,6 +572,24 @@ func TestCluster(t *testing.T) {
 		} {
 			golden(t, tc.golden, mustRun(t, kc, "describe", tc.kind, tc.name, "-n", tc.ns).stdout)
 		}
+		// The admin commands pick the pod and port-forward through the API
+		// server; without a kubelet the forward fails, in one line naming
+		// the pod (the forwarded path itself is untested here).
+		for _, tc := range []struct {
+			args []string
+			want string
+		}{
+			{[]string{"ztunnel-config", "workloads", "--node", "node-1"}, "port-forward to pod ambit-system/ztunnel-n1 on node node-1 (through the API server and the node's kubelet)"},
+			{[]string{"ztunnel-config", "workloads", "--node", "node-9"}, "no running ztunnel pod on node node-9"},
+			{[]string{"proxy-config", "routes", "--waypoint", "wp", "-n", "desc"}, "no running waypoint wp pod in namespace desc"},
+			{[]string{"proxy-status"}, "no running istiod-lite pod in namespace ambit-system"},
+		} {
+			r := run(t, kc, tc.args...)
+			if r.code != 1 || !strings.Contains(r.stderr, tc.want) || strings.Count(strings.TrimSpace(r.stderr), "\n") != 0 {
+				t.Errorf("%v: want one line with %q: %s", tc.args, tc.want, r)
+			}
+		}
+
 		r := run(t, kc, "describe", "pod", "nope", "-n", "desc")
 		if r.code != 1 || strings.TrimSpace(r.stderr) != "ambitctl: pod desc/nope not found (wrong -n?)" {
 			t.Errorf("describe of a missing pod: %s", r)
