@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
 
 	"github.com/ambit-mesh/ambit/integration/app"
@@ -153,6 +154,9 @@ spec:
 		var sendErr error
 		stop := make(chan struct{})
 		sent := make(chan struct{})
+		var stopOnce sync.Once
+		stopSending := func() { stopOnce.Do(func() { close(stop); <-sent }) }
+		defer stopSending() // also when the test fails below
 		go func() {
 			defer close(sent)
 			for {
@@ -170,6 +174,38 @@ spec:
 				mu.Unlock()
 			}
 		}()
+		// A watch tells when the API server stored the change.
+		gwc, err := gwclient.NewForConfig(e.cluster.Config())
+		if err != nil {
+			t.Fatal(err)
+		}
+		cur, err := gwc.GatewayV1().HTTPRoutes(shop).Get(ctx, "reviews", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stored := make(chan time.Time, 1)
+		watchCtx, stopWatch := context.WithCancel(ctx)
+		defer stopWatch()
+		go func() {
+			rv := cur.ResourceVersion
+			for watchCtx.Err() == nil {
+				w, err := gwc.GatewayV1().HTTPRoutes(shop).Watch(watchCtx, metav1.ListOptions{FieldSelector: "metadata.name=reviews", ResourceVersion: rv})
+				if err != nil {
+					time.Sleep(10 * time.Millisecond)
+					continue
+				}
+				for ev := range w.ResultChan() {
+					if r, ok := ev.Object.(*gwv1.HTTPRoute); ok {
+						if r.Generation > cur.Generation {
+							stored <- time.Now()
+							w.Stop()
+							return
+						}
+						rv = r.ResourceVersion
+					}
+				}
+			}
+		}()
 		start := time.Now()
 		e.kubectlApply(t, fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -179,7 +215,13 @@ spec:
   rules:
   - backendRefs: [{name: reviews-v1, port: 80, weight: 50}, {name: reviews-v2, port: 80, weight: 50}]
 `, shop))
-		applied := time.Now() // kubectl returned: the API server has the change
+		applied := time.Now() // kubectl returned
+		var storedAt time.Time
+		select {
+		case storedAt = <-stored:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no watch event for the re-weighted HTTPRoute")
+		}
 		var seen time.Time
 		for i := 0; seen.IsZero(); {
 			mu.Lock()
@@ -197,21 +239,19 @@ spec:
 			}
 			mu.Unlock()
 			if time.Since(start) > 30*time.Second {
-				close(stop)
 				t.Fatalf("clients still see the old split 30s after the re-weight")
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
-		close(stop)
-		<-sent
+		stopSending()
 		if sendErr != nil {
 			t.Fatal(sendErr)
 		}
-		took := seen.Sub(applied)
-		t.Logf("re-weighted to 50/50 (%d requests sent meanwhile): clients saw the new split %s after kubectl apply started, %s after it returned (kubectl itself took %s)",
-			len(answers), seen.Sub(start).Round(time.Millisecond), took.Round(time.Millisecond), applied.Sub(start).Round(time.Millisecond))
+		took := seen.Sub(storedAt)
+		t.Logf("re-weighted to 50/50 (%d requests sent meanwhile): clients saw the new split %s after the API server stored the change (watch event), %s after kubectl apply started, %s after it returned (kubectl itself took %s)",
+			len(answers), took.Round(time.Millisecond), seen.Sub(start).Round(time.Millisecond), seen.Sub(applied).Round(time.Millisecond), applied.Sub(start).Round(time.Millisecond))
 		if took > 2*time.Second {
-			t.Errorf("the new split took %s to show after the apply, want under 2s", took)
+			t.Errorf("the new split took %s to show after the change was stored, want under 2s", took)
 		}
 		v2 = e.split(t, client, reviews, 1000)
 		t.Logf("50/50 over 1000 requests: v2 %.1f%%", v2)
@@ -326,6 +366,15 @@ spec:
 		// The client dials a waypoint-bound pod directly: its ztunnel
 		// tunnels to the pod's ztunnel with the client's identity, which
 		// only the waypoint's may use for that pod.
+		// reviews-v1 runs on node-1: its ztunnel refuses and counts it.
+		refused := func() float64 {
+			n, err := e.m.Metrics(ctx, "node-1", "ambit_ztunnel_waypoint_bypass_refused_total", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		before := refused()
 		direct := fmt.Sprintf("http://%s/", e.addr("shop/reviews-v1", 8080))
 		c := e.httpClient("shop/client-1", false)
 		code, from, err := get(c, http.MethodGet, direct)
@@ -333,8 +382,15 @@ spec:
 		if err == nil {
 			t.Errorf("a direct connection to a waypoint-bound pod was served (%d by %s): the waypoint was bypassed", code, from)
 		}
-		n, err := e.m.Metrics(ctx, "node-1", "ambit_ztunnel_waypoint_bypass_refused_total", nil)
-		t.Logf("node-1 ztunnel ambit_ztunnel_waypoint_bypass_refused_total = %v (%v)", n, err)
+		var after float64
+		if !eventually(5*time.Second, func() bool { after = refused(); return after > before }) {
+			t.Errorf("node-1's ztunnel counted no bypass refusal (ambit_ztunnel_waypoint_bypass_refused_total %v -> %v)", before, after)
+		}
+		t.Logf("node-1 ztunnel ambit_ztunnel_waypoint_bypass_refused_total %v -> %v", before, after)
+		// Through the service (and so the waypoint) the same client is served.
+		if code, from, err := get(c, http.MethodGet, fmt.Sprintf("http://%s/", netip.AddrPortFrom(vips["reviews"], 80))); err != nil || code != http.StatusOK {
+			t.Errorf("through the waypoint: %d from %q, %v", code, from, err)
+		}
 	})
 
 	t.Run("6-waypoint-killed-fails-closed", func(t *testing.T) {
