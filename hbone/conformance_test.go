@@ -210,6 +210,20 @@ func TestProtocolViolations(t *testing.T) {
 		rc.connect(e, 3, false)
 		rc.expectStatus(3, "200")
 	})
+	t.Run("HEADERS on a closed stream", func(t *testing.T) {
+		rc := newRawClient(t, e)
+		rc.headers(1, true, []hpack.HeaderField{{Name: ":method", Value: "GET"}, {Name: ":authority", Value: e.target.String()}})
+		rc.expectStatus(1, "400")
+		rc.connect(e, 1, false)
+		rc.expectGoAway(http2.ErrCodeStreamClosed)
+	})
+	t.Run("PRIORITY on itself", func(t *testing.T) {
+		rc := newRawClient(t, e)
+		rc.fr.WritePriority(1, http2.PriorityParam{StreamDep: 1})
+		rc.expectReset(1, http2.ErrCodeProtocol)
+		rc.connect(e, 3, false)
+		rc.expectStatus(3, "200")
+	})
 	for _, end := range []bool{true, false} {
 		name := "trailers on a tunnel"
 		if !end {

@@ -493,6 +493,10 @@ func (c *conn) readFrames() error {
 			}
 			c.maybeIdleLocked()
 			c.mu.Unlock()
+		case *http2.PriorityFrame:
+			if f.StreamDep == f.StreamID { // RFC 9113 5.3.1
+				err = http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeProtocol}
+			}
 		case *http2.PushPromiseFrame:
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
@@ -722,6 +726,14 @@ func (c *conn) isIdleIDLocked(id uint32) bool {
 
 func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	id := f.StreamID
+	if f.HasPriority() && f.Priority.StreamDep == id { // RFC 9113 5.3.1
+		if c.server {
+			c.mu.Lock()
+			c.lastPeerID = max(c.lastPeerID, id)
+			c.mu.Unlock()
+		}
+		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol}
+	}
 	c.mu.Lock()
 	s := c.streams[id]
 	if s != nil {
@@ -769,9 +781,13 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	if !c.server || id%2 == 0 || id <= c.lastPeerID {
 		late := !c.server && !c.isIdleIDLocked(id) // headers for a stream we closed
+		closed := c.server && id%2 == 1 && id <= c.lastPeerID
 		c.mu.Unlock()
-		if late {
+		switch {
+		case late:
 			return nil
+		case closed: // RFC 9113 5.1: a closed stream
+			return http2.ConnectionError(http2.ErrCodeStreamClosed)
 		}
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}

@@ -137,7 +137,14 @@
 // an idle stream close the connection (PROTOCOL_ERROR, GOAWAY); a HEADERS
 // frame after the peer's END_STREAM resets the stream (STREAM_CLOSED);
 // trailers on a CONNECT stream reset it (PROTOCOL_ERROR, 8.5), so the
-// upstream connection is closed rather than half-closed.
+// upstream connection is closed rather than half-closed; HEADERS on a
+// closed stream close the connection (STREAM_CLOSED); a stream depending on
+// itself is reset. TestH2Spec runs the h2spec suite when H2SPEC names its
+// binary: 80 of 94 pass (x/net/http2's server: 84). The failures are
+// by design: a frame over 16 KiB is within the 1 MiB we advertise; a
+// request that is not a CONNECT is answered 400 and closed (RFC 9113 8.1.1
+// allows a response before the reset), so h2spec's malformed-request and
+// stream-limit cases see a response instead of RST_STREAM.
 //
 // The HTTP/2 framing is x/net/http2's Framer and hpack; the connection logic
 // (streams, flow control, settings) is this package's own, small because it

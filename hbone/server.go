@@ -338,6 +338,13 @@ func (r *Request) respond(status int, end bool) error {
 		c.mu.Unlock()
 		return err
 	}
+	if end {
+		// Ended before it is written: a client that reads the answer and
+		// sends on the stream again finds it closed, not half-closed.
+		s.answered = true
+		s.wclosed = true
+		c.maybeDoneLocked(s)
+	}
 	c.mu.Unlock()
 	c.lockWrite()
 	err := c.writeHeadersLocked(s.id, end, []hpack.HeaderField{{Name: ":status", Value: strconv.Itoa(status)}})
@@ -348,13 +355,11 @@ func (r *Request) respond(status int, end bool) error {
 		c.close(fmt.Errorf("hbone: write: %w", err))
 		return err
 	}
-	c.mu.Lock()
-	s.answered = true
-	if end {
-		s.wclosed = true
-		c.maybeDoneLocked(s)
+	if !end {
+		c.mu.Lock()
+		s.answered = true
+		c.mu.Unlock()
 	}
-	c.mu.Unlock()
 	return nil
 }
 
