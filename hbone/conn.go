@@ -500,12 +500,12 @@ func (c *conn) readFrames() error {
 		case *http2.PushPromiseFrame:
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
-		var se http2.StreamError
-		if errors.As(err, &se) {
-			c.resetStream(se.StreamID, se.Code, se)
-			continue
-		}
 		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.resetStream(se.StreamID, se.Code, se)
+				continue
+			}
 			return err
 		}
 	}
