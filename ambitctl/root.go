@@ -1,8 +1,12 @@
 // Package ambitctl is ambit's command line, in the manner of istioctl: cobra
 // commands over client-go that install ambit from the manifests embedded in
-// the binary, enroll namespaces, manage waypoints and analyze configuration.
-// cmd/ambitctl is a thin main around Run; the pure analysis lives in
-// ambitctl/analyzer.
+// the binary (precheck before, check after), enroll namespaces, manage
+// waypoints, analyze configuration, describe how the mesh treats a pod or
+// service, and read the proxies' and istiod-lite's admin APIs
+// (ztunnel-config, proxy-config, proxy-status) through a port-forward or
+// directly. cmd/ambitctl is a thin main around Run; the pure analysis lives
+// in ambitctl/analyzer, the image builder of `make images` in
+// ambitctl/images.
 package ambitctl
 
 import (
@@ -74,10 +78,13 @@ func NewCommand() *cobra.Command {
 Enroll a namespace with the label istio.io/dataplane-mode=ambient, deploy a
 waypoint per namespace or service account for L7 features, and analyze what
 the mesh is told to do.`,
-		Example: `  ambitctl install
+		Example: `  ambitctl precheck && ambitctl install && ambitctl check
   ambitctl enroll demo
   ambitctl waypoint apply -n demo --enroll-namespace --wait
-  ambitctl analyze -A`,
+  ambitctl analyze -A
+  ambitctl describe pod reviews-v1-7d9f-x2 -n demo
+  ambitctl proxy-status
+  ambitctl ztunnel-config connections --node worker-1`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
