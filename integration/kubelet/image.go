@@ -58,9 +58,6 @@ type containerSpec struct {
 // command[1:] and args follow, $(VAR) expanded.
 func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c corev1.Container, dir string) (*containerSpec, error) {
 	bin := k.Images[c.Image]
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
 	vols, err := k.volumes(ctx, pod, c, dir)
 	if err != nil {
 		return nil, err
@@ -160,6 +157,9 @@ func expand(s string, vars map[string]string) string {
 // volumes materializes the volumes container c mounts under dir and returns
 // mountPath -> directory.
 func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Container, dir string) (map[string]string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
 	out := map[string]string{}
 	for _, m := range c.VolumeMounts {
 		i := slices.IndexFunc(pod.Spec.Volumes, func(v corev1.Volume) bool { return v.Name == m.Name })

@@ -159,6 +159,17 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 		k.mu.Unlock()
 		return k.setStatus(ctx, pod, k.Node.IP.String(), true)
 	}
+	// An image-run container's volumes first: one that cannot be made yet
+	// (a ConfigMap not there) is retried before any network or status
+	// exists, whose writes would wake this loop again at once.
+	dir := filepath.Join(k.workDir(), pod.Namespace+"."+pod.Name)
+	for _, c := range pod.Spec.Containers {
+		if _, ok := k.Images[c.Image]; ok {
+			if _, err := k.volumes(ctx, pod, c, dir); err != nil {
+				return fmt.Errorf("container %s: %w", c.Name, err)
+			}
+		}
+	}
 	p, err := k.Node.AddPod(pod.Namespace + "." + pod.Name)
 	if err != nil {
 		return err
@@ -174,7 +185,6 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 			return fmt.Errorf("prepare: %w", err)
 		}
 	}
-	dir := filepath.Join(k.workDir(), pod.Namespace+"."+pod.Name)
 	ran := false
 	for _, c := range pod.Spec.Containers {
 		if _, ok := k.Images[c.Image]; ok {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -145,11 +147,15 @@ func TestKubeletRunsMappedImages(t *testing.T) {
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := cs.CoreV1().ServiceAccounts("shop").Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "proxy"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := cs.CoreV1().ConfigMaps("shop").Create(ctx, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "roots"}, Data: map[string]string{"root-cert.pem": "PEM"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	work := t.TempDir()
 	kl := &Kubelet{Client: cs, Node: topo.Nodes[0], WorkDir: work, RestartDelay: 200 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(tWriter{t}, nil)),
 		Images: map[string]string{"example/proxy:1": py},
 		Token: func(_ context.Context, pod *corev1.Pod, aud string) (string, error) {
 			return "token-of-" + pod.Name + "-for-" + aud, nil
@@ -178,7 +184,7 @@ http.server.HTTPServer(("", 8080), http.server.SimpleHTTPRequestHandler).serve_f
 	exp := int64(3600)
 	pod := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "proxy-0", Namespace: "shop"},
-		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "proxy", Containers: []corev1.Container{{
+		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "proxy", AutomountServiceAccountToken: ptr(false), Containers: []corev1.Container{{
 			Name: "proxy", Image: "example/proxy:1",
 			Command: []string{"/proxy", "-c", script, "/data", "--name=$(POD_NAME)"},
 			Env: []corev1.EnvVar{
@@ -250,3 +256,12 @@ http.server.HTTPServer(("", 8080), http.server.SimpleHTTPRequestHandler).serve_f
 	ready(false)
 	ready(true) // restarted
 }
+
+type tWriter struct{ t *testing.T }
+
+func (w tWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+func ptr[T any](v T) *T { return &v }
