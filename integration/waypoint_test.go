@@ -650,16 +650,6 @@ func (e *env) split(t *testing.T, c *http.Client, url string, n int) float64 {
 	return 100 * float64(by["reviews-v2"]) / float64(total)
 }
 
-func count(bs []bool) int {
-	n := 0
-	for _, b := range bs {
-		if b {
-			n++
-		}
-	}
-	return n
-}
-
 // httpClient makes HTTP requests from inside pod key (captured like any
 // of its connections), keeping connections alive or not.
 func (e *env) httpClient(key string, keepAlive bool) *http.Client {
