@@ -20,6 +20,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/ambitctl"
 	"github.com/ambit-mesh/ambit/certs"
+	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/istiod-lite/envoy"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/model"
@@ -337,6 +338,34 @@ func TestProxyConfig(t *testing.T) {
 		}
 		if e["clusters"] == nil || e["clusterLoadAssignments"] == nil {
 			t.Errorf("endpoints as YAML: %v", e)
+		}
+	})
+	t.Run("ejection", func(t *testing.T) {
+		// reviews-v1's DestinationRule ejects a host after one failure; its
+		// only endpoint's HBONE port has nothing behind it
+		d := &hbone.Dialer{Certs: mgr}
+		defer d.Close()
+		client := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/client")
+		hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return d.Dial(ctx, hbone.DialRequest{Source: client, Peers: []spiffeid.ID{id}, Addr: ls.HBONE.Addr().(*net.TCPAddr).AddrPort(),
+				Target: netip.MustParseAddrPort("10.96.0.11:9080")})
+		}}}
+		defer hc.CloseIdleConnections()
+		resp, err := hc.Get("http://reviews-v1.shop.svc.cluster.local:9080/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Fatalf("status %d, want 503 (no endpoint listening)", resp.StatusCode)
+		}
+		out := mustCLI(t, "proxy-config", "endpoints", "--address", admin)
+		if !regexp.MustCompile(`outbound\|9080\|\|reviews-v1\S+ +127\.83\.41\.21:8080 \(HBONE 15008\) +reviews-v1-0 +\S+ +EJECTED until \S+ +1 `).MatchString(out) {
+			t.Errorf("reviews-v1's endpoint not shown ejected once:\n%s", out)
+		}
+		golden(t, "proxy-config-endpoints-ejected", mask(out))
+		if out := mustCLI(t, "proxy-config", "clusters", "--address", admin); !regexp.MustCompile(`reviews-v1\S+ +EDS +ROUND_ROBIN +0/1 .* 1 5xx/10s +1\n`).MatchString(out) {
+			t.Errorf("reviews-v1's cluster: want 0/1 healthy, outlier 1 5xx/10s, 1 ejection:\n%s", out)
 		}
 	})
 	t.Run("needs a target", func(t *testing.T) {
