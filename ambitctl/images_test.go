@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/validate"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 
 	"github.com/ambit-mesh/ambit/ambitctl/images"
@@ -99,6 +100,14 @@ func TestImages(t *testing.T) {
 			fromLayout, err := idx.Image(im.Digest)
 			if err != nil {
 				t.Fatal(err)
+			}
+			// digests, sizes and diff IDs consistent, as a registry or
+			// docker load checks them
+			if err := validate.Image(fromLayout); err != nil {
+				t.Errorf("OCI layout image invalid: %v", err)
+			}
+			if err := validate.Image(fromTar); err != nil {
+				t.Errorf("docker tarball image invalid: %v", err)
 			}
 			c1, _ := fromTar.ConfigName()
 			c2, _ := fromLayout.ConfigName()
