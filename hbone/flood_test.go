@@ -96,20 +96,21 @@ func TestPendingHandshakeFlood(t *testing.T) {
 	idleConns(t, e.addr.String(), "127.0.0.1", perAttacker)
 	const total = (attackers + 1) * perAttacker
 	waitLong(t, 10*time.Second, "the server to accept the flood", func() bool {
-		p, shed := e.server.pending.counts()
+		p, shed := pendingOf(e.server).counts()
 		return p+shed == total
 	})
-	p, shed := e.server.pending.counts()
+	p, shed := pendingOf(e.server).counts()
 	if p > max {
 		t.Errorf("%d pending handshakes, bound %d", p, max)
 	}
-	e.server.pending.mu.Lock()
-	for src, l := range e.server.pending.bySource {
+	ps := pendingOf(e.server)
+	ps.mu.Lock()
+	for src, l := range ps.bySource {
 		if l.Len() > perSource {
 			t.Errorf("%d pending handshakes from %s, bound %d", l.Len(), src, perSource)
 		}
 	}
-	e.server.pending.mu.Unlock()
+	ps.mu.Unlock()
 	// The shed ones' goroutines end: the server holds at most max.
 	waitLong(t, 10*time.Second, "shed handshakes to end", func() bool {
 		return runtime.NumGoroutine() <= goroutines+max+8
@@ -139,7 +140,7 @@ func TestHandshakeTimeoutUnderLoad(t *testing.T) {
 	// Four (half) keep the long deadline; the fifth puts all on the short one.
 	start := time.Now()
 	conns := idleConns(t, e.addr.String(), "127.0.0.2", 4)
-	waitLong(t, 5*time.Second, "the server to accept", func() bool { p, _ := e.server.pending.counts(); return p == 4 })
+	waitLong(t, 5*time.Second, "the server to accept", func() bool { p, _ := pendingOf(e.server).counts(); return p == 4 })
 	for _, c := range conns {
 		c.SetReadDeadline(time.Now().Add(short))
 		if _, err := c.Read(make([]byte, 1)); !isTimeout(err) {
@@ -161,4 +162,15 @@ func TestHandshakeTimeoutUnderLoad(t *testing.T) {
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
+}
+
+// pendingOf returns the server's pending set, once Serve made it (an
+// empty one before).
+func pendingOf(s *Server) *pendingSet {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending == nil {
+		return &pendingSet{}
+	}
+	return s.pending
 }
