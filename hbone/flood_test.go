@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"testing"
@@ -173,4 +174,40 @@ func pendingOf(s *Server) *pendingSet {
 		return &pendingSet{}
 	}
 	return s.pending
+}
+
+// TestPendingSetBounds: with a bound of one per source, each new
+// connection sheds its source's previous one, and the counts stay exact.
+func TestPendingSetBounds(t *testing.T) {
+	p := &pendingSet{max: 3, perSource: 1, timeout: time.Minute, loaded: time.Minute}
+	src := [2]netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2")}
+	var pcs []*pendingConn
+	var closed []net.Conn
+	for i := range 6 {
+		a, b := net.Pipe()
+		closed = append(closed, b)
+		pcs = append(pcs, p.add(a, src[i%2]))
+		if n, _ := p.counts(); n > 2 {
+			t.Fatalf("%d pending from 2 sources with one each", n)
+		}
+		if l := p.bySource[src[i%2]]; l == nil || l.Len() != 1 {
+			t.Fatalf("source %s: its newest connection is not tracked", src[i%2])
+		}
+	}
+	for _, pc := range pcs {
+		p.remove(pc)
+	}
+	if n, shed := p.counts(); n != 0 || shed != 4 || len(p.bySource) != 0 || p.long != 0 {
+		t.Fatalf("after removing all: %d pending, %d shed, %d sources, %d long", n, shed, len(p.bySource), p.long)
+	}
+	// The shed ones were closed: their peers read EOF.
+	for i, c := range closed[:4] {
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		if _, err := c.Read(make([]byte, 1)); err != io.EOF {
+			t.Fatalf("shed connection %d: %v, want closed", i, err)
+		}
+	}
+	for _, c := range closed {
+		c.Close()
+	}
 }

@@ -54,6 +54,7 @@ func (p *pendingSet) add(nc net.Conn, src netip.Addr) *pendingConn {
 		shed = append(shed, p.removeLocked(p.all.Front().Value.(*pendingConn)))
 	}
 	p.shed += len(shed)
+	p.bySource[src] = per // again, if shedding emptied and dropped it
 	pc.all = p.all.PushBack(pc)
 	pc.per = per.PushBack(pc)
 	p.long++
