@@ -47,7 +47,7 @@ func TestJoinIdle(t *testing.T) {
 			b, server := tcpPair(t)
 			start := time.Now()
 			done := joinWith(t.Context(), Joiner{IdleTimeout: idle}, w.wrap(a), w.wrap(b), nil)
-			r := within(t, done, start, idle, 3*idle)
+			r := within(t, done, start, idle, 2*idle+2*time.Second)
 			if !errors.Is(r.err, ErrIdle) {
 				t.Fatalf("Join: %v, want ErrIdle", r.err)
 			}
@@ -65,16 +65,16 @@ func TestJoinIdle(t *testing.T) {
 // does not close it, also when the busy one is spliced (it reports its
 // bytes only when asked).
 func TestJoinTrickleNotIdle(t *testing.T) {
-	const idle = 200 * time.Millisecond
+	const idle = 400 * time.Millisecond
 	for _, w := range wraps {
 		t.Run(w.name, func(t *testing.T) {
 			client, a := tcpPair(t)
 			b, server := tcpPair(t)
 			done := joinWith(t.Context(), Joiner{IdleTimeout: idle}, w.wrap(a), w.wrap(b), nil)
 			go io.Copy(io.Discard, server)
-			tick := time.NewTicker(idle / 4)
+			tick := time.NewTicker(idle / 8)
 			defer tick.Stop()
-			for end := time.Now().Add(6 * idle); time.Now().Before(end); {
+			for end := time.Now().Add(4 * idle); time.Now().Before(end); {
 				select {
 				case r := <-done:
 					t.Fatalf("closed while bytes flowed: %v", r.err)
@@ -85,7 +85,7 @@ func TestJoinTrickleNotIdle(t *testing.T) {
 				}
 			}
 			start := time.Now()
-			r := within(t, done, start, idle/2, 4*idle)
+			r := within(t, done, start, idle/2, 2*idle+2*time.Second)
 			if !errors.Is(r.err, ErrIdle) {
 				t.Fatalf("Join: %v, want ErrIdle", r.err)
 			}
@@ -123,7 +123,7 @@ func TestJoinHalfCloseBound(t *testing.T) {
 						}
 					}()
 				}
-				r := within(t, done, start, bound*3/4, 5*bound)
+				r := within(t, done, start, bound*3/4, bound+2*time.Second)
 				if !errors.Is(r.err, ErrHalfClosed) {
 					t.Fatalf("Join: %v, want ErrHalfClosed", r.err)
 				}
