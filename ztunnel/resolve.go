@@ -80,8 +80,8 @@ func Resolve(snap *model.Snapshot, src *model.Workload, dst netip.AddrPort, pick
 	if w == nil {
 		return Route{Kind: RoutePassthrough, Addr: dst, Target: dst}, nil
 	}
-	if w.Waypoint != nil && !isWaypoint(src, w.Waypoint) {
-		return waypointRoute(snap, w.Waypoint, dst, nil)
+	if w.Waypoint != nil && !isWaypoint(snap, src, w.Waypoint) {
+		return waypointRoute(snap, w.Waypoint, dst, nil, pick)
 	}
 	return workloadRoute(w, dst, nil), nil
 }
@@ -92,36 +92,40 @@ func resolveService(snap *model.Snapshot, src *model.Workload, svc *model.Servic
 		return Route{Service: svc}, fmt.Errorf("%w: %s port %d", ErrUnknownServicePort, svc.Hostname, dst.Port())
 	}
 	sp := svc.Ports[i]
-	if svc.Waypoint != nil && !isWaypoint(src, svc.Waypoint) {
-		return waypointRoute(snap, svc.Waypoint, dst, svc)
+	if svc.Waypoint != nil && !isWaypoint(snap, src, svc.Waypoint) {
+		return waypointRoute(snap, svc.Waypoint, dst, svc, pick)
 	}
-	type candidate struct {
-		w    *model.Workload
-		addr netip.AddrPort
+	w, ep, ok := pickEndpoint(snap, svc, pick)
+	if !ok {
+		return Route{Service: svc}, fmt.Errorf("%w: %s", ErrNoReadyEndpoint, svc.Hostname)
 	}
-	var ready []candidate
-	for _, ep := range svc.Endpoints {
-		w := snap.Workloads[ep.WorkloadUID]
-		if w == nil || !w.Ready || len(w.Addresses) == 0 {
-			continue
+	port := ep.Ports[sp.Port]
+	if port == 0 {
+		port = sp.TargetPort
+	}
+	if port == 0 {
+		port = sp.Port
+	}
+	return workloadRoute(w, netip.AddrPortFrom(sameFamily(w.Addresses, dst.Addr()), port), svc), nil
+}
+
+// pickEndpoint balances over svc's ready endpoints (pick(n) chooses an index
+// in [0, n); nil picks at random). ok is false when none is ready.
+func pickEndpoint(snap *model.Snapshot, svc *model.Service, pick func(int) int) (w *model.Workload, ep model.Endpoint, ok bool) {
+	var ready []int
+	for i, ep := range svc.Endpoints {
+		if w := snap.Workloads[ep.WorkloadUID]; w != nil && w.Ready && len(w.Addresses) > 0 {
+			ready = append(ready, i)
 		}
-		port := ep.Ports[sp.Port]
-		if port == 0 {
-			port = sp.TargetPort
-		}
-		if port == 0 {
-			port = sp.Port
-		}
-		ready = append(ready, candidate{w, netip.AddrPortFrom(sameFamily(w.Addresses, dst.Addr()), port)})
 	}
 	if len(ready) == 0 {
-		return Route{Service: svc}, fmt.Errorf("%w: %s", ErrNoReadyEndpoint, svc.Hostname)
+		return nil, model.Endpoint{}, false
 	}
 	if pick == nil {
 		pick = rand.IntN
 	}
-	c := ready[pick(len(ready))]
-	return workloadRoute(c.w, c.addr, svc), nil
+	ep = svc.Endpoints[ready[pick(len(ready))]]
+	return snap.Workloads[ep.WorkloadUID], ep, true
 }
 
 // workloadRoute goes straight to w at target: HBONE when w is enrolled, plain
@@ -140,15 +144,32 @@ func workloadRoute(w *model.Workload, target netip.AddrPort, svc *model.Service)
 	}
 }
 
-func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, dst netip.AddrPort, svc *model.Service) (Route, error) {
+// waypointRoute tunnels to the waypoint wp with dst as the authority. When
+// wp's address is a Service VIP (in a cluster, the Gateway's status address is
+// its Service's cluster IP, which nothing here routes: ambit does not rely on
+// kube-proxy), the tunnel goes to <pod IP>:15008 of one of that Service's
+// ready endpoints, balanced as for any service, and requires that pod's
+// identity; with no ready endpoint it fails closed, like an unresolved
+// waypoint. A pod address (local mode) is dialled as it is.
+func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, dst netip.AddrPort, svc *model.Service, pick func(int) int) (Route, error) {
 	if !wp.Resolved() {
 		return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: %s/%s", ErrWaypointMissing, wp.Namespace, wp.Name)
 	}
+	addr, peer := wp.Address, waypointIdentity(snap, wp)
+	if wsvc := snap.ServiceByVIP(wp.Address.Addr()); wsvc != nil {
+		w, _, ok := pickEndpoint(snap, wsvc, pick)
+		if !ok {
+			return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: waypoint %s/%s (service %s)",
+				ErrNoReadyEndpoint, wp.Namespace, wp.Name, wsvc.Hostname)
+		}
+		addr = netip.AddrPortFrom(sameFamily(w.Addresses, wp.Address.Addr().Unmap()), model.PortHBONE)
+		peer = w.Identity()
+	}
 	return Route{
 		Kind:     RouteHBONE,
-		Addr:     wp.Address,
+		Addr:     addr,
 		Target:   dst,
-		Peers:    []spiffeid.ID{waypointIdentity(snap, wp)},
+		Peers:    []spiffeid.ID{peer},
 		Service:  svc,
 		Waypoint: wp,
 	}, nil
@@ -156,7 +177,9 @@ func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, dst netip.AddrPo
 
 // waypointIdentity is the identity of the waypoint's workload when the model
 // knows it, else Istio's convention: the service account named after the
-// waypoint, in its namespace.
+// waypoint, in its namespace. (A waypoint addressed by its Service VIP is
+// dialled at one of its pods and requires that pod's identity: see
+// waypointRoute.)
 func waypointIdentity(snap *model.Snapshot, wp *model.WaypointRef) spiffeid.ID {
 	if w := snap.WorkloadByIP(wp.Address.Addr()); w != nil {
 		return w.Identity()
@@ -169,9 +192,19 @@ func waypointIdentity(snap *model.Snapshot, wp *model.WaypointRef) spiffeid.ID {
 }
 
 // isWaypoint reports whether src is the waypoint wp: its own traffic to the
-// destination must not loop back to it.
-func isWaypoint(src *model.Workload, wp *model.WaypointRef) bool {
-	return src != nil && wp.Address.IsValid() && slices.Contains(src.Addresses, wp.Address.Addr().Unmap())
+// destination must not loop back to it. src is the waypoint when it holds
+// wp's address or, when that address is a Service VIP, is one of that
+// Service's endpoints.
+func isWaypoint(snap *model.Snapshot, src *model.Workload, wp *model.WaypointRef) bool {
+	if src == nil || !wp.Address.IsValid() {
+		return false
+	}
+	a := wp.Address.Addr().Unmap()
+	if slices.Contains(src.Addresses, a) {
+		return true
+	}
+	wsvc := snap.ServiceByVIP(a)
+	return wsvc != nil && slices.ContainsFunc(wsvc.Endpoints, func(ep model.Endpoint) bool { return ep.WorkloadUID == src.UID })
 }
 
 // sameFamily returns the first of addrs in like's family, else addrs[0].

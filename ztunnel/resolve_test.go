@@ -39,8 +39,31 @@ func TestResolve(t *testing.T) {
 	svcWP := &model.Service{Name: "wp", Namespace: "shop", Hostname: "wp.shop.svc.cluster.local",
 		VIPs: []netip.Addr{a("10.96.0.40")}, Ports: []model.ServicePort{{Port: 80}}, Endpoints: []model.Endpoint{{WorkloadUID: b1.UID}}, Waypoint: wp}
 
-	snap := model.NewSnapshot([]*model.Workload{wpPod, client, b1, b2, bDown, legacy, waypointed, lost},
-		[]*model.Service{svcB, svcLegacy, svcEmpty, svcWP}, nil, nil)
+	// A waypoint addressed by its Service's cluster IP (the deployer's
+	// Gateway status address): dialled at one of its ready pods.
+	gwDown := &model.Workload{UID: "c/Pod/shop/gw-0", Name: "gw-0", Namespace: "shop", ServiceAccount: "gw",
+		Addresses: []netip.Addr{a("10.0.8.1")}, Ready: false}
+	gw1 := &model.Workload{UID: "c/Pod/shop/gw-1", Name: "gw-1", Namespace: "shop", ServiceAccount: "gw",
+		Addresses: []netip.Addr{a("10.0.8.2")}, Ready: true}
+	gw2 := &model.Workload{UID: "c/Pod/shop/gw-2", Name: "gw-2", Namespace: "shop", ServiceAccount: "gw",
+		Addresses: []netip.Addr{a("fd00::8:3"), a("10.0.8.3")}, Ready: true}
+	svcGW := &model.Service{Name: "gw", Namespace: "shop", Hostname: "gw.shop.svc.cluster.local",
+		VIPs: []netip.Addr{a("10.96.0.50")}, Ports: []model.ServicePort{{Name: "mesh", Port: 15008}},
+		Endpoints: []model.Endpoint{{WorkloadUID: gwDown.UID}, {WorkloadUID: gw1.UID}, {WorkloadUID: gw2.UID}}}
+	wpVIP := &model.WaypointRef{Name: "gw", Namespace: "shop", Address: ap("10.96.0.50:15008")}
+	svcViaVIP := &model.Service{Name: "v", Namespace: "shop", Hostname: "v.shop.svc.cluster.local",
+		VIPs: []netip.Addr{a("10.96.0.60")}, Ports: []model.ServicePort{{Port: 80, TargetPort: 8080}},
+		Endpoints: []model.Endpoint{{WorkloadUID: b2.UID}}, Waypoint: wpVIP}
+	viaVIP := &model.Workload{UID: "c/Pod/shop/v", Name: "v", Namespace: "shop", ServiceAccount: "v",
+		Addresses: []netip.Addr{a("10.0.4.3")}, Enrolled: true, Ready: true, Waypoint: wpVIP}
+	svcGWDown := &model.Service{Name: "gw-down", Namespace: "shop", Hostname: "gw-down.shop.svc.cluster.local",
+		VIPs: []netip.Addr{a("10.96.0.70")}, Ports: []model.ServicePort{{Port: 15008}}, Endpoints: []model.Endpoint{{WorkloadUID: gwDown.UID}}}
+	svcViaDown := &model.Service{Name: "vd", Namespace: "shop", Hostname: "vd.shop.svc.cluster.local",
+		VIPs: []netip.Addr{a("10.96.0.80")}, Ports: []model.ServicePort{{Port: 80}}, Endpoints: []model.Endpoint{{WorkloadUID: b2.UID}},
+		Waypoint: &model.WaypointRef{Name: "gw-down", Namespace: "shop", Address: ap("10.96.0.70:15008")}}
+
+	snap := model.NewSnapshot([]*model.Workload{wpPod, client, b1, b2, bDown, legacy, waypointed, lost, gwDown, gw1, gw2, viaVIP},
+		[]*model.Service{svcB, svcLegacy, svcEmpty, svcWP, svcGW, svcViaVIP, svcGWDown, svcViaDown}, nil, nil)
 
 	first := func(int) int { return 0 }
 	second := func(int) int { return 1 }
@@ -86,6 +109,17 @@ func TestResolve(t *testing.T) {
 		{name: "workload with waypoint goes to the waypoint", src: client, dst: "10.0.4.1:80",
 			kind: RouteHBONE, addr: "10.0.9.9:15008", target: "10.0.4.1:80", peer: "spiffe://cluster.local/ns/shop/sa/waypoint-sa"},
 		{name: "unresolved waypoint fails closed", src: client, dst: "10.0.4.2:80", err: ErrWaypointMissing},
+		{name: "waypoint VIP goes to its first ready pod, authority the service VIP", src: client, dst: "10.96.0.60:80", pick: first,
+			kind: RouteHBONE, addr: "10.0.8.2:15008", target: "10.96.0.60:80", peer: "spiffe://cluster.local/ns/shop/sa/gw", service: svcViaVIP},
+		{name: "waypoint VIP balances over its ready pods (same family as the VIP)", src: client, dst: "10.96.0.60:80", pick: second,
+			kind: RouteHBONE, addr: "10.0.8.3:15008", target: "10.96.0.60:80", peer: "spiffe://cluster.local/ns/shop/sa/gw", service: svcViaVIP},
+		{name: "workload behind a waypoint VIP, authority the pod", src: client, dst: "10.0.4.3:8080", pick: first,
+			kind: RouteHBONE, addr: "10.0.8.2:15008", target: "10.0.4.3:8080", peer: "spiffe://cluster.local/ns/shop/sa/gw"},
+		{name: "a pod of the waypoint VIP reaches the endpoints", src: gw2, dst: "10.96.0.60:80",
+			kind: RouteHBONE, addr: "10.0.2.2:15008", target: "10.0.2.2:8080", workload: b2, service: svcViaVIP},
+		{name: "a pod of the waypoint VIP reaches a workload it serves", src: gw1, dst: "10.0.4.3:8080",
+			kind: RouteHBONE, addr: "10.0.4.3:15008", target: "10.0.4.3:8080", workload: viaVIP},
+		{name: "waypoint VIP without a ready pod fails closed", src: client, dst: "10.96.0.80:80", err: ErrNoReadyEndpoint},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -93,6 +127,9 @@ func TestResolve(t *testing.T) {
 			if tt.err != nil {
 				if !errors.Is(err, tt.err) {
 					t.Fatalf("err %v, want %v", err, tt.err)
+				}
+				if r.Kind != RoutePassthrough || r.Addr.IsValid() || len(r.Peers) != 0 {
+					t.Fatalf("failed resolution carries a route: %s %s %v", r.Kind, r.Addr, r.Peers)
 				}
 				return
 			}
@@ -107,6 +144,9 @@ func TestResolve(t *testing.T) {
 			}
 			if r.Kind != RouteHBONE && len(r.Peers) != 0 {
 				t.Fatalf("plain route with peers %v", r.Peers)
+			}
+			if (r.Waypoint != nil) != (tt.workload == nil && tt.kind == RouteHBONE) {
+				t.Fatalf("waypoint %v for workload %v", r.Waypoint, tt.workload)
 			}
 			if r.Workload != tt.workload || r.Service != tt.service {
 				t.Fatalf("workload %v service %v", r.Workload, r.Service)
