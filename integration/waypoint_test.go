@@ -41,7 +41,6 @@ func TestWaypoint(t *testing.T) {
 	}
 	e := setup(t)
 	ctx := context.Background()
-	e.experimentalHTTPRoutes(t)
 
 	for _, sa := range []string{"reviews", "flaky", "slow", "userdata"} {
 		if _, err := e.cs.CoreV1().ServiceAccounts(shop).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
@@ -428,25 +427,6 @@ spec:
 		}
 		t.Logf("recovered %s after the kill (the kubelet stand-in restarts it after 2s)", took.Round(time.Millisecond))
 	})
-}
-
-// experimentalHTTPRoutes replaces the HTTPRoute CRD of manifests/ (Gateway
-// API's standard channel) with the experimental channel's of the same
-// bundle, from the module: HTTPRoute rules' retry field is experimental.
-func (e *env) experimentalHTTPRoutes(t *testing.T) {
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
-	if err != nil {
-		t.Fatalf("go list gateway-api: %v", err)
-	}
-	crd := filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "experimental", "gateway.networking.k8s.io_httproutes.yaml")
-	for _, args := range [][]string{
-		{"apply", "--server-side", "--force-conflicts", "-f", crd},
-		{"wait", "--for", "condition=established", "--timeout", "60s", "crd/httproutes.gateway.networking.k8s.io"},
-	} {
-		if out, err := exec.Command("kubectl", append([]string{"--kubeconfig", e.cluster.Kubeconfig()}, args...)...).CombinedOutput(); err != nil {
-			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
 }
 
 // runWaypoint waits for the Deployment istiod-lite's deployer made for the
