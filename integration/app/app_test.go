@@ -113,6 +113,18 @@ func TestHTTPFailRatioAndDelay(t *testing.T) {
 	if s, f := h.Counts(); s != 6 || f != 3 {
 		t.Errorf("counts %d served, %d failed", s, f)
 	}
+	// The counts path answers them and is not counted.
+	for range 2 {
+		resp, err := http.Get("http://" + ln.Addr().String() + CountsPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || strings.TrimSpace(string(body)) != `{"served":6,"failed":3}` {
+			t.Errorf("%s: %d %q", CountsPath, resp.StatusCode, body)
+		}
+	}
 
 	slow := &HTTP{Name: "slow", Delay: 300 * time.Millisecond}
 	ln2, err := net.Listen("tcp", "127.0.0.1:0")

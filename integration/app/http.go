@@ -76,8 +76,19 @@ type HTTP struct {
 	closed bool
 }
 
+// CountsPath answers GET with the server's counts as JSON,
+// {"served":n,"failed":m}, without counting itself: a test reads a mirror's
+// received requests there (from inside the pod).
+const CountsPath = "/ambit/counts"
+
 // ServeHTTP answers one request.
 func (h *HTTP) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == CountsPath && r.Method == http.MethodGet {
+		served, failed := h.Counts()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"served":%d,"failed":%d}`+"\n", served, failed)
+		return
+	}
 	n := h.served.Add(1)
 	if h.Delay > 0 {
 		t := time.NewTimer(h.Delay)
