@@ -7,6 +7,9 @@ import (
 	"slices"
 	"time"
 
+	// The retry host predicate istiod-lite puts in RouteConfigurations:
+	// registered so that /config_dump can render them.
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/anypb"
@@ -73,9 +76,15 @@ func writeJSON(w http.ResponseWriter, v any) {
 	enc.Encode(v)
 }
 
+// dumpedResource is one resource of the active snapshot in /config_dump.
 type dumpedResource struct {
-	Version  string          `json:"version"`
+	Version string `json:"version"`
+	Type    string `json:"type"` // the type URL, e.g. type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+	Name    string `json:"name"` // the cluster name for a ClusterLoadAssignment
+	// Resource is the resource as a JSON Any; when a type inside it is not
+	// known to this binary it is {"@type": Type} and Error says why.
 	Resource json.RawMessage `json:"resource"`
+	Error    string          `json:"error,omitempty"`
 }
 
 func (p *Proxy) serveConfigDump(w http.ResponseWriter, r *http.Request) {
@@ -86,19 +95,32 @@ func (p *Proxy) serveConfigDump(w http.ResponseWriter, r *http.Request) {
 	res := []dumpedResource{}
 	if snap := p.snap.Load(); snap != nil {
 		for _, x := range snap.resources {
-			a, err := anypb.New(x.Resource)
-			if err != nil {
-				continue
-			}
-			b, err := protojson.Marshal(a)
-			if err != nil {
-				continue
-			}
-			res = append(res, dumpedResource{Version: x.Version, Resource: b})
+			res = append(res, dumpResource(x))
 		}
 	}
 	out["resources"] = res
 	writeJSON(w, out)
+}
+
+// dumpResource renders x for the config dump. Every resource of the snapshot
+// is listed: one that cannot be rendered (an Any inside it of a type this
+// binary does not link) keeps its version, type and name, with the error.
+func dumpResource(x Resource) dumpedResource {
+	d := dumpedResource{Version: x.Version, Name: resourceName(x.Resource)}
+	a, err := anypb.New(x.Resource)
+	if err == nil {
+		d.Type = a.GetTypeUrl()
+		var b []byte
+		if b, err = protojson.Marshal(a); err == nil {
+			d.Resource = b
+			return d
+		}
+	} else {
+		d.Type = "type.googleapis.com/" + string(x.Resource.ProtoReflect().Descriptor().FullName())
+	}
+	d.Error = err.Error()
+	d.Resource, _ = json.Marshal(map[string]string{"@type": d.Type})
+	return d
 }
 
 type hostDump struct {
