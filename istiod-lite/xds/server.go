@@ -51,6 +51,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
 
+	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/envoy"
 	"github.com/ambit-mesh/ambit/model"
 )
@@ -94,6 +95,12 @@ func New(store *model.Store, log *slog.Logger) *Server {
 		}
 		return envoy.ForWaypoint(m, wp)
 	})
+	s.waypoints.inputs = func(m *model.Snapshot, wp auth.WaypointRef) *deps {
+		if s.BuildWaypoint != nil {
+			return nil // unknown inputs: every change rebuilds
+		}
+		return depsOf(m, wp)
+	}
 	s.xds = delta.NewServer(ctx, &cache.MuxCache{
 		// By type URL: authorize has checked that the stream's caller kind
 		// is the one that generator serves.

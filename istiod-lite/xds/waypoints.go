@@ -39,13 +39,23 @@ type waypointGen struct {
 	store *model.Store
 	log   *slog.Logger
 	build func(*model.Snapshot, envoy.Waypoint) (*envoy.Resources, error)
-	cache cache.SnapshotCache
-	now   func() time.Time
+	// inputs returns what build reads for a waypoint (nil: unknown, every
+	// change rebuilds it). Set before Start.
+	inputs func(*model.Snapshot, auth.WaypointRef) *deps
+	cache  cache.SnapshotCache
+	now    func() time.Time
 
 	mu      sync.Mutex                                                // guards everything below
 	wps     map[auth.WaypointRef]*waypointState                       // connected waypoints
 	pending map[*discovery.DeltaDiscoveryRequest]pendingWaypointWatch // between the request callback and CreateDeltaWatch
 	kick    chan struct{}                                             // (cap 1) a waypoint without a snapshot connected
+	// skipped counts rebuilds skipped because a change left a waypoint's
+	// inputs alone (tests, benchmarks).
+	skipped int
+
+	// checked is the model version every connected waypoint is up to date
+	// with, or was found unaffected at (Start's goroutine only).
+	checked uint64
 }
 
 type pendingWaypointWatch struct {
@@ -58,6 +68,9 @@ type waypointState struct {
 	streams int  // open streams authenticated as this waypoint
 	stale   bool // not built from the current model yet
 	status  WaypointStatus
+	// deps are the inputs of the published snapshot (nil when the last
+	// build failed: then every change rebuilds).
+	deps *deps
 }
 
 // WaypointStatus is the state of one connected waypoint's snapshot, for
@@ -92,8 +105,9 @@ func newWaypointGen(store *model.Store, log *slog.Logger, build func(*model.Snap
 	}
 }
 
-// Start rebuilds the connected waypoints' snapshots on every change of the
-// store, and builds a newly connected waypoint's first one, until ctx ends.
+// Start rebuilds the snapshots of the connected waypoints that a change of
+// the store may affect (deps), and builds a newly connected waypoint's
+// first one, until ctx ends.
 func (g *waypointGen) Start(ctx context.Context) error {
 	changed := g.store.Changed()
 	for {
@@ -101,26 +115,28 @@ func (g *waypointGen) Start(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-changed:
-			g.mu.Lock()
-			for _, st := range g.wps {
-				st.stale = true
-			}
-			g.mu.Unlock()
 		case <-g.kick:
 		}
 		g.rebuild(ctx)
 	}
 }
 
-// rebuild builds every stale waypoint's snapshot from the current model.
+// rebuild builds, from the current model, every waypoint that is stale or
+// whose inputs the changes since the last rebuild touch.
 func (g *waypointGen) rebuild(ctx context.Context) {
-	snap, version := g.store.LoadVersion()
+	ds, snap, version, logged := g.store.Since(g.checked)
+	g.checked = version
 	g.mu.Lock()
 	var todo []auth.WaypointRef
 	for wp, st := range g.wps {
+		if !st.stale && (st.deps == nil || !logged || st.deps.affectedBy(ds)) {
+			st.stale = true
+		}
 		if st.stale {
 			st.stale = false
 			todo = append(todo, wp)
+		} else {
+			g.skipped++
 		}
 	}
 	g.mu.Unlock()
@@ -134,6 +150,10 @@ func (g *waypointGen) rebuild(ctx context.Context) {
 func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model.Snapshot, version uint64) {
 	v := strconv.FormatUint(version, 10)
 	s, err := g.snapshot(m, wp, v)
+	var d *deps
+	if err == nil && g.inputs != nil {
+		d = g.inputs(m, wp)
+	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	st := g.wps[wp]
@@ -143,6 +163,7 @@ func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model
 	if err != nil {
 		st.status.Error, st.status.ErrorVersion, st.status.ErrorAt = err.Error(), v, g.now()
 		st.status.Failures++
+		st.deps = nil
 		g.log.Error("waypoint snapshot not published; the waypoint keeps its last one", "waypoint", wp.String(), "modelVersion", v, "lastGood", st.status.Version, "error", err)
 		return
 	}
@@ -151,12 +172,14 @@ func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model
 	// response channels have room for one response per type.
 	if err := g.cache.SetSnapshot(ctx, wp.String(), s); err != nil {
 		g.log.Error("waypoint snapshot not published", "waypoint", wp.String(), "error", err)
+		st.deps = nil
 		return
 	}
 	counts := map[string]int{}
 	for _, t := range EnvoyTypeURLs {
 		counts[t] = len(s.GetResources(t))
 	}
+	st.deps = d
 	st.status = WaypointStatus{Version: v, PublishedAt: g.now(), Resources: counts, Failures: st.status.Failures, Streams: st.streams}
 	g.log.Debug("waypoint snapshot published", "waypoint", wp.String(), "modelVersion", v, "resources", counts)
 }
