@@ -42,7 +42,7 @@ func TestWaypoint(t *testing.T) {
 	e := setup(t)
 	ctx := context.Background()
 
-	for _, sa := range []string{"reviews", "flaky", "slow", "userdata"} {
+	for _, sa := range []string{"reviews", "flaky", "slow", "userdata", "pool", "outlier", "mirror", "shadow"} {
 		if _, err := e.cs.CoreV1().ServiceAccounts(shop).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
@@ -57,6 +57,18 @@ func TestWaypoint(t *testing.T) {
 	e.httpPod(ctx, "slow-0", "node-1", "slow", map[string]string{"app": "slow"},
 		map[string]string{app.AnnotationProtocol: "http", app.AnnotationDelay: "2s"})
 	e.httpPod(ctx, "userdata-0", "node-2", "userdata", map[string]string{"app": "userdata"}, httpApp)
+	// Circuit breaking: one backend holding each answer 50ms, so that
+	// concurrent clients overlap at the waypoint.
+	e.httpPod(ctx, "pool-0", "node-2", "pool", map[string]string{"app": "pool"},
+		map[string]string{app.AnnotationProtocol: "http", app.AnnotationDelay: "50ms"})
+	// Outlier detection: three replicas, od-2 answering every request 503.
+	e.httpPod(ctx, "od-0", "node-1", "outlier", map[string]string{"app": "outlier"}, httpApp)
+	e.httpPod(ctx, "od-1", "node-2", "outlier", map[string]string{"app": "outlier"}, httpApp)
+	e.httpPod(ctx, "od-2", "node-1", "outlier", map[string]string{"app": "outlier"},
+		map[string]string{app.AnnotationProtocol: "http", app.AnnotationFailRatio: "1"})
+	// Mirroring: a primary and its shadow.
+	e.httpPod(ctx, "mirror-0", "node-1", "mirror", map[string]string{"app": "mirror"}, httpApp)
+	e.httpPod(ctx, "shadow-0", "node-2", "shadow", map[string]string{"app": "shadow"}, httpApp)
 	bound := map[string]string{"istio.io/use-waypoint": "waypoint"}
 	vips := map[string]netip.Addr{}
 	for _, s := range []struct {
@@ -70,6 +82,11 @@ func TestWaypoint(t *testing.T) {
 		{"flaky", map[string]string{"app": "flaky"}, bound},
 		{"slow", map[string]string{"app": "slow"}, bound},
 		{"userdata", map[string]string{"app": "userdata"}, bound},
+		{"pool", map[string]string{"app": "pool"}, bound},
+		{"outlier", map[string]string{"app": "outlier"}, bound},
+		{"canary", map[string]string{"app": "reviews"}, bound},
+		{"mirror", map[string]string{"app": "mirror"}, bound},
+		{"shadow", map[string]string{"app": "shadow"}, nil},
 	} {
 		vips[s.name] = e.httpService(ctx, s.name, s.selector, s.labels)
 	}
@@ -105,10 +122,48 @@ spec:
   rules:
   - timeouts: {request: 500ms}
     backendRefs: [{name: slow, port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pool, namespace: %[1]s}
+spec:
+  host: pool.%[1]s.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: outlier, namespace: %[1]s}
+spec:
+  host: outlier.%[1]s.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 5, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 100}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: canary, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: canary, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-canary, value: "true"}]}]
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - backendRefs: [{name: reviews-v1, port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: mirror, namespace: %[1]s}
+spec:
+  parentRefs: [{group: "", kind: Service, name: mirror, port: 80}]
+  rules:
+  - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, percent: 50}}]
+    backendRefs: [{name: mirror, port: 80}]
 `, shop))
 	wpVIP := e.runWaypoint(t, "waypoint", "node-2")
 	t.Logf("waypoint shop/waypoint: Service cluster IP %s, pod %s", wpVIP, e.ip(waypointPod))
-	for _, p := range []string{"shop/client-1", "shop/intruder-1", "shop/reviews-v1", "shop/reviews-v2", "shop/flaky-0", "shop/slow-0", "shop/userdata-0"} {
+	for _, p := range []string{"shop/client-1", "shop/intruder-1", "shop/reviews-v1", "shop/reviews-v2", "shop/flaky-0", "shop/slow-0", "shop/userdata-0",
+		"shop/pool-0", "shop/od-0", "shop/od-1", "shop/od-2", "shop/mirror-0", "shop/shadow-0"} {
 		e.waitReady(ctx, p)
 	}
 	// The routes are in the waypoint's config (a first 200 may come before
@@ -427,6 +482,251 @@ spec:
 		}
 		t.Logf("recovered %s after the kill (the kubelet stand-in restarts it after 2s)", took.Round(time.Millisecond))
 	})
+
+	t.Run("7-circuit-breaking", func(t *testing.T) {
+		// Istio's own oracle (tasks/traffic-management/circuit-breaking):
+		// maxConnections 1, http1MaxPendingRequests 1, maxRequestsPerConnection
+		// 1; 2 then 3 concurrent keep-alive clients of 10 requests each.
+		url := fmt.Sprintf("http://%s/pool", netip.AddrPortFrom(vips["pool"], 80))
+		const name = "outbound|80||pool.shop.svc.cluster.local"
+		var cl *waypointCluster
+		if !eventually(20*time.Second, func() bool {
+			cl = e.waypointCluster(name)
+			return cl != nil && cl.MaxConnections == 1 && cl.MaxPending == 1
+		}) {
+			t.Fatalf("the waypoint's /clusters never showed %s with maxConnections 1, maxPendingRequests 1: %+v", name, cl)
+		}
+		uoMetric := func() float64 {
+			n, err := mesh.MetricsIn(ctx, e.netns(waypointPod).NS, "istio_requests_total",
+				map[string]string{"destination_service_name": "pool", "response_flags": "UO", "response_code": "503"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		metricBefore := uoMetric()
+		before := e.requestLogs(t)
+		client503, total := 0, 0
+		for _, conc := range []int{2, 3} {
+			var mu sync.Mutex // guards codes
+			codes := map[string]int{}
+			var wg sync.WaitGroup
+			for range conc {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					c := e.httpClient("shop/client-1", true)
+					for range 10 {
+						code, _, err := get(c, http.MethodGet, url)
+						mu.Lock()
+						if err != nil {
+							codes["error"]++
+						} else {
+							codes[fmt.Sprint(code)]++
+						}
+						mu.Unlock()
+					}
+				}()
+			}
+			wg.Wait()
+			t.Logf("%d clients x 10 requests: %v", conc, codes)
+			if codes["200"]+codes["503"] != conc*10 {
+				t.Errorf("%d clients: answers other than 200 and 503: %v", conc, codes)
+			}
+			if conc == 3 && codes["503"] == 0 {
+				t.Errorf("3 concurrent clients against 1 connection and 1 pending request: no 503 (%v)", codes)
+			}
+			if codes["200"] == 0 {
+				t.Errorf("%d clients: no request served (%v)", conc, codes)
+			}
+			client503 += codes["503"]
+			total += conc * 10
+		}
+		logs := e.settledRequestLogs(t, before, total)
+		uo, other := 0, 0
+		for _, l := range logs {
+			switch {
+			case l.Code == http.StatusServiceUnavailable && strings.Contains(l.Flags, "UO"):
+				uo++
+			case l.Code != http.StatusOK:
+				other++
+			}
+		}
+		metric := uoMetric() - metricBefore
+		cl = e.waypointCluster(name)
+		t.Logf("client saw %d 503 of %d; waypoint access log: %d lines, %d 503 UO, %d other non-200; istio_requests_total{response_flags=\"UO\"} +%v; /clusters overflow pending %d, requests %d",
+			client503, total, len(logs), uo, other, metric, cl.OverflowPending, cl.OverflowRequests)
+		if len(logs) != total {
+			t.Errorf("the waypoint logged %d requests, the clients sent %d", len(logs), total)
+		}
+		if uo != client503 || int(metric) != client503 {
+			t.Errorf("503s: %d seen by the clients, %d logged UO by the waypoint, %v counted in istio_requests_total{response_flags=\"UO\"}", client503, uo, metric)
+		}
+	})
+
+	t.Run("8-outlier-detection", func(t *testing.T) {
+		url := fmt.Sprintf("http://%s/outlier", netip.AddrPortFrom(vips["outlier"], 80))
+		const name = "outbound|80||outlier.shop.svc.cluster.local"
+		bad := e.ip("shop/od-2").String()
+		badHost := func(cl *waypointCluster) *waypointHost {
+			for i, h := range cl.Hosts {
+				if h.Address == bad || strings.HasPrefix(h.Address, bad+":") {
+					return &cl.Hosts[i]
+				}
+			}
+			return nil
+		}
+		var cl *waypointCluster
+		var lack string
+		if !eventually(20*time.Second, func() bool {
+			lack = e.waypointConfigLacks("outlierDetection")
+			cl = e.waypointCluster(name)
+			return lack == "" && cl != nil && len(cl.Hosts) == 3 && badHost(cl) != nil
+		}) {
+			t.Fatalf("the waypoint has no outlier detection or not 3 hosts for %s: %s %+v", name, lack, cl)
+		}
+		c := e.httpClient("shop/client-1", true)
+		// Until od-2 is ejected: its answers are all 503 (its only ones are
+		// consecutive), the others' 200.
+		errs, sent := 0, 0
+		var lastErrAt time.Time
+		var ejected *waypointHost
+		for ; sent < 100 && ejected == nil; sent++ {
+			code, from, err := get(c, http.MethodGet, url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if code == http.StatusOK {
+				continue
+			}
+			if from != "od-2" || code != http.StatusServiceUnavailable {
+				t.Fatalf("%d from %q", code, from)
+			}
+			errs++
+			lastErrAt = time.Now()
+			if h := badHost(e.waypointCluster(name)); h != nil && !h.Healthy {
+				ejected = h
+			}
+		}
+		if ejected == nil {
+			t.Fatalf("od-2 not ejected after %d requests, %d of them 503 from it: %+v", sent, errs, e.waypointCluster(name))
+		}
+		until, _ := time.Parse(time.RFC3339Nano, ejected.EjectedUntil)
+		t.Logf("od-2 ejected after %d consecutive 503s (%d requests), until %s after the last of them (ejections %d)",
+			errs, sent, until.Sub(lastErrAt).Round(time.Millisecond), ejected.Ejections)
+		if errs != 5 {
+			t.Errorf("od-2 ejected after %d consecutive errors, want 5", errs)
+		}
+		// While it is out: 200 requests from 4 clients.
+		start := time.Now()
+		var mu sync.Mutex // guards ok, by
+		ok, by := 0, map[string]int{}
+		work := make(chan int)
+		var wg sync.WaitGroup
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := e.httpClient("shop/client-1", true)
+				for range work {
+					code, from, err := get(c, http.MethodGet, url)
+					mu.Lock()
+					by[from]++
+					if err == nil && code == http.StatusOK {
+						ok++
+					}
+					mu.Unlock()
+				}
+			}()
+		}
+		for i := range 200 {
+			work <- i
+		}
+		close(work)
+		wg.Wait()
+		took := time.Since(start)
+		t.Logf("while ejected: %d/200 succeeded (%.1f%%) in %s, by backend %v", ok, float64(ok)/2, took.Round(time.Millisecond), by)
+		if ok < 198 {
+			t.Errorf("success %d/200 after the ejection, want ≥ 99%%", ok)
+		}
+		if took > 2500*time.Millisecond {
+			t.Errorf("200 requests took %s: not measured within the 3s ejection", took)
+		}
+		// Back after the ejection time: od-2 answers again.
+		var back time.Duration
+		if !eventually(10*time.Second, func() bool {
+			_, from, err := get(c, http.MethodGet, url)
+			back = time.Since(lastErrAt)
+			return err == nil && from == "od-2"
+		}) {
+			t.Fatalf("od-2 not back 10s after its ejection: %+v", e.waypointCluster(name))
+		}
+		t.Logf("od-2 answered again %s after its ejection (baseEjectionTime 3s, interval 1s)", back.Round(time.Millisecond))
+		if back < 2900*time.Millisecond || back > 5*time.Second {
+			t.Errorf("od-2 back %s after its ejection, want 3s (at most the 1s interval more)", back)
+		}
+	})
+
+	t.Run("9-header-match", func(t *testing.T) {
+		url := fmt.Sprintf("http://%s/", netip.AddrPortFrom(vips["canary"], 80))
+		canary := http.Header{"X-Canary": {"true"}}
+		var got string
+		if !eventually(20*time.Second, func() bool {
+			_, a, _ := getHeader(client, url, canary)
+			_, b, _ := getHeader(client, url, nil)
+			got = a + " " + b
+			return a == "reviews-v2" && b == "reviews-v1"
+		}) {
+			t.Fatalf("header routing not in place 20s after setup: x-canary and default answered by %q", got)
+		}
+		for _, c := range []struct {
+			h    http.Header
+			want string
+		}{{canary, "reviews-v2"}, {nil, "reviews-v1"}, {http.Header{"X-Canary": {"false"}}, "reviews-v1"}} {
+			by := map[string]int{}
+			for range 100 {
+				code, from, err := getHeader(client, url, c.h)
+				if err != nil || code != http.StatusOK {
+					by[fmt.Sprint(code, err)]++
+					continue
+				}
+				by[from]++
+			}
+			t.Logf("header %v: 100 requests answered by %v", c.h, by)
+			if by[c.want] != 100 {
+				t.Errorf("header %v: %d of 100 went to %s (%v)", c.h, by[c.want], c.want, by)
+			}
+		}
+	})
+
+	t.Run("10-mirroring", func(t *testing.T) {
+		url := fmt.Sprintf("http://%s/mirror", netip.AddrPortFrom(vips["mirror"], 80))
+		var lack string
+		if !eventually(20*time.Second, func() bool {
+			lack = e.waypointConfigLacks("requestMirrorPolicies", "shadow.shop.svc.cluster.local")
+			return lack == ""
+		}) {
+			t.Fatalf("no mirror policy in the waypoint's config: %s", lack)
+		}
+		primary0, shadow0 := e.settledCount(t, "shop/mirror-0"), e.settledCount(t, "shop/shadow-0")
+		by := map[string]int{}
+		for range 200 {
+			code, from, err := get(client, http.MethodGet, url)
+			by[fmt.Sprint(code, " ", from, " ", err)]++
+		}
+		primary, shadow := e.settledCount(t, "shop/mirror-0")-primary0, e.settledCount(t, "shop/shadow-0")-shadow0
+		pct := float64(shadow) / 2
+		t.Logf("200 requests, mirror 50%% to shadow: client answers %v; primary received %d, shadow %d (%.1f%%)", by, primary, shadow, pct)
+		if by["200 mirror-0 <nil>"] != 200 {
+			t.Errorf("the client saw answers other than the primary's: %v", by)
+		}
+		if primary != 200 {
+			t.Errorf("primary received %d of 200", primary)
+		}
+		if pct < 40 || pct > 60 {
+			t.Errorf("shadow received %.1f%% of 200 requests, want 50 ± 10", pct)
+		}
+	})
 }
 
 // runWaypoint waits for the Deployment istiod-lite's deployer made for the
@@ -705,3 +1005,85 @@ func (e *env) httpService(ctx context.Context, name string, selector, labels map
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// waypointCluster is a cluster of the waypoint's /clusters admin page.
+type waypointCluster struct {
+	Name             string         `json:"name"`
+	MaxConnections   int64          `json:"maxConnections"`
+	MaxPending       int64          `json:"maxPendingRequests"`
+	OverflowPending  uint64         `json:"upstreamRqPendingOverflow"`
+	OverflowRequests uint64         `json:"upstreamRqOverflow"`
+	Ejections        uint64         `json:"outlierEjectionsTotal"`
+	Hosts            []waypointHost `json:"hosts"`
+}
+
+type waypointHost struct {
+	Address      string `json:"address"`
+	Healthy      bool   `json:"healthy"`
+	EjectedUntil string `json:"ejectedUntil"`
+	Ejections    int    `json:"ejections"`
+}
+
+// waypointCluster returns the cluster called name from the waypoint's
+// /clusters, or nil.
+func (e *env) waypointCluster(name string) *waypointCluster {
+	var cls []waypointCluster
+	if err := mesh.AdminIn(context.Background(), e.netns(waypointPod).NS, "/clusters", &cls); err != nil {
+		return nil
+	}
+	for i := range cls {
+		if cls[i].Name == name {
+			return &cls[i]
+		}
+	}
+	return nil
+}
+
+// settledCount returns the requests the HTTP app in pod key received (its
+// counts path, read inside the pod), once two reads 200ms apart agree (or
+// after 5s): mirrored requests arrive after the answers.
+func (e *env) settledCount(t *testing.T, key string) int {
+	t.Helper()
+	c := e.httpClient(key, false)
+	read := func() int {
+		resp, err := c.Get(fmt.Sprintf("http://127.0.0.1:8080%s", app.CountsPath))
+		if err != nil {
+			t.Fatalf("counts of %s: %v", key, err)
+		}
+		defer resp.Body.Close()
+		var n struct{ Served int }
+		if err := json.NewDecoder(resp.Body).Decode(&n); err != nil {
+			t.Fatalf("counts of %s: %v", key, err)
+		}
+		return n.Served
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	last := read()
+	for time.Now().Before(deadline) {
+		time.Sleep(200 * time.Millisecond)
+		n := read()
+		if n == last {
+			return n
+		}
+		last = n
+	}
+	return last
+}
+
+// getHeader is get with request headers h.
+func getHeader(c *http.Client, url string, h http.Header) (int, string, error) {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	for k, v := range h {
+		req.Header[k] = v
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, resp.Body)
+	return resp.StatusCode, resp.Header.Get("X-Ambit-App"), nil
+}
