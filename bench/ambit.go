@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/integration/netns"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // ztunnelPair is the ambit path: the real ztunnel binary in each node's
@@ -28,14 +30,38 @@ type ztunnelPair struct {
 // startZtunnels writes the local-mode config (the mesh pods enrolled, the
 // plain ones not) and starts one ztunnel per node, one after the other (the
 // first creates the CA in caDir, the second loads it).
-func startZtunnels(ctx context.Context, niceness int, env []string, bin, dir, caDir, pinPrefix string, topo *netns.Topology, enrolled map[string]bool) (*ztunnelPair, error) {
+func startZtunnels(ctx context.Context, niceness int, env []string, bin, dir, caDir, pinPrefix string, topo *netns.Topology, enrolled map[string]bool, waypoint *netns.Pod) (*ztunnelPair, error) {
 	var y strings.Builder
 	y.WriteString("workloads:\n")
 	for _, n := range topo.Nodes {
 		for _, p := range n.Pods {
+			if p == waypoint {
+				continue // below, with its service account
+			}
 			fmt.Fprintf(&y, "- {uid: bench/Pod/bench/%[1]s, name: %[1]s, namespace: bench, serviceAccount: %[1]s, node: %[2]s, addresses: [%[3]s], enrolled: %[4]v, ready: true, labels: {app: %[1]s}}\n",
 				p.Name, n.Name, p.IP, enrolled[p.Name])
 		}
+	}
+	if waypoint != nil {
+		// The waypoint path: its pod, and the service bound to it (see
+		// benchModel, which the waypoint's own config is built from).
+		ws, svcs := benchModel(topo, enrolled, waypoint)
+		var rest []*model.Workload
+		for _, w := range ws {
+			if w.Name == waypoint.Name {
+				rest = append(rest, w)
+			}
+		}
+		b, err := json.Marshal(rest)
+		if err != nil {
+			return nil, fmt.Errorf("ztunnel config: %w", err)
+		}
+		y.WriteString("# the waypoint's pod and the service bound to it\n")
+		fmt.Fprintf(&y, "- %s\n", strings.TrimSuffix(strings.TrimPrefix(string(b), "["), "]"))
+		if b, err = json.Marshal(svcs); err != nil {
+			return nil, fmt.Errorf("ztunnel config: %w", err)
+		}
+		fmt.Fprintf(&y, "services: %s\n", b)
 	}
 	cfg := filepath.Join(dir, "mesh.yaml")
 	if err := os.WriteFile(cfg, []byte(y.String()), 0o644); err != nil {
@@ -86,6 +112,12 @@ func waitReady(ctx context.Context, ns *netns.NS, p *process) error {
 // connectionsOpened sums istio_tcp_connections_opened_total from ztunnel's
 // metrics in ns: the proof that a run went through the proxy.
 func connectionsOpened(ctx context.Context, ns *netns.NS) (float64, error) {
+	return sumMetric(ctx, ns, "istio_tcp_connections_opened_total")
+}
+
+// sumMetric sums the samples of metric name on the metrics port (15020)
+// of whatever listens in ns (a ztunnel, a waypoint).
+func sumMetric(ctx context.Context, ns *netns.NS, name string) (float64, error) {
 	code, body, err := httpGet(ctx, ns, "http://127.0.0.1:15020/metrics")
 	if err != nil {
 		return 0, err
@@ -98,7 +130,7 @@ func connectionsOpened(ctx context.Context, ns *netns.NS) (float64, error) {
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if !strings.HasPrefix(line, "istio_tcp_connections_opened_total") {
+		if !strings.HasPrefix(line, name+"{") && !strings.HasPrefix(line, name+" ") {
 			continue
 		}
 		fs := strings.Fields(line)

@@ -61,7 +61,8 @@ type Config struct {
 	KeepWork bool
 	// CacheDir keeps the fortio build (CacheDir() if empty).
 	CacheDir string
-	// Paths to measure (all three if empty).
+	// Paths to measure (all six if empty: direct, haproxy, ambit and the
+	// L7 paths waypoint, nginx, haproxy-http).
 	Paths []string
 	// Rounds of every workload on every path (3).
 	Rounds int
@@ -93,7 +94,7 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if len(c.Paths) == 0 {
-		c.Paths = []string{PathDirect, PathHAProxy, PathAmbit}
+		c.Paths = []string{PathDirect, PathHAProxy, PathAmbit, PathWaypoint, PathNginx, PathHAProxyHTTP}
 	}
 	def := func(v *int, d int) {
 		if *v == 0 {
@@ -149,7 +150,10 @@ type Run struct {
 	// (istio_tcp_connections_opened_total) during an ambit run: the proof
 	// the traffic went through them.
 	ZtunnelConnections float64 `json:"ztunnelConnections,omitempty"`
-	Error              string  `json:"error,omitempty"`
+	// WaypointRequests is how many requests the waypoint counted
+	// (istio_requests_total) during a waypoint run.
+	WaypointRequests float64 `json:"waypointRequests,omitempty"`
+	Error            string  `json:"error,omitempty"`
 	// LoadAvg is the machine's 1-minute load average when the run started.
 	LoadAvg float64 `json:"loadavg"`
 }
@@ -197,9 +201,15 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 	// direct and HAProxy paths are not captured).
 	prefix := fmt.Sprintf("ab%d", os.Getpid()%100000)
 	log.Info("building topology", "prefix", prefix)
+	node2Pods := []string{"server-plain", "server-mesh"}
+	for _, p := range cfg.Paths {
+		if pod := l7Pods[p]; pod != "" {
+			node2Pods = append(node2Pods, pod) // the L7 proxies' own pods
+		}
+	}
 	topo, err := netns.Build(netns.Config{Prefix: prefix, Nodes: []netns.NodeConfig{
 		{Name: "node1", Pods: []string{"client-plain", "client-mesh"}},
-		{Name: "node2", Pods: []string{"server-plain", "server-mesh"}},
+		{Name: "node2", Pods: node2Pods},
 	}})
 	if err != nil {
 		return nil, fmt.Errorf("topology: %w", err)
@@ -254,11 +264,20 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		PathHAProxy: {name: PathHAProxy, client: cp, httpURL: url(n1.IP.String(), haFortioPort),
 			iperfHost: n1.IP.String(), iperfPort: haIperfPort},
 		PathAmbit: {name: PathAmbit, client: cm, httpURL: url(sm.IP.String(), fortioPort), iperfHost: sm.IP.String(), iperfPort: iperfPort},
+		// The L7 paths carry HTTP only (no iperf3).
+		PathWaypoint:    {name: PathWaypoint, client: cm, httpURL: url(serverVIP.String(), fortioPort)},
+		PathNginx:       {name: PathNginx, client: cp},
+		PathHAProxyHTTP: {name: PathHAProxyHTTP, client: cp},
+	}
+	for _, name := range []string{PathNginx, PathHAProxyHTTP} {
+		if pod := topo.Pod(l7Pods[name]); pod != nil {
+			paths[name].httpURL = url(pod.IP.String(), l7ProxyPort)
+		}
 	}
 	want := map[string]bool{}
 	for _, p := range cfg.Paths {
 		if paths[p] == nil {
-			return nil, fmt.Errorf("unknown path %q (want %s, %s or %s)", p, PathDirect, PathHAProxy, PathAmbit)
+			return nil, fmt.Errorf("unknown path %q (want %s, %s, %s, %s, %s or %s)", p, PathDirect, PathHAProxy, PathAmbit, PathWaypoint, PathNginx, PathHAProxyHTTP)
 		}
 		want[p] = true
 	}
@@ -280,25 +299,52 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			}
 		}
 	}
+	upstream := netip.AddrPortFrom(sp.IP, fortioPort)
+	if want[PathNginx] {
+		p := paths[PathNginx]
+		if tools.NginxErr != nil {
+			p.err = fmt.Errorf("%w: %w", errNotMeasured, tools.NginxErr)
+		} else if pr, err := startNginx(ctx, cfg.Nice, tools.Nginx, filepath.Join(work, "nginx"), topo.Pod(l7Pods[PathNginx]), upstream); err != nil {
+			p.err = fmt.Errorf("%w: %w", errNotMeasured, err)
+		} else {
+			stops = append(stops, func() { pr.stop(3 * time.Second) })
+			p.procs = []*process{pr}
+		}
+	}
+	if want[PathHAProxyHTTP] {
+		p := paths[PathHAProxyHTTP]
+		if pr, err := startHAProxyHTTP(ctx, cfg.Nice, tools.HAProxy, filepath.Join(work, "haproxy-http"), topo.Pod(l7Pods[PathHAProxyHTTP]), upstream); err != nil {
+			p.err = fmt.Errorf("%w: %w", errNotMeasured, err)
+		} else {
+			stops = append(stops, func() { pr.stop(3 * time.Second) })
+			p.procs = []*process{pr}
+		}
+	}
+	var wpPod *netns.Pod
+	if want[PathWaypoint] {
+		wpPod = topo.Pod(l7Pods[PathWaypoint])
+	}
 	var zt *ztunnelPair
 	enrolled := map[string]bool{cm.Name: true, sm.Name: true}
 	pinPrefix := "/sys/fs/bpf/ambit-" + prefix
-	if want[PathAmbit] {
+	if want[PathAmbit] || want[PathWaypoint] {
 		p := paths[PathAmbit]
 		if tools.ZtunnelErr != nil {
 			p.err = fmt.Errorf("%w: %w", errNotMeasured, tools.ZtunnelErr)
+			paths[PathWaypoint].err = p.err
 		} else {
 			zdir := filepath.Join(work, "ztunnel")
 			if err := os.MkdirAll(zdir, 0o755); err != nil {
 				return nil, err
 			}
-			z, err := startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled)
+			z, err := startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled, wpPod)
 			zt = z
 			if z != nil {
 				stops = append(stops, z.stop)
 			}
 			if err != nil {
 				p.err = fmt.Errorf("%w: ztunnel did not start: %w", errNotMeasured, err)
+				paths[PathWaypoint].err = p.err
 			} else {
 				p.procs = z.procs()
 				p.counted = func(ctx context.Context) (float64, error) {
@@ -314,6 +360,10 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 				}
 			}
 		}
+	}
+
+	if wp := paths[PathWaypoint]; want[PathWaypoint] && wp.err == nil {
+		wp.err = startWaypointPath(ctx, cfg, work, caDir, topo, enrolled, wpPod, zt, wp, &stops)
 	}
 
 	// Smoke test every path; a path that fails is reported, not measured.
@@ -343,6 +393,9 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		works = append(works, work_{WorkLatency, c})
 	}
 	works = append(works, work_{WorkConnRate, cfg.ConnRateConns})
+	if slices.ContainsFunc(active, func(p *path) bool { return isL7(p.name) }) {
+		works = append(works, work_{WorkHTTPThroughput, httpThroughputConns})
+	}
 	for round := 1; round <= cfg.Rounds; round++ {
 		for _, w := range works {
 			// Interleave: every path runs this workload before the next
@@ -351,6 +404,9 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 				p := active[(i+round-1)%len(active)]
 				if err := ctx.Err(); err != nil {
 					return res, err
+				}
+				if !runs(p.name, w.kind) {
+					continue
 				}
 				r := runOne(ctx, cfg, tools, work, p, w.kind, w.conns)
 				r.Round = round
@@ -384,7 +440,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			zt.stop()
 			if err = os.MkdirAll(pdir, 0o755); err == nil {
 				var z *ztunnelPair
-				z, err = startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, bin, pdir, caDir, pinPrefix, topo, enrolled)
+				z, err = startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, bin, pdir, caDir, pinPrefix, topo, enrolled, wpPod)
 				if z != nil {
 					stops = append(stops, z.stop)
 				}
@@ -436,7 +492,7 @@ func smoke(ctx context.Context, niceness int, tools *Tools, work string, p *path
 			return fmt.Errorf("%w: ztunnel metrics: %w", errNotMeasured, err)
 		}
 		if after <= before {
-			return fmt.Errorf("%w: requests were answered but the ztunnels counted no connection: traffic not captured", errNotMeasured)
+			return fmt.Errorf("%w: requests were answered but the proxies counted nothing (%s): traffic not captured", errNotMeasured, p.name)
 		}
 	}
 	return nil
@@ -459,12 +515,15 @@ func runOne(ctx context.Context, cfg Config, tools *Tools, work string, p *path,
 			r.Bytes = ir.End.SumReceived.Bytes
 			r.Gbps = ir.End.SumReceived.BitsPerSecond / 1e9
 		}
-	case WorkLatency, WorkConnRate:
+	case WorkLatency, WorkConnRate, WorkHTTPThroughput:
 		args := []string{"-c", strconv.Itoa(conns)}
-		if kind == WorkLatency {
+		switch kind {
+		case WorkLatency:
 			args = append(args, "-qps", strconv.Itoa(cfg.QPS), "-uniform", "-t", cfg.LatencyTime.String(), "-payload-size", strconv.Itoa(cfg.Payload))
 			r.RequestedQPS = float64(cfg.QPS)
-		} else {
+		case WorkHTTPThroughput:
+			args = append(args, "-qps", "0", "-t", cfg.ThroughputTime.String(), "-payload-size", strconv.Itoa(cfg.Payload))
+		default:
 			args = append(args, "-qps", "-1", "-keepalive=false", "-t", cfg.ConnRateTime.String())
 		}
 		var fr *fortioResult
@@ -490,7 +549,11 @@ func runOne(ctx context.Context, cfg Config, tools *Tools, work string, p *path,
 	}
 	if p.counted != nil {
 		if after, cerr := p.counted(ctx); cerr == nil {
-			r.ZtunnelConnections = after - before
+			if p.name == PathWaypoint {
+				r.WaypointRequests = after - before
+			} else {
+				r.ZtunnelConnections = after - before
+			}
 		}
 	}
 	return r

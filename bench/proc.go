@@ -27,6 +27,54 @@ type process struct {
 	log  *os.File
 	done chan struct{}
 	err  error // set before done is closed
+	// tree, if set, makes the process's CPU and memory those of it and its
+	// children (nginx's master and workers): CPU summed, RSS summed (shared
+	// pages counted once per process, so an upper bound).
+	tree bool
+}
+
+// pids are the process's ID and, for a tree, its children's.
+func (p *process) pids() []int {
+	pids := []int{p.PID()}
+	if !p.tree {
+		return pids
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p.PID(), p.PID()))
+	if err != nil {
+		return pids
+	}
+	for _, f := range strings.Fields(string(b)) {
+		if n, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, n)
+		}
+	}
+	return pids
+}
+
+// cpu is the CPU time of the process (and, for a tree, its children).
+func (p *process) cpu() (float64, error) {
+	var sum float64
+	for i, pid := range p.pids() {
+		c, err := cpuSeconds(pid)
+		if err != nil && i == 0 {
+			return 0, err
+		}
+		sum += c
+	}
+	return sum, nil
+}
+
+// mem is the RSS and peak RSS of the process (and, for a tree, the sums over
+// it and its children).
+func (p *process) mem() (rss, hwm int64, err error) {
+	for i, pid := range p.pids() {
+		r, h, err := memory(pid)
+		if err != nil && i == 0 {
+			return 0, 0, err
+		}
+		rss, hwm = rss+r, hwm+h
+	}
+	return rss, hwm, nil
 }
 
 // niced prefixes a command line with nice(1) when niceness is not 0.
@@ -187,7 +235,7 @@ type ProxyUsage struct {
 func meter(procs []*process) *usageMeter {
 	m := &usageMeter{procs: procs, stopc: make(chan struct{}), maxRSS: make([]int64, len(procs))}
 	for _, p := range procs {
-		c, _ := cpuSeconds(p.PID())
+		c, _ := p.cpu()
 		m.cpu0 = append(m.cpu0, c)
 	}
 	m.sample()
@@ -212,7 +260,7 @@ func (m *usageMeter) sample() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for i, p := range m.procs {
-		if rss, _, err := memory(p.PID()); err == nil && rss > m.maxRSS[i] {
+		if rss, _, err := p.mem(); err == nil && rss > m.maxRSS[i] {
 			m.maxRSS[i] = rss
 		}
 	}
@@ -224,7 +272,7 @@ func (m *usageMeter) stop() []ProxyUsage {
 	m.sample()
 	var out []ProxyUsage
 	for i, p := range m.procs {
-		c, _ := cpuSeconds(p.PID())
+		c, _ := p.cpu()
 		out = append(out, ProxyUsage{Name: p.Name, PID: p.PID(), CPUSeconds: c - m.cpu0[i], MaxRSSBytes: m.maxRSS[i]})
 	}
 	return out

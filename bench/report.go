@@ -42,7 +42,8 @@ func (r *Results) WriteReport(dir string) error {
 }
 
 // pathTitles are the report's column names.
-var pathTitles = map[string]string{PathDirect: "direct", PathHAProxy: "HAProxy pair", PathAmbit: "ambit"}
+var pathTitles = map[string]string{PathDirect: "direct", PathHAProxy: "HAProxy pair", PathAmbit: "ambit",
+	PathWaypoint: "ambit waypoint", PathNginx: "nginx", PathHAProxyHTTP: "HAProxy HTTP mode"}
 
 // Markdown renders the report: the main table with ratios, the targets,
 // the per-round spread, what was not measured, and the micro-benchmarks.
@@ -73,7 +74,14 @@ func (r *Results) Markdown(plots []string) string {
 		w("Medians and CPU-time figures hold up; tail latencies (p99, and p90 over 64 connections) then measure scheduling delays as much as the paths: compare them across paths within this report, and see the per-run load in Rounds.\n\n")
 	}
 
-	cols := c.Paths
+	// The main table and the per-proxy table are the L4 paths'; the L7
+	// paths have their own section.
+	var cols []string
+	for _, p := range c.Paths {
+		if !isL7(p) {
+			cols = append(cols, p)
+		}
+	}
 	w("| figure |")
 	for _, p := range cols {
 		w(" %s |", pathTitles[p])
@@ -231,6 +239,8 @@ func (r *Results) Markdown(plots []string) string {
 	}
 	w("\n")
 
+	r.l7Section(w)
+
 	w("## Rounds\n\nEvery run, in the order it ran (latency columns are fortio's own per-run figures).\n\n")
 	w("| round | workload | path | result | p50 ms | p99 ms | proxy CPU-s | connections counted by the ztunnels | load avg | error |\n|---:|---|---|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, run := range r.Runs {
@@ -246,10 +256,15 @@ func (r *Results) Markdown(plots []string) string {
 			res = fmt.Sprintf("%.0f req/s, %d conn", run.ActualQPS, run.Connections)
 		case WorkConnRate:
 			res = fmt.Sprintf("%.0f conn/s", run.ActualQPS)
+		case WorkHTTPThroughput:
+			res = fmt.Sprintf("%.0f req/s, %d conn", run.ActualQPS, run.Connections)
 		}
 		zc := ""
 		if run.Path == PathAmbit {
 			zc = fmt.Sprintf("%.0f", run.ZtunnelConnections)
+		}
+		if run.Path == PathWaypoint {
+			zc = fmt.Sprintf("%.0f requests (waypoint)", run.WaypointRequests)
 		}
 		p50, p99 := "", ""
 		if v, ok := run.FortioPercentilesMs["p50"]; ok {

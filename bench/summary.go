@@ -79,6 +79,13 @@ type PathSummary struct {
 	RSSAtRate map[string]int64 `json:"rssAtFixedRateBytes,omitempty"`
 	// PeakRSS is each proxy's VmHWM after all runs.
 	PeakRSS map[string]int64 `json:"peakRssBytes,omitempty"`
+	// HTTPReqPerSec is the median of the rounds' HTTP throughput runs
+	// (fortio as fast as answered, WorkHTTPThroughput); L7 paths and direct.
+	HTTPReqPerSec     float64   `json:"httpReqPerSec,omitempty"`
+	HTTPReqPerSecRuns []float64 `json:"httpReqPerSecRuns,omitempty"`
+	// HTTPCPUSecondsPer1000Req is the proxies' CPU per 1000 requests of the
+	// HTTP throughput runs, by proxy.
+	HTTPCPUSecondsPer1000Req map[string]float64 `json:"httpCpuSecondsPer1000Requests,omitempty"`
 	// Errors counts failed requests and failed runs.
 	Errors    int64    `json:"errors"`
 	RunErrors []string `json:"runErrors,omitempty"`
@@ -128,6 +135,8 @@ func summarizePath(r *Results, name string) *PathSummary {
 	hists := map[string][]Bucket{}
 	type acc struct{ cpu, reqs, qps, n float64 }
 	lat := map[string]*acc{}
+	httpCPU := map[string]float64{}
+	var httpReqs float64
 	vcpuCPU := map[string]map[string]float64{}
 	vcpuSec := map[string]map[string]float64{}
 	for _, run := range r.Runs {
@@ -152,6 +161,12 @@ func summarizePath(r *Results, name string) *PathSummary {
 			tputBytes += run.Bytes
 		case WorkConnRate:
 			s.ConnsPerSecRuns = append(s.ConnsPerSecRuns, run.ActualQPS)
+		case WorkHTTPThroughput:
+			s.HTTPReqPerSecRuns = append(s.HTTPReqPerSecRuns, run.ActualQPS)
+			httpReqs += float64(run.Requests)
+			for _, p := range run.Proxies {
+				httpCPU[p.Name] += p.CPUSeconds
+			}
 		case WorkLatency:
 			hists[key] = append(hists[key], run.Histogram...)
 			a := lat[key]
@@ -178,6 +193,15 @@ func summarizePath(r *Results, name string) *PathSummary {
 	}
 	s.ThroughputGbps = median(s.ThroughputRuns)
 	s.ConnsPerSec = median(s.ConnsPerSecRuns)
+	if len(s.HTTPReqPerSecRuns) > 0 {
+		s.HTTPReqPerSec = median(s.HTTPReqPerSecRuns)
+	}
+	if httpReqs > 0 && len(httpCPU) > 0 {
+		s.HTTPCPUSecondsPer1000Req = map[string]float64{}
+		for proc, c := range httpCPU {
+			s.HTTPCPUSecondsPer1000Req[proc] = c / (httpReqs / 1000)
+		}
+	}
 	if tputBytes > 0 && len(r.procNames(name)) > 0 {
 		s.CPUSecondsPerGB = tputCPU / (tputBytes / 1e9)
 	}

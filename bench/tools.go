@@ -18,6 +18,9 @@ const FortioVersion = "v1.66.5"
 // Tools are the external programs a run uses, with their versions.
 type Tools struct {
 	Fortio, Iperf3, HAProxy, Ztunnel string
+	// Nginx is Debian's nginx, for the nginx path (NginxErr says why not).
+	Nginx    string
+	NginxErr error
 	// Versions of each tool, for the report.
 	Versions map[string]string
 	// ZtunnelErr says why the ztunnel binary could not be built (the ambit
@@ -50,6 +53,14 @@ func findTools(ctx context.Context, repoDir, cacheDir, workDir string, log *slog
 		if t.HAProxy, err = exec.LookPath("/usr/sbin/haproxy"); err != nil {
 			return nil, fmt.Errorf("haproxy not found (scripts/install-deps.sh bench): %w", err)
 		}
+	}
+	if t.Nginx, err = exec.LookPath("nginx"); err != nil {
+		if t.Nginx, err = exec.LookPath("/usr/sbin/nginx"); err != nil {
+			t.NginxErr = fmt.Errorf("nginx not found (scripts/install-deps.sh bench): %w", err)
+		}
+	}
+	if t.NginxErr == nil {
+		t.Versions["nginx"] = firstLine(exec.CommandContext(ctx, t.Nginx, "-v").CombinedOutput())
 	}
 	t.Versions["iperf3"] = firstLine(exec.CommandContext(ctx, t.Iperf3, "--version").CombinedOutput())
 	t.Versions["haproxy"] = firstLine(exec.CommandContext(ctx, t.HAProxy, "-v").CombinedOutput())

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/ambit-mesh/ambit/bench"
 )
@@ -23,7 +24,8 @@ import (
 func main() {
 	var cfg bench.Config
 	out := flag.String("out", "bench/results", "directory for latest.json, latest.md and the plots")
-	paths := flag.String("paths", "direct,haproxy,ambit", "paths to measure, comma-separated")
+	paths := flag.String("paths", "direct,haproxy,ambit,waypoint,nginx,haproxy-http", "paths to measure, comma-separated (direct is the L7 paths' baseline too)")
+	short := flag.Bool("short", false, "a smoke run: 1 round, 3 s latency and throughput runs, 2 s connection-rate runs, no profiles, no RSS floor")
 	micro := flag.String("microbench", "", "go test -bench output to include in the report")
 	reportOnly := flag.String("report-only", "", "re-render the report from this latest.json instead of measuring")
 	flag.StringVar(&cfg.RepoDir, "repo", "", "module root to build ./cmd/ztunnel from (default: found from the working directory)")
@@ -42,6 +44,10 @@ func main() {
 	conns := flag.String("connections", "1,64", "connection counts of the latency runs")
 	verbose := flag.Bool("v", true, "log progress")
 	flag.Parse()
+	if *short {
+		cfg.Rounds, cfg.LatencyTime, cfg.ThroughputTime, cfg.ConnRateTime = 1, 3*time.Second, 3*time.Second, 2*time.Second
+		*profile, *linkRSS = false, false
+	}
 
 	log := slog.New(slog.DiscardHandler)
 	if *verbose {
