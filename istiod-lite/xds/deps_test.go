@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net/netip"
 	"testing"
@@ -251,5 +252,41 @@ func testDepsSkip(t *testing.T, r *rand.Rand, nw int) {
 	t.Logf("300 random changes x %d waypoints: %d rebuilds skipped, %d done", nw, skipped, rebuilt)
 	if skipped == 0 || rebuilt == 0 {
 		t.Errorf("skipped %d, rebuilt %d: the test does not exercise both", skipped, rebuilt)
+	}
+}
+
+// BenchmarkWaypointRebuildOnePod: 50 connected waypoints of 20 services x 5
+// endpoints each; one pod's readiness changes in one namespace. "all"
+// rebuilds every waypoint (inputs unknown), "deps" only the one it touches.
+func BenchmarkWaypointRebuildOnePod(b *testing.B) {
+	const nw = 50
+	for _, mode := range []string{"all", "deps"} {
+		b.Run(mode, func(b *testing.B) {
+			store := &model.Store{}
+			store.Replace(depsMesh(nw, 20, 5))
+			g := newWaypointGen(store, slog.New(slog.DiscardHandler), func(m *model.Snapshot, wp envoy.Waypoint) (*envoy.Resources, error) {
+				return envoy.ForWaypoint(m, wp)
+			})
+			if mode == "deps" {
+				g.inputs = depsOf
+			}
+			for i := range nw {
+				g.streamOpened(auth.WaypointRef{Namespace: fmt.Sprintf("ns-%d", i), Name: "wp"})
+			}
+			g.rebuild(b.Context())
+			uid := "ns-7/3-2"
+			ready := true
+			b.ReportAllocs()
+			for b.Loop() {
+				w := *store.Load().Workloads[uid]
+				ready = !ready
+				w.Ready = ready
+				store.Apply(&model.Delta{Workloads: []*model.Workload{&w}})
+				g.rebuild(b.Context())
+			}
+			if st := g.Status()["ns-7/wp"]; st.Error != "" || st.Version != storeVersion(store) {
+				b.Fatalf("ns-7/wp: %+v", st)
+			}
+		})
 	}
 }
