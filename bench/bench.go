@@ -420,7 +420,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 	res.PeakRSS = map[string]int64{}
 	for _, p := range active {
 		for _, pr := range p.procs {
-			if _, hwm, err := memory(pr.PID()); err == nil {
+			if _, hwm, err := pr.mem(); err == nil {
 				res.PeakRSS[pr.Name] = hwm
 			}
 		}
