@@ -7,6 +7,10 @@
 //	ambit    client pod -> eBPF capture -> ztunnel node1 -(HBONE: mutual TLS,
 //	         HTTP/2 CONNECT)-> ztunnel node2 -> pod
 //
+// and, for the waypoint (L7) comparison, three HTTP proxies each in its own
+// pod on node2 (see l7.go): ambit's waypoint (client -> ztunnel -> waypoint
+// -> ztunnel -> server), nginx and HAProxy in HTTP mode.
+//
 // Each round runs, for every path in turn: single-connection throughput
 // (iperf3), latency of 1 KB HTTP/1.1 requests at a fixed rate over 1 and 64
 // connections (fortio), and new connections per second (fortio without
