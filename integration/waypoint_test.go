@@ -727,6 +727,110 @@ spec:
 			t.Errorf("shadow received %.1f%% of 200 requests, want 50 ± 10", pct)
 		}
 	})
+
+	t.Run("11-rolling-restart", func(t *testing.T) {
+		// A rolling restart of a two-replica waypoint, as the Deployment
+		// controller would do it (this harness has none): a second replica,
+		// then each old pod deleted once its replacement is ready. Two
+		// clients send one request per connection all along; none may fail.
+		url := fmt.Sprintf("http://%s/", netip.AddrPortFrom(vips["reviews"], 80))
+		type result struct {
+			at  time.Time
+			err string
+		}
+		var mu sync.Mutex // guards results
+		var results []result
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		var stopOnce sync.Once
+		stopLoad := func() { stopOnce.Do(func() { close(stop); wg.Wait() }) }
+		defer stopLoad()
+		for range 2 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c := e.httpClient("shop/client-1", false)
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					code, from, err := get(c, http.MethodGet, url)
+					r := result{at: time.Now()}
+					if err != nil || code != http.StatusOK {
+						r.err = fmt.Sprintf("%d from %q: %v", code, from, err)
+					}
+					mu.Lock()
+					results = append(results, r)
+					mu.Unlock()
+				}
+			}()
+		}
+		before0 := e.requestLogs(t)
+		start := time.Now()
+		steps := []struct{ add, addNode, del, delNode string }{
+			{"waypoint-1", "node-1", "waypoint-0", "node-2"},
+			{"waypoint-2", "node-2", "waypoint-1", "node-1"},
+		}
+		marks := []string{}
+		for _, s := range steps {
+			e.startWaypointPod(t, s.add, s.addNode)
+			marks = append(marks, fmt.Sprintf("%s ready at %s", s.add, time.Since(start).Round(time.Millisecond)))
+			if err := e.cs.CoreV1().Pods(shop).Delete(ctx, s.del, metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			if !eventually(10*time.Second, func() bool { return e.kls[s.delNode].Pod(shop+"/"+s.del) == nil }) {
+				t.Fatalf("%s still running 10s after its deletion", s.del)
+			}
+			marks = append(marks, fmt.Sprintf("%s stopped at %s", s.del, time.Since(start).Round(time.Millisecond)))
+		}
+		// Load on the last replica for a moment more.
+		mu.Lock()
+		n := len(results)
+		mu.Unlock()
+		eventually(5*time.Second, func() bool { mu.Lock(); defer mu.Unlock(); return len(results) >= n+100 })
+		stopLoad()
+		var failed []string
+		for _, r := range results {
+			if r.err != "" {
+				failed = append(failed, fmt.Sprintf("at %s: %s", r.at.Sub(start).Round(time.Millisecond), r.err))
+			}
+		}
+		// Every request went through one of the waypoints: their access
+		// logs (kept after their pods stopped) add up to the requests sent.
+		by := map[string]int{}
+		logged := 0
+		eventually(5*time.Second, func() bool {
+			logged = 0
+			for _, w := range []struct{ key, node string }{{waypointPod, "node-2"}, {"shop/waypoint-1", "node-1"}, {"shop/waypoint-2", "node-2"}} {
+				logs, err := mesh.ReadRequestLogs(e.kls[w.node].LogFile(w.key, "istio-proxy"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if w.key == waypointPod {
+					logs = logs[len(before0):]
+				}
+				by[w.key] = len(logs)
+				logged += len(logs)
+			}
+			return logged >= len(results)
+		})
+		t.Logf("rolling restart (%s) in %s: %d requests, %d failed; access-log lines by waypoint pod %v",
+			strings.Join(marks, ", "), time.Since(start).Round(time.Millisecond), len(results), len(failed), by)
+		if logged != len(results) {
+			t.Errorf("the waypoints logged %d requests (%v), the clients sent %d", logged, by, len(results))
+		}
+		if by["shop/waypoint-1"] == 0 || by["shop/waypoint-2"] == 0 {
+			t.Errorf("a new waypoint replica served nothing: %v", by)
+		}
+		if len(failed) > 0 {
+			t.Errorf("%d requests lost during the rolling restart; first: %s", len(failed), strings.Join(failed[:min(len(failed), 5)], "; "))
+		}
+		if len(results) < 100 {
+			t.Errorf("only %d requests sent during the rolling restart", len(results))
+		}
+	})
 }
 
 // runWaypoint waits for the Deployment istiod-lite's deployer made for the
@@ -1086,4 +1190,35 @@ func getHeader(c *http.Client, url string, h http.Header) (int, string, error) {
 	defer resp.Body.Close()
 	io.Copy(io.Discard, resp.Body)
 	return resp.StatusCode, resp.Header.Get("X-Ambit-App"), nil
+}
+
+// startWaypointPod creates another pod called name on node from the
+// waypoint Deployment's template (the ReplicaSet controller's and the
+// scheduler's part) and waits until it is ready.
+func (e *env) startWaypointPod(t *testing.T, name, node string) {
+	t.Helper()
+	ctx := context.Background()
+	d, err := e.cs.AppsV1().Deployments(shop).Get(ctx, "waypoint", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod := &corev1.Pod{ObjectMeta: d.Spec.Template.ObjectMeta, Spec: d.Spec.Template.Spec}
+	pod.Name, pod.Namespace, pod.Spec.NodeName = name, shop, node
+	if _, err := e.cs.CoreV1().Pods(shop).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if !eventually(60*time.Second, func() bool {
+		p, err := e.cs.CoreV1().Pods(shop).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("waypoint pod %s never became ready", name)
+	}
 }
