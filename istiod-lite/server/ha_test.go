@@ -340,6 +340,14 @@ func TestTwoReplicas(t *testing.T) {
 	// though a label change makes both controllers look again.
 	converged := func(what string) {
 		t.Helper()
+		// First the writes in flight end: no write for a second.
+		last, quiet := -1, time.Now()
+		waitFor(t, what+": writes end", 30*time.Second, func() (bool, string) {
+			if n := reps[0].writes.total() + reps[1].writes.total(); n != last {
+				last, quiet = n, time.Now()
+			}
+			return time.Since(quiet) > time.Second, fmt.Sprint(last, " writes")
+		})
 		gw, err := gws.Get(ctx, "wp1", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
