@@ -93,28 +93,42 @@ func TestCraftedTCPOfEnrolledPodsDoesNotLeave(t *testing.T) {
 	flags := []byte{syn, syn | fin, syn | rst, syn | ack, syn | urg, fin, 0, fin | psh | urg, ack, psh | ack, rst, rst | ack, 0xff}
 	// IP options: none, NOPs + end of list, a record-route option.
 	options := [][]byte{nil, {1, 1, 1, 0}, {7, 7, 4, 0, 0, 0, 0, 0}}
+	// The control's packets are not all forwarded on the first try on a busy
+	// machine (the tail of a burst is sometimes lost before the uplink): each
+	// round resends, from both pods, the packets the control has not yet got
+	// across, so a1 is tried at least as often as a2 needed.
+	type key struct{ oi, fi int }
+	port := func(k key) uint16 { return uint16(42000 + k.oi*100 + k.fi) }
+	todo := map[key]bool{}
+	for oi := range options {
+		for fi := range flags {
+			todo[key{oi, fi}] = true
+		}
+	}
+	want := len(todo)
 	var n int
-	for _, p := range []*netns.Pod{a1, a2} {
-		for oi, opt := range options {
-			for fi, f := range flags {
-				pkt := withIPOptions(ipv4TCP(p.IP, b2.IP, uint16(42000+oi*100+fi), 8080, f, []byte("crafted-plaintext")), opt)
+	for round := 0; round < 5 && len(todo) > 0; round++ {
+		for k := range todo {
+			for _, p := range []*netns.Pod{a1, a2} {
+				pkt := withIPOptions(ipv4TCP(p.IP, b2.IP, port(k), 8080, flags[k.fi], []byte("crafted-plaintext")), options[k.oi])
 				if err := sendRaw(p, b2.IP, pkt); err != nil {
 					t.Fatalf("%s: %v", p.Name, err)
 				}
 				n++
 			}
 		}
-	}
-	want := len(flags) * len(options) // a2's, all routable
-	var from map[netip.Addr]int
-	deadline := time.Now().Add(5 * time.Second)
-	for from[a2.IP] < want && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-		pkts, _ := netns.ReadPcap(pc.File)
-		from = map[netip.Addr]int{}
-		for _, p := range pkts {
-			if p.Dst == netip.AddrPortFrom(b2.IP, 8080) {
-				from[p.Src.Addr()]++
+		for deadline := time.Now().Add(3 * time.Second); len(todo) > 0 && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+			pkts, _ := netns.ReadPcap(pc.File)
+			for _, p := range pkts {
+				if p.Src.Addr() != a2.IP || p.Dst != netip.AddrPortFrom(b2.IP, 8080) {
+					continue
+				}
+				for k := range todo {
+					if port(k) == p.Src.Port() {
+						delete(todo, k)
+					}
+				}
 			}
 		}
 	}
@@ -127,8 +141,8 @@ func TestCraftedTCPOfEnrolledPodsDoesNotLeave(t *testing.T) {
 			t.Errorf("the enrolled pod's crafted packet crossed the underlay: %v", p)
 		}
 	}
-	if from[a2.IP] < want {
-		t.Errorf("saw %d of the unenrolled pod's %d packets on the uplink: the test proves nothing", from[a2.IP], want)
+	if len(todo) > 0 {
+		t.Errorf("%d of the unenrolled pod's %d packets never crossed the uplink: the test proves nothing", len(todo), want)
 	}
 	t.Logf("sent %d crafted packets", n)
 }
