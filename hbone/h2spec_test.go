@@ -49,6 +49,7 @@ func TestH2Spec(t *testing.T) {
 		relay.Join(t.Context(), c, up, nil)
 	})
 	ref := listen(t, func(c net.Conn) {
+		//lint:ignore SA1019 x/net's server is the reference this run compares hbone with
 		(&http2.Server{}).ServeConn(c, &http2.ServeConnOpts{BaseConfig: &http.Server{ErrorLog: log.New(io.Discard, "", 0)}, Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.WriteHeader(http.StatusBadRequest)
 		})})
