@@ -210,6 +210,11 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		if pod := l7Pods[p]; pod != "" {
 			node2Pods = append(node2Pods, pod) // the L7 proxies' own pods
 		}
+		if p == PathWaypoint {
+			// The waypoint's server: a pod behind a waypoint-bound service
+			// accepts only the waypoint, so not server-mesh (the ambit path's).
+			node2Pods = append(node2Pods, waypointServerPod)
+		}
 	}
 	topo, err := netns.Build(netns.Config{Prefix: prefix, Nodes: []netns.NodeConfig{
 		{Name: "node1", Pods: []string{"client-plain", "client-mesh"}},
@@ -234,7 +239,11 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			stops[i]()
 		}
 	}()
-	for _, pod := range []*netns.Pod{sp, sm} {
+	servers := []*netns.Pod{sp, sm}
+	if pod := topo.Pod(waypointServerPod); pod != nil {
+		servers = append(servers, pod)
+	}
+	for _, pod := range servers {
 		ps, err := startServers(cfg.Nice, tools.Fortio, tools.Iperf3, work, pod)
 		if err != nil {
 			return nil, err
@@ -329,7 +338,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		wpPod = topo.Pod(l7Pods[PathWaypoint])
 	}
 	var zt *ztunnelPair
-	enrolled := map[string]bool{cm.Name: true, sm.Name: true}
+	enrolled := map[string]bool{cm.Name: true, sm.Name: true, waypointServerPod: true}
 	pinPrefix := "/sys/fs/bpf/ambit-" + prefix
 	if want[PathAmbit] || want[PathWaypoint] {
 		p := paths[PathAmbit]

@@ -24,7 +24,7 @@ import (
 // The L7 paths: an HTTP proxy in its own pod on node2, between a client pod
 // on node1 and a server pod on node2.
 //
-//	waypoint      client-mesh -> ztunnel node1 =HBONE=> waypoint pod =HBONE=> ztunnel node2 -> server-mesh
+//	waypoint      client-mesh -> ztunnel node1 =HBONE=> waypoint pod =HBONE=> ztunnel node2 -> server-waypoint
 //	nginx         client-plain -> nginx pod (proxy_pass, keepalive upstream) -> server-plain
 //	haproxy-http  client-plain -> haproxy pod (mode http) -> server-plain
 const (
@@ -48,7 +48,12 @@ const (
 	// waypointName is the waypoint Gateway's name (and service account).
 	waypointName = "waypoint"
 	// serverHost is the hostname of the service bound to the waypoint.
-	serverHost = "server-mesh.bench.svc.cluster.local"
+	serverHost = waypointServerPod + ".bench.svc.cluster.local"
+	// waypointServerPod is the waypoint path's server pod (enrolled, on
+	// node2, the same servers as the others): ztunnel lets only the
+	// waypoint reach a pod behind a waypoint-bound service, so the ambit
+	// path cannot share it.
+	waypointServerPod = "server-waypoint"
 )
 
 // serverVIP is the virtual IP of the service bound to the waypoint: not
@@ -66,7 +71,7 @@ var l7Pods = map[string]string{PathWaypoint: "waypoint", PathNginx: "nginx", Pat
 
 // benchModel is the model both ztunnels (local mode) and the waypoint are
 // configured from: every pod as a workload (the mesh ones enrolled), and,
-// when waypoint is a pod, the service server-mesh (VIP serverVIP, port
+// when waypoint is a pod, the service server-waypoint (VIP serverVIP, port
 // 8080, HTTP) bound to the waypoint at that pod's address.
 func benchModel(topo *netns.Topology, enrolled map[string]bool, waypoint *netns.Pod) ([]*model.Workload, []*model.Service) {
 	var ws []*model.Workload
@@ -78,7 +83,7 @@ func benchModel(topo *netns.Topology, enrolled map[string]bool, waypoint *netns.
 			if waypoint != nil && p == waypoint {
 				w.ServiceAccount = waypointName // the waypoint's identity is its Gateway's
 			}
-			if p.Name == "server-mesh" {
+			if p.Name == waypointServerPod {
 				server = w
 			}
 			ws = append(ws, w)
@@ -87,7 +92,7 @@ func benchModel(topo *netns.Topology, enrolled map[string]bool, waypoint *netns.
 	if waypoint == nil || server == nil {
 		return ws, nil
 	}
-	svc := &model.Service{Name: "server-mesh", Namespace: benchNamespace, Hostname: serverHost, VIPs: []netip.Addr{serverVIP},
+	svc := &model.Service{Name: waypointServerPod, Namespace: benchNamespace, Hostname: serverHost, VIPs: []netip.Addr{serverVIP},
 		Ports:     []model.ServicePort{{Name: "http", Port: fortioPort, TargetPort: fortioPort, Protocol: "HTTP"}},
 		Endpoints: []model.Endpoint{{WorkloadUID: server.UID}},
 		Waypoint:  (&model.Waypoint{Name: waypointName, Namespace: benchNamespace, Address: waypoint.IP}).Ref()}

@@ -27,7 +27,7 @@ func fakeTopology() (*netns.Topology, *netns.Pod) {
 	wp := pod("waypoint", "10.2.0.4")
 	return &netns.Topology{Nodes: []*netns.Node{
 		{Name: "node1", Pods: []*netns.Pod{pod("client-plain", "10.1.0.2"), pod("client-mesh", "10.1.0.3")}},
-		{Name: "node2", Pods: []*netns.Pod{pod("server-plain", "10.2.0.2"), pod("server-mesh", "10.2.0.3"), wp}},
+		{Name: "node2", Pods: []*netns.Pod{pod("server-plain", "10.2.0.2"), pod("server-mesh", "10.2.0.3"), wp, pod("server-waypoint", "10.2.0.5")}},
 	}}, wp
 }
 
@@ -37,7 +37,7 @@ func fakeTopology() (*netns.Topology, *netns.Pod) {
 // pod.
 func TestWaypointConfig(t *testing.T) {
 	topo, wpPod := fakeTopology()
-	enrolled := map[string]bool{"client-mesh": true, "server-mesh": true}
+	enrolled := map[string]bool{"client-mesh": true, "server-mesh": true, "server-waypoint": true}
 	ws, svcs := benchModel(topo, enrolled, wpPod)
 
 	zc, err := ztunnelConfig(ws, svcs)
@@ -61,6 +61,15 @@ func TestWaypointConfig(t *testing.T) {
 	if w := snap.WorkloadByIP(netip.MustParseAddr("10.2.0.3")); w == nil || !w.Enrolled {
 		t.Errorf("server-mesh workload = %+v, want enrolled", w)
 	}
+	if w := snap.WorkloadByIP(netip.MustParseAddr("10.2.0.5")); w == nil || !w.Enrolled {
+		t.Errorf("server-waypoint workload = %+v, want enrolled", w)
+	}
+	// The ambit path's server is not behind the waypoint's service.
+	for _, ep := range svc.Endpoints {
+		if ep.WorkloadUID != "bench/Pod/bench/server-waypoint" {
+			t.Errorf("service endpoint %s, want server-waypoint only", ep.WorkloadUID)
+		}
+	}
 	if w := snap.WorkloadByIP(netip.MustParseAddr("10.2.0.2")); w == nil || w.Enrolled {
 		t.Errorf("server-plain workload = %+v, want not enrolled", w)
 	}
@@ -81,7 +90,7 @@ func TestWaypointConfig(t *testing.T) {
 		}
 		rs = append(rs, waypoint.Resource{Version: dr.GetVersionInfo(), Resource: m})
 	}
-	for _, want := range []string{envoy.ListenerName, "inbound-vip|8080|http|" + serverHost, envoy.ClusterName(fortioPort, serverHost), `"10.2.0.3"`} {
+	for _, want := range []string{envoy.ListenerName, "inbound-vip|8080|http|" + serverHost, envoy.ClusterName(fortioPort, serverHost), `"10.2.0.5"`} {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("waypoint config lacks %q", want)
 		}

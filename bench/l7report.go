@@ -38,7 +38,7 @@ func (r *Results) l7Section(w func(string, ...any)) {
 	c := r.Config
 	w("## The waypoint path (L7): ambit's waypoint vs nginx vs HAProxy in HTTP mode\n\n")
 	w("An HTTP proxy in its own pod on node2, between a client pod on node1 and a server pod on node2:\n\n")
-	w("```\nwaypoint      client-mesh ─[capture]─► ztunnel node1 ══HBONE══► waypoint pod ══HBONE══► ztunnel node2 ─► server-mesh:8080\n")
+	w("```\nwaypoint      client-mesh ─[capture]─► ztunnel node1 ══HBONE══► waypoint pod ══HBONE══► ztunnel node2 ─► server-waypoint:8080\n")
 	w("nginx         client-plain ─► nginx pod :8080 (proxy_pass, keepalive upstream) ─► server-plain:8080\n")
 	w("haproxy-http  client-plain ─► haproxy pod :8080 (mode http) ─► server-plain:8080\n```\n\n")
 	w("The client of the waypoint path dials the service VIP %s:8080 (bound to the waypoint); the waypoint is `cmd/waypoint` with a local `--config` built by istiod-lite's `envoy.ForWaypoint` from the bench's model (default route, Istio's default retries), access logs off. ", serverVIP)
