@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -99,6 +100,7 @@ func (f roundTripper) RoundTrip(r *http.Request) (*http.Response, error) { retur
 type replica struct {
 	id     string
 	addr   string
+	admin  string
 	writes *writes
 	stop   func() // cancels Run and waits for it
 }
@@ -109,13 +111,13 @@ func startReplica(t *testing.T, rc *rest.Config, id string) *replica {
 	rc = rest.CopyConfig(rc)
 	rc.Wrap(r.writes.wrap)
 	ctx, cancel := context.WithCancel(t.Context())
-	addrs := make(chan string, 1)
+	addrs := make(chan [2]string, 1)
 	done := make(chan error, 1)
 	go func() {
 		done <- Run(ctx, Config{
 			Rest: rc, Listen: "127.0.0.1:0", Admin: "127.0.0.1:0",
 			LeaderIdentity: id, LeaseDuration: 3 * time.Second, RenewDeadline: 2 * time.Second, RetryPeriod: 250 * time.Millisecond,
-			Listening: func(g, _ string) { addrs <- g },
+			Listening: func(g, a string) { addrs <- [2]string{g, a} },
 		})
 	}()
 	var once sync.Once
@@ -129,7 +131,8 @@ func startReplica(t *testing.T, rc *rest.Config, id string) *replica {
 	}
 	t.Cleanup(r.stop)
 	select {
-	case r.addr = <-addrs:
+	case a := <-addrs:
+		r.addr, r.admin = a[0], a[1]
 	case err := <-done:
 		t.Fatalf("replica %s: Run: %v", id, err)
 	case <-time.After(90 * time.Second):
@@ -254,6 +257,23 @@ func TestTwoReplicas(t *testing.T) {
 		lead, standby = reps[1], reps[0]
 	}
 	t.Logf("leader %s, standby %s", lead.id, standby.id)
+	// Each says so on its admin port.
+	leading := func(r *replica) bool {
+		resp, err := http.Get("http://" + r.admin + "/debug/leader")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var v struct{ Leading bool }
+		if err := json.NewDecoder(resp.Body).Decode(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v.Leading
+	}
+	waitFor(t, "the leader's /debug/leader", 10*time.Second, func() (bool, string) { return leading(lead), "" })
+	if leading(standby) {
+		t.Errorf("the standby says it leads")
+	}
 
 	// Both serve xDS: a ztunnel client of each syncs the model.
 	cm, err := admin.CoreV1().ConfigMaps(ca.DefaultNamespace).Get(ctx, ca.DefaultBundleConfigMap, metav1.GetOptions{})

@@ -55,7 +55,8 @@ type Config struct {
 	// Listen is the xDS + CA address (default ":15012").
 	Listen string
 	// Admin is the admin HTTP address: /healthz, /readyz,
-	// /debug/proxy-status, /debug/model (default "127.0.0.1:15014"; "-" disables).
+	// /debug/proxy-status, /debug/model, /debug/leader (default
+	// "127.0.0.1:15014"; "-" disables).
 	Admin string
 
 	// ConfigDir selects local mode: the model is read from this directory of
@@ -283,7 +284,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	if admin != nil {
-		hs := &http.Server{Handler: adminMux(store, xdsServer, src), ReadHeaderTimeout: 5 * time.Second}
+		hs := &http.Server{Handler: adminMux(store, xdsServer, src, ctrls), ReadHeaderTimeout: 5 * time.Second}
 		g.Go(func() error {
 			go func() {
 				<-ctx.Done()
@@ -316,8 +317,14 @@ func stopGracefully(gs *grpc.Server, timeout time.Duration) {
 	}
 }
 
-func adminMux(store *model.Store, x *xds.Server, src source) *http.ServeMux {
+func adminMux(store *model.Store, x *xds.Server, src source, ctrls *controllers) *http.ServeMux {
 	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/leader", func(w http.ResponseWriter, _ *http.Request) {
+		// Whether this replica deploys waypoints and writes status now
+		// (never in local mode).
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]bool{"leading": ctrls != nil && ctrls.Leading()})
+	})
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
 		select {
