@@ -727,7 +727,6 @@ spec:
 			t.Errorf("shadow received %.1f%% of 200 requests, want 50 ± 10", pct)
 		}
 	})
-
 }
 
 // runWaypoint waits for the Deployment istiod-lite's deployer made for the
