@@ -38,8 +38,14 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	ctx := t.Context()
 	for _, args := range [][]string{
 		{"apply", "--server-side", "-f", "../../manifests/namespace.yaml", "-f", "../../manifests/crds/", "-f", "../../manifests/istiod-lite-rbac.yaml"},
-		{"wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"},
+		nil, // wait for the CRDs
 	} {
+		if args == nil {
+			if err := c.WaitCRDsEstablished(ctx); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
 		if out, err := exec.Command("kubectl", append([]string{"--kubeconfig", c.Kubeconfig()}, args...)...).CombinedOutput(); err != nil {
 			t.Fatalf("kubectl %v: %v\n%s", args, err, out)
 		}
