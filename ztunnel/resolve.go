@@ -80,8 +80,8 @@ func Resolve(snap *model.Snapshot, src *model.Workload, dst netip.AddrPort, pick
 	if w == nil {
 		return Route{Kind: RoutePassthrough, Addr: dst, Target: dst}, nil
 	}
-	if w.Waypoint != nil && !isWaypoint(snap, src, w.Waypoint) {
-		return waypointRoute(snap, w.Waypoint, dst, nil, pick)
+	if w.Waypoint != nil && !isWaypoint(snap, src, w.Waypoint, w.Identity().TrustDomain()) {
+		return waypointRoute(snap, w.Waypoint, w.Identity().TrustDomain(), dst, nil, pick)
 	}
 	return workloadRoute(w, dst, nil), nil
 }
@@ -92,10 +92,13 @@ func resolveService(snap *model.Snapshot, src *model.Workload, svc *model.Servic
 		return Route{Service: svc}, fmt.Errorf("%w: %s port %d", ErrUnknownServicePort, svc.Hostname, dst.Port())
 	}
 	sp := svc.Ports[i]
-	if svc.Waypoint != nil && !isWaypoint(snap, src, svc.Waypoint) {
-		return waypointRoute(snap, svc.Waypoint, dst, svc, pick)
+	if svc.Waypoint != nil {
+		td := serviceTrustDomain(snap, svc)
+		if !isWaypoint(snap, src, svc.Waypoint, td) {
+			return waypointRoute(snap, svc.Waypoint, td, dst, svc, pick)
+		}
 	}
-	w, ep, ok := pickEndpoint(snap, svc, pick)
+	w, ep, ok := pickEndpoint(snap, svc, spiffeid.ID{}, pick)
 	if !ok {
 		return Route{Service: svc}, fmt.Errorf("%w: %s", ErrNoReadyEndpoint, svc.Hostname)
 	}
@@ -109,12 +112,25 @@ func resolveService(snap *model.Snapshot, src *model.Workload, svc *model.Servic
 	return workloadRoute(w, netip.AddrPortFrom(sameFamily(w.Addresses, dst.Addr()), port), svc), nil
 }
 
+// serviceTrustDomain is the trust domain of svc's endpoints (the first one
+// the snapshot knows), else the default: the destination ztunnels check a
+// waypoint's identity in their workload's trust domain (waypointIdentityFor).
+func serviceTrustDomain(snap *model.Snapshot, svc *model.Service) spiffeid.TrustDomain {
+	for _, ep := range svc.Endpoints {
+		if w := snap.Workloads[ep.WorkloadUID]; w != nil {
+			return w.Identity().TrustDomain()
+		}
+	}
+	return identity.DefaultTrustDomain
+}
+
 // pickEndpoint balances over svc's ready endpoints (pick(n) chooses an index
-// in [0, n); nil picks at random). ok is false when none is ready.
-func pickEndpoint(snap *model.Snapshot, svc *model.Service, pick func(int) int) (w *model.Workload, ep model.Endpoint, ok bool) {
+// in [0, n); nil picks at random); when want is not zero, only over those
+// whose identity is want. ok is false when none is ready.
+func pickEndpoint(snap *model.Snapshot, svc *model.Service, want spiffeid.ID, pick func(int) int) (w *model.Workload, ep model.Endpoint, ok bool) {
 	var ready []int
 	for i, ep := range svc.Endpoints {
-		if w := snap.Workloads[ep.WorkloadUID]; w != nil && w.Ready && len(w.Addresses) > 0 {
+		if w := snap.Workloads[ep.WorkloadUID]; w != nil && w.Ready && len(w.Addresses) > 0 && (want.IsZero() || w.Identity() == want) {
 			ready = append(ready, i)
 		}
 	}
@@ -144,26 +160,33 @@ func workloadRoute(w *model.Workload, target netip.AddrPort, svc *model.Service)
 	}
 }
 
-// waypointRoute tunnels to the waypoint wp with dst as the authority. When
-// wp's address is a Service VIP (in a cluster, the Gateway's status address is
-// its Service's cluster IP, which nothing here routes: ambit does not rely on
-// kube-proxy), the tunnel goes to <pod IP>:15008 of one of that Service's
-// ready endpoints, balanced as for any service, and requires that pod's
-// identity; with no ready endpoint it fails closed, like an unresolved
-// waypoint. A pod address (local mode) is dialled as it is.
-func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, dst netip.AddrPort, svc *model.Service, pick func(int) int) (Route, error) {
+// waypointRoute tunnels to the waypoint wp with dst as the authority; td is
+// the trust domain of the destination (its workload's, or its service's
+// endpoints'). When wp's address is a Service VIP (in a cluster, the
+// Gateway's status address is its Service's cluster IP, which nothing here
+// routes: ambit does not rely on kube-proxy), the tunnel goes to
+// <pod IP>:15008 of one of that Service's ready endpoints that has the
+// waypoint's identity (waypointVIPIdentity: any pod can join the Service by
+// its labels, only the waypoint holds its service account), balanced as for
+// any service, and requires that identity; with no such endpoint it fails
+// closed, like an unresolved waypoint. A pod address (local mode) is dialled
+// as it is.
+func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, td spiffeid.TrustDomain, dst netip.AddrPort, svc *model.Service, pick func(int) int) (Route, error) {
 	if !wp.Resolved() {
 		return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: %s/%s", ErrWaypointMissing, wp.Namespace, wp.Name)
 	}
 	addr, peer := wp.Address, waypointIdentity(snap, wp)
 	if wsvc := snap.ServiceByVIP(wp.Address.Addr()); wsvc != nil {
-		w, _, ok := pickEndpoint(snap, wsvc, pick)
+		peer = waypointVIPIdentity(wp, td)
+		if peer.IsZero() {
+			return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: %s/%s (no identity)", ErrWaypointMissing, wp.Namespace, wp.Name)
+		}
+		w, _, ok := pickEndpoint(snap, wsvc, peer, pick)
 		if !ok {
-			return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: waypoint %s/%s (service %s)",
-				ErrNoReadyEndpoint, wp.Namespace, wp.Name, wsvc.Hostname)
+			return Route{Service: svc, Waypoint: wp}, fmt.Errorf("%w: waypoint %s/%s (service %s, identity %s)",
+				ErrNoReadyEndpoint, wp.Namespace, wp.Name, wsvc.Hostname, peer)
 		}
 		addr = netip.AddrPortFrom(sameFamily(w.Addresses, wp.Address.Addr().Unmap()), model.PortHBONE)
-		peer = w.Identity()
 	}
 	return Route{
 		Kind:     RouteHBONE,
@@ -176,26 +199,39 @@ func waypointRoute(snap *model.Snapshot, wp *model.WaypointRef, dst netip.AddrPo
 }
 
 // waypointIdentity is the identity of the waypoint's workload when the model
-// knows it, else Istio's convention: the service account named after the
-// waypoint, in its namespace. (A waypoint addressed by its Service VIP is
-// dialled at one of its pods and requires that pod's identity: see
-// waypointRoute.)
+// knows it (a pod address, local mode), else waypointVIPIdentity in the
+// default trust domain. (A waypoint addressed by its Service VIP is dialled
+// at one of its pods holding waypointVIPIdentity: see waypointRoute.)
 func waypointIdentity(snap *model.Snapshot, wp *model.WaypointRef) spiffeid.ID {
 	if w := snap.WorkloadByIP(wp.Address.Addr()); w != nil {
 		return w.Identity()
 	}
-	id, err := identity.Workload(identity.DefaultTrustDomain, wp.Namespace, wp.Name)
+	return waypointVIPIdentity(wp, identity.DefaultTrustDomain)
+}
+
+// waypointVIPIdentity is the identity the waypoint wp presents in trust
+// domain td (zero means the default): Istio's convention and ambit's
+// deployer's, the service account named after the Gateway, in its namespace.
+// The destination ztunnel's no-bypass check accepts exactly this identity
+// (waypointIdentityFor). Zero if the reference has no name.
+func waypointVIPIdentity(wp *model.WaypointRef, td spiffeid.TrustDomain) spiffeid.ID {
+	if td.IsZero() {
+		td = identity.DefaultTrustDomain
+	}
+	id, err := identity.Workload(td, wp.Namespace, wp.Name)
 	if err != nil {
 		return spiffeid.ID{}
 	}
 	return id
 }
 
-// isWaypoint reports whether src is the waypoint wp: its own traffic to the
-// destination must not loop back to it. src is the waypoint when it holds
-// wp's address or, when that address is a Service VIP, is one of that
-// Service's endpoints.
-func isWaypoint(snap *model.Snapshot, src *model.Workload, wp *model.WaypointRef) bool {
+// isWaypoint reports whether src is the waypoint wp, for a destination in
+// trust domain td: its own traffic to the destination must not loop back to
+// it. src is the waypoint when it holds wp's address or, when that address
+// is a Service VIP, is one of that Service's endpoints and has the
+// waypoint's identity (waypointVIPIdentity): another pod that joined the
+// Service by its labels is not the waypoint.
+func isWaypoint(snap *model.Snapshot, src *model.Workload, wp *model.WaypointRef, td spiffeid.TrustDomain) bool {
 	if src == nil || !wp.Address.IsValid() {
 		return false
 	}
@@ -204,7 +240,11 @@ func isWaypoint(snap *model.Snapshot, src *model.Workload, wp *model.WaypointRef
 		return true
 	}
 	wsvc := snap.ServiceByVIP(a)
-	return wsvc != nil && slices.ContainsFunc(wsvc.Endpoints, func(ep model.Endpoint) bool { return ep.WorkloadUID == src.UID })
+	if wsvc == nil || !slices.ContainsFunc(wsvc.Endpoints, func(ep model.Endpoint) bool { return ep.WorkloadUID == src.UID }) {
+		return false
+	}
+	id := waypointVIPIdentity(wp, td)
+	return !id.IsZero() && src.Identity() == id
 }
 
 // sameFamily returns the first of addrs in like's family, else addrs[0].

@@ -47,9 +47,23 @@ func TestResolve(t *testing.T) {
 		Addresses: []netip.Addr{a("10.0.8.2")}, Ready: true}
 	gw2 := &model.Workload{UID: "c/Pod/shop/gw-2", Name: "gw-2", Namespace: "shop", ServiceAccount: "gw",
 		Addresses: []netip.Addr{a("fd00::8:3"), a("10.0.8.3")}, Ready: true}
+	// Pods of other service accounts carrying the Gateway's label join its
+	// Service: they are not the waypoint.
+	gwLabel := map[string]string{"gateway.networking.k8s.io/gateway-name": "gw"}
+	rogue1 := &model.Workload{UID: "c/Pod/shop/rogue-1", Name: "rogue-1", Namespace: "shop", ServiceAccount: "rogue", Labels: gwLabel,
+		Addresses: []netip.Addr{a("10.0.7.1")}, Enrolled: true, Ready: true}
+	rogue2 := &model.Workload{UID: "c/Pod/shop/rogue-2", Name: "rogue-2", Namespace: "shop", Labels: gwLabel,
+		Addresses: []netip.Addr{a("10.0.7.2")}, Enrolled: true, Ready: true}
 	svcGW := &model.Service{Name: "gw", Namespace: "shop", Hostname: "gw.shop.svc.cluster.local",
 		VIPs: []netip.Addr{a("10.96.0.50")}, Ports: []model.ServicePort{{Name: "mesh", Port: 15008}},
-		Endpoints: []model.Endpoint{{WorkloadUID: gwDown.UID}, {WorkloadUID: gw1.UID}, {WorkloadUID: gw2.UID}}}
+		Endpoints: []model.Endpoint{{WorkloadUID: rogue1.UID}, {WorkloadUID: gwDown.UID}, {WorkloadUID: gw1.UID}, {WorkloadUID: gw2.UID}, {WorkloadUID: rogue2.UID}}}
+	svcGWRogue := &model.Service{Name: "gw-rogue", Namespace: "shop", Hostname: "gw-rogue.shop.svc.cluster.local",
+		VIPs: []netip.Addr{a("10.96.0.90")}, Ports: []model.ServicePort{{Port: 15008}}, Endpoints: []model.Endpoint{{WorkloadUID: rogue1.UID}, {WorkloadUID: rogue2.UID}}}
+	svcViaRogue := &model.Service{Name: "vr", Namespace: "shop", Hostname: "vr.shop.svc.cluster.local",
+		VIPs: []netip.Addr{a("10.96.0.100")}, Ports: []model.ServicePort{{Port: 80}}, Endpoints: []model.Endpoint{{WorkloadUID: b2.UID}},
+		Waypoint: &model.WaypointRef{Name: "gw-rogue", Namespace: "shop", Address: ap("10.96.0.90:15008")}}
+	otherTD := &model.Workload{UID: "c/Pod/shop/otd", Name: "otd", Namespace: "shop", ServiceAccount: "otd", TrustDomain: "other.example",
+		Addresses: []netip.Addr{a("10.0.4.4")}, Enrolled: true, Ready: true, Waypoint: &model.WaypointRef{Name: "gw", Namespace: "shop", Address: ap("10.96.0.50:15008")}}
 	wpVIP := &model.WaypointRef{Name: "gw", Namespace: "shop", Address: ap("10.96.0.50:15008")}
 	svcViaVIP := &model.Service{Name: "v", Namespace: "shop", Hostname: "v.shop.svc.cluster.local",
 		VIPs: []netip.Addr{a("10.96.0.60")}, Ports: []model.ServicePort{{Port: 80, TargetPort: 8080}},
@@ -62,11 +76,12 @@ func TestResolve(t *testing.T) {
 		VIPs: []netip.Addr{a("10.96.0.80")}, Ports: []model.ServicePort{{Port: 80}}, Endpoints: []model.Endpoint{{WorkloadUID: b2.UID}},
 		Waypoint: &model.WaypointRef{Name: "gw-down", Namespace: "shop", Address: ap("10.96.0.70:15008")}}
 
-	snap := model.NewSnapshot([]*model.Workload{wpPod, client, b1, b2, bDown, legacy, waypointed, lost, gwDown, gw1, gw2, viaVIP},
-		[]*model.Service{svcB, svcLegacy, svcEmpty, svcWP, svcGW, svcViaVIP, svcGWDown, svcViaDown}, nil, nil)
+	snap := model.NewSnapshot([]*model.Workload{wpPod, client, b1, b2, bDown, legacy, waypointed, lost, gwDown, gw1, gw2, viaVIP, rogue1, rogue2, otherTD},
+		[]*model.Service{svcB, svcLegacy, svcEmpty, svcWP, svcGW, svcViaVIP, svcGWDown, svcViaDown, svcGWRogue, svcViaRogue}, nil, nil)
 
 	first := func(int) int { return 0 }
 	second := func(int) int { return 1 }
+	last := func(n int) int { return n - 1 }
 	tests := []struct {
 		name     string
 		src      *model.Workload
@@ -120,6 +135,17 @@ func TestResolve(t *testing.T) {
 		{name: "a pod of the waypoint VIP reaches a workload it serves", src: gw1, dst: "10.0.4.3:8080",
 			kind: RouteHBONE, addr: "10.0.4.3:15008", target: "10.0.4.3:8080", workload: viaVIP},
 		{name: "waypoint VIP without a ready pod fails closed", src: client, dst: "10.96.0.80:80", err: ErrNoReadyEndpoint},
+		{name: "an endpoint of another service account behind the waypoint VIP is never picked (first)", src: client, dst: "10.96.0.60:80", pick: first,
+			kind: RouteHBONE, addr: "10.0.8.2:15008", target: "10.96.0.60:80", peer: "spiffe://cluster.local/ns/shop/sa/gw", service: svcViaVIP},
+		{name: "an endpoint of another service account behind the waypoint VIP is never picked (last)", src: client, dst: "10.0.4.3:8080", pick: last,
+			kind: RouteHBONE, addr: "10.0.8.3:15008", target: "10.0.4.3:8080", peer: "spiffe://cluster.local/ns/shop/sa/gw"},
+		{name: "waypoint VIP with only endpoints of other service accounts fails closed", src: client, dst: "10.96.0.100:80", err: ErrNoReadyEndpoint},
+		{name: "a labelled pod of another service account is not the waypoint (service)", src: rogue1, dst: "10.96.0.60:80", pick: first,
+			kind: RouteHBONE, addr: "10.0.8.2:15008", target: "10.96.0.60:80", peer: "spiffe://cluster.local/ns/shop/sa/gw", service: svcViaVIP},
+		{name: "a labelled pod of the default service account is not the waypoint (workload)", src: rogue2, dst: "10.0.4.3:8080", pick: first,
+			kind: RouteHBONE, addr: "10.0.8.2:15008", target: "10.0.4.3:8080", peer: "spiffe://cluster.local/ns/shop/sa/gw"},
+		{name: "waypoint VIP identity is in the destination's trust domain: none there fails closed", src: client, dst: "10.0.4.4:80", err: ErrNoReadyEndpoint},
+		{name: "a waypoint pod is not the waypoint of a destination in another trust domain", src: gw1, dst: "10.0.4.4:80", err: ErrNoReadyEndpoint},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
