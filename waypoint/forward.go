@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	pathpkg "path"
 	"strconv"
 	"strings"
 	"sync"
@@ -178,6 +179,11 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 		r.Body = &rec.reqBytes
 	}
 
+	if !normalizePath(r) {
+		localReply(rw, rec, http.StatusBadRequest, "", "path_normalization_failed", "Bad Request")
+		return
+	}
+
 	chain := snap.chainFor(ds.target)
 	if chain == nil || chain.http == nil {
 		localReply(rw, rec, http.StatusServiceUnavailable, "NR", "filter_chain_not_found", "no filter chain")
@@ -289,6 +295,46 @@ func redirectLocation(ra *redirectAction, m *routeMatch, r *http.Request) string
 		u += "?" + query
 	}
 	return u
+}
+
+// normalizePath normalizes the request's path before policy and routing see
+// it, as Istio's default (Envoy's normalize_path, plus merged slashes):
+// dot segments are removed ("/a/../b" and "/a/%2e%2e/b" are "/b") and
+// repeated slashes merged, and the normalized path is what goes upstream, so
+// that the path an RBAC rule or a route matched is the path the backend
+// serves. Escaped slashes and backslashes (%2F, %5C, \) are refused: a
+// backend may decode them into separators that no rule saw. It reports
+// false for a path it refuses.
+func normalizePath(r *http.Request) bool {
+	p := r.URL.Path
+	if p == "" || p == "*" {
+		return true
+	}
+	raw := r.URL.EscapedPath()
+	if strings.ContainsRune(p, '\\') || containsFold(raw, "%2f") || containsFold(raw, "%5c") {
+		return false
+	}
+	if p[0] != '/' {
+		return false
+	}
+	clean := pathpkg.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	if clean != p {
+		r.URL.Path, r.URL.RawPath = clean, ""
+	}
+	return true
+}
+
+// containsFold reports whether s contains sub, ASCII case-insensitively.
+func containsFold(s, sub string) bool {
+	for i := 0; i+len(sub) <= len(s); i++ {
+		if strings.EqualFold(s[i:i+len(sub)], sub) {
+			return true
+		}
+	}
+	return false
 }
 
 // rewritePath applies prefix_rewrite or regex_rewrite to the path (the
