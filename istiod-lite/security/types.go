@@ -33,7 +33,15 @@ type AuthorizationPolicySpec struct {
 	// Action is ALLOW (default), DENY, AUDIT or CUSTOM; ambit supports the
 	// first two.
 	Action string `json:"action,omitempty"`
-	Rules  []Rule `json:"rules,omitempty"`
+	// Provider names the external authorizer of a CUSTOM policy. ambit
+	// cannot call one: a CUSTOM policy denies what it selects (fail closed).
+	Provider *ExtensionProvider `json:"provider,omitempty"`
+	Rules    []Rule             `json:"rules,omitempty"`
+}
+
+// ExtensionProvider is a CUSTOM policy's provider.
+type ExtensionProvider struct {
+	Name string `json:"name,omitempty"`
 }
 
 // WorkloadSelector selects workloads by labels.

@@ -14,7 +14,7 @@ import (
 )
 
 // policy translates an AuthorizationPolicy for ztunnel (L4). nil when it is
-// ignored (AUDIT, CUSTOM) or is a waypoint's (targetRefs: waypointPolicy).
+// ignored (AUDIT) or is a waypoint's (targetRefs: waypointPolicy).
 //
 // It fails closed, as Istio's ztunnel does for L7 attributes: what ztunnel
 // cannot enforce or parse never widens access.
@@ -27,6 +27,8 @@ import (
 //     counts as absent): it denies more.
 //   - An unknown action (the API is case-sensitive: "deny" is unknown) gives
 //     a policy that denies everything to the selected workloads.
+//   - CUSTOM (external authorization, which ambit cannot call) is a DENY of
+//     what its rules match, as if the authorizer refused.
 //
 // Each of these is reported as a Problem.
 func (t *translator) policy(ap *security.AuthorizationPolicy) *model.Policy {
@@ -43,9 +45,14 @@ func (t *translator) policy(ap *security.AuthorizationPolicy) *model.Policy {
 		p.Action = model.ActionAllow
 	case "DENY":
 		p.Action = model.ActionDeny
-	case "AUDIT", "CUSTOM":
-		t.report(kind, ap.Namespace, ap.Name, ReasonUnsupported, "action %s is not supported; ignored", ap.Spec.Action)
+	case "AUDIT":
+		t.report(kind, ap.Namespace, ap.Name, ReasonUnsupported, "action AUDIT is not supported; ignored (it never changes a decision)")
 		return nil
+	case "CUSTOM":
+		// ambit cannot call an external authorizer: the connections the
+		// policy would have sent to it are denied (never allowed).
+		t.report(kind, ap.Namespace, ap.Name, ReasonUnsupported, "action CUSTOM (external authorization) is not supported: the connections its rules match are denied")
+		p.Action = model.ActionDeny
 	default:
 		t.report(kind, ap.Namespace, ap.Name, ReasonInvalidPolicy, "unknown action %q (actions are ALLOW, DENY, AUDIT, CUSTOM): the policy denies everything to the workloads it selects", ap.Spec.Action)
 		p.Action = model.ActionDeny

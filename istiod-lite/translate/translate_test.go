@@ -264,3 +264,30 @@ func TestWaypointPolicyStatus(t *testing.T) {
 		t.Errorf("an ALLOW rule the waypoint cannot evaluate was kept: %+v", p.Rules)
 	}
 }
+
+// TestCustomWaypointPolicyDenies: a CUSTOM (external authorization) policy,
+// which ambit cannot call, denies what its rules match instead of being
+// dropped (which would allow what it meant to gate); AUDIT is ignored.
+func TestCustomWaypointPolicyDenies(t *testing.T) {
+	o := load(t, "testdata/mesh.yaml")
+	for _, doc := range []string{
+		`{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: extauthz, namespace: shop},
+  spec: {action: CUSTOM, provider: {name: opa}, targetRefs: [{kind: Service, group: "", name: cart}], rules: [{to: [{operation: {paths: ["/admin*"]}}]}]}}`,
+		`{apiVersion: security.istio.io/v1, kind: AuthorizationPolicy, metadata: {name: audit, namespace: shop},
+  spec: {action: AUDIT, targetRefs: [{kind: Service, group: "", name: cart}], rules: [{}]}}`,
+	} {
+		objs, _, err := Decode(strings.NewReader(doc))
+		if err != nil {
+			t.Fatal(err)
+		}
+		o.Set(objs[0])
+	}
+	s := Build(o, Options{}).Snapshot
+	p := s.WaypointPolicies["shop/extauthz"]
+	if p == nil || p.Action != model.ActionDeny || len(p.Rules) != 1 || len(p.Rules[0].To) != 1 {
+		t.Fatalf("CUSTOM policy: %+v, want a DENY of what its rule matches", p)
+	}
+	if p := s.WaypointPolicies["shop/audit"]; p != nil {
+		t.Errorf("AUDIT policy kept: %+v", p)
+	}
+}

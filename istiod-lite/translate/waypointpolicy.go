@@ -85,9 +85,16 @@ func (t *translator) waypointPolicy(ap *security.AuthorizationPolicy) *model.Way
 		p.Action = model.ActionAllow
 	case "DENY":
 		p.Action = model.ActionDeny
-	case "AUDIT", "CUSTOM":
-		report(ReasonUnsupported, "action %s is not supported; ignored", ap.Spec.Action)
+	case "AUDIT":
+		report(ReasonUnsupported, "action AUDIT is not supported; ignored (it never changes a decision)")
 		return nil
+	case "CUSTOM":
+		// An external authorizer ambit cannot call must not turn into
+		// "allowed": the requests the policy would have sent to it are
+		// denied, as if the authorizer said no.
+		report(ReasonUnsupported, "action CUSTOM (external authorization) is not supported: the requests its rules match are denied")
+		p.Action = model.ActionDeny
+		notes = append(notes, "action CUSTOM is not supported: the requests its rules match are denied")
 	default:
 		report(ReasonInvalidPolicy, "unknown action %q (actions are ALLOW, DENY, AUDIT, CUSTOM): the policy denies everything to its targets", ap.Spec.Action)
 		p.Action = model.ActionDeny
