@@ -98,6 +98,8 @@ func TestHostCredentials(t *testing.T) {
 		"waypoint short secret":    "waypoint shop/wp short\n",
 		"waypoint invalid name":    "waypoint shop/WP! aaaaaaaaaaaaaaaaaaaa\n",
 		"four fields":              "waypoint shop/wp aaaaaaaaaaaaaaaaaaaa extra\n",
+		"waypoint missing secret":  "waypoint istio-system/my-waypoint-long-name\n",
+		"host name with a slash":   "shop/host aaaaaaaaaaaaaaaaaaaa\n",
 	} {
 		if _, err := auth.LoadHostCredentials(writeFile(t, content), spiffeid.TrustDomain{}); err == nil {
 			t.Errorf("%s: accepted", name)

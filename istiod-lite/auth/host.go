@@ -100,6 +100,12 @@ func LoadHostCredentials(path string, td spiffeid.TrustDomain) (*HostAuthenticat
 		}
 		f := strings.Fields(line)
 		switch {
+		case len(f) == 2 && f[0] == "waypoint" && strings.Contains(f[1], "/"):
+			// "waypoint ns/name" with its secret missing would otherwise be
+			// a node proxy called "waypoint" whose secret is a guessable name.
+			return nil, fmt.Errorf("host credentials: %s:%d: want \"waypoint <namespace>/<name> <secret>\" (the secret is missing?)", path, n)
+		case len(f) == 2 && strings.Contains(f[0], "/"):
+			return nil, fmt.Errorf("host credentials: %s:%d: host %q: a host name has no \"/\"", path, n, f[0])
 		case len(f) == 2:
 			if _, dup := c.Hosts[f[0]]; dup {
 				return nil, fmt.Errorf("host credentials: %s:%d: host %s listed twice", path, n, f[0])
