@@ -161,6 +161,9 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 		w.Header().Set("Connection", "close")
 	}
 
+	// A client's own X-Forwarded-Client-Cert claims an identity it never
+	// proved: dropped, as Envoy's default (SANITIZE) does.
+	r.Header.Del("X-Forwarded-Client-Cert")
 	if r.Header.Get("X-Request-Id") == "" {
 		r.Header.Set("X-Request-Id", newRequestID())
 	}

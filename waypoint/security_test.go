@@ -216,3 +216,24 @@ func TestPathNormalization(t *testing.T) {
 		}
 	}
 }
+
+// TestXFCCSanitized: a client-supplied X-Forwarded-Client-Cert never reaches
+// the backend (an app that trusts it would take the client's word for an
+// identity).
+func TestXFCCSanitized(t *testing.T) {
+	e := newEnv(t, nil)
+	b := newBackend(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Seen-Xfcc", r.Header.Get("X-Forwarded-Client-Cert"))
+	})
+	cl := clusterName(svc)
+	e.apply(res(listener(httpFC(testVIP, 80, svc))),
+		res(routeConfig(chainName(80, svc), toCluster(prefixMatch("/"), cl))),
+		res(edsCluster(cl)), res(cla(cl, ep{addr: b.addr})))
+	resp, _ := rawExchange(t, e, "GET / HTTP/1.1\r\nHost: "+svc+"\r\nX-Forwarded-Client-Cert: By=spiffe://cluster.local/ns/shop/sa/admin\r\n\r\n")
+	if resp.StatusCode != 200 {
+		t.Fatalf("status %d", resp.StatusCode)
+	}
+	if got := resp.Header.Get("X-Seen-Xfcc"); got != "" {
+		t.Errorf("the backend saw X-Forwarded-Client-Cert %q", got)
+	}
+}
