@@ -9,6 +9,11 @@
 // attachedRoutes, and status.addresses once programmed. It also accepts the
 // GatewayClasses it serves (their Accepted condition).
 //
+// An existing object of one of those names that is not the Gateway's
+// (neither controlled by it nor labelled gateway.istio.io/managed for it) is
+// never written: the Gateway is then Programmed=False, reason Invalid,
+// naming the object, and is looked at again every Config.ConflictRecheck.
+//
 // Run it only on the elected replica (istiod-lite/leader):
 //
 //	c := deployer.New(deployer.Config{Kube: cs, Gateway: gwcs, AttachedRoutes: routes.Count})
@@ -51,18 +56,20 @@ import (
 
 // Defaults of Config.
 const (
-	ControllerName   = gwv1.GatewayController("istio.io/mesh-controller")
-	WaypointClass    = "istio-waypoint"
-	FieldManager     = "istiod-lite"
-	DefaultImage     = "ghcr.io/ambit-mesh/ambit:latest"
-	DefaultXDS       = "istiod-lite.ambit-system.svc:15012"
-	DefaultDomain    = "cluster.local"
-	DefaultRootNS    = "ambit-system"
-	DefaultRootCM    = "ambit-ca-root"
-	DefaultResync    = 10 * time.Minute
-	defaultWorkers   = 2
-	defaultCommand   = "/waypoint"
-	defaultTrustRoot = "cluster.local"
+	ControllerName = gwv1.GatewayController("istio.io/mesh-controller")
+	WaypointClass  = "istio-waypoint"
+	FieldManager   = "istiod-lite"
+	DefaultImage   = "ghcr.io/ambit-mesh/ambit:latest"
+	DefaultXDS     = "istiod-lite.ambit-system.svc:15012"
+	DefaultDomain  = "cluster.local"
+	DefaultRootNS  = "ambit-system"
+	DefaultRootCM  = "ambit-ca-root"
+	DefaultResync  = 10 * time.Minute
+	// DefaultConflictRecheck is Config.ConflictRecheck's default.
+	DefaultConflictRecheck = 30 * time.Second
+	defaultWorkers         = 2
+	defaultCommand         = "/waypoint"
+	defaultTrustRoot       = "cluster.local"
 )
 
 // Config configures a Controller. Kube and Gateway are required; every
@@ -96,6 +103,10 @@ type Config struct {
 	AttachedRoutes func(gwNamespace, gwName string) int32
 	// Resync is the informers' resync period (default DefaultResync).
 	Resync time.Duration
+	// ConflictRecheck is how often a Gateway blocked by an unmanaged
+	// namesake object (which the deployer does not watch) is reconciled
+	// again (default DefaultConflictRecheck).
+	ConflictRecheck time.Duration
 	// Workers reconcile Gateways in parallel (default 2; one Gateway is
 	// never reconciled by two at once).
 	Workers int
@@ -150,6 +161,9 @@ func New(cfg Config) *Controller {
 	}
 	if cfg.Resync == 0 {
 		cfg.Resync = DefaultResync
+	}
+	if cfg.ConflictRecheck <= 0 {
+		cfg.ConflictRecheck = DefaultConflictRecheck
 	}
 	if cfg.Workers <= 0 {
 		cfg.Workers = defaultWorkers
@@ -412,7 +426,16 @@ func (c *Controller) next(ctx context.Context, q workqueue.TypedRateLimitingInte
 		return false
 	}
 	defer q.Done(key)
-	if err := c.reconcile(ctx, l, key); err != nil {
+	err := c.reconcile(ctx, l, key)
+	var ce *conflictError
+	if errors.As(err, &ce) {
+		// The namesake is not watched: look again later.
+		c.log.Warn("waypoint blocked by an unmanaged object", "gateway", key, "object", ce.what)
+		q.Forget(key)
+		q.AddAfter(key, c.cfg.ConflictRecheck)
+		return true
+	}
+	if err != nil {
 		if ctx.Err() != nil {
 			return true
 		}
@@ -474,8 +497,13 @@ func (c *Controller) reconcile(ctx context.Context, l listers, key string) error
 	v := judge(gw)
 	var o observed
 	if v.deploy {
-		if o, err = c.apply(ctx, l, gw); err != nil {
+		if o.conflict, err = c.conflict(ctx, l, gw); err != nil {
 			return err
+		}
+		if o.conflict == "" {
+			if o, err = c.apply(ctx, l, gw); err != nil {
+				return err
+			}
 		}
 	} else if err := c.deleteOwned(ctx, l, gw); err != nil {
 		return err
@@ -483,7 +511,79 @@ func (c *Controller) reconcile(ctx context.Context, l listers, key string) error
 	if c.cfg.AttachedRoutes != nil {
 		o.attached = c.cfg.AttachedRoutes(gw.Namespace, gw.Name)
 	}
-	return c.writeStatus(ctx, gw, gatewayStatus(gw, v, o, c.cfg.ClusterDomain, metav1.Now()))
+	if err := c.writeStatus(ctx, gw, gatewayStatus(gw, v, o, c.cfg.ClusterDomain, metav1.Now())); err != nil {
+		return err
+	}
+	if o.conflict != "" {
+		return &conflictError{what: o.conflict}
+	}
+	return nil
+}
+
+// conflictError reports a Gateway blocked by an unmanaged namesake (its
+// status already says so).
+type conflictError struct{ what string }
+
+func (e *conflictError) Error() string { return "conflicting unmanaged object " + e.what }
+
+// mine reports whether obj may be written for gw: controlled by it, or
+// labelled as managed for it.
+func mine(obj metav1.Object, gw *gwv1.Gateway) bool {
+	l := obj.GetLabels()
+	return controlledBy(obj, gw) || (l[ManagedLabel] == ManagedValue && l[GatewayNameLabel] == gw.Name)
+}
+
+// conflict names the first object gw would own that exists but is not
+// gw's (neither controlled by it nor labelled as managed for it), or
+// returns "". Such an object is never written: a Gateway named "default"
+// must not take over the namespace's default ServiceAccount. The listers
+// see only managed objects, so a miss (or another Gateway's object) is
+// checked with a Get.
+func (c *Controller) conflict(ctx context.Context, l listers, gw *gwv1.Gateway) (string, error) {
+	ns := gw.Namespace
+	type check struct {
+		kind, name string
+		cached     func(string) (metav1.Object, error)
+		get        func(context.Context, string) (metav1.Object, error)
+	}
+	checks := []check{
+		{"ServiceAccount", gw.Name,
+			func(n string) (metav1.Object, error) { return l.accounts.ServiceAccounts(ns).Get(n) },
+			func(ctx context.Context, n string) (metav1.Object, error) {
+				return c.cfg.Kube.CoreV1().ServiceAccounts(ns).Get(ctx, n, metav1.GetOptions{})
+			}},
+		{"Deployment", gw.Name,
+			func(n string) (metav1.Object, error) { return l.deployments.Deployments(ns).Get(n) },
+			func(ctx context.Context, n string) (metav1.Object, error) {
+				return c.cfg.Kube.AppsV1().Deployments(ns).Get(ctx, n, metav1.GetOptions{})
+			}},
+		{"Service", gw.Name,
+			func(n string) (metav1.Object, error) { return l.services.Services(ns).Get(n) },
+			func(ctx context.Context, n string) (metav1.Object, error) {
+				return c.cfg.Kube.CoreV1().Services(ns).Get(ctx, n, metav1.GetOptions{})
+			}},
+		{"ConfigMap", RootConfigMapName(gw.Name),
+			func(n string) (metav1.Object, error) { return l.configMaps.ConfigMaps(ns).Get(n) },
+			func(ctx context.Context, n string) (metav1.Object, error) {
+				return c.cfg.Kube.CoreV1().ConfigMaps(ns).Get(ctx, n, metav1.GetOptions{})
+			}},
+	}
+	for _, ch := range checks {
+		if obj, err := ch.cached(ch.name); err == nil && mine(obj, gw) {
+			continue
+		}
+		obj, err := ch.get(ctx, ch.name)
+		if apierrors.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return "", fmt.Errorf("get %s: %w", strings.ToLower(ch.kind), err)
+		}
+		if !mine(obj, gw) {
+			return fmt.Sprintf("%s %s/%s", ch.kind, ns, ch.name), nil
+		}
+	}
+	return "", nil
 }
 
 // classPrefix marks a GatewayClass's key in the queue (a colon is in no

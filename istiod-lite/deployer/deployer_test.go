@@ -680,3 +680,119 @@ func TestDeletingGatewayLeftToGC(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// An unmanaged ServiceAccount and Service named as the Gateway (e.g. a
+// Gateway "default" and the namespace's default ServiceAccount) are not
+// taken over: nothing is applied, the Gateway says Programmed=False,
+// Invalid, naming the object; once the namesakes are gone the deployer
+// converges.
+func TestUnmanagedNamesakeLeftAlone(t *testing.T) {
+	const name = "default"
+	ns := namespace(t, "namesake")
+	cs := cluster.Client()
+	// The namespace's default ServiceAccount (no controller-manager here
+	// to make it), and a user's Service.
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+	if _, err := cs.CoreV1().ServiceAccounts(ns).Create(t.Context(), sa, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	userSvc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{"app": "user"}},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "user"},
+			Ports: []corev1.ServicePort{{Name: "http", Port: 80}}},
+	}
+	if _, err := cs.CoreV1().Services(ns).Create(t.Context(), userSvc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	saBefore, err := cs.CoreV1().ServiceAccounts(ns).Get(t.Context(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svcBefore, err := cs.CoreV1().Services(ns).Get(t.Context(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	r := newReplica(t)
+	r.ctrl = deployer.New(deployer.Config{
+		Kube: r.kube, Gateway: gwClient(), Image: "example.com/waypoint:test", Workers: 1,
+		ConflictRecheck: 100 * time.Millisecond,
+		AttachedRoutes: func(ns, name string) int32 {
+			select {
+			case r.reconc <- ns + "/" + name:
+			default:
+			}
+			return r.routesN.Load()
+		},
+	})
+	start(t, r.ctrl.Start)
+	gw := createGateway(t, waypoint(ns, name, deployer.WaypointClass))
+	eventually(t, "programmed false, invalid", hasCondition(t, ns, name, "Programmed", "False", "Invalid"))
+	if msg := cond(getGateway(t, ns, name).Status.Conditions, "Programmed").Message; !strings.Contains(msg, "ServiceAccount "+ns+"/"+name) {
+		t.Errorf("Programmed message %q does not name the ServiceAccount", msg)
+	}
+	// Rechecks (nothing else requeues it) keep leaving them alone.
+	key := ns + "/" + name
+	for range 5 {
+		deadline := time.After(20 * time.Second)
+		for got := ""; got != key; {
+			select {
+			case got = <-r.reconc:
+			case <-deadline:
+				t.Fatalf("no recheck of %s", key)
+			}
+		}
+	}
+	for k, n := range r.c.writes() {
+		if strings.HasPrefix(k, "PATCH") || strings.HasPrefix(k, "DELETE") {
+			t.Errorf("wrote %s (%d) while blocked", k, n)
+		}
+	}
+	saAfter, err := cs.CoreV1().ServiceAccounts(ns).Get(t.Context(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svcAfter, err := cs.CoreV1().Services(ns).Get(t.Context(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if saAfter.ResourceVersion != saBefore.ResourceVersion || len(saAfter.OwnerReferences) != 0 || len(saAfter.Labels) != 0 {
+		t.Errorf("ServiceAccount changed: rv %s->%s, owners %v, labels %v", saBefore.ResourceVersion, saAfter.ResourceVersion, saAfter.OwnerReferences, saAfter.Labels)
+	}
+	if svcAfter.ResourceVersion != svcBefore.ResourceVersion || len(svcAfter.OwnerReferences) != 0 ||
+		fmt.Sprint(svcAfter.Labels) != "map[app:user]" || fmt.Sprint(svcAfter.Spec.Selector) != "map[app:user]" {
+		t.Errorf("Service changed: rv %s->%s, owners %v, labels %v, selector %v", svcBefore.ResourceVersion, svcAfter.ResourceVersion, svcAfter.OwnerReferences, svcAfter.Labels, svcAfter.Spec.Selector)
+	}
+	if _, err := cs.AppsV1().Deployments(ns).Get(t.Context(), name, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+		t.Errorf("Deployment created while blocked: %v", err)
+	}
+
+	// With only the Service left, the message names it.
+	if err := cs.CoreV1().ServiceAccounts(ns).Delete(t.Context(), name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "message names the Service", func() (bool, string) {
+		c := cond(getGateway(t, ns, name).Status.Conditions, "Programmed")
+		return c.Reason == "Invalid" && strings.Contains(c.Message, "Service "+ns+"/"+name), c.Message
+	})
+	if err := cs.CoreV1().Services(ns).Delete(t.Context(), name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "deployed once unblocked", hasCondition(t, ns, name, "Programmed", "False", "Pending"))
+	eventually(t, "deployment", func() (bool, string) {
+		_, err := cs.AppsV1().Deployments(ns).Get(t.Context(), name, metav1.GetOptions{})
+		return err == nil, fmt.Sprint(err)
+	})
+	markReady(t, cs, ns, name)
+	eventually(t, "programmed", hasCondition(t, ns, name, "Programmed", "True", "Programmed"))
+	gotSA, err := cs.CoreV1().ServiceAccounts(ns).Get(t.Context(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkOwned(t, gotSA, gw)
+	gotSvc, err := cs.CoreV1().Services(ns).Get(t.Context(), name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkOwned(t, gotSvc, gw)
+}

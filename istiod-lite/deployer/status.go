@@ -74,6 +74,7 @@ type observed struct {
 	service    *corev1.Service    // nil: absent
 	deployment *appsv1.Deployment // nil: absent
 	attached   int32              // routes attached to the waypoint
+	conflict   string             // an unmanaged namesake blocking the deployment ("": none)
 }
 
 // programmed reports whether the waypoint is usable, and why not.
@@ -110,6 +111,9 @@ func gatewayStatus(gw *gwv1.Gateway, v verdict, o observed, clusterDomain string
 	}
 	progReason := string(gwv1.GatewayReasonPending)
 	switch {
+	case v.deploy && o.conflict != "":
+		ready, progReason = false, string(gwv1.GatewayReasonInvalid)
+		why = o.conflict + " exists and is not managed by this Gateway; it is left untouched"
 	case !v.deploy:
 		progReason = string(gwv1.GatewayReasonInvalid)
 	case ready:
