@@ -664,6 +664,11 @@ func TestDeletingGatewayLeftToGC(t *testing.T) {
 	eventually(t, "deletion seen", func() (bool, string) {
 		return getGateway(t, ns, "going").DeletionTimestamp != nil, ""
 	})
+	// The controller's cache must have the deletion too: a Gateway created
+	// after it comes later on the same watch, so once the controller has
+	// reconciled that one, it has seen "going" being deleted.
+	createGateway(t, waypoint(ns, "marker", deployer.WaypointClass))
+	r.settle(t, ns, "marker")
 	if err := cs.AppsV1().Deployments(ns).Delete(t.Context(), "going", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
