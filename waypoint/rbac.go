@@ -74,7 +74,7 @@ func compileRBAC(rules *rbacv3.RBAC, path string) (*rbacFilter, error) {
 // any principal).
 func (f *rbacFilter) matched(in *rbacInput) (string, bool) {
 	for _, p := range f.policies {
-		if anyOf(p.permissions, in) && anyOfP(p.principals, in) {
+		if anyOf(p.permissions, in) && anyOf(p.principals, in) {
 			return p.name, true
 		}
 	}
@@ -88,7 +88,9 @@ func (f *rbacFilter) denies(in *rbacInput) bool {
 	return ok != f.allow
 }
 
-func anyOf(ps []permission, in *rbacInput) bool {
+// anyOf and allOf combine compiled permissions or principals (Envoy's
+// or_rules/or_ids and and_rules/and_ids; a policy's lists are "any").
+func anyOf[P ~func(*rbacInput) bool](ps []P, in *rbacInput) bool {
 	for _, p := range ps {
 		if p(in) {
 			return true
@@ -97,13 +99,13 @@ func anyOf(ps []permission, in *rbacInput) bool {
 	return false
 }
 
-func anyOfP(ps []principal, in *rbacInput) bool {
+func allOf[P ~func(*rbacInput) bool](ps []P, in *rbacInput) bool {
 	for _, p := range ps {
-		if p(in) {
-			return true
+		if !p(in) {
+			return false
 		}
 	}
-	return false
+	return true
 }
 
 func compilePermission(p *rbacv3.Permission, path string) (permission, error) {
@@ -115,14 +117,7 @@ func compilePermission(p *rbacv3.Permission, path string) (permission, error) {
 		if err != nil {
 			return nil, err
 		}
-		return func(in *rbacInput) bool {
-			for _, s := range subs {
-				if !s(in) {
-					return false
-				}
-			}
-			return true
-		}, nil
+		return func(in *rbacInput) bool { return allOf(subs, in) }, nil
 	case *rbacv3.Permission_OrRules:
 		subs, err := compilePermissions(r.OrRules.GetRules(), path+".or_rules.rules")
 		if err != nil {
@@ -176,20 +171,13 @@ func compilePrincipal(p *rbacv3.Principal, path string) (principal, error) {
 		if err != nil {
 			return nil, err
 		}
-		return func(in *rbacInput) bool {
-			for _, s := range subs {
-				if !s(in) {
-					return false
-				}
-			}
-			return true
-		}, nil
+		return func(in *rbacInput) bool { return allOf(subs, in) }, nil
 	case *rbacv3.Principal_OrIds:
 		subs, err := compilePrincipals(r.OrIds.GetIds(), path+".or_ids.ids")
 		if err != nil {
 			return nil, err
 		}
-		return func(in *rbacInput) bool { return anyOfP(subs, in) }, nil
+		return func(in *rbacInput) bool { return anyOf(subs, in) }, nil
 	case *rbacv3.Principal_NotId:
 		sub, err := compilePrincipal(r.NotId, path+".not_id")
 		if err != nil {
