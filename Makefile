@@ -13,11 +13,11 @@ all: build
 deps:
 	@scripts/install-deps.sh base
 
-# Long builds the tests use (kube-apiserver from the module proxy, minutes when
-# cold), once, under a lock, into ${AMBIT_CACHE:-~/.cache/ambit}, before any
+# Long builds the tests use (kube-apiserver, kube-controller-manager and
+# kube-scheduler from the module proxy, minutes when cold), once, under a lock, into ${AMBIT_CACHE:-~/.cache/ambit}, before any
 # test runs: never inside a test's timeout.
 tools: deps
-	@integration/apiserver/build.sh >/dev/null
+	@integration/apiserver/build.sh kube-apiserver kube-controller-manager kube-scheduler >/dev/null
 
 build:
 	$(GO) build -o bin/ ./cmd/...
