@@ -18,6 +18,7 @@ deps:
 # test runs: never inside a test's timeout.
 tools: deps
 	@integration/apiserver/build.sh kube-apiserver kube-controller-manager kube-scheduler >/dev/null
+	@nice -n 10 integration/spire/build.sh >/dev/null
 
 build:
 	$(GO) build -o bin/ ./cmd/...
