@@ -314,6 +314,9 @@ func (r *Request) Accept() (*Stream, error) {
 		return nil, errors.New("hbone: request already answered")
 	}
 	r.answered = true
+	if r.ext != nil {
+		return r.acceptExt()
+	}
 	if err := r.respond(200, false); err != nil {
 		return nil, err
 	}
@@ -327,6 +330,9 @@ func (r *Request) Reject(status int) error {
 		return errors.New("hbone: request already answered")
 	}
 	r.answered = true
+	if r.ext != nil {
+		return r.ext.Reject(status)
+	}
 	return r.respond(status, true)
 }
 

@@ -18,6 +18,10 @@ import (
 // Read and Write may be called concurrently with each other.
 type Stream struct {
 	s *stream
+
+	// Set instead of s for another transport's stream (WrapStream).
+	ext       Tunnel
+	transport string
 }
 
 // stream is the state of one HTTP/2 stream, shared by the conn's read loop
@@ -69,6 +73,9 @@ func (s *stream) closeRespLocked() {
 
 // Read reads tunnelled bytes; io.EOF once the peer half-closed.
 func (st *Stream) Read(p []byte) (int, error) {
+	if st.ext != nil {
+		return st.ext.Read(p)
+	}
 	s := st.s
 	c := s.c
 	c.mu.Lock()
@@ -109,6 +116,9 @@ func (st *Stream) Read(p []byte) (int, error) {
 
 // Write sends p as DATA frames, waiting for flow-control window.
 func (st *Stream) Write(p []byte) (int, error) {
+	if st.ext != nil {
+		return st.ext.Write(p)
+	}
 	s := st.s
 	c := s.c
 	total := 0
@@ -148,6 +158,9 @@ func (st *Stream) Write(p []byte) (int, error) {
 
 // CloseWrite half-closes the stream: the peer reads io.EOF. Reading goes on.
 func (st *Stream) CloseWrite() error {
+	if st.ext != nil {
+		return st.ext.CloseWrite()
+	}
 	s := st.s
 	c := s.c
 	c.mu.Lock()
@@ -170,7 +183,13 @@ func (st *Stream) CloseWrite() error {
 // side is open and everything was read), it ends cleanly; otherwise it
 // resets the stream (RST_STREAM CANCEL), like closing a TCP socket with
 // unread data.
-func (st *Stream) Close() error { st.s.close(); return nil }
+func (st *Stream) Close() error {
+	if st.ext != nil {
+		return st.ext.Close()
+	}
+	st.s.close()
+	return nil
+}
 
 func (s *stream) close() {
 	c := s.c
@@ -211,13 +230,28 @@ func (s *stream) close() {
 }
 
 // Peer returns the other side's verified SPIFFE ID.
-func (st *Stream) Peer() spiffeid.ID { return st.s.c.peer }
+func (st *Stream) Peer() spiffeid.ID {
+	if st.ext != nil {
+		return st.ext.Peer()
+	}
+	return st.s.c.peer
+}
 
 // LocalAddr returns the local address of the HBONE connection.
-func (st *Stream) LocalAddr() net.Addr { return st.s.c.nc.LocalAddr() }
+func (st *Stream) LocalAddr() net.Addr {
+	if st.ext != nil {
+		return st.ext.LocalAddr()
+	}
+	return st.s.c.nc.LocalAddr()
+}
 
 // RemoteAddr returns the remote address of the HBONE connection.
-func (st *Stream) RemoteAddr() net.Addr { return st.s.c.nc.RemoteAddr() }
+func (st *Stream) RemoteAddr() net.Addr {
+	if st.ext != nil {
+		return st.ext.RemoteAddr()
+	}
+	return st.s.c.nc.RemoteAddr()
+}
 
 // SetDeadline sets the read and write deadlines.
 func (st *Stream) SetDeadline(t time.Time) error {
@@ -228,6 +262,9 @@ func (st *Stream) SetDeadline(t time.Time) error {
 // SetReadDeadline makes pending and future Reads fail with
 // os.ErrDeadlineExceeded after t; zero means no deadline.
 func (st *Stream) SetReadDeadline(t time.Time) error {
+	if st.ext != nil {
+		return st.ext.SetReadDeadline(t)
+	}
 	s := st.s
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
@@ -238,6 +275,9 @@ func (st *Stream) SetReadDeadline(t time.Time) error {
 // SetWriteDeadline makes pending and future Writes fail with
 // os.ErrDeadlineExceeded after t; zero means no deadline.
 func (st *Stream) SetWriteDeadline(t time.Time) error {
+	if st.ext != nil {
+		return st.ext.SetWriteDeadline(t)
+	}
 	s := st.s
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()

@@ -262,4 +262,7 @@ type Request struct {
 
 	st       *stream
 	answered bool // used by the handler's goroutine only: Accept and Reject are not concurrent
+	// Another transport's request (NewRequest): answered through ext.
+	ext       Answerer
+	transport string
 }
