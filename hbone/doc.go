@@ -76,7 +76,7 @@
 //		HandshakeTimeout     time.Duration // TLS handshake + preface + first request's headers; default DefaultHandshakeTimeout
 //		IdleTimeout          time.Duration // a connection without streams; default DefaultIdleTimeout
 //		MaxPendingHandshakes          int  // connections before their handshake, in total; default 1024
-//		MaxPendingHandshakesPerSource int  // the same per source IP; default 64
+//		MaxPendingHandshakesPerSource int  // the same per source (IPv4 address, IPv6 /64); default 64
 //		HandshakeTimeoutUnderLoad     time.Duration // while over half of MaxPendingHandshakes are used; default 2s
 //		KeepAlive            time.Duration // as Dialer's
 //		BaseContext          func(ln net.Listener) context.Context // optional: the parent of handshakes' and handlers' contexts
@@ -127,9 +127,11 @@
 //
 // Unauthenticated connections are bounded: at most MaxPendingHandshakes
 // accepted connections may be in their TLS handshake or HTTP/2 preface at
-// once, and MaxPendingHandshakesPerSource from one source IP; past a bound
-// the oldest pending one is closed (a flood of idle connections sheds
-// itself, the newest, legitimate or not, gets in), and while more than
+// once, and MaxPendingHandshakesPerSource from one source (an IPv4 address,
+// an IPv6 /64); past the per-source bound the source's oldest pending one is
+// closed, past the total the oldest of the heaviest source's (a flood of idle
+// connections sheds itself, not other sources' few; the newest, legitimate
+// or not, gets in), and while more than
 // half of the total is in use every pending connection gets the shorter
 // HandshakeTimeoutUnderLoad.
 //

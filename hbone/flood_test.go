@@ -104,14 +104,11 @@ func TestPendingHandshakeFlood(t *testing.T) {
 	if p > max {
 		t.Errorf("%d pending handshakes, bound %d", p, max)
 	}
-	ps := pendingOf(e.server)
-	ps.mu.Lock()
-	for src, l := range ps.bySource {
-		if l.Len() > perSource {
-			t.Errorf("%d pending handshakes from %s, bound %d", l.Len(), src, perSource)
+	for src, n := range pendingOf(e.server).sourceCounts() {
+		if n > perSource {
+			t.Errorf("%d pending handshakes from %s, bound %d", n, src, perSource)
 		}
 	}
-	ps.mu.Unlock()
 	// The shed ones' goroutines end: the server holds at most max.
 	waitLong(t, 10*time.Second, "shed handshakes to end", func() bool {
 		return runtime.NumGoroutine() <= goroutines+max+8
@@ -190,7 +187,7 @@ func TestPendingSetBounds(t *testing.T) {
 		if n, _ := p.counts(); n > 2 {
 			t.Fatalf("%d pending from 2 sources with one each", n)
 		}
-		if l := p.bySource[src[i%2]]; l == nil || l.Len() != 1 {
+		if n := p.sourceCounts()[src[i%2]]; n != 1 {
 			t.Fatalf("source %s: its newest connection is not tracked", src[i%2])
 		}
 	}

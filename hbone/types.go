@@ -185,11 +185,13 @@ type Server struct {
 	// handshake and HTTP/2 preface are not done yet, over all sources
 	// (DefaultMaxPendingHandshakes if zero). Each holds a goroutine and a
 	// file descriptor before the peer proved anything; when the bound is
-	// reached the oldest pending one is closed to make room, so a flood
-	// of idle connections cannot lock out legitimate clients.
+	// reached the oldest pending one of the heaviest source (the one with
+	// the most) is closed to make room, so a flood of idle connections
+	// cannot lock out legitimate clients nor shed other sources' few.
 	MaxPendingHandshakes int
-	// MaxPendingHandshakesPerSource bounds them per source IP, the same
-	// way (DefaultMaxPendingHandshakesPerSource if zero).
+	// MaxPendingHandshakesPerSource bounds them per source (an IPv4
+	// address, an IPv6 /64), closing the source's oldest
+	// (DefaultMaxPendingHandshakesPerSource if zero).
 	MaxPendingHandshakesPerSource int
 	// HandshakeTimeoutUnderLoad replaces HandshakeTimeout while more than
 	// half of MaxPendingHandshakes are in use, for the new connections
