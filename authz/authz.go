@@ -1,14 +1,12 @@
 package authz
 
 import (
-	"maps"
 	"net/netip"
 	"slices"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -63,30 +61,70 @@ func (e Evaluator) Evaluate(snap *model.Snapshot, dst *model.Workload, c Conn) D
 	if dst == nil {
 		return Decision{Reason: "unknown destination workload"}
 	}
-	var allows []*model.Policy
-	for _, k := range slices.Sorted(maps.Keys(snap.Policies)) {
-		p := snap.Policies[k]
-		if !e.selects(p.Namespace, p.MeshWide, p.Selector, dst) {
+	sc := indexOf(snap).pol.scope(dst.Namespace, e.root())
+	var buf [8]*indexedPolicy
+	allows := buf[:0]
+	p := newPeer(c)
+	for {
+		it, ok := sc.next()
+		if !ok {
+			break
+		}
+		ip := it.v
+		if !e.selects(ip.Namespace, ip.MeshWide, ip.Selector, dst) {
 			continue
 		}
-		switch p.Action {
+		switch ip.Action {
 		case model.ActionDeny:
-			if matchPolicy(p, c) {
-				return Decision{Policy: k, Reason: "denied by policy " + k}
+			if matchPolicy(ip.Policy, &p) {
+				return Decision{Policy: ip.key, Reason: ip.denyReason}
 			}
 		case model.ActionAllow, "":
-			allows = append(allows, p)
+			allows = append(allows, ip)
 		}
 	}
 	if len(allows) == 0 {
 		return Decision{Allow: true, Reason: "no allow policy selects the workload"}
 	}
-	for _, p := range allows {
-		if matchPolicy(p, c) {
-			return Decision{Allow: true, Policy: p.Key(), Reason: "allowed by policy " + p.Key()}
+	for _, ip := range allows {
+		if matchPolicy(ip.Policy, &p) {
+			return Decision{Allow: true, Policy: ip.key, Reason: ip.allowReason}
 		}
 	}
 	return Decision{Reason: "no allow policy matched"}
+}
+
+// peer is a connection with its identity's parts matched by policies,
+// computed once per evaluation.
+type peer struct {
+	Conn
+	hasID     bool
+	principal string // the identity without "spiffe://"
+	ns        string // the identity's namespace; empty if it is not a workload's
+	ip        netip.Addr
+}
+
+func newPeer(c Conn) peer {
+	p := peer{Conn: c, ip: c.SrcIP.Unmap(), hasID: !c.SrcIdentity.IsZero()}
+	if p.hasID {
+		p.principal = strings.TrimPrefix(c.SrcIdentity.String(), "spiffe://")
+		p.ns = workloadNamespace(c.SrcIdentity.Path())
+	}
+	return p
+}
+
+// workloadNamespace is the namespace of a workload identity's path
+// (/ns/<namespace>/sa/<service account>, as identity.ParseWorkload), else "".
+func workloadNamespace(path string) string {
+	rest, ok := strings.CutPrefix(path, "/ns/")
+	if !ok {
+		return ""
+	}
+	ns, sa, ok := strings.Cut(rest, "/sa/")
+	if !ok || ns == "" || sa == "" || strings.Contains(ns, "/") || strings.Contains(sa, "/") {
+		return ""
+	}
+	return ns
 }
 
 // selects reports whether a resource in namespace ns (mesh-wide or not) with
@@ -103,7 +141,7 @@ func (e Evaluator) selects(ns string, meshWide bool, sel map[string]string, w *m
 	return true
 }
 
-func matchPolicy(p *model.Policy, c Conn) bool {
+func matchPolicy(p *model.Policy, c *peer) bool {
 	// A policy without rules: ALLOW with no rules allows nothing, DENY with
 	// no rules denies nothing (Istio's semantics for an empty rules list).
 	for i := range p.Rules {
@@ -114,7 +152,7 @@ func matchPolicy(p *model.Policy, c Conn) bool {
 	return false
 }
 
-func matchRule(r *model.Rule, c Conn) bool {
+func matchRule(r *model.Rule, c *peer) bool {
 	if len(r.From) > 0 && !slices.ContainsFunc(r.From, func(s model.Source) bool { return matchSource(&s, c) }) {
 		return false
 	}
@@ -124,13 +162,8 @@ func matchRule(r *model.Rule, c Conn) bool {
 	return true
 }
 
-func matchSource(s *model.Source, c Conn) bool {
-	principal, ns := "", ""
-	hasID := !c.SrcIdentity.IsZero()
-	if hasID {
-		principal = strings.TrimPrefix(c.SrcIdentity.String(), "spiffe://")
-		ns, _, _ = identity.ParseWorkload(c.SrcIdentity)
-	}
+func matchSource(s *model.Source, c *peer) bool {
+	principal, ns, hasID := c.principal, c.ns, c.hasID
 	if len(s.Principals) > 0 && (!hasID || !matchAny(s.Principals, principal, trimScheme)) {
 		return false
 	}
@@ -143,7 +176,7 @@ func matchSource(s *model.Source, c Conn) bool {
 	if len(s.NotNamespaces) > 0 && ns != "" && matchAny(s.NotNamespaces, ns, nil) {
 		return false
 	}
-	ip := c.SrcIP.Unmap()
+	ip := c.ip
 	if len(s.IPBlocks) > 0 && !slices.ContainsFunc(s.IPBlocks, func(p netip.Prefix) bool { return p.Contains(ip) }) {
 		return false
 	}

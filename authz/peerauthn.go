@@ -1,9 +1,6 @@
 package authz
 
 import (
-	"maps"
-	"slices"
-
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -18,8 +15,15 @@ func (e Evaluator) PeerAuthnMode(snap *model.Snapshot, dst *model.Workload) mode
 		return model.MTLSStrict
 	}
 	var workload, namespace, mesh model.PeerAuthnMode
-	for _, k := range slices.Sorted(maps.Keys(snap.PeerAuthn)) {
-		pa := snap.PeerAuthn[k]
+	// Only dst's namespace's, the root namespace's and mesh-wide ones can
+	// apply: walked in key order.
+	sc := indexOf(snap).pa.scope(dst.Namespace, e.root())
+	for {
+		it, ok := sc.next()
+		if !ok {
+			break
+		}
+		pa := it.v
 		if pa.Mode == model.MTLSUnset {
 			continue
 		}
@@ -39,10 +43,13 @@ func (e Evaluator) PeerAuthnMode(snap *model.Snapshot, dst *model.Workload) mode
 			}
 		}
 	}
-	for _, m := range []model.PeerAuthnMode{workload, namespace, mesh} {
-		if m != "" {
-			return m
-		}
+	switch {
+	case workload != "":
+		return workload
+	case namespace != "":
+		return namespace
+	case mesh != "":
+		return mesh
 	}
 	return model.MTLSPermissive
 }
