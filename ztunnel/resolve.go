@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"sync"
+	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -116,32 +118,95 @@ func resolveService(snap *model.Snapshot, src *model.Workload, svc *model.Servic
 // the snapshot knows), else the default: the destination ztunnels check a
 // waypoint's identity in their workload's trust domain (waypointIdentityFor).
 func serviceTrustDomain(snap *model.Snapshot, svc *model.Service) spiffeid.TrustDomain {
-	for _, ep := range svc.Endpoints {
-		if w := snap.Workloads[ep.WorkloadUID]; w != nil {
-			return w.Identity().TrustDomain()
-		}
-	}
-	return identity.DefaultTrustDomain
+	return endpointsOf(snap, svc).td
 }
 
 // pickEndpoint balances over svc's ready endpoints (pick(n) chooses an index
 // in [0, n); nil picks at random); when want is not zero, only over those
 // whose identity is want. ok is false when none is ready.
 func pickEndpoint(snap *model.Snapshot, svc *model.Service, want spiffeid.ID, pick func(int) int) (w *model.Workload, ep model.Endpoint, ok bool) {
-	var ready []int
-	for i, ep := range svc.Endpoints {
-		if w := snap.Workloads[ep.WorkloadUID]; w != nil && w.Ready && len(w.Addresses) > 0 && (want.IsZero() || w.Identity() == want) {
-			ready = append(ready, i)
+	ready := endpointsOf(snap, svc).ready
+	n := len(ready)
+	if !want.IsZero() {
+		n = 0
+		for _, r := range ready {
+			if r.id == want {
+				n++
+			}
 		}
 	}
-	if len(ready) == 0 {
+	if n == 0 {
 		return nil, model.Endpoint{}, false
 	}
 	if pick == nil {
 		pick = rand.IntN
 	}
-	ep = svc.Endpoints[ready[pick(len(ready))]]
-	return snap.Workloads[ep.WorkloadUID], ep, true
+	k := pick(n)
+	for _, r := range ready {
+		if !want.IsZero() && r.id != want {
+			continue
+		}
+		if k == 0 {
+			return r.w, svc.Endpoints[r.i], true
+		}
+		k--
+	}
+	panic("pick out of range")
+}
+
+// serviceEndpoints is what a connection to a service needs of its
+// endpoints, computed once per snapshot: the ready ones (those whose
+// workload the snapshot knows, ready and with an address), in order, with
+// their identities, and the service's trust domain (serviceTrustDomain).
+type serviceEndpoints struct {
+	ready []readyEndpoint
+	td    spiffeid.TrustDomain
+}
+
+type readyEndpoint struct {
+	i  int // in svc.Endpoints
+	w  *model.Workload
+	id spiffeid.ID
+}
+
+// endpointIndex is the serviceEndpoints of one snapshot's services, built
+// as connections ask for them.
+type endpointIndex struct {
+	snap *model.Snapshot
+	svcs sync.Map // *model.Service -> *serviceEndpoints
+}
+
+// endpoints is the newest snapshot's index: a process has one snapshot at
+// a time (tests running several proxies with different snapshots only
+// rebuild it more often).
+var endpoints atomic.Pointer[endpointIndex]
+
+func endpointsOf(snap *model.Snapshot, svc *model.Service) *serviceEndpoints {
+	x := endpoints.Load()
+	if x == nil || x.snap != snap {
+		x = &endpointIndex{snap: snap}
+		endpoints.Store(x)
+	}
+	if se, ok := x.svcs.Load(svc); ok {
+		return se.(*serviceEndpoints)
+	}
+	se := &serviceEndpoints{td: identity.DefaultTrustDomain}
+	tdSet := false
+	for i, ep := range svc.Endpoints {
+		w := snap.Workloads[ep.WorkloadUID]
+		if w == nil {
+			continue
+		}
+		id := w.Identity()
+		if !tdSet {
+			se.td, tdSet = id.TrustDomain(), true
+		}
+		if w.Ready && len(w.Addresses) > 0 {
+			se.ready = append(se.ready, readyEndpoint{i: i, w: w, id: id})
+		}
+	}
+	v, _ := x.svcs.LoadOrStore(svc, se)
+	return v.(*serviceEndpoints)
 }
 
 // workloadRoute goes straight to w at target: HBONE when w is enrolled, plain
