@@ -325,9 +325,9 @@ func (pr *proc) kill() bool {
 	return true
 }
 
-// stop ends the process for good (SIGTERM, then SIGKILL after 3s) and
+// stop ends the process for good (SIGTERM, then SIGKILL after grace) and
 // waits for it.
-func (pr *proc) stop() {
+func (pr *proc) stop(grace time.Duration) {
 	pr.mu.Lock()
 	if pr.stopped {
 		pr.mu.Unlock()
@@ -340,7 +340,7 @@ func (pr *proc) stop() {
 	pr.mu.Unlock()
 	if cmd != nil {
 		syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		t := time.AfterFunc(3*time.Second, func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
+		t := time.AfterFunc(grace, func() { syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) })
 		pr.runs.Wait()
 		t.Stop()
 	}

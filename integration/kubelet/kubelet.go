@@ -31,6 +31,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/informers"
@@ -67,8 +68,9 @@ type Kubelet struct {
 	// (default 1s).
 	RestartDelay time.Duration
 
-	mu   sync.Mutex // guards pods
-	pods map[string]*running
+	mu       sync.Mutex // guards pods
+	pods     map[string]*running
+	stopping sync.WaitGroup // deleted pods terminating
 }
 
 type running struct {
@@ -77,6 +79,10 @@ type running struct {
 	https   []*app.HTTP
 	procs   []*proc
 	done    sync.WaitGroup
+	// terminating: deleted, its processes are stopping (guarded by
+	// Kubelet.mu).
+	terminating bool
+	stopOnce    sync.Once
 }
 
 // Start watches and runs the node's pods until ctx ends, then tears every pod
@@ -118,6 +124,7 @@ func (k *Kubelet) Start(ctx context.Context) error {
 	}
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
+	defer k.stopping.Wait()
 	defer k.stopAll(log)
 	for {
 		select {
@@ -130,12 +137,21 @@ func (k *Kubelet) Start(ctx context.Context) error {
 				continue
 			}
 			if !exists {
-				k.stop(key, log)
+				k.stop(key, log, 3*time.Second)
 				continue
 			}
 			pod := obj.(*corev1.Pod)
 			if pod.DeletionTimestamp != nil {
-				k.stop(key, log)
+				// As a kubelet: SIGTERM, SIGKILL after the grace period,
+				// then the API object goes (the loop goes on meanwhile).
+				if k.terminating(key) {
+					k.stopping.Add(1)
+					go func() {
+						defer k.stopping.Done()
+						k.stop(key, log, gracePeriod(pod))
+						k.finalize(ctx, pod, log)
+					}()
+				}
 				continue
 			}
 			if err := k.ensure(ctx, key, pod, log); err != nil {
@@ -273,20 +289,69 @@ func (k *Kubelet) setStatus(ctx context.Context, pod *corev1.Pod, ip string, rea
 	return nil
 }
 
-func (k *Kubelet) stop(key string, log *slog.Logger) {
+// stop tears the pod key down (its processes get grace after SIGTERM); it
+// stays in Pod's view until it is gone.
+func (k *Kubelet) stop(key string, log *slog.Logger, grace time.Duration) {
 	k.mu.Lock()
 	r := k.pods[key]
-	delete(k.pods, key)
 	k.mu.Unlock()
-	if r != nil {
-		k.teardown(r)
+	if r == nil {
+		return
+	}
+	r.stopOnce.Do(func() {
+		k.teardownGrace(r, grace)
 		log.Info("pod removed", "pod", key)
+	})
+	k.mu.Lock()
+	if k.pods[key] == r {
+		delete(k.pods, key)
+	}
+	k.mu.Unlock()
+}
+
+// terminating marks the running pod key as terminating; false when it is
+// not running or already terminating.
+func (k *Kubelet) terminating(key string) bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	r := k.pods[key]
+	if r == nil || r.terminating {
+		return false
+	}
+	r.terminating = true
+	return true
+}
+
+// gracePeriod is the time a deleted pod's processes get between SIGTERM
+// and SIGKILL: the deletion's grace period, else the pod's, else
+// Kubernetes' default of 30s.
+func gracePeriod(pod *corev1.Pod) time.Duration {
+	switch {
+	case pod.DeletionGracePeriodSeconds != nil:
+		return time.Duration(*pod.DeletionGracePeriodSeconds) * time.Second
+	case pod.Spec.TerminationGracePeriodSeconds != nil:
+		return time.Duration(*pod.Spec.TerminationGracePeriodSeconds) * time.Second
+	}
+	return 30 * time.Second
+}
+
+// finalize deletes the terminated pod's API object (grace period 0), as a
+// kubelet does once its containers are gone.
+func (k *Kubelet) finalize(ctx context.Context, pod *corev1.Pod, log *slog.Logger) {
+	err := k.Client.CoreV1().Pods(pod.Namespace).Delete(ctx, pod.Name, metav1.DeleteOptions{
+		GracePeriodSeconds: new(int64),
+		Preconditions:      &metav1.Preconditions{UID: &pod.UID},
+	})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) && ctx.Err() == nil {
+		log.Error("pod delete", "pod", pod.Namespace+"/"+pod.Name, "err", err)
 	}
 }
 
-func (k *Kubelet) teardown(r *running) {
+func (k *Kubelet) teardown(r *running) { k.teardownGrace(r, 3*time.Second) }
+
+func (k *Kubelet) teardownGrace(r *running, grace time.Duration) {
 	for _, pr := range r.procs {
-		pr.stop()
+		pr.stop(grace)
 	}
 	for _, s := range r.servers {
 		s.Close()
@@ -308,7 +373,7 @@ func (k *Kubelet) stopAll(log *slog.Logger) {
 	}
 	k.mu.Unlock()
 	for _, key := range keys {
-		k.stop(key, log)
+		k.stop(key, log, 3*time.Second)
 	}
 }
 
