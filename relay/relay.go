@@ -17,8 +17,11 @@
 // and to notice at once a reset of a TCP peer that had sent its FIN.
 //
 // Between two *net.TCPConn the kernel splices (io.Copy uses splice(2): no
-// copy through user space); otherwise each direction copies through a
-// pooled 64 KiB buffer, taken only while that direction runs.
+// copy through user space); otherwise each direction copies through pooled
+// buffers: a small one (SmallBufSize) while the source trickles or is
+// silent, so that an idle connection holds little memory, and a large one
+// (BufSize) from the first read that fills the small one until the reads
+// fit in the small one again, so that bulk transfers take few system calls.
 package relay
 
 import (
@@ -50,16 +53,24 @@ func (d Direction) String() string {
 	return "b->a"
 }
 
-// BufSize is the size of the pooled copy buffers: a few TLS records, or
-// several HTTP/2 frames' worth of payload.
-const BufSize = 64 << 10
+// BufSize is the size of the pooled copy buffers of a direction moving
+// bulk data: 16 TLS records, or one large HTTP/2 frame's payload.
+const BufSize = 256 << 10
+
+// SmallBufSize is the size of the pooled buffer a direction reads with
+// while its source is silent or sends small messages (a request or a
+// response of a few KiB fits): what an idle connection holds per direction.
+const SmallBufSize = 2 << 10
 
 // SpliceChunk is how many bytes a spliced direction moves between two
 // calls of the byte hook (the copy in the kernel cannot report as it goes):
 // a spliced connection's counts may lag by up to this much until its end.
 const SpliceChunk = 256 << 10
 
-var bufs = sync.Pool{New: func() any { b := make([]byte, BufSize); return &b }}
+var (
+	bufs      = sync.Pool{New: func() any { b := make([]byte, BufSize); return &b }}
+	smallBufs = sync.Pool{New: func() any { b := make([]byte, SmallBufSize); return &b }}
+)
 
 // closeWriter is a connection that can half-close.
 type closeWriter interface{ CloseWrite() error }
@@ -319,11 +330,11 @@ func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64), ch
 			return splice(dt, st, d, onBytes, chunked)
 		}
 	}
-	bp := bufs.Get().(*[]byte)
-	defer bufs.Put(bp)
-	buf := *bp
 	var total int64
+	b := copyBuf{}
+	defer b.release()
 	for {
+		buf := b.get()
 		nr, rerr := src.Read(buf)
 		if nr > 0 {
 			nw, werr := dst.Write(buf[:nr])
@@ -344,6 +355,45 @@ func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64), ch
 		if rerr != nil {
 			return total, rerr
 		}
+		b.read(nr)
+	}
+}
+
+// copyBuf is a direction's buffer: small until a read fills it, then
+// large until a read fits in a small one (see the package doc).
+type copyBuf struct {
+	small, large *[]byte
+}
+
+func (b *copyBuf) get() []byte {
+	if b.large != nil {
+		return *b.large
+	}
+	if b.small == nil {
+		b.small = smallBufs.Get().(*[]byte)
+	}
+	return *b.small
+}
+
+// read adapts the buffer to the size of the last read, n bytes.
+func (b *copyBuf) read(n int) {
+	switch {
+	case b.large == nil && n == SmallBufSize:
+		b.large = bufs.Get().(*[]byte)
+		smallBufs.Put(b.small)
+		b.small = nil
+	case b.large != nil && n <= SmallBufSize:
+		bufs.Put(b.large)
+		b.large = nil
+	}
+}
+
+func (b *copyBuf) release() {
+	if b.small != nil {
+		smallBufs.Put(b.small)
+	}
+	if b.large != nil {
+		bufs.Put(b.large)
 	}
 }
 
