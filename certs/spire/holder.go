@@ -40,11 +40,11 @@ type holder struct {
 	// stop for one that leaves it.
 	start func(*held)
 
-	mu      sync.Mutex // guards every field below and every held's mutable fields
-	ids     map[spiffeid.ID]*held
-	bundles map[spiffeid.TrustDomain]*x509bundle.Bundle
+	mu        sync.Mutex // guards every field below and every held's mutable fields
+	ids       map[spiffeid.ID]*held
+	bundles   map[spiffeid.TrustDomain]*x509bundle.Bundle
 	bundleErr error
-	closed  bool
+	closed    bool
 }
 
 // held is one identity.
@@ -53,9 +53,9 @@ type held struct {
 	cancel context.CancelFunc // stops its feed (Delegated); nil otherwise
 	// Guarded by holder.mu:
 	svid      *x509svid.SVID
-	err       error // of the last attempt or update; nil while the stream delivers
-	failures  int   // consecutive stream failures
-	rotations int   // SVIDs received after the first
+	err       error         // of the last attempt or update; nil while the stream delivers
+	failures  int           // consecutive stream failures
+	rotations int           // SVIDs received after the first
 	changed   chan struct{} // closed (and replaced) on every change of the fields above
 }
 
