@@ -22,6 +22,7 @@ import (
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/certs/spire"
 	"github.com/ambit-mesh/ambit/credential"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
@@ -36,6 +37,8 @@ type options struct {
 	configFile    string
 	xdsAddr       string
 	caDir         string
+	identity      string // ca or spire
+	spireAdmin    string // the SPIRE agent's admin socket (--identity=spire)
 	caAddr        string
 	caRoots       string
 	tokenFile     string
@@ -67,6 +70,8 @@ peerAuthentications), reloaded when it changes.
 Certificates: istiod-lite's certificate service (--ca-address, by default the
 --xds-address, with --ca-roots and --token-file), or --ca-dir, a directory
 holding the mesh's CA (generated on first start) for an in-process CA.
+With --identity=spire they come from the node's SPIRE agent instead
+(Delegated Identity API on --spire-admin-socket; docs/spire.md).
 Capture: --capture loads the eBPF capture into the node's network namespace.
 
 Usage: ztunnel [flags]
@@ -100,6 +105,8 @@ Usage: ztunnel [flags]
 	fs.DurationVar(&o.proxy.DrainTimeout, "drain-timeout", ztunnel.DefaultDrainTimeout, "how long connections may finish after SIGTERM")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", true, "JSON logs (text when false)")
+	fs.StringVar(&o.identity, "identity", "ca", "where workload certificates come from: ca (istiod-lite's certificate service, or --ca-dir) or spire (the node's SPIRE agent, Delegated Identity API on --spire-admin-socket)")
+	fs.StringVar(&o.spireAdmin, "spire-admin-socket", "/run/spire/admin/admin.sock", "--identity=spire: the SPIRE agent's admin socket; this ztunnel must be one of its authorized_delegates")
 	_ = fs.Parse(os.Args[1:])
 	o.proxy.Mark = uint32(*mark)
 
@@ -208,12 +215,21 @@ func run(ctx context.Context, o options) error {
 	// One bearer token for xDS and certificates, re-read at each call
 	// (kubelet rotates projected tokens).
 	token := &credential.Bearer{File: o.tokenFile}
-	issuer, closeIssuer, err := newIssuer(ctx, o, td, token, log)
-	if err != nil {
-		return err
+	var mgr certs.Provider
+	switch o.identity {
+	case "spire":
+		// SPIRE signs; istiod-lite still serves xDS (and its roots verify it).
+		mgr = &spire.Delegated{AdminSocket: o.spireAdmin, Logger: log.With("component", "spire")}
+	case "ca":
+		issuer, closeIssuer, err := newIssuer(ctx, o, td, token, log)
+		if err != nil {
+			return err
+		}
+		defer closeIssuer()
+		mgr = &certs.Manager{Issuer: issuer, Logger: log.With("component", "certs")}
+	default:
+		return fmt.Errorf("--identity %q: want ca or spire", o.identity)
 	}
-	defer closeIssuer()
-	mgr := &certs.Manager{Issuer: issuer, Logger: log.With("component", "certs")}
 	defer mgr.Close()
 
 	store := &model.Store{}
