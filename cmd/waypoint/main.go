@@ -24,6 +24,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
+	"github.com/ambit-mesh/ambit/certs/spire"
 	"github.com/ambit-mesh/ambit/credential"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/model"
@@ -38,6 +39,8 @@ type options struct {
 	trustDomain               string
 	xdsAddr, caAddr, caRoots  string
 	caDir, tokenFile          string
+	identity                  string // ca or spire
+	spireSocket, spireAdmin   string // the SPIRE agent's Workload API and admin sockets
 	configFile                string
 	proxy                     waypoint.Config // listener addresses, drain, limits
 	logLevel                  slog.Level
@@ -60,7 +63,8 @@ Config: --xds-address streams it from istiod-lite (Delta ADS over TLS checked
 against --ca-roots, authenticated with --token-file), or --config names a
 JSON DiscoveryResponse ({"resources": [{"@type": ...}, ...]}) for local runs.
 Certificates: istiod-lite's certificate service (--ca-address, by default the
---xds-address), or --ca-dir for an in-process CA.
+--xds-address), or --ca-dir for an in-process CA; with --identity=spire,
+the node's SPIRE agent (Workload API on --spire-socket; docs/spire.md).
 
 Usage: waypoint [flags]
 
@@ -80,6 +84,9 @@ Usage: waypoint [flags]
 	fs.StringVar(&o.tokenFile, "token-file", os.Getenv("TOKEN_FILE"), "bearer token for istiod-lite (audience istio-ca), re-read per call ($TOKEN_FILE)")
 	fs.StringVar(&o.caDir, "ca-dir", "", "in-process CA directory (local runs)")
 	fs.StringVar(&o.configFile, "config", "", "local mode: a JSON DiscoveryResponse of the Envoy resources")
+	fs.StringVar(&o.identity, "identity", envOr("IDENTITY", "ca"), "where the waypoint's certificate comes from: ca (istiod-lite, or --ca-dir) or spire (the node's SPIRE agent) ($IDENTITY)")
+	fs.StringVar(&o.spireSocket, "spire-socket", envOr("SPIRE_SOCKET", "/run/spire/sockets/agent.sock"), "--identity=spire: the SPIRE agent's Workload API socket; the agent attests this process ($SPIRE_SOCKET)")
+	fs.StringVar(&o.spireAdmin, "spire-admin-socket", "", "--identity=spire: the SPIRE agent's admin socket instead (Delegated Identity API; the waypoint must be an authorized delegate)")
 	fs.StringVar(&o.proxy.HBONEAddr, "hbone-addr", fmt.Sprintf(":%d", model.PortHBONE), "HBONE listener")
 	fs.StringVar(&o.proxy.AdminAddr, "admin-addr", fmt.Sprintf("127.0.0.1:%d", model.PortAdmin), "admin listener; keep it on localhost")
 	fs.StringVar(&o.proxy.MetricsAddr, "metrics-addr", fmt.Sprintf(":%d", model.PortMetrics), "Prometheus metrics listener")
@@ -179,12 +186,22 @@ func run(ctx context.Context, o options) error {
 		return fmt.Errorf("identity: %w", err)
 	}
 	token := &credential.Bearer{File: o.tokenFile}
-	issuer, closeIssuer, err := newIssuer(ctx, o, td, token, log)
-	if err != nil {
-		return err
+	var mgr certs.Provider
+	switch {
+	case o.identity == "spire" && o.spireAdmin != "":
+		mgr = &spire.Delegated{AdminSocket: o.spireAdmin, Logger: log.With("component", "spire")}
+	case o.identity == "spire":
+		mgr = &spire.Workload{Socket: o.spireSocket, Logger: log.With("component", "spire")}
+	case o.identity == "ca":
+		issuer, closeIssuer, err := newIssuer(ctx, o, td, token, log)
+		if err != nil {
+			return err
+		}
+		defer closeIssuer()
+		mgr = &certs.Manager{Issuer: issuer, Logger: log.With("component", "certs")}
+	default:
+		return fmt.Errorf("--identity %q: want ca or spire", o.identity)
 	}
-	defer closeIssuer()
-	mgr := &certs.Manager{Issuer: issuer, Logger: log.With("component", "certs")}
 	defer mgr.Close()
 	mgr.SetIdentities([]spiffeid.ID{id})
 
