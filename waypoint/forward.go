@@ -160,6 +160,11 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 		// framed differently never become a second request here.
 		w.Header().Set("Connection", "close")
 	}
+	if p.draining.Load() {
+		// Draining: the client reconnects, elsewhere once the control
+		// plane has taken this waypoint out (HTTP/2: net/http sends GOAWAY).
+		w.Header().Set("Connection", "close")
+	}
 
 	// A client's own X-Forwarded-Client-Cert claims an identity it never
 	// proved: dropped, as Envoy's default (SANITIZE) does.

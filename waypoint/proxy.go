@@ -32,7 +32,16 @@ type Config struct {
 	// Listen addresses for Start (defaults: ":15008", "127.0.0.1:15000",
 	// ":15020", ":15021").
 	HBONEAddr, AdminAddr, MetricsAddr, ReadyAddr string
-	// DrainTimeout bounds the graceful drain on shutdown (default 30s).
+	// DrainDuration is how long, once Serve's context ends, the waypoint
+	// keeps accepting on HBONE while it fails readiness, so that the
+	// control plane takes it out of the ztunnels' endpoints before it
+	// stops (Istio's terminationDrainDuration; 0: no wait). Every response
+	// in that time tells its client to reconnect: "Connection: close" on
+	// HTTP/1.1, GOAWAY on tunnelled HTTP/2.
+	DrainDuration time.Duration
+	// DrainTimeout bounds what follows the drain duration: GOAWAY on every
+	// HBONE connection, idle tunnelled connections closed, in-flight
+	// requests finish (default 30s).
 	DrainTimeout time.Duration
 	// RetryBufferBytes: request bodies up to this size are buffered so
 	// they can be retried or mirrored; larger ones are streamed once
@@ -86,6 +95,7 @@ func New(cfg Config) (*Proxy, error) {
 	p := &Proxy{cfg: cfg, log: orDiscard(cfg.Logger), access: orDiscard(cfg.AccessLog), clusters: map[string]*cluster{},
 		inner: map[*http.Server]struct{}{}, m: newMetrics()}
 	p.conns.Metrics = p.m.tcp
+	p.conns.Flows = p.m.flows
 	if p.cfg.RetryBufferBytes == 0 {
 		p.cfg.RetryBufferBytes = 64 << 10
 	}
@@ -190,7 +200,8 @@ type Listeners struct {
 }
 
 // Start listens on the configured addresses and serves until ctx ends,
-// then drains (GOAWAY, in-flight requests finish within DrainTimeout).
+// then drains: not ready and still accepting for DrainDuration, then
+// GOAWAY, in-flight requests finish within DrainTimeout.
 func (p *Proxy) Start(ctx context.Context) error {
 	addr := func(a, def string) string {
 		if a == "" {
@@ -270,12 +281,23 @@ func (p *Proxy) Serve(ctx context.Context, ls Listeners) error {
 	return err
 }
 
-// drain stops accepting, sends GOAWAY and lets in-flight requests finish.
+// drain fails readiness and tells clients to reconnect (serveHTTP) while
+// still accepting for DrainDuration; then it stops accepting, sends GOAWAY
+// and lets in-flight requests finish.
 func (p *Proxy) drain() {
 	p.draining.Store(true)
 	p.mu.Lock()
 	bg := p.bgCtx
 	p.mu.Unlock()
+	if d := p.cfg.DrainDuration; d > 0 {
+		p.log.Info("waypoint: draining: not ready, still accepting", "drain_duration", d.String())
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-bg.Done(): // Close
+			t.Stop()
+		}
+	}
 	ctx, cancel := context.WithTimeout(bg, p.cfg.DrainTimeout)
 	defer cancel()
 	p.mu.Lock()

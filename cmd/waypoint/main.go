@@ -91,7 +91,9 @@ Usage: waypoint [flags]
 	fs.StringVar(&o.proxy.AdminAddr, "admin-addr", fmt.Sprintf("127.0.0.1:%d", model.PortAdmin), "admin listener; keep it on localhost")
 	fs.StringVar(&o.proxy.MetricsAddr, "metrics-addr", fmt.Sprintf(":%d", model.PortMetrics), "Prometheus metrics listener")
 	fs.StringVar(&o.proxy.ReadyAddr, "ready-addr", fmt.Sprintf(":%d", model.PortReady), "readiness listener, /healthz/ready")
-	fs.DurationVar(&o.proxy.DrainTimeout, "drain-timeout", 30*time.Second, "how long in-flight requests may finish after SIGTERM")
+	fs.DurationVar(&o.proxy.DrainDuration, "drain-duration", envDuration("TERMINATION_DRAIN_DURATION", 5*time.Second),
+		"after SIGTERM: how long the waypoint fails readiness but keeps accepting, telling clients to reconnect, before it stops accepting (Istio's terminationDrainDuration) ($TERMINATION_DRAIN_DURATION)")
+	fs.DurationVar(&o.proxy.DrainTimeout, "drain-timeout", 20*time.Second, "after the drain duration: how long in-flight requests may finish (keep both within the pod's terminationGracePeriodSeconds)")
 	fs.Int64Var(&o.proxy.MaxRequestBodyBytes, "max-request-body-bytes", 0, "413 above this request body size (0: no limit)")
 	fs.Int64Var(&o.proxy.RetryBufferBytes, "retry-buffer-bytes", 64<<10, "request bodies up to this size are buffered for retries and mirrors")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
@@ -104,6 +106,21 @@ Usage: waypoint [flags]
 		fmt.Fprintln(os.Stderr, "waypoint:", err)
 		os.Exit(1)
 	}
+}
+
+// envDuration is the duration in $key, else def (an unparsable value is
+// reported and ignored).
+func envDuration(key string, def time.Duration) time.Duration {
+	v := os.Getenv(key)
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "waypoint: $%s: %v (using %s)\n", key, err, def)
+		return def
+	}
+	return d
 }
 
 func envOr(key, def string) string {

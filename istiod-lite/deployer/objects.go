@@ -26,7 +26,7 @@ const (
 	proxyContainer    = "istio-proxy" // Istio's name; tools look for it
 	proxyUID          = 1337
 	tokenExpirySecs   = 43200
-	terminationGraceS = 2
+	terminationGraceS = 30 // the waypoint drains 5s (--drain-duration), then in-flight requests get up to 20s (--drain-timeout)
 )
 
 // objects builds the apply configurations of a waypoint Gateway's
