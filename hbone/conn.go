@@ -55,9 +55,10 @@ type conn struct {
 	// wmu guards the writing side of fr, henc and hbuf, and (client side)
 	// the order of stream IDs on the wire. Take it with lockWrite and
 	// release it with unlockWrite.
-	wmu  sync.Mutex
-	henc *hpack.Encoder
-	hbuf bytes.Buffer
+	wmu     sync.Mutex
+	henc    *hpack.Encoder
+	hbuf    bytes.Buffer
+	dataHdr [9]byte // a DATA frame's header (writeDataDirectLocked)
 
 	// mu guards the fields below and the mu-guarded fields of every stream.
 	mu             sync.Mutex
@@ -363,13 +364,42 @@ func (c *conn) writeFrame(f func(*http2.Framer) error) error {
 // writeData writes one DATA frame.
 func (c *conn) writeData(id uint32, end bool, p []byte) error {
 	c.lockWrite()
-	err := c.fr.WriteData(id, end, p)
+	var err error
+	if len(p) >= directWriteMin {
+		err = c.writeDataDirectLocked(id, end, p)
+	} else {
+		err = c.fr.WriteData(id, end, p)
+	}
 	if ferr := c.unlockWrite(); err == nil {
 		err = ferr
 	}
 	if err != nil {
 		c.close(fmt.Errorf("hbone: write: %w", err))
 	}
+	return err
+}
+
+// directWriteMin is the smallest DATA payload writeDataDirectLocked sends:
+// below it, copying the payload into the framer's buffer costs less than
+// the TLS record of its own the frame header then takes.
+const directWriteMin = 16 << 10
+
+// writeDataDirectLocked writes a DATA frame's header and its payload with
+// two writes to the TLS connection, so that the payload is sealed from the
+// caller's buffer instead of being copied into the framer's first (the
+// header goes in a small record of its own). c.wmu must be held.
+func (c *conn) writeDataDirectLocked(id uint32, end bool, p []byte) error {
+	var flags http2.Flags
+	if end {
+		flags = http2.FlagDataEndStream
+	}
+	n := len(p)
+	c.dataHdr = [9]byte{byte(n >> 16), byte(n >> 8), byte(n), byte(http2.FrameData), byte(flags),
+		byte(id >> 24 & 0x7f), byte(id >> 16), byte(id >> 8), byte(id)}
+	if _, err := c.nc.Write(c.dataHdr[:]); err != nil {
+		return err
+	}
+	_, err := c.nc.Write(p)
 	return err
 }
 
