@@ -81,7 +81,12 @@ type Authenticator interface {
 // ("authorization: Bearer <token>"). Every service on 15012 takes its callers
 // from here. Errors wrap ErrUnauthenticated when the call carries no usable
 // token or a refuses it; other errors mean the token could not be checked.
+// A caller already in ctx (NewContext: authenticated before the call's
+// body was read) is returned as it is.
 func AuthenticateIncoming(ctx context.Context, a Authenticator) (*Caller, error) {
+	if c, ok := FromContext(ctx); ok {
+		return c, nil
+	}
 	token, err := BearerToken(ctx)
 	if err != nil {
 		return nil, err

@@ -91,6 +91,11 @@ func LoadHostCredentials(path string, td spiffeid.TrustDomain) (*HostAuthenticat
 	if err != nil {
 		return nil, fmt.Errorf("host credentials: %w", err)
 	}
+	return parseHostCredentials(path, data, td)
+}
+
+// parseHostCredentials parses data, the content of the file at path.
+func parseHostCredentials(path string, data []byte, td spiffeid.TrustDomain) (*HostAuthenticator, error) {
 	c := HostCredentials{Hosts: map[string]string{}, Waypoints: map[WaypointRef]string{}, TrustDomain: td}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	for n := 1; sc.Scan(); n++ {

@@ -43,10 +43,21 @@ type Server struct {
 	// Workloads tells which service accounts have workloads on a node
 	// (required for NodeProxy callers; without it they are denied).
 	Workloads Workloads
-	// Logger (discard if nil). Every issuance and every refusal is logged
-	// with the caller, its node and the identity asked for.
+	// Logger (discard if nil). Every issuance is logged, and refusals with
+	// the caller, its node and the identity asked for, through Refusals.
 	Logger *slog.Logger
+	// Refusals rate-limits the refusals' log lines (nil: one line each, on
+	// Logger).
+	Refusals *auth.RefusalLog
 }
+
+// MaxRequestSize bounds a call's request to the certificate service (a CSR
+// and an identity): istiod-lite gives the service's calls this limit on the
+// wire (istiod-lite/gate), far below xDS's.
+const MaxRequestSize = maxCSRPEM + 4096
+
+// MethodPrefix prefixes the full method names of the certificate service.
+var MethodPrefix = "/" + capb.CertificateService_ServiceDesc.ServiceName + "/"
 
 // Register adds the service to g.
 func (s *Server) Register(g *grpc.Server) {
@@ -89,6 +100,15 @@ func (s *Server) bundlePEM() []string {
 	return out
 }
 
+// refuse logs a refusal from source through Refusals, else on Logger.
+func (s *Server) refuse(msg, source string, attrs ...any) {
+	if s.Refusals != nil {
+		s.Refusals.Refuse(msg, source, attrs...)
+		return
+	}
+	s.log().Warn(msg, attrs...)
+}
+
 // authenticate extracts the bearer token and asks the Authenticator.
 func (s *Server) authenticate(ctx context.Context, what string) (*auth.Caller, error) {
 	addr := ""
@@ -100,7 +120,7 @@ func (s *Server) authenticate(ctx context.Context, what string) (*auth.Caller, e
 		return c, nil
 	}
 	if errors.Is(err, auth.ErrUnauthenticated) {
-		s.log().Warn("certificate service: unauthenticated", "request", what, "peer", addr, "err", err)
+		s.refuse("certificate service: unauthenticated", addr, "request", what, "peer", addr, "err", err)
 		return nil, status.Error(codes.Unauthenticated, err.Error())
 	}
 	s.log().Error("certificate service: cannot authenticate", "request", what, "peer", addr, "err", err)
@@ -114,7 +134,7 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 	}
 	log := s.log().With("caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "identity", req.GetIdentity())
 	refuse := func(code codes.Code, msg string) error {
-		log.Warn("certificate refused", "code", code.String(), "reason", msg)
+		s.refuse("certificate refused", caller.Name, "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "identity", req.GetIdentity(), "code", code.String(), "reason", msg)
 		return status.Error(code, msg)
 	}
 

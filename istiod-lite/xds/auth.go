@@ -45,7 +45,7 @@ func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerIn
 		caller, err := auth.AuthenticateIncoming(ctx, a)
 		if err != nil {
 			if errors.Is(err, auth.ErrUnauthenticated) {
-				s.log.Warn("xds client refused", "peer", peerAddr(ctx), "code", codes.Unauthenticated.String(), "reason", err)
+				s.refuse("xds client refused", peerAddr(ctx), "peer", peerAddr(ctx), "code", codes.Unauthenticated.String(), "reason", err)
 				return status.Error(codes.Unauthenticated, err.Error())
 			}
 			s.log.Error("xds client not authenticated: cannot check its token", "peer", peerAddr(ctx), "err", err)
@@ -53,11 +53,21 @@ func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerIn
 		}
 		if caller.Kind != auth.NodeProxy && caller.Kind != auth.Waypoint {
 			msg := fmt.Sprintf("%s is a %s, neither a node proxy nor a waypoint: it may not read xDS configuration", caller.Name, caller.Kind)
-			s.log.Warn("xds client refused", "peer", peerAddr(ctx), "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "code", codes.PermissionDenied.String(), "reason", msg)
+			s.refuse("xds client refused", caller.Name, "peer", peerAddr(ctx), "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "code", codes.PermissionDenied.String(), "reason", msg)
 			return status.Error(codes.PermissionDenied, msg)
 		}
 		return handler(srv, callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller)})
 	}
+}
+
+// refuse logs a refused stream from source through s.Refusals, else on
+// the server's logger.
+func (s *Server) refuse(msg, source string, attrs ...any) {
+	if s.Refusals != nil {
+		s.Refusals.Refuse(msg, source, attrs...)
+		return
+	}
+	s.log.Warn(msg, attrs...)
 }
 
 // authorize says whether a stream of caller (nil on a server that does not

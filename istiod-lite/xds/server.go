@@ -64,6 +64,9 @@ type Server struct {
 	// BuildWaypoint builds a waypoint's Envoy resources from a snapshot of
 	// the model (envoy.ForWaypoint if nil). Set it before Start.
 	BuildWaypoint func(*model.Snapshot, envoy.Waypoint) (*envoy.Resources, error)
+	// Refusals rate-limits the log lines of refused streams (nil: one line
+	// each). Set it before serving.
+	Refusals *auth.RefusalLog
 
 	store     *model.Store
 	log       *slog.Logger
@@ -122,16 +125,25 @@ const (
 	genWaypoints = "waypoints"
 )
 
-// ServerOptions are the gRPC server options xDS wants: HTTP/2 windows
-// large enough for a full push of a large mesh (tens of MB) to go out in few
-// round trips, and room for a reconnecting client's first request, which
-// lists the version of every resource it holds (about 8 MB for 100k).
+// ServerOptions are the gRPC server options xDS wants: room for a
+// reconnecting client's first request, which lists the version of every
+// resource it holds (about 8 MB for 100k), and a small per-stream receive
+// window. The window is what a client may send on a stream before the
+// server reads it (gRPC opens it to a message's size once the handler
+// reads, after authentication), so it bounds what an unauthenticated call
+// can make the server buffer; a fixed window also keeps gRPC's BDP
+// estimator from growing it to 16 MiB. How fast a push goes out depends on
+// the client's windows (xdsclient's), not on these.
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
-		grpc.InitialWindowSize(4 << 20), grpc.InitialConnWindowSize(16 << 20),
+		grpc.InitialWindowSize(StreamWindow), grpc.InitialConnWindowSize(16 << 20),
 		grpc.MaxRecvMsgSize(MaxRequestSize),
 	}
 }
+
+// StreamWindow is the server's per-stream HTTP/2 receive window (HTTP/2's
+// default, gRPC's minimum).
+const StreamWindow = 64 << 10
 
 // MaxRequestSize bounds one request from a client.
 const MaxRequestSize = 64 << 20
