@@ -1,9 +1,18 @@
 // Package kube starts a real Kubernetes control plane for tests: Debian's
 // etcd and a kube-apiserver built from the module proxy, both on loopback,
 // with token authentication, RBAC authorization and a service-account issuer
-// (so TokenRequest and TokenReview work). There is no kubelet, scheduler or
-// controller-manager: tests create the objects they need (namespaces,
-// service accounts, pods with spec.nodeName already set).
+// (so TokenRequest and TokenReview work). By default there is no kubelet,
+// scheduler or controller-manager: tests create the objects they need
+// (namespaces, service accounts, pods with spec.nodeName already set).
+//
+// Options.ControllerManager and Options.Scheduler add kube-controller-manager
+// and kube-scheduler (built like kube-apiserver), each with its own user and
+// kubeconfig: Deployments then become ReplicaSets and pods, pods are bound to
+// nodes, Services get EndpointSlices, namespaces their default service
+// account and kube-root-ca.crt. Nodes come from kubelet.Kubelet with
+// Register; their API (pods/exec, pods/portforward, pods/log) serves with
+// KubeletTLS, which the API server's kubelet client certificate (from the
+// same cluster CA) authenticates to.
 //
 // In a test:
 //
@@ -27,7 +36,8 @@
 //	}
 //
 // Binaries are found as follows. kube-apiserver: Options.APIServer, then
-// $AMBIT_KUBE_APISERVER, then the cache that integration/apiserver/build.sh
+// $AMBIT_KUBE_APISERVER (likewise AMBIT_KUBE_CONTROLLER_MANAGER and
+// AMBIT_KUBE_SCHEDULER), then the cache that integration/apiserver/build.sh
 // fills (${AMBIT_CACHE:-$XDG_CACHE_HOME/ambit}/kube-apiserver-<version>/).
 // The harness never builds it: a cold build takes longer than a test's
 // timeout, and test binaries run in parallel. `make tools` builds it once,

@@ -5,11 +5,13 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"net/http"
@@ -24,6 +26,7 @@ import (
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -44,9 +47,22 @@ const Issuer = "https://kubernetes.default.svc.cluster.local"
 // AdminUser is the user name of the admin token (group system:masters).
 const AdminUser = "ambit-admin"
 
-// ErrUnavailable is returned (wrapped) by New when etcd or kube-apiserver is
-// not there (make tools builds kube-apiserver; make deps installs etcd).
-var ErrUnavailable = errors.New("kube: etcd or kube-apiserver unavailable")
+// ControllerManagerUser and SchedulerUser are the users the controller
+// manager and the scheduler authenticate as (tokens); the API server's
+// bootstrap RBAC grants them their roles.
+const (
+	ControllerManagerUser = "system:kube-controller-manager"
+	SchedulerUser         = "system:kube-scheduler"
+)
+
+// KubeletClientUser is the user (client certificate common name) the API
+// server presents to kubelets when it proxies pods/exec, pods/portforward
+// and pods/log; the harness binds it to system:kubelet-api-admin.
+const KubeletClientUser = "kube-apiserver-kubelet-client"
+
+// ErrUnavailable is returned (wrapped) by New when etcd or a Kubernetes
+// binary is not there (make tools builds them; make deps installs etcd).
+var ErrUnavailable = errors.New("kube: etcd or a Kubernetes binary unavailable")
 
 // Options tune a cluster. The zero value is usable.
 type Options struct {
@@ -61,6 +77,20 @@ type Options struct {
 	APIAudiences []string
 	// ExtraArgs are appended to kube-apiserver's flags (later flags win).
 	ExtraArgs []string
+	// ControllerManager starts kube-controller-manager too (Deployments,
+	// ReplicaSets, DaemonSets, EndpointSlices, service accounts and their
+	// tokens, the root CA ConfigMap, garbage collection, node lifecycle),
+	// each controller with its own service account's credentials.
+	ControllerManager bool
+	// Scheduler starts kube-scheduler too: pods without spec.nodeName are
+	// bound to registered, Ready nodes (see kubelet.Kubelet.Register).
+	Scheduler bool
+	// ControllerManagerBin and SchedulerBin are their binaries. Default:
+	// $AMBIT_KUBE_CONTROLLER_MANAGER / $AMBIT_KUBE_SCHEDULER, else the cache
+	// that build.sh fills (never built by the harness).
+	ControllerManagerBin, SchedulerBin string
+	// ControllerManagerArgs and SchedulerArgs are appended to their flags.
+	ControllerManagerArgs, SchedulerArgs []string
 	// StartTimeout bounds the wait for /readyz (default 90s).
 	StartTimeout time.Duration
 }
@@ -73,8 +103,11 @@ type Cluster struct {
 	client     kubernetes.Interface
 	kubeconfig string
 	saKeyFile  string
+	ca         *authority // signs kubelet serving certificates and the API server's kubelet client certificate
 	etcd       *process
 	apiserver  *process
+	controller *process // kube-controller-manager; nil unless Options.ControllerManager
+	scheduler  *process // kube-scheduler; nil unless Options.Scheduler
 	closeOnce  sync.Once
 	closeErr   error
 }
@@ -92,6 +125,12 @@ func Start(t testing.TB, opts Options) *Cluster {
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("kube-apiserver output (tail):\n%s", c.apiserver.tail(60))
+			if c.controller != nil {
+				t.Logf("kube-controller-manager output (tail):\n%s", c.controller.tail(40))
+			}
+			if c.scheduler != nil {
+				t.Logf("kube-scheduler output (tail):\n%s", c.scheduler.tail(20))
+			}
 		}
 		if err := c.Close(); err != nil {
 			t.Errorf("kube: close: %v", err)
@@ -111,6 +150,18 @@ func New(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
+	var bins componentBins
+	bins.apiserver, bins.etcd = apiserverBin, etcdBin
+	if opts.ControllerManager {
+		if bins.controller, err = findComponent("kube-controller-manager", opts.ControllerManagerBin, "AMBIT_KUBE_CONTROLLER_MANAGER"); err != nil {
+			return nil, err
+		}
+	}
+	if opts.Scheduler {
+		if bins.scheduler, err = findComponent("kube-scheduler", opts.SchedulerBin, "AMBIT_KUBE_SCHEDULER"); err != nil {
+			return nil, err
+		}
+	}
 	// Free ports are found by binding and releasing them, so another process
 	// can take one before etcd or kube-apiserver binds it; start again then.
 	for attempt := 1; ; attempt++ {
@@ -119,7 +170,7 @@ func New(ctx context.Context, opts Options) (*Cluster, error) {
 			return nil, fmt.Errorf("kube: %w", err)
 		}
 		c := &Cluster{dir: dir}
-		err = c.start(ctx, apiserverBin, etcdBin, opts)
+		err = c.start(ctx, bins, opts)
 		if err == nil {
 			return c, nil
 		}
@@ -130,14 +181,19 @@ func New(ctx context.Context, opts Options) (*Cluster, error) {
 	}
 }
 
-func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts Options) error {
-	ports, err := freePorts(3)
+// componentBins are the binaries a cluster runs ("" when not wanted).
+type componentBins struct {
+	apiserver, etcd, controller, scheduler string
+}
+
+func (c *Cluster) start(ctx context.Context, bins componentBins, opts Options) error {
+	ports, err := freePorts(5)
 	if err != nil {
 		return fmt.Errorf("kube: free ports: %w", err)
 	}
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(ports[0])
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(ports[1])
-	c.etcd, err = startProcess(filepath.Join(c.dir, "etcd.log"), etcdBin,
+	c.etcd, err = startProcess(filepath.Join(c.dir, "etcd.log"), bins.etcd,
 		"--name=default",
 		"--data-dir="+filepath.Join(c.dir, "etcd"),
 		"--listen-client-urls="+etcdURL,
@@ -152,8 +208,9 @@ func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts 
 		return fmt.Errorf("kube: start etcd: %w", err)
 	}
 
-	adminToken := randomToken()
-	files, err := c.writeFiles(adminToken)
+	tokens := map[string]string{AdminUser: randomToken(), ControllerManagerUser: randomToken(), SchedulerUser: randomToken()}
+	adminToken := tokens[AdminUser]
+	files, err := c.writeFiles(tokens)
 	if err != nil {
 		return err
 	}
@@ -180,11 +237,18 @@ func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts 
 		"--service-cluster-ip-range=10.96.0.0/16",
 		"--allow-privileged=true",
 		"--enable-priority-and-fairness=false",
+		// Kubelets (kubelet.Kubelet with an API) serve on localhost, with
+		// certificates from the cluster CA, and verify this client
+		// certificate.
+		"--kubelet-preferred-address-types=Hostname,InternalIP",
+		"--kubelet-certificate-authority=" + files.caCert,
+		"--kubelet-client-certificate=" + files.kubeletClientCert,
+		"--kubelet-client-key=" + files.kubeletClientKey,
 		"--cert-dir=" + filepath.Join(c.dir, "pki"),
 		"--v=0",
 	}
 	args = append(args, opts.ExtraArgs...)
-	c.apiserver, err = startProcess(filepath.Join(c.dir, "kube-apiserver.log"), apiserverBin, args...)
+	c.apiserver, err = startProcess(filepath.Join(c.dir, "kube-apiserver.log"), bins.apiserver, args...)
 	if err != nil {
 		return fmt.Errorf("kube: start kube-apiserver: %w", err)
 	}
@@ -208,15 +272,146 @@ func (c *Cluster) start(ctx context.Context, apiserverBin, etcdBin string, opts 
 		return fmt.Errorf("kube: client: %w", err)
 	}
 	c.kubeconfig = filepath.Join(c.dir, "kubeconfig")
+	if err := c.writeKubeconfig(c.kubeconfig, "ambit-admin", adminToken, files.caPEM); err != nil {
+		return err
+	}
+	// The API server's kubelet client may proxy to every kubelet's API (the
+	// stand-in kubelet authorizes it with a SubjectAccessReview).
+	if _, err := c.client.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
+		ObjectMeta: metav1.ObjectMeta{Name: KubeletClientUser},
+		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "system:kubelet-api-admin"},
+		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: KubeletClientUser}},
+	}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("kube: kubelet client binding: %w", err)
+	}
+	if bins.controller != "" {
+		kc := filepath.Join(c.dir, "kube-controller-manager.kubeconfig")
+		if err := c.writeKubeconfig(kc, ControllerManagerUser, tokens[ControllerManagerUser], files.caPEM); err != nil {
+			return err
+		}
+		args := []string{
+			"--kubeconfig=" + kc,
+			"--authentication-kubeconfig=" + kc,
+			"--authorization-kubeconfig=" + kc,
+			"--bind-address=127.0.0.1",
+			"--secure-port=" + strconv.Itoa(ports[3]),
+			"--cert-dir=" + filepath.Join(c.dir, "kube-controller-manager"),
+			"--leader-elect=false",
+			"--use-service-account-credentials=true",
+			"--service-account-private-key-file=" + files.saKey,
+			"--root-ca-file=" + files.servingCert,
+			"--cluster-signing-cert-file=" + files.caCert,
+			"--cluster-signing-key-file=" + files.caKey,
+			"--v=1",
+		}
+		c.controller, err = startProcess(filepath.Join(c.dir, "kube-controller-manager.log"), bins.controller, append(args, opts.ControllerManagerArgs...)...)
+		if err != nil {
+			return fmt.Errorf("kube: start kube-controller-manager: %w", err)
+		}
+	}
+	if bins.scheduler != "" {
+		kc := filepath.Join(c.dir, "kube-scheduler.kubeconfig")
+		if err := c.writeKubeconfig(kc, SchedulerUser, tokens[SchedulerUser], files.caPEM); err != nil {
+			return err
+		}
+		args := []string{
+			"--kubeconfig=" + kc,
+			"--authentication-kubeconfig=" + kc,
+			"--authorization-kubeconfig=" + kc,
+			"--bind-address=127.0.0.1",
+			"--secure-port=" + strconv.Itoa(ports[4]),
+			"--cert-dir=" + filepath.Join(c.dir, "kube-scheduler"),
+			"--leader-elect=false",
+			"--v=1",
+		}
+		c.scheduler, err = startProcess(filepath.Join(c.dir, "kube-scheduler.log"), bins.scheduler, append(args, opts.SchedulerArgs...)...)
+		if err != nil {
+			return fmt.Errorf("kube: start kube-scheduler: %w", err)
+		}
+	}
+	if c.controller != nil {
+		if err := waitHealthy(ctx, timeout, "kube-controller-manager", ports[3], c.controller); err != nil {
+			return err
+		}
+		// The service-account controller is running once the default
+		// namespace has its "default" service account (pods need it).
+		if err := c.waitDefaultServiceAccount(ctx, timeout); err != nil {
+			return err
+		}
+	}
+	if c.scheduler != nil {
+		if err := waitHealthy(ctx, timeout, "kube-scheduler", ports[4], c.scheduler); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// writeKubeconfig writes a kubeconfig for user (token) at path.
+func (c *Cluster) writeKubeconfig(path, user, token string, caPEM []byte) error {
 	kc := clientcmdapi.NewConfig()
-	kc.Clusters["ambit"] = &clientcmdapi.Cluster{Server: c.cfg.Host, CertificateAuthorityData: files.caPEM}
-	kc.AuthInfos["ambit-admin"] = &clientcmdapi.AuthInfo{Token: adminToken}
-	kc.Contexts["ambit"] = &clientcmdapi.Context{Cluster: "ambit", AuthInfo: "ambit-admin", Namespace: "default"}
+	kc.Clusters["ambit"] = &clientcmdapi.Cluster{Server: c.cfg.Host, CertificateAuthorityData: caPEM}
+	kc.AuthInfos[user] = &clientcmdapi.AuthInfo{Token: token}
+	kc.Contexts["ambit"] = &clientcmdapi.Context{Cluster: "ambit", AuthInfo: user, Namespace: "default"}
 	kc.CurrentContext = "ambit"
-	if err := clientcmd.WriteToFile(*kc, c.kubeconfig); err != nil {
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
 		return fmt.Errorf("kube: write kubeconfig: %w", err)
 	}
 	return nil
+}
+
+// waitHealthy polls a component's /healthz on its secure port (its own
+// self-signed certificate in its --cert-dir: not verified, a local probe of
+// a child process) until it answers 200, the process exits or the timeout
+// passes.
+func waitHealthy(ctx context.Context, timeout time.Duration, name string, port int, p *process) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true}, //nolint:gosec // a local health probe
+	}}
+	defer hc.CloseIdleConnections()
+	url := "https://127.0.0.1:" + strconv.Itoa(port) + "/healthz"
+	var last string
+	for {
+		select {
+		case <-p.done:
+			return fmt.Errorf("kube: %s exited: %v\n%s", name, p.err, p.tail(30))
+		case <-ctx.Done():
+			return fmt.Errorf("kube: %s not healthy after %s (last: %s)\n%s", name, timeout, last, p.tail(30))
+		case <-time.After(200 * time.Millisecond):
+		}
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		resp, err := hc.Do(req)
+		if err != nil {
+			last = err.Error()
+			continue
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			return nil
+		}
+		last = fmt.Sprintf("%d %s", resp.StatusCode, body)
+	}
+}
+
+func (c *Cluster) waitDefaultServiceAccount(ctx context.Context, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		_, err := c.client.CoreV1().ServiceAccounts(metav1.NamespaceDefault).Get(ctx, "default", metav1.GetOptions{})
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-c.controller.done:
+			return fmt.Errorf("kube: kube-controller-manager exited: %v\n%s", c.controller.err, c.controller.tail(30))
+		case <-ctx.Done():
+			return fmt.Errorf("kube: no default service account after %s (%v)\n%s", timeout, err, c.controller.tail(30))
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // waitReady polls /readyz until it answers 200 (RBAC's bootstrap roles are
@@ -307,6 +502,12 @@ func (c *Cluster) ServiceAccountToken(ctx context.Context, namespace, serviceAcc
 func (c *Cluster) Close() error {
 	c.closeOnce.Do(func() {
 		var errs []error
+		if c.scheduler != nil {
+			errs = append(errs, c.scheduler.stop())
+		}
+		if c.controller != nil {
+			errs = append(errs, c.controller.stop())
+		}
 		if c.apiserver != nil {
 			errs = append(errs, c.apiserver.stop())
 		}
@@ -321,12 +522,16 @@ func (c *Cluster) Close() error {
 
 type clusterFiles struct {
 	servingCert, servingKey, tokens, saKey string
-	caPEM                                  []byte
+	caCert, caKey                          string // the cluster CA (kubelets)
+	kubeletClientCert, kubeletClientKey    string
+	caPEM                                  []byte // the API server's serving certificate (self-signed)
 }
 
 // writeFiles writes the serving certificate (self-signed, for 127.0.0.1 and
-// localhost), the token file and the service-account signing key.
-func (c *Cluster) writeFiles(adminToken string) (clusterFiles, error) {
+// localhost), the token file (a token per user), the service-account
+// signing key, and the cluster CA with the API server's kubelet client
+// certificate.
+func (c *Cluster) writeFiles(tokens map[string]string) (clusterFiles, error) {
 	var f clusterFiles
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -362,6 +567,33 @@ func (c *Cluster) writeFiles(adminToken string) (clusterFiles, error) {
 	if err != nil {
 		return f, fmt.Errorf("kube: service-account key: %w", err)
 	}
+	c.ca, err = newAuthority("ambit test cluster CA")
+	if err != nil {
+		return f, err
+	}
+	clientCert, clientKey, err := c.ca.issue(&x509.Certificate{
+		Subject:     pkix.Name{CommonName: KubeletClientUser},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		return f, err
+	}
+	caKey, err := x509.MarshalPKCS8PrivateKey(c.ca.key)
+	if err != nil {
+		return f, fmt.Errorf("kube: CA key: %w", err)
+	}
+	var tokenLines strings.Builder
+	for _, user := range []string{AdminUser, ControllerManagerUser, SchedulerUser} {
+		group := ""
+		if user == AdminUser {
+			group = "system:masters"
+		}
+		fmt.Fprintf(&tokenLines, "%s,%s,%s-uid,%q\n", tokens[user], user, strings.ReplaceAll(user, ":", "-"), group)
+	}
+	f.caCert = filepath.Join(c.dir, "ca.crt")
+	f.caKey = filepath.Join(c.dir, "ca.key")
+	f.kubeletClientCert = filepath.Join(c.dir, "kubelet-client.crt")
+	f.kubeletClientKey = filepath.Join(c.dir, "kubelet-client.key")
 	f.servingCert = filepath.Join(c.dir, "serving.crt")
 	f.servingKey = filepath.Join(c.dir, "serving.key")
 	f.tokens = filepath.Join(c.dir, "tokens.csv")
@@ -372,8 +604,12 @@ func (c *Cluster) writeFiles(adminToken string) (clusterFiles, error) {
 	}{
 		{f.servingCert, f.caPEM},
 		{f.servingKey, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})},
-		{f.tokens, []byte(adminToken + "," + AdminUser + ",ambit-admin-uid,\"system:masters\"\n")},
+		{f.tokens, []byte(tokenLines.String())},
 		{f.saKey, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: saDER})},
+		{f.caCert, c.ca.certPEM},
+		{f.caKey, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: caKey})},
+		{f.kubeletClientCert, clientCert},
+		{f.kubeletClientKey, clientKey},
 	} {
 		if err := os.WriteFile(w.path, w.data, 0o600); err != nil {
 			return f, fmt.Errorf("kube: %w", err)
@@ -397,13 +633,19 @@ func findEtcd(path string) (string, error) {
 }
 
 func findAPIServer(path string) (string, error) {
+	return findComponent("kube-apiserver", path, "AMBIT_KUBE_APISERVER")
+}
+
+// findComponent finds the binary of a Kubernetes component: path, else
+// $env, else build.sh's cache.
+func findComponent(name, path, env string) (string, error) {
 	if path == "" {
-		path = os.Getenv("AMBIT_KUBE_APISERVER")
+		path = os.Getenv(env)
 	}
 	if path != "" {
 		p, err := exec.LookPath(path)
 		if err != nil {
-			return "", fmt.Errorf("%w: kube-apiserver %s: %v", ErrUnavailable, path, err)
+			return "", fmt.Errorf("%w: %s %s: %v", ErrUnavailable, name, path, err)
 		}
 		return p, nil
 	}
@@ -417,13 +659,13 @@ func findAPIServer(path string) (string, error) {
 	if version == "" {
 		version = DefaultVersion
 	}
-	cached := filepath.Join(cache, "kube-apiserver-"+version, "kube-apiserver")
+	cached := filepath.Join(cache, name+"-"+version, name)
 	if isExecutable(cached) {
 		return cached, nil
 	}
 	// Never built here: a cold build takes longer than a test's timeout, and
 	// parallel test binaries would each start one. make tools builds it once.
-	return "", fmt.Errorf("%w: kube-apiserver %s is not built at %s: run `make tools` (integration/apiserver/build.sh) or set AMBIT_KUBE_APISERVER", ErrUnavailable, version, cached)
+	return "", fmt.Errorf("%w: %s %s is not built at %s: run `make tools` (integration/apiserver/build.sh) or set %s", ErrUnavailable, name, version, cached, env)
 }
 
 func isExecutable(p string) bool {

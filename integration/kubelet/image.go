@@ -48,6 +48,7 @@ type containerSpec struct {
 	args     []string
 	env      []string
 	probeURL string // the readiness probe's (HTTP GET), "" without one
+	uts      string // the pod's UTS namespace, "" for none
 }
 
 // resolve turns container c of pod into a process spec: its image mapped to a
@@ -195,8 +196,25 @@ func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Contain
 					if err := k.writeConfigMap(ctx, pod.Namespace, src.ConfigMap.Name, src.ConfigMap.Items, vd); err != nil {
 						return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 					}
+				case src.DownwardAPI != nil:
+					// The service-account admission's kube-api-access
+					// volume projects the namespace.
+					for _, it := range src.DownwardAPI.Items {
+						if it.FieldRef == nil {
+							return nil, fmt.Errorf("volume %s: only fieldRef downward API items are supported", v.Name)
+						}
+						val, ok := map[string]string{"metadata.name": pod.Name, "metadata.namespace": pod.Namespace,
+							"metadata.uid": string(pod.UID), "spec.nodeName": pod.Spec.NodeName,
+							"spec.serviceAccountName": pod.Spec.ServiceAccountName}[it.FieldRef.FieldPath]
+						if !ok {
+							return nil, fmt.Errorf("volume %s: fieldRef %s is not supported", v.Name, it.FieldRef.FieldPath)
+						}
+						if err := os.WriteFile(filepath.Join(vd, it.Path), []byte(val), 0o600); err != nil {
+							return nil, err
+						}
+					}
 				default:
-					return nil, fmt.Errorf("volume %s: only serviceAccountToken and configMap projections are supported", v.Name)
+					return nil, fmt.Errorf("volume %s: only serviceAccountToken, configMap and downwardAPI projections are supported", v.Name)
 				}
 			}
 		default:
@@ -290,7 +308,11 @@ func (pr *proc) run(p *netns.Pod, spec *containerSpec) (<-chan struct{}, error) 
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command("nsenter", append([]string{"--net=" + p.NS.Path(), "--", spec.bin}, spec.args...)...)
+	ns := []string{"--net=" + p.NS.Path()}
+	if spec.uts != "" {
+		ns = append(ns, "--uts="+spec.uts)
+	}
+	cmd := exec.Command("nsenter", append(append(ns, "--", spec.bin), spec.args...)...)
 	cmd.Env = spec.env
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

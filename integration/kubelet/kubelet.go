@@ -15,17 +15,29 @@
 // A pod's start follows a CNI's order: its network and address exist and are
 // published (podIP, not yet Ready) before Prepare runs and before its
 // workload starts, so a mesh can capture it before its first packet. Pods
-// with hostNetwork (ztunnel) get the node's address and run nothing.
+// with hostNetwork (ztunnel) get the node's address and run nothing. Every
+// other pod also gets a UTS namespace of its own whose host name is the
+// pod's name, which its processes (and exec'd commands) share.
+//
+// With a control plane (integration/kube with ControllerManager and
+// Scheduler) the kubelet is a node of the cluster: Register creates its Node
+// (capacity, Ready, the kubelet API's endpoint) and keeps its Lease and
+// conditions fresh, so the scheduler binds pods to it. TLS serves the
+// kubelet API the API server proxies to (pods/exec with or without a TTY,
+// pods/portforward, pods/log), for clients with a verified certificate whom
+// a SubjectAccessReview allows nodes/proxy.
 package kubelet
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -34,6 +46,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -68,21 +81,61 @@ type Kubelet struct {
 	// (default 1s).
 	RestartDelay time.Duration
 
+	// Register makes the kubelet a node of the cluster: it creates the Node
+	// named Node.Name (Capacity, addresses, Ready, the API's port), renews
+	// its Lease in kube-node-lease every LeaseRenewInterval and refreshes
+	// its conditions every StatusInterval.
+	Register bool
+	// Capacity is the registered Node's capacity and allocatable
+	// (default: 8 CPUs, 16Gi memory, 110 pods, 100Gi ephemeral storage).
+	Capacity corev1.ResourceList
+	// TLS, when set, serves the kubelet API on APIAddress: the server's
+	// certificate, and the client CAs it requires certificates from
+	// (integration/kube's Cluster.KubeletTLS).
+	TLS *tls.Config
+	// APIAddress is where the kubelet API listens, in the test's own
+	// network namespace, where the API server runs (default
+	// 127.0.0.1:0). A registered Node publishes its port and the address
+	// "localhost".
+	APIAddress string
+
+	nodeUID types.UID // the registered Node's; set before the pod loop starts
+	apiPort int       // the kubelet API's port (0 without TLS); set before the pod loop starts
+
 	mu       sync.Mutex // guards pods
 	pods     map[string]*running
 	stopping sync.WaitGroup // deleted pods terminating
 }
 
+// running is a started pod.
 type running struct {
-	net     *netns.Pod
-	servers []*app.Server
-	https   []*app.HTTP
-	procs   []*proc
-	done    sync.WaitGroup
+	podRef
+	containers []string                  // the pod's container names
+	specs      map[string]*containerSpec // image-run containers, by name
+	net        *netns.Pod                // nil for hostNetwork pods
+	uts        string                    // the pinned UTS namespace, "" for hostNetwork pods
+	logs       []*os.File                // in-process workloads' container logs
+	servers    []*app.Server
+	https      []*app.HTTP
+	procs      []*proc
+	done       sync.WaitGroup
+	stopped    chan struct{} // closed by teardown
 	// terminating: deleted, its processes are stopping (guarded by
 	// Kubelet.mu).
 	terminating bool
 	stopOnce    sync.Once
+}
+
+func newRunning(pod *corev1.Pod) *running {
+	r := &running{
+		podRef:  podRef{key: pod.Namespace + "/" + pod.Name, name: pod.Name, uid: pod.UID},
+		specs:   map[string]*containerSpec{},
+		stopped: make(chan struct{}),
+	}
+	for _, c := range pod.Spec.Containers {
+		r.containers = append(r.containers, c.Name)
+	}
+	return r
 }
 
 // Start watches and runs the node's pods until ctx ends, then tears every pod
@@ -99,6 +152,42 @@ func (k *Kubelet) Start(ctx context.Context) error {
 	k.mu.Lock()
 	k.pods = map[string]*running{}
 	k.mu.Unlock()
+
+	var bg sync.WaitGroup
+	defer bg.Wait()
+	bgCtx, stopBg := context.WithCancel(ctx)
+	defer stopBg()
+	if k.TLS != nil {
+		addr := k.APIAddress
+		if addr == "" {
+			addr = "127.0.0.1:0"
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("kubelet: api: %w", err)
+		}
+		k.apiPort = ln.Addr().(*net.TCPAddr).Port
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			if err := k.serveAPI(bgCtx, ln, log); err != nil {
+				log.Error("kubelet api", "err", err)
+			}
+		}()
+	}
+	if k.Register {
+		if err := k.register(ctx, k.apiPort); err != nil {
+			return err
+		}
+		if err := k.renewLease(ctx); err != nil {
+			return err
+		}
+		bg.Add(1)
+		go func() {
+			defer bg.Done()
+			k.heartbeat(bgCtx, log)
+		}()
+	}
 
 	factory := informers.NewSharedInformerFactoryWithOptions(k.Client, 30*time.Second,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
@@ -126,6 +215,7 @@ func (k *Kubelet) Start(ctx context.Context) error {
 	defer factory.Shutdown()
 	defer k.stopping.Wait()
 	defer k.stopAll(log)
+	defer stopBg() // the API and heartbeat end before the pods are torn down
 	for {
 		select {
 		case <-ctx.Done():
@@ -171,7 +261,7 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	}
 	if pod.Spec.HostNetwork {
 		k.mu.Lock()
-		k.pods[key] = &running{}
+		k.pods[key] = newRunning(pod)
 		k.mu.Unlock()
 		return k.setStatus(ctx, pod, k.Node.IP.String(), true)
 	}
@@ -179,6 +269,9 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	// (a ConfigMap not there) is retried before any network or status
 	// exists, whose writes would wake this loop again at once.
 	dir := filepath.Join(k.workDir(), pod.Namespace+"."+pod.Name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
 	for _, c := range pod.Spec.Containers {
 		if _, ok := k.Images[c.Image]; ok {
 			if _, err := k.volumes(ctx, pod, c, dir); err != nil {
@@ -190,7 +283,14 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	if err != nil {
 		return err
 	}
-	r = &running{net: p}
+	r = newRunning(pod)
+	r.net = p
+	r.uts = filepath.Join(utsDir, p.NS.Name)
+	if err := newUTS(r.uts, pod.Name); err != nil {
+		r.uts = ""
+		k.teardown(r)
+		return err
+	}
 	if err := k.setStatus(ctx, pod, p.IP.String(), false); err != nil {
 		k.teardown(r)
 		return err
@@ -209,6 +309,8 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 				k.teardown(r)
 				return fmt.Errorf("container %s: %w", c.Name, err)
 			}
+			spec.uts = r.uts
+			r.specs[c.Name] = spec
 			r.procs = append(r.procs, k.startProc(pod, p, pod.Namespace+"."+pod.Name+"."+c.Name, spec, dir, log))
 			ran = true
 			continue
@@ -218,6 +320,14 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 			k.teardown(r)
 			return err
 		}
+		// The in-process workload's log is its container's (kubectl logs).
+		lf, err := os.OpenFile(k.LogFile(key, c.Name), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			k.teardown(r)
+			return err
+		}
+		r.logs = append(r.logs, lf)
+		clog := slog.New(slog.NewTextHandler(lf, &slog.HandlerOptions{Level: slog.LevelDebug}))
 		for _, port := range c.Ports {
 			if port.Protocol != "" && port.Protocol != corev1.ProtocolTCP {
 				continue
@@ -229,13 +339,15 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 			}
 			var serve func(net.Listener) error
 			if h != nil {
-				hs := &app.HTTP{Name: h.Name, FailRatio: h.FailRatio, Delay: h.Delay, Logger: log}
+				hs := &app.HTTP{Name: h.Name, FailRatio: h.FailRatio, Delay: h.Delay, Logger: clog}
 				r.https = append(r.https, hs)
 				serve = hs.Serve
+				clog.Info("serving HTTP", "pod", pod.Name, "port", port.ContainerPort)
 			} else {
-				s := &app.Server{Name: pod.Name, Logger: log}
+				s := &app.Server{Name: pod.Name, Logger: clog}
 				r.servers = append(r.servers, s)
 				serve = s.Serve
+				clog.Info("serving echo", "pod", pod.Name, "port", port.ContainerPort)
 			}
 			r.done.Add(1)
 			go func() {
@@ -276,12 +388,38 @@ func (k *Kubelet) setStatus(ctx context.Context, pod *corev1.Pod, ip string, rea
 	st.Status.PodIP = ip
 	st.Status.PodIPs = []corev1.PodIP{{IP: ip}}
 	st.Status.HostIP = k.Node.IP.String()
+	st.Status.HostIPs = []corev1.HostIP{{IP: k.Node.IP.String()}}
 	if st.Status.StartTime == nil {
 		st.Status.StartTime = &now
 	}
-	st.Status.Conditions = []corev1.PodCondition{
-		{Type: corev1.PodReady, Status: cond, LastTransitionTime: now},
-		{Type: corev1.ContainersReady, Status: cond, LastTransitionTime: now},
+	// Conditions others own (PodScheduled) stay.
+	for _, c := range []corev1.PodCondition{
+		{Type: corev1.PodReadyToStartContainers, Status: corev1.ConditionTrue},
+		{Type: corev1.PodInitialized, Status: corev1.ConditionTrue},
+		{Type: corev1.ContainersReady, Status: cond},
+		{Type: corev1.PodReady, Status: cond},
+	} {
+		c.LastTransitionTime = now
+		i := slices.IndexFunc(st.Status.Conditions, func(o corev1.PodCondition) bool { return o.Type == c.Type })
+		switch {
+		case i < 0:
+			st.Status.Conditions = append(st.Status.Conditions, c)
+		case st.Status.Conditions[i].Status != c.Status:
+			st.Status.Conditions[i] = c
+		}
+	}
+	// Every container runs since the pod started, ready with the pod.
+	st.Status.ContainerStatuses = nil
+	for _, c := range pod.Spec.Containers {
+		st.Status.ContainerStatuses = append(st.Status.ContainerStatuses, corev1.ContainerStatus{
+			Name:        c.Name,
+			Image:       c.Image,
+			ImageID:     "ambit://" + c.Image,
+			ContainerID: "ambit://" + pod.Namespace + "." + pod.Name + "." + c.Name,
+			Ready:       ready,
+			Started:     new(true),
+			State:       corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: *st.Status.StartTime}},
+		})
 	}
 	if _, err := k.Client.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, st, metav1.UpdateOptions{}); err != nil {
 		return fmt.Errorf("update status: %w", err)
@@ -360,9 +498,16 @@ func (k *Kubelet) teardownGrace(r *running, grace time.Duration) {
 		s.Close()
 	}
 	r.done.Wait()
+	for _, f := range r.logs {
+		f.Close()
+	}
+	if r.uts != "" {
+		removeUTS(r.uts)
+	}
 	if r.net != nil {
 		k.Node.RemovePod(r.net)
 	}
+	close(r.stopped)
 }
 
 func (k *Kubelet) stopAll(log *slog.Logger) {
