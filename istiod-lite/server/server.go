@@ -23,17 +23,13 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/status"
-	"google.golang.org/grpc/tap"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -44,6 +40,7 @@ import (
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
+	"github.com/ambit-mesh/ambit/istiod-lite/gate"
 	"github.com/ambit-mesh/ambit/istiod-lite/registry"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/istiod-lite/xds"
@@ -120,11 +117,20 @@ type Config struct {
 	// waypoints are given (default deployer.DefaultXDS).
 	WaypointImage, WaypointXDSAddress string
 
+	// Admission of 15012 (istiod-lite/gate): open connections per source
+	// IP and in total, and calls per second per source IP (the gate's
+	// defaults when zero). Each connection carries at most
+	// MaxStreamsPerConn calls at once.
+	MaxConnsPerSource, MaxConns int
+	CallsPerSecond              float64
+
 	Logger *slog.Logger // may be nil
 
 	// Listening, when set, is called with the bound addresses (tests, and
 	// ":0" listeners).
 	Listening func(grpcAddr, adminAddr string)
+
+	gateStats *gate.Stats // tests: what 15012's connections read
 }
 
 func (c *Config) defaults() {
@@ -185,6 +191,9 @@ func Run(ctx context.Context, cfg Config) error {
 		if err != nil {
 			return err
 		}
+		if hf, ok := hosts.(*auth.HostFile); ok {
+			g.Go(func() error { return hf.Start(ctx) })
+		}
 		caServer = &ca.Server{CA: authority, Authenticator: hosts, Workloads: ca.StoreWorkloads{Store: store}, Logger: log.With("component", "ca")}
 	} else {
 		rc := cfg.Rest
@@ -225,22 +234,34 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		pods := &ca.PodIndex{Client: cs, Logger: log.With("component", "ca-pods")}
 		g.Go(func() error { return pods.Start(ctx) })
-		caServer = &ca.Server{CA: authority, Authenticator: &auth.KubeAuthenticator{Client: cs, TrustDomain: td}, Workloads: pods, Logger: log.With("component", "ca")}
+		// A token costs one TokenReview (and pod Get) until it expires or
+		// for auth.DefaultCacheMaxAge; a refused one is refused from memory.
+		tokens := &auth.Cache{Authenticator: &auth.KubeAuthenticator{Client: cs, TrustDomain: td}}
+		caServer = &ca.Server{CA: authority, Authenticator: tokens, Workloads: pods, Logger: log.With("component", "ca")}
 	}
 
+	// Refused calls are logged a few lines and a count per interval.
+	refusals := &auth.RefusalLog{Logger: log.With("component", "gate")}
+	g.Go(func() error { return refusals.Start(ctx) })
+	caServer.Refusals = refusals
 	serving := &ca.ServingCert{CA: caServer.CA, DNSNames: cfg.ServingDNSNames, IPAddresses: cfg.ServingIPs}
 	xdsServer := xds.New(store, log.With("component", "xds"))
+	xdsServer.Refusals = refusals
+	// Every call is authenticated by the gate's tap before its stream
+	// exists (no request body is read for a refused one); the services take
+	// the caller from the call's context. The certificate service's calls
+	// get a request limit sized for a CSR on the wire.
+	admit := &gate.Tap{Authenticator: caServer.Authenticator, CallsPerSecond: cfg.CallsPerSecond, Refusals: refusals}
+	creds := gate.Creds(credentials.NewTLS(serving.TLSConfig()), []gate.Limit{{Prefix: ca.MethodPrefix, MaxBytes: ca.MaxRequestSize}}, MaxHeaderListSize, cfg.gateStats)
 	gs := grpc.NewServer(append(xds.ServerOptions(),
-		grpc.Creds(credentials.NewTLS(serving.TLSConfig())),
-		// xDS serves node proxies and waypoints, with the token the CA
-		// takes, each what its kind may read. The CA authenticates each of
-		// its calls itself.
+		grpc.Creds(creds),
+		grpc.InTapHandle(admit.Handle),
+		// xDS serves node proxies and waypoints, each what its kind may
+		// read.
 		grpc.ChainStreamInterceptor(xdsServer.RequireAuthentication(caServer.Authenticator)),
-		// Before any request body is read (they may be large): a call
-		// without a bearer token is refused at once, and a connection's
-		// concurrent calls are bounded.
-		grpc.InTapHandle(requireBearer),
-		grpc.MaxConcurrentStreams(64),
+		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
+		grpc.MaxHeaderListSize(MaxHeaderListSize),
+		grpc.ConnectionTimeout(10*time.Second), // TLS handshake and HTTP/2 preface
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
@@ -274,10 +295,13 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		// Listening only now also makes a TCP readiness probe on 15012 mean
 		// "the model is built".
-		lis, err := net.Listen("tcp", cfg.Listen)
+		raw, err := net.Listen("tcp", cfg.Listen)
 		if err != nil {
 			return fmt.Errorf("listen: %w", err)
 		}
+		lis := &gate.Listener{Listener: raw, PerSource: cfg.MaxConnsPerSource, Total: cfg.MaxConns, Refused: func(src, reason string) {
+			refusals.Refuse("connection refused", src, "reason", reason)
+		}}
 		if cfg.Listening != nil {
 			a := ""
 			if admin != nil {
@@ -311,12 +335,27 @@ func Run(ctx context.Context, cfg Config) error {
 	return g.Wait()
 }
 
+// Limits of 15012's gRPC server.
+const (
+	// MaxStreamsPerConn bounds one connection's concurrent calls (a ztunnel
+	// has one xDS stream and a few CSRs at once).
+	MaxStreamsPerConn = 32
+	// MaxHeaderListSize bounds a call's headers (a bearer token is ~1 KiB).
+	MaxHeaderListSize = 64 << 10
+)
+
+// hostAuth is local mode's authenticator: the credentials file, reloaded
+// when it changes (auth.HostFile), or no one.
 func hostAuth(path string, td spiffeid.TrustDomain, log *slog.Logger) (auth.Authenticator, error) {
 	if path == "" {
 		log.Warn("no host credentials file: the CA and xDS refuse every host")
 		return auth.NewHostAuthenticator(nil)
 	}
-	return auth.LoadHostCredentials(path, td)
+	hf := &auth.HostFile{Path: path, TrustDomain: td, Logger: log.With("component", "host-credentials")}
+	if err := hf.Load(); err != nil {
+		return nil, err
+	}
+	return hf, nil
 }
 
 func stopGracefully(gs *grpc.Server, timeout time.Duration) {
@@ -358,15 +397,4 @@ func adminMux(store *model.Store, x *xds.Server, src source, ctrls *controllers)
 		})
 	})
 	return mux
-}
-
-// requireBearer refuses a call that carries no bearer token before its
-// request is read; the services then check the token itself.
-func requireBearer(ctx context.Context, info *tap.Info) (context.Context, error) {
-	for _, v := range info.Header.Get("authorization") {
-		if len(v) > len("bearer ") && strings.EqualFold(v[:len("bearer ")], "bearer ") {
-			return ctx, nil
-		}
-	}
-	return nil, status.Error(codes.Unauthenticated, "no bearer token")
 }
