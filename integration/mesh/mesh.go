@@ -78,6 +78,9 @@ type Options struct {
 	Setup func(*netns.Topology) error
 	// IstiodArgs are more flags for istiod-lite.
 	IstiodArgs []string
+	// ZtunnelArgs, when set, returns more flags for node's ztunnel (e.g.
+	// --identity=spire and its agent's socket).
+	ZtunnelArgs func(node string) []string
 	// CertTTL, when set, is the lifetime of workload certificates.
 	CertTTL time.Duration
 	// Logger receives the harness's progress; nil discards.
@@ -279,6 +282,9 @@ func (m *Mesh) StartZtunnel(ctx context.Context, node string) error {
 		"--bpf-pin-path", m.PinPath(node),
 		"--uplinks", netns.Uplink,
 		"--drain-timeout", "2s",
+	}
+	if m.opts.ZtunnelArgs != nil {
+		args = append(args, m.opts.ZtunnelArgs(node)...)
 	}
 	p, err := m.start(ctx, n.NS, n.Name, "ztunnel-"+node, filepath.Join(m.opts.BinDir, "ztunnel"), args...)
 	if err != nil {
