@@ -31,6 +31,20 @@ func Enrolled(nsLabels, podLabels map[string]string) bool {
 	return nsLabels[LabelDataplaneMode] == DataplaneAmbient
 }
 
+// LabelHBONEQUIC, "enabled" on a pod or its namespace ("disabled" on the
+// pod overrides the namespace), advertises that the pod's ztunnel accepts
+// HBONE over HTTP/3 (QUIC) on UDP 15008 (Workload.QUIC).
+const LabelHBONEQUIC = "ambit.dev/hbone-quic"
+
+// QUICAdvertised reports whether a pod with podLabels in a namespace with
+// nsLabels advertises HBONE over QUIC (LabelHBONEQUIC).
+func QUICAdvertised(nsLabels, podLabels map[string]string) bool {
+	if v, ok := podLabels[LabelHBONEQUIC]; ok {
+		return v == "enabled"
+	}
+	return nsLabels[LabelHBONEQUIC] == "enabled"
+}
+
 // Ports of the data plane (see the design brief).
 const (
 	PortOutbound = 15001
@@ -69,6 +83,9 @@ type Workload struct {
 	WorkloadName string `json:"workloadName,omitempty"`
 	// ClusterID names the cluster, for baggage (k8s.cluster.name).
 	ClusterID string `json:"clusterId,omitempty"`
+	// QUIC means the workload's ztunnel also accepts HBONE over HTTP/3 on
+	// UDP 15008 (package hbone/h3); sources with QUIC enabled try it first.
+	QUIC bool `json:"quic,omitempty"`
 }
 
 // Identity returns the workload's SPIFFE ID.

@@ -210,8 +210,12 @@ type Workload struct {
 	CanonicalRevision string          `protobuf:"bytes,13,opt,name=canonical_revision,json=canonicalRevision,proto3" json:"canonical_revision,omitempty"`
 	WorkloadName      string          `protobuf:"bytes,14,opt,name=workload_name,json=workloadName,proto3" json:"workload_name,omitempty"`
 	ClusterId         string          `protobuf:"bytes,15,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The workload's ztunnel also accepts HBONE over HTTP/3 (QUIC) on UDP
+	// 15008. A source uses it only when its own configuration enables QUIC,
+	// and falls back to HTTP/2 over TCP when the QUIC dial fails.
+	HboneQuic     bool `protobuf:"varint,16,opt,name=hbone_quic,json=hboneQuic,proto3" json:"hbone_quic,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Workload) Reset() {
@@ -347,6 +351,13 @@ func (x *Workload) GetClusterId() string {
 		return x.ClusterId
 	}
 	return ""
+}
+
+func (x *Workload) GetHboneQuic() bool {
+	if x != nil {
+		return x.HboneQuic
+	}
+	return false
 }
 
 // GatewayAddress is a waypoint's HBONE address.
@@ -1050,7 +1061,7 @@ var File_workload_proto protoreflect.FileDescriptor
 
 const file_workload_proto_rawDesc = "" +
 	"\n" +
-	"\x0eworkload.proto\x12\x11ambit.workload.v1\"\x83\x05\n" +
+	"\x0eworkload.proto\x12\x11ambit.workload.v1\"\xa2\x05\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -1068,7 +1079,9 @@ const file_workload_proto_rawDesc = "" +
 	"\x12canonical_revision\x18\r \x01(\tR\x11canonicalRevision\x12#\n" +
 	"\rworkload_name\x18\x0e \x01(\tR\fworkloadName\x12\x1d\n" +
 	"\n" +
-	"cluster_id\x18\x0f \x01(\tR\tclusterId\x1a9\n" +
+	"cluster_id\x18\x0f \x01(\tR\tclusterId\x12\x1d\n" +
+	"\n" +
+	"hbone_quic\x18\x10 \x01(\bR\thboneQuic\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"{\n" +

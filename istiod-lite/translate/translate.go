@@ -211,6 +211,7 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		CanonicalRevision: canonicalRevision(p),
 		WorkloadName:      workloadName(p),
 		ClusterID:         t.opts.ClusterID,
+		QUIC:              model.QUICAdvertised(nsLabels, p.Labels),
 	}
 	if gw := p.Labels["gateway.networking.k8s.io/gateway-name"]; gw != "" && t.isWaypoint(p.Namespace, gw) {
 		return w // a waypoint's own pods do not go through a waypoint
