@@ -65,6 +65,18 @@ type Config struct {
 	// after New or holds any workload.
 	Synced func() bool
 
+	// PodCIDRs are the address ranges of the mesh's pods (the cluster's pod
+	// CIDRs; add the service CIDR to treat unknown service addresses alike).
+	// An outbound destination inside them that the config does not know
+	// (yet: a pod just started, a config update in flight) is never passed
+	// through in clear: the connection waits up to UnknownDestinationWait
+	// for the config to learn it, then is resolved as usual, or reset.
+	// Empty: every unknown destination passes through (plain TCP).
+	PodCIDRs []netip.Prefix
+	// UnknownDestinationWait bounds that wait
+	// (DefaultUnknownDestinationWait if zero; negative: reset at once).
+	UnknownDestinationWait time.Duration
+
 	// RootNamespace holds mesh-wide policies (authz.DefaultRootNamespace if
 	// empty).
 	RootNamespace string
@@ -98,6 +110,16 @@ const (
 	DefaultIdleTimeout      = time.Hour
 	DefaultHalfCloseTimeout = 5 * time.Minute
 )
+
+// DefaultUnknownDestinationWait is how long an outbound connection to an
+// unknown destination inside Config.PodCIDRs waits for the config to learn
+// it.
+const DefaultUnknownDestinationWait = 5 * time.Second
+
+// maxUnknownWaits bounds the connections waiting for an unknown destination
+// at once (each holds a goroutine and two sockets); past it they are reset
+// at once: a pod scanning the pod CIDRs cannot pile them up.
+const maxUnknownWaits = 1024
 
 // Capture steers the node's enrolled workloads' traffic to the proxy (the
 // bpf package's loader implements it in the node agent).
@@ -147,6 +169,17 @@ func (c *Config) hboneDialAddr(a netip.AddrPort) netip.AddrPort {
 		return c.HBONEDialAddr(a)
 	}
 	return a
+}
+
+// inPodCIDRs reports whether a is inside one of PodCIDRs.
+func (c *Config) inPodCIDRs(a netip.Addr) bool {
+	a = a.Unmap()
+	for _, p := range c.PodCIDRs {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 // isLocal reports whether w runs on this node.

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"time"
 
 	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/model"
@@ -46,6 +47,16 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 		return flagNoRoute, "destination is one of the proxy's own listeners (a loop)", nil
 	}
 	route, err := Resolve(snap, c.srcW, c.Dst, nil)
+	if err == nil && route.Kind == RoutePassthrough && p.cfg.inPodCIDRs(c.Dst.Addr()) {
+		// A pod the config does not know yet: never in clear.
+		route, err = p.awaitDestination(ctx, snap, c.srcW, c.Dst)
+		if errors.Is(err, errUnknownDestination) {
+			return flagNoRoute, "destination in the pod CIDRs is unknown to the config", err
+		}
+		if err != nil && ctx.Err() != nil {
+			return flagAborted, "closed while waiting for the destination", err
+		}
+	}
 	c.service, c.dstW = route.Service, route.Workload
 	if err != nil {
 		return flagNoRoute, "no route", err
@@ -104,6 +115,52 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 		}
 	}
 	return flagNone, "", p.relay(ctx, c, client, upstream)
+}
+
+// errUnknownDestination fails an outbound connection to a destination in
+// the pod CIDRs that the config did not learn in time.
+var errUnknownDestination = errors.New("unknown destination in the pod CIDRs")
+
+// unknownWaitPoll is how often a waiting connection looks for a new config.
+const unknownWaitPoll = 20 * time.Millisecond
+
+// awaitDestination waits (Config.UnknownDestinationWait) for a config
+// newer than snap to resolve dst to something other than a passthrough,
+// and returns that route (or Resolve's error). It fails with
+// errUnknownDestination when the wait ends first, when waiting is off, or
+// when too many connections wait already; with ctx's error if ctx ends.
+func (p *Proxy) awaitDestination(ctx context.Context, snap *model.Snapshot, src *model.Workload, dst netip.AddrPort) (Route, error) {
+	wait := positive(p.cfg.UnknownDestinationWait, DefaultUnknownDestinationWait)
+	if wait == 0 {
+		return Route{}, errUnknownDestination
+	}
+	if p.unknownWaits.Add(1) > maxUnknownWaits {
+		p.unknownWaits.Add(-1)
+		return Route{}, fmt.Errorf("%w: too many connections waiting", errUnknownDestination)
+	}
+	defer p.unknownWaits.Add(-1)
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	tick := time.NewTicker(unknownWaitPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return Route{}, ctx.Err()
+		case <-timer.C:
+			return Route{}, fmt.Errorf("%w: not learned within %v", errUnknownDestination, wait)
+		case <-tick.C:
+		}
+		cur := p.cfg.Store.Load()
+		if cur == snap {
+			continue
+		}
+		snap = cur
+		route, err := Resolve(snap, src, dst, nil)
+		if err != nil || route.Kind != RoutePassthrough {
+			return route, err
+		}
+	}
 }
 
 // baggage is the W3C baggage header Istio sends for w.

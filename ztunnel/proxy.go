@@ -53,6 +53,8 @@ type Proxy struct {
 	connCtx    context.Context
 	forceClose context.CancelFunc
 
+	unknownWaits atomic.Int32 // outbound connections waiting for an unknown destination (outbound.go)
+
 	configured atomic.Bool // the store changed after New
 	captured   atomic.Bool // Capture (if any) reconciled once
 	serving    atomic.Bool // Run has started every listener
@@ -96,6 +98,7 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 		runDone:   make(chan struct{}),
 	}
 	p.conns.Metrics, p.conns.Logger = p.m.tcp, log
+	p.conns.Flows = &telemetry.Flows{Node: cfg.Node}
 	p.connCtx, p.forceClose = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {

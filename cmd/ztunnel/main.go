@@ -102,6 +102,17 @@ Usage: ztunnel [flags]
 	fs.StringVar(&o.bpfPinPath, "bpf-pin-path", "/sys/fs/bpf/ambit", "bpffs directory of the capture's pinned programs and maps")
 	fs.StringVar(&o.uplinks, "uplinks", "", "comma-separated interfaces where other nodes' traffic arrives (empty: the default route's)")
 	mark := fs.Uint("mark", 0, "SO_MARK for the proxy's own connections (0: none)")
+	fs.Func("pod-cidrs", "comma-separated pod CIDRs of the mesh (and the service CIDR, if wanted): an unknown destination inside them waits for the config (--unknown-destination-wait), then is reset, never passed through in clear", func(v string) error {
+		for _, s := range strings.Split(v, ",") {
+			p, err := netip.ParsePrefix(strings.TrimSpace(s))
+			if err != nil {
+				return err
+			}
+			o.proxy.PodCIDRs = append(o.proxy.PodCIDRs, p.Masked())
+		}
+		return nil
+	})
+	fs.DurationVar(&o.proxy.UnknownDestinationWait, "unknown-destination-wait", ztunnel.DefaultUnknownDestinationWait, "how long a connection to an unknown destination in --pod-cidrs waits for the config")
 	fs.DurationVar(&o.proxy.DrainTimeout, "drain-timeout", ztunnel.DefaultDrainTimeout, "how long connections may finish after SIGTERM")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	fs.BoolVar(&o.logJSON, "log-json", true, "JSON logs (text when false)")
