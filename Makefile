@@ -18,7 +18,7 @@ deps:
 # lock, into ${AMBIT_CACHE:-~/.cache/ambit}, before any test runs: never
 # inside a test's timeout.
 tools: deps
-	@integration/apiserver/build.sh kube-apiserver kube-controller-manager kube-scheduler >/dev/null
+	@nice -n 10 integration/apiserver/build.sh kube-apiserver kube-controller-manager kube-scheduler >/dev/null
 	@nice -n 10 integration/spire/build.sh >/dev/null
 
 build:
