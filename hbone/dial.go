@@ -38,6 +38,10 @@ type poolConn struct {
 	c        *conn // set when ready, nil on failure
 	err      error // the dial error
 	reserved int   // reservations made while dialing, handed to c
+	// notAfter is when the first of the handshake's two certificates
+	// expires: no new stream goes on c from then on (the source's SVID
+	// would have been refused: fail closed, not an old tunnel).
+	notAfter time.Time
 }
 
 func (d *Dialer) logger() *slog.Logger {
@@ -166,8 +170,12 @@ func (d *Dialer) reserve(ctx context.Context, key poolKey, r DialRequest) (*conn
 	}
 	var pc *poolConn
 	pending := limit // reservations allowed on a connection still dialing
+	now := time.Now()
 	for _, p := range d.pools[key] {
 		if p.c != nil {
+			if !now.Before(p.notAfter) {
+				continue // a certificate of its handshake expired: carries its streams, takes no new one
+			}
 			if p.c.tryReserve(limit) {
 				d.mu.Unlock()
 				return p.c, nil
@@ -226,7 +234,7 @@ func (d *Dialer) handshakeTimeout() time.Duration {
 func (d *Dialer) dialConn(ctx context.Context, key poolKey, pc *poolConn, r DialRequest) {
 	defer d.wg.Done()
 	defer pc.cancel()
-	c, err := d.connect(ctx, r)
+	c, notAfter, err := d.connect(ctx, r)
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err == nil && d.closed {
@@ -247,7 +255,7 @@ func (d *Dialer) dialConn(ctx context.Context, key poolKey, pc *poolConn, r Dial
 		d.removeLocked(key, pc)
 		d.mu.Unlock()
 	}
-	pc.c = c
+	pc.c, pc.notAfter = c, notAfter
 	c.start(&d.wg)
 	close(pc.ready)
 }
@@ -266,14 +274,15 @@ func (d *Dialer) removeLocked(key poolKey, pc *poolConn) {
 }
 
 // connect makes a new HBONE connection: TCP, TLS 1.3 with the source's
-// SVID, the HTTP/2 preface.
-func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
+// SVID, the HTTP/2 preface. notAfter is when the first of the two
+// certificates expires.
+func (d *Dialer) connect(ctx context.Context, r DialRequest) (_ *conn, notAfter time.Time, err error) {
 	if d.Certs == nil {
-		return nil, errors.New("no CertSource")
+		return nil, time.Time{}, errors.New("no CertSource")
 	}
 	svid, err := currentSVID(ctx, d.Certs, r.Source)
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	dial := d.DialContext
 	if dial == nil {
@@ -282,18 +291,18 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
 	}
 	nc, err := dial(ctx, "tcp", r.Addr.String())
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	out := &batchConn{Conn: nc}
 	tc := tls.Client(out, clientTLSConfig(svid, d.Certs, r.Peers))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()
-		return nil, fmt.Errorf("tls handshake: %w", err)
+		return nil, time.Time{}, fmt.Errorf("tls handshake: %w", err)
 	}
 	peer, err := peerID(tc.ConnectionState())
 	if err != nil {
 		nc.Close()
-		return nil, fmt.Errorf("tls handshake: %w", err)
+		return nil, time.Time{}, fmt.Errorf("tls handshake: %w", err)
 	}
 	c := newConn(tc, out, false, d.logger())
 	c.peer, c.local = peer, r.Source
@@ -309,10 +318,14 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (*conn, error) {
 	})
 	if err != nil {
 		nc.Close()
-		return nil, err
+		return nil, time.Time{}, err
 	}
 	d.logger().Debug("hbone: connected", "addr", r.Addr, "src", r.Source, "peer", peer)
-	return c, nil
+	notAfter = svid.Certificates[0].NotAfter
+	if pc := tc.ConnectionState().PeerCertificates; len(pc) > 0 && pc[0].NotAfter.Before(notAfter) {
+		notAfter = pc[0].NotAfter
+	}
+	return c, notAfter, nil
 }
 
 // tryReserve reserves a stream slot if the conn has room.
