@@ -23,8 +23,14 @@ import (
 // http2.Framer; streams, flow control and settings are handled here.
 //
 // Goroutines: one read loop per conn; stream users (Read, Write, Close) write
-// their own frames under wmu. The read loop writes only small control frames
-// (SETTINGS and PING acks, RST_STREAM, refusals).
+// their own frames under wmu. The read loop never waits for wmu: a writer
+// blocked in write(2) by a peer that does not read holds it, and the read
+// loop must go on reading (the peer's frames reach their streams, its PINGs
+// and SETTINGS are answered once the write goes through). It queues the
+// control frames it answers with (SETTINGS and PING acks, RST_STREAM,
+// refusals, WINDOW_UPDATE) in ctl: whoever holds wmu writes them before
+// releasing it, and a short-lived flusher goroutine takes wmu to write them
+// when nobody does.
 type conn struct {
 	nc     net.Conn // the TLS connection
 	raw    net.Conn // the TCP connection under nc: closing it never blocks
@@ -51,6 +57,16 @@ type conn struct {
 	out *batchConn
 	// writers counts goroutines waiting for wmu: the last one flushes.
 	writers atomic.Int32
+	// wg tracks the read loop and the control-frame flushers (set by start).
+	wg *sync.WaitGroup
+
+	// ctlMu guards ctl, ctlSpare and ctlFlusher; ctlLen is len(ctl), read
+	// without ctlMu by unlockWrite. Never held while writing.
+	ctlMu      sync.Mutex
+	ctl        []ctlFrame // queued by the read loop, written under wmu
+	ctlSpare   []ctlFrame // the other buffer of ctl
+	ctlFlusher bool       // a flusher goroutine runs: set while ctl is not empty
+	ctlLen     atomic.Int32
 
 	// wmu guards the writing side of fr, henc and hbuf, and (client side)
 	// the order of stream IDs on the wire. Take it with lockWrite and
@@ -189,16 +205,131 @@ func (c *conn) lockWrite() {
 	c.out.hold()
 }
 
-// unlockWrite sends the batch, unless another writer is waiting for wmu
-// (it will send its frames and these together), and releases wmu. The
-// error is the socket's.
+// unlockWrite writes the queued control frames, sends the batch, unless
+// another writer is waiting for wmu (it will send its frames and these
+// together), and releases wmu. The error is the socket's.
 func (c *conn) unlockWrite() error {
 	var err error
+	if c.ctlLen.Load() > 0 {
+		err = c.writeCtlLocked()
+	}
 	if c.writers.Load() == 0 {
-		err = c.out.flush()
+		if ferr := c.out.flush(); err == nil {
+			err = ferr
+		}
 	}
 	c.wmu.Unlock()
 	return err
+}
+
+// ctlFrame is a control frame the read loop queued (see conn).
+type ctlFrame struct {
+	kind ctlKind
+	id   uint32
+	val  uint32 // RST_STREAM: the error code; WINDOW_UPDATE: the increment; table size
+	data [8]byte
+}
+
+type ctlKind uint8
+
+const (
+	ctlRST          ctlKind = iota // RST_STREAM id val
+	ctlWindowUpdate                // WINDOW_UPDATE id val
+	ctlPingAck                     // PING ack with data
+	ctlSettingsAck                 // SETTINGS ack
+	ctlTableSize                   // not a frame: the encoder's dynamic table limit, applied before the ack that follows
+)
+
+// maxQueuedCtl bounds the control frames queued while wmu is held: a peer
+// that makes us answer more without reading is flooding us (x/net's
+// server has the same bound).
+const maxQueuedCtl = 10000
+
+// queueCtl queues f for the holder of wmu or a flusher goroutine to write.
+// It never blocks on writes. The error (a flood) is the connection's.
+func (c *conn) queueCtl(f ctlFrame) error {
+	c.ctlMu.Lock()
+	if len(c.ctl) >= maxQueuedCtl {
+		c.ctlMu.Unlock()
+		return http2.ConnectionError(http2.ErrCodeEnhanceYourCalm)
+	}
+	c.ctl = append(c.ctl, f)
+	c.ctlLen.Store(int32(len(c.ctl)))
+	start := !c.ctlFlusher
+	c.ctlFlusher = true
+	c.ctlMu.Unlock()
+	if start {
+		c.wg.Add(1) // the read loop's own count is held: Close waits for this too
+		go c.flushCtl()
+	}
+	return nil
+}
+
+// flushCtl takes wmu to write the queued control frames, until the queue
+// is found empty.
+func (c *conn) flushCtl() {
+	defer c.wg.Done()
+	for {
+		c.lockWrite()
+		if err := c.unlockWrite(); err != nil {
+			c.close(fmt.Errorf("hbone: write: %w", err))
+		}
+		c.ctlMu.Lock()
+		if len(c.ctl) == 0 {
+			c.ctlFlusher = false
+			c.ctlMu.Unlock()
+			return
+		}
+		c.ctlMu.Unlock()
+	}
+}
+
+// writeCtlLocked writes the queued control frames into the batch; after an
+// error the rest are dropped (the conn is dead). c.wmu must be held.
+func (c *conn) writeCtlLocked() error {
+	c.ctlMu.Lock()
+	q := c.ctl
+	c.ctl, c.ctlSpare = c.ctlSpare, nil
+	c.ctlLen.Store(0)
+	c.ctlMu.Unlock()
+	var err error
+	for _, f := range q {
+		if err != nil {
+			break
+		}
+		switch f.kind {
+		case ctlRST:
+			err = c.fr.WriteRSTStream(f.id, http2.ErrCode(f.val))
+		case ctlWindowUpdate:
+			err = c.fr.WriteWindowUpdate(f.id, f.val)
+		case ctlPingAck:
+			err = c.fr.WritePing(true, f.data)
+		case ctlSettingsAck:
+			err = c.fr.WriteSettingsAck()
+		case ctlTableSize:
+			c.henc.SetMaxDynamicTableSizeLimit(f.val)
+		}
+	}
+	c.ctlMu.Lock()
+	if c.ctlSpare == nil {
+		c.ctlSpare = q[:0]
+	}
+	c.ctlMu.Unlock()
+	return err
+}
+
+// queueRST queues RST_STREAM (read loop).
+func (c *conn) queueRST(id uint32, code http2.ErrCode) error {
+	return c.queueCtl(ctlFrame{kind: ctlRST, id: id, val: uint32(code)})
+}
+
+// queueConnUpdate queues a connection WINDOW_UPDATE of inc, if inc > 0
+// (read loop).
+func (c *conn) queueConnUpdate(inc uint32) error {
+	if inc == 0 {
+		return nil
+	}
+	return c.queueCtl(ctlFrame{kind: ctlWindowUpdate, val: inc})
 }
 
 // start runs the read loop (wg tracks it) and arms the idle timer.
@@ -211,6 +342,7 @@ func (c *conn) start(wg *sync.WaitGroup) {
 		c.pingTimer = time.AfterFunc(c.keepAlive, c.onKeepAlive)
 	}
 	c.mu.Unlock()
+	c.wg = wg
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -466,7 +598,9 @@ func (c *conn) readFrames() error {
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
-				c.resetStream(se.StreamID, se.Code, se)
+				if err := c.resetStream(se.StreamID, se.Code, se); err != nil {
+					return err
+				}
 				continue
 			}
 			return err
@@ -502,13 +636,12 @@ func (c *conn) readFrames() error {
 			if f.ErrCode == http2.ErrCodeRefusedStream {
 				rerr = errRefusedStream
 			}
-			c.resetStream(f.StreamID, 0, rerr)
+			err = c.resetStream(f.StreamID, 0, rerr)
 		case *http2.SettingsFrame:
 			err = c.onSettings(f)
 		case *http2.PingFrame:
 			if !f.IsAck() {
-				data := f.Data
-				err = c.writeFrame(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+				err = c.queueCtl(ctlFrame{kind: ctlPingAck, data: f.Data})
 			}
 		case *http2.GoAwayFrame:
 			c.mu.Lock()
@@ -533,7 +666,9 @@ func (c *conn) readFrames() error {
 		if err != nil {
 			var se http2.StreamError
 			if errors.As(err, &se) {
-				c.resetStream(se.StreamID, se.Code, se)
+				if err := c.resetStream(se.StreamID, se.Code, se); err != nil {
+					return err
+				}
 				continue
 			}
 			return err
@@ -614,7 +749,9 @@ func (c *conn) readDataDirect(fh http2.FrameHeader) (bool, error) {
 		}
 		s.rcond.Broadcast()
 		c.mu.Unlock()
-		c.sendWindowUpdates(0, 0, connInc)
+		if err := c.queueConnUpdate(connInc); err != nil {
+			return true, err
+		}
 	}
 	return true, nil
 }
@@ -646,12 +783,8 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 		case http2.SettingMaxConcurrentStreams:
 			c.peerMaxStreams = int(min(s.Val, math.MaxInt32))
 		case http2.SettingHeaderTableSize:
-			v := min(s.Val, 4096)
-			c.mu.Unlock()
-			c.lockWrite()
-			c.henc.SetMaxDynamicTableSizeLimit(v)
-			c.unlockWrite() // a flush error comes back to the next writer
-			c.mu.Lock()
+			// Applied by the writer of the ack, before the ack.
+			return c.queueCtl(ctlFrame{kind: ctlTableSize, val: min(s.Val, 4096)})
 		}
 		return nil
 	})
@@ -659,7 +792,7 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 	if err != nil {
 		return err
 	}
-	return c.writeFrame(func(fr *http2.Framer) error { return fr.WriteSettingsAck() })
+	return c.queueCtl(ctlFrame{kind: ctlSettingsAck})
 }
 
 func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
@@ -684,7 +817,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 	c.wcond.Broadcast()
 	c.mu.Unlock()
 	if overflow {
-		c.writeRST(f.StreamID, http2.ErrCodeFlowControl)
+		return c.queueRST(f.StreamID, http2.ErrCodeFlowControl)
 	}
 	return nil
 }
@@ -719,9 +852,10 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		if idle {
 			return http2.ConnectionError(http2.ErrCodeProtocol)
 		}
-		c.writeRST(f.StreamID, code)
-		c.sendWindowUpdates(0, 0, upd)
-		return nil
+		if err := c.queueRST(f.StreamID, code); err != nil {
+			return err
+		}
+		return c.queueConnUpdate(upd)
 	}
 	s.inflow -= n
 	if pad := n - int64(len(data)); pad > 0 { // padding is consumed at once
@@ -792,10 +926,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		if err != nil || status < 100 || status > 999 {
 			s.failLocked(http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol})
 			c.removeLocked(s)
-			c.mu.Unlock()
-			c.writeRST(id, http2.ErrCodeProtocol)
-			c.mu.Lock() // for the deferred Unlock
-			return nil
+			return c.queueRST(id, http2.ErrCodeProtocol)
 		}
 		if status < 200 && !f.StreamEnded() {
 			return nil // interim response
@@ -826,8 +957,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	// client opening and resetting streams quickly cannot pile them up.
 	if c.goingAway || c.err != nil || len(c.streams) >= c.maxStreams || c.handlers >= 2*c.maxStreams {
 		c.mu.Unlock()
-		c.writeRST(id, http2.ErrCodeRefusedStream)
-		return nil
+		return c.queueRST(id, http2.ErrCodeRefusedStream)
 	}
 	s = c.newStreamLocked(id)
 	s.rclosed = f.StreamEnded()
@@ -864,8 +994,9 @@ func (c *conn) maybeDoneLocked(s *stream) {
 }
 
 // resetStream handles RST_STREAM from the peer (code 0: sendCode unused) or
-// a stream error found while reading (sendCode: the RST to send).
-func (c *conn) resetStream(id uint32, sendCode http2.ErrCode, err error) {
+// a stream error found while reading (sendCode: the RST to queue). The
+// error is the connection's.
+func (c *conn) resetStream(id uint32, sendCode http2.ErrCode, err error) error {
 	c.mu.Lock()
 	s := c.streams[id]
 	if s != nil {
@@ -874,8 +1005,9 @@ func (c *conn) resetStream(id uint32, sendCode http2.ErrCode, err error) {
 	}
 	c.mu.Unlock()
 	if sendCode != 0 {
-		c.writeRST(id, sendCode)
+		return c.queueRST(id, sendCode)
 	}
+	return nil
 }
 
 // creditConnLocked returns n consumed bytes to the connection window
