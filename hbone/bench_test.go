@@ -98,6 +98,50 @@ func BenchmarkTunnelThroughput(b *testing.B) {
 		}
 		run(b, s)
 	})
+	// 16 streams of one connection writing at once: they share its send
+	// window, and wait for it.
+	b.Run("hbone-x16", func(b *testing.B) {
+		const streams = 16
+		e := newEnv(b, func(c net.Conn) { sink(c); c.(*net.TCPConn).CloseWrite() }, nil)
+		d := e.dialer()
+		conns := make([]net.Conn, streams)
+		for i := range conns {
+			s, err := d.Dial(context.Background(), e.request())
+			if err != nil {
+				b.Fatal(err)
+			}
+			conns[i] = s
+		}
+		b.SetBytes(benchChunk)
+		b.ReportAllocs()
+		stop := measureCPU(b)
+		b.ResetTimer()
+		var wg sync.WaitGroup
+		for i, c := range conns {
+			n := b.N / streams
+			if i < b.N%streams {
+				n++
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for range n {
+					if _, err := c.Write(buf); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+				c.(closeWriter).CloseWrite()
+				io.Copy(io.Discard, c)
+			}()
+		}
+		wg.Wait()
+		b.StopTimer()
+		stop()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
 }
 
 func BenchmarkTunnelRoundTrip(b *testing.B) {
