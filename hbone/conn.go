@@ -78,7 +78,7 @@ type conn struct {
 
 	// mu guards the fields below and the mu-guarded fields of every stream.
 	mu             sync.Mutex
-	wcond          sync.Cond // writers waiting for send window; on mu
+	connBlocked    []*stream // streams whose writer waits for the connection's send window only
 	streams        map[uint32]*stream
 	nextID         uint32 // client: next stream ID to open
 	lastPeerID     uint32 // server: highest stream ID the client opened
@@ -137,7 +137,6 @@ func newConn(nc net.Conn, out *batchConn, server bool, log *slog.Logger) *conn {
 		peerMaxHeader:  math.MaxInt32,
 		done:           make(chan struct{}),
 	}
-	c.wcond.L = &c.mu
 	c.fr = http2.NewFramer(nc, nc)
 	c.fr.SetMaxReadFrameSize(maxFrameSize)
 	c.fr.SetReuseFrames()
@@ -430,7 +429,7 @@ func (c *conn) close(err error) {
 		for _, s := range c.streams {
 			s.failLocked(err)
 		}
-		c.wcond.Broadcast()
+		c.wakeConnBlockedLocked()
 		c.mu.Unlock()
 		// Not nc.Close: its close_notify could wait behind a blocked Write.
 		c.raw.Close()
@@ -774,8 +773,8 @@ func (c *conn) onSettings(f *http2.SettingsFrame) error {
 				if st.sendWindow > math.MaxInt32 {
 					return http2.ConnectionError(http2.ErrCodeFlowControl)
 				}
+				st.wcond.Broadcast()
 			}
-			c.wcond.Broadcast()
 		case http2.SettingMaxFrameSize:
 			c.peerMaxFrame = int(s.Val)
 		case http2.SettingMaxHeaderListSize:
@@ -804,6 +803,7 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 			c.mu.Unlock()
 			return http2.ConnectionError(http2.ErrCodeFlowControl)
 		}
+		c.wakeConnBlockedLocked()
 	} else if c.isIdleIDLocked(f.StreamID) { // RFC 9113 5.1, 6.9
 		c.mu.Unlock()
 		return http2.ConnectionError(http2.ErrCodeProtocol)
@@ -813,8 +813,8 @@ func (c *conn) onWindowUpdate(f *http2.WindowUpdateFrame) error {
 			s.failLocked(http2.StreamError{StreamID: s.id, Code: http2.ErrCodeFlowControl})
 			c.removeLocked(s)
 		}
+		s.wcond.Broadcast() // only its own writer
 	}
-	c.wcond.Broadcast()
 	c.mu.Unlock()
 	if overflow {
 		return c.queueRST(f.StreamID, http2.ErrCodeFlowControl)
@@ -872,6 +872,17 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	s.rcond.Broadcast()
 	c.mu.Unlock()
 	return nil
+}
+
+// wakeConnBlockedLocked wakes the writers waiting for the connection's
+// send window (and only them). c.mu must be held.
+func (c *conn) wakeConnBlockedLocked() {
+	for i, s := range c.connBlocked {
+		s.connBlocked = false
+		s.wcond.Broadcast()
+		c.connBlocked[i] = nil
+	}
+	c.connBlocked = c.connBlocked[:0]
 }
 
 // isIdleIDLocked reports whether stream id was never opened: above the
@@ -970,6 +981,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 func (c *conn) newStreamLocked(id uint32) *stream {
 	s := &stream{c: c, id: id, sendWindow: c.peerInitWindow, inflow: streamWindow}
 	s.rcond.L = &c.mu
+	s.wcond.L = &c.mu
 	c.streams[id] = s
 	c.busyLocked()
 	return s

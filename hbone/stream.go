@@ -45,7 +45,11 @@ type stream struct {
 	closed     bool    // Close called
 	err        error
 	rcond      sync.Cond // readers; on c.mu
-	rdl, wdl   deadline
+	wcond      sync.Cond // writers waiting for send window; on c.mu
+	// connBlocked: the writer waits for the connection's send window
+	// (s is in c.connBlocked).
+	connBlocked bool
+	rdl, wdl    deadline
 }
 
 // failLocked ends the stream with err: pending and future writes fail;
@@ -58,7 +62,7 @@ func (s *stream) failLocked(err error) {
 	s.err = err
 	s.closeRespLocked()
 	s.rcond.Broadcast()
-	s.c.wcond.Broadcast()
+	s.wcond.Broadcast()
 	if s.cancel != nil {
 		s.cancel()
 	}
@@ -141,7 +145,13 @@ func (st *Stream) Write(p []byte) (int, error) {
 			if s.sendWindow > 0 && c.sendWindow > 0 {
 				break
 			}
-			c.wcond.Wait()
+			if s.sendWindow > 0 && !s.connBlocked {
+				// Woken by the connection's WINDOW_UPDATE, not by every
+				// stream's.
+				s.connBlocked = true
+				c.connBlocked = append(c.connBlocked, s)
+			}
+			s.wcond.Wait()
 		}
 		n := min(int64(len(p)), s.sendWindow, c.sendWindow, int64(c.peerMaxFrame))
 		s.sendWindow -= n
@@ -170,7 +180,7 @@ func (st *Stream) CloseWrite() error {
 		return err
 	}
 	s.wclosed = true
-	c.wcond.Broadcast()
+	s.wcond.Broadcast()
 	c.mu.Unlock()
 	err := c.writeData(s.id, true, nil)
 	c.mu.Lock()
@@ -281,7 +291,7 @@ func (st *Stream) SetWriteDeadline(t time.Time) error {
 	s := st.s
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
-	s.wdl.set(&s.c.mu, t, s.c.wcond.Broadcast)
+	s.wdl.set(&s.c.mu, t, s.wcond.Broadcast)
 	return nil
 }
 
