@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -55,7 +56,18 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// An image of two programs, mapped to their directory.
+	imageDir := t.TempDir()
+	for name, script := range map[string]string{
+		"serve": "#!/bin/sh\necho \"started on $(hostname)\"\nexec sleep 1000\n",
+		"greet": "#!/bin/sh\necho \"hello from $(hostname)\"\n",
+	} {
+		if err := os.WriteFile(filepath.Join(imageDir, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	kl := &Kubelet{Client: cs, Node: topo.Nodes[0], WorkDir: t.TempDir(), Register: true, TLS: serverTLS,
+		Images: map[string]string{"example/tools:1": imageDir},
 		Logger: slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -99,10 +111,21 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 	if _, err := cs.CoreV1().Pods("shop").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(ctx, t, "web-0 ready", func() bool {
-		p, err := cs.CoreV1().Pods("shop").Get(ctx, "web-0", metav1.GetOptions{})
-		return err == nil && podReady(p) && len(p.Status.ContainerStatuses) == 1 && p.Status.ContainerStatuses[0].Ready
-	})
+	tools := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "tools-0", Namespace: "shop"},
+		Spec: corev1.PodSpec{NodeName: "node-1", AutomountServiceAccountToken: ptr(false), Containers: []corev1.Container{{
+			Name: "tools", Image: "example/tools:1", Command: []string{"/serve"},
+		}}},
+	}
+	if _, err := cs.CoreV1().Pods("shop").Create(ctx, tools, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"web-0", "tools-0"} {
+		waitFor(ctx, t, name+" ready", func() bool {
+			p, err := cs.CoreV1().Pods("shop").Get(ctx, name, metav1.GetOptions{})
+			return err == nil && podReady(p) && len(p.Status.ContainerStatuses) == 1 && p.Status.ContainerStatuses[0].Ready
+		})
+	}
 	podIP := kl.Pod("shop/web-0").IP.String()
 
 	kubectl := func(stdin string, args ...string) (string, error) {
@@ -149,6 +172,17 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 	if !regexp.MustCompile(`^/dev/pts/\d+\r?\n$`).MatchString(ttyOut.String()) {
 		t.Errorf("exec tty printed %q, want a /dev/pts/N", ttyOut.String())
 	}
+
+	// An image-run container: its process runs with the pod's host name,
+	// and exec finds the image's other program.
+	out, err = kubectl("", "exec", "tools-0", "--", "greet")
+	if err != nil || out != "hello from tools-0\n" {
+		t.Errorf("exec greet: %q, %v", out, err)
+	}
+	waitFor(ctx, t, "tools-0's log", func() bool {
+		out, err = kubectl("", "logs", "tools-0")
+		return err == nil && out == "started on tools-0\n"
+	})
 
 	// logs: the in-process workload's log.
 	out, err = kubectl("", "logs", "web-0")

@@ -59,6 +59,14 @@ type containerSpec struct {
 // command[1:] and args follow, $(VAR) expanded.
 func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c corev1.Container, dir string) (*containerSpec, error) {
 	bin := k.Images[c.Image]
+	if st, err := os.Stat(bin); err == nil && st.IsDir() {
+		// An image of several programs (ambit's, with /istiod-lite,
+		// /ztunnel and /waypoint): command[0] names one.
+		if len(c.Command) == 0 {
+			return nil, fmt.Errorf("image %s maps to the directory %s: the container needs a command", c.Image, bin)
+		}
+		bin = filepath.Join(bin, filepath.Base(c.Command[0]))
+	}
 	vols, err := k.volumes(ctx, pod, c, dir)
 	if err != nil {
 		return nil, err
@@ -114,7 +122,9 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 		vars[e.Name] = v
 		env = append(env, e.Name+"="+v)
 	}
-	env = append(env, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME="+dir)
+	// The image's directory first: its other programs (an echo image's
+	// client) are what exec'd commands name.
+	env = append(env, "PATH="+filepath.Dir(bin)+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME="+dir, "HOSTNAME="+pod.Name)
 	var args []string
 	if len(c.Command) > 1 {
 		args = append(args, c.Command[1:]...)

@@ -69,6 +69,10 @@ type Kubelet struct {
 
 	// Images maps container images to binaries on this machine; a
 	// container of such an image runs the binary (see the package doc).
+	// An image mapped to a directory runs the program there that the
+	// container's command[0] names (ambit's image: "/istiod-lite" runs
+	// <dir>/istiod-lite). Commands exec'd in the container find the
+	// image's other programs on PATH.
 	Images map[string]string
 	// Token mints a projected serviceAccountToken volume's token for pod
 	// (its service account, audience, bound to the pod). Required when an
