@@ -52,9 +52,11 @@ type Server struct {
 }
 
 // MaxRequestSize bounds a call's request to the certificate service (a CSR
-// and an identity): istiod-lite gives the service's calls this limit on the
-// wire (istiod-lite/gate), far below xDS's.
-const MaxRequestSize = maxCSRPEM + 4096
+// of at most certs.MaxCSRSize in PEM, an identity): istiod-lite gives the
+// service's calls this limit on the wire (istiod-lite/gate), a thousandth of
+// xDS's. It is also the server's per-stream receive window (the gate's
+// limits may not be smaller).
+const MaxRequestSize = 64 << 10
 
 // MethodPrefix prefixes the full method names of the certificate service.
 var MethodPrefix = "/" + capb.CertificateService_ServiceDesc.ServiceName + "/"

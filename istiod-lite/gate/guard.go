@@ -2,11 +2,13 @@ package gate
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"golang.org/x/net/http2"
@@ -16,7 +18,10 @@ import (
 
 // Limit gives the calls whose :path starts with Prefix (e.g.
 // "/ambit.ca.v1.CertificateService/") a request size limit: the DATA a
-// client sends on one such call, framing and padding included.
+// client sends on one such call, framing and padding included, until the
+// server ends the call. MaxBytes must be at least the server's per-stream
+// receive window: a client may send that much on a call before the server
+// refuses it, and that is not held against it.
 type Limit struct {
 	Prefix   string
 	MaxBytes int
@@ -93,9 +98,10 @@ func (r *recorder) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// take returns the bytes read since the last take.
+// take returns the bytes read since the last take; they stay valid until
+// the next read through r.
 func (r *recorder) take() []byte {
-	b := bytes.Clone(r.buf.Bytes())
+	b := r.buf.Bytes()
 	r.buf.Reset()
 	return b
 }
@@ -108,19 +114,29 @@ type openCall struct {
 // guardConn passes the client's HTTP/2 bytes to gRPC one whole frame at a
 // time, after parsing each with the same framer and header decoder gRPC
 // uses (so the dynamic header table stays in step and :path is known for
-// every stream). Reads happen on gRPC's one reader goroutine; the fields
-// below are used only there.
+// every stream). It also scans the frame headers gRPC writes, to forget the
+// calls the server has ended (answered, or refused before reading them).
+// Reads happen on gRPC's one reader goroutine and writes on its one writer
+// goroutine.
 type guardConn struct {
 	net.Conn
 	limits []Limit
 	stats  *Stats
 
+	// Used by the reader only.
 	rec     recorder
 	fr      *http2.Framer
 	preface bool // the client preface was passed on
 	pending []byte
 	err     error
-	open    map[uint32]openCall // limited calls whose request has not ended
+
+	// Used by the writer only.
+	whdr  [9]byte // the frame header being written
+	wn    int     // bytes of whdr seen
+	wskip int     // payload bytes of the current frame still to pass
+
+	mu   sync.Mutex          // guards open
+	open map[uint32]openCall // limited calls neither side has ended
 }
 
 func (g *guardConn) Read(p []byte) (int, error) {
@@ -156,6 +172,8 @@ func (g *guardConn) next() error {
 		return err
 	}
 	id := f.Header().StreamID
+	g.mu.Lock()
+	defer g.mu.Unlock()
 	switch f := f.(type) {
 	case *http2.MetaHeadersFrame:
 		if c, ok := g.open[id]; ok { // trailers
@@ -197,4 +215,32 @@ func (g *guardConn) next() error {
 		delete(g.open, id)
 	}
 	return nil
+}
+
+// Write scans the frame headers gRPC writes: a call the server ends (its
+// trailers, or a reset) is no longer limited; what its client still sends
+// gRPC discards.
+func (g *guardConn) Write(p []byte) (int, error) {
+	for b := p; len(b) > 0; {
+		if g.wskip > 0 {
+			k := min(g.wskip, len(b))
+			g.wskip, b = g.wskip-k, b[k:]
+			continue
+		}
+		k := copy(g.whdr[g.wn:], b)
+		g.wn, b = g.wn+k, b[k:]
+		if g.wn < len(g.whdr) {
+			break
+		}
+		g.wn = 0
+		h := g.whdr
+		g.wskip = int(h[0])<<16 | int(h[1])<<8 | int(h[2])
+		typ, flags, id := http2.FrameType(h[3]), http2.Flags(h[4]), binary.BigEndian.Uint32(h[5:])&(1<<31-1)
+		if typ == http2.FrameRSTStream || (typ == http2.FrameHeaders || typ == http2.FrameData) && flags.Has(http2.FlagDataEndStream) {
+			g.mu.Lock()
+			delete(g.open, id)
+			g.mu.Unlock()
+		}
+	}
+	return g.Conn.Write(p)
 }
