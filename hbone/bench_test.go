@@ -4,6 +4,9 @@ import (
 	"context"
 	"io"
 	"net"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -31,13 +34,20 @@ import (
 const benchChunk = 64 << 10
 
 // measureCPU starts measuring the process's CPU time (user + system, all
-// threads: client, tunnel and server are in this process); the function it
-// returns reports it per operation as cpu-ns/op, the cost that wall-clock
-// ns/op hides on a busy machine.
+// threads: client, tunnel and server are in this process) and its read and
+// write system calls; the function it returns reports them per operation as
+// cpu-ns/op (the cost that wall-clock ns/op hides on a busy machine),
+// reads/op and writes/op (read(2) and write(2) calls, from /proc/self/io:
+// they move little with the machine's load).
 func measureCPU(b *testing.B) (stop func()) {
 	start := cpuTime()
+	r0, w0 := syscallCounts()
 	return func() {
 		b.ReportMetric(float64(cpuTime()-start)/float64(b.N), "cpu-ns/op")
+		if r1, w1 := syscallCounts(); r1 > 0 {
+			b.ReportMetric(float64(r1-r0)/float64(b.N), "reads/op")
+			b.ReportMetric(float64(w1-w0)/float64(b.N), "writes/op")
+		}
 	}
 }
 
@@ -45,6 +55,26 @@ func cpuTime() time.Duration {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// syscallCounts returns the process's read and write system calls so far
+// (syscr and syscw of /proc/self/io); zero where there is no such file.
+func syscallCounts() (reads, writes int64) {
+	b, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return 0, 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ": ")
+		n, _ := strconv.ParseInt(v, 10, 64)
+		switch k {
+		case "syscr":
+			reads = n
+		case "syscw":
+			writes = n
+		}
+	}
+	return reads, writes
 }
 
 func sink(c net.Conn) { io.Copy(io.Discard, c) }
