@@ -25,7 +25,8 @@
 //                  (health probes, ztunnel's deliveries) is left alone.
 //   uplink_ingress node uplinks, ingress: connections from other nodes to
 //                  enrolled pods go to ztunnel's HBONE port (for port 15008)
-//                  or inbound port (any other port).
+//                  or inbound port (any other port); UDP to their port 15008
+//                  (HBONE over QUIC) goes to ztunnel's UDP socket on 15008.
 //
 // Fail closed: when an enrolled pod's new connection finds no ztunnel
 // listener, the SYN is turned into a RST sent back where it came from (the
@@ -54,6 +55,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -455,12 +457,52 @@ int pod_egress(struct __sk_buff *skb) {
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
+// udp_to_hbone hands a UDP datagram from another node to <enrolled pod
+// IP>:15008 (HBONE over HTTP/3) to ztunnel's UDP socket on that port (bound
+// with IP_TRANSPARENT; it reads the pod IP from the datagram's packet info),
+// as inbound does for TCP 15008. It returns 1 when it did, 0 when the
+// datagram is not UDP to port 15008 (a later fragment has no header: QUIC
+// never fragments), -1 when it is but ztunnel has no such socket: the
+// caller drops it (fail closed; the client falls back to HTTP/2).
+static __always_inline int udp_to_hbone(struct __sk_buff *skb) {
+	struct iphdr ip;
+	struct udphdr udp;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) || ip.protocol != IPPROTO_UDP)
+		return 0;
+	__u32 ihl = ip.ihl * 4;
+	if (ihl < sizeof(ip) || (ip.frag_off & bpf_htons(0x1fff)))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + ihl, &udp, sizeof(udp)) || udp.dest != bpf_htons(hbone_port))
+		return 0;
+	struct bpf_sock_tuple tuple = {};
+	tuple.ipv4.saddr = ip.saddr;
+	tuple.ipv4.daddr = ip.daddr;
+	tuple.ipv4.sport = udp.source;
+	tuple.ipv4.dport = udp.dest;
+	struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	long err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return -1;
+	skb->mark |= capture_mark;
+	return 1;
+}
+
 SEC("tcx/ingress")
 int uplink_ingress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
 	int r = parse(skb, &t);
 	if (r == P_HIDDEN && bpf_map_lookup_elem(&pods, &t.daddr))
 		return drop(); // uninspectable TCP to an enrolled pod
+	if (r == P_IP4 && !t.tcp && bpf_map_lookup_elem(&pods, &t.daddr)) {
+		int u = udp_to_hbone(skb); // HBONE over QUIC
+		if (u > 0)
+			return TCX_PASS;
+		if (u < 0)
+			return drop();
+	}
 	// Anything else that is not IPv4 TCP goes on: pod_egress filters what
 	// is routed to an enrolled pod.
 	if (r != P_IP4 || !t.tcp)
