@@ -19,6 +19,7 @@ type installFlags struct {
 	dryRun  bool
 	wait    bool
 	timeout time.Duration
+	set     []string // key=value settings (applySettings)
 }
 
 func newInstallCommand(g *globalFlags) *cobra.Command {
@@ -39,7 +40,10 @@ Running it again upgrades in place.`,
   ambitctl install --hub registry.example.com/mesh --tag 0.3.0
 
   # print what would be applied
-  ambitctl install --dry-run > ambit.yaml`,
+  ambitctl install --dry-run > ambit.yaml
+
+  # proxies take their identities from SPIRE agents (docs/spire.md)
+  ambitctl install --set identity=spire`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return runInstall(cmd.Context(), cmd.OutOrStdout(), g, f)
@@ -51,12 +55,16 @@ Running it again upgrades in place.`,
 	fl.BoolVar(&f.dryRun, "dry-run", false, "print the YAML that would be applied and change nothing")
 	fl.BoolVar(&f.wait, "wait", true, "wait for the control plane and node proxies to be ready")
 	fl.DurationVar(&f.timeout, "timeout", 5*time.Minute, "how long to wait for CRDs and readiness")
+	fl.StringArrayVar(&f.set, "set", nil, "installation setting key=value; identity=ca (default: istiod-lite signs proxies' certificates) or identity=spire (SPIRE agents do: manifests/components/spire)")
 	return cmd
 }
 
 func runInstall(ctx context.Context, out io.Writer, g *globalFlags, f *installFlags) error {
 	objs, err := render(f.images)
 	if err != nil {
+		return err
+	}
+	if err := applySettings(objs, f.set); err != nil {
 		return err
 	}
 	if f.dryRun {

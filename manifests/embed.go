@@ -11,9 +11,10 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// FS holds kustomization.yaml and the resources it lists.
+// FS holds kustomization.yaml, the resources it lists, and the kustomize
+// components of components/ (e.g. spire: SPIRE as the identity provider).
 //
-//go:embed kustomization.yaml *.yaml crds/*.yaml
+//go:embed kustomization.yaml *.yaml crds/*.yaml components/*/*.yaml
 var FS embed.FS
 
 // Kustomization is the part of kustomization.yaml that ambitctl implements:
