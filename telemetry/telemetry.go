@@ -131,6 +131,9 @@ type Conn struct {
 	Route               string         // e.g. passthrough, direct, hbone, waypoint
 	Upstream            netip.AddrPort // the address connected to
 	MTLS                bool           // connection_security_policy mutual_tls
+	// Transport is the HBONE transport of a tunnelled connection: "h2"
+	// (HTTP/2 over TLS over TCP) or "h3" (HTTP/3 over QUIC); empty otherwise.
+	Transport string
 	// Cancel, if set, ends the connection: for whoever ends connections
 	// found in the table (a drain, a workload leaving the node).
 	Cancel context.CancelFunc

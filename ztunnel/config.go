@@ -50,6 +50,18 @@ type Config struct {
 	// so that capture rules can leave the proxy's own traffic alone.
 	Mark uint32
 
+	// QUIC enables HBONE over HTTP/3 (package hbone/h3): the proxy also
+	// serves it on the HBONE listener's address over UDP, and tunnels over
+	// it to destinations that advertise it (model.Workload.QUIC), falling
+	// back to HTTP/2 when a QUIC dial fails (quic.go). Off by default.
+	QUIC bool
+	// QUICDialTimeout bounds a QUIC dial before the fallback to HTTP/2
+	// (DefaultQUICDialTimeout if zero).
+	QUICDialTimeout time.Duration
+	// QUICRetryAfter is how long an address whose QUIC dial failed is
+	// reached over HTTP/2 only (DefaultQUICRetryAfter if zero).
+	QUICRetryAfter time.Duration
+
 	// HBONEDialAddr maps the HBONE address a route asks for (<pod IP>:15008
 	// or a waypoint's) to the address actually dialled. Nil dials it as is,
 	// which is right wherever eBPF steers <pod IP>:15008 to the node's proxy.

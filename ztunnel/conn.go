@@ -68,6 +68,7 @@ func peer(w *model.Workload, p telemetry.Peer) telemetry.Peer {
 // to the Istio counters as they move.
 func (p *Proxy) relay(ctx context.Context, c *conn, client, upstream net.Conn) error {
 	c.fill()
+	c.Transport = transportOf(client, upstream)
 	p.conns.Establish(&c.Conn)
 	_, _, err := p.cfg.joiner().Join(ctx, client, upstream, c.Count)
 	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {

@@ -20,6 +20,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/authz"
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/hbone/h3"
 	"github.com/ambit-mesh/ambit/model"
 	"github.com/ambit-mesh/ambit/telemetry"
 )
@@ -42,11 +43,15 @@ type Proxy struct {
 	log    *slog.Logger
 	m      *metrics
 	az     authz.Evaluator
-	dialer *hbone.Dialer // nil without Certs
+	dialer tunnelDialer  // nil without Certs; *hbone.Dialer, or quicDialer (Config.QUIC)
 	hbone  *hbone.Server // nil without Certs or HBONEAddr
 	http   []*http.Server
 	// listeners are opened by New and never reassigned.
 	listeners map[string]net.Listener
+
+	// HBONE over HTTP/3 on the HBONE address's UDP port (Config.QUIC; quic.go).
+	quic     *h3.Server     // nil without Certs, HBONEAddr or QUIC
+	quicConn net.PacketConn // its socket
 
 	// connCtx is the parent of every connection's context; forceClose ends
 	// them all (at the end of a drain).
@@ -132,7 +137,10 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 		}
 	}
 	if cfg.Certs != nil {
-		p.dialer = &hbone.Dialer{Certs: cfg.Certs, Logger: log, DialContext: p.dialTCP}
+		p.dialer, err = p.setupQUIC(ctx, &hbone.Dialer{Certs: cfg.Certs, Logger: log, DialContext: p.dialTCP})
+		if err != nil {
+			return nil, err
+		}
 		if _, ok := p.listeners[ListenerHBONE]; ok {
 			p.hbone = &hbone.Server{
 				Certs:         cfg.Certs,
@@ -274,6 +282,7 @@ func (p *Proxy) startListeners() {
 			}
 		}()
 	}
+	p.serveQUIC()
 	for name, h := range map[string]http.Handler{
 		ListenerAdmin:   p.adminHandler(),
 		ListenerMetrics: p.metricsHandler(),
@@ -351,6 +360,9 @@ func (p *Proxy) shutdown(ctx context.Context) {
 			// Stop accepting tunnels (GOAWAY) and wait for streams.
 			_ = p.hbone.Shutdown(drainCtx)
 		}
+		if p.serving.Load() {
+			p.shutdownQUIC(drainCtx)
+		}
 		p.waitIdle(drainCtx)
 		cancel()
 		if n := p.connCount(); n > 0 {
@@ -360,6 +372,7 @@ func (p *Proxy) shutdown(ctx context.Context) {
 		if p.hbone != nil {
 			p.hbone.Close()
 		}
+		p.closeQUIC()
 		for _, srv := range p.http {
 			srv.Close()
 		}
