@@ -107,6 +107,11 @@ type Config struct {
 	// namesake object (which the deployer does not watch) is reconciled
 	// again (default DefaultConflictRecheck).
 	ConflictRecheck time.Duration
+	// SPIRESocketDir, when set, makes waypoints take their SVID from the
+	// node's SPIRE agent (waypoint --identity=spire): this host directory,
+	// holding the agent's Workload API socket agent.sock, is mounted
+	// read-only at the same path.
+	SPIRESocketDir string
 	// Workers reconcile Gateways in parallel (default 2; one Gateway is
 	// never reconciled by two at once).
 	Workers int

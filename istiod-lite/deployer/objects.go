@@ -146,6 +146,11 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 		fieldEnv("INSTANCE_IP", "status.podIP"),
 		fieldEnv("SERVICE_ACCOUNT", "spec.serviceAccountName"),
 	}
+	if c.SPIRESocketDir != "" {
+		env = append(env,
+			corev1ac.EnvVar().WithName("IDENTITY").WithValue("spire"),
+			corev1ac.EnvVar().WithName("SPIRE_SOCKET").WithValue(c.SPIRESocketDir+"/agent.sock"))
+	}
 
 	container := corev1ac.Container().
 		WithName(proxyContainer).
@@ -182,6 +187,9 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 			corev1ac.VolumeMount().WithName("tmp").WithMountPath("/tmp"),
 		)
 
+	if c.SPIRESocketDir != "" {
+		container.WithVolumeMounts(corev1ac.VolumeMount().WithName("spire-agent-socket").WithMountPath(c.SPIRESocketDir).WithReadOnly(true))
+	}
 	pod := corev1ac.PodSpec().
 		WithServiceAccountName(o.gw.Name).
 		WithAutomountServiceAccountToken(false).
@@ -206,6 +214,10 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 			corev1ac.Volume().WithName("tmp").WithEmptyDir(corev1ac.EmptyDirVolumeSource()),
 		)
 
+	if c.SPIRESocketDir != "" {
+		pod.WithVolumes(corev1ac.Volume().WithName("spire-agent-socket").WithHostPath(
+			corev1ac.HostPathVolumeSource().WithPath(c.SPIRESocketDir).WithType(corev1.HostPathDirectory)))
+	}
 	d := appsv1ac.Deployment(o.gw.Name, o.gw.Namespace).
 		WithLabels(o.labels()).
 		WithOwnerReferences(o.owner()).

@@ -42,6 +42,8 @@ func newControllers(cfg *Config, cs kubernetes.Interface, gw gwclient.Interface,
 		RootConfigMap: ca.DefaultBundleConfigMap,
 		TrustDomain:   cfg.TrustDomain,
 		ClusterDomain: cfg.DomainSuffix,
+		// SPIRE signs for proxies: waypoints read the node agent's socket.
+		SPIRESocketDir: spireSocketDir(cfg.ProxyIdentity),
 		// Counted from the published model (Requeue on change, below).
 		AttachedRoutes: routes.count,
 		Logger:         log,
@@ -200,4 +202,13 @@ func countAttached(s *model.Snapshot) map[key]int32 {
 		}
 	}
 	return counts
+}
+
+// spireSocketDir is where waypoints find the SPIRE agent's Workload API
+// socket when SPIRE signs for proxies (docs/spire.md), else "".
+func spireSocketDir(proxyIdentity string) string {
+	if proxyIdentity == "spire" {
+		return "/run/spire/sockets"
+	}
+	return ""
 }
