@@ -158,7 +158,7 @@ func StartServer(ctx context.Context, o ServerOptions) (*Server, error) {
 	s := &Server{opts: o, port: port, sock: filepath.Join(o.Dir, "server.sock")}
 	conf := fmt.Sprintf(`server {
   bind_address = "127.0.0.1"
-  bind_port = "%d"
+  bind_port = %d
   socket_path = %q
   trust_domain = %q
   data_dir = %q
@@ -340,7 +340,7 @@ func StartAgent(ctx context.Context, o AgentOptions) (*Agent, error) {
   data_dir = %q
   log_level = "DEBUG"
   server_address = "127.0.0.1"
-  server_port = "%d"
+  server_port = %d
   socket_path = %q
   admin_socket_path = %q
   trust_domain = %q
