@@ -59,15 +59,16 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 	// An image of two programs, mapped to their directory.
 	imageDir := t.TempDir()
 	for name, script := range map[string]string{
-		"serve": "#!/bin/sh\necho \"started on $(hostname)\"\nexec sleep 1000\n",
-		"greet": "#!/bin/sh\necho \"hello from $(hostname)\"\n",
+		"serve":    "#!/bin/sh\necho \"started on $(hostname)\"\ncat \"${1#--crt=}\"\nexec sleep 1000\n",
+		"cert.crt": "CERT\n",
+		"greet":    "#!/bin/sh\necho \"hello from $(hostname)\"\n",
 	} {
 		if err := os.WriteFile(filepath.Join(imageDir, name), []byte(script), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
 	kl := &Kubelet{Client: cs, Node: topo.Nodes[0], WorkDir: t.TempDir(), Register: true, TLS: serverTLS,
-		Images: map[string]string{"example/tools:1": imageDir},
+		Images: map[string]string{"example/tools:1": imageDir}, Entrypoints: map[string]string{"example/tools:1": "serve"},
 		Logger: slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	runCtx, stop := context.WithCancel(ctx)
 	done := make(chan error, 1)
@@ -114,7 +115,7 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 	tools := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "tools-0", Namespace: "shop"},
 		Spec: corev1.PodSpec{NodeName: "node-1", AutomountServiceAccountToken: ptr(false), Containers: []corev1.Container{{
-			Name: "tools", Image: "example/tools:1", Command: []string{"/serve"},
+			Name: "tools", Image: "example/tools:1", Args: []string{"--crt=/cert.crt"},
 		}}},
 	}
 	if _, err := cs.CoreV1().Pods("shop").Create(ctx, tools, metav1.CreateOptions{}); err != nil {
@@ -173,15 +174,16 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 		t.Errorf("exec tty printed %q, want a /dev/pts/N", ttyOut.String())
 	}
 
-	// An image-run container: its process runs with the pod's host name,
-	// and exec finds the image's other program.
+	// An image-run container (its entrypoint, its file /cert.crt): its
+	// process runs with the pod's host name, and exec finds the image's
+	// other program.
 	out, err = kubectl("", "exec", "tools-0", "--", "greet")
 	if err != nil || out != "hello from tools-0\n" {
 		t.Errorf("exec greet: %q, %v", out, err)
 	}
 	waitFor(ctx, t, "tools-0's log", func() bool {
 		out, err = kubectl("", "logs", "tools-0")
-		return err == nil && out == "started on tools-0\n"
+		return err == nil && out == "started on tools-0\nCERT\n"
 	})
 
 	// logs: the in-process workload's log.

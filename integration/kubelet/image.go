@@ -59,13 +59,20 @@ type containerSpec struct {
 // command[1:] and args follow, $(VAR) expanded.
 func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c corev1.Container, dir string) (*containerSpec, error) {
 	bin := k.Images[c.Image]
+	root := "" // the image's files, when it maps to a directory
 	if st, err := os.Stat(bin); err == nil && st.IsDir() {
 		// An image of several programs (ambit's, with /istiod-lite,
-		// /ztunnel and /waypoint): command[0] names one.
-		if len(c.Command) == 0 {
-			return nil, fmt.Errorf("image %s maps to the directory %s: the container needs a command", c.Image, bin)
+		// /ztunnel and /waypoint): command[0] names one, else the
+		// image's entrypoint.
+		root = bin
+		switch {
+		case len(c.Command) > 0:
+			bin = filepath.Join(root, filepath.Base(c.Command[0]))
+		case k.Entrypoints[c.Image] != "":
+			bin = filepath.Join(root, k.Entrypoints[c.Image])
+		default:
+			return nil, fmt.Errorf("image %s maps to the directory %s: the container needs a command (or Kubelet.Entrypoints)", c.Image, root)
 		}
-		bin = filepath.Join(bin, filepath.Base(c.Command[0]))
 	}
 	vols, err := k.volumes(ctx, pod, c, dir)
 	if err != nil {
@@ -88,6 +95,21 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 			}
 			if i := strings.Index(s, "="+m); i >= 0 && (len(s) == i+1+len(m) || s[i+1+len(m)] == '/') {
 				return s[:i+1] + vols[m] + s[i+1+len(m):] // --flag=/path
+			}
+		}
+		// A file of the image's own (/cert.crt, --key=/cert.key).
+		if root != "" {
+			flag, path, ok := strings.Cut(s, "=")
+			if !ok {
+				flag, path = "", s
+			}
+			if strings.HasPrefix(path, "/") && path != "/" {
+				if _, err := os.Stat(filepath.Join(root, path)); err == nil {
+					if ok {
+						return flag + "=" + filepath.Join(root, path)
+					}
+					return filepath.Join(root, path)
+				}
 			}
 		}
 		return s

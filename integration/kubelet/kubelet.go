@@ -72,8 +72,14 @@ type Kubelet struct {
 	// An image mapped to a directory runs the program there that the
 	// container's command[0] names (ambit's image: "/istiod-lite" runs
 	// <dir>/istiod-lite). Commands exec'd in the container find the
-	// image's other programs on PATH.
+	// image's other programs on PATH, and arguments and env values that
+	// name a file of the image (/cert.crt, --key=/cert.key) name it in
+	// that directory.
 	Images map[string]string
+	// Entrypoints are the programs (relative to their directory in Images)
+	// that images mapped to a directory run when a container names no
+	// command: the images' ENTRYPOINTs.
+	Entrypoints map[string]string
 	// Token mints a projected serviceAccountToken volume's token for pod
 	// (its service account, audience, bound to the pod). Required when an
 	// image-run pod mounts one.
