@@ -740,8 +740,9 @@ spec:
 // creates its pod on node (standing in for the ReplicaSet controller and the
 // scheduler: there is no controller-manager in this harness), waits until
 // the kubelet stand-in runs it ready, and routes the waypoint Service's
-// cluster IP to it. It returns that cluster IP.
-func (e *env) runWaypoint(t *testing.T, gw, node string) netip.Addr {
+// cluster IP to it. It returns that cluster IP. mutate, if any, changes the
+// pod before it is created.
+func (e *env) runWaypoint(t *testing.T, gw, node string, mutate ...func(*corev1.Pod)) netip.Addr {
 	ctx := context.Background()
 	var tmpl corev1.PodTemplateSpec
 	if !eventually(30*time.Second, func() bool {
@@ -756,6 +757,9 @@ func (e *env) runWaypoint(t *testing.T, gw, node string) netip.Addr {
 	name := strings.TrimPrefix(waypointPod, shop+"/")
 	pod := &corev1.Pod{ObjectMeta: tmpl.ObjectMeta, Spec: tmpl.Spec}
 	pod.Name, pod.Namespace, pod.Spec.NodeName = name, shop, node
+	for _, m := range mutate {
+		m(pod)
+	}
 	if _, err := e.cs.CoreV1().Pods(shop).Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
