@@ -18,7 +18,20 @@
 //     whose service account is <gw> (Istio names a waypoint's service account
 //     after its Gateway) is the Waypoint <namespace>/<gw>; any other pod is a
 //     Workload.
-//   - HostAuthenticator (local mode) maps per-host secrets to callers.
+//   - HostAuthenticator (local mode) maps per-host secrets to callers;
+//     HostFile is one read from the host credentials file and reloaded when
+//     the file changes (rotation without a restart).
+//   - Cache wraps another Authenticator (istiod-lite wraps
+//     KubeAuthenticator in it): answers remembered by the token's SHA-256,
+//     an accepted token until its expiry or Cache.MaxAge, a refused one for
+//     Cache.NegativeAge, one check at a time per token, a bounded number of
+//     checks at once.
+//
+// istiod-lite authenticates each call once, in its 15012 gate
+// (istiod-lite/gate), before the call's stream exists, and passes the
+// caller on in the call's context (NewContext); AuthenticateIncoming takes
+// it from there. RefusalLog logs refusals a few lines and a count per
+// interval, whatever their number.
 //
 // Caller kinds and what the services let them do:
 //
@@ -45,4 +58,15 @@
 // must start with the keyword "waypoint". Secrets are at least
 // MinHostSecretLen bytes and distinct across all lines; a host or waypoint is
 // listed at most once.
+//
+// Secrets are static bearer credentials: whoever holds one is that host (or
+// waypoint) to istiod-lite until it is rotated. Keep the file readable by
+// istiod-lite only (0600) and each host's copy readable by its ztunnel only.
+// To rotate a host's secret, write the new one to the host's token file
+// (the ztunnel reads it at every call: credential.Bearer with File) and
+// replace the host's line in the credentials file (write a temporary file
+// and rename it over); istiod-lite reloads the file within
+// DefaultHostFileInterval, refuses the old secret from then on and accepts
+// the new one. Streams opened with the old secret continue until their
+// client reconnects.
 package auth

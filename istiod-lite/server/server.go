@@ -80,7 +80,8 @@ type Config struct {
 	// that hosts' ztunnels authenticate with, to the CA and to xDS (a host's
 	// xDS Node id must be its name), and of "waypoint <namespace>/<name>
 	// <secret>" lines for waypoints (format: package istiod-lite/auth);
-	// without it both refuse all. In cluster mode ztunnels and waypoints
+	// without it both refuse all. The file is reloaded when it changes
+	// (auth.HostFile): secrets rotate without a restart. In cluster mode ztunnels and waypoints
 	// authenticate with their pod-bound service-account token (audience
 	// auth.DefaultAudience) to both.
 	HostCredentials string
