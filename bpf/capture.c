@@ -19,10 +19,14 @@
 //   pod_egress     host side of an enrolled pod's veth, egress: what the node
 //                  forwards to the pod (from another pod of the node, or from
 //                  an interface without uplink_ingress) is sent back in to
-//                  pod_ingress for inbound capture, and so are connections the
-//                  node opens to the pod's port 15008 (ztunnel's tunnels to
-//                  its own pods). Other traffic the node itself originates
-//                  (health probes, ztunnel's deliveries) is left alone.
+//                  pod_ingress for inbound capture, and so is what the node
+//                  itself sends: host-network processes get inbound capture
+//                  like any other client, and connections to the pod's port
+//                  15008 are ztunnel's tunnels to its own pods. Only two
+//                  kinds of the node's own packets go to the pod as they are:
+//                  ztunnel's (its sockets carry bypass_mark: deliveries, and
+//                  the connections it accepted) and kubelet's health probes
+//                  (sockets of the cgroups in probe_cgroups, or below).
 //   uplink_ingress node uplinks, ingress: connections from other nodes to
 //                  enrolled pods go to ztunnel's HBONE port (for port 15008)
 //                  or inbound port (any other port); UDP to their port 15008
@@ -72,6 +76,7 @@ volatile const __u16 inbound_port = 15006;
 volatile const __u16 hbone_port = 15008;
 volatile const __u32 capture_mark = 0x100;
 volatile const __u32 loop_mark = 0x200; // pod_egress -> pod_ingress
+volatile const __u32 bypass_mark = 0x400; // ztunnel's own sockets (SO_MARK)
 
 // A captured pod, by IPv4 address (network byte order).
 struct pod {
@@ -85,6 +90,20 @@ struct {
 	__uint(max_entries, 4096);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pods SEC(".maps");
+
+// The cgroups (v2 ids) whose sockets may reach enrolled pods from the node
+// directly: kubelet's, for its health probes. A socket in a descendant of
+// one matches too.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, __u8);
+	__uint(max_entries, 16);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} probe_cgroups SEC(".maps");
+
+// At most this deep a cgroup (the root is level 0) is found in probe_cgroups.
+#define MAX_CGROUP_LEVEL 8
 
 enum stat {
 	STAT_OUTBOUND,   // new outbound connections given to ztunnel
@@ -348,6 +367,9 @@ static __always_inline int refuse(struct __sk_buff *skb, int routed) {
 	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
 	rtcp.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&rtcp, sizeof(rtcp), sum));
 
+	// The RST is the capture's own: pod_egress lets it through like
+	// ztunnel's packets.
+	skb->mark |= bypass_mark;
 	__u32 len = sizeof(reth) + sizeof(rip) + sizeof(rtcp);
 	if (bpf_skb_change_tail(skb, len, 0) ||
 	    bpf_skb_store_bytes(skb, 0, &reth, sizeof(reth), 0) ||
@@ -424,6 +446,20 @@ int pod_ingress(struct __sk_buff *skb) {
 	return refuse(skb, 0);
 }
 
+// is_probe reports whether the node's packet comes from a socket in one of
+// probe_cgroups (or below).
+static __always_inline int is_probe(struct __sk_buff *skb) {
+#pragma unroll
+	for (int level = 1; level <= MAX_CGROUP_LEVEL; level++) {
+		__u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+		if (!id)
+			return 0; // deeper than the socket's cgroup, or no socket
+		if (bpf_map_lookup_elem(&probe_cgroups, &id))
+			return 1;
+	}
+	return 0;
+}
+
 SEC("tcx/egress")
 int pod_egress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
@@ -433,17 +469,24 @@ int pod_egress(struct __sk_buff *skb) {
 	if (r == P_PASS || !t.tcp)
 		return TCX_NEXT;
 	// The node's own packets carry their socket or were not received on any
-	// interface. They go to the pod as they are (health probes, ztunnel's
-	// deliveries), except HBONE: ztunnel's tunnels to a pod of its own node
-	// go to its own HBONE listener like those from other nodes.
+	// interface. ztunnel's (bypass_mark: its deliveries, the connections it
+	// accepted) and kubelet's probes go to the pod as they are, except HBONE:
+	// ztunnel's tunnels to a pod of its own node go to its own HBONE
+	// listener like those from other nodes. Every other host process gets
+	// inbound capture, as a client on another node would: a host-network
+	// pod is no more trusted than any other.
 	if (skb->sk || skb->ingress_ifindex == 0) {
-		if (t.dport != bpf_htons(hbone_port))
+		if (t.dport == bpf_htons(hbone_port)) {
+			// A tunnel starts with a SYN and goes on with a socket of
+			// ztunnel's on the other end; what else goes to port 15008 is
+			// a reply to a pod that happens to use it as its client port.
+			if (!t.syn_only && !has_socket(skb, &t))
+				return TCX_NEXT;
+		} else if (bypass_mark && (skb->mark & bypass_mark) == bypass_mark) {
 			return TCX_NEXT;
-		// A tunnel starts with a SYN and goes on with a socket of ztunnel's
-		// on the other end; what else goes to port 15008 is a reply to a
-		// pod that happens to use it as its client port.
-		if (!t.syn_only && !has_socket(skb, &t))
+		} else if (is_probe(skb)) {
 			return TCX_NEXT;
+		}
 	}
 	// Send it back in through this veth, addressed to the node (the source
 	// MAC is this veth's own), where pod_ingress captures it.

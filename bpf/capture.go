@@ -46,6 +46,23 @@ type Options struct {
 	Mark       uint32
 	RouteTable int
 	LoopMark   uint32
+	// BypassMark is the socket mark (SO_MARK) of ztunnel's own sockets:
+	// the node's packets that carry it (ztunnel's deliveries and the
+	// connections it accepted) reach enrolled pods directly. Other packets
+	// the node sends to an enrolled pod go through inbound capture (15006;
+	// 15008 for port 15008), like a client's on another node, unless they
+	// are kubelet's probes (ProbeCgroups). ztunnel must mark its sockets
+	// with it (ztunnel.Config.Mark). Default 0x400.
+	BypassMark uint32
+	// ProbeCgroups are cgroup v2 directories (for example
+	// /sys/fs/cgroup/system.slice/kubelet.service) whose processes' TCP may
+	// reach enrolled pods from the node directly: kubelet's health probes,
+	// which Kubernetes sends from the node and PeerAuthentication STRICT
+	// would otherwise reset. A descendant cgroup matches too. A directory
+	// that does not exist is skipped (logged); a cgroup that is re-created
+	// (kubelet restarted by systemd) gets a new id, which
+	// RefreshProbeCgroups (called by SetupNode and Reconcile) picks up.
+	ProbeCgroups []string
 	// Logger receives structured logs. Nil discards them.
 	Logger *slog.Logger
 }
@@ -72,10 +89,16 @@ func (o *Options) setDefaults() {
 	if o.LoopMark == 0 {
 		o.LoopMark = 0x200
 	}
+	if o.BypassMark == 0 {
+		o.BypassMark = DefaultBypassMark
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
 }
+
+// DefaultBypassMark is Options.BypassMark's default.
+const DefaultBypassMark = 0x400
 
 // Pod is a pod to capture.
 type Pod struct {
@@ -157,6 +180,7 @@ func Load(opts Options) (*Capture, error) {
 		"hbone_port":    opts.HBONEPort,
 		"capture_mark":  opts.Mark,
 		"loop_mark":     opts.LoopMark,
+		"bypass_mark":   opts.BypassMark,
 	} {
 		if err := spec.Variables[name].Set(v); err != nil {
 			return nil, fmt.Errorf("load capture: set %s: %w", name, err)
@@ -279,8 +303,87 @@ func (c *Capture) SetupNode() error {
 			return fmt.Errorf("setup node: %w", err)
 		}
 	}
-	c.log.Info("node set up", "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable)
+	if err := c.refreshProbeCgroups(true); err != nil {
+		return fmt.Errorf("setup node: %w", err)
+	}
+	c.log.Info("node set up", "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable, "bypass_mark", o.BypassMark, "probe_cgroups", o.ProbeCgroups)
 	return nil
+}
+
+// BypassMark returns the socket mark that lets ztunnel's packets reach
+// enrolled pods directly (Options.BypassMark).
+func (c *Capture) BypassMark() uint32 { return c.opts.BypassMark }
+
+// RefreshProbeCgroups makes the probe_cgroups map hold the ids of
+// Options.ProbeCgroups as they are now: a cgroup re-created since (kubelet
+// restarted) has a new id. Call it now and then; SetupNode and Reconcile do.
+func (c *Capture) RefreshProbeCgroups() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.objs.ProbeCgroups == nil {
+		return ErrClosed
+	}
+	return c.refreshProbeCgroups(false)
+}
+
+// refreshProbeCgroups syncs the probe_cgroups map (c.mu held). Missing
+// directories are logged (at warning level when loud).
+func (c *Capture) refreshProbeCgroups(loud bool) error {
+	want := map[uint64]bool{}
+	for _, dir := range c.opts.ProbeCgroups {
+		id, err := cgroupID(dir)
+		if err != nil {
+			lvl := slog.LevelDebug
+			if loud {
+				lvl = slog.LevelWarn
+			}
+			c.log.Log(context.Background(), lvl, "probe cgroup not found: its probes to enrolled pods get inbound capture", "cgroup", dir, "err", err)
+			continue
+		}
+		want[id] = true
+	}
+	var (
+		k     uint64
+		v     uint8
+		stale []uint64
+	)
+	it := c.objs.ProbeCgroups.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	errs := []error{it.Err()}
+	for _, k := range stale {
+		if err := c.objs.ProbeCgroups.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for id := range want {
+		if err := c.objs.ProbeCgroups.Put(id, uint8(1)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("probe cgroups: %w", err)
+	}
+	return nil
+}
+
+// cgroupID returns the id of the cgroup v2 directory dir: its inode number.
+func cgroupID(dir string) (uint64, error) {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return 0, err
+	}
+	if st.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, fmt.Errorf("%s is not in a cgroup v2 file system", dir)
+	}
+	var s unix.Stat_t
+	if err := unix.Stat(dir, &s); err != nil {
+		return 0, err
+	}
+	return s.Ino, nil
 }
 
 // AddPod captures p: from its return on, every TCP connection the pod opens
@@ -489,6 +592,7 @@ func (c *Capture) Reconcile(ctx context.Context, desired []Pod) error {
 			errs = append(errs, fmt.Errorf("reconcile pod %s: %w", r.p.Name, err))
 		}
 	}
+	errs = append(errs, c.refreshProbeCgroups(false))
 	return errors.Join(errs...)
 }
 

@@ -69,14 +69,16 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	Pods  *ebpf.MapSpec `ebpf:"pods"`
-	Stats *ebpf.MapSpec `ebpf:"stats"`
+	Pods         *ebpf.MapSpec `ebpf:"pods"`
+	ProbeCgroups *ebpf.MapSpec `ebpf:"probe_cgroups"`
+	Stats        *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureVariableSpecs struct {
+	BypassMark   *ebpf.VariableSpec `ebpf:"bypass_mark"`
 	CaptureMark  *ebpf.VariableSpec `ebpf:"capture_mark"`
 	HbonePort    *ebpf.VariableSpec `ebpf:"hbone_port"`
 	InboundPort  *ebpf.VariableSpec `ebpf:"inbound_port"`
@@ -104,13 +106,15 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	Pods  *ebpf.Map `ebpf:"pods"`
-	Stats *ebpf.Map `ebpf:"stats"`
+	Pods         *ebpf.Map `ebpf:"pods"`
+	ProbeCgroups *ebpf.Map `ebpf:"probe_cgroups"`
+	Stats        *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
 		m.Pods,
+		m.ProbeCgroups,
 		m.Stats,
 	)
 }
@@ -119,6 +123,7 @@ func (m *captureMaps) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureVariables struct {
+	BypassMark   *ebpf.Variable `ebpf:"bypass_mark"`
 	CaptureMark  *ebpf.Variable `ebpf:"capture_mark"`
 	HbonePort    *ebpf.Variable `ebpf:"hbone_port"`
 	InboundPort  *ebpf.Variable `ebpf:"inbound_port"`

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -217,16 +218,63 @@ func TestCapture(t *testing.T) {
 		}
 	})
 
-	t.Run("the node's health probes are not captured", func(t *testing.T) {
-		before := len(z2.records())
+	t.Run("host processes get inbound capture", func(t *testing.T) {
+		// A process of the node's network namespace (a host-network pod,
+		// a node daemon) is a client like any other: its connection to an
+		// enrolled pod goes to ztunnel's 15006, where PeerAuthentication
+		// STRICT resets it.
 		n2 := e.topo.Node("n2")
+		before := len(z2.records())
 		c, err := n2.NS.Dial(ctx, &net.Dialer{Timeout: 2 * time.Second}, "tcp", net.JoinHostPort(b1.IP.String(), echoPort))
 		if err != nil {
 			t.Fatal(err)
 		}
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		fmt.Fprintf(c, "host\n")
+		got, err := bufio.NewReader(c).ReadString('\n')
 		c.Close()
-		if len(z2.records()) != before {
-			t.Errorf("ztunnel saw the probe: %v", z2.records()[before:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		recs := z2.records()[before:]
+		if len(recs) != 1 || recs[0].Port != 15006 || recs[0].Src.Addr() != n2.IP || recs[0].OrigDst != netip.AddrPortFrom(b1.IP, 8080) {
+			t.Errorf("ztunnel n2 saw %v, want one 15006: %s:* -> %s:8080 (the host's connection reached the pod directly)", recs, n2.IP, b1.IP)
+		}
+		if want := "b1 from " + n2.IP.String() + ":"; !strings.HasPrefix(got, want) {
+			t.Errorf("answer %q, want prefix %q", got, want)
+		}
+	})
+
+	t.Run("kubelet's probes reach the pod directly", func(t *testing.T) {
+		n2 := e.topo.Node("n2")
+		cg := probeCgroup()
+		if err := os.Mkdir(cg, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(cg) })
+		if err := e.cap["n2"].RefreshProbeCgroups(); err != nil {
+			t.Fatal(err)
+		}
+		before := len(z2.records())
+		// The stand-in for kubelet: a process in the probe cgroup, in the
+		// node's namespace, that opens a connection to the pod.
+		got, err := probeFrom(ctx, cg, n2.NS, netip.AddrPortFrom(b1.IP, 8080))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "b1 from " + n2.IP.String() + ":"; !strings.HasPrefix(got, want) {
+			t.Errorf("probe answer %q, want prefix %q", got, want)
+		}
+		if recs := z2.records()[before:]; len(recs) != 0 {
+			t.Errorf("ztunnel saw the probe: %v", recs)
+		}
+		// The same process outside the cgroup is just a host process.
+		before = len(z2.records())
+		if _, err := probeFrom(ctx, "", n2.NS, netip.AddrPortFrom(b1.IP, 8080)); err != nil {
+			t.Fatal(err)
+		}
+		if recs := z2.records()[before:]; len(recs) != 1 || recs[0].Port != 15006 {
+			t.Errorf("ztunnel saw %v for a host process outside the probe cgroup, want one 15006", recs)
 		}
 	})
 
@@ -467,4 +515,24 @@ func last(rs []record) record {
 		return record{}
 	}
 	return rs[len(rs)-1]
+}
+
+// probeFrom connects to dst from a new process in the network namespace ns
+// and, unless cgroup is empty, in the cgroup v2 directory cgroup (moved
+// there before its socket exists), sends "probe" and returns the answer's
+// first line.
+func probeFrom(ctx context.Context, cgroup string, ns *netns.NS, dst netip.AddrPort) (string, error) {
+	join := ""
+	if cgroup != "" {
+		join = "echo $$ > " + filepath.Join(cgroup, "cgroup.procs") + " && "
+	}
+	script := fmt.Sprintf(`%sexec nsenter --net=%s bash -c 'exec 3<>/dev/tcp/%s/%d && echo probe >&3 && head -n1 <&3'`,
+		join, ns.Path(), dst.Addr(), dst.Port())
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, "bash", "-c", script).CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("probe: %w: %s", err, out)
+	}
+	return strings.TrimSpace(string(out)), nil
 }

@@ -15,10 +15,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/integration/netns"
 )
@@ -85,10 +89,11 @@ func newEnv(t testing.TB, enrolled ...string) *env {
 			startEcho(t, p)
 		}
 		opts := Options{
-			PinPath: fmt.Sprintf("/sys/fs/bpf/ambit-test%d-%s", os.Getpid(), n.Name),
-			Netns:   n.NS.Path(),
-			Uplinks: []string{netns.Uplink},
-			Logger:  testLogger(t),
+			PinPath:      fmt.Sprintf("/sys/fs/bpf/ambit-test%d-%s", os.Getpid(), n.Name),
+			Netns:        n.NS.Path(),
+			Uplinks:      []string{netns.Uplink},
+			ProbeCgroups: []string{probeCgroup()},
+			Logger:       testLogger(t),
 		}
 		e.opts[n.Name] = opts
 		c, err := Load(opts)
@@ -214,7 +219,7 @@ func startZtunnel(t testing.TB, ns *netns.NS, inMesh func(netip.Addr) bool) *ztu
 
 func newZtunnel(ns *netns.NS, inMesh func(netip.Addr) bool) (*ztunnel, error) {
 	z := &ztunnel{ns: ns, inMesh: inMesh}
-	lc := &net.ListenConfig{Control: Transparent}
+	lc := &net.ListenConfig{Control: ztunnelSocket}
 	for _, port := range []int{15001, 15006, 15008} {
 		ln, err := ns.Listen(context.Background(), lc, "tcp4", fmt.Sprintf(":%d", port))
 		if err != nil {
@@ -309,8 +314,40 @@ func (z *ztunnel) handle(c net.Conn, r record) {
 }
 
 func (z *ztunnel) deliver(ctx context.Context, src netip.Addr, dst string) (net.Conn, error) {
-	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Control: Transparent}
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src.AsSlice()}, Control: ztunnelSocket}
 	return z.ns.Dial(ctx, d, "tcp4", dst)
+}
+
+// ztunnelSocket makes a socket of ztunnel's: IP_TRANSPARENT, and the bypass
+// mark that lets its packets (deliveries, accepted connections) reach pods.
+func ztunnelSocket(network, address string, c syscall.RawConn) error {
+	if err := Transparent(network, address, c); err != nil {
+		return err
+	}
+	var serr error
+	if err := c.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, DefaultBypassMark)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// probeCgroup is the cgroup v2 directory the tests' stand-in for kubelet
+// runs its probes in (made by the test that needs it).
+func probeCgroup() string {
+	return filepath.Join(cgroup2Mount(), fmt.Sprintf("ambit-bpft%d-kubelet", os.Getpid()))
+}
+
+// cgroup2Mount is where the cgroup v2 hierarchy is mounted ("" if nowhere).
+func cgroup2Mount() string {
+	b, _ := os.ReadFile("/proc/self/mounts")
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1]
+		}
+	}
+	return ""
 }
 
 type bufConn struct {

@@ -46,8 +46,12 @@ type Config struct {
 	// to the client's address, so the application sees its real peer. It
 	// needs CAP_NET_ADMIN; without it the pod sees the proxy's address.
 	Transparent bool
-	// Mark, when non-zero, is set (SO_MARK) on every socket the proxy dials,
-	// so that capture rules can leave the proxy's own traffic alone.
+	// Mark, when non-zero, is set (SO_MARK) on every socket the proxy dials
+	// and, when Transparent, on its capture listeners (their accepted
+	// connections inherit it), so that capture can tell the proxy's own
+	// packets from other host processes': the eBPF capture lets only
+	// packets with its bypass mark (bpf.Options.BypassMark), and kubelet's
+	// probes, reach an enrolled pod from the node directly.
 	Mark uint32
 
 	// QUIC enables HBONE over HTTP/3 (package hbone/h3): the proxy also

@@ -72,7 +72,7 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 	switch route.Kind {
 	case RoutePassthrough, RouteDirect:
 		c.Upstream = route.Addr
-		upstream, err = dialer(netip.Addr{}, p.cfg.Mark).DialContext(dctx, "tcp", route.Addr.String())
+		upstream, err = dialer(p.plainSource(c, route.Addr.Addr()), p.cfg.Mark).DialContext(dctx, "tcp", route.Addr.String())
 		if err != nil {
 			return flagConnect, "upstream connect failed", fmt.Errorf("dial %s: %w", route.Addr, err)
 		}
@@ -115,6 +115,27 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 		}
 	}
 	return flagNone, "", p.relay(ctx, c, client, upstream)
+}
+
+// plainSource is the address that plain TCP (passthrough, or direct to a
+// workload outside the mesh) leaves from: the pod's own, for a connection
+// captured from a local pod when the proxy is transparent, so that
+// NetworkPolicy, IP allowlists and the destination see the pod, not the
+// node (which Kubernetes always lets reach its pods). Replies come back to
+// the proxy's socket: the capture matches segments to a pod's address with
+// the proxy's established sockets first (on the uplink, and on the veth of
+// a pod of this node). The zero Addr (the node's address) otherwise: for
+// SOCKS5 clients (a process of this host), and for a destination on this
+// host, whose replies to the pod's address would be routed to the pod
+// instead of the proxy.
+func (p *Proxy) plainSource(c *conn, dst netip.Addr) netip.Addr {
+	if !p.cfg.Transparent || c.Via != ListenerOutbound || c.srcW == nil {
+		return netip.Addr{}
+	}
+	if dst.IsLoopback() || dst.IsUnspecified() || isLocalAddr(dst) {
+		return netip.Addr{}
+	}
+	return c.Src.Addr()
 }
 
 // errUnknownDestination fails an outbound connection to a destination in

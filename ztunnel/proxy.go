@@ -127,7 +127,11 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 		if l.addr == "" {
 			continue
 		}
-		ln, err := listen(ctx, l.addr, l.transparent)
+		var mark uint32
+		if l.transparent { // the capture listeners: see listen
+			mark = cfg.Mark
+		}
+		ln, err := listen(ctx, l.addr, l.transparent, mark)
 		if err != nil {
 			return nil, fmt.Errorf("ztunnel: %s: %w", l.name, err)
 		}

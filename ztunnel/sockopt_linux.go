@@ -10,13 +10,16 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// listen opens a TCP listener, with IP_TRANSPARENT when transparent is set.
-func listen(ctx context.Context, addr string, transparent bool) (net.Listener, error) {
+// listen opens a TCP listener, with IP_TRANSPARENT when transparent is set
+// and the socket mark mark (when non-zero): the accepted connections
+// inherit it, so their packets to a pod carry it like the proxy's own
+// dials (the capture lets the proxy's marked packets reach pods directly).
+func listen(ctx context.Context, addr string, transparent bool, mark uint32) (net.Listener, error) {
 	lc := net.ListenConfig{}
 	lc.SetMultipathTCP(false)
-	if transparent {
+	if transparent || mark != 0 {
 		lc.Control = func(network, address string, c syscall.RawConn) error {
-			return control(c, network, true, 0)
+			return control(c, network, transparent, mark)
 		}
 	}
 	ln, err := lc.Listen(ctx, "tcp", addr)

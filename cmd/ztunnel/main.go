@@ -48,6 +48,7 @@ type options struct {
 	capture       bool
 	bpfPinPath    string
 	uplinks       string
+	probeCgroups  string
 	logLevel      slog.Level
 	logJSON       bool
 }
@@ -101,6 +102,7 @@ Usage: ztunnel [flags]
 	fs.BoolVar(&o.capture, "capture", false, "load the eBPF capture in this (the node's) network namespace and keep it in step with the node's enrolled workloads")
 	fs.StringVar(&o.bpfPinPath, "bpf-pin-path", "/sys/fs/bpf/ambit", "bpffs directory of the capture's pinned programs and maps")
 	fs.StringVar(&o.uplinks, "uplinks", "", "comma-separated interfaces where other nodes' traffic arrives (empty: the default route's)")
+	fs.StringVar(&o.probeCgroups, "probe-cgroups", "/sys/fs/cgroup/system.slice/kubelet.service", "comma-separated cgroup v2 directories (kubelet's) whose TCP reaches enrolled pods from the node directly, for health probes; every other host process gets inbound capture (15006: PeerAuthentication STRICT resets it). Hybrid cgroup hosts: /sys/fs/cgroup/unified/...")
 	mark := fs.Uint("mark", 0, "SO_MARK for the proxy's own connections (0: none)")
 	fs.Func("pod-cidrs", "comma-separated pod CIDRs of the mesh (and the service CIDR, if wanted): an unknown destination inside them waits for the config (--unknown-destination-wait), then is reset, never passed through in clear", func(v string) error {
 		for _, s := range strings.Split(v, ",") {
@@ -162,6 +164,9 @@ func loadCapture(o options, log *slog.Logger) (*bpf.Capture, error) {
 	if o.uplinks != "" {
 		opts.Uplinks = strings.Split(o.uplinks, ",")
 	}
+	if o.probeCgroups != "" {
+		opts.ProbeCgroups = strings.Split(o.probeCgroups, ",")
+	}
 	for _, p := range []struct {
 		addr string
 		port *uint16
@@ -182,6 +187,9 @@ func loadCapture(o options, log *slog.Logger) (*bpf.Capture, error) {
 	}
 	return c, nil
 }
+
+// probeCgroupRefresh is how often the probe cgroups' ids are read again.
+const probeCgroupRefresh = 10 * time.Second
 
 // normalizeAddr turns ":15001" into "0.0.0.0:15001".
 func normalizeAddr(a string) string {
@@ -266,6 +274,7 @@ func run(ctx context.Context, o options) error {
 	}
 
 	cfg := o.proxy
+	var refreshProbes func() error // with capture: kubelet's cgroup, re-read (a restart re-creates it)
 	cfg.Synced = synced
 	cfg.Store = store
 	cfg.Certs = mgr
@@ -279,6 +288,10 @@ func run(ctx context.Context, o options) error {
 		}
 		defer capture.Close() // the programs stay pinned: capture outlives a restart
 		cfg.Capture = ztunnel.BPFCapture{Capture: capture}
+		// The proxy's packets reach enrolled pods directly; other host
+		// processes' get inbound capture.
+		cfg.Mark |= capture.BypassMark()
+		refreshProbes = capture.RefreshProbeCgroups
 	}
 	proxy, err := ztunnel.New(ctx, cfg)
 	if err != nil {
@@ -293,6 +306,22 @@ func run(ctx context.Context, o options) error {
 		defer stopWatch() // the proxy has drained: nothing left to configure
 		return proxy.Run(gctx)
 	})
+	if refreshProbes != nil {
+		g.Go(func() error {
+			t := time.NewTicker(probeCgroupRefresh)
+			defer t.Stop()
+			for {
+				select {
+				case <-watchCtx.Done():
+					return nil
+				case <-t.C:
+					if err := refreshProbes(); err != nil {
+						log.Warn("refresh probe cgroups", "err", err)
+					}
+				}
+			}
+		})
+	}
 	start := time.Now()
 	err = g.Wait()
 	log.Info("ztunnel stopped", "uptime", time.Since(start).Round(time.Second).String())
