@@ -3,6 +3,7 @@ package auth_test
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -87,4 +88,38 @@ func TestKubeCallerKinds(t *testing.T) {
 			t.Errorf("audience %v, pod %q: %v", tc.aud, tc.pod, err)
 		}
 	}
+
+	// Cached over the real TokenReview: many calls with a pod-bound token
+	// cost one review, many with a garbage token one; once the bound pod is
+	// gone and the cached answer has aged out, the token is refused.
+	reviews := &countingAuthenticator{a: a}
+	cache := &auth.Cache{Authenticator: reviews, MaxAge: time.Hour}
+	tok, err := cluster.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{auth.DefaultAudience}, "ztunnel-1")
+	must(err)
+	for range 20 {
+		if c, err := cache.Authenticate(ctx, tok); err != nil || c.Kind != auth.NodeProxy {
+			t.Fatalf("cached ztunnel: %+v %v", c, err)
+		}
+		if _, err := cache.Authenticate(ctx, "garbage"); !errors.Is(err, auth.ErrUnauthenticated) {
+			t.Fatalf("cached garbage: %v", err)
+		}
+	}
+	if n := reviews.n.Load(); n != 2 {
+		t.Fatalf("40 calls with 2 tokens: %d reviews, want 2", n)
+	}
+	zero := int64(0)
+	must(cs.CoreV1().Pods("ambit-system").Delete(ctx, "ztunnel-1", metav1.DeleteOptions{GracePeriodSeconds: &zero}))
+	if _, err := (&auth.Cache{Authenticator: a}).Authenticate(ctx, tok); !errors.Is(err, auth.ErrUnauthenticated) {
+		t.Fatalf("the token of a deleted pod, not cached: %v", err)
+	}
+}
+
+type countingAuthenticator struct {
+	a auth.Authenticator
+	n atomic.Int64
+}
+
+func (c *countingAuthenticator) Authenticate(ctx context.Context, token string) (*auth.Caller, error) {
+	c.n.Add(1)
+	return c.a.Authenticate(ctx, token)
 }
