@@ -170,7 +170,7 @@ func TestZtunnelConfig(t *testing.T) {
 	})
 	// the enrolled local identities' certificates (client, reviews)
 	waitAdmin(t, "http://"+admin+"/debug/certificates", func(b []byte) bool {
-		return bytes.Count(b, []byte(`"serial"`)) == 2
+		return bytes.Count(b, []byte(`"chainPem"`)) == 2
 	})
 
 	for _, typ := range []string{"workloads", "services", "policies", "certificates", "connections", "all"} {

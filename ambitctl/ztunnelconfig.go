@@ -31,18 +31,6 @@ type (
 		AuthorizationPolicies []model.Policy             `json:"authorizationPolicies"`
 		PeerAuthentications   []model.PeerAuthentication `json:"peerAuthentications"`
 	}
-	ztCert struct {
-		Identity  string `json:"identity"`
-		Serial    string `json:"serial,omitempty"`
-		NotBefore string `json:"notBefore,omitempty"`
-		NotAfter  string `json:"notAfter,omitempty"`
-		ExpiresIn string `json:"expiresIn,omitempty"`
-		Expired   bool   `json:"expired"`
-		Chain     int    `json:"chainLength,omitempty"`
-		RenewAt   string `json:"renewAt,omitempty"`
-		Failures  int    `json:"failures,omitempty"`
-		Error     string `json:"error,omitempty"`
-	}
 	ztConn struct {
 		ID            uint64 `json:"id"`
 		Direction     string `json:"direction"`
@@ -352,26 +340,6 @@ func printZtPolicies(out io.Writer, ps ztPolicies) error {
 			"mTLS " + string(p.Mode), ""})
 	}
 	return printTable(out, []string{"KIND", "NAMESPACE", "NAME", "SCOPE", "ACTION/MODE", "RULES"}, rows)
-}
-
-func printZtCerts(out io.Writer, cs []ztCert) error {
-	rows := [][]string{}
-	for _, c := range cs {
-		state := "VALID"
-		switch {
-		case c.Error != "":
-			state = "ERROR: " + c.Error
-		case c.Serial == "":
-			state = "PENDING"
-		case c.Expired:
-			state = "EXPIRED"
-		}
-		if c.Failures > 0 && c.Error == "" {
-			state += fmt.Sprintf(" (%d failed renewals)", c.Failures)
-		}
-		rows = append(rows, []string{c.Identity, state, c.Serial, c.NotBefore, c.NotAfter, c.ExpiresIn, c.RenewAt})
-	}
-	return printTable(out, []string{"IDENTITY", "STATE", "SERIAL", "NOT BEFORE", "NOT AFTER", "EXPIRES IN", "RENEW AT"}, rows)
 }
 
 func printZtConns(out io.Writer, cs []ztConn) error {

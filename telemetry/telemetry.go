@@ -1,17 +1,28 @@
 // Package telemetry is what ambit's proxies report about each proxied TCP
-// connection, in Istio's words: the istio_tcp_* metrics with Istio's label
-// set, one access-log line per connection, and the table of open
-// connections (for an admin dump, a drain, or closing the connections of a
-// workload that left). The ztunnel uses it for every connection; the
-// waypoint for what it relays as TCP.
+// connection and HTTP request, in Istio's words: the istio_tcp_* metrics
+// (and istio_tcp_connections_failed_total) with the label set of Istio's
+// ztunnel, the request label set of Istio's standard metrics, one
+// access-log line per connection with the ztunnel's field names, the
+// stream of flow events (Flows) an admin port serves, and the table of
+// open connections (for an admin dump, a drain, or closing the
+// connections of a workload that left). The ztunnel uses it for every
+// connection; the waypoint for its requests and what it relays as TCP.
+//
+// Label values are derived once, here, for both proxies (Peer, Traffic):
+// canonical service and revision as Istio derives them from pod labels
+// (CanonicalService, CanonicalRevision), app and version as Istio's
+// ztunnel sets them (the canonical ones), cluster from configuration. They
+// are bounded: no address or per-connection value is a label, values are
+// cut to MaxLabelLen and made valid UTF-8 (Bound), and what a client only
+// claims about itself (baggage) is limited per verified identity (Claims).
 //
 // A proxy makes one Tracker. Each connection is a Conn: Begin registers it
 // when accepted; the handler fills in what it learns (peers, service, route,
-// upstream); Establish counts it opened just before its bytes flow, and
-// Conn.Count (a relay.Join hook) counts them as they move; End unregisters
-// it, counts it closed with its response flags and writes its access-log
-// line. Metric names, labels and log fields are Istio's (see Labels and
-// End), so dashboards made for Istio's ztunnel read ambit's.
+// upstream, deciding policy); Establish counts it opened just before its
+// bytes flow, and Conn.Count (a relay.Join hook) counts them as they move;
+// End unregisters it, counts it closed with its response flags and writes
+// its access-log line. Both publish a flow event. The access-log format is
+// documented, with an example, in docs/observability.md.
 package telemetry
 
 import (
@@ -20,12 +31,12 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/relay"
 )
@@ -48,68 +59,30 @@ const (
 	Inbound  = "inbound"  // to a local workload (reporter "destination")
 )
 
-// TCPLabels are Istio's TCP metric labels, in this order.
-var TCPLabels = []string{
-	"reporter",
-	"source_workload", "source_workload_namespace", "source_principal",
-	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_service",
-	"response_flags", "connection_security_policy",
-}
-
-// Metrics are Istio's TCP connection metrics.
+// Metrics are Istio's TCP connection metrics, and the connections that
+// failed (never established: refused, no route, connect failure).
 type Metrics struct {
-	Opened, Closed, Sent, Received *prometheus.CounterVec
+	Opened, Closed, Sent, Received, Failed *prometheus.CounterVec
 }
 
 // NewMetrics makes the istio_tcp_* counters and registers them with reg
 // (if not nil).
 func NewMetrics(reg prometheus.Registerer) *Metrics {
+	counter := func(name, help string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, TCPLabels)
+	}
 	m := &Metrics{
-		Opened: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_connections_opened_total", Help: "TCP connections opened.",
-		}, TCPLabels),
-		Closed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_connections_closed_total", Help: "TCP connections closed.",
-		}, TCPLabels),
-		Sent: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_sent_bytes_total", Help: "Bytes sent back to the client (response direction).",
-		}, TCPLabels),
-		Received: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "istio_tcp_received_bytes_total", Help: "Bytes received from the client (request direction).",
-		}, TCPLabels),
+		Opened:   counter("istio_tcp_connections_opened_total", "The total number of TCP connections opened."),
+		Closed:   counter("istio_tcp_connections_closed_total", "The total number of TCP connections closed."),
+		Sent:     counter("istio_tcp_sent_bytes_total", "Bytes sent back to the client (response direction)."),
+		Received: counter("istio_tcp_received_bytes_total", "Bytes received from the client (request direction)."),
+		Failed: counter("istio_tcp_connections_failed_total",
+			"TCP connections that ended without being established (refused by policy, no route, connect failure), by response flag."),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Opened, m.Closed, m.Sent, m.Received)
+		reg.MustRegister(m.Opened, m.Closed, m.Sent, m.Received, m.Failed)
 	}
 	return m
-}
-
-// Peer is one end of a connection as telemetry names it.
-type Peer struct {
-	// UID identifies the workload (for matching connections to a workload
-	// that leaves; not a label). Empty: unknown.
-	UID string
-	// Workload and Namespace are the workload's labels ("unknown" when
-	// Workload is empty).
-	Workload, Namespace string
-	// Principal is its SPIFFE ID (zero: "unknown").
-	Principal spiffeid.ID
-}
-
-// PrincipalLabel is the principal as a label value.
-func (p Peer) PrincipalLabel() string {
-	if p.Principal.IsZero() {
-		return "unknown"
-	}
-	return p.Principal.String()
-}
-
-func (p Peer) names() (name, namespace string) {
-	if p.Workload == "" {
-		return "unknown", "unknown"
-	}
-	return p.Workload, p.Namespace
 }
 
 // Conn is one proxied connection. Begin sets ID (and Start, if zero); the
@@ -125,15 +98,21 @@ type Conn struct {
 	Reporter string
 	Start    time.Time
 	Src, Dst netip.AddrPort // client address and original destination
+	// HBONETarget is the CONNECT authority of a tunnelled connection
+	// (Istio's dst.hbone_addr), when it differs from Dst.
+	HBONETarget netip.AddrPort
 
 	Source, Destination Peer
-	Service             string         // destination service hostname ("" unknown)
+	Service             Service        // destination service (zero: unknown)
 	Route               string         // e.g. passthrough, direct, hbone, waypoint
 	Upstream            netip.AddrPort // the address connected to
 	MTLS                bool           // connection_security_policy mutual_tls
 	// Transport is the HBONE transport of a tunnelled connection: "h2"
 	// (HTTP/2 over TLS over TCP) or "h3" (HTTP/3 over QUIC); empty otherwise.
 	Transport string
+	// Policy is the AuthorizationPolicy ("<namespace>/<name>") that allowed
+	// or denied the connection, when one did.
+	Policy string
 	// Cancel, if set, ends the connection: for whoever ends connections
 	// found in the table (a drain, a workload leaving the node).
 	Cancel context.CancelFunc
@@ -170,37 +149,40 @@ func (c *Conn) Count(d relay.Direction, n int64) {
 	}
 }
 
-// Labels returns c's Istio label values, in TCPLabels' order, with flags.
-func (c *Conn) Labels(flags string) []string {
-	reporter := c.Reporter
-	if reporter == "" {
-		reporter = "source"
-		if c.Direction == Inbound {
-			reporter = "destination"
-		}
+// reporter is the reporter label.
+func (c *Conn) reporter() string {
+	switch {
+	case c.Reporter != "":
+		return c.Reporter
+	case c.Direction == Inbound:
+		return "destination"
 	}
-	security := "none"
-	if c.MTLS {
-		security = "mutual_tls"
-	}
-	srcName, srcNS := c.Source.names()
-	dstName, dstNS := c.Destination.names()
-	svc := c.Service
-	if svc == "" {
-		svc = "unknown"
-	}
-	return []string{reporter, srcName, srcNS, c.Source.PrincipalLabel(), dstName, dstNS, c.Destination.PrincipalLabel(),
-		svc, flags, security}
+	return "source"
 }
 
-// Tracker keeps the table of open connections, counts them and logs them.
-// The zero value is usable and neither counts nor logs.
+// Traffic is what c's labels say, with response flags.
+func (c *Conn) Traffic(flags string) Traffic {
+	return Traffic{Reporter: c.reporter(), Source: c.Source, Destination: c.Destination, Service: c.Service,
+		Protocol: "tcp", Flags: flags, MTLS: c.MTLS}
+}
+
+// Labels returns c's Istio label values, in TCPLabels' order, with flags.
+func (c *Conn) Labels(flags string) []string {
+	t := c.Traffic(flags)
+	return t.TCPValues()
+}
+
+// Tracker keeps the table of open connections, counts them, logs them and
+// streams them as flows. The zero value is usable and neither counts, logs
+// nor streams.
 type Tracker struct {
 	// Metrics, if set, count connections and bytes.
 	Metrics *Metrics
-	// Logger receives the access log, one "connection" line at Info per
-	// connection (nil: discard).
+	// Logger receives the access log, one "connection complete" line per
+	// connection (nil: discard); see AccessLog for its fields.
 	Logger *slog.Logger
+	// Flows, if set, receives an open and a close event per connection.
+	Flows *Flows
 
 	mu     sync.Mutex // guards conns and nextID
 	conns  map[uint64]*Conn
@@ -231,6 +213,9 @@ func (t *Tracker) Establish(c *Conn) {
 		t.countOpened(c, l)
 	}
 	c.established.Store(true)
+	if t.Flows != nil {
+		t.Flows.Publish(c.flow(FlowOpen, FlagNone, ""))
+	}
 }
 
 func (t *Tracker) countOpened(c *Conn, l []string) {
@@ -241,44 +226,119 @@ func (t *Tracker) countOpened(c *Conn, l []string) {
 }
 
 // End unregisters c, counts it closed with flags (and opened, if it never
-// was) and writes its access-log line; reason explains a refusal or
-// failure, err is the error, if any. Call it once, on the handler's
-// goroutine.
+// was; failed, if it never was established and was not aborted), writes
+// its access-log line and publishes its close flow; reason explains a
+// refusal or failure, err is the error, if any. Call it once, on the
+// handler's goroutine.
 func (t *Tracker) End(c *Conn, flags, reason string, err error) {
 	t.mu.Lock()
 	delete(t.conns, c.ID)
 	t.mu.Unlock()
-	l := c.Labels(flags)
 	if t.Metrics != nil {
+		l := c.Labels(flags)
 		t.countOpened(c, l)
 		t.Metrics.Closed.WithLabelValues(l...).Inc()
+		if !c.Established() && flags != FlagNone && flags != FlagAborted {
+			t.Metrics.Failed.WithLabelValues(l...).Inc()
+		}
 	}
-	if t.Logger == nil {
-		return
+	if t.Flows != nil {
+		t.Flows.Publish(c.flow(FlowClose, flags, reason))
 	}
-	attrs := make([]any, 0, 18)
-	attrs = append(attrs,
-		slog.Uint64("id", c.ID), slog.String("direction", c.Direction), slog.String("via", c.Via),
-		slog.String("src", c.Src.String()), slog.String("dst", c.Dst.String()),
-		slog.String("src_principal", l[3]), slog.String("dst_principal", l[6]),
-		slog.String("src_workload", l[2]+"/"+l[1]),
-		slog.String("dst_workload", l[5]+"/"+l[4]),
-		slog.String("service", l[7]),
-		slog.String("route", c.Route),
-		slog.Int64("bytes_received", c.received.Load()), slog.Int64("bytes_sent", c.sent.Load()),
-		slog.String("duration", time.Since(c.Start).Round(time.Microsecond).String()),
-		slog.String("outcome", Outcome(flags)),
+	if t.Logger != nil {
+		attrs := c.accessLog(flags, reason, err)
+		args := make([]any, len(attrs))
+		for i, a := range attrs {
+			args[i] = a
+		}
+		t.Logger.Info(AccessLogMessage, args...)
+	}
+}
+
+// flow is c's flow event.
+func (c *Conn) flow(typ, flags, reason string) Flow {
+	transport := "tcp"
+	if c.MTLS {
+		transport = "hbone"
+	}
+	fl := Flow{Type: typ, Reporter: c.reporter(), Direction: c.Direction, Transport: transport, Via: c.Via, ID: c.ID,
+		Source: flowPeer(c.Src, c.Source), Destination: flowPeer(c.Dst, c.Destination), Service: c.Service.Hostname,
+		Verdict: Verdict(flags), Policy: c.Policy, ResponseFlags: flags,
+		BytesSent: c.sent.Load(), BytesReceived: c.received.Load()}
+	if typ == FlowClose {
+		fl.Reason = reason
+		fl.DurationMs = float64(time.Since(c.Start).Microseconds()) / 1000
+	}
+	return fl
+}
+
+func flowPeer(a netip.AddrPort, p Peer) FlowPeer {
+	fp := FlowPeer{Pod: p.Pod, Workload: p.Workload, Namespace: p.Namespace}
+	if a.IsValid() {
+		fp.Address = a.String()
+	}
+	if !p.Principal.IsZero() {
+		fp.Identity = p.Principal.String()
+	}
+	return fp
+}
+
+// AccessLogMessage is the message of every access-log line (Istio's
+// ztunnel's).
+const AccessLogMessage = "connection complete"
+
+// accessLog is c's access-log line: Istio's ztunnel's fields (src.*,
+// dst.*, direction, bytes_sent, bytes_recv, duration, error), then
+// ambit's (id, via, route, upstream, response_flags, outcome, policy,
+// reason). bytes_recv counts the client's bytes (request direction),
+// bytes_sent those sent back to it, whatever the direction.
+func (c *Conn) accessLog(flags, reason string, err error) []slog.Attr {
+	name := func(p Peer) string { return cmp.Or(p.Pod, p.Workload, p.CanonicalService) }
+	a := make([]slog.Attr, 0, 24)
+	str := func(k, v string) {
+		if v != "" {
+			a = append(a, slog.String(k, v))
+		}
+	}
+	str("src.addr", addrString(c.Src))
+	str("src.workload", name(c.Source))
+	str("src.namespace", c.Source.Namespace)
+	if c.MTLS && !c.Source.Principal.IsZero() {
+		str("src.identity", c.Source.Principal.String())
+	}
+	str("dst.addr", addrString(c.Dst))
+	if c.HBONETarget.IsValid() && c.HBONETarget != c.Dst {
+		str("dst.hbone_addr", c.HBONETarget.String())
+	}
+	str("dst.service", c.Service.Hostname)
+	str("dst.workload", name(c.Destination))
+	str("dst.namespace", c.Destination.Namespace)
+	if c.MTLS && !c.Destination.Principal.IsZero() {
+		str("dst.identity", c.Destination.Principal.String())
+	}
+	a = append(a,
+		slog.String("direction", c.Direction),
+		slog.Int64("bytes_sent", c.sent.Load()),
+		slog.Int64("bytes_recv", c.received.Load()),
+		slog.String("duration", strconv.FormatInt(time.Since(c.Start).Milliseconds(), 10)+"ms"),
 	)
-	if c.Upstream.IsValid() {
-		attrs = append(attrs, slog.String("upstream", c.Upstream.String()))
-	}
-	if reason != "" {
-		attrs = append(attrs, slog.String("reason", reason))
-	}
 	if err != nil {
-		attrs = append(attrs, slog.String("err", err.Error()))
+		a = append(a, slog.String("error", err.Error()))
 	}
-	t.Logger.Info("connection", attrs...)
+	a = append(a, slog.Uint64("id", c.ID), slog.String("via", c.Via))
+	str("route", c.Route)
+	str("upstream", addrString(c.Upstream))
+	a = append(a, slog.String("response_flags", flags), slog.String("outcome", Outcome(flags)))
+	str("policy", c.Policy)
+	str("reason", reason)
+	return a
+}
+
+func addrString(a netip.AddrPort) string {
+	if !a.IsValid() {
+		return ""
+	}
+	return a.String()
 }
 
 // Outcome is the access log's outcome for response flags.

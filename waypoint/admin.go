@@ -19,12 +19,14 @@ import (
 //
 //	/config_dump  every resource of the current snapshot, with its version
 //	/clusters     endpoints, health, ejections, circuit-breaker counters
+//	/debug/flows  request and TCP flow events as JSON lines
 func (p *Proxy) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /config_dump", p.serveConfigDump)
 	mux.HandleFunc("GET /clusters", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, p.dumpClusters()) })
+	mux.Handle("GET /debug/flows", p.m.flows) // request and TCP flow events (telemetry.Flows)
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, []string{"/config_dump", "/clusters"})
+		writeJSON(w, []string{"/config_dump", "/clusters", "/debug/flows"})
 	})
 	return mux
 }

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -23,6 +24,9 @@ type downstream struct {
 	target   netip.AddrPort // the CONNECT authority: VIP:port or podIP:port
 	srcAddr  netip.AddrPort // forwarded for=, when sent
 	baggage  hbone.Baggage
+
+	framing    *framing     // the tunnelled HTTP/1.x request heads
+	h1Requests atomic.Int64 // HTTP/1.x requests served so far (net/http serves them in order)
 }
 
 func (d *downstream) principal() string {
@@ -95,6 +99,8 @@ func (discardWriter) Write(p []byte) (int, error) { return len(p), nil }
 // HTTP/2's defences against rapid reset and CONTINUATION floods are
 // net/http's.
 func (p *Proxy) serveConn(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
+	ds.framing = newFraming(c, hc.maxHeaderBytes)
+	c = ds.framing
 	hs := &http.Server{
 		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { p.serveHTTP(w, r, ds) }),
 		MaxHeaderBytes:    hc.maxHeaderBytes,
@@ -105,6 +111,9 @@ func (p *Proxy) serveConn(ctx context.Context, c net.Conn, hc *httpChain, ds *do
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 		Protocols:         new(http.Protocols),
 		HTTP2:             &http.HTTP2Config{MaxConcurrentStreams: 250},
+		// "OPTIONS *" is routed like any request (and counted in order:
+		// ds.h1Requests).
+		DisableGeneralOptionsHandler: true,
 	}
 	hs.Protocols.SetHTTP1(true)
 	hs.Protocols.SetUnencryptedHTTP2(true)
@@ -190,7 +199,7 @@ func (dummyAddr) String() string  { return "hbone" }
 func (p *Proxy) serveTCP(ctx context.Context, r *hbone.Request, snap *snapshot, chain *filterChain, ds *downstream) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	c := tcpConn(chain, ds)
+	c := p.m.tcpConn(chain, ds)
 	c.Cancel = cancel
 	p.conns.Begin(c)
 	flag := "-"

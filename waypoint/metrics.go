@@ -2,7 +2,6 @@ package waypoint
 
 import (
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 
@@ -12,17 +11,11 @@ import (
 	"github.com/ambit-mesh/ambit/telemetry"
 )
 
-// Istio's request metric labels (reporter="waypoint"), in this order. The
-// request families are the waypoint's alone; the istio_tcp_* ones, of its
-// tcp_proxy chains, are the shared package telemetry's.
-var requestLabels = []string{
-	"reporter",
-	"source_workload", "source_workload_namespace", "source_principal", "source_canonical_service", "source_canonical_revision",
-	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_canonical_service", "destination_canonical_revision",
-	"destination_service", "destination_service_name", "destination_service_namespace",
-	"request_protocol", "response_code", "grpc_response_status", "response_flags", "connection_security_policy",
-}
+// The request families' labels are Istio's standard ones
+// (telemetry.RequestLabels, reporter="waypoint"); the istio_tcp_* ones, of
+// its tcp_proxy chains, the ztunnel's (telemetry.TCPLabels). Both derive
+// their values in package telemetry.
+var requestLabels = telemetry.RequestLabels
 
 // metrics are the waypoint's Prometheus collectors, on its own registry.
 type metrics struct {
@@ -36,6 +29,10 @@ type metrics struct {
 	mirrored       *prometheus.CounterVec
 	configApplied  prometheus.Counter
 	configRejected prometheus.Counter
+	// flows is the stream of request and TCP flow events (/debug/flows).
+	flows *telemetry.Flows
+	// claims bounds the source labels clients claim in baggage.
+	claims *telemetry.Claims
 }
 
 func newMetrics() *metrics {
@@ -69,42 +66,40 @@ func newMetrics() *metrics {
 		}),
 	}
 	m.tcp = telemetry.NewMetrics(m.reg)
+	m.flows, m.claims = &telemetry.Flows{}, &telemetry.Claims{}
 	m.reg.MustRegister(m.requests, m.duration, m.reqBytes, m.respBytes,
 		m.noChain, m.mirrored, m.configApplied, m.configRejected,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
-func orUnknown(s string) string {
-	if s == "" {
-		return "unknown"
-	}
-	return s
+// sourcePeer is the client as the waypoint names it: its verified
+// identity, and what its baggage claims (bounded by telemetry.Claims).
+func (m *metrics) sourcePeer(ds *downstream) telemetry.Peer {
+	b := ds.baggage
+	return m.claims.Peer(ds.peer, telemetry.Peer{
+		Workload: b.WorkloadName, Namespace: b.Namespace,
+		CanonicalService: b.ServiceName, CanonicalRevision: b.Version, Cluster: b.ClusterName,
+	})
 }
 
-// finish records a request: metrics and one access-log line.
+// destinationPeer names an endpoint from its metadata (nil: unknown).
+func destinationPeer(h *host) telemetry.Peer {
+	if h == nil {
+		return telemetry.Peer{}
+	}
+	l := h.spec.labels
+	return telemetry.Peer{Workload: l.workload, Namespace: l.namespace,
+		CanonicalService: l.canonicalService, CanonicalRevision: l.canonicalRevision, Principal: h.spec.identity}
+}
+
+// finish records a request: metrics, a flow event and one access-log line.
 func (p *Proxy) finish(rec *record, w *respWriter) {
 	if rec.code == 0 {
 		rec.code = w.code
 	}
 	dur := time.Since(rec.start)
 	ds := rec.ds
-	var dst hostLabels
-	dstPrincipal := "unknown"
-	if rec.host != nil {
-		dst = rec.host.spec.labels
-		if !rec.host.spec.identity.IsZero() {
-			dstPrincipal = rec.host.spec.identity.String()
-		}
-	}
-	svcName, svcNS := "unknown", "unknown"
-	if rec.service != "" {
-		parts := strings.SplitN(rec.service, ".", 3)
-		svcName = parts[0]
-		if len(parts) > 1 {
-			svcNS = parts[1]
-		}
-	}
 	grpcStatus := ""
 	if rec.protocol == "grpc" {
 		grpcStatus = w.Header().Get("Grpc-Status")
@@ -113,19 +108,12 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 		}
 	}
 	flags := rec.flagString()
-	code := strconv.Itoa(rec.code)
-	srcCanon := orUnknown(ds.baggage.ServiceName)
-	if srcCanon == "unknown" {
-		srcCanon = orUnknown(ds.baggage.WorkloadName)
+	tr := telemetry.Traffic{
+		Reporter: "waypoint", Source: p.m.sourcePeer(ds), Destination: destinationPeer(rec.host),
+		Service: telemetry.ServiceFromHost(rec.service), Protocol: rec.protocol,
+		ResponseCode: rec.code, GRPCStatus: grpcStatus, Flags: flags, MTLS: true,
 	}
-	labels := []string{
-		"waypoint",
-		orUnknown(ds.baggage.WorkloadName), orUnknown(ds.baggage.Namespace), orUnknown(ds.principal()), srcCanon, orUnknown(ds.baggage.Version),
-		orUnknown(dst.workload), orUnknown(dst.namespace), dstPrincipal,
-		orUnknown(dst.canonicalService), orUnknown(dst.canonicalRevision),
-		orUnknown(rec.service), svcName, svcNS,
-		rec.protocol, code, grpcStatus, flags, "mutual_tls",
-	}
+	labels := tr.RequestValues()
 	p.m.requests.WithLabelValues(labels...).Inc()
 	p.m.duration.WithLabelValues(labels...).Observe(float64(dur.Microseconds()) / 1000)
 	p.m.reqBytes.WithLabelValues(labels...).Observe(float64(rec.reqBytes.n.Load() + headerSize(rec.r)))
@@ -134,6 +122,28 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 	if rec.host != nil {
 		upstream = rec.host.spec.addr.String()
 	}
+	verdict := telemetry.VerdictAllowed
+	switch {
+	case strings.HasPrefix(rec.details, "rbac_access_denied"):
+		verdict = telemetry.VerdictDenied
+	case flags != "-":
+		verdict = telemetry.VerdictFailed
+	}
+	src := ds.srcAddr
+	if !src.IsValid() {
+		src = ds.peerAddr
+	}
+	fl := telemetry.Flow{Type: telemetry.FlowRequest, Time: rec.start, Reporter: "waypoint", Direction: telemetry.Inbound,
+		Transport: rec.r.Proto, Via: "hbone",
+		Source:      telemetry.FlowPeer{Address: src.String(), Workload: tr.Source.Workload, Namespace: tr.Source.Namespace, Identity: ds.principal()},
+		Destination: telemetry.FlowPeer{Address: upstream, Workload: tr.Destination.Workload, Namespace: tr.Destination.Namespace},
+		Service:     rec.service, Verdict: verdict, Reason: rec.details, ResponseFlags: flags,
+		BytesSent: w.bytes, BytesReceived: rec.reqBytes.n.Load(), DurationMs: float64(dur.Microseconds()) / 1000,
+		Method: rec.r.Method, Authority: rec.r.Host, Path: rec.r.URL.Path, ResponseCode: rec.code}
+	if !tr.Destination.Principal.IsZero() {
+		fl.Destination.Identity = tr.Destination.Principal.String()
+	}
+	p.m.flows.Publish(fl)
 	p.access.Info("waypoint: request",
 		"start_time", rec.start.UTC().Format(time.RFC3339Nano),
 		"method", rec.r.Method,
@@ -181,7 +191,7 @@ func headerSize(r *http.Request) int64 {
 // tcpConn returns the telemetry record of a tcp_proxy chain's stream
 // (reporter "waypoint"); the destination is filled in once an endpoint is
 // picked.
-func tcpConn(chain *filterChain, ds *downstream) *telemetry.Conn {
+func (m *metrics) tcpConn(chain *filterChain, ds *downstream) *telemetry.Conn {
 	src := ds.srcAddr
 	if !src.IsValid() {
 		src = ds.peerAddr
@@ -189,13 +199,13 @@ func tcpConn(chain *filterChain, ds *downstream) *telemetry.Conn {
 	return &telemetry.Conn{
 		Direction: telemetry.Inbound, Via: "hbone", Reporter: "waypoint",
 		Src: src, Dst: ds.target,
-		Source:  telemetry.Peer{Workload: ds.baggage.WorkloadName, Namespace: ds.baggage.Namespace, Principal: ds.peer},
-		Service: chain.service, Route: chain.tcp.cluster, MTLS: true,
+		Source:  m.sourcePeer(ds),
+		Service: telemetry.ServiceFromHost(chain.service), Route: chain.tcp.cluster, MTLS: true,
 	}
 }
 
 // tcpDestination names the endpoint h in c.
 func tcpDestination(c *telemetry.Conn, h *host) {
-	c.Destination = telemetry.Peer{Workload: h.spec.labels.workload, Namespace: h.spec.labels.namespace, Principal: h.spec.identity}
+	c.Destination = destinationPeer(h)
 	c.Upstream = h.spec.addr
 }

@@ -2,12 +2,17 @@ package ztunnel
 
 import (
 	"cmp"
+	"context"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/model"
@@ -20,7 +25,13 @@ import (
 //	/debug/policies      authorization policies and peer authentications
 //	/debug/certificates  the local identities' certificates, with expiry
 //	/debug/connections   live connections, with bytes so far
-//	/debug/config_dump   all of the above
+//	/debug/flows         flow events as JSON lines (telemetry.Flows: filters
+//	                     namespace, pod, verdict, identity, reporter, type;
+//	                     last=N, follow=true)
+//	/debug/config_dump   all of the above but flows
+//
+// Certificates come with their chains and their trust domain's roots in
+// PEM.
 func (p *Proxy) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /debug/workloads", func(w http.ResponseWriter, r *http.Request) {
@@ -38,6 +49,7 @@ func (p *Proxy) adminHandler() http.Handler {
 	mux.HandleFunc("GET /debug/connections", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, p.dumpConnections())
 	})
+	mux.Handle("GET /debug/flows", p.conns.Flows)
 	mux.HandleFunc("GET /debug/config_dump", func(w http.ResponseWriter, r *http.Request) {
 		snap := p.cfg.Store.Load()
 		writeJSON(w, map[string]any{
@@ -51,7 +63,7 @@ func (p *Proxy) adminHandler() http.Handler {
 	})
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, []string{"/debug/workloads", "/debug/services", "/debug/policies",
-			"/debug/certificates", "/debug/connections", "/debug/config_dump"})
+			"/debug/certificates", "/debug/connections", "/debug/flows", "/debug/config_dump"})
 	})
 	return mux
 }
@@ -64,20 +76,18 @@ func (p *Proxy) metricsHandler() http.Handler {
 }
 
 // readyHandler answers 200 on /healthz/ready once config is in and the
-// listeners serve, 503 before and while draining.
+// listeners serve, 503 before and while draining. It tells nothing else
+// (the port is reachable from the node's network): the reason is in the
+// proxy's log and Ready.
 func (p *Proxy) readyHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz/ready", func(w http.ResponseWriter, r *http.Request) {
-		switch {
-		case p.draining.Load():
-			http.Error(w, "draining", http.StatusServiceUnavailable)
-		case !p.serving.Load():
-			http.Error(w, "listeners not up", http.StatusServiceUnavailable)
-		case !p.synced():
-			http.Error(w, "no config (or capture) yet", http.StatusServiceUnavailable)
-		default:
-			w.Write([]byte("ready\n"))
+		w.Header().Set("Cache-Control", "no-store")
+		if !p.Ready() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
 		}
+		w.WriteHeader(http.StatusOK)
 	})
 	return mux
 }
@@ -138,19 +148,65 @@ type certDump struct {
 	RenewAt   time.Time `json:"renewAt,omitzero"`
 	Failures  int       `json:"failures,omitempty"`
 	Error     string    `json:"error,omitempty"`
+	// CertChain is the SVID's chain, leaf first, and ChainPEM the same as
+	// one PEM block per certificate.
+	CertChain []certInfo `json:"certChain,omitempty"`
+	ChainPEM  string     `json:"chainPem,omitempty"`
+	// TrustDomain's bundle: the roots the chain verifies against (RootsPEM:
+	// the same as PEM), so openssl or go-spiffe can check it.
+	TrustDomain string     `json:"trustDomain,omitempty"`
+	Roots       []certInfo `json:"roots,omitempty"`
+	RootsPEM    string     `json:"rootsPem,omitempty"`
+	BundleError string     `json:"bundleError,omitempty"`
 }
+
+// certInfo is one X.509 certificate of a dump.
+type certInfo struct {
+	Serial    string    `json:"serial"`
+	Subject   string    `json:"subject,omitempty"`
+	Issuer    string    `json:"issuer,omitempty"`
+	URIs      []string  `json:"uris,omitempty"`
+	IsCA      bool      `json:"isCA"`
+	NotBefore time.Time `json:"notBefore"`
+	NotAfter  time.Time `json:"notAfter"`
+	PEM       string    `json:"pem"`
+}
+
+func certInfos(cs []*x509.Certificate) ([]certInfo, string) {
+	out := make([]certInfo, 0, len(cs))
+	var all strings.Builder
+	for _, c := range cs {
+		p := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
+		ci := certInfo{Serial: c.SerialNumber.Text(16), Subject: c.Subject.String(), Issuer: c.Issuer.String(),
+			IsCA: c.IsCA, NotBefore: c.NotBefore, NotAfter: c.NotAfter, PEM: p}
+		for _, u := range c.URIs {
+			ci.URIs = append(ci.URIs, u.String())
+		}
+		out = append(out, ci)
+		all.WriteString(p)
+	}
+	return out, all.String()
+}
+
+// certTimeout bounds how long the dump waits for a certificate that is
+// being fetched.
+const certTimeout = 2 * time.Second
 
 // dumpCertificates reports the certificate of every local identity: from
 // the certificate manager's own status when it has one (certs.Provider),
-// else by asking for each identity's current SVID.
+// else by asking for each identity's current SVID; with each, its chain
+// in PEM and its trust domain's roots.
 func (p *Proxy) dumpCertificates(r *http.Request) []certDump {
 	if p.cfg.Certs == nil {
 		return []certDump{}
 	}
+	ctx, cancel := context.WithTimeout(r.Context(), certTimeout)
+	defer cancel()
 	now := time.Now()
+	var out []certDump
 	if lister, ok := p.cfg.Certs.(interface{ Certificates() []certs.CertStatus }); ok {
 		sts := lister.Certificates()
-		out := make([]certDump, 0, len(sts))
+		out = make([]certDump, 0, len(sts))
 		for _, st := range sts {
 			d := certDump{Identity: st.ID.String(), Serial: st.Serial, NotBefore: st.NotBefore, NotAfter: st.NotAfter,
 				RenewAt: st.RenewAt, Failures: st.Failures, Error: st.LastError}
@@ -158,16 +214,24 @@ func (p *Proxy) dumpCertificates(r *http.Request) []certDump {
 				d.ExpiresIn = st.NotAfter.Sub(now).Round(time.Second).String()
 				d.Expired = now.After(st.NotAfter)
 			}
+			if st.Serial != "" && !d.Expired {
+				// Held and valid: GetX509SVID returns it without waiting.
+				if svid, err := p.cfg.Certs.GetX509SVID(ctx, st.ID); err == nil && svid.Certificates[0].SerialNumber.Text(16) == st.Serial {
+					d.Chain = len(svid.Certificates)
+					d.CertChain, d.ChainPEM = certInfos(svid.Certificates)
+				}
+			}
+			p.addBundle(&d, st.ID.TrustDomain())
 			out = append(out, d)
 		}
 		slices.SortFunc(out, func(a, b certDump) int { return cmp.Compare(a.Identity, b.Identity) })
 		return out
 	}
 	ids, _ := p.localWorkloads(p.cfg.Store.Load())
-	out := make([]certDump, 0, len(ids))
+	out = make([]certDump, 0, len(ids))
 	for _, id := range ids {
 		d := certDump{Identity: id.String()}
-		svid, err := p.cfg.Certs.GetX509SVID(r.Context(), id)
+		svid, err := p.cfg.Certs.GetX509SVID(ctx, id)
 		switch {
 		case err != nil:
 			d.Error = err.Error()
@@ -180,10 +244,23 @@ func (p *Proxy) dumpCertificates(r *http.Request) []certDump {
 			d.ExpiresIn = leaf.NotAfter.Sub(now).Round(time.Second).String()
 			d.Expired = now.After(leaf.NotAfter)
 			d.Chain = len(svid.Certificates)
+			d.CertChain, d.ChainPEM = certInfos(svid.Certificates)
 		}
+		p.addBundle(&d, id.TrustDomain())
 		out = append(out, d)
 	}
 	return out
+}
+
+// addBundle adds td's roots to d.
+func (p *Proxy) addBundle(d *certDump, td spiffeid.TrustDomain) {
+	d.TrustDomain = td.Name()
+	b, err := p.cfg.Certs.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		d.BundleError = err.Error()
+		return
+	}
+	d.Roots, d.RootsPEM = certInfos(b.X509Authorities())
 }
 
 type connDump struct {
@@ -216,7 +293,7 @@ func (p *Proxy) dumpConnections() []connDump {
 			if c.Upstream.IsValid() {
 				d.Upstream = c.Upstream.String()
 			}
-			d.Service = c.Service
+			d.Service = c.Service.Hostname
 		}
 		out = append(out, d)
 	}

@@ -1,6 +1,7 @@
 package ztunnel
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"net"
@@ -47,20 +48,25 @@ func (p *Proxy) begin(ctx context.Context, direction, via string, src, dst netip
 func (c *conn) fill() {
 	c.Source = peer(c.srcW, c.Source)
 	c.Destination = peer(c.dstW, c.Destination)
-	if c.service != nil {
-		c.Service = c.service.Hostname
+	if s := c.service; s != nil {
+		c.Service = telemetry.Service{Hostname: s.Hostname, Name: s.Name, Namespace: s.Namespace}
 	}
 }
 
+// peer names workload w (nil: unknown) with principal p.Principal, its
+// canonical names as istiod-lite derived them or else from its labels.
 func peer(w *model.Workload, p telemetry.Peer) telemetry.Peer {
-	out := telemetry.Peer{Principal: p.Principal}
-	if w != nil {
-		out.UID, out.Namespace, out.Workload = w.UID, w.Namespace, w.WorkloadName
-		if out.Workload == "" {
-			out.Workload = w.Name
-		}
+	if w == nil {
+		return telemetry.Peer{Principal: p.Principal}
 	}
-	return out
+	name := cmp.Or(w.WorkloadName, w.Name)
+	return telemetry.Peer{
+		UID: w.UID, Pod: w.Name, Workload: name, Namespace: w.Namespace,
+		CanonicalService:  cmp.Or(w.CanonicalName, telemetry.CanonicalService(w.Labels, name)),
+		CanonicalRevision: cmp.Or(w.CanonicalRevision, telemetry.CanonicalRevision(w.Labels)),
+		Cluster:           w.ClusterID,
+		Principal:         p.Principal,
+	}
 }
 
 // relay counts c as opened and established, then copies between client and

@@ -90,6 +90,7 @@ func (p *Proxy) inboundHBONE(ctx context.Context, c *conn, r *hbone.Request) (fl
 		return flagDeny, why, nil
 	}
 	d := p.az.Evaluate(snap, c.dstW, authz.Conn{SrcIdentity: r.Peer, SrcIP: c.Src.Addr(), DstPort: c.Dst.Port()})
+	c.Policy = d.Policy
 	if !d.Allow {
 		return flagDeny, d.Reason, nil
 	}
@@ -136,6 +137,7 @@ func (p *Proxy) plaintextInbound(ctx context.Context, c *conn, client net.Conn) 
 		return flagDeny, why, nil
 	}
 	d := p.az.AllowPlaintext(snap, c.dstW, authz.Conn{SrcIP: c.Src.Addr(), DstPort: c.Dst.Port()})
+	c.Policy = d.Policy
 	if !d.Allow {
 		return flagDeny, d.Reason, nil
 	}

@@ -103,6 +103,7 @@ func New(ctx context.Context, cfg Config) (_ *Proxy, err error) {
 		runDone:   make(chan struct{}),
 	}
 	p.conns.Metrics, p.conns.Logger = p.m.tcp, log
+	p.conns.Flows = &telemetry.Flows{Node: cfg.Node}
 	p.connCtx, p.forceClose = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {

@@ -114,10 +114,10 @@ func TestTunnelIsByteExactBothWays(t *testing.T) {
 	}
 	// One access-log line per connection, with bytes each way.
 	logs := m.n2.logs.String()
-	if n := strings.Count(logs, `"msg":"connection"`); n != 3 {
+	if n := strings.Count(logs, `"msg":"connection complete"`); n != 3 {
 		t.Errorf("node2 wrote %d access-log lines, want 3:\n%s", n, logs)
 	}
-	if !strings.Contains(logs, fmt.Sprintf(`"bytes_received":%d,"bytes_sent":%d`, up+8, down)) {
+	if !strings.Contains(logs, fmt.Sprintf(`"bytes_sent":%d,"bytes_recv":%d`, down, up+8)) {
 		t.Errorf("access log lacks the byte counts:\n%s", logs)
 	}
 }
