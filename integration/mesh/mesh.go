@@ -32,6 +32,7 @@ import (
 	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/integration/netns"
 	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
 // Build compiles ztunnel, istiod-lite and waypoint from the module at repo
@@ -438,26 +439,31 @@ func (p *Proc) Tail(n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// AccessLog is one ztunnel access-log line (one per connection).
+// AccessLog is one ztunnel access-log line (one per connection; Istio's
+// ztunnel's field names, then ambit's: see docs/observability.md).
 type AccessLog struct {
 	Node         string `json:"node"`
 	Direction    string `json:"direction"` // outbound, inbound
 	Via          string `json:"via"`       // hbone, plaintext, passthrough, socks5 ...
-	Src          string `json:"src"`
-	Dst          string `json:"dst"`
-	SrcPrincipal string `json:"src_principal"`
-	DstPrincipal string `json:"dst_principal"`
-	SrcWorkload  string `json:"src_workload"`
-	DstWorkload  string `json:"dst_workload"`
-	Service      string `json:"service"`
+	Src          string `json:"src.addr"`
+	Dst          string `json:"dst.addr"`
+	SrcPrincipal string `json:"src.identity"` // mutual TLS only
+	DstPrincipal string `json:"dst.identity"`
+	SrcWorkload  string `json:"src.workload"` // the pod's name
+	SrcNamespace string `json:"src.namespace"`
+	DstWorkload  string `json:"dst.workload"`
+	DstNamespace string `json:"dst.namespace"`
+	Service      string `json:"dst.service"`
 	Route        string `json:"route"`
 	Upstream     string `json:"upstream"`
 	BytesSent    int64  `json:"bytes_sent"`
-	BytesRecv    int64  `json:"bytes_received"`
+	BytesRecv    int64  `json:"bytes_recv"`
 	Duration     string `json:"duration"`
+	Flags        string `json:"response_flags"`
+	Policy       string `json:"policy"`
 	Outcome      string `json:"outcome"` // ok, denied, failed, aborted
 	Reason       string `json:"reason"`
-	Err          string `json:"err"`
+	Err          string `json:"error"`
 }
 
 // AccessLogs reads every access-log line that node's ztunnels (this run and
@@ -476,7 +482,7 @@ func (m *Mesh) AccessLogs(node string) ([]AccessLog, error) {
 		var head struct {
 			Msg string `json:"msg"`
 		}
-		if json.Unmarshal(line, &head) != nil || head.Msg != "connection" {
+		if json.Unmarshal(line, &head) != nil || head.Msg != telemetry.AccessLogMessage {
 			continue
 		}
 		var a AccessLog
