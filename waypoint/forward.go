@@ -153,11 +153,27 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 	}
 	defer func() { p.finish(rec, rw) }()
 	snap := p.snap.Load()
+	if r.ProtoMajor == 1 && ds.framing != nil {
+		// What net/http hides (framing): a Transfer-Encoding with a
+		// Content-Length, or on HTTP/1.0, is refused, as Envoy does (RFC
+		// 9112 6.1, 6.3: the framing is faulty; a proxy that framed by the
+		// other header would see other requests).
+		te, withCL := ds.framing.transferEncoding(ds.h1Requests.Add(1))
+		switch {
+		case te && withCL:
+			w.Header().Set("Connection", "close")
+			localReply(rw, rec, http.StatusBadRequest, "", "http1.content_length_and_chunked_not_allowed", "Bad Request")
+			return
+		case te && r.ProtoMinor == 0:
+			w.Header().Set("Connection", "close")
+			localReply(rw, rec, http.StatusBadRequest, "", "http1.invalid_transfer_encoding", "Bad Request")
+			return
+		}
+	}
 	if r.ProtoMajor == 1 && len(r.TransferEncoding) > 0 {
-		// net/http cannot tell us whether a Content-Length came with the
-		// chunked framing (it drops it, RFC 9112 6.3): close after this
-		// response, as the RFC requires then, so that bytes another parser
-		// framed differently never become a second request here.
+		// Chunked: close after this response anyway, so that bytes another
+		// parser framed differently never become a second request here
+		// (and framing stops watching after this head).
 		w.Header().Set("Connection", "close")
 	}
 	if p.draining.Load() {
