@@ -522,8 +522,8 @@ func (c *countedConn) Close() error {
 }
 
 // roundTripper returns h's connection pool for these settings: HTTP/1.1
-// keep-alive (net/http's Transport) or HTTP/2 prior knowledge (x/net/http2's
-// Transport), both dialing through p.dial.
+// keep-alive (net/http's Transport) or HTTP/2 prior knowledge (h2Pool, on
+// x/net/http2's ClientConn), both dialing through p.dialHost.
 func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper {
 	k := rtKey{h2: h2, idle: v.s.idleTimeout, connect: v.s.connectTimeout, maxReqPerConn: v.s.maxReqPerConn, maxStreams: v.s.h2MaxStreams}
 	h.mu.Lock()
@@ -536,7 +536,7 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 	}
 	for old, rt := range h.rts { // the cluster's settings changed: retire the old pool of this protocol
 		if old.h2 == k.h2 {
-			rt.(*http.Transport).CloseIdleConnections()
+			rt.(interface{ CloseIdleConnections() }).CloseIdleConnections()
 			delete(h.rts, old)
 		}
 	}
@@ -552,6 +552,11 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 		c.conns.Add(1)
 		return &countedConn{Conn: nc, h: h, c: c}, nil
 	}
+	if h2 { // HTTP/2 with prior knowledge (h2c) inside the tunnel
+		rt := newH2Pool(dial, k.idle, k.maxStreams, k.maxReqPerConn)
+		h.rts[k] = rt
+		return rt
+	}
 	rt := &http.Transport{
 		DialContext:         func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
 		MaxIdleConnsPerHost: 1024,
@@ -560,12 +565,7 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 		DisableCompression:  true,
 		Protocols:           new(http.Protocols),
 	}
-	if h2 { // HTTP/2 with prior knowledge (h2c) inside the tunnel
-		rt.Protocols.SetUnencryptedHTTP2(true)
-		rt.HTTP2 = &http.HTTP2Config{SendPingTimeout: 30 * time.Second}
-	} else {
-		rt.Protocols.SetHTTP1(true)
-	}
+	rt.Protocols.SetHTTP1(true)
 	h.rts[k] = rt
 	return rt
 }
