@@ -728,27 +728,40 @@ func (c *conn) readDataDirect(fh http2.FrameHeader) (bool, error) {
 		}
 		n -= k
 		c.mu.Lock()
-		var connInc uint32
+		var inc, connInc uint32
+		rest, ok := *chunk, c.streams[fh.StreamID] == s
+		if ok && s.sink != nil {
+			// Straight into a DeliverTo's socket, if it takes it.
+			rest, inc, connInc, ok = c.deliverLocked(s, rest)
+		}
 		switch {
-		case c.streams[fh.StreamID] != s: // closed or reset meanwhile: drop
-			c.creditConnLocked(int64(k))
-			connInc = c.takeConnUpdateLocked()
+		case !ok: // closed or reset meanwhile: drop
+			c.creditConnLocked(int64(len(rest)))
+			connInc += c.takeConnUpdateLocked()
 			*chunk = (*chunk)[:0]
 			recvChunks.Put(chunk)
-		case k >= directDataMin:
+		case len(rest) == 0: // all delivered
+			*chunk = (*chunk)[:0]
+			recvChunks.Put(chunk)
+		case len(rest) < k && s.recv.Len() == 0: // partly delivered
+			s.recv.appendChunkAt(chunk, k-len(rest))
+		case len(rest) == k && k >= directDataMin:
 			s.recv.appendChunk(chunk)
 		default:
-			s.recv.Write(*chunk)
+			s.recv.Write(rest)
 			*chunk = (*chunk)[:0]
 			recvChunks.Put(chunk)
 		}
-		if n == 0 && fh.Flags.Has(http2.FlagDataEndStream) && c.streams[fh.StreamID] == s {
+		ended := n == 0 && fh.Flags.Has(http2.FlagDataEndStream) && ok
+		if ended {
 			s.rclosed = true
 			c.maybeDoneLocked(s)
 		}
-		s.rcond.Broadcast()
+		if ok && (len(rest) > 0 || ended || s.sink != nil && s.sink.err != nil) {
+			s.rcond.Broadcast()
+		}
 		c.mu.Unlock()
-		if err := c.queueConnUpdate(connInc); err != nil {
+		if err := c.queueWindowUpdates(fh.StreamID, inc, connInc); err != nil {
 			return true, err
 		}
 	}
@@ -862,6 +875,14 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		c.creditConnLocked(pad)
 		s.unacked += pad
 	}
+	// Straight into a DeliverTo's socket, if it takes it.
+	data, inc, connInc, ok := c.deliverLocked(s, data)
+	if !ok { // closed or reset meanwhile: drop
+		c.creditConnLocked(int64(len(data)))
+		connInc += c.takeConnUpdateLocked()
+		c.mu.Unlock()
+		return c.queueConnUpdate(connInc)
+	}
 	if len(data) > 0 {
 		s.recv.Write(data)
 	}
@@ -869,9 +890,11 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		s.rclosed = true
 		c.maybeDoneLocked(s)
 	}
-	s.rcond.Broadcast()
+	if len(data) > 0 || f.StreamEnded() || s.sink != nil && s.sink.err != nil {
+		s.rcond.Broadcast()
+	}
 	c.mu.Unlock()
-	return nil
+	return c.queueWindowUpdates(s.id, inc, connInc)
 }
 
 // wakeConnBlockedLocked wakes the writers waiting for the connection's

@@ -46,6 +46,31 @@ func (b *recvBuf) appendChunk(chunk *[]byte) {
 	b.n += len(*chunk)
 }
 
+// appendChunkAt adds chunk, filled to its len and taken from recvChunks,
+// whose first off bytes are already consumed; b must be empty. b owns the
+// chunk from now on.
+func (b *recvBuf) appendChunkAt(chunk *[]byte, off int) {
+	b.chunks = append(b.chunks, chunk)
+	b.off = off
+	b.n += len(*chunk) - off
+}
+
+// next removes the first chunk and returns it with the offset of its
+// unread bytes; the caller owns it (and puts it back in recvChunks). b must
+// not be empty.
+func (b *recvBuf) next() (chunk *[]byte, off int) {
+	chunk, off = b.chunks[b.head], b.off
+	b.n -= len(*chunk) - off
+	b.chunks[b.head] = nil
+	b.head++
+	if b.head == len(b.chunks) {
+		b.chunks = b.chunks[:0]
+		b.head = 0
+	}
+	b.off = 0
+	return chunk, off
+}
+
 // Read moves up to len(p) bytes into p and returns how many.
 func (b *recvBuf) Read(p []byte) int {
 	n := 0

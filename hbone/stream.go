@@ -49,6 +49,7 @@ type stream struct {
 	// connBlocked: the writer waits for the connection's send window
 	// (s is in c.connBlocked).
 	connBlocked bool
+	sink        *delivery // DeliverTo's destination while it runs
 	rdl, wdl    deadline
 }
 
@@ -102,9 +103,18 @@ func (st *Stream) Read(p []byte) (int, error) {
 		s.rcond.Wait()
 	}
 	n := s.recv.Read(p)
+	inc, connInc := c.consumedLocked(s, n)
+	c.mu.Unlock()
+	c.sendWindowUpdates(s.id, inc, connInc)
+	return n, nil
+}
+
+// consumedLocked returns n bytes of s that were read (or delivered) to
+// the windows, and the stream and connection increments to send now.
+// c.mu must be held.
+func (c *conn) consumedLocked(s *stream, n int) (inc, connInc uint32) {
 	c.creditConnLocked(int64(n))
-	connInc := c.takeConnUpdateLocked()
-	var inc uint32
+	connInc = c.takeConnUpdateLocked()
 	if !s.rclosed && s.err == nil {
 		s.unacked += int64(n)
 		if s.unacked >= streamWindow/4 {
@@ -113,9 +123,7 @@ func (st *Stream) Read(p []byte) (int, error) {
 			s.unacked = 0
 		}
 	}
-	c.mu.Unlock()
-	c.sendWindowUpdates(s.id, inc, connInc)
-	return n, nil
+	return inc, connInc
 }
 
 // Write sends p as DATA frames, waiting for flow-control window.

@@ -72,6 +72,17 @@ var (
 	smallBufs = sync.Pool{New: func() any { b := make([]byte, SmallBufSize); return &b }}
 )
 
+// Deliverer is a source that writes what it receives to dst itself, as it
+// arrives, until its EOF (nil), an error, or its read deadline
+// (os.ErrDeadlineExceeded); it returns the bytes written and calls
+// onBytes (if not nil) as it writes, possibly from another goroutine. An
+// HBONE stream is one: its connection's read loop writes each frame into
+// dst's socket, without waking the direction's goroutine. A direction whose
+// source is a Deliverer calls it instead of copying.
+type Deliverer interface {
+	DeliverTo(dst net.Conn, onBytes func(n int64)) (int64, error)
+}
+
 // closeWriter is a connection that can half-close.
 type closeWriter interface{ CloseWrite() error }
 
@@ -322,13 +333,20 @@ func (w *watch) ended(d Direction) {
 }
 
 // copyConn copies src to dst until src's EOF: spliced between TCP sockets,
-// else through a pooled buffer.
+// delivered by a Deliverer source, else through pooled buffers.
 // chunked: splice in SpliceChunk steps even without a hook.
 func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64), chunked bool) (int64, error) {
 	if dt, ok := dst.(*net.TCPConn); ok {
 		if st, ok := src.(*net.TCPConn); ok {
 			return splice(dt, st, d, onBytes, chunked)
 		}
+	}
+	if dl, ok := src.(Deliverer); ok {
+		var hook func(int64)
+		if onBytes != nil {
+			hook = func(n int64) { onBytes(d, n) }
+		}
+		return dl.DeliverTo(dst, hook)
 	}
 	var total int64
 	b := copyBuf{}

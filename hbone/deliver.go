@@ -1,0 +1,208 @@
+package hbone
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+)
+
+// DeliverTo writes what the stream receives to dst until the peer ends its
+// side (it returns nil), the stream fails (its error), its read deadline
+// passes (os.ErrDeadlineExceeded, as Read) or a write to dst fails; it
+// returns the bytes written either way. It is relay.Deliverer: relay.Join
+// calls it instead of reading the stream into a buffer.
+//
+// While dst (a socket: a syscall.Conn) takes the data at once, the
+// connection's read loop writes each DATA frame's payload into it itself,
+// with non-blocking write(2)s: no hand-off to this goroutine (no wake-up per
+// frame) and no copy through the stream's buffer. What the socket does not
+// take at once is kept in the stream's buffer and written here, blocking;
+// once it is all out the read loop writes again. onBytes, if not nil, is
+// called with the bytes written, from either goroutine; it must not block.
+//
+// Do not call Read while DeliverTo runs.
+func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, err error) {
+	var rc syscall.RawConn
+	if sc, ok := dst.(syscall.Conn); ok && st.ext == nil {
+		rc, _ = sc.SyscallConn()
+	}
+	if rc == nil {
+		return copyTo(dst, st, onBytes)
+	}
+	s, c := st.s, st.s.c
+	sk := &delivery{rc: rc, onBytes: onBytes}
+	c.mu.Lock()
+	if s.sink != nil {
+		c.mu.Unlock()
+		return 0, errors.New("hbone: concurrent DeliverTo")
+	}
+	s.sink = sk
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		sk.direct = false
+		sk.leaving = true
+		for sk.busy { // the read loop's write ends at once: it never blocks
+			s.rcond.Wait()
+		}
+		s.sink = nil
+		total += sk.n
+		c.mu.Unlock()
+		if err == io.EOF {
+			err = nil
+		}
+	}()
+	for {
+		c.mu.Lock()
+		for s.recv.Len() == 0 {
+			switch {
+			case sk.err != nil:
+				err = sk.err
+			case s.rclosed:
+				err = io.EOF
+			case s.err != nil:
+				err = s.err
+			case s.rdl.expired:
+				err = os.ErrDeadlineExceeded
+			}
+			if err != nil {
+				c.mu.Unlock()
+				return total, err
+			}
+			sk.direct = true // the read loop writes; it wakes us with what it cannot
+			s.rcond.Wait()
+		}
+		chunk, off := s.recv.next()
+		inc, connInc := c.consumedLocked(s, len(*chunk)-off)
+		c.mu.Unlock()
+		c.sendWindowUpdates(s.id, inc, connInc)
+		n, werr := dst.Write((*chunk)[off:])
+		*chunk = (*chunk)[:0]
+		recvChunks.Put(chunk)
+		total += int64(n)
+		if n > 0 && onBytes != nil {
+			onBytes(int64(n))
+		}
+		if werr != nil {
+			return total, werr
+		}
+	}
+}
+
+// delivery is a stream's DeliverTo destination. Its fields are guarded by the
+// conn's mu, except that the read loop writes to rc while busy.
+type delivery struct {
+	rc      syscall.RawConn
+	onBytes func(int64)
+	direct  bool  // the read loop writes to rc (the stream's buffer is empty)
+	busy    bool  // the read loop is writing to rc, outside mu
+	leaving bool  // DeliverTo returns: it waits for busy to clear
+	n       int64 // bytes the read loop wrote, not yet counted by DeliverTo
+	err     error // the read loop's write error
+}
+
+// write writes what the socket takes of p without waiting: the bytes
+// written, and an error other than EAGAIN.
+func (sk *delivery) write(p []byte) (int, error) {
+	n := 0
+	var werr error
+	err := sk.rc.Write(func(fd uintptr) bool {
+		for len(p) > 0 {
+			k, err := syscall.Write(int(fd), p)
+			if k > 0 {
+				n += k
+				p = p[k:]
+			}
+			if err == syscall.EINTR {
+				continue
+			}
+			if err != nil {
+				if err != syscall.EAGAIN {
+					werr = os.NewSyscallError("write", err)
+				}
+				break
+			}
+		}
+		return true // never wait: the rest is left to DeliverTo
+	})
+	if werr == nil {
+		werr = err
+	}
+	return n, werr
+}
+
+// deliverLocked hands p, received for s, to its DeliverTo sink when the
+// read loop may write it itself: it writes what the socket takes at once
+// (releasing c.mu meanwhile; c.mu is held again on return) and returns the
+// rest, for the stream's buffer, with the window increments to send. ok is
+// false when s was closed or reset meanwhile: the caller drops the rest.
+// c.mu must be held; read loop only.
+func (c *conn) deliverLocked(s *stream, p []byte) (rest []byte, inc, connInc uint32, ok bool) {
+	sk := s.sink
+	if sk == nil || !sk.direct || len(p) == 0 {
+		return p, 0, 0, true
+	}
+	sk.busy = true
+	c.mu.Unlock()
+	n, err := sk.write(p)
+	if n > 0 && sk.onBytes != nil {
+		sk.onBytes(int64(n))
+	}
+	c.mu.Lock()
+	sk.busy = false
+	if sk.leaving {
+		s.rcond.Broadcast()
+	}
+	sk.n += int64(n)
+	if err != nil {
+		sk.err = err
+	}
+	if err != nil || n < len(p) {
+		sk.direct = false
+	}
+	inc, connInc = c.consumedLocked(s, n)
+	return p[n:], inc, connInc, c.streams[s.id] == s
+}
+
+// queueWindowUpdates queues WINDOW_UPDATEs for stream id and the connection
+// (read loop).
+func (c *conn) queueWindowUpdates(id, inc, connInc uint32) error {
+	if inc > 0 {
+		if err := c.queueCtl(ctlFrame{kind: ctlWindowUpdate, id: id, val: inc}); err != nil {
+			return err
+		}
+	}
+	return c.queueConnUpdate(connInc)
+}
+
+// copyTo copies src to dst until src's EOF (nil), through a pooled buffer.
+func copyTo(dst net.Conn, src *Stream, onBytes func(int64)) (int64, error) {
+	bp := recvChunks.Get().(*[]byte)
+	defer recvChunks.Put(bp)
+	buf := (*bp)[:cap(*bp)]
+	var total int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			total += int64(nw)
+			if nw > 0 && onBytes != nil {
+				onBytes(int64(nw))
+			}
+			if werr != nil {
+				return total, werr
+			}
+			if nw != nr {
+				return total, io.ErrShortWrite
+			}
+		}
+		if rerr == io.EOF {
+			return total, nil
+		}
+		if rerr != nil {
+			return total, rerr
+		}
+	}
+}

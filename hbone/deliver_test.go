@@ -1,0 +1,93 @@
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"io"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestDeliverTo: a stream delivered into a socket whose reader stops
+// reading. The read loop writes what the socket takes and buffers the
+// rest (it never blocks: another stream of the connection still echoes),
+// DeliverTo writes the buffer out once the reader reads again, and every
+// byte arrives, in order, more than a connection window's worth (so the
+// windows were credited for what the read loop wrote), counted once.
+func TestDeliverTo(t *testing.T) {
+	checkGoroutines(t)
+	h := newHeldStreams(t)
+	var first atomic.Bool
+	e := newEnv(t, echo, func(s *Server) {
+		// The first stream is held for the test, the others echo.
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			if first.CompareAndSwap(false, true) {
+				h.ServeHBONE(ctx, r)
+				return
+			}
+			dialHandler(ctx, r)
+		})
+	})
+	d := e.dialer()
+	cli, err := d.Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	st := h.next(t)
+	dst, reader := tcpPair(t)
+	defer dst.Close()
+	defer reader.Close()
+
+	const total = connWindow + 5<<20 + 77
+	data := make([]byte, total)
+	rand.Read(data)
+	type result struct {
+		n   int64
+		err error
+	}
+	delivered := make(chan result, 1)
+	var hooked atomic.Int64
+	go func() {
+		n, err := st.DeliverTo(dst, func(n int64) { hooked.Add(n) })
+		delivered <- result{n, err}
+	}()
+	go func() {
+		// Uneven writes: frames of many sizes.
+		rest := data
+		for i := 1; len(rest) > 0; i++ {
+			n := min(len(rest), i*7919%(1<<20)+1)
+			if _, err := cli.Write(rest[:n]); err != nil {
+				return
+			}
+			rest = rest[n:]
+		}
+		cli.CloseWrite()
+	}()
+
+	waitFor(t, "the socket to fill and the stream to buffer", func() bool { return bufferedOn(st) > 0 })
+	echoOnce(t, e, d, 5*time.Second) // the read loop still reads
+
+	got := sha256.New()
+	n, err := io.Copy(got, io.LimitReader(reader, total))
+	if err != nil || n != total {
+		t.Fatalf("read %d bytes, %v; want %d", n, err, total)
+	}
+	if want := sha256.Sum256(data); !bytes.Equal(got.Sum(nil), want[:]) {
+		t.Fatal("delivered bytes differ from those sent")
+	}
+	select {
+	case r := <-delivered:
+		if r.err != nil || r.n != total {
+			t.Fatalf("DeliverTo: %d, %v; want %d, nil", r.n, r.err, total)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("DeliverTo did not return at the stream's end")
+	}
+	if n := hooked.Load(); n != total {
+		t.Fatalf("onBytes counted %d bytes, want %d", n, total)
+	}
+}
