@@ -85,6 +85,7 @@ func (s *Server) reject(r hbone.Rejection) {
 
 // connInfo is what a connection's requests share.
 type connInfo struct {
+	ctx                 context.Context // ends when the QUIC connection does
 	peer, local         spiffeid.ID
 	localAddr, peerAddr netip.AddrPort
 }
@@ -183,7 +184,7 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 
 // connContext records who is on either end of c for its requests.
 func (s *Server) connContext(ctx context.Context, c *quic.Conn) context.Context {
-	info := &connInfo{localAddr: addrPort(c.LocalAddr()), peerAddr: addrPort(c.RemoteAddr())}
+	info := &connInfo{ctx: c.Context(), localAddr: addrPort(c.LocalAddr()), peerAddr: addrPort(c.RemoteAddr())}
 	info.peer, _ = x509svidID(c.ConnectionState().TLS)
 	info.local, _ = s.LocalIdentity(info.localAddr.Addr())
 	return context.WithValue(ctx, connInfoKey{}, info)
@@ -203,9 +204,11 @@ func (s *Server) serveHTTP(base context.Context, w http.ResponseWriter, r *http.
 		w.WriteHeader(status)
 		return
 	}
-	// The handler's context ends with the stream, the connection, or the
-	// server's base context.
-	ctx, cancel := context.WithCancel(r.Context())
+	// The handler's context ends with the connection or the server's base
+	// context; not with r's, which ends when our side of the stream is
+	// closed (a half-close: the tunnel goes on the other way). A reset
+	// stream fails the tunnel's reads and writes.
+	ctx, cancel := context.WithCancel(info.ctx)
 	defer cancel()
 	defer context.AfterFunc(base, cancel)()
 	a := &answerer{w: w, peer: info.peer,
