@@ -68,6 +68,10 @@ type Caller struct {
 	Identity spiffeid.ID
 	// Waypoint is the waypoint the caller is (Waypoint callers).
 	Waypoint WaypointRef
+	// Revoked, if not nil, is closed when the credential the caller
+	// authenticated with is withdrawn (local mode: its secret removed from
+	// or replaced in the credentials file); streams of the caller end then.
+	Revoked <-chan struct{}
 }
 
 // Authenticator turns a bearer token into a Caller. Errors that wrap

@@ -231,16 +231,21 @@ func TestHostFileRotation(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	write("node-1 old-secret-0123456789abcdef\n")
+	write("node-1 old-secret-0123456789abcdef\nnode-2 two-secret-0123456789abcdef\n")
 	h := &auth.HostFile{Path: path, Interval: 10 * time.Millisecond}
 	if err := h.Load(); err != nil {
 		t.Fatal(err)
 	}
 	go func() { _ = h.Start(ctx) }()
-	if c, err := h.Authenticate(ctx, "old-secret-0123456789abcdef"); err != nil || c.Node != "node-1" {
-		t.Fatalf("old secret: %+v %v", c, err)
+	old, err := h.Authenticate(ctx, "old-secret-0123456789abcdef")
+	if err != nil || old.Node != "node-1" || old.Revoked == nil {
+		t.Fatalf("old secret: %+v %v", old, err)
 	}
-	write("node-1 new-secret-0123456789abcdef\n")
+	two, err := h.Authenticate(ctx, "two-secret-0123456789abcdef")
+	if err != nil {
+		t.Fatal(err)
+	}
+	write("node-1 new-secret-0123456789abcdef\nnode-2 two-secret-0123456789abcdef\n")
 	waitLoads := func(n int64) {
 		t.Helper()
 		deadline := time.Now().Add(5 * time.Second)
@@ -257,6 +262,18 @@ func TestHostFileRotation(t *testing.T) {
 	}
 	if _, err := h.Authenticate(ctx, "old-secret-0123456789abcdef"); !errors.Is(err, auth.ErrUnauthenticated) {
 		t.Fatalf("old secret after reload: %v", err)
+	}
+	// The old secret's callers are revoked (their streams end); node-2,
+	// whose secret stayed, is not.
+	select {
+	case <-old.Revoked:
+	default:
+		t.Fatal("the replaced secret's caller is not revoked")
+	}
+	select {
+	case <-two.Revoked:
+		t.Fatal("an unchanged secret's caller was revoked")
+	default:
 	}
 	// Broken, then fixed: the new secret stays in force meanwhile.
 	write("node-1 short\n")

@@ -65,8 +65,9 @@
 // To rotate a host's secret, write the new one to the host's token file
 // (the ztunnel reads it at every call: credential.Bearer with File) and
 // replace the host's line in the credentials file (write a temporary file
-// and rename it over); istiod-lite reloads the file within
-// DefaultHostFileInterval, refuses the old secret from then on and accepts
-// the new one. Streams opened with the old secret continue until their
-// client reconnects.
+// and rename it over); istiod-lite reloads the file within two
+// DefaultHostFileInterval, refuses the old secret from then on, ends the
+// xDS streams opened with it (Caller.Revoked) and accepts the new one; the
+// ztunnel reconnects with the new secret. A file that does not parse, or
+// lists no credential, is not taken.
 package auth

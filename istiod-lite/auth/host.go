@@ -35,7 +35,8 @@ type HostCredentials struct {
 // cluster) by a bearer secret each. Create it with NewHostAuthenticator,
 // HostCredentials.Authenticator or LoadHostCredentials.
 type HostAuthenticator struct {
-	callers map[[sha256.Size]byte]*Caller // sha256(secret) -> caller (read-only); lookups by hash do not leak secret prefixes through timing
+	callers map[[sha256.Size]byte]*Caller       // sha256(secret) -> caller (read-only); lookups by hash do not leak secret prefixes through timing
+	revoke  map[[sha256.Size]byte]chan struct{} // sha256(secret) -> its callers' Revoked; closed by HostFile when the secret goes
 }
 
 // NewHostAuthenticator takes host name -> secret. Secrets must be at least
@@ -51,7 +52,8 @@ func (c HostCredentials) Authenticator() (*HostAuthenticator, error) {
 	if td.IsZero() {
 		td = identity.DefaultTrustDomain
 	}
-	a := &HostAuthenticator{callers: make(map[[sha256.Size]byte]*Caller, len(c.Hosts)+len(c.Waypoints))}
+	n := len(c.Hosts) + len(c.Waypoints)
+	a := &HostAuthenticator{callers: make(map[[sha256.Size]byte]*Caller, n), revoke: make(map[[sha256.Size]byte]chan struct{}, n)}
 	add := func(secret string, caller *Caller) error {
 		if len(secret) < MinHostSecretLen {
 			return fmt.Errorf("host credentials: secret of %s is shorter than %d bytes", caller.Name, MinHostSecretLen)
@@ -61,6 +63,7 @@ func (c HostCredentials) Authenticator() (*HostAuthenticator, error) {
 			return fmt.Errorf("host credentials: %s and %s share a secret", caller.Name, other.Name)
 		}
 		a.callers[h] = caller
+		a.revoke[h] = make(chan struct{})
 		return nil
 	}
 	for host, secret := range c.Hosts {
@@ -140,5 +143,6 @@ func (a *HostAuthenticator) Authenticate(_ context.Context, token string) (*Call
 		return nil, fmt.Errorf("%w: unknown host credential", ErrUnauthenticated)
 	}
 	cc := *c
+	cc.Revoked = a.revoke[sha256.Sum256([]byte(token))]
 	return &cc, nil
 }

@@ -3,6 +3,7 @@ package auth
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -21,8 +22,12 @@ const DefaultHostFileInterval = 2 * time.Second
 // changes, so that secrets rotate without a restart: from the reload on, a
 // removed or replaced secret is refused and a new one accepted. A file that
 // no longer parses is not taken: the last good credentials stay, and the
-// error is logged until the file is fixed. Streams authenticated before a
-// reload are not re-checked; they end when their client reconnects.
+// error is logged until the file is fixed. A change is taken once it has
+// been the same for one Interval, so that a file written in place is not
+// read half-written; writing a temporary file and renaming it over is
+// better still. A file that lists no credential is not taken either. A caller whose secret a reload
+// removes or gives to another caller is revoked (Caller.Revoked is closed):
+// istiod-lite ends its xDS streams.
 //
 // Call Load before serving, then run Start.
 type HostFile struct {
@@ -36,18 +41,19 @@ type HostFile struct {
 	// Logger (discard if nil).
 	Logger *slog.Logger
 
-	cur    atomic.Pointer[HostAuthenticator] // the credentials in force; nil before Load
-	mu      sync.Mutex        // guards sum, bad and missing; serializes reloads
-	sum     [sha256.Size]byte // of the content in force
-	bad     [sha256.Size]byte // of the last content refused (logged once)
-	missing bool              // the file could not be read last time (logged once)
-	loaded atomic.Int64                      // successful loads, for tests and logs
+	cur     atomic.Pointer[HostAuthenticator] // the credentials in force; nil before Load
+	mu      sync.Mutex                        // guards sum, bad, missing and seen; serializes reloads
+	sum     [sha256.Size]byte                 // of the content in force
+	bad     [sha256.Size]byte                 // of the last content refused (logged once)
+	missing bool                              // the file could not be read last time (logged once)
+	seen    [sha256.Size]byte                 // of the content the last look found: taken when the next look finds it again
+	loaded  atomic.Int64                      // successful loads, for tests and logs
 }
 
 // Load reads the file now; it fails when the file cannot be read or parsed
 // (the credentials in force, if any, stay).
 func (h *HostFile) Load() error {
-	_, err := h.reload()
+	_, err := h.reload(false)
 	return err
 }
 
@@ -62,8 +68,11 @@ func (h *HostFile) log() *slog.Logger {
 }
 
 // reload takes the file's content if it changed; changed says whether it
-// did (and was taken).
-func (h *HostFile) reload() (changed bool, err error) {
+// did (and was taken). When settle is set (polling), a new content is taken
+// only once two looks in a row find it: a file being written in place is
+// not taken half-written. A file without any credential replaces none
+// (an emptied file is a write under way more often than an intent).
+func (h *HostFile) reload(settle bool) (changed bool, err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	data, err := os.ReadFile(h.Path)
@@ -79,7 +88,14 @@ func (h *HostFile) reload() (changed bool, err error) {
 	if h.cur.Load() != nil && sum == h.sum {
 		return false, nil
 	}
+	if settle && sum != h.seen {
+		h.seen = sum
+		return false, nil
+	}
 	a, err := parseHostCredentials(h.Path, data, h.TrustDomain)
+	if err == nil && a.len() == 0 && h.cur.Load() != nil {
+		err = errors.New("host credentials: the file lists no credential")
+	}
 	if err != nil {
 		if sum != h.bad && h.cur.Load() != nil {
 			h.log().Error("host credentials not reloaded: keeping the previous ones", "file", h.Path, "err", err)
@@ -87,7 +103,23 @@ func (h *HostFile) reload() (changed bool, err error) {
 		h.bad = sum
 		return false, err
 	}
+	// A secret that stays, for the same caller, keeps its Revoked; the
+	// others' are closed once the new credentials are in force.
+	old := h.cur.Load()
+	var gone []chan struct{}
+	if old != nil {
+		for k, c := range old.callers {
+			if nc, ok := a.callers[k]; ok && *nc == *c {
+				a.revoke[k] = old.revoke[k]
+			} else {
+				gone = append(gone, old.revoke[k])
+			}
+		}
+	}
 	h.cur.Store(a)
+	for _, ch := range gone {
+		close(ch)
+	}
 	h.sum, h.bad = sum, [sha256.Size]byte{}
 	h.loaded.Add(1)
 	return true, nil
@@ -108,7 +140,7 @@ func (h *HostFile) Start(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		if changed, _ := h.reload(); changed { // errors are logged once each by reload
+		if changed, _ := h.reload(true); changed { // errors are logged once each by reload
 			h.log().Info("host credentials reloaded", "file", h.Path, "callers", h.cur.Load().len())
 		}
 	}

@@ -23,6 +23,8 @@ import (
 	"testing"
 	"time"
 
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc"
@@ -33,6 +35,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	capb "github.com/ambit-mesh/ambit/api/ca/v1"
+	"github.com/ambit-mesh/ambit/api/workload"
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/certs/caclient"
 	"github.com/ambit-mesh/ambit/identity"
@@ -413,6 +416,19 @@ func TestHostSecretRotation(t *testing.T) {
 	if err := issue(node1Secret); err != nil {
 		t.Fatal(err)
 	}
+	// An xDS stream opened with the secret about to be replaced.
+	tlsConf := caclient.TLSConfig(ls.roots, identity.DefaultTrustDomain, identity.ControlPlane(identity.DefaultTrustDomain))
+	st, closeStream, err := openADS(ctx, ls.addr, tlsConf, node1Secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeStream()
+	if err := st.Send(&discovery.DeltaDiscoveryRequest{Node: &core.Node{Id: "node-1"}, TypeUrl: workload.WorkloadType, ResourceNamesSubscribe: []string{"*"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
 	const rotated = "node-one-rotated-secret-0123456789"
 	if err := issue(rotated); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("the new secret before the rotation: %v", err)
@@ -433,6 +449,17 @@ func TestHostSecretRotation(t *testing.T) {
 	}
 	if err := issue(node1Secret); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("the old secret after the rotation: %v, want Unauthenticated", err)
+	}
+	// The stream opened with it ends.
+	for {
+		_, err := st.Recv()
+		if err == nil {
+			continue // a push that was under way
+		}
+		if status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("the old secret's xDS stream after the rotation: %v, want Unauthenticated", err)
+		}
+		break
 	}
 	// A broken file keeps the credentials in force.
 	if err := os.WriteFile(ls.creds, []byte("node-1 short\n"), 0o600); err != nil {

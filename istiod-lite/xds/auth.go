@@ -56,7 +56,29 @@ func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerIn
 			s.refuse("xds client refused", caller.Name, "peer", peerAddr(ctx), "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "code", codes.PermissionDenied.String(), "reason", msg)
 			return status.Error(codes.PermissionDenied, msg)
 		}
-		return handler(srv, callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller)})
+		cs := callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller), revoked: caller.Revoked}
+		if caller.Revoked != nil {
+			var cancel context.CancelFunc
+			cs.ctx, cancel = context.WithCancel(cs.ctx)
+			defer cancel()
+			go func() {
+				select {
+				case <-caller.Revoked:
+					s.log.Warn("xds stream ended: its credential was revoked", "peer", peerAddr(ctx), "caller", caller.Name)
+					cancel()
+				case <-cs.ctx.Done():
+				}
+			}()
+		}
+		err = handler(srv, cs)
+		if caller.Revoked != nil {
+			select {
+			case <-caller.Revoked:
+				return errRevoked // the handler ends a stream whose receive failed without an error
+			default:
+			}
+		}
+		return err
 	}
 }
 
@@ -105,13 +127,40 @@ func callerFrom(ctx context.Context) *auth.Caller {
 }
 
 // callerStream carries the authenticated caller in its context to the
-// stream callbacks.
+// stream callbacks, and ends the stream when the caller is revoked: its
+// context is cancelled and RecvMsg fails, which ends the xDS handler.
 type callerStream struct {
 	grpc.ServerStream
-	ctx context.Context
+	ctx     context.Context
+	revoked <-chan struct{} // Caller.Revoked; nil: never
 }
 
 func (s callerStream) Context() context.Context { return s.ctx }
+
+// errRevoked ends the stream of a revoked caller.
+var errRevoked = status.Error(codes.Unauthenticated, "credential revoked")
+
+func (s callerStream) RecvMsg(m any) error {
+	if s.revoked == nil {
+		return s.ServerStream.RecvMsg(m)
+	}
+	select {
+	case <-s.revoked:
+		return errRevoked
+	default:
+	}
+	// The receive goes on in its own goroutine until the stream ends
+	// (when the handler returns), so a revocation need not wait for the
+	// client's next request. go-control-plane gives each RecvMsg a new m.
+	done := make(chan error, 1)
+	go func() { done <- s.ServerStream.RecvMsg(m) }()
+	select {
+	case err := <-done:
+		return err
+	case <-s.revoked:
+		return errRevoked
+	}
+}
 
 func peerAddr(ctx context.Context) string {
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
