@@ -53,7 +53,7 @@ func TestUnknownPodDestination(t *testing.T) {
 		}
 		waitFor(t, "the access log", func() bool {
 			l := n1.logs.String()
-			return strings.Contains(l, "destination in the pod CIDRs is unknown to the config") && strings.Contains(l, `"response_flags":"NR"`)
+			return strings.Contains(l, "destination in the pod CIDRs is unknown to the config") && strings.Contains(l, `"outcome":"failed"`)
 		})
 	})
 
