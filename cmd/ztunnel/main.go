@@ -215,6 +215,9 @@ func run(ctx context.Context, o options) error {
 		h = slog.NewTextHandler(os.Stderr, hopts)
 	}
 	log := slog.New(h).With("node", o.node)
+	if limit := setMemoryLimit(); limit > 0 {
+		log.Info("go memory limit from the container's", "gomemlimit", limit)
+	}
 
 	switch {
 	case o.configFile == "" && o.xdsAddr == "":
