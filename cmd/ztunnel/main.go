@@ -94,6 +94,8 @@ Usage: ztunnel [flags]
 	fs.StringVar(&o.proxy.OutboundAddr, "outbound-addr", fmt.Sprintf(":%d", model.PortOutbound), "outbound capture listener (empty: off)")
 	fs.StringVar(&o.proxy.InboundAddr, "inbound-addr", fmt.Sprintf(":%d", model.PortInbound), "inbound plaintext capture listener (empty: off)")
 	fs.StringVar(&o.proxy.HBONEAddr, "hbone-addr", fmt.Sprintf(":%d", model.PortHBONE), "HBONE listener (empty: off)")
+	fs.BoolVar(&o.proxy.QUIC, "hbone-quic", os.Getenv("AMBIT_HBONE_QUIC") == "true", "HBONE over HTTP/3 (QUIC): also serve it on UDP at --hbone-addr, and tunnel over it to destinations that advertise it (label ambit.dev/hbone-quic=enabled), falling back to HTTP/2 when a QUIC dial fails ($AMBIT_HBONE_QUIC=true)")
+	fs.DurationVar(&o.proxy.QUICRetryAfter, "hbone-quic-retry-after", ztunnel.DefaultQUICRetryAfter, "how long a destination whose QUIC dial failed is reached over HTTP/2 only")
 	fs.StringVar(&o.proxy.SOCKS5Addr, "socks5-addr", fmt.Sprintf("127.0.0.1:%d", model.PortSOCKS5), "SOCKS5 listener for hosts without eBPF (empty: off)")
 	fs.StringVar(&o.proxy.AdminAddr, "admin-addr", fmt.Sprintf("127.0.0.1:%d", model.PortAdmin), "admin listener; keep it on localhost (empty: off)")
 	fs.StringVar(&o.proxy.MetricsAddr, "metrics-addr", fmt.Sprintf(":%d", model.PortMetrics), "Prometheus metrics listener (empty: off)")
