@@ -2,25 +2,24 @@ package waypoint
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
 	"sync"
 	"time"
-
-	"golang.org/x/net/http2"
 )
 
 // h2Pool is one endpoint's HTTP/2 (prior knowledge) connections, as
 // Envoy's HTTP/2 connection pool: a request goes on a connection with a
 // free stream under maxStreams (http2_protocol_options
-// .max_concurrent_streams; 0: the server's SETTINGS only), or on a new one;
+// .max_concurrent_streams; 0: the server's SETTINGS only), or on a new one
+// (net/http's ClientConn, one per connection);
 // a connection that has carried maxRequests requests
 // (max_requests_per_connection; 0: no limit) takes no more and closes when
 // its last stream ends. A stream counts until its response body is done.
 type h2Pool struct {
-	t           *http2.Transport
-	dial        func(ctx context.Context) (net.Conn, error)
+	t           *http.Transport // makes the connections (NewClientConn), never pools
 	maxStreams  int
 	maxRequests int64
 
@@ -33,7 +32,7 @@ type h2Pool struct {
 // Its fields but ready are guarded by h2Pool.mu.
 type h2Conn struct {
 	ready   chan struct{} // closed once dialled: cc or err is set
-	cc      *http2.ClientConn
+	cc      *http.ClientConn
 	err     error
 	active  int   // streams open or waiting for the connection
 	used    int64 // requests sent
@@ -41,11 +40,15 @@ type h2Conn struct {
 }
 
 func newH2Pool(dial func(ctx context.Context) (net.Conn, error), idle time.Duration, maxStreams uint32, maxRequests int64) *h2Pool {
-	return &h2Pool{
-		t: &http2.Transport{AllowHTTP: true, DisableCompression: true, IdleConnTimeout: idle,
-			ReadIdleTimeout: 30 * time.Second, PingTimeout: 15 * time.Second},
-		dial: dial, maxStreams: int(maxStreams), maxRequests: maxRequests,
+	t := &http.Transport{
+		DialContext:        func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
+		DisableCompression: true,
+		IdleConnTimeout:    idle,
+		Protocols:          new(http.Protocols),
+		HTTP2:              &http.HTTP2Config{SendPingTimeout: 30 * time.Second},
 	}
+	t.Protocols.SetUnencryptedHTTP2(true) // prior knowledge (h2c) inside the tunnel
+	return &h2Pool{t: t, maxStreams: int(maxStreams), maxRequests: maxRequests}
 }
 
 // RoundTrip sends req on a pooled connection with a free stream, or on a
@@ -80,13 +83,10 @@ func (p *h2Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 // connect dials c for every request waiting on it: the first one's
 // cancellation does not fail the others (the dial has its own timeout).
 func (p *h2Pool) connect(ctx context.Context, c *h2Conn) {
-	var cc *http2.ClientConn
-	nc, err := p.dial(context.WithoutCancel(ctx))
-	if err == nil {
-		if cc, err = p.t.NewClientConn(nc); err != nil {
-			nc.Close()
-			err = &connectError{err}
-		}
+	cc, err := p.t.NewClientConn(context.WithoutCancel(ctx), "http", "upstream:80") // the address is the dialer's
+	var ce *connectError
+	if err != nil && !errors.As(err, &ce) {
+		err = &connectError{err}
 	}
 	p.mu.Lock()
 	c.cc, c.err = cc, err
@@ -106,7 +106,7 @@ func (p *h2Pool) take() (pick *h2Conn, dial bool) {
 		usable := !c.retired
 		select {
 		case <-c.ready:
-			usable = usable && c.err == nil && c.cc.CanTakeNewRequest()
+			usable = usable && c.err == nil && c.cc.Available() > 0
 			if !usable && c.active == 0 {
 				dead = append(dead, c)
 				continue
