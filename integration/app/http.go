@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"google.golang.org/grpc"
 )
 
 // Pod annotations that make a pod's workload the HTTP server (HTTP) instead
@@ -53,7 +55,8 @@ func HTTPFromAnnotations(name string, annotations map[string]string) (*HTTP, err
 //	ambit-app <name> peer=<ip:port>\n
 //
 // (header X-Ambit-App: <name>), so a client behind a proxy can tell which
-// backend answered. FailRatio makes it a flaky backend; Delay a slow one.
+// backend answered. It also serves gRPC (grpc.health.v1.Health) to
+// connections opening with the HTTP/2 preface: see grpc.go. FailRatio makes it a flaky backend; Delay a slow one.
 // The zero value is usable; Serve may be called once.
 type HTTP struct {
 	// Name identifies the server in its answers (usually the pod name).
@@ -71,8 +74,10 @@ type HTTP struct {
 
 	served, failed atomic.Uint64
 
-	mu     sync.Mutex // guards srv, closed
+	mu     sync.Mutex // guards srv, split, grpc, closed
 	srv    *http.Server
+	split  *splitListener // HTTP/2-preface connections to grpc (grpc.go)
+	grpc   *grpc.Server
 	closed bool
 }
 
@@ -134,9 +139,18 @@ func (h *HTTP) Serve(ln net.Listener) error {
 	}
 	h.srv = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second,
 		ErrorLog: slog.NewLogLogger(logger(h.Logger).Handler(), slog.LevelDebug)}
-	srv := h.srv
+	h.split, h.grpc = newSplitListener(ln), h.newGRPC()
+	srv, split, gs := h.srv, h.split, h.grpc
 	h.mu.Unlock()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+	gerr := make(chan error, 1)
+	go func() { gerr <- serveGRPC(gs, split.h2) }()
+	err := srv.Serve(split.h1)
+	gs.Stop()
+	split.Close()
+	if err := <-gerr; err != nil {
+		return fmt.Errorf("app grpc %s: %w", h.Name, err)
+	}
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("app http %s: %w", h.Name, err)
 	}
 	return nil
@@ -150,8 +164,11 @@ func (h *HTTP) Close() error {
 		return nil
 	}
 	h.closed = true
-	if h.srv != nil {
-		return h.srv.Close()
+	if h.srv == nil {
+		return nil
 	}
-	return nil
+	err := h.srv.Close()
+	h.grpc.Stop()
+	h.split.Close()
+	return err
 }
