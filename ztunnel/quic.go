@@ -54,7 +54,8 @@ type quicDialer struct {
 	dialTimeout time.Duration
 	retryAfter  time.Duration
 	log         *slog.Logger
-	onFallback  func() // counts fallbacks; may be nil
+	onFallback  func()                     // counts fallbacks; may be nil
+	isLocal     func(*model.Workload) bool // a workload of this node (reached over HTTP/2); may be nil
 
 	mu     sync.Mutex                   // guards failed
 	failed map[netip.AddrPort]time.Time // QUIC destination -> retry after
@@ -92,8 +93,8 @@ func (d *quicDialer) useQUIC(r hbone.DialRequest) bool {
 	if w == nil {
 		w = snap.WorkloadByIP(r.Target.Addr())
 	}
-	if w == nil || !w.QUIC {
-		return false
+	if w == nil || !w.QUIC || (d.isLocal != nil && d.isLocal(w)) {
+		return false // a pod of this node: the capture steers TCP 15008 back to us, not UDP
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -152,6 +153,7 @@ func (p *Proxy) setupQUIC(ctx context.Context, h2 *hbone.Dialer) (tunnelDialer, 
 		dialTimeout: dialTimeout,
 		retryAfter:  positive(p.cfg.QUICRetryAfter, DefaultQUICRetryAfter),
 		log:         p.log,
+		isLocal:     p.cfg.isLocal,
 	}
 	ln := p.listeners[ListenerHBONE]
 	if ln == nil {
