@@ -214,7 +214,8 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		QUIC:              model.QUICAdvertised(nsLabels, p.Labels),
 	}
 	if gw := p.Labels["gateway.networking.k8s.io/gateway-name"]; gw != "" && t.isWaypoint(p.Namespace, gw) {
-		return w // a waypoint's own pods do not go through a waypoint
+		w.QUIC = false // a waypoint serves HBONE over HTTP/2 only
+		return w       // a waypoint's own pods do not go through a waypoint
 	}
 	if name, wns, fromPod := useWaypoint(p.Labels, p.Namespace, nsLabels); name != "" {
 		w.Waypoint = t.waypoint("Pod", p.Namespace, p.Name, wns, name, false, fromPod)
