@@ -213,6 +213,13 @@ func (f *Flows) Counts() (published, dropped uint64) {
 	return f.published.Load(), f.dropped.Load()
 }
 
+// Readers returns the number of readers.
+func (f *Flows) Readers() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.subs)
+}
+
 // Publish records fl (Node and Time filled in when empty) and hands it to
 // the readers whose filter it passes, without waiting for any.
 func (f *Flows) Publish(fl Flow) {
