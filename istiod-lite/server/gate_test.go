@@ -535,10 +535,11 @@ func TestFloodOfGarbageTokens(t *testing.T) {
 	rate := float64(calls.Load()) / time.Since(start).Seconds()
 	t.Logf("%d garbage calls (%.0f/s) from 4 sources: %d log lines; legitimate issuance: median %v quiet, %v during the flood (%d issued)",
 		calls.Load(), rate, lines, median(quiet), median(flooded), len(flooded))
-	if max := int(floodFor/auth.DefaultRefusalInterval+2) * (auth.DefaultRefusalBurst + 1); lines > max {
+	max := int(floodFor/auth.DefaultRefusalInterval+2) * (auth.DefaultRefusalBurst + 1)
+	if lines > max {
 		t.Errorf("%d log lines for %d refused calls, want at most %d", lines, calls.Load(), max)
 	}
-	if calls.Load() < 1000 {
+	if calls.Load() < int64(20*max) { // ~2000/s here, ~150/s under -race
 		t.Errorf("only %d garbage calls: not a flood", calls.Load())
 	}
 	if m := median(flooded); m > time.Second {
