@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -133,7 +134,20 @@ func TestDelegated(t *testing.T) {
 	client := spiffeid.RequireFromPath(td, "/ns/shop/sa/client")
 	server := spiffeid.RequireFromPath(td, "/ns/shop/sa/server")
 	nobody := spiffeid.RequireFromPath(td, "/ns/shop/sa/nobody")
-	e.entry(t, spireenv.Entry{ID: client, Parent: e.nodes, Selectors: []string{"k8s:ns:shop", "k8s:sa:client"}, X509SVIDTTL: ttl})
+	// A federated trust domain's bundle (as a federation relationship
+	// would store it): the agent sends it with the client's SVIDs.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	foreign := spiffeid.RequireTrustDomainFromString("partner.test")
+	foreignCA, err := certs.NewSelfSignedCA(foreign, certs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.server.SetFederatedBundle(ctx, foreignCA.Bundle()); err != nil {
+		t.Fatal(err)
+	}
+	e.entry(t, spireenv.Entry{ID: client, Parent: e.nodes, Selectors: []string{"k8s:ns:shop", "k8s:sa:client"}, X509SVIDTTL: ttl,
+		FederatesWith: []spiffeid.TrustDomain{foreign}})
 	serverEntry := e.entry(t, spireenv.Entry{ID: server, Parent: e.nodes, Selectors: []string{"k8s:ns:shop", "k8s:sa:server"}, X509SVIDTTL: time.Hour})
 	// Another entry matching a subset of client's selectors: the provider
 	// must still pick client's own.
@@ -143,8 +157,6 @@ func TestDelegated(t *testing.T) {
 	defer p.Close()
 	p.SetIdentities([]spiffeid.ID{client, server})
 
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
 	bundle, err := e.server.Bundle(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -173,6 +185,13 @@ func TestDelegated(t *testing.T) {
 		}
 		if _, err := p.GetX509BundleForTrustDomain(spiffeid.RequireTrustDomainFromString("other.test")); err == nil {
 			t.Error("a bundle for an unknown trust domain")
+		}
+		var fb *x509bundle.Bundle
+		if !eventually(10*time.Second, func() bool { fb, _ = p.GetX509BundleForTrustDomain(foreign); return fb != nil }) {
+			t.Fatal("no federated bundle from the agent")
+		}
+		if !fb.Equal(foreignCA.Bundle()) {
+			t.Errorf("federated bundle %v, want %v", fb.X509Authorities(), foreignCA.Bundle().X509Authorities())
 		}
 		if _, err := get(p, nobody); !errors.Is(err, spire.ErrNoSVID) {
 			t.Errorf("identity without an entry: %v, want ErrNoSVID", err)

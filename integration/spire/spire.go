@@ -241,6 +241,8 @@ type Entry struct {
 	Selectors []string
 	// X509SVIDTTL is the lifetime of its SVIDs (the server's default if 0).
 	X509SVIDTTL time.Duration
+	// FederatesWith are trust domains whose bundles come with its SVIDs.
+	FederatesWith []spiffeid.TrustDomain
 }
 
 // CreateEntry registers e and returns its entry ID.
@@ -248,6 +250,9 @@ func (s *Server) CreateEntry(ctx context.Context, e Entry) (string, error) {
 	args := []string{"-parentID", e.Parent.String(), "-spiffeID", e.ID.String()}
 	for _, sel := range e.Selectors {
 		args = append(args, "-selector", sel)
+	}
+	for _, td := range e.FederatesWith {
+		args = append(args, "-federatesWith", td.IDString())
 	}
 	if e.X509SVIDTTL > 0 {
 		args = append(args, "-x509SVIDTTL", strconv.Itoa(int(e.X509SVIDTTL/time.Second)))
@@ -277,6 +282,21 @@ func (s *Server) Bundle(ctx context.Context) (*x509bundle.Bundle, error) {
 		return nil, err
 	}
 	return x509bundle.Parse(s.opts.TrustDomain, []byte(out))
+}
+
+// SetFederatedBundle stores b as the bundle of its (foreign) trust domain,
+// as a federation relationship would.
+func (s *Server) SetFederatedBundle(ctx context.Context, b *x509bundle.Bundle) error {
+	pem, err := b.Marshal()
+	if err != nil {
+		return err
+	}
+	f := filepath.Join(s.opts.Dir, "federated-"+b.TrustDomain().Name()+".pem")
+	if err := os.WriteFile(f, pem, 0o600); err != nil {
+		return err
+	}
+	_, err = s.cli(ctx, []string{"bundle", "set"}, "-id", b.TrustDomain().IDString(), "-path", f, "-format", "pem")
+	return err
 }
 
 // Close kills the server.
