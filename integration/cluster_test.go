@@ -66,7 +66,9 @@ func startCluster(t *testing.T, nodes ...string) *clusterEnv {
 			t.Fatal(err)
 		}
 		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Logger: log, Register: true, TLS: serverTLS,
-			WorkDir: filepath.Join(work, "kubelet-"+n.Name)}
+			WorkDir:     filepath.Join(work, "kubelet-"+n.Name),
+			Images:      map[string]string{echoImage: istioEcho(t)},
+			Entrypoints: map[string]string{echoImage: "server"}}
 		e.kls[n.Name] = kl
 		wg.Add(1)
 		go func() {
@@ -259,6 +261,45 @@ func TestCluster(t *testing.T) {
 		t.Error("port-forward did not reach the pod")
 	}
 
+	// The Gateway API conformance suite's echo Deployment (its image, its
+	// arguments), run from Istio's echo server; the suite's requests are
+	// its client, exec'd in the pod.
+	echo := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: "echo-v1", Namespace: ns},
+		Spec: appsv1.DeploymentSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "echo-v1"}},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: map[string]string{"app": "echo-v1"}},
+				Spec: corev1.PodSpec{Containers: []corev1.Container{{
+					Name: "echo", Image: echoImage,
+					Args: []string{"--tcp=9090", "--port=8080", "--grpc=7070", "--port=8443", "--tls=8443", "--crt=/cert.crt", "--key=/cert.key"},
+				}}},
+			},
+		},
+	}
+	if _, err := e.cs.AppsV1().Deployments(ns).Create(ctx, echo, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var echoIP string
+	e.wait(60*time.Second, "a running echo-v1 pod", func(ctx context.Context) (bool, error) {
+		pods, err := e.cs.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=echo-v1"})
+		if err != nil || len(pods.Items) != 1 || pods.Items[0].Status.PodIP == "" {
+			return false, err
+		}
+		echoIP = pods.Items[0].Status.PodIP
+		return true, nil
+	})
+	for _, url := range []string{"http://" + echoIP + ":8080/conformance", "grpc://" + echoIP + ":7070", "https://" + echoIP + ":8443/tls"} {
+		var out string
+		e.wait(30*time.Second, "an answer from Istio's echo server at "+url, func(context.Context) (bool, error) {
+			out, err = e.kubectl("-n", ns, "exec", "deploy/echo-v1", "--", "client", url, "--insecure-skip-verify")
+			return err == nil && strings.Contains(out, "Hostname=echo-v1-") && strings.Contains(out, "StatusCode=200"), err
+		})
+	}
+	if err := e.cs.AppsV1().Deployments(ns).Delete(ctx, "echo-v1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
 	// Scaling down: the ReplicaSet controller deletes one, the kubelet stops
 	// it and removes it, the EndpointSlice keeps the other.
 	if _, err := e.kubectl("-n", ns, "scale", "deploy/echo", "--replicas=1"); err != nil {
@@ -294,6 +335,39 @@ func TestCluster(t *testing.T) {
 	if _, err := e.cs.CoreV1().Pods(ns).Get(ctx, a.Name, metav1.GetOptions{}); !apierrors.IsNotFound(err) {
 		t.Errorf("pod %s: %v, want NotFound", a.Name, err)
 	}
+}
+
+// echoImage is the Gateway API conformance suite's echo image.
+const echoImage = "registry.k8s.io/gateway-api/echo-advanced:v1.5.1"
+
+// istioEchoVersion is the istio.io/istio version whose echo server and
+// client integration/apiserver/build-echo.sh builds (AMBIT_ISTIO_VERSION).
+const istioEchoVersion = "v0.0.0-20260827124520-eed52ebb66ad"
+
+// istioEcho returns the directory build-echo.sh fills (the echo image's
+// root: server, client, cert.crt, cert.key), failing the test when it is
+// not built: make tools builds it, never a test.
+func istioEcho(t *testing.T) string {
+	t.Helper()
+	ver := os.Getenv("AMBIT_ISTIO_VERSION")
+	if ver == "" {
+		ver = istioEchoVersion
+	}
+	cache := os.Getenv("AMBIT_CACHE")
+	if cache == "" {
+		d, err := os.UserCacheDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cache = filepath.Join(d, "ambit")
+	}
+	dir := filepath.Join(cache, "istio-echo-"+ver)
+	for _, f := range []string{"server", "client", "cert.crt", "cert.key"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Fatalf("Istio's echo is not built (%v): run `make tools` (integration/apiserver/build-echo.sh)", err)
+		}
+	}
+	return dir
 }
 
 // portForward runs kubectl port-forward to target's port and reports

@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -214,10 +215,11 @@ func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Contain
 			for _, src := range v.Projected.Sources {
 				switch {
 				case src.ServiceAccountToken != nil:
-					if k.Token == nil {
-						return nil, fmt.Errorf("volume %s: a service-account token needs Kubelet.Token", v.Name)
+					mint := k.Token
+					if mint == nil {
+						mint = k.requestToken
 					}
-					tok, err := k.Token(ctx, pod, src.ServiceAccountToken.Audience)
+					tok, err := mint(ctx, pod, src.ServiceAccountToken.Audience)
 					if err != nil {
 						return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 					}
@@ -255,6 +257,30 @@ func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Contain
 		out[m.MountPath] = vd
 	}
 	return out, nil
+}
+
+// requestToken mints pod's service-account token for audience (none: the
+// API server's) with the TokenRequest API, bound to the pod, as a kubelet
+// does for a projected serviceAccountToken volume.
+func (k *Kubelet) requestToken(ctx context.Context, pod *corev1.Pod, audience string) (string, error) {
+	var auds []string
+	if audience != "" {
+		auds = []string{audience}
+	}
+	sa := pod.Spec.ServiceAccountName
+	if sa == "" {
+		sa = "default"
+	}
+	req := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		Audiences:         auds,
+		ExpirationSeconds: new(int64(3600)),
+		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID},
+	}}
+	resp, err := k.Client.CoreV1().ServiceAccounts(pod.Namespace).CreateToken(ctx, sa, req, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("token for %s/%s: %w", pod.Namespace, sa, err)
+	}
+	return resp.Status.Token, nil
 }
 
 func (k *Kubelet) writeConfigMap(ctx context.Context, ns, name string, items []corev1.KeyToPath, dir string) error {

@@ -81,8 +81,8 @@ type Kubelet struct {
 	// command: the images' ENTRYPOINTs.
 	Entrypoints map[string]string
 	// Token mints a projected serviceAccountToken volume's token for pod
-	// (its service account, audience, bound to the pod). Required when an
-	// image-run pod mounts one.
+	// (its service account, audience, bound to the pod). Default: a
+	// TokenRequest with Client, bound to the pod, valid for an hour.
 	Token func(ctx context.Context, pod *corev1.Pod, audience string) (string, error)
 	// WorkDir receives image-run pods' volumes and logs (default: a
 	// directory under os.TempDir()).

@@ -11,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 )
 
 // Version is the kubelet version a registered Node reports (the
@@ -67,8 +68,13 @@ func (k *Kubelet) register(ctx context.Context, apiPort int) error {
 }
 
 // updateNodeStatus writes the Node's status: capacity, addresses, daemon
-// endpoint, node info, and conditions whose heartbeat is now.
+// endpoint, node info, and conditions whose heartbeat is now (again on a
+// conflict: the control plane writes the Node too).
 func (k *Kubelet) updateNodeStatus(ctx context.Context) error {
+	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return k.tryUpdateNodeStatus(ctx) })
+}
+
+func (k *Kubelet) tryUpdateNodeStatus(ctx context.Context) error {
 	nodes := k.Client.CoreV1().Nodes()
 	cur, err := nodes.Get(ctx, k.Node.Name, metav1.GetOptions{})
 	if err != nil {
@@ -118,8 +124,12 @@ func (k *Kubelet) updateNodeStatus(ctx context.Context) error {
 }
 
 // renewLease creates or renews the node's Lease in kube-node-lease (owned
-// by the Node, as a kubelet's).
+// by the Node, as a kubelet's), again on a conflict.
 func (k *Kubelet) renewLease(ctx context.Context) error {
+	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return k.tryRenewLease(ctx) })
+}
+
+func (k *Kubelet) tryRenewLease(ctx context.Context) error {
 	leases := k.Client.CoordinationV1().Leases(corev1.NamespaceNodeLease)
 	now := metav1.NewMicroTime(time.Now())
 	cur, err := leases.Get(ctx, k.Node.Name, metav1.GetOptions{})
