@@ -65,7 +65,7 @@ func startCluster(t *testing.T, nodes ...string) *clusterEnv {
 		if err != nil {
 			t.Fatal(err)
 		}
-		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Logger: log, Register: true, TLS: serverTLS,
+		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Logger: log, Register: true, TLS: serverTLS, ClusterDNS: true,
 			WorkDir:     filepath.Join(work, "kubelet-"+n.Name),
 			Images:      map[string]string{echoImage: istioEcho(t)},
 			Entrypoints: map[string]string{echoImage: "server"}}
@@ -259,6 +259,20 @@ func TestCluster(t *testing.T) {
 	}
 	if !e.portForward(ctx, ns, "pod/"+b.Name, "8080", b.Name) {
 		t.Error("port-forward did not reach the pod")
+	}
+
+	// Cluster DNS: the pod's resolver (its own /etc/resolv.conf, search
+	// path) finds the Service's ClusterIP by its short name.
+	svcIP := ""
+	if s, err := e.cs.CoreV1().Services(ns).Get(ctx, "echo", metav1.GetOptions{}); err == nil {
+		svcIP = s.Spec.ClusterIP
+	}
+	out, err = e.kubectl("-n", ns, "exec", a.Name, "--", "getent", "hosts", "echo")
+	if err != nil || !strings.HasPrefix(out, svcIP+" ") || !strings.Contains(out, "echo.web.svc.cluster.local") {
+		t.Errorf("getent hosts echo in %s: %q, %v; want %s echo.web.svc.cluster.local", a.Name, out, err, svcIP)
+	}
+	if out, err := e.kubectl("-n", ns, "exec", a.Name, "--", "getent", "hosts", "nope.web.svc.cluster.local"); err == nil {
+		t.Errorf("getent hosts of a Service that does not exist: %q", out)
 	}
 
 	// The Gateway API conformance suite's echo Deployment (its image, its

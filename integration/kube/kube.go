@@ -244,6 +244,9 @@ func (c *Cluster) start(ctx context.Context, bins componentBins, opts Options) e
 		"--kubelet-certificate-authority=" + files.caCert,
 		"--kubelet-client-certificate=" + files.kubeletClientCert,
 		"--kubelet-client-key=" + files.kubeletClientKey,
+		// Published in kube-system/extension-apiserver-authentication,
+		// which the controller manager and the scheduler read.
+		"--client-ca-file=" + files.caCert,
 		"--cert-dir=" + filepath.Join(c.dir, "pki"),
 		"--v=0",
 	}

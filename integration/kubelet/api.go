@@ -368,6 +368,9 @@ func (r *running) nsenterArgs(k *Kubelet) []string {
 	if r.uts != "" {
 		args = append(args, "--uts="+r.uts)
 	}
+	if r.mnt != "" {
+		args = append(args, "--mount="+r.mnt)
+	}
 	return append(args, "--")
 }
 

@@ -50,6 +50,7 @@ type containerSpec struct {
 	env      []string
 	probeURL string // the readiness probe's (HTTP GET), "" without one
 	uts      string // the pod's UTS namespace, "" for none
+	mnt      string // the pod's mount namespace, "" for none
 }
 
 // resolve turns container c of pod into a process spec: its image mapped to a
@@ -369,6 +370,9 @@ func (pr *proc) run(p *netns.Pod, spec *containerSpec) (<-chan struct{}, error) 
 	ns := []string{"--net=" + p.NS.Path()}
 	if spec.uts != "" {
 		ns = append(ns, "--uts="+spec.uts)
+	}
+	if spec.mnt != "" {
+		ns = append(ns, "--mount="+spec.mnt)
 	}
 	cmd := exec.Command("nsenter", append(append(ns, "--", spec.bin), spec.args...)...)
 	cmd.Env = spec.env

@@ -108,6 +108,12 @@ type Kubelet struct {
 	// 127.0.0.1:0). A registered Node publishes its port and the address
 	// "localhost".
 	APIAddress string
+	// ClusterDNS serves the cluster's DNS on the node's address, port 53,
+	// for Services (<service>.<namespace>.svc.cluster.local: the
+	// ClusterIP), and gives every pod (but hostNetwork ones) a mount
+	// namespace of its own in which /etc/resolv.conf names it (with a
+	// kubelet's search path) and /etc/hosts the pod.
+	ClusterDNS bool
 
 	nodeUID types.UID // the registered Node's; set before the pod loop starts
 	apiPort int       // the kubelet API's port (0 without TLS); set before the pod loop starts
@@ -124,6 +130,7 @@ type running struct {
 	specs      map[string]*containerSpec // image-run containers, by name
 	net        *netns.Pod                // nil for hostNetwork pods
 	uts        string                    // the pinned UTS namespace, "" for hostNetwork pods
+	mnt        string                    // the pinned mount namespace, "" unless ClusterDNS
 	logs       []*os.File                // in-process workloads' container logs
 	servers    []*app.Server
 	https      []*app.HTTP
@@ -184,6 +191,13 @@ func (k *Kubelet) Start(ctx context.Context) error {
 				log.Error("kubelet api", "err", err)
 			}
 		}()
+	}
+	if k.ClusterDNS {
+		bg.Add(1)
+		if err := k.startDNS(bgCtx, log, bg.Done); err != nil {
+			bg.Done()
+			return err
+		}
 	}
 	if k.Register {
 		if err := k.register(ctx, k.apiPort); err != nil {
@@ -301,6 +315,14 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 		k.teardown(r)
 		return err
 	}
+	if k.ClusterDNS {
+		r.mnt = filepath.Join(mntDir, p.NS.Name)
+		if err := k.newMountNS(r.mnt, dir, pod, p.IP); err != nil {
+			r.mnt = ""
+			k.teardown(r)
+			return err
+		}
+	}
 	if err := k.setStatus(ctx, pod, p.IP.String(), false); err != nil {
 		k.teardown(r)
 		return err
@@ -319,7 +341,7 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 				k.teardown(r)
 				return fmt.Errorf("container %s: %w", c.Name, err)
 			}
-			spec.uts = r.uts
+			spec.uts, spec.mnt = r.uts, r.mnt
 			r.specs[c.Name] = spec
 			r.procs = append(r.procs, k.startProc(pod, p, pod.Namespace+"."+pod.Name+"."+c.Name, spec, dir, log))
 			ran = true
@@ -513,6 +535,9 @@ func (k *Kubelet) teardownGrace(r *running, grace time.Duration) {
 	}
 	if r.uts != "" {
 		removeUTS(r.uts)
+	}
+	if r.mnt != "" {
+		removeMountNS(r.mnt)
 	}
 	if r.net != nil {
 		k.Node.RemovePod(r.net)
