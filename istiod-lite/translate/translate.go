@@ -22,6 +22,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/ambit-mesh/ambit/model"
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
 // Defaults for Options.
@@ -313,27 +314,14 @@ func podReady(p *corev1.Pod) bool {
 	return false
 }
 
-func firstLabel(l map[string]string, keys ...string) string {
-	for _, k := range keys {
-		if v := l[k]; v != "" {
-			return v
-		}
-	}
-	return ""
-}
-
+// canonicalName and canonicalRevision are Istio's derivations from the
+// pod's labels, the ones the proxies' telemetry uses.
 func canonicalName(p *corev1.Pod) string {
-	if v := firstLabel(p.Labels, "service.istio.io/canonical-name", "app.kubernetes.io/name", "app"); v != "" {
-		return v
-	}
-	return workloadName(p)
+	return telemetry.CanonicalService(p.Labels, workloadName(p))
 }
 
 func canonicalRevision(p *corev1.Pod) string {
-	if v := firstLabel(p.Labels, "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"); v != "" {
-		return v
-	}
-	return "latest"
+	return telemetry.CanonicalRevision(p.Labels)
 }
 
 // workloadName is the owning controller's name: a ReplicaSet's pod-template
