@@ -33,6 +33,7 @@ func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, e
 	}
 	s, c := st.s, st.s.c
 	sk := &delivery{rc: rc, onBytes: onBytes}
+	sk.writeFn = sk.writeFD
 	c.mu.Lock()
 	if s.sink != nil {
 		c.mu.Unlock()
@@ -101,36 +102,46 @@ type delivery struct {
 	leaving bool  // DeliverTo returns: it waits for busy to clear
 	n       int64 // bytes the read loop wrote, not yet counted by DeliverTo
 	err     error // the read loop's write error
+
+	// write's state, read loop only.
+	writeFn func(fd uintptr) bool
+	wp      []byte
+	wn      int
+	werr    error
 }
 
 // write writes what the socket takes of p without waiting: the bytes
-// written, and an error other than EAGAIN.
+// written, and an error other than EAGAIN. Read loop only (while busy).
 func (sk *delivery) write(p []byte) (int, error) {
-	n := 0
-	var werr error
-	err := sk.rc.Write(func(fd uintptr) bool {
-		for len(p) > 0 {
-			k, err := syscall.Write(int(fd), p)
-			if k > 0 {
-				n += k
-				p = p[k:]
-			}
-			if err == syscall.EINTR {
-				continue
-			}
-			if err != nil {
-				if err != syscall.EAGAIN {
-					werr = os.NewSyscallError("write", err)
-				}
-				break
-			}
-		}
-		return true // never wait: the rest is left to DeliverTo
-	})
-	if werr == nil {
-		werr = err
+	sk.wp, sk.wn, sk.werr = p, 0, nil
+	if err := sk.rc.Write(sk.writeFn); sk.werr == nil {
+		sk.werr = err
 	}
-	return n, werr
+	n, err := sk.wn, sk.werr
+	sk.wp, sk.werr = nil, nil
+	return n, err
+}
+
+// writeFD is write's RawConn.Write callback (sk.writeFn, made once: a
+// closure per write would be an allocation per frame).
+func (sk *delivery) writeFD(fd uintptr) bool {
+	for len(sk.wp) > 0 {
+		k, err := syscall.Write(int(fd), sk.wp)
+		if k > 0 {
+			sk.wn += k
+			sk.wp = sk.wp[k:]
+		}
+		if err == syscall.EINTR {
+			continue
+		}
+		if err != nil {
+			if err != syscall.EAGAIN {
+				sk.werr = os.NewSyscallError("write", err)
+			}
+			break
+		}
+	}
+	return true // never wait: the rest is left to DeliverTo
 }
 
 // deliverLocked hands p, received for s, to its DeliverTo sink when the
