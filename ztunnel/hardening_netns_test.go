@@ -196,8 +196,15 @@ func TestNetnsHardening(t *testing.T) {
 		if r.peer.Addr() != n1.IP {
 			t.Errorf("a3 saw %s, want the node's address %s", r.peer, n1.IP)
 		}
-		want := `"via":"inbound","src":"` + n1.IP.String()
-		waitFor(t, "n1's access log: "+want, func() bool { return strings.Contains(zts["n1"].logs.String(), want) })
+		want := []string{`"via":"inbound"`, `"` + n1.IP.String() + `:`, netip.AddrPortFrom(a3.IP, 8080).String()}
+		waitFor(t, fmt.Sprintf("n1's access log: a line with %q", want), func() bool {
+			for _, line := range strings.Split(zts["n1"].logs.String(), "\n") {
+				if strings.Contains(line, want[0]) && strings.Contains(line, want[1]) && strings.Contains(line, want[2]) {
+					return true
+				}
+			}
+			return false
+		})
 	})
 
 	writeConfig("peerAuthentications:\n- {name: default, namespace: ambit-system, mode: STRICT}\n")
