@@ -29,6 +29,8 @@ import (
 //   - a destination in --pod-cidrs that the config does not know is
 //     reset after the wait, never passed through in clear (item 13).
 //
+// The topology:
+//
 //	n1: a1 (enrolled client), a2 (not enrolled), a3 (enrolled); host :9001
 //	n2: b2 (not enrolled), b3 (not in the config at all); host :9000
 func TestNetnsHardening(t *testing.T) {
