@@ -306,7 +306,7 @@ func TestFloodOfUnauthenticatedLargeRequests(t *testing.T) {
 	if max := int(floodFor/auth.DefaultRefusalInterval+2) * (auth.DefaultRefusalBurst + 1); floodLines > max {
 		t.Errorf("%d log lines for %d refused calls, want at most %d:\n%s", floodLines, calls.Load(), max, ls.logs.buf.String())
 	}
-	if issued < 10 || slowest > 2*time.Second {
+	if issued < 3 || slowest > 2*time.Second { // ~40 here, ~10 under -race
 		t.Errorf("legitimate issuance during the flood: %d certificates, slowest %v", issued, slowest)
 	}
 }
