@@ -9,10 +9,13 @@
 // other connection to a pod goes to 15006. Packets of connections that
 // ztunnel holds (its transparent deliveries to pods, the captured
 // connections) are matched to its sockets first. The node's own connections
-// to pods (health probes, ztunnel's deliveries) are not captured, except
-// connections to a pod's port 15008, which are ztunnel's tunnels to its own
-// pods. When no ztunnel listens, a new connection is refused with a RST that
-// the program builds; nothing leaves unencrypted.
+// to pods are captured like any client's (15006, or 15008 for port 15008:
+// ztunnel's tunnels to its own pods): a host-network process gets no more
+// than a pod on another node. Only ztunnel's own packets (their socket mark
+// has Options.BypassMark) and kubelet's health probes (sockets of the
+// cgroups of Options.ProbeCgroups) reach a pod directly. When no ztunnel
+// listens, a new connection is refused with a RST that the program builds;
+// nothing leaves unencrypted.
 //
 // A Capture loads the programs and pins their links and maps in bpffs, so
 // capture outlives the process: a ztunnel restart neither detaches capture
@@ -26,8 +29,13 @@
 //     three: the accepted sockets' local address is the pod's or the original
 //     destination, not the node's; Transparent sets it); the original
 //     destination is the accepted connection's LocalAddr;
+//   - mark its sockets, the three listeners included (accepted connections
+//     inherit the mark), with BypassMark (SO_MARK);
 //   - deliver to local pods either from its own address or, to keep the
-//     client's address, with IP_TRANSPARENT and a bind to it;
+//     client's address, with IP_TRANSPARENT and a bind to it; it may send a
+//     pod's plain TCP to destinations outside the mesh from the pod's
+//     address the same way (replies are matched to its socket like those
+//     of deliveries), except to the node's own addresses;
 //   - refuse a captured connection whose original destination is one of its
 //     own listeners (a loop);
 //   - close the connections it holds for a pod before RemovePod (or the
