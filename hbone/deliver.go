@@ -15,11 +15,13 @@ import (
 // calls it instead of reading the stream into a buffer.
 //
 // While dst (a socket: a syscall.Conn) takes the data at once, the
-// connection's read loop writes each DATA frame's payload into it itself,
-// with non-blocking write(2)s: no hand-off to this goroutine (no wake-up per
-// frame) and no copy through the stream's buffer. What the socket does not
-// take at once is kept in the stream's buffer and written here, blocking;
-// once it is all out the read loop writes again. onBytes, if not nil, is
+// connection's read loop writes the payload of each DATA frame under 32 KiB
+// into it itself, with non-blocking write(2)s: no hand-off to this
+// goroutine (no wake-up per frame: requests and responses) and no copy
+// through the stream's buffer. What the socket does not take at once, and
+// larger frames (bulk transfers), are kept in the stream's buffer and
+// written here, blocking, several frames per writev(2); once the buffer is
+// empty the read loop writes again. onBytes, if not nil, is
 // called with the bytes written, from either goroutine; it must not block.
 //
 // Do not call Read while DeliverTo runs.
@@ -75,22 +77,37 @@ func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, e
 			sk.direct = true // the read loop writes; it wakes us with what it cannot
 			s.rcond.Wait()
 		}
-		chunk, off := s.recv.next()
-		inc, connInc := c.consumedLocked(s, len(*chunk)-off)
+		// Everything gathered (up to maxGather chunks), with one writev(2).
+		var chunks [maxGather]*[]byte
+		var bufs [maxGather][]byte
+		k, m := 0, 0
+		for ; k < maxGather && s.recv.Len() > 0; k++ {
+			chunk, off := s.recv.next()
+			chunks[k], bufs[k] = chunk, (*chunk)[off:]
+			m += len(bufs[k])
+		}
+		inc, connInc := c.consumedLocked(s, m)
 		c.mu.Unlock()
 		c.sendWindowUpdates(s.id, inc, connInc)
-		n, werr := dst.Write((*chunk)[off:])
-		*chunk = (*chunk)[:0]
-		recvChunks.Put(chunk)
-		total += int64(n)
+		nb := net.Buffers(bufs[:k])
+		n, werr := nb.WriteTo(dst)
+		for _, chunk := range chunks[:k] {
+			*chunk = (*chunk)[:0]
+			recvChunks.Put(chunk)
+		}
+		total += n
 		if n > 0 && onBytes != nil {
-			onBytes(int64(n))
+			onBytes(n)
 		}
 		if werr != nil {
 			return total, werr
 		}
 	}
 }
+
+// maxGather is how many of the stream's buffered chunks DeliverTo writes
+// at once: 256 KiB of 64 KiB chunks.
+const maxGather = 4
 
 // delivery is a stream's DeliverTo destination. Its fields are guarded by the
 // conn's mu, except that the read loop writes to rc while busy.
@@ -152,7 +169,7 @@ func (sk *delivery) writeFD(fd uintptr) bool {
 // c.mu must be held; read loop only.
 func (c *conn) deliverLocked(s *stream, p []byte) (rest []byte, inc, connInc uint32, ok bool) {
 	sk := s.sink
-	if sk == nil || !sk.direct || len(p) == 0 {
+	if sk == nil || !sk.direct || len(p) == 0 || s.recv.Len() > 0 {
 		return p, 0, 0, true
 	}
 	sk.busy = true

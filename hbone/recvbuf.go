@@ -46,15 +46,6 @@ func (b *recvBuf) appendChunk(chunk *[]byte) {
 	b.n += len(*chunk)
 }
 
-// appendChunkAt adds chunk, filled to its len and taken from recvChunks,
-// whose first off bytes are already consumed; b must be empty. b owns the
-// chunk from now on.
-func (b *recvBuf) appendChunkAt(chunk *[]byte, off int) {
-	b.chunks = append(b.chunks, chunk)
-	b.off = off
-	b.n += len(*chunk) - off
-}
-
 // next removes the first chunk and returns it with the offset of its
 // unread bytes; the caller owns it (and puts it back in recvChunks). b must
 // not be empty.
