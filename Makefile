@@ -6,7 +6,7 @@ BENCH_PKGS ?= ./hbone/... ./bpf/... ./istiod-lite/... ./authz/... ./ztunnel/...
 GOFLAGS ?=
 export GOFLAGS
 
-.PHONY: all build test integration demo bench generate lint deps tools clean images
+.PHONY: all build test integration demo bench generate lint deps tools clean images conformance
 
 all: build
 
@@ -45,6 +45,15 @@ integration: tools
 	$(GO) test -count=1 -timeout 20m -tags integration -v -run . ./integration/
 
 # ambit's main job: the local mesh demo on the embedded default (examples/).
+# The upstream Gateway API conformance suite, profile MESH-HTTP, against
+# ambit on the harness cluster (integration/cluster_conformance_test.go);
+# its report: conformance/report-mesh-http.yaml.
+conformance: tools
+	@scripts/install-deps.sh integration
+	@nice -n 10 integration/apiserver/build-conformance.sh >/dev/null
+	AMBIT_CONFORMANCE_SUITE=$$(integration/apiserver/build-conformance.sh) \
+		$(GO) test -count=1 -timeout 60m -tags integration,conformance -v -run '^TestConformance$$' ./integration/
+
 demo:
 	@scripts/install-deps.sh base
 	$(GO) run ./integration/demo $(DEMOFLAGS)
