@@ -4,18 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
-	"net/netip"
-	"sync"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/hbone/h3"
-	"github.com/ambit-mesh/ambit/model"
 )
 
 // ListenerQUIC names the UDP socket of HBONE over HTTP/3, for Addr.
@@ -25,117 +20,31 @@ const ListenerQUIC = "hbone-quic"
 const (
 	// DefaultQUICDialTimeout bounds a QUIC dial before falling back to
 	// HTTP/2: where UDP is dropped, nothing answers at all.
-	DefaultQUICDialTimeout = 2 * time.Second
+	DefaultQUICDialTimeout = h3.DefaultFallbackDialTimeout
 	// DefaultQUICRetryAfter is how long a destination whose QUIC dial
 	// failed is reached over HTTP/2 only.
-	DefaultQUICRetryAfter = 5 * time.Minute
-	// maxQUICFailures bounds the remembered failures.
-	maxQUICFailures = 4096
+	DefaultQUICRetryAfter = h3.DefaultRetryAfter
 )
 
-// tunnelDialer opens HBONE streams: *hbone.Dialer, or quicDialer in front
-// of it.
+// tunnelDialer opens HBONE streams: *hbone.Dialer, or *h3.Fallback in
+// front of it (Config.QUIC).
 type tunnelDialer interface {
 	Dial(ctx context.Context, r hbone.DialRequest) (*hbone.Stream, error)
 	Conns() int
 	Close() error
 }
 
-// quicDialer tunnels over HTTP/3 to destinations whose ztunnel advertises
-// it (model.Workload.QUIC), over HTTP/2 otherwise. A QUIC dial that fails
-// without an answer from the server (UDP blocked, no QUIC listener, a
-// handshake refused) falls back to HTTP/2 at once, and the destination
-// address is dialed over HTTP/2 only for retryAfter. An answer (401, 503)
-// is final: the server decided. It never falls back to plaintext.
-type quicDialer struct {
-	h2          *hbone.Dialer
-	h3          *h3.Dialer
-	store       *model.Store
-	dialTimeout time.Duration
-	retryAfter  time.Duration
-	log         *slog.Logger
-	onFallback  func()                     // counts fallbacks; may be nil
-	isLocal     func(*model.Workload) bool // a workload of this node (reached over HTTP/2); may be nil
-
-	mu     sync.Mutex                   // guards failed
-	failed map[netip.AddrPort]time.Time // QUIC destination -> retry after
-}
-
-// Dial implements tunnelDialer.
-func (d *quicDialer) Dial(ctx context.Context, r hbone.DialRequest) (*hbone.Stream, error) {
-	if !d.useQUIC(r) {
-		return d.h2.Dial(ctx, r)
-	}
-	qctx, cancel := context.WithTimeout(ctx, d.dialTimeout)
-	st, err := d.h3.Dial(qctx, r)
-	cancel()
-	if err == nil {
-		return st, nil
-	}
-	var se *hbone.StatusError
-	if errors.As(err, &se) || ctx.Err() != nil {
-		return nil, err
-	}
-	d.remember(r.Addr)
-	d.log.Info("hbone over quic failed: falling back to http/2", "addr", r.Addr, "retry_after", d.retryAfter.String(), "err", err)
-	if d.onFallback != nil {
-		d.onFallback()
-	}
-	return d.h2.Dial(ctx, r)
-}
-
-// useQUIC reports whether r's destination advertises QUIC and has not
-// failed it lately. The destination is the workload owning the dialed
-// address (a pod, or its waypoint), else the target's.
-func (d *quicDialer) useQUIC(r hbone.DialRequest) bool {
-	snap := d.store.Load()
+// quicUse reports whether a tunnel should try HTTP/3: its destination (the
+// workload owning the dialed address, a pod or its waypoint, else the
+// target's) advertises it and is not on this node (the capture steers TCP
+// 15008 to a local pod back to us, not UDP).
+func (p *Proxy) quicUse(r hbone.DialRequest) bool {
+	snap := p.cfg.Store.Load()
 	w := snap.WorkloadByIP(r.Addr.Addr())
 	if w == nil {
 		w = snap.WorkloadByIP(r.Target.Addr())
 	}
-	if w == nil || !w.QUIC || (d.isLocal != nil && d.isLocal(w)) {
-		return false // a pod of this node: the capture steers TCP 15008 back to us, not UDP
-	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	until, ok := d.failed[r.Addr]
-	if !ok {
-		return true
-	}
-	if time.Now().Before(until) {
-		return false
-	}
-	delete(d.failed, r.Addr)
-	return true
-}
-
-func (d *quicDialer) remember(a netip.AddrPort) {
-	now := time.Now()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.failed == nil {
-		d.failed = map[netip.AddrPort]time.Time{}
-	}
-	if len(d.failed) >= maxQUICFailures {
-		for k, until := range d.failed {
-			if now.After(until) {
-				delete(d.failed, k)
-			}
-		}
-		if len(d.failed) >= maxQUICFailures {
-			clear(d.failed) // worst case: some retry QUIC early
-		}
-	}
-	d.failed[a] = now.Add(d.retryAfter)
-}
-
-// Conns counts both transports' connections.
-func (d *quicDialer) Conns() int { return d.h2.Conns() + d.h3.Conns() }
-
-// Close closes both dialers.
-func (d *quicDialer) Close() error {
-	d.h3.Close()
-	return d.h2.Close()
+	return w != nil && w.QUIC && !p.cfg.isLocal(w)
 }
 
 // setupQUIC puts the QUIC dialer in front of h2 when Config.QUIC is set,
@@ -146,14 +55,15 @@ func (p *Proxy) setupQUIC(ctx context.Context, h2 *hbone.Dialer) (tunnelDialer, 
 		return h2, nil
 	}
 	dialTimeout := positive(p.cfg.QUICDialTimeout, DefaultQUICDialTimeout)
-	qd := &quicDialer{
-		h2:          h2,
-		h3:          &h3.Dialer{Certs: p.cfg.Certs, Logger: p.log.With("component", "h3"), ListenPacket: p.listenUDPMarked, HandshakeTimeout: dialTimeout},
-		store:       p.cfg.Store,
-		dialTimeout: dialTimeout,
-		retryAfter:  positive(p.cfg.QUICRetryAfter, DefaultQUICRetryAfter),
-		log:         p.log,
-		isLocal:     p.cfg.isLocal,
+	qd := &h3.Fallback{
+		H2:          h2,
+		H3:          &h3.Dialer{Certs: p.cfg.Certs, Logger: p.log.With("component", "h3"), ListenPacket: p.listenUDPMarked, HandshakeTimeout: dialTimeout},
+		Use:         p.quicUse,
+		DialTimeout: dialTimeout,
+		RetryAfter:  positive(p.cfg.QUICRetryAfter, DefaultQUICRetryAfter),
+		OnFallback: func(r hbone.DialRequest, err error) {
+			p.log.Info("hbone over quic failed: falling back to http/2", "addr", r.Addr, "err", err)
+		},
 	}
 	ln := p.listeners[ListenerHBONE]
 	if ln == nil {

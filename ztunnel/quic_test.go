@@ -1,10 +1,11 @@
 package ztunnel
 
 import (
-	"net"
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/ambit-mesh/ambit/hbone/h3"
 )
 
 // quicMesh is testMesh with QUIC on both nodes (serve, on node2, only when
@@ -51,9 +52,9 @@ func TestQUICTunnel(t *testing.T) {
 	if _, err := exchange(c, 4<<20, 3<<20, 9); err != nil {
 		t.Fatal(err)
 	}
-	qd := m.n1.p.dialer.(*quicDialer)
-	if qd.h3.Conns() != 1 || qd.h2.Conns() != 0 {
-		t.Errorf("h3 connections %d, h2 %d; want 1, 0", qd.h3.Conns(), qd.h2.Conns())
+	qd := m.n1.p.dialer.(*h3.Fallback)
+	if qd.H3.Conns() != 1 || qd.H2.Conns() != 0 {
+		t.Errorf("h3 connections %d, h2 %d; want 1, 0", qd.H3.Conns(), qd.H2.Conns())
 	}
 	// A destination that does not advertise QUIC: HTTP/2.
 	m.serverB.QUIC = false
@@ -65,8 +66,8 @@ func TestQUICTunnel(t *testing.T) {
 	if _, err := exchange(c, 1<<10, 1<<10, 10); err != nil {
 		t.Fatal(err)
 	}
-	if qd.h2.Conns() != 1 {
-		t.Errorf("h2 connections %d to a destination without QUIC, want 1", qd.h2.Conns())
+	if qd.H2.Conns() != 1 {
+		t.Errorf("h2 connections %d to a destination without QUIC, want 1", qd.H2.Conns())
 	}
 }
 
@@ -98,5 +99,4 @@ func TestQUICFallback(t *testing.T) {
 	if n := len(m.srvA.all()); n != 2 {
 		t.Errorf("server saw %d connections, want 2", n)
 	}
-	var _ net.Conn
 }
