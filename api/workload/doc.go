@@ -4,4 +4,4 @@
 // `go generate ./api/workload` regenerates it.
 package workload
 
-//go:generate sh -c "go build -o ${TMPDIR:-/tmp}/ambit-protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go && protoc --plugin=protoc-gen-go=${TMPDIR:-/tmp}/ambit-protoc-gen-go --go_out=. --go_opt=paths=source_relative workload.proto"
+//go:generate sh -c "go build -o ${TMPDIR:-/tmp}/ambit-protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go && protoc --plugin=protoc-gen-go=${TMPDIR:-/tmp}/ambit-protoc-gen-go -I../.. --go_out=../.. --go_opt=paths=source_relative api/workload/workload.proto"

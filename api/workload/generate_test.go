@@ -19,10 +19,10 @@ func TestGeneratedCodeIsCurrent(t *testing.T) {
 	if out, err := exec.Command("go", "build", "-o", plugin, "google.golang.org/protobuf/cmd/protoc-gen-go").CombinedOutput(); err != nil {
 		t.Fatalf("build protoc-gen-go: %v\n%s", err, out)
 	}
-	if out, err := exec.Command("protoc", "--plugin=protoc-gen-go="+plugin, "--go_out="+dir, "--go_opt=paths=source_relative", "workload.proto").CombinedOutput(); err != nil {
+	if out, err := exec.Command("protoc", "--plugin=protoc-gen-go="+plugin, "-I../..", "--go_out="+dir, "--go_opt=paths=source_relative", "api/workload/workload.proto").CombinedOutput(); err != nil {
 		t.Fatalf("protoc: %v\n%s", err, out)
 	}
-	got, err := os.ReadFile(filepath.Join(dir, "workload.pb.go"))
+	got, err := os.ReadFile(filepath.Join(dir, "api", "workload", "workload.pb.go"))
 	if err != nil {
 		t.Fatal(err)
 	}

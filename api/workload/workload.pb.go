@@ -19,7 +19,7 @@
 // versions:
 // 	protoc-gen-go v1.36.12
 // 	protoc        v3.21.12
-// source: workload.proto
+// source: api/workload/workload.proto
 
 package workload
 
@@ -69,11 +69,11 @@ func (x TunnelProtocol) String() string {
 }
 
 func (TunnelProtocol) Descriptor() protoreflect.EnumDescriptor {
-	return file_workload_proto_enumTypes[0].Descriptor()
+	return file_api_workload_workload_proto_enumTypes[0].Descriptor()
 }
 
 func (TunnelProtocol) Type() protoreflect.EnumType {
-	return &file_workload_proto_enumTypes[0]
+	return &file_api_workload_workload_proto_enumTypes[0]
 }
 
 func (x TunnelProtocol) Number() protoreflect.EnumNumber {
@@ -82,7 +82,7 @@ func (x TunnelProtocol) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use TunnelProtocol.Descriptor instead.
 func (TunnelProtocol) EnumDescriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{0}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{0}
 }
 
 // Action of an Authorization.
@@ -116,11 +116,11 @@ func (x Action) String() string {
 }
 
 func (Action) Descriptor() protoreflect.EnumDescriptor {
-	return file_workload_proto_enumTypes[1].Descriptor()
+	return file_api_workload_workload_proto_enumTypes[1].Descriptor()
 }
 
 func (Action) Type() protoreflect.EnumType {
-	return &file_workload_proto_enumTypes[1]
+	return &file_api_workload_workload_proto_enumTypes[1]
 }
 
 func (x Action) Number() protoreflect.EnumNumber {
@@ -129,7 +129,7 @@ func (x Action) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use Action.Descriptor instead.
 func (Action) EnumDescriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{1}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{1}
 }
 
 // MTLSMode of a PeerAuthentication.
@@ -169,11 +169,11 @@ func (x MTLSMode) String() string {
 }
 
 func (MTLSMode) Descriptor() protoreflect.EnumDescriptor {
-	return file_workload_proto_enumTypes[2].Descriptor()
+	return file_api_workload_workload_proto_enumTypes[2].Descriptor()
 }
 
 func (MTLSMode) Type() protoreflect.EnumType {
-	return &file_workload_proto_enumTypes[2]
+	return &file_api_workload_workload_proto_enumTypes[2]
 }
 
 func (x MTLSMode) Number() protoreflect.EnumNumber {
@@ -182,7 +182,7 @@ func (x MTLSMode) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use MTLSMode.Descriptor instead.
 func (MTLSMode) EnumDescriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{2}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{2}
 }
 
 // Workload is one pod, VM or host process.
@@ -220,7 +220,7 @@ type Workload struct {
 
 func (x *Workload) Reset() {
 	*x = Workload{}
-	mi := &file_workload_proto_msgTypes[0]
+	mi := &file_api_workload_workload_proto_msgTypes[0]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -232,7 +232,7 @@ func (x *Workload) String() string {
 func (*Workload) ProtoMessage() {}
 
 func (x *Workload) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[0]
+	mi := &file_api_workload_workload_proto_msgTypes[0]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -245,7 +245,7 @@ func (x *Workload) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Workload.ProtoReflect.Descriptor instead.
 func (*Workload) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{0}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{0}
 }
 
 func (x *Workload) GetUid() string {
@@ -374,7 +374,7 @@ type GatewayAddress struct {
 
 func (x *GatewayAddress) Reset() {
 	*x = GatewayAddress{}
-	mi := &file_workload_proto_msgTypes[1]
+	mi := &file_api_workload_workload_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -386,7 +386,7 @@ func (x *GatewayAddress) String() string {
 func (*GatewayAddress) ProtoMessage() {}
 
 func (x *GatewayAddress) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[1]
+	mi := &file_api_workload_workload_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -399,7 +399,7 @@ func (x *GatewayAddress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GatewayAddress.ProtoReflect.Descriptor instead.
 func (*GatewayAddress) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{1}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{1}
 }
 
 func (x *GatewayAddress) GetName() string {
@@ -446,7 +446,7 @@ type Service struct {
 
 func (x *Service) Reset() {
 	*x = Service{}
-	mi := &file_workload_proto_msgTypes[2]
+	mi := &file_api_workload_workload_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -458,7 +458,7 @@ func (x *Service) String() string {
 func (*Service) ProtoMessage() {}
 
 func (x *Service) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[2]
+	mi := &file_api_workload_workload_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -471,7 +471,7 @@ func (x *Service) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Service.ProtoReflect.Descriptor instead.
 func (*Service) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{2}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *Service) GetName() string {
@@ -537,7 +537,7 @@ type Port struct {
 
 func (x *Port) Reset() {
 	*x = Port{}
-	mi := &file_workload_proto_msgTypes[3]
+	mi := &file_api_workload_workload_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -549,7 +549,7 @@ func (x *Port) String() string {
 func (*Port) ProtoMessage() {}
 
 func (x *Port) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[3]
+	mi := &file_api_workload_workload_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -562,7 +562,7 @@ func (x *Port) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Port.ProtoReflect.Descriptor instead.
 func (*Port) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{3}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Port) GetName() string {
@@ -605,7 +605,7 @@ type Endpoint struct {
 
 func (x *Endpoint) Reset() {
 	*x = Endpoint{}
-	mi := &file_workload_proto_msgTypes[4]
+	mi := &file_api_workload_workload_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +617,7 @@ func (x *Endpoint) String() string {
 func (*Endpoint) ProtoMessage() {}
 
 func (x *Endpoint) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[4]
+	mi := &file_api_workload_workload_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +630,7 @@ func (x *Endpoint) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Endpoint.ProtoReflect.Descriptor instead.
 func (*Endpoint) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{4}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Endpoint) GetWorkloadUid() string {
@@ -666,7 +666,7 @@ type Authorization struct {
 
 func (x *Authorization) Reset() {
 	*x = Authorization{}
-	mi := &file_workload_proto_msgTypes[5]
+	mi := &file_api_workload_workload_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +678,7 @@ func (x *Authorization) String() string {
 func (*Authorization) ProtoMessage() {}
 
 func (x *Authorization) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[5]
+	mi := &file_api_workload_workload_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +691,7 @@ func (x *Authorization) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Authorization.ProtoReflect.Descriptor instead.
 func (*Authorization) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{5}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Authorization) GetName() string {
@@ -747,7 +747,7 @@ type Rule struct {
 
 func (x *Rule) Reset() {
 	*x = Rule{}
-	mi := &file_workload_proto_msgTypes[6]
+	mi := &file_api_workload_workload_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -759,7 +759,7 @@ func (x *Rule) String() string {
 func (*Rule) ProtoMessage() {}
 
 func (x *Rule) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[6]
+	mi := &file_api_workload_workload_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -772,7 +772,7 @@ func (x *Rule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rule.ProtoReflect.Descriptor instead.
 func (*Rule) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{6}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Rule) GetFrom() []*Source {
@@ -804,7 +804,7 @@ type Source struct {
 
 func (x *Source) Reset() {
 	*x = Source{}
-	mi := &file_workload_proto_msgTypes[7]
+	mi := &file_api_workload_workload_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -816,7 +816,7 @@ func (x *Source) String() string {
 func (*Source) ProtoMessage() {}
 
 func (x *Source) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[7]
+	mi := &file_api_workload_workload_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -829,7 +829,7 @@ func (x *Source) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Source.ProtoReflect.Descriptor instead.
 func (*Source) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{7}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Source) GetPrincipals() []string {
@@ -885,7 +885,7 @@ type Prefix struct {
 
 func (x *Prefix) Reset() {
 	*x = Prefix{}
-	mi := &file_workload_proto_msgTypes[8]
+	mi := &file_api_workload_workload_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -897,7 +897,7 @@ func (x *Prefix) String() string {
 func (*Prefix) ProtoMessage() {}
 
 func (x *Prefix) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[8]
+	mi := &file_api_workload_workload_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -910,7 +910,7 @@ func (x *Prefix) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Prefix.ProtoReflect.Descriptor instead.
 func (*Prefix) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{8}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Prefix) GetAddress() []byte {
@@ -938,7 +938,7 @@ type Target struct {
 
 func (x *Target) Reset() {
 	*x = Target{}
-	mi := &file_workload_proto_msgTypes[9]
+	mi := &file_api_workload_workload_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -950,7 +950,7 @@ func (x *Target) String() string {
 func (*Target) ProtoMessage() {}
 
 func (x *Target) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[9]
+	mi := &file_api_workload_workload_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -963,7 +963,7 @@ func (x *Target) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Target.ProtoReflect.Descriptor instead.
 func (*Target) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{9}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Target) GetPorts() []uint32 {
@@ -994,7 +994,7 @@ type PeerAuthentication struct {
 
 func (x *PeerAuthentication) Reset() {
 	*x = PeerAuthentication{}
-	mi := &file_workload_proto_msgTypes[10]
+	mi := &file_api_workload_workload_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1006,7 +1006,7 @@ func (x *PeerAuthentication) String() string {
 func (*PeerAuthentication) ProtoMessage() {}
 
 func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
-	mi := &file_workload_proto_msgTypes[10]
+	mi := &file_api_workload_workload_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1019,7 +1019,7 @@ func (x *PeerAuthentication) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PeerAuthentication.ProtoReflect.Descriptor instead.
 func (*PeerAuthentication) Descriptor() ([]byte, []int) {
-	return file_workload_proto_rawDescGZIP(), []int{10}
+	return file_api_workload_workload_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PeerAuthentication) GetName() string {
@@ -1057,11 +1057,11 @@ func (x *PeerAuthentication) GetMeshWide() bool {
 	return false
 }
 
-var File_workload_proto protoreflect.FileDescriptor
+var File_api_workload_workload_proto protoreflect.FileDescriptor
 
-const file_workload_proto_rawDesc = "" +
+const file_api_workload_workload_proto_rawDesc = "" +
 	"\n" +
-	"\x0eworkload.proto\x12\x11ambit.workload.v1\"\xa2\x05\n" +
+	"\x1bapi/workload/workload.proto\x12\x11ambit.workload.v1\"\xa2\x05\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -1166,20 +1166,20 @@ const file_workload_proto_rawDesc = "" +
 	"\aDISABLE\x10\x03B*Z(github.com/ambit-mesh/ambit/api/workloadb\x06proto3"
 
 var (
-	file_workload_proto_rawDescOnce sync.Once
-	file_workload_proto_rawDescData []byte
+	file_api_workload_workload_proto_rawDescOnce sync.Once
+	file_api_workload_workload_proto_rawDescData []byte
 )
 
-func file_workload_proto_rawDescGZIP() []byte {
-	file_workload_proto_rawDescOnce.Do(func() {
-		file_workload_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_workload_proto_rawDesc), len(file_workload_proto_rawDesc)))
+func file_api_workload_workload_proto_rawDescGZIP() []byte {
+	file_api_workload_workload_proto_rawDescOnce.Do(func() {
+		file_api_workload_workload_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_api_workload_workload_proto_rawDesc), len(file_api_workload_workload_proto_rawDesc)))
 	})
-	return file_workload_proto_rawDescData
+	return file_api_workload_workload_proto_rawDescData
 }
 
-var file_workload_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_workload_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
-var file_workload_proto_goTypes = []any{
+var file_api_workload_workload_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_api_workload_workload_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_api_workload_workload_proto_goTypes = []any{
 	(TunnelProtocol)(0),        // 0: ambit.workload.v1.TunnelProtocol
 	(Action)(0),                // 1: ambit.workload.v1.Action
 	(MTLSMode)(0),              // 2: ambit.workload.v1.MTLSMode
@@ -1199,7 +1199,7 @@ var file_workload_proto_goTypes = []any{
 	nil,                        // 16: ambit.workload.v1.Authorization.SelectorEntry
 	nil,                        // 17: ambit.workload.v1.PeerAuthentication.SelectorEntry
 }
-var file_workload_proto_depIdxs = []int32{
+var file_api_workload_workload_proto_depIdxs = []int32{
 	14, // 0: ambit.workload.v1.Workload.labels:type_name -> ambit.workload.v1.Workload.LabelsEntry
 	0,  // 1: ambit.workload.v1.Workload.tunnel_protocol:type_name -> ambit.workload.v1.TunnelProtocol
 	4,  // 2: ambit.workload.v1.Workload.waypoint:type_name -> ambit.workload.v1.GatewayAddress
@@ -1223,27 +1223,27 @@ var file_workload_proto_depIdxs = []int32{
 	0,  // [0:16] is the sub-list for field type_name
 }
 
-func init() { file_workload_proto_init() }
-func file_workload_proto_init() {
-	if File_workload_proto != nil {
+func init() { file_api_workload_workload_proto_init() }
+func file_api_workload_workload_proto_init() {
+	if File_api_workload_workload_proto != nil {
 		return
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
-			RawDescriptor: unsafe.Slice(unsafe.StringData(file_workload_proto_rawDesc), len(file_workload_proto_rawDesc)),
+			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_workload_workload_proto_rawDesc), len(file_api_workload_workload_proto_rawDesc)),
 			NumEnums:      3,
 			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
-		GoTypes:           file_workload_proto_goTypes,
-		DependencyIndexes: file_workload_proto_depIdxs,
-		EnumInfos:         file_workload_proto_enumTypes,
-		MessageInfos:      file_workload_proto_msgTypes,
+		GoTypes:           file_api_workload_workload_proto_goTypes,
+		DependencyIndexes: file_api_workload_workload_proto_depIdxs,
+		EnumInfos:         file_api_workload_workload_proto_enumTypes,
+		MessageInfos:      file_api_workload_workload_proto_msgTypes,
 	}.Build()
-	File_workload_proto = out.File
-	file_workload_proto_goTypes = nil
-	file_workload_proto_depIdxs = nil
+	File_api_workload_workload_proto = out.File
+	file_api_workload_workload_proto_goTypes = nil
+	file_api_workload_workload_proto_depIdxs = nil
 }
