@@ -58,7 +58,8 @@ type Options struct {
 	// /sys/fs/cgroup/system.slice/kubelet.service) whose processes' TCP may
 	// reach enrolled pods from the node directly: kubelet's health probes,
 	// which Kubernetes sends from the node and PeerAuthentication STRICT
-	// would otherwise reset. A descendant cgroup matches too. A directory
+	// would otherwise reset. A descendant cgroup matches too; the root
+	// cgroup (every process) never does, nor a cgroup deeper than 8. A directory
 	// that does not exist is skipped (logged); a cgroup that is re-created
 	// (kubelet restarted by systemd) gets a new id, which
 	// RefreshProbeCgroups (called by SetupNode and Reconcile) picks up.
