@@ -155,6 +155,11 @@ func TestHelpHasExamples(t *testing.T) {
 		if c.Example == "" {
 			t.Errorf("%s --help has no example", c.CommandPath())
 		}
+		// what a person sees: the binary's --help of the command
+		args := append(strings.Fields(strings.TrimPrefix(c.CommandPath(), "ambitctl")), "--help")
+		if r := run(t, "", args...); r.code != 0 || !strings.Contains(r.stdout, "Examples:") || !strings.Contains(r.stdout, "Usage:") {
+			t.Errorf("ambitctl %s: want usage and examples: %s", strings.Join(args, " "), r)
+		}
 	}
 	r := mustRun(t, "", "waypoint", "apply", "--help")
 	for _, want := range []string{"Examples:", "--for-service-account", "--enroll-namespace", "--wait"} {
@@ -780,6 +785,14 @@ current-context: x
 		{[]string{"enroll"}, "", "ambitctl: enroll takes NAMESPACE (got 0 arguments); see ambitctl enroll --help"},
 		{[]string{"waypoint", "list", "-o", "xml"}, kc, `ambitctl: unknown output format "xml": use -o table, json or yaml`},
 		{[]string{"waypoint", "delete"}, kc, "ambitctl: name the waypoints to delete, or give --all (not both)"},
+		// cobra's own errors name the command and where its help is
+		{[]string{"nope"}, "", `ambitctl: unknown command "nope" for "ambitctl"; see ambitctl --help`},
+		{[]string{"--bogus"}, "", "ambitctl: unknown flag: --bogus; see ambitctl --help"},
+		{[]string{"install", "--bogus"}, "", "ambitctl: install: unknown flag: --bogus; see ambitctl install --help"},
+		{[]string{"waypoint", "list", "-n"}, "", "ambitctl: waypoint list: flag needs an argument: 'n' in -n; see ambitctl waypoint list --help"},
+		{[]string{"ztunnel-config"}, "", "ambitctl: ztunnel-config: accepts between 1 and 2 arg(s), received 0 " +
+			"(usage: ambitctl ztunnel-config workloads|services|policies|certificates|connections|all [ZTUNNEL_POD]); see ambitctl ztunnel-config --help"},
+		{[]string{"describe", "pod"}, "", "ambitctl: describe: accepts 2 arg(s), received 1 (usage: ambitctl describe pod|service NAME); see ambitctl describe --help"},
 	} {
 		r := run(t, tc.kc, tc.args...)
 		line := strings.TrimSpace(r.stderr)

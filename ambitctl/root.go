@@ -58,7 +58,11 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return code
 		}
 	}
-	fmt.Fprintln(stderr, "ambitctl:", oneLine(err.Error()))
+	msg := oneLine(err.Error())
+	if strings.HasPrefix(msg, "unknown command ") {
+		msg += "; see ambitctl --help"
+	}
+	fmt.Fprintln(stderr, "ambitctl:", msg)
 	return code
 }
 
@@ -106,5 +110,38 @@ the mesh is told to do.`,
 		newCheckCommand(g),
 	)
 	root.CompletionOptions.HiddenDefaultCmd = false
+	withUsageHints(root)
 	return root
+}
+
+// withUsageHints makes cobra's own errors (a wrong flag, a wrong number of
+// arguments) say which command they are about and where its help is.
+func withUsageHints(root *cobra.Command) {
+	// "install: " (Run prints "ambitctl: " before it)
+	prefix := func(c *cobra.Command) string {
+		if !c.HasParent() {
+			return ""
+		}
+		return strings.TrimPrefix(c.CommandPath(), root.Name()+" ") + ": "
+	}
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return fmt.Errorf("%s%w; see %s --help", prefix(c), err, c.CommandPath())
+	})
+	cmds := []*cobra.Command{root}
+	for len(cmds) > 0 {
+		c := cmds[0]
+		cmds = append(cmds[1:], c.Commands()...)
+		if c.Args == nil {
+			continue
+		}
+		args := c.Args
+		c.Args = func(cmd *cobra.Command, a []string) error {
+			err := args(cmd, a)
+			if err == nil || strings.Contains(err.Error(), "--help") {
+				return err
+			}
+			return fmt.Errorf("%s%w (usage: %s); see %s --help", prefix(cmd), err,
+				strings.TrimSuffix(cmd.UseLine(), " [flags]"), cmd.CommandPath())
+		}
+	}
 }
