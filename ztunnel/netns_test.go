@@ -114,12 +114,12 @@ func TestNetns(t *testing.T) {
 		logs     map[string]string
 	}{
 		{"service VIP across nodes", a1, "10.96.0.10:80", a1.IP,
-			map[string]string{"n1": `"route":"hbone"`, "n2": `"dst_workload":"shop/b1"`}},
+			map[string]string{"n1": `"route":"hbone"`, "n2": `"dst.workload":"b1","dst.namespace":"shop"`}},
 		{"pod IP across nodes", a1, netip.AddrPortFrom(b1.IP, 8080).String(), a1.IP, nil},
 		{"same node, tunnelled through the node's own 15008", a1, netip.AddrPortFrom(a3.IP, 8080).String(), a1.IP,
-			map[string]string{"n1": `"via":"hbone","src":"` + a1.IP.String()}},
+			map[string]string{"n1": `"dst.identity":"spiffe://cluster.local/ns/shop/sa/a3","direction":"inbound"`}},
 		{"plaintext from a pod outside the mesh, via 15006", a2, netip.AddrPortFrom(b1.IP, 8080).String(), a2.IP,
-			map[string]string{"n2": `"via":"inbound","src":"` + a2.IP.String()}},
+			map[string]string{"n2": `"src.addr":"` + a2.IP.String()}},
 		{"enrolled client to a pod outside the mesh: plain TCP", a1, netip.AddrPortFrom(b2.IP, 8080).String(), netip.Addr{},
 			map[string]string{"n1": `"route":"direct"`}},
 	} {
@@ -163,7 +163,7 @@ peerAuthentications:
 	}
 	waitFor(t, "denials in n2's log", func() bool {
 		l := zts["n2"].logs.String()
-		return strings.Contains(l, "PeerAuthentication STRICT") && strings.Contains(l, `"src_principal":"spiffe://cluster.local/ns/shop/sa/a3"`) &&
+		return strings.Contains(l, "PeerAuthentication STRICT") && strings.Contains(l, `"src.identity":"spiffe://cluster.local/ns/shop/sa/a3"`) &&
 			strings.Contains(l, `"outcome":"denied"`)
 	})
 
