@@ -1,11 +1,13 @@
 package ztunnel
 
 import (
+	"errors"
 	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/ambit-mesh/ambit/hbone/h3"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // quicMesh is testMesh with QUIC on both nodes (serve, on node2, only when
@@ -98,5 +100,36 @@ func TestQUICFallback(t *testing.T) {
 	// through node2's HBONE listener.
 	if n := len(m.srvA.all()); n != 2 {
 		t.Errorf("server saw %d connections, want 2", n)
+	}
+}
+
+// TestQUICPolicyDenied: the destination's policy applies over HTTP/3 as
+// over HTTP/2: a denied peer gets a 401 through the QUIC tunnel (SOCKS5
+// "not allowed"), without falling back; the allowed one gets through.
+func TestQUICPolicyDenied(t *testing.T) {
+	m := quicMesh(t, true)
+	allow := &model.Policy{Name: "only-client", Namespace: "shop", Action: model.ActionAllow,
+		Selector: map[string]string{"app": "server"},
+		Rules:    []model.Rule{{From: []model.Source{{Principals: []string{"cluster.local/ns/shop/sa/client"}}}}}}
+	m.setConfig([]*model.Policy{allow}, nil)
+	pod := netip.AddrPortFrom(m.serverA.Addresses[0], 8080).String()
+	c, err := socksDial(m.n1.p.Addr(ListenerSOCKS5), m.intruder.Addresses[0], pod)
+	if err == nil {
+		_, err = exchange(c, 10, 10, 1)
+	}
+	var se *socksReplyError
+	if !errors.As(err, &se) || se.code != socksNotAllowed {
+		t.Fatalf("intruder over QUIC: %v, want SOCKS5 'not allowed'", err)
+	}
+	c, err = socksDial(m.n1.p.Addr(ListenerSOCKS5), m.client.Addresses[0], pod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := exchange(c, 1<<10, 1<<10, 2); err != nil {
+		t.Fatal(err)
+	}
+	qd := m.n1.p.dialer.(*h3.Fallback)
+	if qd.H2.Conns() != 0 || strings.Contains(m.n1.logs.String(), "falling back") {
+		t.Error("a denial over QUIC fell back to HTTP/2")
 	}
 }
