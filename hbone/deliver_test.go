@@ -68,7 +68,9 @@ func TestDeliverTo(t *testing.T) {
 		cli.CloseWrite()
 	}()
 
-	waitFor(t, "the socket to fill and the stream to buffer", func() bool { return bufferedOn(st) > 0 })
+	// Megabytes buffered: the socket is full and DeliverTo blocked in its
+	// write (it drains a few frames' worth at once otherwise).
+	waitFor(t, "the socket to fill and the stream to buffer", func() bool { return bufferedOn(st) > 2<<20 })
 	echoOnce(t, e, d, 5*time.Second) // the read loop still reads
 
 	got := sha256.New()
