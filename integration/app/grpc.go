@@ -40,11 +40,14 @@ func (h *HTTP) newGRPC() *grpc.Server {
 				return nil, status.FromContextError(ctx.Err()).Err()
 			}
 		}
-		grpc.SetHeader(ctx, metadata.Pairs(HeaderGRPCApp, h.Name))
 		if h.fails(n) {
+			// Before any header metadata: with some pending, grpc-go sends
+			// it in its own HEADERS frame and the status as trailers, which
+			// no proxy can retry on.
 			h.failed.Add(1)
 			return nil, status.Errorf(codes.Unavailable, "ambit-app %s failing call %d on purpose", h.Name, n)
 		}
+		grpc.SetHeader(ctx, metadata.Pairs(HeaderGRPCApp, h.Name))
 		return next(ctx, req)
 	}))
 	healthpb.RegisterHealthServer(gs, health.NewServer())
