@@ -27,6 +27,48 @@ type batchConn struct {
 	mu       sync.Mutex
 	batching bool
 	buf      *[]byte // gathered records; nil when empty
+
+	// The read side, used by the TLS connection's reader only (crypto/tls
+	// serializes its reads): crypto/tls asks for about one record (16 KiB)
+	// per Read, so ahead holds what one read(2) brought beyond it, from
+	// readAheadBufs, until it is read (nil when empty: an idle connection
+	// holds none).
+	ahead    *[]byte
+	aheadOff int
+}
+
+// readAhead is how much Read asks the socket for at once: a burst of
+// records takes one read(2) instead of one per record.
+const readAhead = 64 << 10
+
+var readAheadBufs = sync.Pool{New: func() any { b := make([]byte, readAhead); return &b }}
+
+// Read returns what was read ahead, or reads up to readAhead bytes from the
+// socket and returns the first len(p).
+func (b *batchConn) Read(p []byte) (int, error) {
+	if b.ahead == nil {
+		if len(p) >= readAhead {
+			return b.Conn.Read(p)
+		}
+		ahead := readAheadBufs.Get().(*[]byte)
+		n, err := b.Conn.Read((*ahead)[:readAhead])
+		if n <= len(p) {
+			copy(p, (*ahead)[:n])
+			readAheadBufs.Put(ahead)
+			return n, err
+		}
+		// n > 0: err is nil (a socket reports an error on a read of its own).
+		*ahead = (*ahead)[:n]
+		b.ahead, b.aheadOff = ahead, 0
+	}
+	k := copy(p, (*b.ahead)[b.aheadOff:])
+	b.aheadOff += k
+	if b.aheadOff == len(*b.ahead) {
+		*b.ahead = (*b.ahead)[:readAhead]
+		readAheadBufs.Put(b.ahead)
+		b.ahead = nil
+	}
+	return k, nil
 }
 
 // Write sends p now, or gathers it while a batch is open.
