@@ -195,7 +195,7 @@ func TestConformance(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		kl := &kubelet.Kubelet{Client: cs, Node: n, Logger: log, Register: true, TLS: serverTLS, ClusterDNS: true,
+		kl := &kubelet.Kubelet{Client: cs, Node: n, Logger: log, Register: true, TLS: serverTLS, ClusterDNS: true, PodHostnames: true,
 			Prepare:      prepare,
 			Images:       map[string]string{echoImage: echoDir, deployer.DefaultImage: filepath.Join(bin, "waypoint")},
 			Entrypoints:  map[string]string{echoImage: "server"},

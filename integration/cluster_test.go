@@ -65,7 +65,7 @@ func startCluster(t *testing.T, nodes ...string) *clusterEnv {
 		if err != nil {
 			t.Fatal(err)
 		}
-		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Logger: log, Register: true, TLS: serverTLS, ClusterDNS: true,
+		kl := &kubelet.Kubelet{Client: e.cs, Node: n, Logger: log, Register: true, TLS: serverTLS, ClusterDNS: true, PodHostnames: true,
 			WorkDir:     filepath.Join(work, "kubelet-"+n.Name),
 			Images:      map[string]string{echoImage: istioEcho(t)},
 			Entrypoints: map[string]string{echoImage: "server"}}

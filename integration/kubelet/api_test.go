@@ -67,7 +67,7 @@ func TestKubeletRegistersAndServesAPI(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	kl := &Kubelet{Client: cs, Node: topo.Nodes[0], WorkDir: t.TempDir(), Register: true, TLS: serverTLS,
+	kl := &Kubelet{Client: cs, Node: topo.Nodes[0], WorkDir: t.TempDir(), Register: true, TLS: serverTLS, PodHostnames: true,
 		Images: map[string]string{"example/tools:1": imageDir}, Entrypoints: map[string]string{"example/tools:1": "serve"},
 		Logger: slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 	runCtx, stop := context.WithCancel(ctx)

@@ -15,9 +15,10 @@
 // A pod's start follows a CNI's order: its network and address exist and are
 // published (podIP, not yet Ready) before Prepare runs and before its
 // workload starts, so a mesh can capture it before its first packet. Pods
-// with hostNetwork (ztunnel) get the node's address and run nothing. Every
-// other pod also gets a UTS namespace of its own whose host name is the
-// pod's name, which its processes (and exec'd commands) share.
+// with hostNetwork (ztunnel) get the node's address and run nothing. With
+// PodHostnames every other pod also gets a UTS namespace of its own whose
+// host name is the pod's name, which its processes (and exec'd commands)
+// share.
 //
 // With a control plane (integration/kube with ControllerManager and
 // Scheduler) the kubelet is a node of the cluster: Register creates its Node
@@ -108,6 +109,10 @@ type Kubelet struct {
 	// 127.0.0.1:0). A registered Node publishes its port and the address
 	// "localhost".
 	APIAddress string
+	// PodHostnames gives every pod (but hostNetwork ones) a UTS namespace
+	// of its own whose host name is the pod's name, shared by its
+	// processes and exec'd commands. Off, they share the machine's.
+	PodHostnames bool
 	// ClusterDNS serves the cluster's DNS on the node's address, port 53,
 	// for Services (<service>.<namespace>.svc.cluster.local: the
 	// ClusterIP), and gives every pod (but hostNetwork ones) a mount
@@ -129,7 +134,7 @@ type running struct {
 	containers []string                  // the pod's container names
 	specs      map[string]*containerSpec // image-run containers, by name
 	net        *netns.Pod                // nil for hostNetwork pods
-	uts        string                    // the pinned UTS namespace, "" for hostNetwork pods
+	uts        string                    // the pinned UTS namespace, "" unless PodHostnames
 	mnt        string                    // the pinned mount namespace, "" unless ClusterDNS
 	logs       []*os.File                // in-process workloads' container logs
 	servers    []*app.Server
@@ -309,11 +314,13 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	}
 	r = newRunning(pod)
 	r.net = p
-	r.uts = filepath.Join(utsDir, p.NS.Name)
-	if err := newUTS(r.uts, pod.Name); err != nil {
-		r.uts = ""
-		k.teardown(r)
-		return err
+	if k.PodHostnames {
+		r.uts = filepath.Join(utsDir, p.NS.Name)
+		if err := newUTS(r.uts, pod.Name); err != nil {
+			r.uts = ""
+			k.teardown(r)
+			return err
+		}
 	}
 	if k.ClusterDNS {
 		r.mnt = filepath.Join(mntDir, p.NS.Name)
