@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"net/netip"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -66,20 +67,21 @@ func BenchmarkThroughput(b *testing.B) {
 	}
 }
 
+var benchKeys atomic.Int64 // pool keys of BenchmarkNewTunnel, never reused
+
 // BenchmarkNewTunnel: a new connection's first stream, answered
 // (handshake and CONNECT), then a 1-byte echo. The dialers live on (the
 // QUIC one keeps its UDP socket); each op's request has its own pool key
-// (one more allowed peer identity), so it gets a new connection.
+// (one more allowed peer identity), so it gets a new connection. Every
+// connection stays open: run it with a bounded -benchtime (200x).
 func BenchmarkNewTunnel(b *testing.B) {
 	e := newEnv(b, benchHandler, nil)
 	for _, tr := range e.transports(e.certs) {
 		b.Run(tr.name, func(b *testing.B) {
 			one := []byte{1}
-			i := 0
 			for b.Loop() {
-				i++
 				r := e.request(tr)
-				r.Peers = append(r.Peers, spiffeid.RequireFromPathf(e.srvID.TrustDomain(), "/bench/%d", i))
+				r.Peers = append(r.Peers, spiffeid.RequireFromPathf(e.srvID.TrustDomain(), "/bench/%d", benchKeys.Add(1)))
 				st, err := tr.dial(b.Context(), r)
 				if err != nil {
 					b.Fatal(err)
