@@ -354,7 +354,12 @@ func TestAmbitctl(t *testing.T) {
 		}
 		return true
 	}) {
-		t.Fatal("client and server pods not running and ready")
+		zs, _ := cs.CoreV1().Pods("ambit-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ztunnel"})
+		var zl []string
+		for _, z := range zs.Items {
+			zl = append(zl, fmt.Sprintf("%s on %s: %s deleted=%v", z.Name, z.Spec.NodeName, z.Status.Phase, z.DeletionTimestamp))
+		}
+		t.Fatalf("client and server pods not running and ready (ztunnel pods: %v)", zl)
 	}
 	serverAddr := net.JoinHostPort(server.IP.String(), "8080")
 
