@@ -89,8 +89,9 @@ func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, e
 		inc, connInc := c.consumedLocked(s, m)
 		c.mu.Unlock()
 		c.sendWindowUpdates(s.id, inc, connInc)
-		nb := net.Buffers(bufs[:k])
-		n, werr := nb.WriteTo(dst)
+		copy(sk.gatherArr[:], bufs[:k])
+		sk.gather = sk.gatherArr[:k]
+		n, werr := sk.gather.WriteTo(dst) // consumes sk.gather
 		for _, chunk := range chunks[:k] {
 			*chunk = (*chunk)[:0]
 			recvChunks.Put(chunk)
@@ -119,6 +120,11 @@ type delivery struct {
 	leaving bool  // DeliverTo returns: it waits for busy to clear
 	n       int64 // bytes the read loop wrote, not yet counted by DeliverTo
 	err     error // the read loop's write error
+
+	// DeliverTo's writev, in the delivery: a net.Buffers per write would
+	// escape to the heap.
+	gather    net.Buffers
+	gatherArr [maxGather][]byte
 
 	// write's state, read loop only.
 	writeFn func(fd uintptr) bool
