@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -164,8 +165,11 @@ func TestDelegated(t *testing.T) {
 	var first *x509svid.SVID
 	t.Run("svids-by-selectors-verify-against-spire", func(t *testing.T) {
 		for _, id := range []spiffeid.ID{client, server} {
-			s, err := get(p, id)
-			if err != nil {
+			// Until the agent has synced the delegate's own entry it answers
+			// "no identity issued"; the provider retries.
+			var s *x509svid.SVID
+			var err error
+			if !eventually(15*time.Second, func() bool { s, err = get(p, id); return err == nil }) {
 				t.Fatalf("%s: %v", id, err)
 			}
 			got, _, err := x509svid.Verify(s.Certificates, bundle)
@@ -230,8 +234,12 @@ func TestDelegated(t *testing.T) {
 		notAfter := held.Certificates[0].NotAfter
 		// Still served while valid, and the failure is visible.
 		if !eventually(5*time.Second, func() bool {
-			st := p.Certificates()
-			return len(st) == 2 && st[0].LastError != ""
+			for _, st := range p.Certificates() {
+				if st.ID == client {
+					return st.LastError != "" && st.Serial != ""
+				}
+			}
+			return false
 		}) {
 			t.Fatalf("agent loss not reported: %+v", p.Certificates())
 		}
@@ -291,13 +299,21 @@ func TestDelegatedNotAuthorized(t *testing.T) {
 	e.entry(t, spireenv.Entry{ID: client, Parent: e.nodes, Selectors: []string{"k8s:ns:shop", "k8s:sa:client"}})
 	p := &spire.Delegated{AdminSocket: e.agent.AdminSocketPath(), Logger: logger(t)}
 	defer p.Close()
-	start := time.Now()
-	_, err := get(p, client)
-	if err == nil {
-		t.Fatal("an undelegated caller got an svid")
-	}
-	if took := time.Since(start); took > 5*time.Second {
-		t.Errorf("refusal took %s", took)
+	// Once the agent knows the caller (its entry synced), it refuses it for
+	// not being a delegate; the provider fails at once, never an SVID.
+	var err error
+	if !eventually(15*time.Second, func() bool {
+		start := time.Now()
+		_, err = get(p, client)
+		if err == nil {
+			t.Fatal("an undelegated caller got an svid")
+		}
+		if took := time.Since(start); took > 5*time.Second {
+			t.Errorf("refusal took %s", took)
+		}
+		return strings.Contains(err.Error(), "authorized delegate")
+	}) {
+		t.Fatalf("refused, but not as an undelegated caller: %v", err)
 	}
 	t.Logf("refused: %v", err)
 }
