@@ -558,6 +558,42 @@ func TestAmbitctl(t *testing.T) {
 		}
 	})
 
+	t.Run("describe-analyze", func(t *testing.T) {
+		// describe: the live cluster's answer for the Service and its pod.
+		r := ctl("describe", "service", "server", "-n", ns)
+		t.Logf("describe service server:\n%s", r.stdout)
+		for _, want := range []string{
+			"Waypoint:               shop/waypoint",
+			"label istio.io/use-waypoint=waypoint on namespace shop",
+			fmt.Sprintf("server %s ready, enrolled, ztunnel ambit-system/%s on node node-2", server.IP, ztunnelPod("node-2")),
+		} {
+			if !strings.Contains(r.stdout, want) {
+				t.Errorf("describe service server lacks %q", want)
+			}
+		}
+		r = ctl("describe", "pod", "client", "-n", ns)
+		if !strings.Contains(r.stdout, "spiffe://cluster.local/ns/shop/sa/default") || !strings.Contains(r.stdout, ztunnelPod("node-1")) {
+			t.Errorf("describe pod client: want its identity and node-1's ztunnel:\n%s", r.stdout)
+		}
+		// analyze: the mesh as set up has no error; a Service bound to a
+		// waypoint that does not exist is one, named with its fix.
+		r = runCtl(true, "analyze", "-n", ns)
+		if r.code != 0 || strings.Contains(r.stdout, "Error [") {
+			t.Errorf("analyze -n shop on a correct mesh: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+		}
+		if _, err := cs.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: "cart", Namespace: ns, Labels: map[string]string{"istio.io/use-waypoint": "missing"}},
+			Spec:       corev1.ServiceSpec{Selector: map[string]string{"app": "cart"}, Ports: []corev1.ServicePort{{Port: 80}}},
+		}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		r = runCtl(true, "analyze", "-n", ns)
+		if r.code != 1 || !strings.Contains(r.stdout, "Error [AMB0001] (Service shop/cart) istio.io/use-waypoint=missing names waypoint shop/missing") ||
+			strings.Count(r.stdout, "Error [") != 1 {
+			t.Errorf("analyze -n shop with a Service bound to a missing waypoint: want exit 1 and that one error: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+		}
+	})
+
 	t.Run("errors", func(t *testing.T) {
 		// A pod that is not a proxy: one line naming what failed.
 		r := runCtl(true, "proxy-config", "clusters", "--waypoint", "nope", "-n", ns)
