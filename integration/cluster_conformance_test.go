@@ -40,7 +40,10 @@ var conformanceNamespaces = []string{"gateway-conformance-mesh", "gateway-confor
 // nowhere to run). Failures are waypoint work, counted in the report.
 const conformanceFeatures = "Mesh,HTTPRoute,MeshClusterIPMatching,MeshHTTPRouteRewritePath,MeshHTTPRouteSchemeRedirect," +
 	"MeshHTTPRouteRedirectPort,MeshHTTPRouteRedirectPath,MeshHTTPRouteBackendRequestHeaderModification," +
-	"MeshHTTPRouteQueryParamMatching,MeshHTTPRouteNamedRouteRule"
+	"MeshHTTPRouteQueryParamMatching,MeshHTTPRouteNamedRouteRule," +
+	// HTTPRoute features the suite's other mesh tests need.
+	"HTTPRouteResponseHeaderModification,HTTPRouteParentRefPort,HTTPRoute303RedirectStatusCode," +
+	"HTTPRoute307RedirectStatusCode,HTTPRoute308RedirectStatusCode"
 
 // TestConformance runs the upstream Gateway API conformance suite
 // (sigs.k8s.io/gateway-api/conformance, built by
