@@ -1,6 +1,7 @@
 package kubelet
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,26 +31,41 @@ func newUTS(path, hostname string) error {
 	f.Close()
 	errc := make(chan error, 1)
 	go func() {
-		// The thread is never unlocked: it leaves the process with this
-		// goroutine, and its namespace stays pinned by the mount.
+		// The thread goes back to its own namespace and lives on: a thread
+		// that ends kills the children it started with Pdeathsig (the
+		// mesh's ztunnels and istiod-lite), whichever goroutine started them.
 		runtime.LockOSThread()
+		orig, err := os.Open("/proc/thread-self/ns/uts")
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
 		if err := unix.Unshare(unix.CLONE_NEWUTS); err != nil {
+			runtime.UnlockOSThread()
 			errc <- fmt.Errorf("unshare: %w", err)
 			return
 		}
-		if err := unix.Sethostname([]byte(hostname)); err != nil {
-			errc <- fmt.Errorf("sethostname: %w", err)
+		err = unix.Sethostname([]byte(hostname))
+		if err == nil {
+			src := fmt.Sprintf("/proc/self/task/%d/ns/uts", unix.Gettid())
+			if err = unix.Mount(src, path, "", unix.MS_BIND, ""); err != nil {
+				err = fmt.Errorf("bind %s: %w", path, err)
+			}
+		} else {
+			err = fmt.Errorf("sethostname: %w", err)
+		}
+		if serr := unix.Setns(int(orig.Fd()), unix.CLONE_NEWUTS); serr != nil {
+			// Stuck in the pod's namespace: the thread must end (locked).
+			errc <- errors.Join(err, fmt.Errorf("back to the host's uts namespace: %w", serr))
 			return
 		}
-		src := fmt.Sprintf("/proc/self/task/%d/ns/uts", unix.Gettid())
-		if err := unix.Mount(src, path, "", unix.MS_BIND, ""); err != nil {
-			errc <- fmt.Errorf("bind %s: %w", path, err)
-			return
-		}
-		errc <- nil
+		runtime.UnlockOSThread()
+		errc <- err
 	}()
 	if err := <-errc; err != nil {
-		os.Remove(path)
+		removeUTS(path)
 		return fmt.Errorf("uts namespace %s: %w", path, err)
 	}
 	return nil
