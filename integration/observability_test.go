@@ -18,7 +18,11 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/ambit-mesh/ambit/dashboards"
+	"github.com/ambit-mesh/ambit/integration/app"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -27,7 +31,8 @@ const promPort = 19090
 
 // TestObservability runs a real Prometheus (Debian's prometheus package) in
 // node-1's network namespace, scraping every node's ztunnel on its node
-// address, sends traffic (served and failed connections), and checks that
+// address and the waypoint on its pod address, sends traffic (served and
+// failed connections, requests through the waypoint), and checks that
 // every panel query of every dashboard in dashboards/ returns data.
 func TestObservability(t *testing.T) {
 	if os.Geteuid() != 0 {
@@ -42,7 +47,22 @@ func TestObservability(t *testing.T) {
 	e.pod(ctx, shop, "client-1", "node-1", "client", map[string]string{"app": "client"}, 0)
 	e.pod(ctx, shop, "server-2", "node-2", "server", map[string]string{"app": "server", "version": "v1"}, 8080)
 	vip := e.service(ctx, shop, "server", map[string]string{"app": "server"}, 80, 8080)
-	for _, p := range []string{"shop/client-1", "shop/server-2"} {
+	// L7: reviews behind the namespace's waypoint.
+	if _, err := e.cs.CoreV1().ServiceAccounts(shop).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "reviews"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.httpPod(ctx, "reviews-v1", "node-2", "reviews", map[string]string{"app": "reviews", "version": "v1"},
+		map[string]string{app.AnnotationProtocol: "http"})
+	reviewsVIP := e.httpService(ctx, "reviews", map[string]string{"app": "reviews"}, map[string]string{"istio.io/use-waypoint": "waypoint"})
+	e.kubectlApply(t, `apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: service}}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+`)
+	e.runWaypoint(t, "waypoint", "node-1")
+	for _, p := range []string{"shop/client-1", "shop/server-2", "shop/reviews-v1"} {
 		e.waitReady(ctx, p)
 		for _, node := range []string{"node-1", "node-2"} {
 			if !eventually(10*time.Second, func() bool { return e.knows(node, e.ip(p)) }) {
@@ -58,6 +78,7 @@ func TestObservability(t *testing.T) {
 	for _, n := range e.m.Topo.Nodes {
 		targets = append(targets, fmt.Sprintf("%q", netip.AddrPortFrom(n.IP, model.PortMetrics).String()))
 	}
+	waypointTarget := fmt.Sprintf("%q", netip.AddrPortFrom(e.ip(waypointPod), model.PortMetrics).String())
 	cfg := fmt.Sprintf(`global:
   scrape_interval: 1s
   evaluation_interval: 1s
@@ -66,7 +87,11 @@ scrape_configs:
   metrics_path: /stats/prometheus
   static_configs:
   - targets: [%s]
-`, strings.Join(targets, ", "))
+- job_name: waypoint
+  metrics_path: /stats/prometheus
+  static_configs:
+  - targets: [%s]
+`, strings.Join(targets, ", "), waypointTarget)
 	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -113,11 +138,11 @@ scrape_configs:
 		return len(r.Data.Result), nil
 	}
 	if !eventually(60*time.Second, func() bool {
-		n, err := query(`up{job="ztunnel"} == 1`)
-		return err == nil && n == len(e.m.Topo.Nodes)
+		n, err := query(`up == 1`)
+		return err == nil && n == len(e.m.Topo.Nodes)+1
 	}) {
 		b, _ := os.ReadFile(filepath.Join(dir, "prometheus.log"))
-		t.Fatalf("Prometheus does not scrape every ztunnel:\n%s", b)
+		t.Fatalf("Prometheus does not scrape every ztunnel and the waypoint:\n%s", b)
 	}
 
 	// Traffic: served connections through the service, and failed ones (a
@@ -131,6 +156,19 @@ scrape_configs:
 		if r := e.exchange(t, "shop/client-1", e.addr("shop/server-2", 9), 10); r.err == nil {
 			t.Fatal("a connection to a closed port succeeded")
 		}
+	}
+
+	// Requests through the waypoint (the first may wait for its config).
+	client := e.httpClient("shop/client-1", true)
+	reviews := fmt.Sprintf("http://%s/", netip.AddrPortFrom(reviewsVIP, 80))
+	var ok int
+	if !eventually(30*time.Second, func() bool {
+		if code, _, err := get(client, http.MethodGet, reviews); err == nil && code == http.StatusOK {
+			ok++
+		}
+		return ok >= 20
+	}) {
+		t.Fatalf("%d requests answered 200 through the waypoint in 30s\n%s", ok, e.waypointTail())
 	}
 
 	// Every panel's query of every dashboard returns data.
