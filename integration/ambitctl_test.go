@@ -79,13 +79,12 @@ func TestAmbitctl(t *testing.T) {
 	cs := c.Client()
 	kc := c.Kubeconfig()
 
-	// run execs ambitctl; it fails the test on a non-zero exit unless
-	// mayFail.
+	// runCtl execs ambitctl; it fails t on a non-zero exit unless mayFail.
 	type result struct {
 		stdout, stderr string
 		code           int
 	}
-	runCtl := func(mayFail bool, args ...string) result {
+	runCtl := func(t *testing.T, mayFail bool, args ...string) result {
 		t.Helper()
 		cctx, ccancel := context.WithTimeout(ctx, 4*time.Minute)
 		defer ccancel()
@@ -105,7 +104,7 @@ func TestAmbitctl(t *testing.T) {
 		}
 		return r
 	}
-	ctl := func(args ...string) result { t.Helper(); return runCtl(false, args...) }
+	ctl := func(t *testing.T, args ...string) result { t.Helper(); return runCtl(t, false, args...) }
 
 	// The controllers' first pass over the cluster (the default namespace's
 	// service account and root CA) is done before the first snapshot.
@@ -119,7 +118,7 @@ func TestAmbitctl(t *testing.T) {
 
 	t.Run("install-uninstall", func(t *testing.T) {
 		before := apiObjects(t, ctx, c)
-		r := ctl("install", "--wait=false")
+		r := ctl(t, "install", "--wait=false")
 		if !strings.Contains(r.stdout, "applied Deployment ambit-system/istiod-lite") {
 			t.Errorf("install output:\n%s", r.stdout)
 		}
@@ -132,7 +131,7 @@ func TestAmbitctl(t *testing.T) {
 			}
 		}
 		// Without --purge, the CRDs stay and nothing else.
-		ctl("uninstall")
+		ctl(t, "uninstall")
 		var left []string
 		if !eventually(90*time.Second, func() bool {
 			left = minus(apiObjects(t, ctx, c), before)
@@ -147,7 +146,7 @@ func TestAmbitctl(t *testing.T) {
 			t.Errorf("uninstall without --purge removed the CRDs")
 		}
 		// --purge: the API is as it was before install.
-		ctl("uninstall", "--purge")
+		ctl(t, "uninstall", "--purge")
 		var gone []string
 		if !eventually(90*time.Second, func() bool {
 			after := apiObjects(t, ctx, c)
@@ -163,7 +162,7 @@ func TestAmbitctl(t *testing.T) {
 	}
 
 	// ambit installed by ambitctl; istiod-lite runs as a process below,
-	ctl("install", "--wait=false")
+	ctl(t, "install", "--wait=false")
 	// not as the Deployment's pods. (Deleted rather than scaled to zero: its
 	// ReplicaSet would adopt the pod that stands for the process.)
 	if out, err := exec.CommandContext(ctx, "kubectl", "--kubeconfig", kc, "-n", "ambit-system", "delete", "deployment/istiod-lite").CombinedOutput(); err != nil {
@@ -185,7 +184,8 @@ func TestAmbitctl(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A ztunnel authenticates with a token bound to its node's DaemonSet pod.
-	ztunnelPod := func(node string) string {
+	ztunnelPod := func(t *testing.T, node string) string {
+		t.Helper()
 		var pod string
 		if !eventually(60*time.Second, func() bool {
 			pods, err := cs.CoreV1().Pods("ambit-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ztunnel"})
@@ -201,7 +201,7 @@ func TestAmbitctl(t *testing.T) {
 		return pod
 	}
 	ztunnelToken := func(node string) (string, error) {
-		tok, err := c.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{"istio-ca"}, ztunnelPod(node))
+		tok, err := c.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{"istio-ca"}, ztunnelPod(t, node))
 		if err != nil {
 			return "", err
 		}
@@ -314,7 +314,7 @@ func TestAmbitctl(t *testing.T) {
 	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	ctl("enroll", ns)
+	ctl(t, "enroll", ns)
 	if !eventually(30*time.Second, func() bool {
 		_, err := cs.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
 		return err == nil
@@ -367,11 +367,11 @@ func TestAmbitctl(t *testing.T) {
 		// The node's ztunnel knows both workloads (xDS from istiod-lite).
 		var r result
 		if !eventually(60*time.Second, func() bool {
-			r = runCtl(true, "ztunnel-config", "workloads", "--node", "node-1")
+			r = runCtl(t, true, "ztunnel-config", "workloads", "--node", "node-1")
 			return r.code == 0 && strings.Contains(r.stdout, server.IP.String()) && strings.Contains(r.stdout, client.IP.String())
 		}) {
 			t.Fatalf("ztunnel-config workloads --node node-1 (port-forward to %s): no client and server rows: exit %d\n%s\n%s",
-				ztunnelPod("node-1"), r.code, r.stdout, r.stderr)
+				ztunnelPod(t, "node-1"), r.code, r.stdout, r.stderr)
 		}
 		for _, l := range strings.Split(r.stdout, "\n") {
 			f := strings.Fields(l)
@@ -400,7 +400,7 @@ func TestAmbitctl(t *testing.T) {
 		}
 		for _, node := range []string{"node-1", "node-2"} {
 			if !eventually(30*time.Second, func() bool {
-				r = runCtl(true, "ztunnel-config", "connections", "--node", node)
+				r = runCtl(t, true, "ztunnel-config", "connections", "--node", node)
 				for _, l := range strings.Split(r.stdout, "\n") {
 					if strings.Contains(l, serverAddr) && strings.Contains(l, "ESTABLISHED") &&
 						strings.Contains(l, "spiffe://cluster.local/ns/shop/sa/default") {
@@ -412,19 +412,19 @@ func TestAmbitctl(t *testing.T) {
 				t.Errorf("ztunnel-config connections --node %s: no established connection to %s: exit %d\n%s\n%s", node, serverAddr, r.code, r.stdout, r.stderr)
 			}
 		}
-		r = ctl("ztunnel-config", "certificates", "--node", "node-1")
+		r = ctl(t, "ztunnel-config", "certificates", "--node", "node-1")
 		if !strings.Contains(r.stdout, "spiffe://cluster.local/ns/shop/sa/default") || !strings.Contains(r.stdout, "VALID") {
 			t.Errorf("ztunnel-config certificates --node node-1: no valid certificate of shop's default account:\n%s", r.stdout)
 		}
 		// JSON: the admin API's document as the ztunnel serves it.
-		r = ctl("ztunnel-config", "workloads", "--node", "node-2", "-o", "json")
+		r = ctl(t, "ztunnel-config", "workloads", "--node", "node-2", "-o", "json")
 		if !json.Valid([]byte(r.stdout)) || !strings.Contains(r.stdout, server.IP.String()) {
 			t.Errorf("ztunnel-config workloads -o json:\n%s", r.stdout)
 		}
 		// Naming the pod (a positional argument) rather than the node.
-		r = ctl("ztunnel-config", "connections", ztunnelPod("node-2"))
+		r = ctl(t, "ztunnel-config", "connections", ztunnelPod(t, "node-2"))
 		if !strings.Contains(r.stdout, serverAddr) {
-			t.Errorf("ztunnel-config connections %s: no connection to %s:\n%s", ztunnelPod("node-2"), serverAddr, r.stdout)
+			t.Errorf("ztunnel-config connections %s: no connection to %s:\n%s", ztunnelPod(t, "node-2"), serverAddr, r.stdout)
 		}
 	})
 
@@ -433,7 +433,7 @@ func TestAmbitctl(t *testing.T) {
 		// its Deployment (the deployer's), its pod (the controllers'), the
 		// waypoint binary running in it (the kubelet's) and ready.
 		start := time.Now()
-		r := ctl("waypoint", "apply", "-n", ns, "--enroll-namespace", "--wait", "--timeout=4m")
+		r := ctl(t, "waypoint", "apply", "-n", ns, "--enroll-namespace", "--wait", "--timeout=4m")
 		t.Logf("waypoint apply --wait took %s:\n%s", time.Since(start).Round(time.Second), r.stdout)
 		if !strings.Contains(r.stdout, "✔ Gateway shop/waypoint ready") {
 			t.Errorf("waypoint apply --wait did not report the waypoint ready:\n%s\n%s", r.stdout, r.stderr)
@@ -446,7 +446,7 @@ func TestAmbitctl(t *testing.T) {
 		if kl := kls[wps.Items[0].Spec.NodeName]; kl == nil || kl.Pod(ns+"/"+wps.Items[0].Name) == nil {
 			t.Fatalf("waypoint pod %s does not run on its node %q", wps.Items[0].Name, wps.Items[0].Spec.NodeName)
 		}
-		r = ctl("waypoint", "status", "-n", ns)
+		r = ctl(t, "waypoint", "status", "-n", ns)
 		programmed := false
 		for _, l := range strings.Split(r.stdout, "\n") {
 			f := strings.Fields(l)
@@ -459,12 +459,12 @@ func TestAmbitctl(t *testing.T) {
 		// proxy-config: port-forward to the waypoint's pod.
 		cluster := "outbound|80||server.shop.svc.cluster.local"
 		if !eventually(60*time.Second, func() bool {
-			r = runCtl(true, "proxy-config", "clusters", "--waypoint", "waypoint", "-n", ns)
+			r = runCtl(t, true, "proxy-config", "clusters", "--waypoint", "waypoint", "-n", ns)
 			return r.code == 0 && strings.Contains(r.stdout, cluster)
 		}) {
 			t.Fatalf("proxy-config clusters --waypoint waypoint: no %s: exit %d\n%s\n%s", cluster, r.code, r.stdout, r.stderr)
 		}
-		r = ctl("proxy-config", "endpoints", "--waypoint", "waypoint", "-n", ns)
+		r = ctl(t, "proxy-config", "endpoints", "--waypoint", "waypoint", "-n", ns)
 		found := false
 		for _, l := range strings.Split(r.stdout, "\n") {
 			found = found || (strings.HasPrefix(l, cluster) && strings.Contains(l, serverAddr) && strings.Contains(l, "HEALTHY"))
@@ -472,7 +472,7 @@ func TestAmbitctl(t *testing.T) {
 		if !found {
 			t.Errorf("proxy-config endpoints: no healthy %s in %s:\n%s", serverAddr, cluster, r.stdout)
 		}
-		r = ctl("proxy-config", "listeners", "--waypoint", "waypoint", "-n", ns, "-o", "json")
+		r = ctl(t, "proxy-config", "listeners", "--waypoint", "waypoint", "-n", ns, "-o", "json")
 		if !json.Valid([]byte(r.stdout)) || !strings.Contains(r.stdout, "server.shop.svc.cluster.local") {
 			t.Errorf("proxy-config listeners -o json:\n%s", r.stdout)
 		}
@@ -541,7 +541,7 @@ func TestAmbitctl(t *testing.T) {
 			return false
 		}
 		if !eventually(60*time.Second, func() bool {
-			r = runCtl(true, "proxy-status")
+			r = runCtl(t, true, "proxy-status")
 			return r.code == 0 && nacked(r.stdout)
 		}) {
 			t.Fatalf("proxy-status (port-forward to %s): no NACK of the waypoint's listeners: exit %d\n%s\n%s", standIn.Name, r.code, r.stdout, r.stderr)
@@ -560,24 +560,24 @@ func TestAmbitctl(t *testing.T) {
 
 	t.Run("describe-analyze", func(t *testing.T) {
 		// describe: the live cluster's answer for the Service and its pod.
-		r := ctl("describe", "service", "server", "-n", ns)
+		r := ctl(t, "describe", "service", "server", "-n", ns)
 		t.Logf("describe service server:\n%s", r.stdout)
 		for _, want := range []string{
 			"Waypoint:               shop/waypoint",
 			"label istio.io/use-waypoint=waypoint on namespace shop",
-			fmt.Sprintf("server %s ready, enrolled, ztunnel ambit-system/%s on node node-2", server.IP, ztunnelPod("node-2")),
+			fmt.Sprintf("server %s ready, enrolled, ztunnel ambit-system/%s on node node-2", server.IP, ztunnelPod(t, "node-2")),
 		} {
 			if !strings.Contains(r.stdout, want) {
 				t.Errorf("describe service server lacks %q", want)
 			}
 		}
-		r = ctl("describe", "pod", "client", "-n", ns)
-		if !strings.Contains(r.stdout, "spiffe://cluster.local/ns/shop/sa/default") || !strings.Contains(r.stdout, ztunnelPod("node-1")) {
+		r = ctl(t, "describe", "pod", "client", "-n", ns)
+		if !strings.Contains(r.stdout, "spiffe://cluster.local/ns/shop/sa/default") || !strings.Contains(r.stdout, ztunnelPod(t, "node-1")) {
 			t.Errorf("describe pod client: want its identity and node-1's ztunnel:\n%s", r.stdout)
 		}
 		// analyze: the mesh as set up has no error; a Service bound to a
 		// waypoint that does not exist is one, named with its fix.
-		r = runCtl(true, "analyze", "-n", ns)
+		r = runCtl(t, true, "analyze", "-n", ns)
 		if r.code != 0 || strings.Contains(r.stdout, "Error [") {
 			t.Errorf("analyze -n shop on a correct mesh: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 		}
@@ -587,7 +587,7 @@ func TestAmbitctl(t *testing.T) {
 		}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		r = runCtl(true, "analyze", "-n", ns)
+		r = runCtl(t, true, "analyze", "-n", ns)
 		if r.code != 1 || !strings.Contains(r.stdout, "Error [AMB0001] (Service shop/cart) istio.io/use-waypoint=missing names waypoint shop/missing") ||
 			strings.Count(r.stdout, "Error [") != 1 {
 			t.Errorf("analyze -n shop with a Service bound to a missing waypoint: want exit 1 and that one error: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
@@ -596,11 +596,11 @@ func TestAmbitctl(t *testing.T) {
 
 	t.Run("errors", func(t *testing.T) {
 		// A pod that is not a proxy: one line naming what failed.
-		r := runCtl(true, "proxy-config", "clusters", "--waypoint", "nope", "-n", ns)
+		r := runCtl(t, true, "proxy-config", "clusters", "--waypoint", "nope", "-n", ns)
 		if line := strings.TrimSpace(r.stderr); r.code != 1 || strings.Contains(line, "\n") || !strings.Contains(line, "no running waypoint nope pod in namespace shop") {
 			t.Errorf("proxy-config of a missing waypoint: want one line: exit %d: %s", r.code, r.stderr)
 		}
-		r = runCtl(true, "ztunnel-config", "workloads", "--node", "node-9")
+		r = runCtl(t, true, "ztunnel-config", "workloads", "--node", "node-9")
 		if line := strings.TrimSpace(r.stderr); r.code != 1 || strings.Contains(line, "\n") || !strings.Contains(line, "no running ztunnel pod on node node-9") {
 			t.Errorf("ztunnel-config on a node without a ztunnel: want one line: exit %d: %s", r.code, r.stderr)
 		}
