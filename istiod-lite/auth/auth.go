@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/grpc/metadata"
@@ -72,6 +73,10 @@ type Caller struct {
 	// authenticated with is withdrawn (local mode: its secret removed from
 	// or replaced in the credentials file); streams of the caller end then.
 	Revoked <-chan struct{}
+	// Expires, if not zero, is when the credential stops being valid (a
+	// Kubernetes token's exp claim, set by Cache); streams of the caller
+	// end then, and the caller reconnects with a fresh token.
+	Expires time.Time
 }
 
 // Authenticator turns a bearer token into a Caller. Errors that wrap

@@ -7,11 +7,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/sync/singleflight"
+	"google.golang.org/grpc/peer"
 )
 
 // Defaults of Cache.
@@ -20,19 +23,27 @@ const (
 	DefaultCacheNegativeAge = 10 * time.Second
 	DefaultCacheEntries     = 10000
 	DefaultCacheInFlight    = 32
+	// DefaultCacheInFlightPerSource is one source IP's share of the
+	// checks in flight.
+	DefaultCacheInFlightPerSource = 4
 )
 
 // ErrBusy is wrapped by Cache when too many checks are in flight for one
-// more to wait; services answer codes.Unavailable (try again).
+// more to wait, or its source has its share in flight; services answer
+// codes.Unavailable (try again).
 var ErrBusy = errors.New("too many token checks in flight")
 
 // Cache remembers another Authenticator's answers by the token's SHA-256, so
 // that a caller costs one check (a TokenReview and a pod Get) per token and
 // not per call, and a flood of one refused token costs one check per
-// NegativeAge. Concurrent checks of one token share one check, and at most
-// MaxInFlight checks run at once. Only refusals (errors wrapping
-// ErrUnauthenticated) are remembered, never failures to check. The zero
-// value with Authenticator set is usable.
+// NegativeAge. Concurrent checks of one token share one check, at most
+// MaxInFlight checks run at once and at most MaxInFlightPerSource of them
+// for one source IP (the gRPC peer of the call's context), so that no
+// source takes every slot. Precheck, when set, refuses tokens that cannot
+// be valid before they take a slot. Only refusals (errors wrapping
+// ErrUnauthenticated) are remembered, never failures to check. Callers
+// returned carry the token's expiry (Caller.Expires, from a JWT's exp
+// claim). The zero value with Authenticator set is usable.
 type Cache struct {
 	// Authenticator answers what the cache does not know (required).
 	Authenticator Authenticator
@@ -51,12 +62,25 @@ type Cache struct {
 	// MaxInFlight bounds concurrent checks (DefaultCacheInFlight if zero);
 	// a check that finds no slot before its context ends fails with ErrBusy.
 	MaxInFlight int
+	// MaxInFlightPerSource bounds the checks in flight for one source IP
+	// (DefaultCacheInFlightPerSource if zero; at most MaxInFlight); a check
+	// beyond it fails at once with ErrBusy. Calls without a gRPC peer in
+	// their context are not counted per source.
+	MaxInFlightPerSource int
+	// Precheck, if set, runs before a token the cache does not know takes
+	// a slot: a cheap local check (JWTFilter.Check) whose error (wrapping
+	// ErrUnauthenticated) refuses the token without a check. Its refusals
+	// are not remembered: they cost less than remembering them.
+	Precheck func(token string) error
 	// Now is the clock (time.Now if nil).
 	Now func() time.Time
 
 	once   sync.Once
 	sem    chan struct{} // slots of MaxInFlight
 	flight singleflight.Group
+
+	srcMu    sync.Mutex // guards bySource
+	bySource map[netip.Addr]int
 
 	mu      sync.Mutex // guards ok and refused
 	ok      map[[sha256.Size]byte]cachedCaller
@@ -122,8 +146,20 @@ func (c *Cache) Authenticate(ctx context.Context, token string) (*Caller, error)
 	if caller, err, known := c.Lookup(token); known {
 		return caller, err
 	}
+	if c.Precheck != nil {
+		if err := c.Precheck(token); err != nil {
+			return nil, err
+		}
+	}
 	h := sha256.Sum256([]byte(token))
+	src, counted := sourceOf(ctx)
 	ch := c.flight.DoChan(string(h[:]), func() (any, error) {
+		if counted {
+			if !c.takeSource(src) {
+				return nil, fmt.Errorf("%w: %s has its share of checks in flight", ErrBusy, src)
+			}
+			defer c.releaseSource(src)
+		}
 		select {
 		case c.sem <- struct{}{}:
 		case <-ctx.Done():
@@ -131,6 +167,13 @@ func (c *Cache) Authenticate(ctx context.Context, token string) (*Caller, error)
 		}
 		defer func() { <-c.sem }()
 		caller, err := c.Authenticator.Authenticate(ctx, token)
+		if err == nil && caller != nil {
+			if exp, ok := jwtExpiry(token); ok && (caller.Expires.IsZero() || exp.Before(caller.Expires)) {
+				cc := *caller
+				cc.Expires = exp
+				caller = &cc
+			}
+		}
 		c.remember(h, token, caller, err)
 		return caller, err
 	})
@@ -143,6 +186,49 @@ func (c *Cache) Authenticate(ctx context.Context, token string) (*Caller, error)
 		return &cc, nil
 	case <-ctx.Done():
 		return nil, fmt.Errorf("%w: %w", ErrBusy, ctx.Err())
+	}
+}
+
+// sourceOf is the IP of the gRPC peer in ctx.
+func sourceOf(ctx context.Context) (netip.Addr, bool) {
+	p, ok := peer.FromContext(ctx)
+	if !ok || p.Addr == nil {
+		return netip.Addr{}, false
+	}
+	if ta, ok := p.Addr.(*net.TCPAddr); ok {
+		ip, ok := netip.AddrFromSlice(ta.IP)
+		return ip.Unmap(), ok
+	}
+	ap, err := netip.ParseAddrPort(p.Addr.String())
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return ap.Addr().Unmap(), true
+}
+
+// takeSource takes one of src's slots, if it has one left.
+func (c *Cache) takeSource(src netip.Addr) bool {
+	n := c.MaxInFlightPerSource
+	if n <= 0 {
+		n = DefaultCacheInFlightPerSource
+	}
+	c.srcMu.Lock()
+	defer c.srcMu.Unlock()
+	if c.bySource[src] >= min(n, cap(c.sem)) {
+		return false
+	}
+	if c.bySource == nil {
+		c.bySource = map[netip.Addr]int{}
+	}
+	c.bySource[src]++
+	return true
+}
+
+func (c *Cache) releaseSource(src netip.Addr) {
+	c.srcMu.Lock()
+	defer c.srcMu.Unlock()
+	if c.bySource[src]--; c.bySource[src] <= 0 {
+		delete(c.bySource, src)
 	}
 }
 

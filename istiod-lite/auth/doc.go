@@ -25,7 +25,11 @@
 //     KubeAuthenticator in it): answers remembered by the token's SHA-256,
 //     an accepted token until its expiry or Cache.MaxAge, a refused one for
 //     Cache.NegativeAge, one check at a time per token, a bounded number of
-//     checks at once.
+//     checks at once and a share of them per source IP. Its Precheck
+//     (JWTFilter in cluster mode) refuses, without a TokenReview, tokens
+//     that cannot be valid: not a JWT, another issuer, not for istio-ca,
+//     expired. Callers it returns carry their token's expiry
+//     (Caller.Expires): xDS ends their streams then.
 //
 // istiod-lite authenticates each call once, in its 15012 gate
 // (istiod-lite/gate), before the call's stream exists, and passes the
