@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net"
@@ -53,6 +54,7 @@ type spireEnv struct {
 	clientID spiffeid.ID
 	serverID spiffeid.ID
 	ports    atomic.Int32
+	work     string // the mesh's WorkDir: logs
 }
 
 func TestSPIRE(t *testing.T) {
@@ -274,6 +276,7 @@ func setupSPIRE(t *testing.T) *spireEnv {
 		clientID: spiffeid.RequireFromPath(td, "/ns/shop/sa/client"),
 		serverID: spiffeid.RequireFromPath(td, "/ns/shop/sa/server")}
 	work := t.TempDir()
+	e.work = work
 	repo, _ := filepath.Abs("..")
 	bin := filepath.Join(work, "bin")
 	if err := mesh.Build(ctx, repo, bin); err != nil {
@@ -439,15 +442,43 @@ func (e *spireEnv) held(node string, id spiffeid.ID) heldCert {
 	return heldCert{}
 }
 
+// connLog is the part of a ztunnel access-log line this scenario checks.
+type connLog struct {
+	Direction, Via, Route, Outcome  string
+	Src, SrcPrincipal, DstPrincipal string
+}
+
 // accessLog waits for node's access-log line of the connection from local.
-func (e *spireEnv) accessLog(t *testing.T, node, direction string, local netip.AddrPort) mesh.AccessLog {
+// It reads the ztunnel's log itself and takes both shapes of the line
+// ("connection" with src/src_principal, and "connection complete" with
+// src.addr/src.identity).
+func (e *spireEnv) accessLog(t *testing.T, node, direction string, local netip.AddrPort) connLog {
 	t.Helper()
-	var found *mesh.AccessLog
+	var found *connLog
 	eventually(5*time.Second, func() bool {
-		logs, _ := e.m.AccessLogs(node)
-		for i := range logs {
-			if logs[i].Direction == direction && logs[i].Src == local.String() {
-				found = &logs[i]
+		b, err := os.ReadFile(filepath.Join(e.work, "ztunnel-"+node+".log"))
+		if err != nil {
+			return false
+		}
+		for _, line := range bytes.Split(b, []byte("\n")) {
+			var m map[string]any
+			if json.Unmarshal(line, &m) != nil || (m["msg"] != "connection" && m["msg"] != "connection complete") {
+				continue
+			}
+			str := func(keys ...string) string {
+				for _, k := range keys {
+					if v, ok := m[k].(string); ok {
+						return v
+					}
+				}
+				return ""
+			}
+			l := connLog{
+				Direction: str("direction"), Via: str("via"), Route: str("route"), Outcome: str("outcome"),
+				Src: str("src", "src.addr"), SrcPrincipal: str("src_principal", "src.identity"), DstPrincipal: str("dst_principal", "dst.identity"),
+			}
+			if l.Direction == direction && l.Src == local.String() {
+				found = &l
 				return true
 			}
 		}

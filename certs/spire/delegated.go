@@ -55,6 +55,10 @@ type Delegated struct {
 	ctx      context.Context // canceled by Close; the parent of every stream
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup // the streams' goroutines
+	// retryBundles cuts the bundle stream's backoff short: an SVID stream
+	// got through, so the agent answers now (at start-up it refuses
+	// everyone until it has synced the delegate's own entry).
+	retryBundles chan struct{}
 }
 
 var _ certs.Provider = (*Delegated)(nil)
@@ -94,6 +98,7 @@ func (d *Delegated) init() {
 			return
 		}
 		d.client = delegatedv1.NewDelegatedIdentityClient(d.conn)
+		d.retryBundles = make(chan struct{}, 1)
 		d.wg.Add(1)
 		go d.watchBundles()
 	})
@@ -198,6 +203,12 @@ func (d *Delegated) streamSVID(ctx context.Context, id spiffeid.ID, sels []*type
 		}
 		svid, err := pickSVID(id, resp.GetX509Svids())
 		d.h.update(id, svid, err)
+		if !d.h.haveBundles() {
+			select {
+			case d.retryBundles <- struct{}{}:
+			default:
+			}
+		}
 	}
 }
 
@@ -256,8 +267,14 @@ func (d *Delegated) watchBundles() {
 		if failures++; failures == 1 {
 			d.h.log.Warn("spire agent bundle stream failed: keeping the last bundles", "err", err)
 		}
-		if !sleep(ctx, d.h.clock, backoff(failures, d.MinBackoff, d.MaxBackoff)) {
+		t := d.h.clock.NewTimer(backoff(failures, d.MinBackoff, d.MaxBackoff))
+		select {
+		case <-ctx.Done():
+			t.Stop()
 			return
+		case <-t.C():
+		case <-d.retryBundles:
+			t.Stop()
 		}
 	}
 }

@@ -44,6 +44,8 @@ type holder struct {
 	ids       map[spiffeid.ID]*held
 	bundles   map[spiffeid.TrustDomain]*x509bundle.Bundle
 	bundleErr error
+	// bundlesIn is closed when the first bundles arrive.
+	bundlesIn chan struct{}
 	closed    bool
 }
 
@@ -66,7 +68,8 @@ func newHolder(clk clock.Clock, log *slog.Logger) *holder {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &holder{clock: clk, log: log, ids: map[spiffeid.ID]*held{}, bundles: map[spiffeid.TrustDomain]*x509bundle.Bundle{}}
+	return &holder{clock: clk, log: log, ids: map[spiffeid.ID]*held{}, bundles: map[spiffeid.TrustDomain]*x509bundle.Bundle{},
+		bundlesIn: make(chan struct{})}
 }
 
 // get implements certs.Provider.GetX509SVID: the held SVID while it is valid;
@@ -90,6 +93,19 @@ func (h *holder) get(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, error
 			leaf := s.Certificates[0]
 			now := h.clock.Now()
 			if !now.Before(leaf.NotBefore) && now.Before(leaf.NotAfter) {
+				if len(h.bundles) == 0 {
+					// The SVID came first (separate streams): without
+					// bundles the handshake could not verify its peer.
+					in := h.bundlesIn
+					h.mu.Unlock()
+					select {
+					case <-ctx.Done():
+						return nil, fmt.Errorf("get svid %s: no trust bundle from the spire agent yet: %w", id, ctx.Err())
+					case <-in:
+					}
+					h.mu.Lock()
+					continue
+				}
 				h.mu.Unlock()
 				return s, nil
 			}
@@ -236,9 +252,19 @@ func (h *holder) setBundles(bs []*x509bundle.Bundle) {
 	}
 	slices.Sort(names)
 	h.mu.Lock()
+	if len(h.bundles) == 0 && len(m) > 0 {
+		close(h.bundlesIn)
+	}
 	h.bundles, h.bundleErr = m, nil
 	h.mu.Unlock()
 	h.log.Info("trust bundles from spire", "bundles", strings.Join(names, " "))
+}
+
+// haveBundles reports whether the agent has sent bundles.
+func (h *holder) haveBundles() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return len(h.bundles) > 0
 }
 
 // bundlesFailed records a broken bundle stream; the last bundles stay.

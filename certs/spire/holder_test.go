@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	clocktesting "k8s.io/utils/clock/testing"
@@ -53,7 +54,8 @@ func TestHolderLifecycle(t *testing.T) {
 	if _, err := h.get(ctx, id); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("before the first svid: %v, want the caller's deadline", err)
 	}
-	// A waiter is woken by the first SVID.
+	// A waiter is woken by the first SVID and the first bundles (separate
+	// streams: an SVID without bundles is not handed out).
 	s1 := testSVID(t, id, 1, now, now.Add(time.Minute))
 	got := make(chan error, 1)
 	go func() {
@@ -64,6 +66,12 @@ func TestHolderLifecycle(t *testing.T) {
 		got <- err
 	}()
 	h.update(id, s1, nil)
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel2()
+	if _, err := h.get(ctx2, id); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("svid without bundles: %v, want a wait", err)
+	}
+	h.setBundles([]*x509bundle.Bundle{x509bundle.FromX509Authorities(id.TrustDomain(), s1.Certificates)})
 	if err := <-got; err != nil {
 		t.Fatalf("waiter: %v", err)
 	}
