@@ -24,12 +24,11 @@ var td = spiffeid.RequireTrustDomainFromString("spire.test")
 // env is a real spire-server and spire-agent; this test binary is an
 // authorized delegate (a unix:path entry for it) and a workload.
 type env struct {
-	server  *spireenv.Server
-	agent   *spireenv.Agent
-	nodes   spiffeid.ID // the agents' alias, parent of the workload entries
-	exe     string
-	dir     string
-	logFile string
+	server *spireenv.Server
+	agent  *spireenv.Agent
+	nodes  spiffeid.ID // the agents' alias, parent of the workload entries
+	exe    string
+	dir    string
 }
 
 func start(t *testing.T, delegates bool) *env {
