@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
+	"time"
 
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"google.golang.org/grpc"
@@ -35,6 +37,10 @@ var adsMethodPrefix = "/" + discovery.AggregatedDiscoveryService_ServiceDesc.Ser
 // proxy reads the workload types as its own node (a request whose xDS Node
 // id names another node is PermissionDenied; proxy-status shows the
 // authenticated node), a waypoint the Envoy types of its own waypoint.
+//
+// A stream lives no longer than its credential: it ends Unauthenticated
+// when the caller is revoked (Caller.Revoked) or its token expires
+// (Caller.Expires), and the client reconnects with a fresh one.
 func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerInterceptor {
 	s.authRequired = true
 	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
@@ -56,25 +62,40 @@ func (s *Server) RequireAuthentication(a auth.Authenticator) grpc.StreamServerIn
 			s.refuse("xds client refused", caller.Name, "peer", peerAddr(ctx), "caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "code", codes.PermissionDenied.String(), "reason", msg)
 			return status.Error(codes.PermissionDenied, msg)
 		}
-		cs := callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller), revoked: caller.Revoked}
-		if caller.Revoked != nil {
+		cs := callerStream{ServerStream: ss, ctx: context.WithValue(ctx, callerKey{}, caller)}
+		if caller.Revoked != nil || !caller.Expires.IsZero() {
+			// The stream ends when the caller's credential is revoked or
+			// expires: the client reconnects and authenticates again.
+			end := &streamEnd{ch: make(chan struct{})}
+			cs.end = end
 			var cancel context.CancelFunc
 			cs.ctx, cancel = context.WithCancel(cs.ctx)
 			defer cancel()
-			go func() {
-				select {
-				case <-caller.Revoked:
-					s.log.Warn("xds stream ended: its credential was revoked", "peer", peerAddr(ctx), "caller", caller.Name)
+			if !caller.Expires.IsZero() {
+				t := time.AfterFunc(time.Until(caller.Expires), func() {
+					s.log.Info("xds stream ended: its token expired", "peer", peerAddr(ctx), "caller", caller.Name, "expired", caller.Expires)
+					end.stop(errExpired)
 					cancel()
-				case <-cs.ctx.Done():
-				}
-			}()
+				})
+				defer t.Stop()
+			}
+			if caller.Revoked != nil {
+				go func() {
+					select {
+					case <-caller.Revoked:
+						s.log.Warn("xds stream ended: its credential was revoked", "peer", peerAddr(ctx), "caller", caller.Name)
+						end.stop(errRevoked)
+						cancel()
+					case <-cs.ctx.Done():
+					}
+				}()
+			}
 		}
 		err = handler(srv, cs)
-		if caller.Revoked != nil {
+		if cs.end != nil {
 			select {
-			case <-caller.Revoked:
-				return errRevoked // the handler ends a stream whose receive failed without an error
+			case <-cs.end.ch:
+				return cs.end.err // the handler ends a stream whose receive failed without an error
 			default:
 			}
 		}
@@ -127,38 +148,54 @@ func callerFrom(ctx context.Context) *auth.Caller {
 }
 
 // callerStream carries the authenticated caller in its context to the
-// stream callbacks, and ends the stream when the caller is revoked: its
-// context is cancelled and RecvMsg fails, which ends the xDS handler.
+// stream callbacks, and ends the stream when the caller's credential is
+// revoked or expires: its context is cancelled and RecvMsg fails, which
+// ends the xDS handler.
 type callerStream struct {
 	grpc.ServerStream
-	ctx     context.Context
-	revoked <-chan struct{} // Caller.Revoked; nil: never
+	ctx context.Context
+	end *streamEnd // nil: never
+}
+
+// streamEnd is closed once, with the reason, when a stream must end.
+type streamEnd struct {
+	once sync.Once
+	ch   chan struct{}
+	err  error // set before ch is closed
+}
+
+func (e *streamEnd) stop(err error) {
+	e.once.Do(func() { e.err = err; close(e.ch) })
 }
 
 func (s callerStream) Context() context.Context { return s.ctx }
 
-// errRevoked ends the stream of a revoked caller.
-var errRevoked = status.Error(codes.Unauthenticated, "credential revoked")
+// errRevoked and errExpired end the stream of a revoked caller and of one
+// whose token expired.
+var (
+	errRevoked = status.Error(codes.Unauthenticated, "credential revoked")
+	errExpired = status.Error(codes.Unauthenticated, "token expired: reconnect with a fresh one")
+)
 
 func (s callerStream) RecvMsg(m any) error {
-	if s.revoked == nil {
+	if s.end == nil {
 		return s.ServerStream.RecvMsg(m)
 	}
 	select {
-	case <-s.revoked:
-		return errRevoked
+	case <-s.end.ch:
+		return s.end.err
 	default:
 	}
 	// The receive goes on in its own goroutine until the stream ends
-	// (when the handler returns), so a revocation need not wait for the
+	// (when the handler returns), so an end need not wait for the
 	// client's next request. go-control-plane gives each RecvMsg a new m.
 	done := make(chan error, 1)
 	go func() { done <- s.ServerStream.RecvMsg(m) }()
 	select {
 	case err := <-done:
 		return err
-	case <-s.revoked:
-		return errRevoked
+	case <-s.end.ch:
+		return s.end.err
 	}
 }
 
