@@ -60,6 +60,11 @@ Usage: istiod-lite [flags]
 	fs.IntVar(&cfg.MaxConnsPerSource, "max-conns-per-source", 0, "open connections to 15012 per source IP (default 32)")
 	fs.IntVar(&cfg.MaxConns, "max-conns", 0, "open connections to 15012 in total (default 4096)")
 	fs.Float64Var(&cfg.CallsPerSecond, "calls-per-second", 0, "calls to 15012 per second per source IP, burst 200 (default 50)")
+	fs.DurationVar(&cfg.MaxConnectionAge, "max-connection-age", 0, "renew 15012 connections after this long, so that clients authenticate again (default 30m)")
+	fs.Func("token-issuer", "cluster mode: `issuer` (iss) a token must have to be sent to a TokenReview; repeatable (default: the API server's, from its OpenID discovery document)", func(v string) error {
+		cfg.TokenIssuers = append(cfg.TokenIssuers, v)
+		return nil
+	})
 	leaderElect := fs.Bool("leader-elect", true, "cluster mode: deploy waypoints and write statuses only while holding the Lease ambit-system/istiod-lite-leader, so that replicas can run side by side (false: always, for a single replica)")
 	fs.StringVar(&cfg.LeaderIdentity, "leader-identity", "", "cluster mode: this replica's `name` in the Lease (default $POD_NAME, else the host name)")
 	fs.StringVar(&cfg.WaypointImage, "waypoint-image", deployer.DefaultImage, "cluster mode: waypoint Deployments' container `image`")

@@ -124,6 +124,17 @@ type Config struct {
 	// MaxStreamsPerConn calls at once.
 	MaxConnsPerSource, MaxConns int
 	CallsPerSecond              float64
+	// MaxConnectionAge ends a 15012 connection after this long (gRPC
+	// GOAWAY, then MaxConnectionAgeGrace for its calls; xDS streams are cut
+	// then): clients reconnect and authenticate again, so a credential that
+	// is no longer valid (a deleted pod's token) stops receiving the mesh
+	// (DefaultMaxConnectionAge if zero, as Istio's default).
+	MaxConnectionAge time.Duration
+	// TokenIssuers, in cluster mode, are the issuers (iss claim) a token
+	// must have to be sent to a TokenReview (auth.JWTFilter); empty: the
+	// API server's, from its OpenID discovery document (any issuer if that
+	// cannot be read).
+	TokenIssuers []string
 
 	Logger *slog.Logger // may be nil
 
@@ -237,7 +248,14 @@ func Run(ctx context.Context, cfg Config) error {
 		g.Go(func() error { return pods.Start(ctx) })
 		// A token costs one TokenReview (and pod Get) until it expires or
 		// for auth.DefaultCacheMaxAge; a refused one is refused from memory.
-		tokens := &auth.Cache{Authenticator: &auth.KubeAuthenticator{Client: cs, TrustDomain: td}}
+		// Tokens that cannot be valid (not a JWT, another issuer, not for
+		// istio-ca, expired) are refused before they cost a review; each
+		// source IP has a share of the reviews in flight.
+		filter := &auth.JWTFilter{Issuers: cfg.TokenIssuers}
+		if len(filter.Issuers) == 0 {
+			filter.Issuers = tokenIssuers(ctx, cs, log)
+		}
+		tokens := &auth.Cache{Authenticator: &auth.KubeAuthenticator{Client: cs, TrustDomain: td}, Precheck: filter.Check}
 		caServer = &ca.Server{CA: authority, Authenticator: tokens, Workloads: pods, Logger: log.With("component", "ca")}
 	}
 
@@ -263,7 +281,11 @@ func Run(ctx context.Context, cfg Config) error {
 		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
 		grpc.MaxHeaderListSize(MaxHeaderListSize),
 		grpc.ConnectionTimeout(10*time.Second), // TLS handshake and HTTP/2 preface
-		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
+		// Connections are renewed every MaxConnectionAge: their clients
+		// authenticate again. (A stream also ends when its token expires:
+		// xds.Server.RequireAuthentication.)
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second,
+			MaxConnectionAge: cmpOr(cfg.MaxConnectionAge, DefaultMaxConnectionAge), MaxConnectionAgeGrace: MaxConnectionAgeGrace}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
 	xdsServer.Register(gs)
@@ -343,7 +365,45 @@ const (
 	MaxStreamsPerConn = 32
 	// MaxHeaderListSize bounds a call's headers (a bearer token is ~1 KiB).
 	MaxHeaderListSize = 64 << 10
+	// DefaultMaxConnectionAge is Config.MaxConnectionAge's default
+	// (Istio's); gRPC adds a jitter of ±10%.
+	DefaultMaxConnectionAge = 30 * time.Minute
+	// MaxConnectionAgeGrace is how long a connection past its age has for
+	// its calls before it is closed (Istio's default).
+	MaxConnectionAgeGrace = 10 * time.Second
 )
+
+func cmpOr(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// tokenIssuers returns the API server's service-account token issuer, from
+// its OpenID discovery document (readable by every service account: the
+// default binding system:service-account-issuer-discovery), or nil (any
+// issuer) if it cannot be read.
+func tokenIssuers(ctx context.Context, cs kubernetes.Interface, log *slog.Logger) []string {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	raw, err := cs.Discovery().RESTClient().Get().AbsPath("/.well-known/openid-configuration").DoRaw(ctx)
+	var doc struct {
+		Issuer string `json:"issuer"`
+	}
+	if err == nil {
+		err = json.Unmarshal(raw, &doc)
+	}
+	if err == nil && doc.Issuer == "" {
+		err = errors.New("no issuer")
+	}
+	if err != nil {
+		log.Warn("token issuer unknown: tokens of any issuer go to TokenReview (set --token-issuer)", "err", err)
+		return nil
+	}
+	log.Info("token issuer", "issuer", doc.Issuer)
+	return []string{doc.Issuer}
+}
 
 // hostAuth is local mode's authenticator: the credentials file, reloaded
 // when it changes (auth.HostFile), or no one.
