@@ -171,6 +171,24 @@ scrape_configs:
 		t.Fatalf("%d requests answered 200 through the waypoint in 30s\n%s", ok, e.waypointTail())
 	}
 
+	// Queries of Istio's stock dashboards (mesh, service and workload; their
+	// template variables filled in) return ambit's traffic.
+	for _, q := range []string{
+		`round(sum(irate(istio_requests_total{reporter=~"source|waypoint"}[1m])), 0.001)`,
+		`sum(rate(istio_requests_total{reporter=~"source|waypoint", response_code!~"5.*"}[1m])) / sum(rate(istio_requests_total{reporter=~"source|waypoint"}[1m]))`,
+		`sum(irate(istio_tcp_sent_bytes_total{reporter=~"source|waypoint"}[1m])) + sum(irate(istio_tcp_received_bytes_total{reporter=~"source|waypoint"}[1m]))`,
+		`sum(irate(istio_requests_total{reporter=~"source|waypoint",destination_service=~"reviews.shop.svc.cluster.local"}[1m])) by (source_workload, source_workload_namespace, response_code)`,
+		`histogram_quantile(0.90, sum(irate(istio_request_duration_milliseconds_bucket{reporter=~"source|waypoint",destination_service=~"reviews.shop.svc.cluster.local"}[1m])) by (le))`,
+		`sum(irate(istio_tcp_received_bytes_total{reporter="destination", destination_workload_namespace=~"shop", destination_workload=~"server-2"}[1m])) by (source_workload, source_workload_namespace)`,
+		`sum(istio_tcp_connections_opened_total{reporter="source", source_workload_namespace=~"shop", source_workload=~"client-1"}) by (destination_service, destination_canonical_service, destination_canonical_revision)`,
+	} {
+		var n int
+		var qerr error
+		if !eventually(30*time.Second, func() bool { n, qerr = query(q); return qerr == nil && n > 0 }) {
+			t.Errorf("Istio dashboard query %s: %d series (%v)", q, n, qerr)
+		}
+	}
+
 	// Every panel's query of every dashboard returns data.
 	files, err := fs.Glob(dashboards.FS, "*.json")
 	if err != nil || len(files) == 0 {
