@@ -24,8 +24,10 @@
 //                  like any other client, and connections to the pod's port
 //                  15008 are ztunnel's tunnels to its own pods. Only two
 //                  kinds of the node's own packets go to the pod as they are:
-//                  ztunnel's (its sockets carry bypass_mark: deliveries, and
-//                  the connections it accepted) and kubelet's health probes
+//                  ztunnel's (its sockets carry bypass_mark and are in
+//                  ztunnel_cgroups: deliveries, and the connections it
+//                  accepted; the mark alone is not enough, any root
+//                  container can set it) and kubelet's health probes
 //                  (sockets of the cgroups in probe_cgroups, or below).
 //   uplink_ingress node uplinks, ingress: connections from other nodes to
 //                  enrolled pods go to ztunnel's HBONE port (for port 15008)
@@ -101,6 +103,19 @@ struct {
 	__uint(max_entries, 16);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } probe_cgroups SEC(".maps");
+
+// The cgroups (v2 ids) of ztunnel's process: the node's packets that carry
+// bypass_mark reach enrolled pods directly only from a socket of one of
+// these cgroups (exactly: not below). The mark alone proves nothing: since
+// Linux 5.17 SO_MARK needs only CAP_NET_RAW, which root containers have by
+// default. ztunnel puts its own cgroup here at start (Options.ZtunnelCgroups).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, __u8);
+	__uint(max_entries, 8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ztunnel_cgroups SEC(".maps");
 
 // At most this deep a cgroup (the root is level 0) is found in probe_cgroups.
 #define MAX_CGROUP_LEVEL 8
@@ -316,9 +331,11 @@ struct pseudo_hdr {
 
 // refuse turns the segment into a RST to its sender; RSTs are dropped. Either
 // way the segment does not go on. The RST goes back out of the interface the
-// segment came in on, or, for a segment that pod_egress looped back (routed),
+// segment came in on (peer: a pod veth, where it goes straight into the
+// pod's namespace, so that pod_egress needs no way to tell it from a host
+// process's packet), or, for a segment that pod_egress looped back (routed),
 // where the node's routes send it.
-static __always_inline int refuse(struct __sk_buff *skb, int routed) {
+static __always_inline int refuse(struct __sk_buff *skb, int routed, int peer) {
 	struct ethhdr eth;
 	struct iphdr ip;
 	struct tcphdr tcp;
@@ -367,9 +384,6 @@ static __always_inline int refuse(struct __sk_buff *skb, int routed) {
 	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
 	rtcp.check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)&rtcp, sizeof(rtcp), sum));
 
-	// The RST is the capture's own: pod_egress lets it through like
-	// ztunnel's packets.
-	skb->mark |= bypass_mark;
 	__u32 len = sizeof(reth) + sizeof(rip) + sizeof(rtcp);
 	if (bpf_skb_change_tail(skb, len, 0) ||
 	    bpf_skb_store_bytes(skb, 0, &reth, sizeof(reth), 0) ||
@@ -391,6 +405,8 @@ static __always_inline int refuse(struct __sk_buff *skb, int routed) {
 		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 	}
 	count(STAT_REFUSED);
+	if (peer) // straight into the pod, not through pod_egress
+		return bpf_redirect_peer(skb->ifindex, 0);
 	return bpf_redirect(skb->ifindex, 0);
 drop:
 	count(STAT_DROPPED);
@@ -414,7 +430,7 @@ static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t, int ro
 	} else if (to_listener(skb, t, inbound_port, STAT_INBOUND)) {
 		return TCX_PASS;
 	}
-	return refuse(skb, routed);
+	return refuse(skb, routed, 0);
 }
 
 SEC("tcx/ingress")
@@ -443,7 +459,7 @@ int pod_ingress(struct __sk_buff *skb) {
 		return drop();
 	if (to_listener(skb, &t, outbound_port, STAT_OUTBOUND))
 		return TCX_PASS;
-	return refuse(skb, 0);
+	return refuse(skb, 0, 1);
 }
 
 // is_probe reports whether the node's packet comes from a socket in one of
@@ -460,6 +476,18 @@ static __always_inline int is_probe(struct __sk_buff *skb) {
 	return 0;
 }
 
+// is_ztunnel reports whether the node's packet comes from one of ztunnel's
+// sockets: it carries bypass_mark and its socket (for a SYN-ACK, the
+// listener of its request socket) is in one of ztunnel_cgroups. Packets the
+// kernel sends for no full socket (time-wait ACKs and RSTs, SYN cookies)
+// are not: they get inbound capture, which drops them.
+static __always_inline int is_ztunnel(struct __sk_buff *skb) {
+	if (!bypass_mark || (skb->mark & bypass_mark) != bypass_mark)
+		return 0;
+	__u64 id = bpf_skb_cgroup_id(skb);
+	return id && bpf_map_lookup_elem(&ztunnel_cgroups, &id);
+}
+
 SEC("tcx/egress")
 int pod_egress(struct __sk_buff *skb) {
 	struct tcp4 t = {};
@@ -469,8 +497,8 @@ int pod_egress(struct __sk_buff *skb) {
 	if (r == P_PASS || !t.tcp)
 		return TCX_NEXT;
 	// The node's own packets carry their socket or were not received on any
-	// interface. ztunnel's (bypass_mark: its deliveries, the connections it
-	// accepted) and kubelet's probes go to the pod as they are, except HBONE:
+	// interface. ztunnel's (bypass_mark from a socket of ztunnel_cgroups:
+	// its deliveries, the connections it accepted) and kubelet's probes go to the pod as they are, except HBONE:
 	// ztunnel's tunnels to a pod of its own node go to its own HBONE
 	// listener like those from other nodes. Every other host process gets
 	// inbound capture, as a client on another node would: a host-network
@@ -482,7 +510,7 @@ int pod_egress(struct __sk_buff *skb) {
 			// a reply to a pod that happens to use it as its client port.
 			if (!t.syn_only && !has_socket(skb, &t))
 				return TCX_NEXT;
-		} else if (bypass_mark && (skb->mark & bypass_mark) == bypass_mark) {
+		} else if (is_ztunnel(skb)) {
 			return TCX_NEXT;
 		} else if (is_probe(skb)) {
 			return TCX_NEXT;

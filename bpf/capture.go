@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -64,6 +65,15 @@ type Options struct {
 	// (kubelet restarted by systemd) gets a new id, which
 	// RefreshProbeCgroups (called by SetupNode and Reconcile) picks up.
 	ProbeCgroups []string
+	// ZtunnelCgroups are the cgroup v2 directories of ztunnel's process:
+	// only packets from sockets in exactly these cgroups that carry
+	// BypassMark reach enrolled pods directly (the mark alone is no proof:
+	// since Linux 5.17 SO_MARK needs only CAP_NET_RAW, which a root
+	// container has by default). SetupNode makes them the only ones
+	// trusted. Empty: the calling process's cgroup (ProcessCgroup). The
+	// root cgroup is refused: every process not in a cgroup of its own is
+	// in it (see JoinCgroup).
+	ZtunnelCgroups []string
 	// Logger receives structured logs. Nil discards them.
 	Logger *slog.Logger
 }
@@ -307,7 +317,11 @@ func (c *Capture) SetupNode() error {
 	if err := c.refreshProbeCgroups(true); err != nil {
 		return fmt.Errorf("setup node: %w", err)
 	}
-	c.log.Info("node set up", "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable, "bypass_mark", o.BypassMark, "probe_cgroups", o.ProbeCgroups)
+	zcg, err := c.setZtunnelCgroups()
+	if err != nil {
+		return fmt.Errorf("setup node: %w", err)
+	}
+	c.log.Info("node set up", "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable, "bypass_mark", o.BypassMark, "ztunnel_cgroups", zcg, "probe_cgroups", o.ProbeCgroups)
 	return nil
 }
 
@@ -367,6 +381,160 @@ func (c *Capture) refreshProbeCgroups(loud bool) error {
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("probe cgroups: %w", err)
+	}
+	return nil
+}
+
+// setZtunnelCgroups makes the ztunnel_cgroups map hold exactly the ids of
+// Options.ZtunnelCgroups (c.mu held) and returns those directories. A
+// previous ztunnel's cgroup is forgotten: its packets to pods get inbound
+// capture from now on.
+func (c *Capture) setZtunnelCgroups() ([]string, error) {
+	dirs := c.opts.ZtunnelCgroups
+	if len(dirs) == 0 {
+		dir, err := ProcessCgroup()
+		if err != nil {
+			return nil, fmt.Errorf("ztunnel cgroup: %w", err)
+		}
+		dirs = []string{dir}
+	}
+	want := map[uint64]bool{}
+	for _, dir := range dirs {
+		id, err := cgroupID(dir)
+		if err != nil {
+			return nil, fmt.Errorf("ztunnel cgroup: %w", err)
+		}
+		if id == rootCgroupID {
+			return nil, fmt.Errorf("ztunnel cgroup %s is the root cgroup, which every process without a cgroup of its own shares: run ztunnel in a cgroup of its own (JoinCgroup)", dir)
+		}
+		want[id] = true
+	}
+	var (
+		k     uint64
+		v     uint8
+		stale []uint64
+	)
+	it := c.objs.ZtunnelCgroups.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	errs := []error{it.Err()}
+	for _, k := range stale {
+		if err := c.objs.ZtunnelCgroups.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	for id := range want {
+		if err := c.objs.ZtunnelCgroups.Put(id, uint8(1)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("ztunnel cgroups: %w", err)
+	}
+	return dirs, nil
+}
+
+// rootCgroupID is the id of a cgroup v2 hierarchy's root.
+const rootCgroupID = 1
+
+// ProcessCgroup returns the cgroup v2 directory of the calling process, from
+// /proc/self/cgroup and the cgroup2 mount (in a cgroup namespace, the
+// namespace's root is the mount's root).
+func ProcessCgroup() (string, error) {
+	b, err := os.ReadFile("/proc/self/cgroup")
+	if err != nil {
+		return "", fmt.Errorf("process cgroup: %w", err)
+	}
+	var path string
+	found := false
+	for _, line := range strings.Split(string(b), "\n") {
+		if p, ok := strings.CutPrefix(line, "0::"); ok {
+			path, found = p, true
+			break
+		}
+	}
+	if !found {
+		return "", errors.New("process cgroup: no cgroup v2 entry in /proc/self/cgroup")
+	}
+	mnt, root, err := cgroup2MountInfo()
+	if err != nil {
+		return "", fmt.Errorf("process cgroup: %w", err)
+	}
+	rel, err := filepath.Rel(root, path)
+	if err != nil || strings.HasPrefix(rel, "..") {
+		return "", fmt.Errorf("process cgroup: %s is outside the cgroup2 mount %s (root %s)", path, mnt, root)
+	}
+	return filepath.Join(mnt, rel), nil
+}
+
+// cgroup2MountInfo returns the first cgroup2 mount point and the cgroup it
+// shows as its root, from /proc/self/mountinfo.
+func cgroup2MountInfo() (mountPoint, root string, err error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", "", err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		// id parent major:minor root mountpoint options [optional...] - fstype source super
+		pre, post, ok := strings.Cut(line, " - ")
+		if !ok {
+			continue
+		}
+		f, g := strings.Fields(pre), strings.Fields(post)
+		if len(f) >= 5 && len(g) >= 1 && g[0] == "cgroup2" {
+			return unescapeMount(f[4]), unescapeMount(f[3]), nil
+		}
+	}
+	return "", "", errors.New("no cgroup2 file system mounted")
+}
+
+// unescapeMount undoes mountinfo's octal escapes (\040 for a space).
+func unescapeMount(s string) string {
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var out strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				out.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		out.WriteByte(s[i])
+	}
+	return out.String()
+}
+
+// InRootCgroup reports whether the calling process is in the cgroup v2
+// root: capture cannot tell its sockets from any other such process's.
+func InRootCgroup() (bool, error) {
+	dir, err := ProcessCgroup()
+	if err != nil {
+		return false, err
+	}
+	id, err := cgroupID(dir)
+	if err != nil {
+		return false, fmt.Errorf("process cgroup: %w", err)
+	}
+	return id == rootCgroupID, nil
+}
+
+// JoinCgroup moves the calling process (all its threads) into the cgroup
+// v2 directory dir, creating it if needed. Sockets keep the cgroup they
+// were created in: call it before opening any. ztunnel does when it finds
+// itself in the root cgroup (a plain process on a host without systemd, a
+// test harness), so that capture can tell its packets (ZtunnelCgroups).
+func JoinCgroup(dir string) error {
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("join cgroup: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(fmt.Sprint(os.Getpid())), 0o644); err != nil {
+		return fmt.Errorf("join cgroup %s: %w", dir, err)
 	}
 	return nil
 }

@@ -69,9 +69,10 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	Pods         *ebpf.MapSpec `ebpf:"pods"`
-	ProbeCgroups *ebpf.MapSpec `ebpf:"probe_cgroups"`
-	Stats        *ebpf.MapSpec `ebpf:"stats"`
+	Pods           *ebpf.MapSpec `ebpf:"pods"`
+	ProbeCgroups   *ebpf.MapSpec `ebpf:"probe_cgroups"`
+	Stats          *ebpf.MapSpec `ebpf:"stats"`
+	ZtunnelCgroups *ebpf.MapSpec `ebpf:"ztunnel_cgroups"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -106,9 +107,10 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	Pods         *ebpf.Map `ebpf:"pods"`
-	ProbeCgroups *ebpf.Map `ebpf:"probe_cgroups"`
-	Stats        *ebpf.Map `ebpf:"stats"`
+	Pods           *ebpf.Map `ebpf:"pods"`
+	ProbeCgroups   *ebpf.Map `ebpf:"probe_cgroups"`
+	Stats          *ebpf.Map `ebpf:"stats"`
+	ZtunnelCgroups *ebpf.Map `ebpf:"ztunnel_cgroups"`
 }
 
 func (m *captureMaps) Close() error {
@@ -116,6 +118,7 @@ func (m *captureMaps) Close() error {
 		m.Pods,
 		m.ProbeCgroups,
 		m.Stats,
+		m.ZtunnelCgroups,
 	)
 }
 

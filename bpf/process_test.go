@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -16,14 +17,41 @@ import (
 // TestMain doubles as the ztunnel process of TestZtunnelProcess: with
 // envZtunnelNetns set, the test binary loads capture from its pins and runs
 // the ztunnel stand-in in that namespace until it is killed.
+//
+// The test process is the ztunnel stand-in's process: capture trusts the
+// bypass mark only from its cgroup (ZtunnelCgroups), which must not be the
+// root cgroup. When it is, the test process moves into a cgroup of its own
+// for the run.
 func TestMain(m *testing.M) {
+	if arg := os.Getenv(envMarkDial); arg != "" {
+		markDial(arg)
+	}
 	if ns := os.Getenv(envZtunnelNetns); ns != "" {
 		if err := ztunnelProcess(ns); err != nil {
 			fmt.Fprintln(os.Stderr, "ztunnel process:", err)
 			os.Exit(1)
 		}
 	}
-	os.Exit(m.Run())
+	os.Exit(runInOwnCgroup(m))
+}
+
+func runInOwnCgroup(m *testing.M) int {
+	if os.Geteuid() != 0 {
+		return m.Run()
+	}
+	if root, err := InRootCgroup(); err != nil || !root {
+		return m.Run()
+	}
+	mnt := cgroup2Mount()
+	dir := filepath.Join(mnt, fmt.Sprintf("ambit-bpft%d-ztunnel", os.Getpid()))
+	if err := JoinCgroup(dir); err != nil {
+		fmt.Fprintln(os.Stderr, "leave the root cgroup:", err)
+		return 1
+	}
+	code := m.Run()
+	os.WriteFile(filepath.Join(mnt, "cgroup.procs"), []byte(fmt.Sprint(os.Getpid())), 0o644)
+	os.Remove(dir)
+	return code
 }
 
 const (

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -190,6 +191,30 @@ func loadCapture(o options, log *slog.Logger) (*bpf.Capture, error) {
 	return c, nil
 }
 
+// ownCgroup moves the process out of the root cgroup, which it would share
+// with every host process that has no cgroup of its own, into
+// <cgroup2 mount>/ambit-ztunnel. A ztunnel in a pod or a systemd unit has
+// its own cgroup already and stays there.
+func ownCgroup(log *slog.Logger) error {
+	root, err := bpf.InRootCgroup()
+	if err != nil {
+		return fmt.Errorf("capture needs cgroup v2: %w", err)
+	}
+	if !root {
+		return nil
+	}
+	mnt, err := bpf.ProcessCgroup() // the root: the mount point
+	if err != nil {
+		return err
+	}
+	dir := filepath.Join(mnt, "ambit-ztunnel")
+	if err := bpf.JoinCgroup(dir); err != nil {
+		return fmt.Errorf("leave the root cgroup: %w", err)
+	}
+	log.Info("moved out of the root cgroup: capture lets only this cgroup's marked packets reach pods directly", "cgroup", dir)
+	return nil
+}
+
 // probeCgroupRefresh is how often the probe cgroups' ids are read again.
 const probeCgroupRefresh = 10 * time.Second
 
@@ -287,6 +312,12 @@ func run(ctx context.Context, o options) error {
 	cfg.RootNamespace = o.rootNamespace
 	cfg.Logger = log
 	if o.capture {
+		// Before any socket exists (sockets keep the cgroup they were
+		// made in): capture trusts the bypass mark only from ztunnel's
+		// cgroup, which must be ztunnel's own.
+		if err := ownCgroup(log); err != nil {
+			return err
+		}
 		capture, err := loadCapture(o, log)
 		if err != nil {
 			return err
