@@ -143,6 +143,8 @@ type Config struct {
 	Listening func(grpcAddr, adminAddr string)
 
 	gateStats *gate.Stats // tests: what 15012's connections read
+	// connAgeGrace replaces MaxConnectionAgeGrace (tests).
+	connAgeGrace time.Duration
 }
 
 func (c *Config) defaults() {
@@ -285,7 +287,7 @@ func Run(ctx context.Context, cfg Config) error {
 		// authenticate again. (A stream also ends when its token expires:
 		// xds.Server.RequireAuthentication.)
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second,
-			MaxConnectionAge: cmpOr(cfg.MaxConnectionAge, DefaultMaxConnectionAge), MaxConnectionAgeGrace: MaxConnectionAgeGrace}),
+			MaxConnectionAge: cmpOr(cfg.MaxConnectionAge, DefaultMaxConnectionAge), MaxConnectionAgeGrace: cmpOr(cfg.connAgeGrace, MaxConnectionAgeGrace)}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)...)
 	xdsServer.Register(gs)
