@@ -137,6 +137,10 @@ const DefaultUnknownDestinationWait = 5 * time.Second
 // at once: a pod scanning the pod CIDRs cannot pile them up.
 const maxUnknownWaits = 1024
 
+// maxUnknownWaitsPerSource is each source address's share of
+// maxUnknownWaits: one pod cannot take the node's slots from the others.
+const maxUnknownWaitsPerSource = 64
+
 // Capture steers the node's enrolled workloads' traffic to the proxy (the
 // bpf package's loader implements it in the node agent).
 type Capture interface {

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/ambit-mesh/ambit/hbone"
@@ -49,7 +50,7 @@ func (p *Proxy) outboundConn(ctx context.Context, c *conn, client net.Conn, read
 	route, err := Resolve(snap, c.srcW, c.Dst, nil)
 	if err == nil && route.Kind == RoutePassthrough && p.cfg.inPodCIDRs(c.Dst.Addr()) {
 		// A pod the config does not know yet: never in clear.
-		route, err = p.awaitDestination(ctx, snap, c.srcW, c.Dst)
+		route, err = p.awaitDestination(ctx, snap, c.srcW, c.Src.Addr(), c.Dst)
 		if errors.Is(err, errUnknownDestination) {
 			return flagNoRoute, "destination in the pod CIDRs is unknown to the config", err
 		}
@@ -149,8 +150,9 @@ const unknownWaitPoll = 20 * time.Millisecond
 // newer than snap to resolve dst to something other than a passthrough,
 // and returns that route (or Resolve's error). It fails with
 // errUnknownDestination when the wait ends first, when waiting is off, or
-// when too many connections wait already; with ctx's error if ctx ends.
-func (p *Proxy) awaitDestination(ctx context.Context, snap *model.Snapshot, src *model.Workload, dst netip.AddrPort) (Route, error) {
+// when too many connections wait already (maxUnknownWaits on the node,
+// maxUnknownWaitsPerSource from srcAddr); with ctx's error if ctx ends.
+func (p *Proxy) awaitDestination(ctx context.Context, snap *model.Snapshot, src *model.Workload, srcAddr netip.Addr, dst netip.AddrPort) (Route, error) {
 	wait := positive(p.cfg.UnknownDestinationWait, DefaultUnknownDestinationWait)
 	if wait == 0 {
 		return Route{}, errUnknownDestination
@@ -160,6 +162,12 @@ func (p *Proxy) awaitDestination(ctx context.Context, snap *model.Snapshot, src 
 		return Route{}, fmt.Errorf("%w: too many connections waiting", errUnknownDestination)
 	}
 	defer p.unknownWaits.Add(-1)
+	// Each source gets a share of the node's slots: one pod scanning the
+	// pod CIDRs cannot take them all from the node's other pods.
+	if !p.unknownWaitsBySrc.take(srcAddr, maxUnknownWaitsPerSource) {
+		return Route{}, fmt.Errorf("%w: too many connections of %s waiting", errUnknownDestination, srcAddr)
+	}
+	defer p.unknownWaitsBySrc.give(srcAddr)
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	tick := time.NewTicker(unknownWaitPoll)
@@ -182,6 +190,44 @@ func (p *Proxy) awaitDestination(ctx context.Context, snap *model.Snapshot, src 
 			return route, err
 		}
 	}
+}
+
+// waitShares counts, per source address, the connections waiting for an
+// unknown destination. The zero value is ready to use.
+type waitShares struct {
+	mu sync.Mutex // guards n
+	n  map[netip.Addr]int
+}
+
+// take counts one more waiting connection of src, unless src has max
+// waiting already; it reports whether it did.
+func (w *waitShares) take(src netip.Addr, max int) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n[src] >= max {
+		return false
+	}
+	if w.n == nil {
+		w.n = map[netip.Addr]int{}
+	}
+	w.n[src]++
+	return true
+}
+
+// give ends one waiting connection of src counted by take.
+func (w *waitShares) give(src netip.Addr) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n[src]--; w.n[src] <= 0 {
+		delete(w.n, src)
+	}
+}
+
+// waiting returns how many connections of src wait.
+func (w *waitShares) waiting(src netip.Addr) int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.n[src]
 }
 
 // baggage is the W3C baggage header Istio sends for w.

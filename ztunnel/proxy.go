@@ -58,7 +58,8 @@ type Proxy struct {
 	connCtx    context.Context
 	forceClose context.CancelFunc
 
-	unknownWaits atomic.Int32 // outbound connections waiting for an unknown destination (outbound.go)
+	unknownWaits      atomic.Int32 // outbound connections waiting for an unknown destination (outbound.go)
+	unknownWaitsBySrc waitShares   // the same, per source address
 
 	configured atomic.Bool // the store changed after New
 	captured   atomic.Bool // Capture (if any) reconciled once
