@@ -2,9 +2,14 @@ package server
 
 import (
 	"context"
+	"encoding/base64"
+	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -106,11 +111,22 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Count the TokenReviews istiod-lite sends.
+	var reviews atomic.Int64
+	rc := c.ConfigForToken(token)
+	rc.Wrap(func(rt http.RoundTripper) http.RoundTripper {
+		return roundTripper(func(r *http.Request) (*http.Response, error) {
+			if r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/tokenreviews") {
+				reviews.Add(1)
+			}
+			return rt.RoundTrip(r)
+		})
+	})
 	rctx, cancel := context.WithCancel(ctx)
 	addrs := make(chan string, 1)
 	done := make(chan error, 1)
 	go func() {
-		done <- Run(rctx, Config{Rest: c.ConfigForToken(token), Listen: "127.0.0.1:0", Admin: "-", Listening: func(g, _ string) { addrs <- g }})
+		done <- Run(rctx, Config{Rest: rc, Listen: "127.0.0.1:0", Admin: "-", Listening: func(g, _ string) { addrs <- g }})
 	}()
 	defer func() {
 		cancel()
@@ -155,6 +171,37 @@ func TestClusterModeAsServiceAccount(t *testing.T) {
 		if _, err := firstResponse(ctx, addr, tlsConf, tc.token, tc.node, tc.typeURL); status.Code(err) != tc.want {
 			t.Fatalf("xds with %s: got %v, want %s", tc.what, err, tc.want)
 		}
+	}
+	// Token-review exhaustion: tokens that cannot be valid are refused
+	// without a TokenReview (the issuer is the API server's, read from its
+	// discovery document): garbage, another issuer's, another audience's.
+	jwt := func(claims string) string {
+		return "eyJhbGciOiJSUzI1NiJ9." + base64.RawURLEncoding.EncodeToString([]byte(claims)) + ".c2ln"
+	}
+	exp := time.Now().Add(time.Hour).Unix()
+	before := reviews.Load()
+	for i := range 20 {
+		for _, tok := range []string{
+			fmt.Sprintf("garbage-%d", i),
+			jwt(fmt.Sprintf(`{"iss":"https://evil.example","aud":["istio-ca"],"exp":%d,"n":%d}`, exp, i)),
+			jwt(fmt.Sprintf(`{"iss":%q,"aud":["kubernetes"],"exp":%d,"n":%d}`, kube.Issuer, exp, i)),
+			jwt(fmt.Sprintf(`{"iss":%q,"aud":["istio-ca"],"exp":%d,"n":%d}`, kube.Issuer, time.Now().Add(-time.Minute).Unix(), i)),
+		} {
+			if _, err := firstResponse(ctx, addr, tlsConf, tok, "node-1", workload.WorkloadType); status.Code(err) != codes.Unauthenticated {
+				t.Fatalf("xds with %s: %v, want Unauthenticated", tok, err)
+			}
+		}
+	}
+	if n := reviews.Load() - before; n != 0 {
+		t.Fatalf("80 tokens that cannot be valid cost %d TokenReviews, want 0", n)
+	}
+	// A plausible forgery (right issuer, audience and expiry, no valid
+	// signature) reaches the review, which refuses it.
+	if _, err := firstResponse(ctx, addr, tlsConf, jwt(fmt.Sprintf(`{"iss":%q,"aud":["istio-ca"],"exp":%d}`, kube.Issuer, exp)), "node-1", workload.WorkloadType); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("xds with a forged token: %v, want Unauthenticated", err)
+	}
+	if n := reviews.Load() - before; n != 1 {
+		t.Fatalf("a plausible forged token: %d TokenReviews, want 1", n)
 	}
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	if err := os.WriteFile(tokenFile, []byte(ztunnelToken), 0o600); err != nil {
