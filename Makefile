@@ -38,6 +38,7 @@ images:
 # Unit and in-process tests (real sockets, TLS, HTTP/2) with the race detector.
 test: deps tools
 	$(GO) test -race -count=1 -timeout 12m $(PKGS)
+	$(GO) test -count=1 -timeout 10m -run '^TestImage' ./ambitctl/
 
 # Tests that need root: a real kube-apiserver, network namespaces, eBPF.
 integration: tools
