@@ -328,6 +328,9 @@ func run(ctx context.Context, o options) error {
 		// processes' get inbound capture.
 		cfg.Mark |= capture.BypassMark()
 		refreshProbes = capture.RefreshProbeCgroups
+		if len(cfg.PodCIDRs) == 0 {
+			log.Warn("capture is on without --pod-cidrs: a connection to a pod the config has not learned yet passes through in plain TCP; give the cluster's pod CIDRs")
+		}
 	}
 	proxy, err := ztunnel.New(ctx, cfg)
 	if err != nil {

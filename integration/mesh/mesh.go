@@ -284,6 +284,12 @@ func (m *Mesh) StartZtunnel(ctx context.Context, node string) error {
 		"--uplinks", netns.Uplink,
 		"--drain-timeout", "2s",
 	}
+	// A pod the config has not learned yet is never reached in clear.
+	var cidrs []string
+	for _, tn := range m.Topo.Nodes {
+		cidrs = append(cidrs, tn.PodCIDR.String())
+	}
+	args = append(args, "--pod-cidrs", strings.Join(cidrs, ","))
 	if m.opts.ZtunnelArgs != nil {
 		args = append(args, m.opts.ZtunnelArgs(node)...)
 	}
