@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ambit-mesh/ambit/integration/netns"
 )
 
 // envMarkDial makes the test binary a host process that dials with a
@@ -128,5 +130,51 @@ func TestBypassMarkNeedsZtunnelsCgroup(t *testing.T) {
 		if r.Port != 15006 || r.Src.Addr() != n2.IP {
 			t.Errorf("ztunnel n2 saw %v, want only the host's connections on 15006", r)
 		}
+	}
+}
+
+// TestProcessCgroup: the calling process's cgroup v2 directory is found,
+// and a process moved into a cgroup finds that one.
+func TestProcessCgroup(t *testing.T) {
+	requireRoot(t)
+	dir, err := ProcessCgroup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains("\n"+string(b), fmt.Sprintf("\n%d\n", os.Getpid())) {
+		t.Errorf("%s/cgroup.procs does not list this process (%d)", dir, os.Getpid())
+	}
+	if root, err := InRootCgroup(); err != nil || root {
+		t.Errorf("InRootCgroup = %v, %v; TestMain moves the tests out of the root", root, err)
+	}
+}
+
+// TestZtunnelCgroupIsNotTheRoot: the root cgroup holds every process that
+// has no cgroup of its own; SetupNode refuses to trust its marked packets.
+func TestZtunnelCgroupIsNotTheRoot(t *testing.T) {
+	requireRoot(t)
+	topo, err := netns.Build(netns.Config{Prefix: fmt.Sprintf("bpfr%d", os.Getpid()), Nodes: []netns.NodeConfig{{Name: "n1"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { topo.Close() })
+	opts := Options{
+		PinPath:        fmt.Sprintf("/sys/fs/bpf/ambit-testroot%d", os.Getpid()),
+		Netns:          topo.Node("n1").NS.Path(),
+		Uplinks:        []string{netns.Uplink},
+		ZtunnelCgroups: []string{cgroup2Mount()},
+	}
+	t.Cleanup(func() { Uninstall(opts) })
+	c, err := Load(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SetupNode(); err == nil || !strings.Contains(err.Error(), "root cgroup") {
+		t.Fatalf("SetupNode with the root cgroup as ztunnel's: %v, want a refusal", err)
 	}
 }

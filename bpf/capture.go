@@ -459,24 +459,28 @@ func ProcessCgroup() (string, error) {
 	if !found {
 		return "", errors.New("process cgroup: no cgroup v2 entry in /proc/self/cgroup")
 	}
-	mnt, root, err := cgroup2MountInfo()
+	mounts, err := cgroup2Mounts()
 	if err != nil {
 		return "", fmt.Errorf("process cgroup: %w", err)
 	}
-	rel, err := filepath.Rel(root, path)
-	if err != nil || strings.HasPrefix(rel, "..") {
-		return "", fmt.Errorf("process cgroup: %s is outside the cgroup2 mount %s (root %s)", path, mnt, root)
+	for _, m := range mounts {
+		if rel, err := filepath.Rel(m.root, path); err == nil && rel != ".." && !strings.HasPrefix(rel, "../") {
+			return filepath.Join(m.point, rel), nil
+		}
 	}
-	return filepath.Join(mnt, rel), nil
+	return "", fmt.Errorf("process cgroup: %s is under no cgroup2 mount", path)
 }
 
-// cgroup2MountInfo returns the first cgroup2 mount point and the cgroup it
-// shows as its root, from /proc/self/mountinfo.
-func cgroup2MountInfo() (mountPoint, root string, err error) {
+type cgroupMount struct{ point, root string }
+
+// cgroup2Mounts returns the cgroup2 mounts, each with the cgroup it shows as
+// its root, from /proc/self/mountinfo.
+func cgroup2Mounts() ([]cgroupMount, error) {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return "", "", err
+		return nil, err
 	}
+	var out []cgroupMount
 	for _, line := range strings.Split(string(b), "\n") {
 		// id parent major:minor root mountpoint options [optional...] - fstype source super
 		pre, post, ok := strings.Cut(line, " - ")
@@ -485,10 +489,13 @@ func cgroup2MountInfo() (mountPoint, root string, err error) {
 		}
 		f, g := strings.Fields(pre), strings.Fields(post)
 		if len(f) >= 5 && len(g) >= 1 && g[0] == "cgroup2" {
-			return unescapeMount(f[4]), unescapeMount(f[3]), nil
+			out = append(out, cgroupMount{point: unescapeMount(f[4]), root: unescapeMount(f[3])})
 		}
 	}
-	return "", "", errors.New("no cgroup2 file system mounted")
+	if len(out) == 0 {
+		return nil, errors.New("no cgroup2 file system mounted")
+	}
+	return out, nil
 }
 
 // unescapeMount undoes mountinfo's octal escapes (\040 for a space).
