@@ -70,6 +70,22 @@ func (p *Proxy) setupQUIC(ctx context.Context, h2 *hbone.Dialer) (tunnelDialer, 
 		return qd, nil
 	}
 	pc, err := listenUDP(ctx, ln.Addr().String(), p.cfg.Transparent, 0)
+	// An HBONE address with port 0 (tests) got its TCP port from the kernel;
+	// the same number may be taken for UDP: take another pair.
+	for try := 0; err != nil && errors.Is(err, syscall.EADDRINUSE) && zeroPort(p.cfg.HBONEAddr) && try < 16; try++ {
+		var mark uint32
+		if p.cfg.Transparent {
+			mark = p.cfg.Mark
+		}
+		nl, lerr := listen(ctx, p.cfg.HBONEAddr, p.cfg.Transparent, mark)
+		if lerr != nil {
+			return nil, fmt.Errorf("ztunnel: %s: %w", ListenerHBONE, lerr)
+		}
+		ln.Close()
+		ln = nl
+		p.listeners[ListenerHBONE] = ln
+		pc, err = listenUDP(ctx, ln.Addr().String(), p.cfg.Transparent, 0)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("ztunnel: %s: %w", ListenerQUIC, err)
 	}
@@ -170,4 +186,10 @@ func transportOf(a, b net.Conn) string {
 		}
 	}
 	return ""
+}
+
+// zeroPort reports whether addr asks the kernel for a port.
+func zeroPort(addr string) bool {
+	_, port, err := net.SplitHostPort(addr)
+	return err == nil && port == "0"
 }
