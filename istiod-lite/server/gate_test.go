@@ -526,9 +526,15 @@ func TestFloodOfGarbageTokens(t *testing.T) {
 			}
 		})
 	}
+	// The legitimate host issues at 25/s, within its source's call rate
+	// (50/s, burst 200): unpaced, a fast machine issues past it and is
+	// refused ResourceExhausted by its own rate.
 	var flooded []time.Duration
+	pace := time.NewTicker(40 * time.Millisecond)
+	defer pace.Stop()
 	for time.Since(start) < floodFor {
 		flooded = append(flooded, issue())
+		<-pace.C
 	}
 	wg.Wait()
 	lines := ls.logs.count("\n") - lines0
