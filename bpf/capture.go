@@ -70,9 +70,9 @@ type Options struct {
 	// BypassMark reach enrolled pods directly (the mark alone is no proof:
 	// since Linux 5.17 SO_MARK needs only CAP_NET_RAW, which a root
 	// container has by default). SetupNode makes them the only ones
-	// trusted. Empty: the calling process's cgroup (ProcessCgroup). The
+	// trusted. Empty: the calling process's cgroup (ProcessCgroupID). The
 	// root cgroup is refused: every process not in a cgroup of its own is
-	// in it (see JoinCgroup).
+	// in it (see LeaveRootCgroup).
 	ZtunnelCgroups []string
 	// Logger receives structured logs. Nil discards them.
 	Logger *slog.Logger
@@ -391,21 +391,25 @@ func (c *Capture) refreshProbeCgroups(loud bool) error {
 // capture from now on.
 func (c *Capture) setZtunnelCgroups() ([]string, error) {
 	dirs := c.opts.ZtunnelCgroups
+	want := map[uint64]bool{}
 	if len(dirs) == 0 {
-		dir, err := ProcessCgroup()
+		id, err := ProcessCgroupID()
 		if err != nil {
 			return nil, fmt.Errorf("ztunnel cgroup: %w", err)
 		}
-		dirs = []string{dir}
+		if id == rootCgroupID {
+			return nil, errors.New("ztunnel runs in the root cgroup, which every process without a cgroup of its own shares: run it in a cgroup of its own (LeaveRootCgroup)")
+		}
+		want[id] = true
+		dirs = []string{fmt.Sprintf("(this process's, id %d)", id)}
 	}
-	want := map[uint64]bool{}
-	for _, dir := range dirs {
+	for _, dir := range c.opts.ZtunnelCgroups {
 		id, err := cgroupID(dir)
 		if err != nil {
 			return nil, fmt.Errorf("ztunnel cgroup: %w", err)
 		}
 		if id == rootCgroupID {
-			return nil, fmt.Errorf("ztunnel cgroup %s is the root cgroup, which every process without a cgroup of its own shares: run ztunnel in a cgroup of its own (JoinCgroup)", dir)
+			return nil, fmt.Errorf("ztunnel cgroup %s is the root cgroup, which every process without a cgroup of its own shares: run ztunnel in a cgroup of its own (LeaveRootCgroup)", dir)
 		}
 		want[id] = true
 	}
@@ -517,25 +521,77 @@ func unescapeMount(s string) string {
 	return out.String()
 }
 
+// withProcessCgroup calls fn with the calling process's cgroup v2
+// directory (ProcessCgroup). Where no cgroup2 file system is mounted (ip
+// netns exec remounts /sys), it mounts one on a temporary directory for
+// the call.
+func withProcessCgroup(fn func(dir string) error) error {
+	if _, err := cgroup2Mounts(); err == nil {
+		dir, err := ProcessCgroup()
+		if err != nil {
+			return err
+		}
+		return fn(dir)
+	}
+	tmp, err := os.MkdirTemp("", "ambit-cgroup2-")
+	if err != nil {
+		return fmt.Errorf("process cgroup: %w", err)
+	}
+	defer os.Remove(tmp)
+	if err := unix.Mount("cgroup2", tmp, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("process cgroup: no cgroup2 mount, and mounting one: %w", err)
+	}
+	defer unix.Unmount(tmp, unix.MNT_DETACH)
+	dir, err := ProcessCgroup()
+	if err != nil {
+		return err
+	}
+	return fn(dir)
+}
+
+// ProcessCgroupID returns the id of the calling process's cgroup v2.
+func ProcessCgroupID() (id uint64, err error) {
+	err = withProcessCgroup(func(dir string) error {
+		id, err = cgroupID(dir)
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("process cgroup: %w", err)
+	}
+	return id, nil
+}
+
 // InRootCgroup reports whether the calling process is in the cgroup v2
 // root: capture cannot tell its sockets from any other such process's.
 func InRootCgroup() (bool, error) {
-	dir, err := ProcessCgroup()
-	if err != nil {
-		return false, err
-	}
-	id, err := cgroupID(dir)
-	if err != nil {
-		return false, fmt.Errorf("process cgroup: %w", err)
-	}
-	return id == rootCgroupID, nil
+	id, err := ProcessCgroupID()
+	return id == rootCgroupID, err
+}
+
+// LeaveRootCgroup moves the calling process, when it is in the root
+// cgroup, into the root's child cgroup name (created if needed), and
+// returns that cgroup's path below the root ("" when the process stayed
+// where it was). Sockets keep the cgroup they were created in: call it
+// before opening any. ztunnel does, so that capture can tell its packets
+// (ZtunnelCgroups) when it runs as a plain process (a host without
+// systemd, a test harness); in a pod or a systemd unit it has a cgroup of
+// its own already.
+func LeaveRootCgroup(name string) (string, error) {
+	moved := ""
+	err := withProcessCgroup(func(dir string) error {
+		id, err := cgroupID(dir)
+		if err != nil || id != rootCgroupID {
+			return err
+		}
+		moved = "/" + name
+		return JoinCgroup(filepath.Join(dir, name))
+	})
+	return moved, err
 }
 
 // JoinCgroup moves the calling process (all its threads) into the cgroup
 // v2 directory dir, creating it if needed. Sockets keep the cgroup they
-// were created in: call it before opening any. ztunnel does when it finds
-// itself in the root cgroup (a plain process on a host without systemd, a
-// test harness), so that capture can tell its packets (ZtunnelCgroups).
+// were created in: call it before opening any.
 func JoinCgroup(dir string) error {
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
 		return fmt.Errorf("join cgroup: %w", err)

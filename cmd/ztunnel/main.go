@@ -11,7 +11,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -192,26 +191,17 @@ func loadCapture(o options, log *slog.Logger) (*bpf.Capture, error) {
 }
 
 // ownCgroup moves the process out of the root cgroup, which it would share
-// with every host process that has no cgroup of its own, into
-// <cgroup2 mount>/ambit-ztunnel. A ztunnel in a pod or a systemd unit has
-// its own cgroup already and stays there.
+// with every host process that has no cgroup of its own, into the root's
+// child ambit-ztunnel. A ztunnel in a pod or a systemd unit has its own
+// cgroup already and stays there.
 func ownCgroup(log *slog.Logger) error {
-	root, err := bpf.InRootCgroup()
+	moved, err := bpf.LeaveRootCgroup("ambit-ztunnel")
 	if err != nil {
-		return fmt.Errorf("capture needs cgroup v2: %w", err)
+		return fmt.Errorf("capture needs a cgroup v2 of ztunnel's own: %w", err)
 	}
-	if !root {
-		return nil
+	if moved != "" {
+		log.Info("moved out of the root cgroup: capture lets only this cgroup's marked packets reach pods directly", "cgroup", moved)
 	}
-	mnt, err := bpf.ProcessCgroup() // the root: the mount point
-	if err != nil {
-		return err
-	}
-	dir := filepath.Join(mnt, "ambit-ztunnel")
-	if err := bpf.JoinCgroup(dir); err != nil {
-		return fmt.Errorf("leave the root cgroup: %w", err)
-	}
-	log.Info("moved out of the root cgroup: capture lets only this cgroup's marked packets reach pods directly", "cgroup", dir)
 	return nil
 }
 
