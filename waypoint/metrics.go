@@ -1,8 +1,10 @@
 package waypoint
 
 import (
+	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -33,6 +35,60 @@ type metrics struct {
 	flows *telemetry.Flows
 	// claims bounds the source labels clients claim in baggage.
 	claims *telemetry.Claims
+
+	// mu guards children: the request families' children by what their
+	// labels derive from, so a request hashes its label set once (a Go
+	// map lookup) instead of four WithLabelValues calls; bounded by
+	// maxChildren (cleared when full; the vectors keep their children).
+	mu       sync.Mutex
+	children map[requestKey]*requestChildren
+}
+
+// maxChildren bounds metrics.children: label sets are bounded by the
+// mesh's config and Claims, so a full cache only means churn.
+const maxChildren = 4096
+
+// requestKey is everything a request's label values derive from (the peers
+// without their UID and Pod, which are not labels).
+type requestKey struct {
+	src, dst              telemetry.Peer
+	service               string
+	protocol, grpc, flags string
+	code                  int
+}
+
+// requestChildren are one label set's children of the request families.
+type requestChildren struct {
+	requests                      prometheus.Counter
+	duration, reqBytes, respBytes prometheus.Observer
+}
+
+// requestChildren returns the children for tr's label set (service being
+// the destination hostname tr.Service was derived from).
+func (m *metrics) requestChildren(tr *telemetry.Traffic, service string) *requestChildren {
+	k := requestKey{src: tr.Source, dst: tr.Destination, service: service,
+		protocol: tr.Protocol, grpc: tr.GRPCStatus, flags: tr.Flags, code: tr.ResponseCode}
+	k.src.UID, k.src.Pod, k.dst.UID, k.dst.Pod = "", "", "", ""
+	m.mu.Lock()
+	c := m.children[k]
+	m.mu.Unlock()
+	if c != nil {
+		return c
+	}
+	labels := tr.RequestValues()
+	c = &requestChildren{
+		requests:  m.requests.WithLabelValues(labels...),
+		duration:  m.duration.WithLabelValues(labels...),
+		reqBytes:  m.reqBytes.WithLabelValues(labels...),
+		respBytes: m.respBytes.WithLabelValues(labels...),
+	}
+	m.mu.Lock()
+	if m.children == nil || len(m.children) >= maxChildren {
+		m.children = make(map[requestKey]*requestChildren)
+	}
+	m.children[k] = c
+	m.mu.Unlock()
+	return c
 }
 
 func newMetrics() *metrics {
@@ -113,11 +169,14 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 		Service: telemetry.ServiceFromHost(rec.service), Protocol: rec.protocol,
 		ResponseCode: rec.code, GRPCStatus: grpcStatus, Flags: flags, MTLS: true,
 	}
-	labels := tr.RequestValues()
-	p.m.requests.WithLabelValues(labels...).Inc()
-	p.m.duration.WithLabelValues(labels...).Observe(float64(dur.Microseconds()) / 1000)
-	p.m.reqBytes.WithLabelValues(labels...).Observe(float64(rec.reqBytes.n.Load() + headerSize(rec.r)))
-	p.m.respBytes.WithLabelValues(labels...).Observe(float64(w.bytes))
+	reqBytes := rec.reqBytes.n.Load()
+	uri := rec.r.URL.RequestURI()
+	durMs := float64(dur.Microseconds()) / 1000
+	c := p.m.requestChildren(&tr, rec.service)
+	c.requests.Inc()
+	c.duration.Observe(durMs)
+	c.reqBytes.Observe(float64(reqBytes + headerSize(rec.r, uri)))
+	c.respBytes.Observe(float64(w.bytes))
 	upstream := "-"
 	if rec.host != nil {
 		upstream = rec.host.spec.addr.String()
@@ -133,42 +192,57 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 	if !src.IsValid() {
 		src = ds.peerAddr
 	}
+	principal := ds.principal()
 	fl := telemetry.Flow{Type: telemetry.FlowRequest, Time: rec.start, Reporter: "waypoint", Direction: telemetry.Inbound,
 		Transport: rec.r.Proto, Via: "hbone",
-		Source:      telemetry.FlowPeer{Address: src.String(), Workload: tr.Source.Workload, Namespace: tr.Source.Namespace, Identity: ds.principal()},
+		Source:      telemetry.FlowPeer{Address: src.String(), Workload: tr.Source.Workload, Namespace: tr.Source.Namespace, Identity: principal},
 		Destination: telemetry.FlowPeer{Address: upstream, Workload: tr.Destination.Workload, Namespace: tr.Destination.Namespace},
 		Service:     rec.service, Verdict: verdict, Reason: rec.details, ResponseFlags: flags,
-		BytesSent: w.bytes, BytesReceived: rec.reqBytes.n.Load(), DurationMs: float64(dur.Microseconds()) / 1000,
+		BytesSent: w.bytes, BytesReceived: reqBytes, DurationMs: durMs,
 		Method: rec.r.Method, Authority: rec.r.Host, Path: rec.r.URL.Path, ResponseCode: rec.code}
 	if !tr.Destination.Principal.IsZero() {
 		fl.Destination.Identity = tr.Destination.Principal.String()
 	}
 	p.m.flows.Publish(fl)
-	p.access.Info("waypoint: request",
-		"start_time", rec.start.UTC().Format(time.RFC3339Nano),
-		"method", rec.r.Method,
-		"path", rec.r.URL.RequestURI(),
-		"protocol", rec.r.Proto,
-		"response_code", rec.code,
-		"response_flags", flags,
-		"response_code_details", orDash(rec.details),
-		"bytes_received", rec.reqBytes.n.Load(),
-		"bytes_sent", w.bytes,
-		"duration", dur.Milliseconds(),
-		"upstream_service_time", rec.upstreamMs,
-		"x_forwarded_for", orDash(rec.r.Header.Get("X-Forwarded-For")),
-		"user_agent", orDash(rec.r.UserAgent()),
-		"request_id", rec.requestID,
-		"traceparent", rec.traceparent,
-		"authority", rec.r.Host,
-		"upstream_host", upstream,
-		"upstream_cluster", orDash(rec.clusterName),
-		"downstream_local_address", ds.target.String(),
-		"downstream_remote_address", ds.peerAddr.String(),
-		"route_name", orDash(rec.route),
-		"attempts", rec.attempts,
-		"source_principal", orDash(ds.principal()),
+	// The access log: typed attributes (no boxing into any), handed to the
+	// handler directly (a record without a source PC: no runtime.Callers per
+	// request), and nothing built at all when the logger discards the line.
+	ctx := rec.r.Context()
+	h := p.access.Handler()
+	if !h.Enabled(ctx, slog.LevelInfo) {
+		return
+	}
+	downstreamRemote := src.String()
+	if src != ds.peerAddr {
+		downstreamRemote = ds.peerAddr.String()
+	}
+	line := slog.NewRecord(time.Now(), slog.LevelInfo, "waypoint: request", 0)
+	line.AddAttrs(
+		slog.String("start_time", rec.start.UTC().Format(time.RFC3339Nano)),
+		slog.String("method", rec.r.Method),
+		slog.String("path", uri),
+		slog.String("protocol", rec.r.Proto),
+		slog.Int("response_code", rec.code),
+		slog.String("response_flags", flags),
+		slog.String("response_code_details", orDash(rec.details)),
+		slog.Int64("bytes_received", reqBytes),
+		slog.Int64("bytes_sent", w.bytes),
+		slog.Int64("duration", dur.Milliseconds()),
+		slog.Int64("upstream_service_time", rec.upstreamMs),
+		slog.String("x_forwarded_for", orDash(rec.r.Header.Get("X-Forwarded-For"))),
+		slog.String("user_agent", orDash(rec.r.UserAgent())),
+		slog.String("request_id", rec.requestID),
+		slog.String("traceparent", rec.traceparent),
+		slog.String("authority", rec.r.Host),
+		slog.String("upstream_host", upstream),
+		slog.String("upstream_cluster", orDash(rec.clusterName)),
+		slog.String("downstream_local_address", ds.target.String()),
+		slog.String("downstream_remote_address", downstreamRemote),
+		slog.String("route_name", orDash(rec.route)),
+		slog.Int("attempts", rec.attempts),
+		slog.String("source_principal", orDash(principal)),
 	)
+	_ = h.Handle(ctx, line) // as slog.Logger does: a failed write is the handler's to report
 }
 
 func orDash(s string) string {
@@ -178,8 +252,10 @@ func orDash(s string) string {
 	return s
 }
 
-func headerSize(r *http.Request) int64 {
-	n := int64(len(r.Method) + len(r.URL.RequestURI()) + len(r.Host))
+// headerSize is the request's size without its body (uri being
+// r.URL.RequestURI()).
+func headerSize(r *http.Request, uri string) int64 {
+	n := int64(len(r.Method) + len(uri) + len(r.Host))
 	for k, vs := range r.Header {
 		for _, v := range vs {
 			n += int64(len(k) + len(v))
