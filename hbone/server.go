@@ -196,8 +196,12 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, pending *pendingSet
 	c.keepAlive = keepAlive(s.KeepAlive)
 	maxHeader := orDefault(s.MaxHeaderBytes, DefaultMaxHeaderBytes)
 	c.setHeaderLimit(maxHeader)
+	var peerNotAfter time.Time // when the client's certificate expires
+	if pcs := tc.ConnectionState().PeerCertificates; len(pcs) > 0 {
+		peerNotAfter = pcs[0].NotAfter
+	}
 	c.onStream = func(st *stream, f *http2.MetaHeadersFrame) {
-		s.onStream(ctx, c, local, remote, st, f)
+		s.onStream(ctx, c, local, remote, peerNotAfter, st, f)
 	}
 	c.onClose = func(c *conn) {
 		s.mu.Lock()
@@ -228,8 +232,25 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, pending *pendingSet
 }
 
 // onStream validates a new request and runs the handler (read loop).
-func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.AddrPort, st *stream, f *http2.MetaHeadersFrame) {
+func (s *Server) onStream(ctx context.Context, c *conn, local, remote netip.AddrPort, peerNotAfter time.Time, st *stream, f *http2.MetaHeadersFrame) {
 	req := &Request{Peer: c.peer, Local: c.local, PeerAddr: remote, LocalAddr: local, st: st}
+	if !time.Now().Before(peerNotAfter) {
+		// A kept-alive connection outlived the client's certificate: this
+		// stream is refused and GOAWAY says to open no more (the streams it
+		// carries go on); the client must handshake again, with a current
+		// SVID.
+		err := fmt.Errorf("peer %s: certificate expired at %s: %w", c.peer, peerNotAfter.Format(time.RFC3339), ErrExpiredCertificate)
+		s.logger().Debug("hbone: stream refused", "remote", remote, "err", err)
+		s.reject(Rejection{Reason: RejectHandshake, Remote: remote, Local: local, Status: http.StatusUnauthorized, Err: err})
+		s.wg.Add(1)
+		go func() { // the read loop must not wait for writes
+			defer s.wg.Done()
+			req.Reject(http.StatusUnauthorized)
+			st.close()
+			c.shutdown()
+		}()
+		return
+	}
 	status := s.checkRequest(c, req, local, f)
 	if status != 0 {
 		s.logger().Debug("hbone: bad request", "remote", remote, "status", status,

@@ -92,6 +92,10 @@ type clientConn struct {
 	qc   *quic.Conn
 	cc   *http3.ClientConn
 	peer spiffeid.ID
+	// notAfter is when the first of the handshake's two certificates (ours,
+	// the server's) expires: from then on the connection takes no new
+	// stream, as hbone.Dialer's.
+	notAfter time.Time
 	// Guarded by Dialer.mu:
 	active int         // streams reserved or open
 	idle   *time.Timer // closes the connection while active is 0
@@ -257,7 +261,11 @@ func (d *Dialer) reserve(ctx context.Context, key poolKey, r hbone.DialRequest) 
 			p = &pool{cache: tls.NewLRUClientSessionCache(sessionCacheSize)}
 			d.pools[key] = p
 		}
+		now := time.Now()
 		for _, c := range p.conns {
+			if !now.Before(c.notAfter) {
+				continue // a certificate of its handshake expired: carries its streams, takes no new one
+			}
 			if !c.dead && c.active < limit && c.qc.Context().Err() == nil {
 				c.active++
 				if c.idle != nil {
@@ -306,6 +314,9 @@ func (d *Dialer) dialConn(ctx context.Context, key poolKey, p *pool, dl *dial, r
 	}
 	if err != nil {
 		dl.err = err
+		if len(p.conns) == 0 && d.pools[key] == p {
+			delete(d.pools, key) // nothing pooled: the next dial starts afresh
+		}
 		return
 	}
 	p.conns = append(p.conns, c)
@@ -379,7 +390,11 @@ func (d *Dialer) connect(ctx context.Context, r hbone.DialRequest, cache tls.Cli
 	}
 	h3 := &http3.Transport{DisableCompression: true, MaxResponseHeaderBytes: hbone.DefaultMaxHeaderBytes}
 	d.logger().Debug("h3: connected", "addr", r.Addr, "src", r.Source, "peer", peer, "resumed", cs.DidResume)
-	return &clientConn{qc: qc, cc: h3.NewClientConn(qc), peer: peer}, nil
+	notAfter := svid.Certificates[0].NotAfter
+	if pc := cs.PeerCertificates; len(pc) > 0 && pc[0].NotAfter.Before(notAfter) {
+		notAfter = pc[0].NotAfter
+	}
+	return &clientConn{qc: qc, cc: h3.NewClientConn(qc), peer: peer, notAfter: notAfter}, nil
 }
 
 // release gives back a stream slot.

@@ -52,6 +52,18 @@ type Server struct {
 	IdleTimeout time.Duration
 	// KeepAlive: as Dialer.KeepAlive.
 	KeepAlive time.Duration
+	// MaxPendingHandshakes bounds the connections in their QUIC handshake,
+	// over all sources (hbone.DefaultMaxPendingHandshakes if zero); past
+	// it new attempts are refused before any TLS work, and past half of it
+	// a client must first prove its address (a Retry).
+	MaxPendingHandshakes int
+	// MaxPendingHandshakesPerSource bounds them per source (an IPv4
+	// address, an IPv6 /64) the same way
+	// (hbone.DefaultMaxPendingHandshakesPerSource if zero).
+	MaxPendingHandshakesPerSource int
+	// MaxConnsPerSource bounds a source's connections, in their handshake
+	// or established (DefaultMaxConnsPerSource if zero).
+	MaxConnsPerSource int
 	// BaseContext, if set, returns the context handlers of connections on pc
 	// run under. Nil: a context that only Close ends.
 	BaseContext func(pc net.PacketConn) context.Context
@@ -64,6 +76,7 @@ type Server struct {
 	// mu guards the fields below.
 	mu         sync.Mutex
 	servers    map[*http3.Server]*quic.Transport
+	admission  *admission // set once by the first Serve
 	closed     bool
 	cancels    []context.CancelFunc // end each Serve's base context (Close)
 	closedDone chan struct{}        // closed by Close once everything is: Serve loops return
@@ -88,6 +101,7 @@ type connInfo struct {
 	ctx                 context.Context // ends when the QUIC connection does
 	peer, local         spiffeid.ID
 	localAddr, peerAddr netip.AddrPort
+	peerNotAfter        time.Time // when the client's certificate expires
 }
 
 type connInfoKey struct{}
@@ -113,7 +127,14 @@ func (s *Server) Serve(pc net.PacketConn) error {
 	}
 	base, cancel := context.WithCancel(base)
 	s.cancels = append(s.cancels, cancel)
-	tr := &quic.Transport{Conn: pc}
+	if s.admission == nil {
+		s.admission = &admission{
+			maxPending:     orDefault(s.MaxPendingHandshakes, hbone.DefaultMaxPendingHandshakes),
+			perSource:      orDefault(s.MaxPendingHandshakesPerSource, hbone.DefaultMaxPendingHandshakesPerSource),
+			connsPerSource: orDefault(s.MaxConnsPerSource, DefaultMaxConnsPerSource),
+		}
+	}
+	tr := &quic.Transport{Conn: pc, ConnContext: s.admission.connContext, VerifySourceAddress: s.admission.needsRetry}
 	tlsConf := &tls.Config{MinVersion: tls.VersionTLS13, GetConfigForClient: s.configForClient}
 	idle := orDefault(s.IdleTimeout, hbone.DefaultIdleTimeout)
 	qcfg := quicConfig(orDefault(s.HandshakeTimeout, hbone.DefaultHandshakeTimeout), s.KeepAlive, idle,
@@ -184,8 +205,13 @@ func (s *Server) configForClient(hello *tls.ClientHelloInfo) (*tls.Config, error
 
 // connContext records who is on either end of c for its requests.
 func (s *Server) connContext(ctx context.Context, c *quic.Conn) context.Context {
+	handshakeDone(c.Context()) // accepted: its handshake is complete
 	info := &connInfo{ctx: c.Context(), localAddr: addrPort(c.LocalAddr()), peerAddr: addrPort(c.RemoteAddr())}
-	info.peer, _ = x509svidID(c.ConnectionState().TLS)
+	cs := c.ConnectionState().TLS
+	info.peer, _ = x509svidID(cs)
+	if len(cs.PeerCertificates) > 0 {
+		info.peerNotAfter = cs.PeerCertificates[0].NotAfter
+	}
 	info.local, _ = s.LocalIdentity(info.localAddr.Addr())
 	return context.WithValue(ctx, connInfoKey{}, info)
 }
@@ -195,6 +221,18 @@ func (s *Server) serveHTTP(base context.Context, w http.ResponseWriter, r *http.
 	info, _ := r.Context().Value(connInfoKey{}).(*connInfo)
 	if info == nil || info.peer.IsZero() || info.local.IsZero() {
 		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	if !time.Now().Before(info.peerNotAfter) {
+		// A kept-alive connection outlived the client's certificate: it
+		// opens no new tunnel (those it carries go on); the client must
+		// handshake again, with a current SVID.
+		err := fmt.Errorf("peer %s: certificate expired at %s: %w", info.peer,
+			info.peerNotAfter.Format(time.RFC3339), hbone.ErrExpiredCertificate)
+		s.logger().Debug("h3: stream refused", "remote", info.peerAddr, "err", err)
+		s.reject(hbone.Rejection{Reason: hbone.RejectHandshake, Remote: info.peerAddr, Local: info.localAddr,
+			Status: http.StatusUnauthorized, Err: err})
+		w.WriteHeader(http.StatusUnauthorized)
 		return
 	}
 	req := hbone.Request{Peer: info.peer, Local: info.local, PeerAddr: info.peerAddr, LocalAddr: info.localAddr}
