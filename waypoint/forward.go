@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"io"
 	mrand "math/rand/v2"
 	"net"
@@ -839,7 +838,7 @@ func (p *Proxy) mirror(out *http.Request, body []byte, mv *clusterView, timeout 
 			res.resp.Body.Close()
 			res.finish()
 		}
-		p.m.mirrored.WithLabelValues(mv.s.name, fmt.Sprint(res.kind == tryOK)).Inc()
+		p.m.mirrored.WithLabelValues(mv.s.name, strconv.FormatBool(res.kind == tryOK)).Inc()
 	}()
 }
 
