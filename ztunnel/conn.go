@@ -98,7 +98,9 @@ func (p *Proxy) end(c *conn, flags, reason string, err error) {
 	if flags == flagNone && errors.Is(err, errForceClosed) {
 		flags = flagAborted
 	}
-	c.fill()
+	if !c.Established() { // else relay filled it, and readers (the admin dump) see it as final
+		c.fill()
+	}
 	p.conns.End(&c.Conn, flags, reason, err)
 	if flags != flagNone && flags != flagAborted {
 		p.m.denied.WithLabelValues(c.Direction, flags).Inc()
