@@ -96,7 +96,6 @@ func New(cfg Config) (*Proxy, error) {
 		inner: map[*http.Server]struct{}{}, m: newMetrics()}
 	p.conns.Metrics = p.m.tcp
 	p.conns.Flows = p.m.flows
-	p.conns.Flows = p.m.flows
 	if p.cfg.RetryBufferBytes == 0 {
 		p.cfg.RetryBufferBytes = 64 << 10
 	}
