@@ -43,7 +43,7 @@ test: deps tools
 # Tests that need root: a real kube-apiserver, network namespaces, eBPF.
 integration: tools
 	@scripts/install-deps.sh integration
-	$(GO) test -count=1 -timeout 20m -tags integration -v -run . ./integration/
+	$(GO) test -count=1 -timeout 40m -tags integration -v -run . ./integration/
 
 # ambit's main job: the local mesh demo on the embedded default (examples/).
 # The upstream Gateway API conformance suite, profile MESH-HTTP, against
