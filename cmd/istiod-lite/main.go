@@ -27,8 +27,8 @@ It builds one model of workloads, services and policies from Kubernetes (or
 from a directory of the same YAML objects in local mode), streams it to
 ztunnels (workloads, services, policies) and waypoints (their Envoy listeners,
 routes, clusters and endpoints) over Delta xDS, and signs SPIFFE workload
-certificates, all over TLS on 15012. /healthz, /readyz, /debug/proxy-status and /debug/model are on the
-admin address.
+certificates, all over TLS on 15012. /healthz, /readyz, /debug/proxy-status, /debug/model and /metrics are on the
+admin address; --monitoring-addr serves /metrics alone to a scraper.
 
 In cluster mode it also deploys a waypoint (ServiceAccount, Deployment,
 Service) for each Gateway of class istio-waypoint and writes the status of
@@ -45,6 +45,7 @@ Usage: istiod-lite [flags]
 	var sans, level string
 	fs.StringVar(&cfg.Listen, "listen", ":15012", "xDS and CA `address` (TLS gRPC)")
 	fs.StringVar(&cfg.Admin, "admin", "127.0.0.1:15014", "admin HTTP `address` (\"-\" disables)")
+	fs.StringVar(&cfg.Monitoring, "monitoring-addr", "", "`address` serving only Prometheus metrics (/metrics) to scrapers, e.g. $(POD_IP):15014 beside the admin's 127.0.0.1:15014 (default: none; the admin address serves /metrics too)")
 	fs.StringVar(&cfg.ConfigDir, "config-dir", "", "local mode: read the model from this `directory` of YAML objects instead of Kubernetes")
 	fs.StringVar(&cfg.Kubeconfig, "kubeconfig", "", "kubeconfig `file` (default: in-cluster)")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "cluster.local", "SPIFFE trust `domain`")

@@ -20,6 +20,7 @@ import (
 	"github.com/ambit-mesh/ambit/certs"
 	"github.com/ambit-mesh/ambit/identity"
 	"github.com/ambit-mesh/ambit/istiod-lite/auth"
+	"github.com/ambit-mesh/ambit/istiod-lite/monitoring"
 )
 
 // DefaultNamespace is istiod-lite's namespace: the CA's Secret and bundle
@@ -49,6 +50,8 @@ type Server struct {
 	// Refusals rate-limits the refusals' log lines (nil: one line each, on
 	// Logger).
 	Refusals *auth.RefusalLog
+	// Metrics counts requests, issuances and failures (nil: not counted).
+	Metrics *monitoring.Metrics
 }
 
 // MaxRequestSize bounds a call's request to the certificate service (a CSR
@@ -130,8 +133,12 @@ func (s *Server) authenticate(ctx context.Context, what string) (*auth.Caller, e
 }
 
 func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertificateRequest) (*capb.CreateCertificateResponse, error) {
+	s.Metrics.CSRReceived()
 	caller, err := s.authenticate(ctx, req.GetIdentity())
 	if err != nil {
+		if status.Code(err) == codes.Unauthenticated {
+			s.Metrics.AuthenticationFailure()
+		}
 		return nil, err
 	}
 	log := s.log().With("caller", caller.Name, "callerKind", caller.Kind.String(), "node", caller.Node, "identity", req.GetIdentity())
@@ -177,10 +184,12 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 	}
 
 	if len(req.GetCsr()) > maxCSRPEM {
+		s.Metrics.CSRParseError()
 		return nil, refuse(codes.InvalidArgument, fmt.Sprintf("csr of %d bytes is too large", len(req.GetCsr())))
 	}
 	block, rest := pem.Decode([]byte(req.GetCsr()))
 	if block == nil || (block.Type != "CERTIFICATE REQUEST" && block.Type != "NEW CERTIFICATE REQUEST") || len(strings.TrimSpace(string(rest))) > 0 {
+		s.Metrics.CSRParseError()
 		return nil, refuse(codes.InvalidArgument, "csr: want exactly one PEM CERTIFICATE REQUEST block")
 	}
 	v := req.GetValidityDuration()
@@ -189,12 +198,15 @@ func (s *Server) createCertificate(ctx context.Context, req *capb.CreateCertific
 	}
 	chain, err := s.CA.SignCSR(block.Bytes, id, time.Duration(v)*time.Second)
 	if errors.Is(err, certs.ErrBadCSR) {
+		s.Metrics.CSRParseError()
 		return nil, refuse(codes.InvalidArgument, err.Error())
 	}
 	if err != nil {
+		s.Metrics.CSRSignError()
 		log.Error("signing failed", "err", err)
 		return nil, status.Error(codes.Internal, "signing failed")
 	}
+	s.Metrics.CertIssued()
 	leaf := chain[0]
 	log.Info("certificate issued", "serial", leaf.SerialNumber.Text(16), "notAfter", leaf.NotAfter)
 	resp := &capb.CreateCertificateResponse{TrustBundle: s.bundlePEM()}

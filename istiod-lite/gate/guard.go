@@ -14,6 +14,8 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc/credentials"
+
+	"github.com/ambit-mesh/ambit/istiod-lite/monitoring"
 )
 
 // Limit gives the calls whose :path starts with Prefix (e.g.
@@ -59,6 +61,9 @@ type Stats struct {
 	BytesRead atomic.Int64
 	// TooLarge counts connections closed for a call over its limit.
 	TooLarge atomic.Int64
+	// Metrics, if set, counts the connections closed for a call over its
+	// limit (reason monitoring.RefusedRequestTooLarge).
+	Metrics *monitoring.Metrics
 }
 
 type guardCreds struct {
@@ -203,6 +208,7 @@ func (g *guardConn) next() error {
 		if c.left < 0 {
 			if g.stats != nil {
 				g.stats.TooLarge.Add(1)
+				g.stats.Metrics.Refused(monitoring.RefusedRequestTooLarge)
 			}
 			return fmt.Errorf("gate: %s: %w", c.path, ErrRequestTooLarge)
 		}

@@ -12,6 +12,12 @@ const (
 	DefaultConns          = 4096
 )
 
+// Reasons a Listener gives Refused.
+const (
+	ReasonTotal     = "too many connections"
+	ReasonPerSource = "too many connections from this source"
+)
+
 // Listener caps the open connections it accepts, per source IP and in
 // total. A connection over a cap is closed as soon as it is accepted (the
 // client sees a reset or EOF) and recorded in Refusals. The zero value with
@@ -69,9 +75,9 @@ func (l *Listener) admit(src netip.Addr) string {
 	defer l.mu.Unlock()
 	switch {
 	case l.total >= total:
-		return "too many connections"
+		return ReasonTotal
 	case l.open[src] >= per:
-		return "too many connections from this source"
+		return ReasonPerSource
 	}
 	if l.open == nil {
 		l.open = map[netip.Addr]int{}

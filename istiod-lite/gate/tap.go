@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/tap"
 
 	"github.com/ambit-mesh/ambit/istiod-lite/auth"
+	"github.com/ambit-mesh/ambit/istiod-lite/monitoring"
 )
 
 // Defaults of Tap.
@@ -39,6 +40,8 @@ type Tap struct {
 	CheckTimeout time.Duration
 	// Refusals records refused calls (nil: not recorded).
 	Refusals *auth.RefusalLog
+	// Metrics counts refused calls by reason (nil: not counted).
+	Metrics *monitoring.Metrics
 	// Now is the clock (time.Now if nil).
 	Now func() time.Time
 
@@ -104,6 +107,14 @@ func (t *Tap) Handle(ctx context.Context, info *tap.Info) (context.Context, erro
 		src = sourceOf(p.Addr)
 	}
 	refuse := func(code codes.Code, reason string, attrs ...any) error {
+		switch code {
+		case codes.ResourceExhausted:
+			t.Metrics.Refused(monitoring.RefusedCallRate)
+		case codes.Unauthenticated:
+			t.Metrics.Refused(monitoring.RefusedUnauthenticated)
+		default:
+			t.Metrics.Refused(monitoring.RefusedTokenCheck)
+		}
 		t.Refusals.Refuse("call refused", src.String(), append([]any{"method", info.FullMethodName, "code", code.String(), "reason", reason}, attrs...)...)
 		return status.Error(code, reason)
 	}

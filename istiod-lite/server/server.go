@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc"
@@ -41,6 +42,7 @@ import (
 	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/ca"
 	"github.com/ambit-mesh/ambit/istiod-lite/gate"
+	"github.com/ambit-mesh/ambit/istiod-lite/monitoring"
 	"github.com/ambit-mesh/ambit/istiod-lite/registry"
 	"github.com/ambit-mesh/ambit/istiod-lite/translate"
 	"github.com/ambit-mesh/ambit/istiod-lite/xds"
@@ -53,8 +55,13 @@ type Config struct {
 	Listen string
 	// Admin is the admin HTTP address: /healthz, /readyz,
 	// /debug/proxy-status, /debug/model, /debug/leader (default
-	// "127.0.0.1:15014"; "-" disables).
+	// "127.0.0.1:15014"; "-" disables). It serves /metrics too.
 	Admin string
+	// Monitoring is the address that serves only the Prometheus metrics
+	// (/metrics), for a scraper: Istio's monitoring port is 15014, so the
+	// manifest binds $(POD_IP):15014 next to the admin's 127.0.0.1:15014
+	// (empty: none).
+	Monitoring string
 
 	// ConfigDir selects local mode: the model is read from this directory of
 	// YAML objects instead of Kubernetes.
@@ -141,6 +148,9 @@ type Config struct {
 	// Listening, when set, is called with the bound addresses (tests, and
 	// ":0" listeners).
 	Listening func(grpcAddr, adminAddr string)
+	// MonitoringListening, when set, is called with the monitoring
+	// listener's address once it is bound.
+	MonitoringListening func(addr string)
 
 	gateStats *gate.Stats // tests: what 15012's connections read
 	// connAgeGrace replaces MaxConnectionAgeGrace (tests).
@@ -265,15 +275,23 @@ func Run(ctx context.Context, cfg Config) error {
 	refusals := &auth.RefusalLog{Logger: log.With("component", "gate")}
 	g.Go(func() error { return refusals.Start(ctx) })
 	caServer.Refusals = refusals
+	metrics := monitoring.New()
+	caServer.Metrics = metrics
+	gateStats := cfg.gateStats
+	if gateStats == nil {
+		gateStats = &gate.Stats{}
+	}
+	gateStats.Metrics = metrics
 	serving := &ca.ServingCert{CA: caServer.CA, DNSNames: cfg.ServingDNSNames, IPAddresses: cfg.ServingIPs}
 	xdsServer := xds.New(store, log.With("component", "xds"))
 	xdsServer.Refusals = refusals
+	xdsServer.Metrics = metrics
 	// Every call is authenticated by the gate's tap before its stream
 	// exists (no request body is read for a refused one); the services take
 	// the caller from the call's context. The certificate service's calls
 	// get a request limit sized for a CSR on the wire.
-	admit := &gate.Tap{Authenticator: caServer.Authenticator, CallsPerSecond: cfg.CallsPerSecond, Refusals: refusals}
-	creds := gate.Creds(credentials.NewTLS(serving.TLSConfig()), []gate.Limit{{Prefix: ca.MethodPrefix, MaxBytes: ca.MaxRequestSize}}, MaxHeaderListSize, cfg.gateStats)
+	admit := &gate.Tap{Authenticator: caServer.Authenticator, CallsPerSecond: cfg.CallsPerSecond, Refusals: refusals, Metrics: metrics}
+	creds := gate.Creds(credentials.NewTLS(serving.TLSConfig()), []gate.Limit{{Prefix: ca.MethodPrefix, MaxBytes: ca.MaxRequestSize}}, MaxHeaderListSize, gateStats)
 	gs := grpc.NewServer(append(xds.ServerOptions(),
 		grpc.Creds(creds),
 		grpc.InTapHandle(admit.Handle),
@@ -304,6 +322,22 @@ func Run(ctx context.Context, cfg Config) error {
 			return fmt.Errorf("admin listen: %w", err)
 		}
 	}
+	metricsHandler := promhttp.HandlerFor(metrics.Registry, promhttp.HandlerOpts{})
+	if cfg.Monitoring != "" {
+		mon, err := net.Listen("tcp", cfg.Monitoring)
+		if err != nil {
+			if admin != nil {
+				admin.Close()
+			}
+			return fmt.Errorf("monitoring listen: %w", err)
+		}
+		if cfg.MonitoringListening != nil {
+			cfg.MonitoringListening(mon.Addr().String())
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", metricsHandler)
+		g.Go(func() error { return serveHTTP(ctx, mon, mux, "monitoring") })
+	}
 
 	g.Go(func() error { return src.Start(ctx) })
 	if ctrls != nil {
@@ -326,6 +360,11 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		lis := &gate.Listener{Listener: raw, PerSource: cfg.MaxConnsPerSource, Total: cfg.MaxConns, Refused: func(src, reason string) {
 			refusals.Refuse("connection refused", src, "reason", reason)
+			if reason == gate.ReasonPerSource {
+				metrics.Refused(monitoring.RefusedConnectionsPerSource)
+			} else {
+				metrics.Refused(monitoring.RefusedConnections)
+			}
 		}}
 		if cfg.Listening != nil {
 			a := ""
@@ -345,19 +384,24 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	if admin != nil {
-		hs := &http.Server{Handler: adminMux(store, xdsServer, src, ctrls), ReadHeaderTimeout: 5 * time.Second}
-		g.Go(func() error {
-			go func() {
-				<-ctx.Done()
-				hs.Close()
-			}()
-			if err := hs.Serve(admin); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("admin: %w", err)
-			}
-			return nil
-		})
+		mux := adminMux(store, xdsServer, src, ctrls)
+		mux.Handle("/metrics", metricsHandler)
+		g.Go(func() error { return serveHTTP(ctx, admin, mux, "admin") })
 	}
 	return g.Wait()
+}
+
+// serveHTTP serves h on l until ctx ends.
+func serveHTTP(ctx context.Context, l net.Listener, h http.Handler, what string) error {
+	hs := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		hs.Close()
+	}()
+	if err := hs.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	return nil
 }
 
 // Limits of 15012's gRPC server.

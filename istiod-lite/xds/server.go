@@ -53,6 +53,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/istiod-lite/auth"
 	"github.com/ambit-mesh/ambit/istiod-lite/envoy"
+	"github.com/ambit-mesh/ambit/istiod-lite/monitoring"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -67,6 +68,10 @@ type Server struct {
 	// Refusals rate-limits the log lines of refused streams (nil: one line
 	// each). Set it before serving.
 	Refusals *auth.RefusalLog
+	// Metrics counts connected clients, responses sent (and how long each
+	// took to send) and NACKs, by type (nil: not counted). Set it before
+	// Register.
+	Metrics *monitoring.Metrics
 
 	store     *model.Store
 	log       *slog.Logger
@@ -150,7 +155,7 @@ const MaxRequestSize = 64 << 20
 
 // Register registers the Aggregated Discovery Service (Delta only) on g.
 func (s *Server) Register(g *grpc.Server) {
-	discovery.RegisterAggregatedDiscoveryServiceServer(g, ads{d: s.xds})
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, ads{d: s.xds, m: s.Metrics})
 }
 
 // ads serves Delta ADS with go-control-plane's delta server; the
@@ -158,12 +163,30 @@ func (s *Server) Register(g *grpc.Server) {
 type ads struct {
 	discovery.UnimplementedAggregatedDiscoveryServiceServer
 	d delta.Server
+	m *monitoring.Metrics // may be nil
 }
 
 // DeltaAggregatedResources implements the ADS delta stream (every type on
 // one stream).
 func (a ads) DeltaAggregatedResources(st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
+	if a.m != nil {
+		st = timedStream{st, a.m}
+	}
 	return a.d.DeltaStreamHandler(st, "") // "": ADS, the type is in each request
+}
+
+// timedStream counts each response sent on a stream and how long its Send
+// took (pilot_xds_pushes, pilot_xds_send_time).
+type timedStream struct {
+	discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer
+	m *monitoring.Metrics
+}
+
+func (t timedStream) Send(resp *discovery.DeltaDiscoveryResponse) error {
+	start := time.Now()
+	err := t.AggregatedDiscoveryService_DeltaAggregatedResourcesServer.Send(resp)
+	t.m.XDSSent(resp.GetTypeUrl(), time.Since(start), err)
+	return err
 }
 
 // Status returns the connected clients and their per-type versions and

@@ -95,16 +95,16 @@ func (s *statusTable) open(ctx context.Context, id int64, caller *auth.Caller) {
 	s.mu.Unlock()
 }
 
-// closed forgets a stream and returns its caller.
-func (s *statusTable) closed(id int64) *auth.Caller {
+// closed forgets a stream and returns its caller and whether it was open.
+func (s *statusTable) closed(id int64) (*auth.Caller, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.streams[id]
 	delete(s.streams, id)
 	if st == nil {
-		return nil
+		return nil, false
 	}
-	return st.caller
+	return st.caller, true
 }
 
 // callerOf returns the stream's caller and whether the stream is known.
@@ -255,6 +255,7 @@ func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) er
 		return status.Error(codes.Unauthenticated, "not authenticated")
 	}
 	c.s.status.open(ctx, id, caller)
+	c.s.Metrics.XDSConnected(callerKind(caller))
 	switch {
 	case caller == nil:
 		c.s.log.Debug("xds stream opened", "stream", id)
@@ -268,7 +269,10 @@ func (c callbacks) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) er
 }
 
 func (c callbacks) OnDeltaStreamClosed(id int64, node *core.Node) {
-	caller := c.s.status.closed(id)
+	caller, open := c.s.status.closed(id)
+	if open {
+		c.s.Metrics.XDSDisconnected(callerKind(caller))
+	}
 	c.s.workloads.cache.streamClosed(id)
 	if caller != nil && caller.Kind == auth.Waypoint {
 		c.s.waypoints.streamClosed(id, caller.Waypoint)
@@ -295,6 +299,7 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 		return err
 	}
 	if nack {
+		c.s.Metrics.XDSRejected(req.GetTypeUrl())
 		c.s.log.Warn("xds NACK", "stream", id, "node", node, "caller", name, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
 	}
 	if isEnvoyType(req.GetTypeUrl()) {
@@ -307,4 +312,12 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 
 func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
 	c.s.status.response(id, resp)
+}
+
+// callerKind is the caller's kind, empty for none.
+func callerKind(c *auth.Caller) string {
+	if c == nil {
+		return ""
+	}
+	return c.Kind.String()
 }
