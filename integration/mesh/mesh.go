@@ -204,6 +204,8 @@ func (m *Mesh) StartIstiod(ctx context.Context) error {
 	args := []string{
 		"--listen", m.XDSAddr().String(),
 		"--admin", "127.0.0.1:15014",
+		// metrics for a scraper, on the node address (manifests: the pod's)
+		"--monitoring-addr", netip.AddrPortFrom(node.IP, 15014).String(),
 		"--serving-sans", node.IP.String(),
 		"--log-level", "debug",
 	}
