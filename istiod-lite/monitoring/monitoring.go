@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 )
 
 // Metrics are istiod-lite's metrics. Create them with New.
@@ -68,7 +69,7 @@ func New() *Metrics {
 			Help: "Connections and calls refused by the admission of 15012 before they reached a service, by reason."}, []string{"reason"}),
 	}
 	m.Registry.MustRegister(m.xdsClients, m.pushes, m.rejects, m.sendTime, m.csrs, m.issued, m.parseErrs, m.signErrs, m.authnFails, m.refused,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{RefusedConnections, RefusedConnectionsPerSource, RefusedCallRate, RefusedUnauthenticated, RefusedTokenCheck, RefusedRequestTooLarge} {
 		m.refused.WithLabelValues(r) // present at 0
 	}
