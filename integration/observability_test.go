@@ -79,6 +79,9 @@ spec:
 		targets = append(targets, fmt.Sprintf("%q", netip.AddrPortFrom(n.IP, model.PortMetrics).String()))
 	}
 	waypointTarget := fmt.Sprintf("%q", netip.AddrPortFrom(e.ip(waypointPod), model.PortMetrics).String())
+	// istiod-lite on its monitoring port (Istio's istiod: 15014), on its
+	// node's address (manifests/istiod-lite.yaml: the pod's).
+	istiodTarget := fmt.Sprintf("%q", netip.AddrPortFrom(e.m.Topo.Nodes[0].IP, 15014).String())
 	cfg := fmt.Sprintf(`global:
   scrape_interval: 1s
   evaluation_interval: 1s
@@ -91,7 +94,11 @@ scrape_configs:
   metrics_path: /stats/prometheus
   static_configs:
   - targets: [%s]
-`, strings.Join(targets, ", "), waypointTarget)
+- job_name: istiod
+  metrics_path: /metrics
+  static_configs:
+  - targets: [%s]
+`, strings.Join(targets, ", "), waypointTarget, istiodTarget)
 	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -139,10 +146,27 @@ scrape_configs:
 	}
 	if !eventually(60*time.Second, func() bool {
 		n, err := query(`up == 1`)
-		return err == nil && n == len(e.m.Topo.Nodes)+1
+		return err == nil && n == len(e.m.Topo.Nodes)+2
 	}) {
 		b, _ := os.ReadFile(filepath.Join(dir, "prometheus.log"))
-		t.Fatalf("Prometheus does not scrape every ztunnel and the waypoint:\n%s", b)
+		t.Fatalf("Prometheus does not scrape every ztunnel, the waypoint and istiod-lite:\n%s", b)
+	}
+
+	// istiod-lite's metrics: every ztunnel and the waypoint connected over
+	// xDS, pushes sent, certificates issued.
+	for _, q := range []string{
+		fmt.Sprintf(`sum(pilot_xds{job="istiod", kind="node-proxy"}) == %d`, len(e.m.Topo.Nodes)),
+		`sum(pilot_xds{job="istiod", kind="waypoint"}) >= 1`,
+		`sum(pilot_xds_pushes{job="istiod", type="wds"}) > 0`,
+		`sum(pilot_xds_pushes{job="istiod", type="lds"}) > 0`,
+		`sum(pilot_xds_send_time_count{job="istiod"}) > 0`,
+		`sum(citadel_server_success_cert_issue_count{job="istiod"}) > 0`,
+	} {
+		var n int
+		var qerr error
+		if !eventually(30*time.Second, func() bool { n, qerr = query(q); return qerr == nil && n > 0 }) {
+			t.Errorf("istiod-lite query %s: %d series (%v)", q, n, qerr)
+		}
 	}
 
 	// Traffic: served connections through the service, and failed ones (a
