@@ -370,7 +370,11 @@ func setup(t *testing.T) *env {
 		}
 	}
 	kubectl("apply", "--server-side", "-f", filepath.Join(repo, "manifests", "crds"))
-	kubectl("wait", "--for", "condition=established", "--timeout", "60s", "crd", "--all")
+	// Not `kubectl wait --all`: it fails on a CRD the API server has not yet
+	// given a status (".status.conditions accessor error").
+	if err := c.WaitCRDsEstablished(ctx); err != nil {
+		t.Fatal(err)
+	}
 	kubectl("apply", "--server-side", "-k", filepath.Join(repo, "manifests"))
 	for _, ns := range []*corev1.Namespace{
 		{ObjectMeta: metav1.ObjectMeta{Name: shop, Labels: map[string]string{"istio.io/dataplane-mode": "ambient"}}},
