@@ -441,6 +441,13 @@ func (c *conn) close(err error) {
 
 // goAwayAndClose sends GOAWAY (best effort, bounded) and closes.
 func (c *conn) goAwayAndClose(code http2.ErrCode, err error) {
+	c.sendGoAway(code)
+	c.close(err)
+}
+
+// sendGoAway writes GOAWAY with code (best effort, bounded) unless the
+// conn is dead.
+func (c *conn) sendGoAway(code http2.ErrCode) {
 	c.mu.Lock()
 	dead := c.err != nil
 	last := c.lastPeerID
@@ -451,8 +458,11 @@ func (c *conn) goAwayAndClose(code http2.ErrCode, err error) {
 		c.fr.WriteGoAway(last, code, nil)
 		c.unlockWrite()
 	}
-	c.close(err)
 }
+
+// protocolErrorLinger bounds how long a conn that broke the protocol is
+// read (and discarded) after its GOAWAY before it is closed.
+const protocolErrorLinger = 250 * time.Millisecond
 
 // shutdown sends GOAWAY: no new streams; the conn closes when its streams
 // are done.
@@ -577,7 +587,13 @@ func (c *conn) readLoop() {
 	var ce http2.ConnectionError
 	if errors.As(err, &ce) {
 		c.log.Debug("hbone: protocol error", "remote", c.nc.RemoteAddr(), "err", err)
-		c.goAwayAndClose(http2.ErrCode(ce), err)
+		c.sendGoAway(http2.ErrCode(ce))
+		// Closing with the peer's frames unread in the kernel would send an
+		// RST, which can destroy the GOAWAY before the peer reads it: read
+		// what is left (bounded) first. Only this goroutine reads c.raw.
+		c.raw.SetReadDeadline(time.Now().Add(protocolErrorLinger))
+		io.Copy(io.Discard, c.raw)
+		c.close(err)
 		return
 	}
 	if errors.Is(err, io.EOF) {
