@@ -39,13 +39,16 @@ type Flow struct {
 	Direction string    `json:"direction,omitempty"` // outbound, inbound
 	// Transport is how the bytes travelled: "hbone" (mutual TLS) or "tcp"
 	// (plaintext); at the waypoint the request's protocol (HTTP/1.1, HTTP/2).
-	Transport   string   `json:"transport,omitempty"`
-	Via         string   `json:"via,omitempty"` // the listener
-	ID          uint64   `json:"id,omitempty"`
-	Source      FlowPeer `json:"source"`
-	Destination FlowPeer `json:"destination"`
-	Service     string   `json:"service,omitempty"`
-	Verdict     string   `json:"verdict,omitempty"`
+	Transport string `json:"transport,omitempty"`
+	// HBONETransport is the tunnel's transport when Transport is hbone:
+	// "h2" (HTTP/2 over TLS over TCP) or "h3" (HTTP/3 over QUIC).
+	HBONETransport string   `json:"hboneTransport,omitempty"`
+	Via            string   `json:"via,omitempty"` // the listener
+	ID             uint64   `json:"id,omitempty"`
+	Source         FlowPeer `json:"source"`
+	Destination    FlowPeer `json:"destination"`
+	Service        string   `json:"service,omitempty"`
+	Verdict        string   `json:"verdict,omitempty"`
 	// Policy is the AuthorizationPolicy ("<namespace>/<name>") that decided
 	// the verdict, when one did.
 	Policy        string  `json:"policy,omitempty"`

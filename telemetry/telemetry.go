@@ -61,9 +61,19 @@ const (
 
 // Metrics are Istio's TCP connection metrics, and the connections that
 // failed (never established: refused, no route, connect failure).
+//
+// The HBONE* families are ambit's: the tunnelled connections (those with a
+// Conn.Transport) and their bytes, by reporter and transport ("h2" or
+// "h3"). Istio has no transport label, and its families keep Istio's label
+// sets exactly; these say how much of the mesh's traffic went over QUIC.
 type Metrics struct {
 	Opened, Closed, Sent, Received, Failed *prometheus.CounterVec
+
+	HBONEOpened, HBONEClosed, HBONESent, HBONEReceived *prometheus.CounterVec
 }
+
+// HBONELabels are the labels of the ambit_hbone_* families.
+var HBONELabels = []string{"reporter", "transport"}
 
 // NewMetrics makes the istio_tcp_* counters and registers them with reg
 // (if not nil).
@@ -79,8 +89,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Failed: counter("istio_tcp_connections_failed_total",
 			"TCP connections that ended without being established (refused by policy, no route, connect failure), by response flag."),
 	}
+	hbone := func(name, help string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, HBONELabels)
+	}
+	m.HBONEOpened = hbone("ambit_hbone_connections_opened_total", "Tunnelled (HBONE) connections opened, by transport (h2: HTTP/2 over TLS over TCP, h3: HTTP/3 over QUIC).")
+	m.HBONEClosed = hbone("ambit_hbone_connections_closed_total", "Tunnelled (HBONE) connections closed, by transport.")
+	m.HBONESent = hbone("ambit_hbone_sent_bytes_total", "Bytes sent back to the client of tunnelled connections, by transport.")
+	m.HBONEReceived = hbone("ambit_hbone_received_bytes_total", "Bytes received from the client of tunnelled connections, by transport.")
 	if reg != nil {
-		reg.MustRegister(m.Opened, m.Closed, m.Sent, m.Received, m.Failed)
+		reg.MustRegister(m.Opened, m.Closed, m.Sent, m.Received, m.Failed,
+			m.HBONEOpened, m.HBONEClosed, m.HBONESent, m.HBONEReceived)
 	}
 	return m
 }
@@ -121,8 +139,9 @@ type Conn struct {
 	received    atomic.Int64 // client -> upstream
 	sent        atomic.Int64 // upstream -> client
 	// set by Establish, read by Count
-	rx, tx prometheus.Counter
-	opened bool // counted opened; the handler's goroutine only
+	rx, tx   prometheus.Counter
+	hrx, htx prometheus.Counter // the ambit_hbone_* byte counters (tunnelled only)
+	opened   bool               // counted opened; the handler's goroutine only
 }
 
 // Established reports whether Establish was called: the handler's fields
@@ -141,12 +160,31 @@ func (c *Conn) Count(d relay.Direction, n int64) {
 		if c.rx != nil {
 			c.rx.Add(float64(n))
 		}
+		if c.hrx != nil {
+			c.hrx.Add(float64(n))
+		}
 		return
 	}
 	c.sent.Add(n)
 	if c.tx != nil {
 		c.tx.Add(float64(n))
 	}
+	if c.htx != nil {
+		c.htx.Add(float64(n))
+	}
+}
+
+// hboneLabels are c's ambit_hbone_* label values; ok is false for a
+// connection that is not tunnelled. transport is bounded: it is one of
+// the transports a proxy sets, else "unknown".
+func (c *Conn) hboneLabels() (reporter, transport string, ok bool) {
+	switch c.Transport {
+	case "":
+		return "", "", false
+	case "h2", "h3":
+		return c.reporter(), c.Transport, true
+	}
+	return c.reporter(), Unknown, true
 }
 
 // reporter is the reporter label.
@@ -210,6 +248,10 @@ func (t *Tracker) Establish(c *Conn) {
 	if m := t.Metrics; m != nil {
 		l := c.Labels(FlagNone)
 		c.rx, c.tx = m.Received.WithLabelValues(l...), m.Sent.WithLabelValues(l...)
+		if r, tp, ok := c.hboneLabels(); ok && m.HBONEOpened != nil {
+			c.hrx, c.htx = m.HBONEReceived.WithLabelValues(r, tp), m.HBONESent.WithLabelValues(r, tp)
+			m.HBONEOpened.WithLabelValues(r, tp).Inc()
+		}
 		t.countOpened(c, l)
 	}
 	c.established.Store(true)
@@ -241,6 +283,9 @@ func (t *Tracker) End(c *Conn, flags, reason string, err error) {
 		if !c.Established() && flags != FlagNone && flags != FlagAborted {
 			t.Metrics.Failed.WithLabelValues(l...).Inc()
 		}
+		if r, tp, ok := c.hboneLabels(); ok && c.Established() && t.Metrics.HBONEClosed != nil {
+			t.Metrics.HBONEClosed.WithLabelValues(r, tp).Inc()
+		}
 	}
 	if t.Flows != nil {
 		t.Flows.Publish(c.flow(FlowClose, flags, reason))
@@ -261,7 +306,7 @@ func (c *Conn) flow(typ, flags, reason string) Flow {
 	if c.MTLS {
 		transport = "hbone"
 	}
-	fl := Flow{Type: typ, Reporter: c.reporter(), Direction: c.Direction, Transport: transport, Via: c.Via, ID: c.ID,
+	fl := Flow{Type: typ, Reporter: c.reporter(), Direction: c.Direction, Transport: transport, HBONETransport: c.Transport, Via: c.Via, ID: c.ID,
 		Source: flowPeer(c.Src, c.Source), Destination: flowPeer(c.Dst, c.Destination), Service: c.Service.Hostname,
 		Verdict: Verdict(flags), Policy: c.Policy, ResponseFlags: flags,
 		BytesSent: c.sent.Load(), BytesReceived: c.received.Load()}
@@ -289,8 +334,9 @@ const AccessLogMessage = "connection complete"
 
 // accessLog is c's access-log line: Istio's ztunnel's fields (src.*,
 // dst.*, direction, bytes_sent, bytes_recv, duration, error), then
-// ambit's (id, via, route, upstream, response_flags, outcome, policy,
-// reason). bytes_recv counts the client's bytes (request direction),
+// ambit's (id, via, route, transport, upstream, response_flags, outcome,
+// policy, reason); transport is the HBONE transport, h2 or h3, of a
+// tunnelled connection. bytes_recv counts the client's bytes (request direction),
 // bytes_sent those sent back to it, whatever the direction.
 func (c *Conn) accessLog(flags, reason string, err error) []slog.Attr {
 	name := func(p Peer) string { return cmp.Or(p.Pod, p.Workload, p.CanonicalService) }
@@ -327,6 +373,7 @@ func (c *Conn) accessLog(flags, reason string, err error) []slog.Attr {
 	}
 	a = append(a, slog.Uint64("id", c.ID), slog.String("via", c.Via))
 	str("route", c.Route)
+	str("transport", c.Transport)
 	str("upstream", addrString(c.Upstream))
 	a = append(a, slog.String("response_flags", flags), slog.String("outcome", Outcome(flags)))
 	str("policy", c.Policy)

@@ -389,3 +389,101 @@ func readGolden(t *testing.T) map[string]string {
 	}
 	return out
 }
+
+// TestHBONETransport: a tunnelled connection's transport is the access
+// log's transport field, the flows' hboneTransport and the transport label
+// of the ambit_hbone_* families (bounded: an unexpected value is
+// "unknown"); Istio's families keep their label sets, and a connection
+// that is not tunnelled is not counted in ambit_hbone_*.
+func TestHBONETransport(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	var logs bytes.Buffer
+	flows := &Flows{}
+	sub := flows.Subscribe(FlowFilter{}, 16)
+	defer sub.Close()
+	tr := &Tracker{Metrics: NewMetrics(reg), Logger: slog.New(slog.NewJSONHandler(&logs, nil)), Flows: flows}
+	for _, tc := range []struct {
+		dir, transport string
+		n              int64
+	}{{Outbound, "h3", 10}, {Inbound, "h3", 20}, {Outbound, "h2", 40}, {Outbound, "", 80}, {Outbound, "h9\xff", 160}} {
+		c := &Conn{Direction: tc.dir, Via: "test", MTLS: tc.transport != "", Transport: tc.transport}
+		tr.Begin(c)
+		tr.Establish(c)
+		c.Count(relay.AToB, tc.n)
+		c.Count(relay.BToA, 2*tc.n)
+		tr.End(c, FlagNone, "", nil)
+	}
+	for _, tc := range []struct {
+		name, reporter, transport string
+		want                      float64
+	}{
+		{"ambit_hbone_connections_opened_total", "source", "h3", 1},
+		{"ambit_hbone_connections_closed_total", "destination", "h3", 1},
+		{"ambit_hbone_received_bytes_total", "source", "h3", 10},
+		{"ambit_hbone_sent_bytes_total", "destination", "h3", 40},
+		{"ambit_hbone_received_bytes_total", "source", "h2", 40},
+		{"ambit_hbone_sent_bytes_total", "source", "h2", 80},
+		{"ambit_hbone_received_bytes_total", "source", Unknown, 160},
+		{"ambit_hbone_connections_opened_total", "source", "", -1},
+	} {
+		if got := sample(t, reg, tc.name, labels("reporter", tc.reporter, "transport", tc.transport)); got != tc.want {
+			t.Errorf("%s{reporter=%s,transport=%s} = %v, want %v", tc.name, tc.reporter, tc.transport, got, tc.want)
+		}
+	}
+	// Every sample of the ambit_hbone_* families has exactly their labels;
+	// the plaintext connection is counted in Istio's families only.
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var hboneOpened float64
+	for _, mf := range mfs {
+		if !strings.HasPrefix(mf.GetName(), "ambit_hbone_") {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			var ls []string
+			for _, l := range m.GetLabel() {
+				ls = append(ls, l.GetName())
+			}
+			if strings.Join(ls, " ") != "reporter transport" {
+				t.Errorf("%s labels %v", mf.GetName(), ls)
+			}
+			if mf.GetName() == "ambit_hbone_connections_opened_total" {
+				hboneOpened += m.GetCounter().GetValue()
+			}
+		}
+	}
+	if hboneOpened != 4 {
+		t.Errorf("ambit_hbone_connections_opened_total sums to %v, want 4 (the plaintext connection is not tunnelled)", hboneOpened)
+	}
+	// Access log: transport on tunnelled lines only.
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		var line map[string]any
+		if err := json.Unmarshal([]byte(l), &line); err != nil {
+			t.Fatal(err)
+		}
+		tp, ok := line["transport"].(string)
+		if !ok {
+			tp = "-"
+		}
+		got = append(got, tp)
+	}
+	if want := []string{"h3", "h3", "h2", "-", "h9\ufffd"}; !slices.Equal(got, want) {
+		t.Errorf("access-log transports %q, want %q", got, want)
+	}
+	// Flows: hboneTransport on both events of each tunnelled connection.
+	var fl []string
+	for range 10 {
+		select {
+		case f := <-sub.C():
+			fl = append(fl, f.Type+":"+f.HBONETransport)
+		default: // Publish is synchronous: all are buffered
+			t.Fatalf("%d flows, want 10", len(fl))
+		}
+	}
+	if want := "open:h3 close:h3 open:h3 close:h3 open:h2 close:h2 open: close: open:h9\xff close:h9\xff"; strings.Join(fl, " ") != want {
+		t.Errorf("flows %q, want %q", strings.Join(fl, " "), want)
+	}
+}
