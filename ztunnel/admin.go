@@ -271,6 +271,7 @@ type connDump struct {
 	Dst           string `json:"dst"`
 	Upstream      string `json:"upstream,omitempty"`
 	Route         string `json:"route,omitempty"`
+	Transport     string `json:"transport,omitempty"` // h2 or h3: the HBONE transport
 	SrcPrincipal  string `json:"srcPrincipal"`
 	DstPrincipal  string `json:"dstPrincipal"`
 	Service       string `json:"service,omitempty"`
@@ -288,7 +289,7 @@ func (p *Proxy) dumpConnections() []connDump {
 			Established: c.Established(), BytesReceived: c.Received(), BytesSent: c.Sent(),
 			Age: time.Since(c.Start).Round(time.Millisecond).String()}
 		if d.Established { // the handler's fields are final once established
-			d.Route = c.Route
+			d.Route, d.Transport = c.Route, c.Transport
 			d.SrcPrincipal, d.DstPrincipal = c.Source.PrincipalLabel(), c.Destination.PrincipalLabel()
 			if c.Upstream.IsValid() {
 				d.Upstream = c.Upstream.String()
