@@ -152,6 +152,8 @@ struct tcp4 {
 	__u16 sport;   // network byte order
 	__u16 dport;   // network byte order
 	__u8 syn_only; // SYN without ACK: a new connection
+	__u8 bare;     // no payload: a control segment (ACK, RST, FIN, SYN)
+	__u8 ack_only; // ACK without SYN or RST: it may complete a SYN cookie
 };
 
 // What parse found.
@@ -243,6 +245,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 	t->sport = tcp->source;
 	t->dport = tcp->dest;
 	t->syn_only = tcp->syn && !tcp->ack;
+	t->ack_only = tcp->ack && !tcp->syn && !tcp->rst;
+	__u32 hdrs = ihl + tcp->doff * 4;
+	t->bare = bpf_ntohs(ip->tot_len) <= hdrs && skb->len <= ETH_HLEN + hdrs;
 	return P_IP4;
 }
 
@@ -312,6 +317,15 @@ static __always_inline int to_listener(struct __sk_buff *skb, struct tcp4 *t, __
 		return 0;
 	}
 	return assign(skb, sk, s) == 0;
+}
+
+// to_cookie_listener hands an ACK of a connection with no socket to
+// ztunnel's listener on port: the listener answered its SYN with a SYN
+// cookie (no request socket remains), and the kernel checks the cookie and
+// makes the connection, or answers with a RST as for any stray ACK. It
+// returns 1 when it did.
+static __always_inline int to_cookie_listener(struct __sk_buff *skb, struct tcp4 *t, __u16 port) {
+	return t->ack_only && to_listener(skb, t, port, STAT_SOCKET);
 }
 
 static __always_inline __u16 csum_fold(__s64 sum) {
@@ -422,8 +436,12 @@ static __always_inline int drop(void) {
 static __always_inline int inbound(struct __sk_buff *skb, struct tcp4 *t, int routed) {
 	if (to_socket(skb, t))
 		return TCX_PASS;
-	if (!t->syn_only)
+	if (!t->syn_only) {
+		__u16 port = t->dport == bpf_htons(hbone_port) ? hbone_port : inbound_port;
+		if (to_cookie_listener(skb, t, port))
+			return TCX_PASS;
 		return drop();
+	}
 	if (t->dport == bpf_htons(hbone_port)) {
 		if (to_listener(skb, t, hbone_port, STAT_HBONE))
 			return TCX_PASS;
@@ -455,8 +473,11 @@ int pod_ingress(struct __sk_buff *skb) {
 		return TCX_NEXT;
 	if (to_socket(skb, &t))
 		return TCX_PASS;
-	if (!t.syn_only)
+	if (!t.syn_only) {
+		if (to_cookie_listener(skb, &t, outbound_port))
+			return TCX_PASS;
 		return drop();
+	}
 	if (to_listener(skb, &t, outbound_port, STAT_OUTBOUND))
 		return TCX_PASS;
 	return refuse(skb, 0, 1);
@@ -478,14 +499,29 @@ static __always_inline int is_probe(struct __sk_buff *skb) {
 
 // is_ztunnel reports whether the node's packet comes from one of ztunnel's
 // sockets: it carries bypass_mark and its socket (for a SYN-ACK, the
-// listener of its request socket) is in one of ztunnel_cgroups. Packets the
-// kernel sends for no full socket (time-wait ACKs and RSTs, SYN cookies)
-// are not: they get inbound capture, which drops them.
-static __always_inline int is_ztunnel(struct __sk_buff *skb) {
+// listener of its request socket) is in one of ztunnel_cgroups.
+//
+// The kernel also answers for ztunnel's sockets without them: a SYN cookie
+// (under a SYN flood or an overflowing accept queue) is sent with no socket,
+// and time-wait ACKs and RSTs from a kernel control socket in the root
+// cgroup. Each carries the mark of the socket it answers for (the
+// listener's, the time-wait socket's) and no payload. Such a packet, marked
+// and without a socket of a cgroup below the root, goes to the pod as it is
+// when it carries no data and does not open a connection (not a bare SYN):
+// it cannot deliver a byte, and a host process outside the root cgroup
+// that sets the mark on its own socket (CAP_NET_RAW is enough since Linux
+// 5.17) still has its cgroup on its packets. Dropping them instead stalls
+// the pod's connections under a connection storm (cookie SYN-ACKs lost, SYN
+// retransmitted after 1 s, 3 s, ...) and leaves closes unfinished.
+static __always_inline int is_ztunnel(struct __sk_buff *skb, struct tcp4 *t) {
 	if (!bypass_mark || (skb->mark & bypass_mark) != bypass_mark)
 		return 0;
 	__u64 id = bpf_skb_cgroup_id(skb);
-	return id && bpf_map_lookup_elem(&ztunnel_cgroups, &id);
+	if (id && bpf_map_lookup_elem(&ztunnel_cgroups, &id))
+		return 1;
+	if (!t->bare || t->syn_only)
+		return 0;
+	return !id || id == bpf_skb_ancestor_cgroup_id(skb, 0);
 }
 
 SEC("tcx/egress")
@@ -510,7 +546,7 @@ int pod_egress(struct __sk_buff *skb) {
 			// a reply to a pod that happens to use it as its client port.
 			if (!t.syn_only && !has_socket(skb, &t))
 				return TCX_NEXT;
-		} else if (is_ztunnel(skb)) {
+		} else if (is_ztunnel(skb, &t)) {
 			return TCX_NEXT;
 		} else if (is_probe(skb)) {
 			return TCX_NEXT;

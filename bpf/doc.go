@@ -12,8 +12,13 @@
 // to pods are captured like any client's (15006, or 15008 for port 15008:
 // ztunnel's tunnels to its own pods): a host-network process gets no more
 // than a pod on another node. Only ztunnel's own packets (their socket mark
-// has Options.BypassMark) and kubelet's health probes (sockets of the
-// cgroups of Options.ProbeCgroups) reach a pod directly. When no ztunnel
+// has Options.BypassMark and the socket is in one of
+// Options.ZtunnelCgroups), the kernel's payload-free answers for ztunnel's
+// sockets (SYN cookies, time-wait ACKs and RSTs: the mark, no socket below
+// the root cgroup, no data, not a SYN) and kubelet's health probes (sockets
+// of the cgroups of Options.ProbeCgroups) reach a pod directly. The ACK
+// that completes a SYN cookie handshake goes to ztunnel's listener, which
+// checks the cookie. When no ztunnel
 // listens, a new connection is refused with a RST that the program builds;
 // nothing leaves unencrypted.
 //
