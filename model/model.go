@@ -2,6 +2,7 @@ package model
 
 import (
 	"net/netip"
+	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -45,6 +46,28 @@ func QUICAdvertised(nsLabels, podLabels map[string]string) bool {
 	return nsLabels[LabelHBONEQUIC] == "enabled"
 }
 
+// LabelWaypointBypass, "allow" on a pod or its namespace (any other value
+// on the pod, e.g. "deny", overrides the namespace), opts the pod out of
+// ambit's no-bypass default for its Services' waypoints, for Istio's
+// behaviour: a waypoint bound to a Service (istio.io/waypoint-for: service,
+// the default) takes the traffic addressed to the Service, and a connection
+// addressed to the pod's own IP goes straight to the pod, through its L4
+// policy only. It does not lift a waypoint the pod itself uses
+// (waypoint-for: workload or all). See Workload.WaypointBypass.
+const LabelWaypointBypass = "ambit.dev/waypoint-bypass"
+
+// WaypointBypassAllow is LabelWaypointBypass's opt-out value.
+const WaypointBypassAllow = "allow"
+
+// WaypointBypassAllowed reports whether a pod with podLabels in a namespace
+// with nsLabels opts out of the no-bypass default (LabelWaypointBypass).
+func WaypointBypassAllowed(nsLabels, podLabels map[string]string) bool {
+	if v, ok := podLabels[LabelWaypointBypass]; ok {
+		return v == WaypointBypassAllow
+	}
+	return nsLabels[LabelWaypointBypass] == WaypointBypassAllow
+}
+
 // Ports of the data plane (see the design brief).
 const (
 	PortOutbound = 15001
@@ -86,10 +109,37 @@ type Workload struct {
 	// QUIC means the workload's ztunnel also accepts HBONE over HTTP/3 on
 	// UDP 15008 (package hbone/h3); sources with QUIC enabled try it first.
 	QUIC bool `json:"quic,omitempty"`
+	// WaypointBypass means the workload's ztunnel accepts a direct connection
+	// (not from the waypoint) to a port its Services' waypoints bind, as
+	// Istio does (LabelWaypointBypass). L4 policy still applies; the
+	// workload's own Waypoint is still enforced.
+	WaypointBypass bool `json:"waypointBypass,omitempty"`
 }
 
-// Identity returns the workload's SPIFFE ID.
+// Identity returns the workload's SPIFFE ID. A proxy asks for it several
+// times per connection (its principal, the peers to accept, waypoint
+// checks), so IDs are kept by (trust domain, namespace, service account):
+// building one parses and validates a URI (4 allocations).
 func (w *Workload) Identity() spiffeid.ID {
+	k := idKey{w.TrustDomain, w.Namespace, w.ServiceAccount}
+	idCache.RLock()
+	id, ok := idCache.m[k]
+	idCache.RUnlock()
+	if ok {
+		return id
+	}
+	id = w.buildIdentity()
+	idCache.Lock()
+	if len(idCache.m) >= idCacheMax { // bounded: start over
+		clear(idCache.m)
+	}
+	idCache.m[k] = id
+	idCache.Unlock()
+	return id
+}
+
+// buildIdentity is Identity without the cache.
+func (w *Workload) buildIdentity() spiffeid.ID {
 	td := identity.DefaultTrustDomain
 	if w.TrustDomain != "" {
 		if t, err := spiffeid.TrustDomainFromString(w.TrustDomain); err == nil {
@@ -106,6 +156,18 @@ func (w *Workload) Identity() spiffeid.ID {
 	}
 	return id
 }
+
+// idKey is what a workload's identity is built from.
+type idKey struct{ trustDomain, namespace, serviceAccount string }
+
+// idCacheMax bounds idCache: past it, the cache is emptied.
+const idCacheMax = 1 << 14
+
+// idCache holds the identities Identity built; its RWMutex guards m.
+var idCache = struct {
+	sync.RWMutex
+	m map[idKey]spiffeid.ID
+}{m: make(map[idKey]spiffeid.ID)}
 
 // WaypointRef points at a waypoint proxy: its HBONE address and identity.
 //

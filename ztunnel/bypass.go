@@ -84,9 +84,14 @@ func sameWaypoint(a, b *model.WaypointRef) bool {
 
 // waypointsFor returns the waypoints that bind target (<pod IP>:<port> of
 // w): w's own (workload-bound) and those of the services that send to that
-// port of w (service-bound). Nil means target is not waypoint-bound.
+// port of w (service-bound), unless w opts out of the latter
+// (Workload.WaypointBypass, Istio's behaviour). Nil means target is not
+// waypoint-bound.
 func (b *bindings) waypointsFor(w *model.Workload, target netip.AddrPort) []*model.WaypointRef {
-	svcBound := b.byTarget[netip.AddrPortFrom(target.Addr().Unmap(), target.Port())]
+	var svcBound []*model.WaypointRef
+	if !w.WaypointBypass {
+		svcBound = b.byTarget[netip.AddrPortFrom(target.Addr().Unmap(), target.Port())]
+	}
 	if w.Waypoint == nil {
 		return svcBound
 	}

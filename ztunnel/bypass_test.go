@@ -201,6 +201,77 @@ func TestServiceBoundRefusesBypass(t *testing.T) {
 	})
 }
 
+// TestWaypointBypassOptOut: a pod labelled ambit.dev/waypoint-bypass=allow
+// (Workload.WaypointBypass) accepts a direct tunnel to a port its Service's
+// waypoint binds, as Istio does; without the label the same tunnel is
+// refused; L4 policy still applies to the direct tunnel; the pod's own
+// waypoint (waypoint-for workload/all) is still enforced.
+func TestWaypointBypassOptOut(t *testing.T) {
+	m := newBypassMesh(t)
+	client, intruder := m.client.Identity(), m.intruder.Identity()
+	svc := *m.svc // 80 -> 8080
+	svc.Waypoint = m.wp("wp", true)
+
+	// The default: refused.
+	m.set(m.serverA, m.serverB, &svc)
+	if err := m.tunnel(t, client, m.serverA, 8080); !is401(err) {
+		t.Fatalf("default, straight to a service-bound pod: %v, want 401", err)
+	}
+
+	// Opted out: the client's direct tunnel reaches the pod's server.
+	a := *m.serverA
+	a.WaypointBypass = true
+	m.set(&a, m.serverB, &svc)
+	before := len(m.srvA.all())
+	if err := m.tunnel(t, client, &a, 8080); err != nil {
+		t.Fatalf("opted out, straight to the pod: %v", err)
+	}
+	waitFor(t, "delivered", func() bool { return len(m.srvA.all()) == before+1 })
+	// Only that pod: server-b, an endpoint of the same service, still refuses.
+	if err := m.tunnel(t, client, m.serverB, 8080); !is401(err) {
+		t.Fatalf("server-b without the label: %v, want 401", err)
+	}
+	// The waypoint still gets through.
+	if err := m.tunnel(t, m.wpID, &a, 8080); err != nil {
+		t.Fatalf("the waypoint's tunnel: %v", err)
+	}
+
+	// L4 policy still applies to a direct tunnel.
+	onlyClient := &model.Policy{Name: "only-client", Namespace: "shop", Action: model.ActionAllow,
+		Selector: map[string]string{"app": "server"},
+		Rules:    []model.Rule{{From: []model.Source{{Principals: []string{"cluster.local/ns/shop/sa/client"}}}}}}
+	m.set(&a, m.serverB, &svc, onlyClient)
+	if err := m.tunnel(t, intruder, &a, 8080); !is401(err) {
+		t.Fatalf("opted out, a peer the policy refuses: %v, want 401", err)
+	}
+	if err := m.tunnel(t, client, &a, 8080); err != nil {
+		t.Fatalf("opted out, a peer the policy allows: %v", err)
+	}
+	waitFor(t, "the policy's refusal logged", func() bool {
+		for _, l := range strings.Split(m.n2.logs.String(), "\n") {
+			if strings.Contains(l, "ns/other/sa/intruder") && strings.Contains(l, "no allow policy matched") {
+				return true
+			}
+		}
+		return false
+	})
+
+	// The pod's own waypoint is still enforced.
+	own := a
+	own.Waypoint = m.wp("wp-pod", true)
+	m.set(&own, m.serverB, &svc)
+	if err := m.tunnel(t, client, &own, 8080); !is401(err) {
+		t.Fatalf("opted out but workload-bound: %v, want 401", err)
+	}
+	if err := m.tunnel(t, spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/wp-pod"), &own, 8080); err != nil {
+		t.Fatalf("the pod's own waypoint: %v", err)
+	}
+	waitFor(t, "refusals counted", func() bool {
+		return metricSum(t, m.n2.p, "ambit_ztunnel_waypoint_bypass_refused_total", map[string]string{"listener": "hbone"}) == 3 &&
+			strings.Contains(m.n2.logs.String(), fmt.Sprintf("waypoint bypass: %s is bound to waypoint shop/wp-pod;", netip.AddrPortFrom(a.Addresses[0], 8080)))
+	})
+}
+
 // TestUnresolvedWaypointFailsClosed: a target bound to a waypoint that has
 // no address (missing or not ready) refuses every tunnel but the waypoint's
 // own, and says why.
@@ -315,6 +386,17 @@ func TestBindingsIndex(t *testing.T) {
 	}
 	if got := names(bi.waypointsFor(&own, ap("10.0.0.1", 1))); !slices.Equal(got, []string{"wp1"}) {
 		t.Errorf("workload-bound on any port: %v", got)
+	}
+	// Opted out of the services' waypoints (ambit.dev/waypoint-bypass=allow):
+	// only its own waypoint binds it.
+	optOut := *a
+	optOut.WaypointBypass = true
+	if got := names(bi.waypointsFor(&optOut, ap("10.0.0.1", 8080))); got != nil {
+		t.Errorf("opted out: %v, want none", got)
+	}
+	optOut.Waypoint = &model.WaypointRef{Name: "wp3", Namespace: "ns"}
+	if got := names(bi.waypointsFor(&optOut, ap("10.0.0.1", 8080))); !slices.Equal(got, []string{"wp3"}) {
+		t.Errorf("opted out with its own waypoint: %v, want [wp3]", got)
 	}
 
 	// Identities: the waypoint's name and namespace in the pod's trust domain.

@@ -28,7 +28,11 @@
 // with the waypoint as the source principal. Which (pod IP, port) are bound is
 // indexed once per config snapshot, for the node's workloads. Since the
 // destination cannot tell which Service a tunnel was addressed to, a port
-// shared with a Service without a waypoint is bound too.
+// shared with a Service without a waypoint is bound too. A workload labelled
+// ambit.dev/waypoint-bypass=allow (on the pod or its namespace;
+// model.Workload.WaypointBypass) opts out of the Service bindings, for
+// Istio's behaviour: a connection addressed to the pod's own IP reaches it
+// directly, through its L4 policy; its own waypoint is still enforced.
 //
 // A Proxy is made with New, which binds every configured listener (so tests
 // can ask for ephemeral ports and read them back with Addr), and runs with Run

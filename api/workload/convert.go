@@ -69,7 +69,7 @@ func FromWorkload(w *model.Workload) *Workload {
 		TrustDomain: w.TrustDomain, Node: w.Node, Addresses: addrs(w.Addresses), Labels: nilIfEmpty(w.Labels),
 		Ready: w.Ready, Waypoint: fromWaypoint(w.Waypoint), CanonicalName: w.CanonicalName,
 		CanonicalRevision: w.CanonicalRevision, WorkloadName: w.WorkloadName, ClusterId: w.ClusterID,
-		HboneQuic: w.QUIC,
+		HboneQuic: w.QUIC, WaypointBypass: w.WaypointBypass,
 	}
 	if w.Enrolled {
 		out.TunnelProtocol = TunnelProtocol_HBONE
@@ -96,6 +96,7 @@ func ToWorkload(w *Workload) (*model.Workload, error) {
 		Enrolled: w.GetTunnelProtocol() == TunnelProtocol_HBONE, Ready: w.GetReady(), Waypoint: wp,
 		CanonicalName: w.GetCanonicalName(), CanonicalRevision: w.GetCanonicalRevision(),
 		WorkloadName: w.GetWorkloadName(), ClusterID: w.GetClusterId(), QUIC: w.GetHboneQuic(),
+		WaypointBypass: w.GetWaypointBypass(),
 	}, nil
 }
 

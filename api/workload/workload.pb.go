@@ -213,9 +213,15 @@ type Workload struct {
 	// The workload's ztunnel also accepts HBONE over HTTP/3 (QUIC) on UDP
 	// 15008. A source uses it only when its own configuration enables QUIC,
 	// and falls back to HTTP/2 over TCP when the QUIC dial fails.
-	HboneQuic     bool `protobuf:"varint,16,opt,name=hbone_quic,json=hboneQuic,proto3" json:"hbone_quic,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	HboneQuic bool `protobuf:"varint,16,opt,name=hbone_quic,json=hboneQuic,proto3" json:"hbone_quic,omitempty"`
+	// The workload's ztunnel accepts a direct connection to a port that its
+	// Services' waypoints bind (ambit's default refuses anything but the
+	// waypoint's identity there): Istio's behaviour, chosen with the label
+	// ambit.dev/waypoint-bypass=allow. L4 policy still applies, and the
+	// workload's own waypoint (field waypoint) is still enforced.
+	WaypointBypass bool `protobuf:"varint,17,opt,name=waypoint_bypass,json=waypointBypass,proto3" json:"waypoint_bypass,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Workload) Reset() {
@@ -356,6 +362,13 @@ func (x *Workload) GetClusterId() string {
 func (x *Workload) GetHboneQuic() bool {
 	if x != nil {
 		return x.HboneQuic
+	}
+	return false
+}
+
+func (x *Workload) GetWaypointBypass() bool {
+	if x != nil {
+		return x.WaypointBypass
 	}
 	return false
 }
@@ -1061,7 +1074,7 @@ var File_api_workload_workload_proto protoreflect.FileDescriptor
 
 const file_api_workload_workload_proto_rawDesc = "" +
 	"\n" +
-	"\x1bapi/workload/workload.proto\x12\x11ambit.workload.v1\"\xa2\x05\n" +
+	"\x1bapi/workload/workload.proto\x12\x11ambit.workload.v1\"\xcb\x05\n" +
 	"\bWorkload\x12\x10\n" +
 	"\x03uid\x18\x01 \x01(\tR\x03uid\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1c\n" +
@@ -1081,7 +1094,8 @@ const file_api_workload_workload_proto_rawDesc = "" +
 	"\n" +
 	"cluster_id\x18\x0f \x01(\tR\tclusterId\x12\x1d\n" +
 	"\n" +
-	"hbone_quic\x18\x10 \x01(\bR\thboneQuic\x1a9\n" +
+	"hbone_quic\x18\x10 \x01(\bR\thboneQuic\x12'\n" +
+	"\x0fwaypoint_bypass\x18\x11 \x01(\bR\x0ewaypointBypass\x1a9\n" +
 	"\vLabelsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"{\n" +

@@ -213,6 +213,7 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		WorkloadName:      workloadName(p),
 		ClusterID:         t.opts.ClusterID,
 		QUIC:              model.QUICAdvertised(nsLabels, p.Labels),
+		WaypointBypass:    model.WaypointBypassAllowed(nsLabels, p.Labels),
 	}
 	if gw := p.Labels["gateway.networking.k8s.io/gateway-name"]; gw != "" && t.isWaypoint(p.Namespace, gw) {
 		w.QUIC = false // a waypoint serves HBONE over HTTP/2 only
