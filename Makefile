@@ -46,13 +46,16 @@ integration: tools
 	$(GO) test -count=1 -timeout 40m -tags integration -v -run . ./integration/
 
 # ambit's main job: the local mesh demo on the embedded default (examples/).
-# The upstream Gateway API conformance suite, profile MESH-HTTP, against
-# ambit on the harness cluster (integration/cluster_conformance_test.go);
-# its report: conformance/report-mesh-http.yaml.
+# The upstream Gateway API conformance suite, profiles MESH-HTTP and
+# MESH-GRPC, against ambit on the harness cluster
+# (integration/cluster_conformance_test.go); their reports:
+# conformance/report-mesh-http.yaml, conformance/report-mesh-grpc.yaml, and
+# every test's line in conformance/results-mesh-{http,grpc}.txt.
+# CONFORMANCE_PROFILES=MESH-GRPC runs one of them.
 conformance: tools
 	@scripts/install-deps.sh integration
 	@nice -n 10 integration/apiserver/build-conformance.sh >/dev/null
-	AMBIT_CONFORMANCE_SUITE=$$(integration/apiserver/build-conformance.sh) \
+	AMBIT_CONFORMANCE_SUITE=$$(integration/apiserver/build-conformance.sh) AMBIT_CONFORMANCE_PROFILES=$(CONFORMANCE_PROFILES) \
 		$(GO) test -count=1 -timeout 60m -tags integration,conformance -v -run '^TestConformance$$' ./integration/
 
 demo:
