@@ -10,7 +10,6 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	pathpkg "path"
 	"strconv"
 	"strings"
@@ -35,6 +34,7 @@ type record struct {
 	clusterName string
 	host        *host
 	service     string
+	policy      string // the AuthorizationPolicy that decided RBAC ("<ns>/<name>"), if one did
 	requestID   string
 	traceparent string
 	upstreamMs  int64
@@ -216,7 +216,11 @@ func (p *Proxy) serveHTTP(w http.ResponseWriter, r *http.Request, ds *downstream
 	rec.service = chain.service
 	in := &rbacInput{r: r, principal: ds.principal(), port: uint32(ds.target.Port())}
 	for _, f := range hc.rbac {
-		if f.denies(in) {
+		deny, policy := f.decide(in)
+		if policy != "" {
+			rec.policy = policy // the last deciding one: a DENY's, or the ALLOW that let it through
+		}
+		if deny {
 			localReply(rw, rec, http.StatusForbidden, "", "rbac_access_denied", "RBAC: access denied")
 			return
 		}
@@ -425,12 +429,6 @@ type tryResult struct {
 // the wait for response headers.
 func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Request, body io.ReadCloser, perTry time.Duration, h2 bool) tryResult {
 	tctx, cancel := context.WithCancel(ctx)
-	var conn *countedConn // the HTTP/1.1 connection used, when max_requests_per_connection > 1
-	if v.s.maxReqPerConn > 1 && !h2 {
-		tctx = httptrace.WithClientTrace(tctx, &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
-			conn, _ = i.Conn.(*countedConn)
-		}})
-	}
 	var state atomic.Int32 // 0 waiting, 1 headers, 2 timed out
 	var timer *time.Timer
 	if perTry > 0 {
@@ -473,11 +471,6 @@ func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Requ
 		default:
 			return tryResult{kind: tryReset, err: err}
 		}
-	}
-	if conn != nil && conn.requests.Add(1) >= v.s.maxReqPerConn {
-		// The connection served its quota: close it once this response is
-		// done (net/http's pool drops it).
-		return tryResult{kind: tryOK, resp: resp, finish: func() { done(); conn.Close() }}
 	}
 	return tryResult{kind: tryOK, resp: resp, finish: done}
 }

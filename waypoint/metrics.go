@@ -146,7 +146,7 @@ func destinationPeer(h *host) telemetry.Peer {
 	}
 	l := h.spec.labels
 	return telemetry.Peer{Workload: l.workload, Namespace: l.namespace,
-		CanonicalService: l.canonicalService, CanonicalRevision: l.canonicalRevision, Principal: h.spec.identity}
+		CanonicalService: l.canonicalService, CanonicalRevision: l.canonicalRevision, Cluster: l.cluster, Principal: h.spec.identity}
 }
 
 // finish records a request: metrics, a flow event and one access-log line.
@@ -197,7 +197,7 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 		Transport: rec.r.Proto, Via: "hbone",
 		Source:      telemetry.FlowPeer{Address: src.String(), Workload: tr.Source.Workload, Namespace: tr.Source.Namespace, Identity: principal},
 		Destination: telemetry.FlowPeer{Address: upstream, Workload: tr.Destination.Workload, Namespace: tr.Destination.Namespace},
-		Service:     rec.service, Verdict: verdict, Reason: rec.details, ResponseFlags: flags,
+		Service:     rec.service, Verdict: verdict, Policy: rec.policy, Reason: rec.details, ResponseFlags: flags,
 		BytesSent: w.bytes, BytesReceived: reqBytes, DurationMs: durMs,
 		Method: rec.r.Method, Authority: rec.r.Host, Path: rec.r.URL.Path, ResponseCode: rec.code}
 	if !tr.Destination.Principal.IsZero() {

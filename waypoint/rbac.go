@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/http"
 	"sort"
+	"strings"
 
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 )
@@ -16,7 +17,11 @@ type rbacFilter struct {
 }
 
 type rbacPolicy struct {
-	name        string
+	name string
+	// policy is the AuthorizationPolicy the Envoy policy was made from,
+	// "<namespace>/<name>" (istiod-lite names Envoy policies
+	// ns[<ns>]-policy[<name>]-rule[<i>]; any other name is kept as it is).
+	policy      string
 	permissions []permission
 	principals  []principal
 }
@@ -50,7 +55,7 @@ func compileRBAC(rules *rbacv3.RBAC, path string) (*rbacFilter, error) {
 	for _, n := range names {
 		pol := rules.GetPolicies()[n]
 		p := fmt.Sprintf("%s.policies[%q]", path, n)
-		cp := rbacPolicy{name: n}
+		cp := rbacPolicy{name: n, policy: policyKey(n)}
 		for i, perm := range pol.GetPermissions() {
 			c, err := compilePermission(perm, fmt.Sprintf("%s.permissions[%d]", p, i))
 			if err != nil {
@@ -86,6 +91,39 @@ func (f *rbacFilter) matched(in *rbacInput) (string, bool) {
 func (f *rbacFilter) denies(in *rbacInput) bool {
 	_, ok := f.matched(in)
 	return ok != f.allow
+}
+
+// decide is denies with the deciding policy ("<namespace>/<name>"): the
+// DENY policy that matched, or the ALLOW policy that matched; "" when an
+// ALLOW filter denies because none of its policies matched, and when a DENY
+// filter lets the request through.
+func (f *rbacFilter) decide(in *rbacInput) (deny bool, policy string) {
+	for i := range f.policies {
+		p := &f.policies[i]
+		if anyOf(p.permissions, in) && anyOf(p.principals, in) {
+			return !f.allow, p.policy
+		}
+	}
+	return f.allow, ""
+}
+
+// policyKey is the AuthorizationPolicy of an Envoy RBAC policy name made by
+// istiod-lite (ns[<ns>]-policy[<name>]-rule[<i>]): "<ns>/<name>"; another
+// name is returned as it is.
+func policyKey(name string) string {
+	rest, ok := strings.CutPrefix(name, "ns[")
+	if !ok {
+		return name
+	}
+	ns, rest, ok := strings.Cut(rest, "]-policy[")
+	if !ok {
+		return name
+	}
+	i := strings.LastIndex(rest, "]-rule[")
+	if i < 0 || !strings.HasSuffix(rest, "]") {
+		return name
+	}
+	return ns + "/" + rest[:i]
 }
 
 // anyOf and allOf combine compiled permissions or principals (Envoy's

@@ -260,6 +260,9 @@ func makeLbEndpoint(w *model.Workload, targetPort uint16) *endpoint.LbEndpoint {
 		"canonical_service":  str(w.CanonicalName),
 		"canonical_revision": str(w.CanonicalRevision),
 	}}
+	if w.ClusterID != "" {
+		md.Fields["cluster"] = str(w.ClusterID) // destination_cluster at the waypoint
+	}
 	if w.Enrolled {
 		md.Fields["hbone_port"] = structpb.NewNumberValue(model.PortHBONE)
 	}
