@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -28,41 +29,107 @@ import (
 	"github.com/ambit-mesh/ambit/integration/mesh"
 	"github.com/ambit-mesh/ambit/integration/netns"
 	"github.com/ambit-mesh/ambit/istiod-lite/deployer"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // The namespaces the suite's mesh manifests create; ambit enrolls them and
 // binds their Services to a waypoint of their own.
 var conformanceNamespaces = []string{"gateway-conformance-mesh", "gateway-conformance-mesh-consumer"}
 
-// conformanceFeatures are the features ambit declares: the MESH-HTTP
-// profile's core and extended features but MeshConsumerRoute (ambit's
+// conformanceProfile is one run of the suite: a Gateway API conformance
+// profile, the features ambit declares for it, and where its report and
+// every test's result line go (in conformance/).
+type conformanceProfile struct {
+	name     string // the suite's profile name
+	features string // --supported-features
+	report   string // the suite's report
+	results  string // the PASS/FAIL/SKIP line of every test
+}
+
+// meshFeatures are the mesh features ambit declares in both profiles: the
+// profiles' core and extended mesh features but MeshConsumerRoute (ambit's
 // waypoints are destination-side: a route in the consumer's namespace has
-// nowhere to run). Failures are waypoint work, counted in the report.
-const conformanceFeatures = "Mesh,HTTPRoute,MeshClusterIPMatching,MeshHTTPRouteRewritePath,MeshHTTPRouteSchemeRedirect," +
+// nowhere to run).
+const meshFeatures = "Mesh,MeshClusterIPMatching,MeshHTTPRouteRewritePath,MeshHTTPRouteSchemeRedirect," +
 	"MeshHTTPRouteRedirectPort,MeshHTTPRouteRedirectPath,MeshHTTPRouteBackendRequestHeaderModification," +
-	"MeshHTTPRouteQueryParamMatching,MeshHTTPRouteNamedRouteRule," +
-	// HTTPRoute features the suite's other mesh tests need.
-	"HTTPRouteResponseHeaderModification,HTTPRouteParentRefPort,HTTPRoute303RedirectStatusCode," +
-	"HTTPRoute307RedirectStatusCode,HTTPRoute308RedirectStatusCode"
+	"MeshHTTPRouteQueryParamMatching,MeshHTTPRouteNamedRouteRule"
+
+// conformanceProfiles are the runs of TestConformance, in order. Failures
+// are waypoint work, counted in the reports.
+var conformanceProfiles = []conformanceProfile{
+	{
+		name: "MESH-HTTP",
+		// plus the HTTPRoute features the suite's other mesh tests need.
+		features: meshFeatures + ",HTTPRoute,HTTPRouteResponseHeaderModification,HTTPRouteParentRefPort," +
+			"HTTPRoute303RedirectStatusCode,HTTPRoute307RedirectStatusCode,HTTPRoute308RedirectStatusCode",
+		report:  "report-mesh-http.yaml",
+		results: "results-mesh-http.txt",
+	},
+	{
+		// GRPCRoute on a Service parent, served by the waypoint; the
+		// HTTPRoute features are left out so that this run is the profile's
+		// own tests (MeshBasic, MeshGRPCRouteWeight).
+		name:     "MESH-GRPC",
+		features: meshFeatures + ",GRPCRoute",
+		report:   "report-mesh-grpc.yaml",
+		results:  "results-mesh-grpc.txt",
+	},
+}
+
+// conformanceNamespaceLabels label the suite's namespaces: enrolled, bound
+// to their waypoint, and opted out of ambit's no-bypass default
+// (model.LabelWaypointBypass), which the suite's MeshFrontend test expects
+// (Istio's semantics: a Service's waypoint takes Service-addressed traffic;
+// a request to the pod's IP goes straight to the pod).
+var conformanceNamespaceLabels = map[string]string{
+	model.LabelDataplaneMode:  model.DataplaneAmbient,
+	model.LabelUseWaypoint:    "waypoint",
+	model.LabelWaypointBypass: model.WaypointBypassAllow,
+}
+
+// conformanceNotes head each report (YAML comments: the suite's report
+// format has no notes field).
+const conformanceNotes = `# Notes (ambit):
+# - Unsupported: MeshConsumerRoute. ambit's waypoints run on the destination
+#   side; a route in the consumer's namespace has nowhere to run.
+# - The suite's namespaces are labelled ambit.dev/waypoint-bypass=allow
+#   (conformance/README.md). ambit's default is stricter than Istio's: a pod
+#   behind a Service bound to a waypoint accepts connections to its
+#   Service's target ports only from that waypoint, so MeshFrontend's
+#   "Send to pod IP" is refused without the label.
+`
 
 // TestConformance runs the upstream Gateway API conformance suite
 // (sigs.k8s.io/gateway-api/conformance, built by
 // integration/apiserver/build-conformance.sh, its manifests unchanged) with
-// the MESH-HTTP profile against ambit on the harness cluster: the control
-// plane with controller-manager and scheduler, registered kubelets with
-// cluster DNS running Istio's echo server for the suite's echo image and
-// the waypoint binary for ambit's image, istiod-lite and a capturing ztunnel
-// per node. The suite's report goes to $AMBIT_CONFORMANCE_REPORT (default
-// conformance/report-mesh-http.yaml in the repository).
+// each of conformanceProfiles (MESH-HTTP, then MESH-GRPC) against ambit on
+// the harness cluster: the control plane with controller-manager and
+// scheduler, registered kubelets with cluster DNS running Istio's echo
+// server for the suite's echo image and the waypoint binary for ambit's
+// image, istiod-lite and a capturing ztunnel per node. Each profile's report
+// and results go to $AMBIT_CONFORMANCE_DIR (default conformance/ in the
+// repository); $AMBIT_CONFORMANCE_PROFILES (comma-separated) runs only those.
 func TestConformance(t *testing.T) {
 	suiteBin := os.Getenv("AMBIT_CONFORMANCE_SUITE")
 	if suiteBin == "" {
 		t.Fatal("AMBIT_CONFORMANCE_SUITE is not set: run `make conformance` (integration/apiserver/build-conformance.sh builds the suite)")
 	}
 	repo, _ := filepath.Abs("..")
-	report := os.Getenv("AMBIT_CONFORMANCE_REPORT")
-	if report == "" {
-		report = filepath.Join(repo, "conformance", "report-mesh-http.yaml")
+	outDir := os.Getenv("AMBIT_CONFORMANCE_DIR")
+	if outDir == "" {
+		outDir = filepath.Join(repo, "conformance")
+	}
+	profiles := conformanceProfiles
+	if only := os.Getenv("AMBIT_CONFORMANCE_PROFILES"); only != "" {
+		profiles = nil
+		for _, p := range conformanceProfiles {
+			if slices.Contains(strings.Split(only, ","), p.name) {
+				profiles = append(profiles, p)
+			}
+		}
+		if len(profiles) == 0 {
+			t.Fatalf("AMBIT_CONFORMANCE_PROFILES=%s names no profile", only)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -226,9 +293,8 @@ func TestConformance(t *testing.T) {
 
 	// The suite's namespaces, enrolled, each with its waypoint, before the
 	// suite applies its manifests (it keeps these labels: --namespace-labels).
-	labels := map[string]string{"istio.io/dataplane-mode": "ambient", "istio.io/use-waypoint": "waypoint"}
 	for _, name := range conformanceNamespaces {
-		if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}, metav1.CreateOptions{}); err != nil {
+		if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: conformanceNamespaceLabels}}, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 		gw := fmt.Sprintf(`apiVersion: gateway.networking.k8s.io/v1
@@ -250,20 +316,37 @@ spec:
 		routeWaypointVIP(t, ctx, cs, kls, m.Topo, name)
 	}
 
-	if err := os.MkdirAll(filepath.Dir(report), 0o755); err != nil {
+	if err := os.MkdirAll(outDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	var nsLabels []string
+	for k, v := range conformanceNamespaceLabels {
+		nsLabels = append(nsLabels, k+"="+v)
+	}
+	slices.Sort(nsLabels)
+	for _, p := range profiles {
+		t.Run(p.name, func(t *testing.T) {
+			runConformanceSuite(t, suiteBin, c.Kubeconfig(), p, strings.Join(nsLabels, ","), outDir)
+		})
+	}
+}
+
+// runConformanceSuite runs the suite binary for profile p against the
+// cluster of kubeconfig, logs its output, and writes its report (headed by
+// conformanceNotes) and every test's result line into outDir.
+func runConformanceSuite(t *testing.T, suiteBin, kubeconfig string, p conformanceProfile, nsLabels, outDir string) {
+	report := filepath.Join(outDir, p.report)
 	suite := exec.CommandContext(t.Context(), suiteBin,
 		"-test.run", "^TestConformance$", "-test.v", "-test.timeout", "50m",
-		"--conformance-profiles=MESH-HTTP",
-		"--supported-features="+conformanceFeatures,
-		"--namespace-labels=istio.io/dataplane-mode=ambient,istio.io/use-waypoint=waypoint",
+		"--conformance-profiles="+p.name,
+		"--supported-features="+p.features,
+		"--namespace-labels="+nsLabels,
 		"--organization=ambit-mesh", "--project=ambit", "--url=https://github.com/ambit-mesh/ambit",
 		"--version=dev", "--contact=https://github.com/ambit-mesh/ambit/issues",
 		"--mode=default", "--allow-crds-mismatch", "--cleanup-base-resources=false",
 		"--report-output="+report,
 	)
-	suite.Env = append(os.Environ(), "KUBECONFIG="+c.Kubeconfig())
+	suite.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig)
 	out, err := suite.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -272,13 +355,26 @@ spec:
 	if err := suite.Start(); err != nil {
 		t.Fatal(err)
 	}
+	var results strings.Builder
 	sc := bufio.NewScanner(out)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
-		t.Log(sc.Text())
+		line := sc.Text()
+		t.Log(line)
+		if trimmed := strings.TrimLeft(line, " "); strings.HasPrefix(trimmed, "--- PASS") || strings.HasPrefix(trimmed, "--- FAIL") || strings.HasPrefix(trimmed, "--- SKIP") {
+			results.WriteString(line + "\n")
+		}
 	}
 	err = suite.Wait()
-	t.Logf("conformance report: %s", report)
+	if werr := os.WriteFile(filepath.Join(outDir, p.results), []byte(results.String()), 0o644); werr != nil {
+		t.Error(werr)
+	}
+	if body, rerr := os.ReadFile(report); rerr != nil {
+		t.Errorf("the suite wrote no report: %v", rerr)
+	} else if werr := os.WriteFile(report, append([]byte(conformanceNotes), body...), 0o644); werr != nil {
+		t.Error(werr)
+	}
+	t.Logf("conformance report: %s, results: %s", report, filepath.Join(outDir, p.results))
 	if err != nil {
 		t.Errorf("the conformance suite failed: %v (the report lists each test)", err)
 	}
