@@ -12,6 +12,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -40,7 +41,9 @@ var (
 )
 
 // Kubernetes builds the model from a cluster through shared informers:
-// Namespaces, Pods, Services, EndpointSlices, and, when their CRDs are
+// Namespaces, Pods, Services, EndpointSlices, Nodes (their labels only: a
+// node labelled ambit.dev/hbone-quic=enabled advertises QUIC for its pods),
+// and, when their CRDs are
 // installed, Gateways, HTTPRoutes, GRPCRoutes, DestinationRules,
 // AuthorizationPolicies and PeerAuthentications. It publishes the first model once every informer has
 // synced, then incremental updates. While the API server is unreachable the
@@ -76,6 +79,17 @@ func stripManagedFields(obj any) (any, error) {
 		m.SetManagedFields(nil)
 	}
 	return obj, nil
+}
+
+// slimNode keeps of a Node only what translation reads: its name and
+// labels (a node's status, images and conditions are large and change
+// often; an update that leaves the labels alone changes nothing).
+func slimNode(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil // a DeletedFinalStateUnknown
+	}
+	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion, Labels: n.Labels}}, nil
 }
 
 // Start runs the informers and the builder until ctx ends.
@@ -127,6 +141,11 @@ func (k *Kubernetes) Start(ctx context.Context) error {
 			return fmt.Errorf("kubernetes: %w", err)
 		}
 	}
+	nodes := f.Core().V1().Nodes().Informer()
+	if err := add(nodes, &corev1.Node{}, typed); err != nil {
+		return fmt.Errorf("kubernetes: %w", err)
+	}
+	_ = nodes.SetTransform(slimNode) // after add's; before the factory starts
 	df := dynamicinformer.NewDynamicSharedInformerFactory(k.Dynamic, 0)
 	for _, e := range []struct {
 		gvr  schema.GroupVersionResource

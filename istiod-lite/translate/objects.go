@@ -7,6 +7,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/ambit-mesh/ambit/istiod-lite/security"
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // Objects is the input of translation: every object ambit reads, keyed by
@@ -24,8 +25,11 @@ type Objects struct {
 	DestinationRules      map[string]*networkingv1.DestinationRule
 	AuthorizationPolicies map[string]*security.AuthorizationPolicy
 	PeerAuthentications   map[string]*security.PeerAuthentication
+	// Nodes are read for their labels only (model.LabelHBONEQUIC), by name.
+	Nodes map[string]*corev1.Node
 
 	podsByNS     map[string]map[string]*corev1.Pod                // namespace -> key -> pod
+	podsByNode   map[string]map[string]*corev1.Pod                // node name -> key -> pod
 	servicesByNS map[string]map[string]*corev1.Service            // namespace -> key -> service
 	slicesBySvc  map[string]map[string]*discoveryv1.EndpointSlice // service key -> slice key -> slice
 	servicesByIP map[string]map[string]bool                       // cluster IP -> service keys
@@ -44,7 +48,9 @@ func NewObjects() *Objects {
 		DestinationRules:      map[string]*networkingv1.DestinationRule{},
 		AuthorizationPolicies: map[string]*security.AuthorizationPolicy{},
 		PeerAuthentications:   map[string]*security.PeerAuthentication{},
+		Nodes:                 map[string]*corev1.Node{},
 		podsByNS:              map[string]map[string]*corev1.Pod{},
+		podsByNode:            map[string]map[string]*corev1.Pod{},
 		servicesByNS:          map[string]map[string]*corev1.Service{},
 		slicesBySvc:           map[string]map[string]*discoveryv1.EndpointSlice{},
 		servicesByIP:          map[string]map[string]bool{},
@@ -69,9 +75,21 @@ func (o *Objects) Set(obj any) Changes {
 		ch.Namespaces = []string{v.Name}
 	case *corev1.Pod:
 		k := Key(v.Namespace, v.Name)
+		if old := o.Pods[k]; old != nil && old.Spec.NodeName != "" {
+			delIndex(o.podsByNode, old.Spec.NodeName, k)
+		}
 		o.Pods[k] = v
 		addIndex(o.podsByNS, v.Namespace, k, v)
+		if v.Spec.NodeName != "" {
+			addIndex(o.podsByNode, v.Spec.NodeName, k, v)
+		}
 		ch.Pods = []string{k}
+	case *corev1.Node:
+		old := o.Nodes[v.Name]
+		o.Nodes[v.Name] = v
+		if old == nil || nodeQUIC(old) != nodeQUIC(v) {
+			ch.Pods = o.nodePods(v.Name)
+		}
 	case *corev1.Service:
 		k := Key(v.Namespace, v.Name)
 		ch.Services = o.serviceNeighbours(k)
@@ -136,9 +154,19 @@ func (o *Objects) Delete(obj any, key string) Changes {
 	case *corev1.Pod:
 		if p := o.Pods[key]; p != nil {
 			delIndex(o.podsByNS, p.Namespace, key)
+			if p.Spec.NodeName != "" {
+				delIndex(o.podsByNode, p.Spec.NodeName, key)
+			}
 		}
 		delete(o.Pods, key)
 		ch.Pods = []string{key}
+	case *corev1.Node:
+		if old := o.Nodes[key]; old != nil {
+			delete(o.Nodes, key)
+			if nodeQUIC(old) {
+				ch.Pods = o.nodePods(key)
+			}
+		}
 	case *corev1.Service:
 		ch.Services = o.serviceNeighbours(key)
 		o.unindexServiceIPs(key)
@@ -174,6 +202,21 @@ func (o *Objects) Delete(obj any, key string) Changes {
 		ch.PeerAuthentications = []string{key}
 	}
 	return ch
+}
+
+// nodePods returns the keys of the pods on node name.
+func (o *Objects) nodePods(name string) []string {
+	var out []string
+	for k := range o.podsByNode[name] {
+		out = append(out, k)
+	}
+	return out
+}
+
+// nodeQUIC reports whether node n advertises HBONE over QUIC for its pods
+// (model.LabelHBONEQUIC=enabled): its pods' translation depends on it.
+func nodeQUIC(n *corev1.Node) bool {
+	return n != nil && n.Labels[model.LabelHBONEQUIC] == "enabled"
 }
 
 // serviceNeighbours returns key and the keys of services sharing one of its

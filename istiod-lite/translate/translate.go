@@ -212,7 +212,7 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		CanonicalRevision: canonicalRevision(p),
 		WorkloadName:      workloadName(p),
 		ClusterID:         t.opts.ClusterID,
-		QUIC:              model.QUICAdvertised(nsLabels, p.Labels),
+		QUIC:              quicAdvertised(nsLabels, t.o.Nodes[p.Spec.NodeName], p.Labels),
 		WaypointBypass:    model.WaypointBypassAllowed(nsLabels, p.Labels),
 	}
 	if gw := p.Labels["gateway.networking.k8s.io/gateway-name"]; gw != "" && t.isWaypoint(p.Namespace, gw) {
@@ -223,6 +223,18 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		w.Waypoint = t.waypoint("Pod", p.Namespace, p.Name, wns, name, false, fromPod)
 	}
 	return w
+}
+
+// quicAdvertised reports whether a pod advertises HBONE over QUIC
+// (model.LabelHBONEQUIC): its own label decides ("enabled" or not), else its
+// namespace's, else its node's (the node's ztunnel runs with --hbone-quic).
+func quicAdvertised(nsLabels map[string]string, node *corev1.Node, podLabels map[string]string) bool {
+	_, onPod := podLabels[model.LabelHBONEQUIC]
+	_, onNS := nsLabels[model.LabelHBONEQUIC]
+	if onPod || onNS {
+		return model.QUICAdvertised(nsLabels, podLabels)
+	}
+	return nodeQUIC(node)
 }
 
 // useWaypoint returns the waypoint an object asks for: its own label, else its
