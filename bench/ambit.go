@@ -38,8 +38,8 @@ func startZtunnels(ctx context.Context, niceness int, env []string, bin, dir, ca
 			if p == waypoint {
 				continue // below, with its service account
 			}
-			fmt.Fprintf(&y, "- {uid: bench/Pod/bench/%[1]s, name: %[1]s, namespace: bench, serviceAccount: %[1]s, node: %[2]s, addresses: [%[3]s], enrolled: %[4]v, ready: true, labels: {app: %[1]s}}\n",
-				p.Name, n.Name, p.IP, enrolled[p.Name])
+			fmt.Fprintf(&y, "- {uid: bench/Pod/bench/%[1]s, name: %[1]s, namespace: bench, serviceAccount: %[1]s, node: %[2]s, addresses: [%[3]s], enrolled: %[4]v, ready: true, labels: {app: %[1]s}, quic: %[5]v}\n",
+				p.Name, n.Name, p.IP, enrolled[p.Name], p.Name == quicServerPod)
 		}
 	}
 	if waypoint != nil {

@@ -6,6 +6,8 @@
 //	haproxy  client pod -> HAProxy on node1 -(mutual TLS 1.3)-> HAProxy on node2 -> pod
 //	ambit    client pod -> eBPF capture -> ztunnel node1 -(HBONE: mutual TLS,
 //	         HTTP/2 CONNECT)-> ztunnel node2 -> pod
+//	quic     the same over HTTP/3 (QUIC, UDP 15008) to a pod advertising it;
+//	         it also compares both transports across a delay line (quic.go)
 //
 // and, for the waypoint (L7) comparison, three HTTP proxies each in its own
 // pod on node2 (see l7.go): ambit's waypoint (client -> ztunnel -> waypoint
@@ -65,8 +67,9 @@ type Config struct {
 	KeepWork bool
 	// CacheDir keeps the fortio build (CacheDir() if empty).
 	CacheDir string
-	// Paths to measure (all six if empty: direct, haproxy, ambit and the
-	// L7 paths waypoint, nginx, haproxy-http).
+	// Paths to measure (all seven if empty: direct, haproxy, ambit, quic
+	// and the L7 paths waypoint, nginx, haproxy-http). With both ambit and
+	// quic, the transports are also compared across a delay line (quic.go).
 	Paths []string
 	// Rounds of every workload on every path (3).
 	Rounds int
@@ -98,7 +101,7 @@ type Config struct {
 
 func (c *Config) setDefaults() {
 	if len(c.Paths) == 0 {
-		c.Paths = []string{PathDirect, PathHAProxy, PathAmbit, PathWaypoint, PathNginx, PathHAProxyHTTP}
+		c.Paths = []string{PathDirect, PathHAProxy, PathAmbit, PathQUIC, PathWaypoint, PathNginx, PathHAProxyHTTP}
 	}
 	def := func(v *int, d int) {
 		if *v == 0 {
@@ -210,6 +213,9 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		if pod := l7Pods[p]; pod != "" {
 			node2Pods = append(node2Pods, pod) // the L7 proxies' own pods
 		}
+		if p == PathQUIC {
+			node2Pods = append(node2Pods, quicServerPod)
+		}
 		if p == PathWaypoint {
 			// The waypoint's server: a pod behind a waypoint-bound service
 			// accepts only the waypoint, so not server-mesh (the ambit path's).
@@ -241,6 +247,9 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 	}()
 	servers := []*netns.Pod{sp, sm}
 	if pod := topo.Pod(waypointServerPod); pod != nil {
+		servers = append(servers, pod)
+	}
+	if pod := topo.Pod(quicServerPod); pod != nil {
 		servers = append(servers, pod)
 	}
 	for _, pod := range servers {
@@ -277,10 +286,14 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		PathHAProxy: {name: PathHAProxy, client: cp, httpURL: url(n1.IP.String(), haFortioPort),
 			iperfHost: n1.IP.String(), iperfPort: haIperfPort},
 		PathAmbit: {name: PathAmbit, client: cm, httpURL: url(sm.IP.String(), fortioPort), iperfHost: sm.IP.String(), iperfPort: iperfPort},
+		PathQUIC:  {name: PathQUIC, client: cm},
 		// The L7 paths carry HTTP only (no iperf3).
 		PathWaypoint:    {name: PathWaypoint, client: cm, httpURL: url(serverVIP.String(), fortioPort)},
 		PathNginx:       {name: PathNginx, client: cp},
 		PathHAProxyHTTP: {name: PathHAProxyHTTP, client: cp},
+	}
+	if pod := topo.Pod(quicServerPod); pod != nil {
+		paths[PathQUIC].httpURL, paths[PathQUIC].iperfHost, paths[PathQUIC].iperfPort = url(pod.IP.String(), fortioPort), pod.IP.String(), iperfPort
 	}
 	for _, name := range []string{PathNginx, PathHAProxyHTTP} {
 		if pod := topo.Pod(l7Pods[name]); pod != nil {
@@ -290,7 +303,7 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 	want := map[string]bool{}
 	for _, p := range cfg.Paths {
 		if paths[p] == nil {
-			return nil, fmt.Errorf("unknown path %q (want %s, %s, %s, %s, %s or %s)", p, PathDirect, PathHAProxy, PathAmbit, PathWaypoint, PathNginx, PathHAProxyHTTP)
+			return nil, fmt.Errorf("unknown path %q (want %s, %s, %s, %s, %s, %s or %s)", p, PathDirect, PathHAProxy, PathAmbit, PathQUIC, PathWaypoint, PathNginx, PathHAProxyHTTP)
 		}
 		want[p] = true
 	}
@@ -338,19 +351,24 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		wpPod = topo.Pod(l7Pods[PathWaypoint])
 	}
 	var zt *ztunnelPair
-	enrolled := map[string]bool{cm.Name: true, sm.Name: true, waypointServerPod: true}
+	enrolled := map[string]bool{cm.Name: true, sm.Name: true, waypointServerPod: true, quicServerPod: true}
 	pinPrefix := "/sys/fs/bpf/ambit-" + prefix
-	if want[PathAmbit] || want[PathWaypoint] {
+	ztEnv := cfg.ZtunnelEnv
+	if want[PathQUIC] {
+		ztEnv = append(slices.Clone(ztEnv), quicEnv)
+	}
+	if want[PathAmbit] || want[PathWaypoint] || want[PathQUIC] {
 		p := paths[PathAmbit]
 		if tools.ZtunnelErr != nil {
 			p.err = fmt.Errorf("%w: %w", errNotMeasured, tools.ZtunnelErr)
 			paths[PathWaypoint].err = p.err
+			paths[PathQUIC].err = p.err
 		} else {
 			zdir := filepath.Join(work, "ztunnel")
 			if err := os.MkdirAll(zdir, 0o755); err != nil {
 				return nil, err
 			}
-			z, err := startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled, wpPod)
+			z, err := startZtunnels(ctx, cfg.Nice, ztEnv, tools.Ztunnel, zdir, caDir, pinPrefix, topo, enrolled, wpPod)
 			zt = z
 			if z != nil {
 				stops = append(stops, z.stop)
@@ -358,8 +376,10 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			if err != nil {
 				p.err = fmt.Errorf("%w: ztunnel did not start: %w", errNotMeasured, err)
 				paths[PathWaypoint].err = p.err
+				paths[PathQUIC].err = p.err
 			} else {
 				p.procs = z.procs()
+				quicPath(paths[PathQUIC], z)
 				p.counted = func(ctx context.Context) (float64, error) {
 					var sum float64
 					for _, n := range z.nodes {
@@ -453,12 +473,13 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 			zt.stop()
 			if err = os.MkdirAll(pdir, 0o755); err == nil {
 				var z *ztunnelPair
-				z, err = startZtunnels(ctx, cfg.Nice, cfg.ZtunnelEnv, bin, pdir, caDir, pinPrefix, topo, enrolled, wpPod)
+				z, err = startZtunnels(ctx, cfg.Nice, ztEnv, bin, pdir, caDir, pinPrefix, topo, enrolled, wpPod)
 				if z != nil {
 					stops = append(stops, z.stop)
 				}
 				if err == nil {
 					amb.procs = z.procs()
+					quicPath(paths[PathQUIC], z)
 					for _, w := range []struct {
 						kind  string
 						conns int
@@ -476,6 +497,14 @@ func Measure(ctx context.Context, cfg Config) (_ *Results, err error) {
 		if err != nil {
 			log.Warn("profiling failed", "err", err)
 			res.ProfileError = err.Error()
+		}
+	}
+	if amb, q := paths[PathAmbit], paths[PathQUIC]; slices.Contains(active, amb) && slices.Contains(active, q) {
+		log.Info("comparing HTTP/2 and HTTP/3 across the delay line")
+		res.Transports, err = measureTransports(ctx, cfg, tools, work, topo, ca, amb, q)
+		if err != nil {
+			log.Warn("transport comparison incomplete", "err", err)
+			res.TransportsError = err.Error()
 		}
 	}
 	return res, nil

@@ -42,7 +42,7 @@ func (r *Results) WriteReport(dir string) error {
 }
 
 // pathTitles are the report's column names.
-var pathTitles = map[string]string{PathDirect: "direct", PathHAProxy: "HAProxy pair", PathAmbit: "ambit",
+var pathTitles = map[string]string{PathDirect: "direct", PathHAProxy: "HAProxy pair", PathAmbit: "ambit", PathQUIC: "ambit over QUIC",
 	PathWaypoint: "ambit waypoint", PathNginx: "nginx", PathHAProxyHTTP: "HAProxy HTTP mode"}
 
 // Markdown renders the report: the main table with ratios, the targets,
@@ -190,6 +190,8 @@ func (r *Results) Markdown(plots []string) string {
 	row("failed requests and runs", "count", func(s *PathSummary) (float64, bool) { return float64(s.Errors), true }, false)
 	w("\n")
 
+	r.transportsMarkdown(w)
+
 	if len(r.NotMeasured) > 0 {
 		w("## Not measured\n\n")
 		for _, p := range sortedKeys(r.NotMeasured) {
@@ -262,6 +264,9 @@ func (r *Results) Markdown(plots []string) string {
 		zc := ""
 		if run.Path == PathAmbit {
 			zc = fmt.Sprintf("%.0f", run.ZtunnelConnections)
+		}
+		if run.Path == PathQUIC {
+			zc = fmt.Sprintf("%.0f over h3", run.ZtunnelConnections)
 		}
 		if run.Path == PathWaypoint {
 			zc = fmt.Sprintf("%.0f requests (waypoint)", run.WaypointRequests)

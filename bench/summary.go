@@ -28,6 +28,10 @@ type Results struct {
 	// LinkRSS is the idle RSS of programs linking ztunnel's imports.
 	LinkRSS      []LinkRSS `json:"linkRss,omitempty"`
 	LinkRSSError string    `json:"linkRssError,omitempty"`
+	// Transports compares HBONE over HTTP/2 and HTTP/3 across the delay
+	// line (the ambit and quic paths, quic.go).
+	Transports      []TransportRun `json:"transports,omitempty"`
+	TransportsError string         `json:"transportsError,omitempty"`
 	// Microbench holds the Go benchmarks of the other packages.
 	Microbench *Microbench `json:"microbench,omitempty"`
 	Runs       []Run       `json:"runs"`

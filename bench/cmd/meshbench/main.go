@@ -24,7 +24,7 @@ import (
 func main() {
 	var cfg bench.Config
 	out := flag.String("out", "bench/results", "directory for latest.json, latest.md and the plots")
-	paths := flag.String("paths", "direct,haproxy,ambit,waypoint,nginx,haproxy-http", "paths to measure, comma-separated (direct is the L7 paths' baseline too)")
+	paths := flag.String("paths", "direct,haproxy,ambit,quic,waypoint,nginx,haproxy-http", "paths to measure, comma-separated (direct is the L7 paths' baseline too; ambit and quic together also compare HTTP/2 and HTTP/3 across a delay line)")
 	short := flag.Bool("short", false, "a smoke run: 1 round, 3 s latency and throughput runs, 2 s connection-rate runs, no profiles, no RSS floor")
 	micro := flag.String("microbench", "", "go test -bench output to include in the report")
 	reportOnly := flag.String("report-only", "", "re-render the report from this latest.json instead of measuring")
