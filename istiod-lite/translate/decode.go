@@ -80,6 +80,8 @@ func decodeDoc(doc []byte) ([]any, []string, error) {
 		obj = &corev1.Namespace{}
 	case "v1/Pod":
 		obj = &corev1.Pod{}
+	case "v1/Node":
+		obj = &corev1.Node{}
 	case "v1/Service":
 		obj = &corev1.Service{}
 	case "discovery.k8s.io/v1/EndpointSlice":
@@ -106,7 +108,9 @@ func decodeDoc(doc []byte) ([]any, []string, error) {
 		GetNamespace() string
 		SetNamespace(string)
 	}); ok && m.GetNamespace() == "" {
-		if _, isNS := obj.(*corev1.Namespace); !isNS {
+		switch obj.(type) {
+		case *corev1.Namespace, *corev1.Node: // cluster-scoped
+		default:
 			m.SetNamespace("default")
 		}
 	}
