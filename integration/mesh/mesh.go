@@ -463,6 +463,7 @@ type AccessLog struct {
 	DstNamespace string `json:"dst.namespace"`
 	Service      string `json:"dst.service"`
 	Route        string `json:"route"`
+	Transport    string `json:"transport"` // h2 or h3: the HBONE transport
 	Upstream     string `json:"upstream"`
 	BytesSent    int64  `json:"bytes_sent"`
 	BytesRecv    int64  `json:"bytes_recv"`
