@@ -4,6 +4,8 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/ambit-mesh/ambit/bpf"
@@ -82,18 +84,50 @@ func (p *Proxy) isOwnListener(dst netip.AddrPort) bool {
 	return false
 }
 
-// isLocalAddr reports whether a is assigned to an interface here.
+// isLocalAddr reports whether a is assigned to an interface here. It asks
+// the kernel (a netlink dump of every address) at most once per
+// localAddrsTTL and answers from that list meanwhile: it runs for every
+// plain connection of a transparent proxy and every connection to a
+// listener's port.
 func isLocalAddr(a netip.Addr) bool {
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return false
-	}
-	for _, ia := range addrs {
-		if n, ok := ia.(*net.IPNet); ok {
-			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
-				return true
+	return localAddrs.has(a, time.Now())
+}
+
+// localAddrsTTL is how long isLocalAddr trusts its list of the host's
+// addresses: an address added to an interface counts as local at most this
+// long after.
+const localAddrsTTL = time.Second
+
+// localAddrs is isLocalAddr's list.
+var localAddrs addrCache
+
+// addrCache is the host's interface addresses, listed at most once per
+// localAddrsTTL. mu guards the fields.
+type addrCache struct {
+	mu    sync.Mutex
+	at    time.Time // when addrs was listed; zero: never
+	addrs []netip.Addr
+}
+
+// has reports whether a is in the list, listing the addresses again if
+// the list is older than localAddrsTTL at now.
+func (c *addrCache) has(a netip.Addr, now time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.at.IsZero() || now.Sub(c.at) >= localAddrsTTL || now.Before(c.at) {
+		ifas, err := net.InterfaceAddrs()
+		if err != nil {
+			return false
+		}
+		c.addrs = c.addrs[:0]
+		for _, ia := range ifas {
+			if n, ok := ia.(*net.IPNet); ok {
+				if ip, ok := netip.AddrFromSlice(n.IP); ok {
+					c.addrs = append(c.addrs, ip.Unmap())
+				}
 			}
 		}
+		c.at = now
 	}
-	return false
+	return slices.Contains(c.addrs, a)
 }
