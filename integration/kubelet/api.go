@@ -362,6 +362,9 @@ func (f *forwarder) PortForward(ctx context.Context, _, _ string, port int32, st
 // network and UTS namespaces (a hostNetwork pod's: the node's network).
 func (r *running) nsenterArgs(k *Kubelet) []string {
 	if r.net == nil {
+		if r.mnt != "" {
+			return []string{"--net=" + k.Node.NS.Path(), "--mount=" + r.mnt, "--"}
+		}
 		return []string{"--net=" + k.Node.NS.Path(), "--"}
 	}
 	args := []string{"--net=" + r.net.NS.Path()}

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -145,37 +144,28 @@ func (k *Kubelet) startDNS(ctx context.Context, log *slog.Logger, done func()) e
 	}
 }
 
-// newMountNS pins a mount namespace for pod at path in which /etc/resolv.conf
-// names the node's DNS (search <namespace>.svc, svc and the cluster domain,
-// ndots 5, as a kubelet writes it) and /etc/hosts the pod's own name and
+// newMountNS pins a mount namespace for pod at path with binds and, with
+// ClusterDNS, /etc/resolv.conf naming the node's DNS (search
+// <namespace>.svc, svc and the cluster domain, ndots 5, as a kubelet writes
+// it) and, unless the pod is hostNetwork, /etc/hosts the pod's own name and
 // address. Files live under dir.
-func (k *Kubelet) newMountNS(path, dir string, pod *corev1.Pod, ip netip.Addr) error {
-	if err := privateDir(mntDir); err != nil {
-		return err
+func (k *Kubelet) newMountNS(path, dir string, pod *corev1.Pod, ip netip.Addr, binds []bindMount) error {
+	if k.ClusterDNS && (!pod.Spec.HostNetwork || pod.Spec.DNSPolicy == corev1.DNSClusterFirstWithHostNet) {
+		resolv := filepath.Join(dir, "resolv.conf")
+		search := fmt.Sprintf("%s.svc.%s svc.%s %s", pod.Namespace, ClusterDomain, ClusterDomain, ClusterDomain)
+		if err := os.WriteFile(resolv, []byte("nameserver "+k.Node.IP.String()+"\nsearch "+search+"\noptions ndots:5\n"), 0o644); err != nil {
+			return err
+		}
+		binds = append(binds, bindMount{src: resolv, dst: "/etc/resolv.conf"})
 	}
-	resolv := filepath.Join(dir, "resolv.conf")
-	hosts := filepath.Join(dir, "hosts")
-	search := fmt.Sprintf("%s.svc.%s svc.%s %s", pod.Namespace, ClusterDomain, ClusterDomain, ClusterDomain)
-	if err := os.WriteFile(resolv, []byte("nameserver "+k.Node.IP.String()+"\nsearch "+search+"\noptions ndots:5\n"), 0o644); err != nil {
-		return err
+	if k.ClusterDNS && !pod.Spec.HostNetwork {
+		hosts := filepath.Join(dir, "hosts")
+		if err := os.WriteFile(hosts, []byte("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"+ip.String()+"\t"+pod.Name+"\n"), 0o644); err != nil {
+			return err
+		}
+		binds = append(binds, bindMount{src: hosts, dst: "/etc/hosts"})
 	}
-	if err := os.WriteFile(hosts, []byte("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"+ip.String()+"\t"+pod.Name+"\n"), 0o644); err != nil {
-		return err
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("mount namespace: %w", err)
-	}
-	f.Close()
-	// util-linux: a multi-threaded process cannot unshare its mount
-	// namespace itself.
-	out, err := exec.Command("unshare", "--mount="+path, "--propagation", "private", "sh", "-c",
-		`mount --bind "$1" /etc/resolv.conf && mount --bind "$2" /etc/hosts`, "sh", resolv, hosts).CombinedOutput()
-	if err != nil {
-		removeMountNS(path)
-		return fmt.Errorf("mount namespace %s: %w: %s", path, err, strings.TrimSpace(string(out)))
-	}
-	return nil
+	return newMountNamespace(path, binds)
 }
 
 // removeMountNS unpins a namespace made by newMountNS.

@@ -49,6 +49,7 @@ type containerSpec struct {
 	args     []string
 	env      []string
 	probeURL string // the readiness probe's (HTTP GET), "" without one
+	probeTCP string // the readiness probe's (TCP connect) address, "" without one
 	uts      string // the pod's UTS namespace, "" for none
 	mnt      string // the pod's mount namespace, "" for none
 }
@@ -59,7 +60,11 @@ type containerSpec struct {
 // volume's mountPath pointed at that volume's directory instead (there are no
 // mount namespaces here). The image's entrypoint (command[0]) is the binary;
 // command[1:] and args follow, $(VAR) expanded.
-func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c corev1.Container, dir string) (*containerSpec, error) {
+//
+// With inImage (MountVolumes: the pod has a mount namespace in which the
+// volumes are at their mountPaths and the image's directory at inImage), no
+// volume path is rewritten and the image's files are named under inImage.
+func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, pn podNet, c corev1.Container, dir, inImage string) (*containerSpec, error) {
 	bin := k.Images[c.Image]
 	root := "" // the image's files, when it maps to a directory
 	if st, err := os.Stat(bin); err == nil && st.IsDir() {
@@ -79,6 +84,16 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 	vols, err := k.volumes(ctx, pod, c, dir)
 	if err != nil {
 		return nil, err
+	}
+	// In the pod's mount namespace the image's directory is inImage.
+	imageRoot, inRoot := root, root
+	if inImage != "" {
+		vols = nil // mounted where the manifest says
+		if root == "" {
+			imageRoot = filepath.Dir(bin)
+		}
+		inRoot = inImage
+		bin = filepath.Join(inImage, strings.TrimPrefix(bin, imageRoot))
 	}
 	// Longest mount path first, in one pass (a volume's directory may
 	// itself start with another mount's path, /tmp).
@@ -108,9 +123,9 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 			if strings.HasPrefix(path, "/") && path != "/" {
 				if _, err := os.Stat(filepath.Join(root, path)); err == nil {
 					if ok {
-						return flag + "=" + filepath.Join(root, path)
+						return flag + "=" + filepath.Join(inRoot, path)
 					}
-					return filepath.Join(root, path)
+					return filepath.Join(inRoot, path)
 				}
 			}
 		}
@@ -118,6 +133,17 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 	}
 	vars := map[string]string{}
 	var env []string
+	// As a kubelet: the API server's Service (default/kubernetes) first,
+	// the container's own variables after it.
+	if k.ServiceProxy {
+		if host, port, ok := k.apiService(ctx); ok {
+			for _, kv := range [][2]string{{"KUBERNETES_SERVICE_HOST", host}, {"KUBERNETES_SERVICE_PORT", port},
+				{"KUBERNETES_SERVICE_PORT_HTTPS", port}, {"KUBERNETES_PORT", "tcp://" + net.JoinHostPort(host, port)}} {
+				vars[kv[0]] = kv[1]
+				env = append(env, kv[0]+"="+kv[1])
+			}
+		}
+	}
 	for _, e := range c.Env {
 		// Paths are rewritten before expansion: an expanded $(VAR) is
 		// already rewritten.
@@ -135,8 +161,10 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 				v = pod.Spec.NodeName
 			case "spec.serviceAccountName":
 				v = pod.Spec.ServiceAccountName
+			case "metadata.uid":
+				v = string(pod.UID)
 			case "status.podIP":
-				v = p.IP.String()
+				v = pn.ip.String()
 			case "status.hostIP":
 				v = k.Node.IP.String()
 			default:
@@ -148,7 +176,11 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 	}
 	// The image's directory first: its other programs (an echo image's
 	// client) are what exec'd commands name.
-	env = append(env, "PATH="+filepath.Dir(bin)+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME="+dir, "HOSTNAME="+pod.Name)
+	home := dir
+	if inImage != "" {
+		home = "/" // dir may be hidden by a volume (/tmp)
+	}
+	env = append(env, "PATH="+filepath.Dir(bin)+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME="+home, "HOSTNAME="+pod.Name)
 	var args []string
 	if len(c.Command) > 1 {
 		args = append(args, c.Command[1:]...)
@@ -158,20 +190,35 @@ func (k *Kubelet) resolve(ctx context.Context, pod *corev1.Pod, p *netns.Pod, c 
 		args[i] = expand(repath(a), vars)
 	}
 	spec := &containerSpec{bin: bin, args: args, env: env}
-	if c.ReadinessProbe != nil && c.ReadinessProbe.HTTPGet != nil {
-		hg := c.ReadinessProbe.HTTPGet
-		port := hg.Port.IntValue()
-		if hg.Port.Type == intstr.String {
+	probePort := func(p intstr.IntOrString) (string, error) {
+		port := p.IntValue()
+		if p.Type == intstr.String {
 			for _, cp := range c.Ports {
-				if cp.Name == hg.Port.StrVal {
+				if cp.Name == p.StrVal {
 					port = int(cp.ContainerPort)
 				}
 			}
 		}
 		if port == 0 {
-			return nil, fmt.Errorf("readiness probe port %s: no such container port", hg.Port.String())
+			return "", fmt.Errorf("readiness probe port %s: no such container port", p.String())
 		}
-		spec.probeURL = "http://" + net.JoinHostPort(p.IP.String(), strconv.Itoa(port)) + hg.Path
+		return net.JoinHostPort(pn.ip.String(), strconv.Itoa(port)), nil
+	}
+	if rp := c.ReadinessProbe; rp != nil {
+		switch {
+		case rp.HTTPGet != nil:
+			addr, err := probePort(rp.HTTPGet.Port)
+			if err != nil {
+				return nil, err
+			}
+			spec.probeURL = "http://" + addr + rp.HTTPGet.Path
+		case rp.TCPSocket != nil:
+			addr, err := probePort(rp.TCPSocket.Port)
+			if err != nil {
+				return nil, err
+			}
+			spec.probeTCP = addr
+		}
 	}
 	return spec, nil
 }
@@ -208,6 +255,28 @@ func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Contain
 		}
 		switch {
 		case v.EmptyDir != nil:
+		case v.HostPath != nil:
+			// This node's view of the machine's path (HostPaths), the
+			// directory itself: not a copy.
+			hp := k.hostPath(v.HostPath.Path)
+			t := corev1.HostPathUnset
+			if v.HostPath.Type != nil {
+				t = *v.HostPath.Type
+			}
+			if t == corev1.HostPathDirectoryOrCreate || hp != v.HostPath.Path {
+				if err := os.MkdirAll(hp, 0o755); err != nil {
+					return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+				}
+			}
+			if _, err := os.Stat(hp); err != nil && t != corev1.HostPathUnset {
+				return nil, fmt.Errorf("volume %s: hostPath: %w", v.Name, err)
+			}
+			os.Remove(vd) // made above, unused
+			vd = hp
+		case v.Secret != nil:
+			if err := k.writeSecret(ctx, pod.Namespace, v.Secret.SecretName, v.Secret.Items, vd); err != nil {
+				return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+			}
 		case v.ConfigMap != nil:
 			if err := k.writeConfigMap(ctx, pod.Namespace, v.ConfigMap.Name, v.ConfigMap.Items, vd); err != nil {
 				return nil, fmt.Errorf("volume %s: %w", v.Name, err)
@@ -231,6 +300,10 @@ func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Contain
 					if err := k.writeConfigMap(ctx, pod.Namespace, src.ConfigMap.Name, src.ConfigMap.Items, vd); err != nil {
 						return nil, fmt.Errorf("volume %s: %w", v.Name, err)
 					}
+				case src.Secret != nil:
+					if err := k.writeSecret(ctx, pod.Namespace, src.Secret.Name, src.Secret.Items, vd); err != nil {
+						return nil, fmt.Errorf("volume %s: %w", v.Name, err)
+					}
 				case src.DownwardAPI != nil:
 					// The service-account admission's kube-api-access
 					// volume projects the namespace.
@@ -249,11 +322,11 @@ func (k *Kubelet) volumes(ctx context.Context, pod *corev1.Pod, c corev1.Contain
 						}
 					}
 				default:
-					return nil, fmt.Errorf("volume %s: only serviceAccountToken, configMap and downwardAPI projections are supported", v.Name)
+					return nil, fmt.Errorf("volume %s: only serviceAccountToken, configMap, secret and downwardAPI projections are supported", v.Name)
 				}
 			}
 		default:
-			return nil, fmt.Errorf("volume %s: only emptyDir, configMap and projected volumes are supported", v.Name)
+			return nil, fmt.Errorf("volume %s: only emptyDir, hostPath, configMap, secret and projected volumes are supported", v.Name)
 		}
 		out[m.MountPath] = vd
 	}
@@ -284,6 +357,45 @@ func (k *Kubelet) requestToken(ctx context.Context, pod *corev1.Pod, audience st
 	return resp.Status.Token, nil
 }
 
+func (k *Kubelet) writeSecret(ctx context.Context, ns, name string, items []corev1.KeyToPath, dir string) error {
+	sec, err := k.Client.CoreV1().Secrets(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return fmt.Errorf("secret %s/%s: %w", ns, name, err)
+	}
+	if len(items) == 0 {
+		for key := range sec.Data {
+			items = append(items, corev1.KeyToPath{Key: key, Path: key})
+		}
+	}
+	for _, it := range items {
+		v, ok := sec.Data[it.Key]
+		if !ok {
+			return fmt.Errorf("secret %s/%s has no key %s", ns, name, it.Key)
+		}
+		if err := os.MkdirAll(filepath.Dir(filepath.Join(dir, it.Path)), 0o700); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(dir, it.Path), v, 0o600); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// hostPath is this node's view of the machine's path (Kubelet.HostPaths).
+func (k *Kubelet) hostPath(path string) string {
+	best := ""
+	for from := range k.HostPaths {
+		if (path == from || strings.HasPrefix(path, from+"/")) && len(from) > len(best) {
+			best = from
+		}
+	}
+	if best == "" {
+		return path
+	}
+	return k.HostPaths[best] + path[len(best):]
+}
+
 func (k *Kubelet) writeConfigMap(ctx context.Context, ns, name string, items []corev1.KeyToPath, dir string) error {
 	cm, err := k.Client.CoreV1().ConfigMaps(ns).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
@@ -309,7 +421,7 @@ func (k *Kubelet) writeConfigMap(ctx context.Context, ns, name string, items []c
 // startProc supervises spec in p's namespace: it runs it, waits for its
 // readiness probe (if any) and publishes Ready, publishes not Ready when it
 // exits, and starts it again after RestartDelay, until stop.
-func (k *Kubelet) startProc(pod *corev1.Pod, p *netns.Pod, name string, spec *containerSpec, dir string, log *slog.Logger) *proc {
+func (k *Kubelet) startProc(pod *corev1.Pod, p podNet, name string, spec *containerSpec, dir string, log *slog.Logger) *proc {
 	pr := &proc{name: name, log: filepath.Join(dir, name+".log"), stopCh: make(chan struct{}), done: make(chan struct{})}
 	delay := k.RestartDelay
 	if delay <= 0 {
@@ -323,13 +435,13 @@ func (k *Kubelet) startProc(pod *corev1.Pod, p *netns.Pod, name string, spec *co
 	go func() {
 		defer close(pr.done)
 		for restarts := 0; ; restarts++ {
-			exited, err := pr.run(p, spec)
+			exited, err := pr.run(p.ns, spec)
 			if err != nil {
 				log.Error("container start", "container", name, "err", err)
 			} else {
 				log.Info("container started", "container", name, "restarts", restarts)
-				if k.waitProbe(ctx, spec.probeURL, exited) {
-					if err := k.setStatus(ctx, pod, p.IP.String(), true); err != nil {
+				if k.waitProbe(ctx, spec, exited) {
+					if err := k.setStatus(ctx, pod, p.ip.String(), true); err != nil {
 						log.Error("pod status", "container", name, "err", err)
 					}
 				}
@@ -343,7 +455,7 @@ func (k *Kubelet) startProc(pod *corev1.Pod, p *netns.Pod, name string, spec *co
 			if ctx.Err() != nil {
 				return
 			}
-			if err := k.setStatus(ctx, pod, p.IP.String(), false); err != nil && ctx.Err() == nil {
+			if err := k.setStatus(ctx, pod, p.ip.String(), false); err != nil && ctx.Err() == nil {
 				log.Error("pod status", "container", name, "err", err)
 			}
 			select {
@@ -357,7 +469,7 @@ func (k *Kubelet) startProc(pod *corev1.Pod, p *netns.Pod, name string, spec *co
 }
 
 // run starts one run of the process; exited closes when it ends.
-func (pr *proc) run(p *netns.Pod, spec *containerSpec) (<-chan struct{}, error) {
+func (pr *proc) run(netNS *netns.NS, spec *containerSpec) (<-chan struct{}, error) {
 	pr.mu.Lock()
 	defer pr.mu.Unlock()
 	if pr.stopped {
@@ -367,7 +479,7 @@ func (pr *proc) run(p *netns.Pod, spec *containerSpec) (<-chan struct{}, error) 
 	if err != nil {
 		return nil, err
 	}
-	ns := []string{"--net=" + p.NS.Path()}
+	ns := []string{"--net=" + netNS.Path()}
 	if spec.uts != "" {
 		ns = append(ns, "--uts="+spec.uts)
 	}
@@ -431,11 +543,12 @@ func (pr *proc) stop(grace time.Duration) {
 	<-pr.done
 }
 
-// waitProbe polls the readiness probe (from the node, as a kubelet does)
-// until it passes (true), the run exits or ctx ends (false). No probe:
-// ready at once.
-func (k *Kubelet) waitProbe(ctx context.Context, url string, exited <-chan struct{}) bool {
-	if url == "" {
+// waitProbe polls the readiness probe (from the node, as a kubelet does:
+// an HTTP GET or a TCP connect) until it passes (true), the run exits or ctx
+// ends (false). No probe: ready at once.
+func (k *Kubelet) waitProbe(ctx context.Context, spec *containerSpec, exited <-chan struct{}) bool {
+	url := spec.probeURL
+	if url == "" && spec.probeTCP == "" {
 		return true
 	}
 	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
@@ -445,9 +558,19 @@ func (k *Kubelet) waitProbe(ctx context.Context, url string, exited <-chan struc
 		DisableKeepAlives: true,
 	}}
 	for {
-		if resp, err := client.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode >= 200 && resp.StatusCode < 400 {
+		if url != "" {
+			if resp, err := client.Get(url); err == nil {
+				resp.Body.Close()
+				if resp.StatusCode >= 200 && resp.StatusCode < 400 {
+					return true
+				}
+			}
+		} else {
+			dctx, cancel := context.WithTimeout(ctx, time.Second)
+			c, err := k.Node.NS.Dial(dctx, nil, "tcp", spec.probeTCP)
+			cancel()
+			if err == nil {
+				c.Close()
 				return true
 			}
 		}

@@ -15,7 +15,18 @@
 // A pod's start follows a CNI's order: its network and address exist and are
 // published (podIP, not yet Ready) before Prepare runs and before its
 // workload starts, so a mesh can capture it before its first packet. Pods
-// with hostNetwork (ztunnel) get the node's address and run nothing. With
+// with hostNetwork (ztunnel) get the node's address and run nothing, unless
+// RunHostNetwork: then their mapped images run in the node's namespace.
+//
+// By default a mapped image's volume paths are rewritten in its arguments
+// and env. With MountVolumes a pod gets a mount namespace instead, where the
+// volumes (emptyDir, configMap, secret, projected token/configMap/secret/
+// downward API, hostPath seen through HostPaths) are bind-mounted at their
+// mountPaths, so manifests run unchanged (in-cluster clients find
+// /var/run/secrets/kubernetes.io/serviceaccount). ServiceProxy stands in
+// for kube-proxy: cluster IPs answer on every node and relay to ready
+// endpoints, default/kubernetes to the API server, and containers get
+// KUBERNETES_SERVICE_HOST/PORT. With
 // PodHostnames every other pod also gets a UTS namespace of its own whose
 // host name is the pod's name, which its processes (and exec'd commands)
 // share.
@@ -36,6 +47,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -120,6 +132,37 @@ type Kubelet struct {
 	// kubelet's search path) and /etc/hosts the pod.
 	ClusterDNS bool
 
+	// MountVolumes gives every pod that runs a container from Images
+	// (hostNetwork ones too) a mount namespace of its own, as a container
+	// runtime does: each container's volumes are bind-mounted at their
+	// mountPaths and the programs see the paths the manifest names (no
+	// rewriting). The image's directory is mounted there too, under
+	// /run/ambit-mnt/.image. Mount points missing on the machine are created
+	// there as empty directories (a mount namespace isolates mounts, not
+	// files); a volume may not be mounted at /, /run or /var/run.
+	MountVolumes bool
+	// HostPaths is this node's view of the machine's files: a hostPath
+	// volume at or under a key is this directory (created if missing)
+	// instead. The nodes share one kernel and one file system: e.g.
+	// /sys/fs/bpf -> a per-node directory of the bpffs, so that each node's
+	// ztunnel pins its own capture. Other hostPaths are the machine's.
+	HostPaths map[string]string
+	// RunHostNetwork runs hostNetwork pods' containers of Images as
+	// processes in the node's network namespace (a DaemonSet's ztunnel).
+	// Off, hostNetwork pods run nothing.
+	RunHostNetwork bool
+	// ServiceProxy is kube-proxy (userspace mode) on this node: every
+	// Service's cluster IP is an address of the node, where a relay takes
+	// TCP connections to one of its ready endpoints, the API server's
+	// included (default/kubernetes: APIServer). Containers get
+	// KUBERNETES_SERVICE_HOST and _PORT (the cluster IP of
+	// default/kubernetes) as a kubelet injects them.
+	ServiceProxy bool
+	// APIServer is the API server's host:port, dialled from the
+	// kubelet's own network namespace, where default/kubernetes leads
+	// (default: the host of Client's REST config).
+	APIServer string
+
 	nodeUID types.UID // the registered Node's; set before the pod loop starts
 	apiPort int       // the kubelet API's port (0 without TLS); set before the pod loop starts
 
@@ -135,7 +178,8 @@ type running struct {
 	specs      map[string]*containerSpec // image-run containers, by name
 	net        *netns.Pod                // nil for hostNetwork pods
 	uts        string                    // the pinned UTS namespace, "" unless PodHostnames
-	mnt        string                    // the pinned mount namespace, "" unless ClusterDNS
+	mnt        string                    // the pinned mount namespace, "" unless ClusterDNS or MountVolumes
+	images     bool                      // mnt holds the volumes and images (MountVolumes)
 	logs       []*os.File                // in-process workloads' container logs
 	servers    []*app.Server
 	https      []*app.HTTP
@@ -200,6 +244,13 @@ func (k *Kubelet) Start(ctx context.Context) error {
 	if k.ClusterDNS {
 		bg.Add(1)
 		if err := k.startDNS(bgCtx, log, bg.Done); err != nil {
+			bg.Done()
+			return err
+		}
+	}
+	if k.ServiceProxy {
+		bg.Add(1)
+		if err := k.startProxy(bgCtx, log, bg.Done); err != nil {
 			bg.Done()
 			return err
 		}
@@ -288,7 +339,9 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	if r != nil {
 		return nil
 	}
-	if pod.Spec.HostNetwork {
+	images := slices.ContainsFunc(pod.Spec.Containers, func(c corev1.Container) bool { _, ok := k.Images[c.Image]; return ok })
+	hostNet := pod.Spec.HostNetwork
+	if hostNet && (!k.RunHostNetwork || !images) {
 		k.mu.Lock()
 		k.pods[key] = newRunning(pod)
 		k.mu.Unlock()
@@ -301,58 +354,83 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
+	vols := map[string]map[string]string{} // container -> mountPath -> directory
 	for _, c := range pod.Spec.Containers {
 		if _, ok := k.Images[c.Image]; ok {
-			if _, err := k.volumes(ctx, pod, c, dir); err != nil {
+			v, err := k.volumes(ctx, pod, c, dir)
+			if err != nil {
 				return fmt.Errorf("container %s: %w", c.Name, err)
 			}
+			vols[c.Name] = v
 		}
 	}
-	p, err := k.Node.AddPod(pod.Namespace + "." + pod.Name)
-	if err != nil {
-		return err
-	}
 	r = newRunning(pod)
-	r.net = p
-	if k.PodHostnames {
-		r.uts = filepath.Join(utsDir, p.NS.Name)
+	var pn podNet
+	nsName := k.Node.NS.Name + "-" + pod.Namespace + "." + pod.Name
+	if hostNet {
+		pn = podNet{ns: k.Node.NS, ip: k.Node.IP}
+	} else {
+		p, err := k.Node.AddPod(pod.Namespace + "." + pod.Name)
+		if err != nil {
+			return err
+		}
+		r.net = p
+		pn = podNet{ns: p.NS, ip: p.IP}
+		nsName = p.NS.Name
+	}
+	if k.PodHostnames && !hostNet {
+		r.uts = filepath.Join(utsDir, nsName)
 		if err := newUTS(r.uts, pod.Name); err != nil {
 			r.uts = ""
 			k.teardown(r)
 			return err
 		}
 	}
-	if k.ClusterDNS {
-		r.mnt = filepath.Join(mntDir, p.NS.Name)
-		if err := k.newMountNS(r.mnt, dir, pod, p.IP); err != nil {
+	mountVolumes := k.MountVolumes && images
+	if k.ClusterDNS || mountVolumes {
+		r.mnt = filepath.Join(mntDir, nsName)
+		var binds []bindMount
+		if mountVolumes {
+			binds = k.podBinds(pod, r.mnt, vols)
+		}
+		if err := k.newMountNS(r.mnt, dir, pod, pn.ip, binds); err != nil {
 			r.mnt = ""
 			k.teardown(r)
 			return err
 		}
+		r.images = mountVolumes
 	}
-	if err := k.setStatus(ctx, pod, p.IP.String(), false); err != nil {
+	if err := k.setStatus(ctx, pod, pn.ip.String(), false); err != nil {
 		k.teardown(r)
 		return err
 	}
-	if k.Prepare != nil {
-		if err := k.Prepare(ctx, pod, p); err != nil {
+	if k.Prepare != nil && r.net != nil {
+		if err := k.Prepare(ctx, pod, r.net); err != nil {
 			k.teardown(r)
 			return fmt.Errorf("prepare: %w", err)
 		}
 	}
+	p := r.net
 	ran := false
 	for _, c := range pod.Spec.Containers {
 		if _, ok := k.Images[c.Image]; ok {
-			spec, err := k.resolve(ctx, pod, p, c, dir)
+			inImage := ""
+			if r.images {
+				inImage = imageDir(r.mnt, c.Name)
+			}
+			spec, err := k.resolve(ctx, pod, pn, c, dir, inImage)
 			if err != nil {
 				k.teardown(r)
 				return fmt.Errorf("container %s: %w", c.Name, err)
 			}
 			spec.uts, spec.mnt = r.uts, r.mnt
 			r.specs[c.Name] = spec
-			r.procs = append(r.procs, k.startProc(pod, p, pod.Namespace+"."+pod.Name+"."+c.Name, spec, dir, log))
+			r.procs = append(r.procs, k.startProc(pod, pn, pod.Namespace+"."+pod.Name+"."+c.Name, spec, dir, log))
 			ran = true
 			continue
+		}
+		if hostNet {
+			continue // the node's own processes: nothing of the harness's to run
 		}
 		h, err := app.HTTPFromAnnotations(pod.Name, pod.Annotations)
 		if err != nil {
@@ -401,14 +479,44 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 	k.pods[key] = r
 	k.mu.Unlock()
 	if ran {
-		log.Info("pod started; ready when its probe passes", "pod", key, "ip", p.IP.String())
+		log.Info("pod started; ready when its probe passes", "pod", key, "ip", pn.ip.String())
 		return nil // the process supervisor publishes readiness
 	}
-	if err := k.setStatus(ctx, pod, p.IP.String(), true); err != nil {
+	if err := k.setStatus(ctx, pod, pn.ip.String(), true); err != nil {
 		return err
 	}
-	log.Info("pod running", "pod", key, "ip", p.IP.String())
+	log.Info("pod running", "pod", key, "ip", pn.ip.String())
 	return nil
+}
+
+// podNet is where a pod's processes run: its network namespace and
+// address (a hostNetwork pod's: the node's).
+type podNet struct {
+	ns *netns.NS
+	ip netip.Addr
+}
+
+// podBinds are the bind mounts of pod's mount namespace (pinned at mnt):
+// each image-run container's volumes at their mountPaths and its image's
+// directory at imageDir.
+func (k *Kubelet) podBinds(pod *corev1.Pod, mnt string, vols map[string]map[string]string) []bindMount {
+	var binds []bindMount
+	for _, c := range pod.Spec.Containers {
+		bin, ok := k.Images[c.Image]
+		if !ok {
+			continue
+		}
+		if st, err := os.Stat(bin); err == nil && !st.IsDir() {
+			bin = filepath.Dir(bin)
+		}
+		binds = append(binds, bindMount{src: bin, dst: imageDir(mnt, c.Name), readOnly: true})
+		for _, m := range c.VolumeMounts {
+			if src, ok := vols[c.Name][m.MountPath]; ok {
+				binds = append(binds, bindMount{src: src, dst: m.MountPath, readOnly: m.ReadOnly})
+			}
+		}
+	}
+	return binds
 }
 
 // setStatus publishes the pod's address, Running, and its readiness.
@@ -545,6 +653,9 @@ func (k *Kubelet) teardownGrace(r *running, grace time.Duration) {
 	}
 	if r.mnt != "" {
 		removeMountNS(r.mnt)
+		if r.images {
+			removeImageDirs(r.mnt)
+		}
 	}
 	if r.net != nil {
 		k.Node.RemovePod(r.net)
