@@ -145,7 +145,8 @@ static __always_inline void count(__u32 s) {
 }
 
 struct tcp4 {
-	__u8 tcp;      // the rest is valid only for TCP
+	__u8 tcp;      // the rest is valid only for TCP, but for udp and dport
+	__u8 udp;      // UDP with its header (IPv4 or IPv6); dport is valid
 	__u32 ihl;     // IP header length in bytes
 	__u32 saddr;   // network byte order
 	__u32 daddr;   // network byte order
@@ -171,14 +172,22 @@ enum {
 #define MAX_EXT 8
 
 // ip6_allowed reports whether an IPv6 packet whose first next-header value is
-// nexthdr, with its extension headers from off, carries ICMPv6 or UDP.
-static __always_inline int ip6_allowed(struct __sk_buff *skb, __u32 off, __u8 nexthdr) {
+// nexthdr, with its extension headers from off, carries ICMPv6 or UDP. For
+// UDP it sets t->udp and t->dport.
+static __always_inline int ip6_allowed(struct __sk_buff *skb, __u32 off, __u8 nexthdr, struct tcp4 *t) {
 #pragma unroll
 	for (int i = 0; i < MAX_EXT; i++) {
 		switch (nexthdr) {
 		case IPPROTO_ICMPV6:
-		case IPPROTO_UDP:
 			return 1;
+		case IPPROTO_UDP: {
+			__u16 ports[2];
+			if (!bpf_skb_load_bytes(skb, off, ports, sizeof(ports))) {
+				t->udp = 1;
+				t->dport = ports[1];
+			}
+			return 1;
+		}
 		case IPPROTO_HOPOPTS:
 		case IPPROTO_ROUTING:
 		case IPPROTO_DSTOPTS: {
@@ -221,7 +230,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return P_IP6;
-		return ip6_allowed(skb, ETH_HLEN + sizeof(*ip6), ip6->nexthdr) ? P_PASS : P_IP6;
+		return ip6_allowed(skb, ETH_HLEN + sizeof(*ip6), ip6->nexthdr, t) ? P_PASS : P_IP6;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return P_FOREIGN;
@@ -230,6 +239,13 @@ static __always_inline int parse(struct __sk_buff *skb, struct tcp4 *t) {
 		return P_FOREIGN;
 	t->saddr = ip->saddr;
 	t->daddr = ip->daddr;
+	if (ip->protocol == IPPROTO_UDP && !(ip->frag_off & bpf_htons(0x1fff))) {
+		__u16 ports[2];
+		if (!bpf_skb_load_bytes(skb, ETH_HLEN + ip->ihl * 4, ports, sizeof(ports))) {
+			t->udp = 1;
+			t->dport = ports[1];
+		}
+	}
 	if (ip->protocol != IPPROTO_TCP)
 		return P_IP4;
 	if (ip->frag_off & bpf_htons(0x3fff)) // more fragments, or an offset
@@ -530,8 +546,15 @@ int pod_egress(struct __sk_buff *skb) {
 	int r = pod_parse(skb, &t);
 	if (r < 0)
 		return drop();
-	if (r == P_PASS || !t.tcp)
+	if (r == P_PASS || !t.tcp) {
+		// UDP to port 15008 is HBONE over QUIC, ztunnel's: the uplink
+		// gives it to ztunnel's socket (udp_to_hbone). What comes another
+		// way (this node's pods and processes, IPv6) reaches no enrolled
+		// pod, as TCP to 15008 reaches only ztunnel.
+		if (t.udp && t.dport == bpf_htons(hbone_port))
+			return drop();
 		return TCX_NEXT;
+	}
 	// The node's own packets carry their socket or were not received on any
 	// interface. ztunnel's (bypass_mark from a socket of ztunnel_cgroups:
 	// its deliveries, the connections it accepted) and kubelet's probes go to the pod as they are, except HBONE:

@@ -1,6 +1,7 @@
 package bpf
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -142,5 +143,83 @@ func TestUDPHBONEWithoutZtunnelSocket(t *testing.T) {
 	}
 	if m, _, _, got := recv(b1Own, 500*time.Millisecond); got {
 		t.Errorf("b1's own socket on 15008 got %q without ztunnel", m)
+	}
+}
+
+// TestUDPHBONENotFromUplinkIsDropped: UDP to an enrolled pod's port 15008
+// reaches ztunnel only from another node's IPv4 uplink (udp_to_hbone). What
+// comes another way reaches no enrolled pod: from a pod or a process of the
+// same node, and over IPv6 from anywhere. Other UDP ports still pass (the
+// controls, sent on the same paths).
+func TestUDPHBONENotFromUplinkIsDropped(t *testing.T) {
+	e := newEnv(t, "a1")
+	n1, a1, a2, b2 := e.topo.Node("n1"), e.pod("a1"), e.pod("a2"), e.pod("b2")
+	a1Own := udpSocket(t, a1.NS, ":15008", false)
+	a1Other := udpSocket(t, a1.NS, ":9999", false)
+	fromPod := udpSocket(t, a2.NS, ":0", false)
+	fromHost := udpSocket(t, n1.NS, ":0", false)
+
+	for _, c := range []struct {
+		name string
+		from *ipv4.PacketConn
+	}{{"pod a2 of the same node", fromPod}, {"a process of the node", fromHost}} {
+		// The control first: it proves the path works (and fills the
+		// neighbour cache).
+		ok := false
+		for i := 0; i < 20 && !ok; i++ {
+			c.from.WriteTo([]byte("control"), nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(a1.IP, 9999)))
+			_, _, _, ok = recv(a1Other, 200*time.Millisecond)
+		}
+		if !ok {
+			t.Fatalf("%s: no UDP reaches a1:9999; the test proves nothing", c.name)
+		}
+		for range 5 {
+			c.from.WriteTo([]byte("hbone-quic"), nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(a1.IP, 15008)))
+		}
+		if m, _, _, got := recv(a1Own, 500*time.Millisecond); got {
+			t.Errorf("%s: enrolled a1's own socket on 15008 got %q", c.name, m)
+		}
+	}
+
+	// IPv6, from another node.
+	addr6 := setupIPv6(t, e, a1, b2)
+	listen6 := func(port int) net.PacketConn {
+		var pc net.PacketConn
+		if err := a1.NS.Do(func() (err error) {
+			pc, err = net.ListenPacket("udp6", fmt.Sprintf("[%s]:%d", addr6[a1], port))
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { pc.Close() })
+		return pc
+	}
+	own6, other6 := listen6(15008), listen6(9999)
+	var from6 net.PacketConn
+	if err := b2.NS.Do(func() (err error) {
+		from6, err = net.ListenPacket("udp6", fmt.Sprintf("[%s]:0", addr6[b2]))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer from6.Close()
+	got6 := func(pc net.PacketConn, wait time.Duration) bool {
+		pc.SetReadDeadline(time.Now().Add(wait))
+		_, _, err := pc.ReadFrom(make([]byte, 64))
+		return err == nil
+	}
+	ok := false
+	for i := 0; i < 20 && !ok; i++ {
+		from6.WriteTo([]byte("control"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr6[a1], 9999)))
+		ok = got6(other6, 200*time.Millisecond)
+	}
+	if !ok {
+		t.Fatal("IPv6: no UDP reaches a1:9999; the test proves nothing")
+	}
+	for range 5 {
+		from6.WriteTo([]byte("hbone-quic"), net.UDPAddrFromAddrPort(netip.AddrPortFrom(addr6[a1], 15008)))
+	}
+	if got6(own6, 500*time.Millisecond) {
+		t.Error("IPv6: enrolled a1's own socket on 15008 got a datagram")
 	}
 }
