@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/ambit-mesh/ambit/hbone"
+	"github.com/ambit-mesh/ambit/hbone/h3"
 	"github.com/ambit-mesh/ambit/telemetry"
 )
 
@@ -52,6 +53,11 @@ type Config struct {
 	MaxRequestBodyBytes int64
 	// ReadHeaderTimeout bounds reading a request's headers (default 10s).
 	ReadHeaderTimeout time.Duration
+	// QUIC also serves HBONE over HTTP/3 (package hbone/h3) on UDP at the
+	// HBONE address (Start; Serve takes Listeners.QUIC), with the same
+	// identity, caller checks, requests and drain as over HTTP/2 (quic.go).
+	// Off by default.
+	QUIC bool
 	// Logger receives operational logs; AccessLog one line per request
 	// (nil: discard).
 	Logger, AccessLog *slog.Logger
@@ -68,6 +74,7 @@ type Proxy struct {
 	m       *metrics
 	conns   telemetry.Tracker // tcp_proxy streams: the open-connection table and istio_tcp_*
 	server  *hbone.Server
+	quic    *h3.Server // HBONE over HTTP/3: served only on Listeners.QUIC
 
 	snap atomic.Pointer[snapshot] // the config every new request uses
 
@@ -117,6 +124,7 @@ func New(cfg Config) (*Proxy, error) {
 		Handler:       hbone.HandlerFunc(p.serveHBONE),
 		Logger:        cfg.Logger,
 	}
+	p.quic = p.newQUICServer()
 	return p, nil
 }
 
@@ -197,6 +205,8 @@ func (p *Proxy) Apply(rs []Resource) error {
 // Listeners are what Serve serves on; nil ones are not served.
 type Listeners struct {
 	HBONE, Admin, Metrics, Ready net.Listener
+	// QUIC is the UDP socket of HBONE over HTTP/3; Serve closes it.
+	QUIC net.PacketConn
 }
 
 // Start listens on the configured addresses and serves until ctx ends,
@@ -223,6 +233,9 @@ func (p *Proxy) Start(ctx context.Context) error {
 	ls.Admin = listen(addr(p.cfg.AdminAddr, "127.0.0.1:15000"))
 	ls.Metrics = listen(addr(p.cfg.MetricsAddr, ":15020"))
 	ls.Ready = listen(addr(p.cfg.ReadyAddr, ":15021"))
+	if err == nil && p.cfg.QUIC {
+		ls.HBONE, ls.QUIC, err = listenQUIC(ls.HBONE, addr(p.cfg.HBONEAddr, ":15008"))
+	}
 	if err != nil {
 		for _, ln := range []net.Listener{ls.HBONE, ls.Admin, ls.Metrics, ls.Ready} {
 			if ln != nil {
@@ -268,6 +281,9 @@ func (p *Proxy) Serve(ctx context.Context, ls Listeners) error {
 			return nil
 		})
 	}
+	if ls.QUIC != nil {
+		g.Go(func() error { return p.serveQUIC(ls.QUIC) })
+	}
 	g.Go(func() error {
 		<-gctx.Done()
 		p.drain()
@@ -311,6 +327,8 @@ func (p *Proxy) drain() {
 		wg.Add(1)
 		go func() { defer wg.Done(); hs.Shutdown(ctx) }()
 	}
+	wg.Add(1)
+	go func() { defer wg.Done(); p.shutdownQUIC(ctx) }()
 	p.server.Shutdown(ctx)
 	wg.Wait()
 }
@@ -329,6 +347,7 @@ func (p *Proxy) Close() error {
 			hs.Close()
 		}
 		p.server.Close()
+		p.quic.Close()
 		p.mu.Lock()
 		stop := p.bgStop
 		p.mu.Unlock()
