@@ -90,6 +90,7 @@ Usage: waypoint [flags]
 	fs.StringVar(&o.proxy.HBONEAddr, "hbone-addr", fmt.Sprintf(":%d", model.PortHBONE), "HBONE listener")
 	fs.StringVar(&o.proxy.AdminAddr, "admin-addr", fmt.Sprintf("127.0.0.1:%d", model.PortAdmin), "admin listener; keep it on localhost")
 	fs.StringVar(&o.proxy.MetricsAddr, "metrics-addr", fmt.Sprintf(":%d", model.PortMetrics), "Prometheus metrics listener")
+	fs.BoolVar(&o.proxy.QUIC, "hbone-quic", os.Getenv("AMBIT_HBONE_QUIC") == "true", "HBONE over HTTP/3 (QUIC): also serve it on UDP at --hbone-addr, with the same identity, policy and drain as HTTP/2; ztunnels use it where the waypoint's pod advertises it (label ambit.dev/hbone-quic=enabled) ($AMBIT_HBONE_QUIC=true)")
 	fs.StringVar(&o.proxy.ReadyAddr, "ready-addr", fmt.Sprintf(":%d", model.PortReady), "readiness listener, /healthz/ready")
 	fs.DurationVar(&o.proxy.DrainDuration, "drain-duration", envDuration("TERMINATION_DRAIN_DURATION", 5*time.Second),
 		"after SIGTERM: how long the waypoint fails readiness but keeps accepting, telling clients to reconnect, before it stops accepting (Istio's terminationDrainDuration) ($TERMINATION_DRAIN_DURATION)")
