@@ -1,12 +1,15 @@
 // Package monitoring holds istiod-lite's Prometheus metrics, named as
 // Istio's istiod names them where one exists (pilot_xds,
 // pilot_xds_pushes, pilot_total_xds_rejects, pilot_xds_send_time,
-// citadel_server_*), plus the refusals of 15012's admission
-// (istiod-lite/gate). The xDS server, the certificate service and the gate
-// take a *Metrics; every method is a no-op on a nil *Metrics.
+// pilot_xds_push_time, pilot_proxy_convergence_time,
+// pilot_xds_config_size_bytes, pilot_push_triggers, citadel_server_*,
+// istio_build), plus the refusals of 15012's admission (istiod-lite/gate).
+// The xDS server, the certificate service and the gate take a *Metrics;
+// every method is a no-op on a nil *Metrics.
 package monitoring
 
 import (
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -23,6 +26,10 @@ type Metrics struct {
 	pushes     *prometheus.CounterVec   // pilot_xds_pushes{type}
 	rejects    *prometheus.CounterVec   // pilot_total_xds_rejects{type}
 	sendTime   *prometheus.HistogramVec // pilot_xds_send_time{type}
+	pushTime   *prometheus.HistogramVec // pilot_xds_push_time{type}
+	converge   prometheus.Histogram     // pilot_proxy_convergence_time
+	configSize *prometheus.HistogramVec // pilot_xds_config_size_bytes{type}
+	triggers   *prometheus.CounterVec   // pilot_push_triggers{type}
 	csrs       prometheus.Counter
 	issued     prometheus.Counter
 	parseErrs  prometheus.Counter
@@ -55,6 +62,18 @@ func New() *Metrics {
 		sendTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "pilot_xds_send_time",
 			Help:    "Total time in seconds Pilot takes to send generated configuration, by type.",
 			Buckets: []float64{.001, .005, .01, .05, .1, .5, 1, 5, 10, 30}}, []string{"type"}),
+		// Istio's buckets for the three below.
+		pushTime: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "pilot_xds_push_time",
+			Help:    "Total time in seconds Pilot takes to push lds, rds, cds and eds: from the start of building a push to its response sent, by type.",
+			Buckets: []float64{.01, .1, 1, 3, 5, 10, 20, 30}}, []string{"type"}),
+		converge: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "pilot_proxy_convergence_time",
+			Help:    "Delay in seconds between config change and a proxy receiving all required configuration.",
+			Buckets: []float64{.1, .5, 1, 3, 5, 10, 20, 30}}),
+		configSize: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "pilot_xds_config_size_bytes",
+			Help:    "Distribution of configuration sizes pushed to clients, by type.",
+			Buckets: []float64{1, 10000, 1000000, 4000000, 10000000, 40000000}}, []string{"type"}),
+		triggers: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "pilot_push_triggers",
+			Help: "Total number of times a push was triggered, labeled by reason for the push (endpoint, service, config)."}, []string{"type"}),
 		csrs: prometheus.NewCounter(prometheus.CounterOpts{Name: "citadel_server_csr_count",
 			Help: "The number of CSRs received by Citadel server."}),
 		issued: prometheus.NewCounter(prometheus.CounterOpts{Name: "citadel_server_success_cert_issue_count",
@@ -68,10 +87,19 @@ func New() *Metrics {
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "ambit_gate_refusals_total",
 			Help: "Connections and calls refused by the admission of 15012 before they reached a service, by reason."}, []string{"reason"}),
 	}
-	m.Registry.MustRegister(m.xdsClients, m.pushes, m.rejects, m.sendTime, m.csrs, m.issued, m.parseErrs, m.signErrs, m.authnFails, m.refused,
+	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build",
+		Help: "Istio component build info (component pilot: istiod-lite; tag: the module version it was built as)."}, []string{"component", "tag"})
+	build.WithLabelValues("pilot", buildTag()).Set(1)
+	m.Registry.MustRegister(m.xdsClients, m.pushes, m.rejects, m.sendTime, m.pushTime, m.converge, m.configSize, m.triggers, build, m.csrs, m.issued, m.parseErrs, m.signErrs, m.authnFails, m.refused,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{RefusedConnections, RefusedConnectionsPerSource, RefusedCallRate, RefusedUnauthenticated, RefusedTokenCheck, RefusedRequestTooLarge} {
 		m.refused.WithLabelValues(r) // present at 0
+	}
+	for _, r := range []string{TriggerEndpoint, TriggerService, TriggerConfig} {
+		m.triggers.WithLabelValues(r) // present at 0
+	}
+	for _, t := range []string{"wds", "svc", "wads", "pads", "cds", "eds", "lds", "rds"} {
+		m.rejects.WithLabelValues(t) // present at 0: a dashboard shows "none", not "no data"
 	}
 	return m
 }
@@ -111,6 +139,41 @@ func (m *Metrics) XDSSent(typeURL string, d time.Duration, err error) {
 	}
 	m.pushes.WithLabelValues(t).Inc()
 	m.sendTime.WithLabelValues(t).Observe(d.Seconds())
+}
+
+// XDSPushed records a push response of typeURL sent took since the push
+// began to be built (pilot_xds_push_time), and its size in bytes
+// (pilot_xds_config_size_bytes).
+func (m *Metrics) XDSPushed(typeURL string, took time.Duration, size int) {
+	if m == nil {
+		return
+	}
+	t := ShortType(typeURL)
+	m.pushTime.WithLabelValues(t).Observe(took.Seconds())
+	m.configSize.WithLabelValues(t).Observe(float64(size))
+}
+
+// ProxyConverged records that a proxy has been sent everything a config
+// change required, took after the change (pilot_proxy_convergence_time).
+func (m *Metrics) ProxyConverged(took time.Duration) {
+	if m != nil {
+		m.converge.Observe(took.Seconds())
+	}
+}
+
+// Reasons a push is triggered (pilot_push_triggers' type label).
+const (
+	TriggerEndpoint = "endpoint" // workloads (pods, entries) changed
+	TriggerService  = "service"  // services changed
+	TriggerConfig   = "config"   // policies, routes, destination rules, waypoints changed
+)
+
+// PushTriggered counts a push triggered by reason (one of the Trigger*
+// constants).
+func (m *Metrics) PushTriggered(reason string) {
+	if m != nil {
+		m.triggers.WithLabelValues(reason).Inc()
+	}
 }
 
 // XDSRejected counts a NACK of typeURL.
@@ -189,4 +252,13 @@ func (m *Metrics) Refused(reason string) {
 	if m != nil {
 		m.refused.WithLabelValues(reason).Inc()
 	}
+}
+
+// buildTag is the main module's version from the build info ("(devel)"
+// for a build of a work tree), "unknown" without build info.
+func buildTag() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "unknown"
 }

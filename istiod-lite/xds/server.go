@@ -78,6 +78,7 @@ type Server struct {
 	workloads *workloadGen
 	waypoints *waypointGen
 	status    *statusTable
+	clock     *pushClock
 	xds       delta.Server
 	ctx       context.Context // ends the xDS streams when Start returns
 	cancel    context.CancelFunc
@@ -95,14 +96,15 @@ func New(store *model.Store, log *slog.Logger) *Server {
 	// The streams' context is the server's lifetime: Start cancels it when it
 	// returns (its ctx is not known yet when Register is called).
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Server{store: store, log: log, status: &statusTable{streams: map[int64]*StreamStatus{}, now: time.Now}, ctx: ctx, cancel: cancel}
-	s.workloads = &workloadGen{store: store, log: log, cache: newDeltaCache(ctx)}
+	s := &Server{store: store, log: log, status: &statusTable{streams: map[int64]*StreamStatus{}, now: time.Now}, ctx: ctx, cancel: cancel, clock: newPushClock()}
+	s.workloads = &workloadGen{store: store, log: log, cache: newDeltaCache(ctx), clock: s.clock}
 	s.waypoints = newWaypointGen(store, log, func(m *model.Snapshot, wp envoy.Waypoint) (*envoy.Resources, error) {
 		if s.BuildWaypoint != nil {
 			return s.BuildWaypoint(m, wp)
 		}
 		return envoy.ForWaypoint(m, wp)
 	})
+	s.waypoints.clock = s.clock
 	s.waypoints.inputs = func(m *model.Snapshot, wp auth.WaypointRef) *deps {
 		if s.BuildWaypoint != nil {
 			return nil // unknown inputs: every change rebuilds
@@ -155,7 +157,8 @@ const MaxRequestSize = 64 << 20
 
 // Register registers the Aggregated Discovery Service (Delta only) on g.
 func (s *Server) Register(g *grpc.Server) {
-	discovery.RegisterAggregatedDiscoveryServiceServer(g, ads{d: s.xds, m: s.Metrics})
+	s.clock.m = s.Metrics
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, ads{d: s.xds, m: s.Metrics, c: s.clock})
 }
 
 // ads serves Delta ADS with go-control-plane's delta server; the
@@ -164,28 +167,32 @@ type ads struct {
 	discovery.UnimplementedAggregatedDiscoveryServiceServer
 	d delta.Server
 	m *monitoring.Metrics // may be nil
+	c *pushClock
 }
 
 // DeltaAggregatedResources implements the ADS delta stream (every type on
 // one stream).
 func (a ads) DeltaAggregatedResources(st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer) error {
 	if a.m != nil {
-		st = timedStream{st, a.m}
+		st = timedStream{st, a.m, a.c}
 	}
 	return a.d.DeltaStreamHandler(st, "") // "": ADS, the type is in each request
 }
 
 // timedStream counts each response sent on a stream and how long its Send
-// took (pilot_xds_pushes, pilot_xds_send_time).
+// took (pilot_xds_pushes, pilot_xds_send_time), and tells the push clock
+// (pilot_xds_push_time, pilot_proxy_convergence_time).
 type timedStream struct {
 	discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesServer
 	m *monitoring.Metrics
+	c *pushClock
 }
 
 func (t timedStream) Send(resp *discovery.DeltaDiscoveryResponse) error {
 	start := time.Now()
 	err := t.AggregatedDiscoveryService_DeltaAggregatedResourcesServer.Send(resp)
 	t.m.XDSSent(resp.GetTypeUrl(), time.Since(start), err)
+	t.c.sent(resp, err)
 	return err
 }
 
@@ -201,6 +208,7 @@ func (s *Server) Start(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return s.workloads.Start(ctx) })
 	g.Go(func() error { return s.waypoints.Start(ctx) })
+	g.Go(func() error { return s.clock.Start(ctx, s.store) })
 	return g.Wait()
 }
 

@@ -274,6 +274,7 @@ func (c callbacks) OnDeltaStreamClosed(id int64, node *core.Node) {
 		c.s.Metrics.XDSDisconnected(callerKind(caller))
 	}
 	c.s.workloads.cache.streamClosed(id)
+	c.s.clock.streamClosed(id)
 	if caller != nil && caller.Kind == auth.Waypoint {
 		c.s.waypoints.streamClosed(id, caller.Waypoint)
 	}
@@ -302,6 +303,7 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 		c.s.Metrics.XDSRejected(req.GetTypeUrl())
 		c.s.log.Warn("xds NACK", "stream", id, "node", node, "caller", name, "type", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", req.GetErrorDetail().GetMessage())
 	}
+	c.s.clock.requested(id, req)
 	if isEnvoyType(req.GetTypeUrl()) {
 		c.s.waypoints.requestOnStream(id, caller.Waypoint, req) // authorize: caller is a waypoint
 	} else {
@@ -310,8 +312,12 @@ func (c callbacks) OnStreamDeltaRequest(id int64, req *discovery.DeltaDiscoveryR
 	return nil
 }
 
-func (c callbacks) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
+func (c callbacks) OnStreamDeltaResponse(id int64, req *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
 	c.s.status.response(id, resp)
+	if c.s.clock.on() {
+		caller, _ := c.s.status.callerOf(id)
+		c.s.clock.responding(id, caller, req, resp)
+	}
 }
 
 // callerKind is the caller's kind, empty for none.

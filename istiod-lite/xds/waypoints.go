@@ -44,6 +44,7 @@ type waypointGen struct {
 	inputs func(*model.Snapshot, auth.WaypointRef) *deps
 	cache  cache.SnapshotCache
 	now    func() time.Time
+	clock  *pushClock // times the pushes (pilot_xds_push_time, pilot_proxy_convergence_time)
 
 	mu      sync.Mutex                                                // guards everything below
 	wps     map[auth.WaypointRef]*waypointState                       // connected waypoints
@@ -124,8 +125,10 @@ func (g *waypointGen) Start(ctx context.Context) error {
 // rebuild builds, from the current model, every waypoint that is stale or
 // whose inputs the changes since the last rebuild touch.
 func (g *waypointGen) rebuild(ctx context.Context) {
-	ds, snap, version, logged := g.store.Since(g.checked)
+	from := g.checked
+	ds, snap, version, logged := g.store.Since(from)
 	g.checked = version
+	changed := g.clock.changedAfter(from, version) // zero: no change (a new waypoint's first build)
 	g.mu.Lock()
 	var todo []auth.WaypointRef
 	for wp, st := range g.wps {
@@ -141,13 +144,15 @@ func (g *waypointGen) rebuild(ctx context.Context) {
 	}
 	g.mu.Unlock()
 	for _, wp := range todo {
-		g.publish(ctx, wp, snap, version)
+		g.publish(ctx, wp, snap, version, changed)
 	}
 }
 
 // publish builds wp's snapshot from the model at version and publishes it
-// if it is valid and consistent; otherwise the last good one stays.
-func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model.Snapshot, version uint64) {
+// if it is valid and consistent; otherwise the last good one stays. changed
+// is when the oldest change it may carry was made (zero: none).
+func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model.Snapshot, version uint64, changed time.Time) {
+	built := time.Now()
 	v := strconv.FormatUint(version, 10)
 	s, err := g.snapshot(m, wp, v)
 	var d *deps
@@ -166,6 +171,10 @@ func (g *waypointGen) publish(ctx context.Context, wp auth.WaypointRef, m *model
 		st.deps = nil
 		g.log.Error("waypoint snapshot not published; the waypoint keeps its last one", "waypoint", wp.String(), "modelVersion", v, "lastGood", st.status.Version, "error", err)
 		return
+	}
+	if g.clock.on() {
+		prev, _ := g.cache.GetSnapshot(wp.String())
+		g.clock.waypointPush(wp, v, built, changed, changedTypes(prev, s))
 	}
 	// Under g.mu, so that a disconnect cannot clear the snapshot between the
 	// check above and this call. SetSnapshot does not block: the server's

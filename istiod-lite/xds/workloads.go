@@ -17,6 +17,7 @@ type workloadGen struct {
 	store *model.Store
 	log   *slog.Logger
 	cache *deltaCache
+	clock *pushClock // times the pushes (pilot_xds_push_time, pilot_proxy_convergence_time)
 
 	// pushed, when set, is called after each push with its duration and size
 	// (for benchmarks and metrics). Set before Start.
@@ -46,6 +47,15 @@ func (g *workloadGen) Start(ctx context.Context) error {
 		if err != nil {
 			g.log.Error("not pushing an inconsistent model; clients keep the last one", "error", err)
 			return
+		}
+		var types []string
+		for _, t := range typeOrder {
+			if len(r.Set[t])+len(r.Remove[t]) > 0 {
+				types = append(types, t)
+			}
+		}
+		if len(types) > 0 { // ds is nil when !ok: what changed is not known
+			g.clock.workloadPush(g.cache.revision(), start, g.clock.changedAfter(pushedVersion, version), types, ds)
 		}
 		for _, t := range typeOrder {
 			if len(r.Set[t])+len(r.Remove[t]) > 0 {
