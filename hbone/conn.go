@@ -769,7 +769,7 @@ func (c *conn) readDataDirect(fh http2.FrameHeader) (bool, error) {
 			s.rclosed = true
 			c.maybeDoneLocked(s)
 		}
-		s.rcond.Broadcast()
+		s.wakeLocked()
 		c.mu.Unlock()
 		if err := c.queueConnUpdate(connInc); err != nil {
 			return true, err
@@ -901,7 +901,7 @@ func (c *conn) onData(f *http2.DataFrame) error {
 		c.maybeDoneLocked(s)
 	}
 	if len(data) > 0 || f.StreamEnded() || s.sink != nil && s.sink.err != nil {
-		s.rcond.Broadcast()
+		s.wakeLocked()
 	}
 	c.mu.Unlock()
 	return c.queueWindowUpdates(s.id, inc, connInc)
@@ -963,7 +963,7 @@ func (c *conn) onHeaders(f *http2.MetaHeadersFrame) error {
 			}
 			s.rclosed = true
 			c.maybeDoneLocked(s)
-			s.rcond.Broadcast()
+			s.wakeLocked()
 			return nil
 		}
 		status, err := strconv.Atoi(f.PseudoValue("status"))

@@ -43,7 +43,94 @@ func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, e
 	}
 	s.sink = sk
 	c.mu.Unlock()
+	return st.deliverLoop(sk, dst)
+}
+
+// DeliverAsync is DeliverTo without a goroutine of its own while the
+// read loop delivers: it returns at once, and the delivery runs until what
+// ends DeliverTo ends it; then done is called with what DeliverTo would
+// return, on a goroutine of its own (never the read loop's). A goroutine
+// runs only while dst does not take what arrives at once (bulk transfers,
+// a slow reader) or to end the delivery: an idle tunnelled connection holds
+// none. It returns false, and does nothing, where DeliverTo would not
+// deliver from the read loop (dst is not a socket, the stream is not
+// HTTP/2's) or a delivery already runs. onBytes as for DeliverTo. It is
+// relay's AsyncDeliverer.
+func (st *Stream) DeliverAsync(dst net.Conn, onBytes func(n int64), done func(total int64, err error)) bool {
+	if st.ext != nil {
+		return false
+	}
+	sc, ok := dst.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	s, c := st.s, st.s.c
+	sk := &delivery{rc: rc, onBytes: onBytes, async: true, done: done, dst: dst, st: st}
+	sk.writeFn = sk.writeFD
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.sink != nil {
+		return false
+	}
+	s.sink = sk
+	sk.direct = true
+	s.kickLocked()
+	return true
+}
+
+// kickLocked starts the goroutine of s's asynchronous delivery (if it has
+// one and it is not running) when there is work for it: buffered bytes to
+// write, or the end of the delivery. Every wake-up of s's readers goes
+// through it. c.mu must be held.
+func (s *stream) kickLocked() {
+	sk := s.sink
+	if sk == nil || !sk.async || sk.running {
+		return
+	}
+	if s.recv.Len() == 0 && sk.err == nil && !s.rclosed && s.err == nil && !s.rdl.expired {
+		return
+	}
+	sk.running = true
+	go sk.run()
+}
+
+// run is an asynchronous delivery's goroutine: it writes what is buffered
+// and returns once the read loop can deliver again, or ends the delivery.
+func (sk *delivery) run() {
+	total, err, ended := sk.st.deliverSome(sk, sk.dst)
+	if ended {
+		sk.done(total, err)
+	}
+}
+
+// wakeLocked wakes s's readers: a Read, a DeliverTo, or the goroutine of
+// an asynchronous delivery. c.mu must be held.
+func (s *stream) wakeLocked() {
+	s.rcond.Broadcast()
+	s.kickLocked()
+}
+
+// deliverLoop is DeliverTo's loop, after its sink is installed.
+func (st *Stream) deliverLoop(sk *delivery, dst net.Conn) (int64, error) {
+	total, err, _ := st.deliverSome(sk, dst)
+	return total, err
+}
+
+// deliverSome writes what s buffers to dst until the delivery ends (ended:
+// the sink is removed, total and err are DeliverTo's results) or, for an
+// asynchronous delivery, until the buffer is empty and the read loop can
+// deliver again (not ended: the goroutine leaves; total counts nothing).
+func (st *Stream) deliverSome(sk *delivery, dst net.Conn) (total int64, err error, ended bool) {
+	s, c := st.s, st.s.c
+	onBytes := sk.onBytes
 	defer func() {
+		if !ended {
+			return
+		}
 		c.mu.Lock()
 		sk.direct = false
 		sk.leaving = true
@@ -72,9 +159,17 @@ func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, e
 			}
 			if err != nil {
 				c.mu.Unlock()
-				return total, err
+				return total, err, true
 			}
 			sk.direct = true // the read loop writes; it wakes us with what it cannot
+			if sk.async {
+				// What this goroutine wrote is counted at the end, with
+				// the read loop's.
+				sk.n += total
+				sk.running = false
+				c.mu.Unlock()
+				return 0, nil, false
+			}
 			s.rcond.Wait()
 		}
 		// Everything gathered (up to maxGather chunks), with one writev(2).
@@ -101,7 +196,7 @@ func (st *Stream) DeliverTo(dst net.Conn, onBytes func(n int64)) (total int64, e
 			onBytes(n)
 		}
 		if werr != nil {
-			return total, werr
+			return total, werr, true
 		}
 	}
 }
@@ -125,6 +220,14 @@ type delivery struct {
 	// escape to the heap.
 	gather    net.Buffers
 	gatherArr [maxGather][]byte
+
+	// An asynchronous delivery's (DeliverAsync): its goroutine runs (set
+	// and cleared under mu), and what it needs.
+	async   bool
+	running bool
+	done    func(int64, error)
+	dst     net.Conn
+	st      *Stream
 
 	// write's state, read loop only.
 	writeFn func(fd uintptr) bool

@@ -62,7 +62,7 @@ func (s *stream) failLocked(err error) {
 	}
 	s.err = err
 	s.closeRespLocked()
-	s.rcond.Broadcast()
+	s.wakeLocked()
 	s.wcond.Broadcast()
 	if s.cancel != nil {
 		s.cancel()
@@ -286,7 +286,7 @@ func (st *Stream) SetReadDeadline(t time.Time) error {
 	s := st.s
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
-	s.rdl.set(&s.c.mu, t, s.rcond.Broadcast)
+	s.rdl.set(&s.c.mu, t, s.wakeLocked)
 	return nil
 }
 

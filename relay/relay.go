@@ -134,6 +134,12 @@ func (j Joiner) Join(ctx context.Context, a, b net.Conn, onBytes func(d Directio
 	return run(ctx, a, b, onBytes, w)
 }
 
+// result is one direction's outcome: bytes copied and error.
+type result struct {
+	n   int64
+	err error
+}
+
 func run(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64), w *watch) (aToB, bToA int64, err error) {
 	var once sync.Once
 	closeBoth := func() {
@@ -149,26 +155,45 @@ func run(ctx context.Context, a, b net.Conn, onBytes func(d Direction, n int64),
 		defer w.resets.Wait() // after closeBoth: the reset watchers end
 	}
 
-	type result struct {
-		n   int64
-		err error
-	}
+	// Each direction runs on a goroutine of its own, except one whose
+	// source delivers asynchronously (an HBONE stream: its connection's
+	// read loop writes into the destination), which needs a goroutine only
+	// while its destination is full or at its end: an idle connection
+	// through a node proxy holds one goroutine, its socket's reader.
 	done := make(chan result, 1)
-	go func() {
-		n, err := half(b, a, AToB, onBytes, w)
-		if err != nil {
-			closeBoth() // unblock the other direction
+	var errAB, errBA error
+	switch {
+	case startAsync(a, b, BToA, onBytes, w, closeBoth, done):
+		aToB, errAB = half(b, a, AToB, onBytes, w)
+		if errAB != nil {
+			closeBoth()
 		}
-		done <- result{n, err}
-	}()
-	bToA, err1 := half(a, b, BToA, onBytes, w)
-	if err1 != nil {
-		closeBoth()
+		r := <-done
+		bToA, errBA = r.n, r.err
+	case startAsync(b, a, AToB, onBytes, w, closeBoth, done):
+		bToA, errBA = half(a, b, BToA, onBytes, w)
+		if errBA != nil {
+			closeBoth()
+		}
+		r := <-done
+		aToB, errAB = r.n, r.err
+	default:
+		go func() {
+			n, err := half(b, a, AToB, onBytes, w)
+			if err != nil {
+				closeBoth() // unblock the other direction
+			}
+			done <- result{n, err}
+		}()
+		bToA, errBA = half(a, b, BToA, onBytes, w)
+		if errBA != nil {
+			closeBoth()
+		}
+		r := <-done
+		aToB, errAB = r.n, r.err
 	}
-	r := <-done
-	aToB = r.n
 	closeBoth()
-	errs := []error{r.err, err1}
+	errs := []error{errAB, errBA}
 	if w != nil {
 		w.mu.Lock()
 		errs = append(errs, w.reset)
@@ -198,14 +223,79 @@ func half(dst, src net.Conn, d Direction, onBytes func(Direction, int64), w *wat
 	if err != nil {
 		return n, err
 	}
+	endHalf(dst, d, w)
+	return n, nil
+}
+
+// endHalf half-closes dst after its direction d reached its source's EOF
+// (or closes it, if it cannot half-close or the half-close fails: the peer
+// is gone).
+func endHalf(dst net.Conn, d Direction, w *watch) {
 	if cw, ok := dst.(closeWriter); ok && cw.CloseWrite() == nil {
 		if w != nil {
 			w.ended(d)
 		}
-		return n, nil
+		return
 	}
 	dst.Close()
-	return n, nil
+}
+
+// AsyncDeliverer is a Deliverer that can deliver without the caller's
+// goroutine: DeliverAsync returns at once (false: it cannot, nothing was
+// started) and calls done once, with what DeliverTo would return, on a
+// goroutine that may block (not one the source needs to make progress).
+// An HBONE stream is one.
+type AsyncDeliverer interface {
+	Deliverer
+	DeliverAsync(dst net.Conn, onBytes func(n int64), done func(total int64, err error)) bool
+}
+
+// startAsync starts direction d, src to dst, as an asynchronous delivery
+// if src is an AsyncDeliverer (and dst not a TCP connection the other
+// would splice to: never, a stream is not one) that accepts: its result
+// (as half's) goes to out. It reports whether it started.
+func startAsync(dst, src net.Conn, d Direction, onBytes func(Direction, int64), w *watch, closeBoth func(), out chan<- result) bool {
+	ad, ok := src.(AsyncDeliverer)
+	if !ok {
+		return false
+	}
+	hook := func(n int64) {
+		if w != nil {
+			w.last.Store(time.Now().UnixNano())
+		}
+		if onBytes != nil {
+			onBytes(d, n)
+		}
+	}
+	if onBytes == nil && w == nil {
+		hook = nil
+	}
+	if w != nil {
+		w.mu.Lock()
+		w.armLocked(d, time.Now())
+		w.mu.Unlock()
+	}
+	var total int64
+	var start func() bool
+	finish := func(n int64, err error) {
+		total += n
+		if w != nil && err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			if err = w.expired(d, n > 0); err == nil {
+				if start() {
+					return
+				}
+				err = errors.New("relay: delivery could not restart")
+			}
+		}
+		if err == nil {
+			endHalf(dst, d, w)
+		} else {
+			closeBoth()
+		}
+		out <- result{total, err}
+	}
+	start = func() bool { return ad.DeliverAsync(dst, hook, finish) }
+	return start()
 }
 
 // watch is the state of a Joiner's bounds for one Join.
