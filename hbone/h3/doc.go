@@ -51,4 +51,14 @@
 // milliseconds of round trip where connections are short-lived (new
 // tunnels dominate), between zones, regions or to VMs, after measuring.
 // quic-go's throughput under 1% loss was not better than TCP's here.
+// make bench's quic path agrees through the real ztunnels and their eBPF
+// capture (bench/quic.go; a -short run at load 10 on 2 cores): across a
+// 10 ms line a new tunnel took 45 ms against 66, requests the same, but
+// one stream moved 0.11 Gbit/s against 0.92 at 15.5 CPU-seconds per GB
+// against 3.3.
+//
+// A workload advertises QUIC with the label ambit.dev/hbone-quic=enabled on
+// its pod, its namespace or its Node (istiod-lite's workload hbone_quic);
+// the pod's label, then the namespace's, decide before the node's, so
+// "disabled" there opts out of a node's advertisement.
 package h3
