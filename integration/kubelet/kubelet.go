@@ -152,12 +152,17 @@ type Kubelet struct {
 	// Off, hostNetwork pods run nothing.
 	RunHostNetwork bool
 	// ServiceProxy is kube-proxy (userspace mode) on this node: every
-	// Service's cluster IP is an address of the node, where a relay takes
-	// TCP connections to one of its ready endpoints, the API server's
+	// Service's cluster IP is an address of the node's services' network
+	// namespace (<node>-svc, routed from the node: ServiceCIDR), where a
+	// relay takes TCP connections to one of its ready endpoints, the API server's
 	// included (default/kubernetes: APIServer). Containers get
 	// KUBERNETES_SERVICE_HOST and _PORT (the cluster IP of
 	// default/kubernetes) as a kubelet injects them.
 	ServiceProxy bool
+	// ServiceCIDR is the API server's service-cluster-ip-range, which
+	// the node routes to its services' namespace (default
+	// DefaultServiceCIDR).
+	ServiceCIDR netip.Prefix
 	// APIServer is the API server's host:port, dialled from the
 	// kubelet's own network namespace, where default/kubernetes leads
 	// (default: the host of Client's REST config).

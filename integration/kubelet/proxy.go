@@ -20,31 +20,46 @@ import (
 	"k8s.io/client-go/informers"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
 	"k8s.io/client-go/tools/cache"
+
+	"github.com/ambit-mesh/ambit/integration/netns"
 )
 
-// proxyLink is the interface in the node's namespace that holds the
-// Services' cluster IPs (kube-proxy's IPVS mode uses a dummy interface; the
-// machine may have no dummy driver, and the loopback is as local).
-const proxyLink = "lo"
+// DefaultServiceCIDR is the API server's service-cluster-ip-range in
+// integration/kube, Kubelet.ServiceCIDR's default.
+var DefaultServiceCIDR = netip.MustParsePrefix("10.96.0.0/16")
+
+// The link between a node and its services' namespace: proxyLink on the
+// node (proxyNodeAddr), eth0 in the services' namespace (proxySvcAddr).
+const (
+	proxyLink     = "ksvc0"
+	proxyNodeAddr = "169.254.96.1"
+	proxySvcAddr  = "169.254.96.2"
+)
 
 // serviceProxy is kube-proxy in its userspace mode, for one node: every
-// TCP port of every Service with a cluster IP is a listener on that IP
-// (local on the node, on proxyLink) in the node's namespace, which relays
-// each connection to one of the Service's ready endpoints. Pods reach it
-// through their default route (the node), hostNetwork processes directly.
+// TCP port of every Service with a cluster IP is a listener on that IP in a
+// network namespace of the node's services (<node>-svc, where the node
+// routes the service CIDR), which relays each connection to one of the
+// Service's ready endpoints, dialled from the node's namespace. Pods reach
+// it through their default route (the node), hostNetwork processes by the
+// node's route. The listeners are not in the node's own namespace, where
+// they would hold ports a node's process needs on every address (a
+// waypoint Service's 15008 and ztunnel's).
 // default/kubernetes goes to the API server (Kubelet.APIServer), dialled
 // from the kubelet's own network namespace, where the API server runs (its
 // endpoints cannot name a loopback address). There is no netfilter here (no iptables or nft on the machine), and
 // a DNAT would rewrite the destination that ambit's capture keeps.
 type serviceProxy struct {
 	k      *Kubelet
+	svc    *netns.NS // the services' namespace
 	log    *slog.Logger
 	slices discoverylisters.EndpointSliceLister
 	next   atomic.Uint64 // round robin over endpoints
 
 	mu        sync.Mutex // guards listeners
 	listeners map[string]*proxyListener
-	wg        sync.WaitGroup // listeners' accept loops and relays
+	failed    map[string]bool // Service ports that could not listen, logged once (the sync loop's)
+	wg        sync.WaitGroup  // listeners' accept loops and relays
 }
 
 // proxyListener serves one Service port.
@@ -56,13 +71,27 @@ type proxyListener struct {
 // startProxy syncs Services and EndpointSlices, then keeps the listeners in
 // step until ctx ends; done is called when everything stopped.
 func (k *Kubelet) startProxy(ctx context.Context, log *slog.Logger, done func()) error {
-	if err := k.Node.NS.IP("link set " + proxyLink + " up"); err != nil {
+	cidr := k.ServiceCIDR
+	if !cidr.IsValid() {
+		cidr = DefaultServiceCIDR
+	}
+	svcNS, err := netns.New(k.Node.NS.Name + "-svc")
+	if err != nil {
+		return fmt.Errorf("kubelet: service proxy: %w", err)
+	}
+	err = k.Node.NS.IP(fmt.Sprintf("link add %s type veth peer name eth0 netns %s\nlink set %s up\naddr add %s/30 dev %s\nroute add %s via %s dev %s",
+		proxyLink, svcNS.Name, proxyLink, proxyNodeAddr, proxyLink, cidr, proxySvcAddr, proxyLink))
+	if err == nil {
+		err = svcNS.IP(fmt.Sprintf("addr add %s/30 dev eth0\nlink set eth0 up\nroute add default via %s dev eth0", proxySvcAddr, proxyNodeAddr))
+	}
+	if err != nil {
+		svcNS.Delete()
 		return fmt.Errorf("kubelet: service proxy: %w", err)
 	}
 	factory := informers.NewSharedInformerFactory(k.Client, 0)
 	svcs := factory.Core().V1().Services()
 	eps := factory.Discovery().V1().EndpointSlices()
-	p := &serviceProxy{k: k, log: log, slices: eps.Lister(), listeners: map[string]*proxyListener{}}
+	p := &serviceProxy{k: k, svc: svcNS, log: log, slices: eps.Lister(), listeners: map[string]*proxyListener{}, failed: map[string]bool{}}
 	kick := make(chan struct{}, 1)
 	h := cache.ResourceEventHandlerFuncs{
 		AddFunc:    func(any) { poke(kick) },
@@ -77,6 +106,7 @@ func (k *Kubelet) startProxy(ctx context.Context, log *slog.Logger, done func())
 	for _, ok := range factory.WaitForCacheSync(ctx.Done()) {
 		if !ok {
 			factory.Shutdown()
+			svcNS.Delete()
 			return errors.New("kubelet: service proxy: informers not synced")
 		}
 	}
@@ -95,6 +125,8 @@ func (k *Kubelet) startProxy(ctx context.Context, log *slog.Logger, done func())
 				}
 				p.mu.Unlock()
 				p.wg.Wait()
+				k.Node.NS.IP("link del " + proxyLink)
+				svcNS.Delete()
 				return
 			case <-kick:
 				p.sync(ctx, lister)
@@ -140,10 +172,13 @@ func (p *serviceProxy) sync(ctx context.Context, lister interface {
 				continue
 			}
 			// The address may be there already (another port).
-			_ = p.k.Node.NS.IP(fmt.Sprintf("addr add %s/32 dev %s", ip, proxyLink))
-			ln, err := p.k.Node.NS.Listen(ctx, nil, "tcp", addr)
+			_ = p.svc.IP(fmt.Sprintf("addr add %s/32 dev lo", ip))
+			ln, err := p.svc.Listen(ctx, nil, "tcp", addr)
 			if err != nil {
-				p.log.Error("service proxy: listen", "service", key, "err", err)
+				if !p.failed[key] {
+					p.failed[key] = true
+					p.log.Error("service proxy: listen", "service", key, "err", err)
+				}
 				continue
 			}
 			l := &proxyListener{ns: s.Namespace, name: s.Name, port: sp.Name, ln: ln}
