@@ -14,14 +14,16 @@ deps:
 	@scripts/install-deps.sh base
 
 # Long builds the tests use (kube-apiserver, kube-controller-manager,
-# kube-scheduler, and Istio's echo server and client for the Gateway API
-# conformance echo image, from the module proxy, minutes when cold), once,
+# kube-scheduler, Istio's echo server and client for the Gateway API
+# conformance echo image, and Prometheus with Kubernetes service discovery,
+# from the module proxy, minutes when cold), once,
 # under a lock, into ${AMBIT_CACHE:-~/.cache/ambit}, before any test runs:
 # never inside a test's timeout.
 tools: deps
 	@nice -n 10 integration/apiserver/build.sh kube-apiserver kube-controller-manager kube-scheduler >/dev/null
 	@nice -n 10 integration/apiserver/build-echo.sh >/dev/null
 	@nice -n 10 integration/spire/build.sh >/dev/null
+	@nice -n 10 integration/apiserver/build-prometheus.sh >/dev/null
 
 build:
 	$(GO) build -o bin/ ./cmd/...
