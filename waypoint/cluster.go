@@ -512,10 +512,9 @@ func (e *connectError) Unwrap() error { return e.err }
 // countedConn counts open connections per host and cluster.
 type countedConn struct {
 	net.Conn
-	requests atomic.Int64 // responses received on it (max_requests_per_connection)
-	once     sync.Once
-	h        *host
-	c        *cluster
+	once sync.Once
+	h    *host
+	c    *cluster
 }
 
 func (c *countedConn) Close() error {
@@ -524,7 +523,7 @@ func (c *countedConn) Close() error {
 }
 
 // roundTripper returns h's connection pool for these settings: HTTP/1.1
-// keep-alive (net/http's Transport) or HTTP/2 prior knowledge (h2Pool, on
+// keep-alive (h1Pool) or HTTP/2 prior knowledge (h2Pool, on
 // x/net/http2's ClientConn), both dialing through p.dialHost.
 func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper {
 	k := rtKey{h2: h2, idle: v.s.idleTimeout, connect: v.s.connectTimeout, maxReqPerConn: v.s.maxReqPerConn, maxStreams: v.s.h2MaxStreams}
@@ -559,15 +558,7 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 		h.rts[k] = rt
 		return rt
 	}
-	rt := &http.Transport{
-		DialContext:         func(ctx context.Context, _, _ string) (net.Conn, error) { return dial(ctx) },
-		MaxIdleConnsPerHost: 1024,
-		IdleConnTimeout:     k.idle,
-		DisableKeepAlives:   k.maxReqPerConn == 1,
-		DisableCompression:  true,
-		Protocols:           new(http.Protocols),
-	}
-	rt.Protocols.SetHTTP1(true)
+	rt := newH1Pool(dial, k.idle, k.maxReqPerConn)
 	h.rts[k] = rt
 	return rt
 }

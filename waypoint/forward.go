@@ -10,7 +10,6 @@ import (
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
-	"net/http/httptrace"
 	pathpkg "path"
 	"strconv"
 	"strings"
@@ -430,12 +429,6 @@ type tryResult struct {
 // the wait for response headers.
 func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Request, body io.ReadCloser, perTry time.Duration, h2 bool) tryResult {
 	tctx, cancel := context.WithCancel(ctx)
-	var conn *countedConn // the HTTP/1.1 connection used, when max_requests_per_connection > 1
-	if v.s.maxReqPerConn > 1 && !h2 {
-		tctx = httptrace.WithClientTrace(tctx, &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
-			conn, _ = i.Conn.(*countedConn)
-		}})
-	}
 	var state atomic.Int32 // 0 waiting, 1 headers, 2 timed out
 	var timer *time.Timer
 	if perTry > 0 {
@@ -478,11 +471,6 @@ func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Requ
 		default:
 			return tryResult{kind: tryReset, err: err}
 		}
-	}
-	if conn != nil && conn.requests.Add(1) >= v.s.maxReqPerConn {
-		// The connection served its quota: close it once this response is
-		// done (net/http's pool drops it).
-		return tryResult{kind: tryOK, resp: resp, finish: func() { done(); conn.Close() }}
 	}
 	return tryResult{kind: tryOK, resp: resp, finish: done}
 }
@@ -627,6 +615,10 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		out.ContentLength = int64(len(buf))
 		if r.Body == nil || r.Body == http.NoBody {
 			out.ContentLength = r.ContentLength
+		}
+		out.GetBody = nil
+		if len(buf) > 0 { // the pool may resend it on a fresh connection
+			out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(buf)), nil }
 		}
 	}
 	if replayable {
