@@ -3,10 +3,12 @@
 package integration
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io/fs"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -14,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -23,24 +26,26 @@ import (
 
 	"github.com/ambit-mesh/ambit/dashboards"
 	"github.com/ambit-mesh/ambit/integration/app"
-	"github.com/ambit-mesh/ambit/model"
 )
 
 // promPort is where the test's Prometheus listens, on node-1's loopback.
 const promPort = 19090
 
-// TestObservability runs a real Prometheus (Debian's prometheus package) in
-// node-1's network namespace, scraping every node's ztunnel on its node
-// address and the waypoint on its pod address, sends traffic (served and
-// failed connections, requests through the waypoint), and checks that
+// TestObservability runs a real Prometheus (built with Kubernetes service
+// discovery by integration/apiserver/build-prometheus.sh) in
+// node-1's network namespace that finds istiod-lite, every node's ztunnel
+// and the waypoint by Kubernetes service discovery (their Pod objects in
+// the API server) and scrapes them where their prometheus.io annotations
+// say (Istio's relabeling), sends traffic (served and failed connections,
+// requests through the waypoint) and a config change, and checks that
 // every panel query of every dashboard in dashboards/ returns data.
 func TestObservability(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: network namespaces and eBPF")
 	}
-	prom, err := exec.LookPath("prometheus")
+	prom, err := prometheusBin()
 	if err != nil {
-		t.Fatal("no prometheus binary: run scripts/install-deps.sh integration (Debian's prometheus package)")
+		t.Fatal(err)
 	}
 	e := setup(t)
 	ctx := context.Background()
@@ -71,34 +76,151 @@ spec:
 		}
 	}
 
-	// Prometheus, scraping each ztunnel where the scraper of a cluster
-	// would: its node's address, port 15020 (manifests/ztunnel.yaml).
-	dir := t.TempDir()
-	var targets []string
-	for _, n := range e.m.Topo.Nodes {
-		targets = append(targets, fmt.Sprintf("%q", netip.AddrPortFrom(n.IP, model.PortMetrics).String()))
+	// The Pod objects Prometheus discovers, as the controllers would make
+	// them from manifests/: the ztunnels' with the DaemonSet template's
+	// labels and annotations (setup made them bare), and istiod-lite's
+	// from the Deployment template, on node-1 with the node's network
+	// (where the harness runs it: --monitoring-addr is node-1's address).
+	// The waypoint's pod came from the deployer's Deployment.
+	ds, err := e.cs.AppsV1().DaemonSets("ambit-system").Get(ctx, "ztunnel", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
 	}
-	waypointTarget := fmt.Sprintf("%q", netip.AddrPortFrom(e.ip(waypointPod), model.PortMetrics).String())
-	// istiod-lite on its monitoring port (Istio's istiod: 15014), on its
-	// node's address (manifests/istiod-lite.yaml: the pod's).
-	istiodTarget := fmt.Sprintf("%q", netip.AddrPortFrom(e.m.Topo.Nodes[0].IP, 15014).String())
+	for _, n := range e.m.Topo.Nodes {
+		z, err := e.cs.CoreV1().Pods("ambit-system").Get(ctx, "ztunnel-"+n.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		maps.Copy(z.Labels, ds.Spec.Template.Labels)
+		z.Annotations = maps.Clone(ds.Spec.Template.Annotations)
+		if _, err := e.cs.CoreV1().Pods("ambit-system").Update(ctx, z, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dep, err := e.cs.AppsV1().Deployments("ambit-system").Get(ctx, "istiod-lite", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	istiodPod := &corev1.Pod{ObjectMeta: dep.Spec.Template.ObjectMeta, Spec: dep.Spec.Template.Spec}
+	istiodPod.Name, istiodPod.Namespace = "istiod-lite-0", "ambit-system"
+	istiodPod.Spec.NodeName, istiodPod.Spec.HostNetwork = e.m.Topo.Nodes[0].Name, true
+	if _, err := e.cs.CoreV1().Pods("ambit-system").Create(ctx, istiodPod, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.waitReady(ctx, "ambit-system/istiod-lite-0")
+	// What each scraped pod must declare (manifests/ztunnel.yaml,
+	// manifests/istiod-lite.yaml, the deployer's waypoint Deployment).
+	want := map[string][2]string{ // pod -> port, path
+		"ztunnel-node-1": {"15020", "/stats/prometheus"},
+		"ztunnel-node-2": {"15020", "/stats/prometheus"},
+		"istiod-lite-0":  {"15014", "/metrics"},
+		strings.TrimPrefix(waypointPod, shop+"/"): {"15020", "/stats/prometheus"},
+	}
+	wantURL := map[string]string{}
+	for _, key := range []string{"ambit-system/ztunnel-node-1", "ambit-system/ztunnel-node-2", "ambit-system/istiod-lite-0", waypointPod} {
+		ns, name, _ := strings.Cut(key, "/")
+		p, err := e.cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := p.Annotations
+		if a["prometheus.io/scrape"] != "true" || a["prometheus.io/port"] != want[name][0] || a["prometheus.io/path"] != want[name][1] {
+			t.Fatalf("pod %s's scrape annotations %v, want port %s path %s", key, a, want[name][0], want[name][1])
+		}
+		if p.Status.PodIP == "" {
+			t.Fatalf("pod %s has no IP", key)
+		}
+		wantURL[name] = "http://" + net.JoinHostPort(p.Status.PodIP, a["prometheus.io/port"]) + a["prometheus.io/path"]
+	}
+
+	// Prometheus finds them through the API server (kubernetes_sd, role
+	// pod) as a service account allowed to list and watch pods, and keeps
+	// those annotated for scraping: Istio's kubernetes-pods job
+	// (samples/addons/prometheus.yaml), unchanged but for the API server's
+	// address (the forwarder in node-1) and credentials.
+	e.kubectlApply(t, `apiVersion: v1
+kind: Namespace
+metadata: {name: monitoring}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: prometheus, namespace: monitoring}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: prometheus}
+rules:
+- {apiGroups: [""], resources: [pods], verbs: [get, list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: prometheus}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: prometheus}
+subjects:
+- {kind: ServiceAccount, name: prometheus, namespace: monitoring}
+`)
+	dir := t.TempDir()
+	tok, err := e.cluster.ServiceAccountToken(ctx, "monitoring", "prometheus", nil, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "token"), []byte(tok), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "ca.crt"), e.cluster.Config().TLSClientConfig.CAData, 0o644); err != nil {
+		t.Fatal(err)
+	}
 	cfg := fmt.Sprintf(`global:
   scrape_interval: 1s
   evaluation_interval: 1s
 scrape_configs:
-- job_name: ztunnel
-  metrics_path: /stats/prometheus
-  static_configs:
-  - targets: [%s]
-- job_name: waypoint
-  metrics_path: /stats/prometheus
-  static_configs:
-  - targets: [%s]
-- job_name: istiod
-  metrics_path: /metrics
-  static_configs:
-  - targets: [%s]
-`, strings.Join(targets, ", "), waypointTarget, istiodTarget)
+- job_name: kubernetes-pods
+  honor_labels: true
+  kubernetes_sd_configs:
+  - role: pod
+    api_server: https://127.0.0.1:6443
+    tls_config: {ca_file: %[1]s/ca.crt}
+    authorization: {credentials_file: %[1]s/token}
+  relabel_configs:
+  - action: keep
+    regex: true
+    source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape]
+  - action: drop
+    regex: true
+    source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scrape_slow]
+  - action: replace
+    regex: (https?)
+    source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_scheme]
+    target_label: __scheme__
+  - action: replace
+    regex: (.+)
+    source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]
+    target_label: __metrics_path__
+  - action: replace
+    regex: (\d+);(([A-Fa-f0-9]{1,4}::?){1,7}[A-Fa-f0-9]{1,4})
+    replacement: '[$2]:$1'
+    source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_port, __meta_kubernetes_pod_ip]
+    target_label: __address__
+  - action: replace
+    regex: (\d+);((([0-9]+?)(\.|$)){4})
+    replacement: $2:$1
+    source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_port, __meta_kubernetes_pod_ip]
+    target_label: __address__
+  - action: labelmap
+    regex: __meta_kubernetes_pod_annotation_prometheus_io_param_(.+)
+    replacement: __param_$1
+  - action: labelmap
+    regex: __meta_kubernetes_pod_label_(.+)
+  - action: replace
+    source_labels: [__meta_kubernetes_namespace]
+    target_label: namespace
+  - action: replace
+    source_labels: [__meta_kubernetes_pod_name]
+    target_label: pod
+  - action: drop
+    regex: Pending|Succeeded|Failed|Completed
+    source_labels: [__meta_kubernetes_pod_phase]
+`, dir)
 	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -123,6 +245,7 @@ scrape_configs:
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return node1.NS.Dial(ctx, nil, network, addr)
 		}}}
+	var lastValues []string // the last query's sample values
 	query := func(expr string) (int, error) {
 		resp, err := hc.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/query?query=%s", promPort, url.QueryEscape(expr)))
 		if err != nil {
@@ -133,7 +256,9 @@ scrape_configs:
 			Status string `json:"status"`
 			Error  string `json:"error"`
 			Data   struct {
-				Result []json.RawMessage `json:"result"`
+				Result []struct {
+					Value [2]any `json:"value"`
+				} `json:"result"`
 			} `json:"data"`
 		}
 		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
@@ -142,25 +267,93 @@ scrape_configs:
 		if r.Status != "success" {
 			return 0, fmt.Errorf("%s: %s", r.Status, r.Error)
 		}
+		lastValues = lastValues[:0]
+		for _, v := range r.Data.Result {
+			lastValues = append(lastValues, fmt.Sprint(v.Value[1]))
+		}
 		return len(r.Data.Result), nil
 	}
+	// Every annotated pod, and nothing else, is a target, scraped at the
+	// address and path its annotations give, and up.
+	type target struct {
+		Labels    map[string]string `json:"labels"`
+		ScrapeURL string            `json:"scrapeUrl"`
+		Health    string            `json:"health"`
+		LastError string            `json:"lastError"`
+	}
+	var targets []target
+	upPods := func() (map[string]string, error) {
+		resp, err := hc.Get(fmt.Sprintf("http://127.0.0.1:%d/api/v1/targets?state=active", promPort))
+		if err != nil {
+			return nil, err
+		}
+		defer resp.Body.Close()
+		var r struct {
+			Data struct {
+				ActiveTargets []target `json:"activeTargets"`
+			} `json:"data"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&r); err != nil {
+			return nil, err
+		}
+		targets = r.Data.ActiveTargets
+		out := map[string]string{}
+		for _, tg := range targets {
+			out[tg.Labels["pod"]] = tg.Health
+		}
+		return out, nil
+	}
 	if !eventually(60*time.Second, func() bool {
-		n, err := query(`up == 1`)
-		return err == nil && n == len(e.m.Topo.Nodes)+2
+		h, err := upPods()
+		if err != nil || len(h) != len(want) {
+			return false
+		}
+		for pod := range want {
+			if h[pod] != "up" {
+				return false
+			}
+		}
+		return true
 	}) {
 		b, _ := os.ReadFile(filepath.Join(dir, "prometheus.log"))
-		t.Fatalf("Prometheus does not scrape every ztunnel, the waypoint and istiod-lite:\n%s", b)
+		t.Fatalf("Prometheus did not discover and scrape exactly %v: targets %+v\n%s", slices.Sorted(maps.Keys(want)), targets, b)
 	}
+	for _, tg := range targets {
+		pod := tg.Labels["pod"]
+		if tg.ScrapeURL != wantURL[pod] || tg.Labels["job"] != "kubernetes-pods" {
+			t.Errorf("target of pod %s: %s (job %s), want %s", pod, tg.ScrapeURL, tg.Labels["job"], wantURL[pod])
+		}
+	}
+	// up == 1 for each, by the pod labels Prometheus attached.
+	for pod := range want {
+		q := fmt.Sprintf(`up{job="kubernetes-pods", pod=%q} == 1`, pod)
+		if n, err := query(q); err != nil || n != 1 {
+			t.Errorf("%s: %d series (%v)", q, n, err)
+		}
+	}
+	for _, q := range []string{`up{app="ztunnel", namespace="ambit-system"} == 1`, `up{app="istiod-lite"} == 1`,
+		`up{gateway_networking_k8s_io_gateway_name="waypoint", namespace="shop"} == 1`} {
+		if n, err := query(q); err != nil || n == 0 {
+			t.Errorf("%s: %d series (%v)", q, n, err)
+		}
+	}
+
+	// A config change while Prometheus watches: a Service, pushed to every
+	// ztunnel (istiod-lite's push and convergence times).
+	e.service(ctx, shop, "extra", map[string]string{"app": "extra"}, 80, 8080)
 
 	// istiod-lite's metrics: every ztunnel and the waypoint connected over
 	// xDS, pushes sent, certificates issued.
 	for _, q := range []string{
-		fmt.Sprintf(`sum(pilot_xds{job="istiod", kind="node-proxy"}) == %d`, len(e.m.Topo.Nodes)),
-		`sum(pilot_xds{job="istiod", kind="waypoint"}) >= 1`,
-		`sum(pilot_xds_pushes{job="istiod", type="wds"}) > 0`,
-		`sum(pilot_xds_pushes{job="istiod", type="lds"}) > 0`,
-		`sum(pilot_xds_send_time_count{job="istiod"}) > 0`,
-		`sum(citadel_server_success_cert_issue_count{job="istiod"}) > 0`,
+		fmt.Sprintf(`sum(pilot_xds{app="istiod-lite", kind="node-proxy"}) == %d`, len(e.m.Topo.Nodes)),
+		`sum(pilot_xds{app="istiod-lite", kind="waypoint"}) >= 1`,
+		`sum(pilot_xds_pushes{app="istiod-lite", type="wds"}) > 0`,
+		`sum(pilot_xds_pushes{app="istiod-lite", type="lds"}) > 0`,
+		`sum(pilot_xds_send_time_count{app="istiod-lite"}) > 0`,
+		`sum(pilot_xds_push_time_count{app="istiod-lite", type="svc"}) > 0`,
+		`sum(pilot_xds_push_time_count{app="istiod-lite", type="lds"}) > 0`,
+		fmt.Sprintf(`sum(increase(pilot_proxy_convergence_time_count{app="istiod-lite"}[5m])) >= %d`, len(e.m.Topo.Nodes)),
+		`sum(citadel_server_success_cert_issue_count{app="istiod-lite"}) > 0`,
 	} {
 		var n int
 		var qerr error
@@ -240,16 +433,46 @@ scrape_configs:
 				t.Errorf("%s: panel %q has no query", f, p.Title)
 			}
 			for _, tg := range p.Targets {
-				// Grafana's own variable, as it would substitute it.
-				expr := strings.ReplaceAll(tg.Expr, "$__rate_interval", "30s")
+				// Grafana's own variable, as it would substitute it
+				// for a view of the last few minutes (the traffic is
+				// over by now, and a rate of nothing is 0/0 = NaN).
+				expr := strings.ReplaceAll(tg.Expr, "$__rate_interval", "5m")
 				var n int
 				var qerr error
-				if !eventually(30*time.Second, func() bool { n, qerr = query(expr); return qerr == nil && n > 0 }) {
-					t.Errorf("%s: panel %q: %s: %d series (%v)", f, p.Title, expr, n, qerr)
+				// Data: a series with a number (a quantile of no
+				// observations is NaN).
+				if !eventually(30*time.Second, func() bool {
+					n, qerr = query(expr)
+					return qerr == nil && n > 0 && slices.ContainsFunc(lastValues, func(v string) bool { return v != "NaN" })
+				}) {
+					t.Errorf("%s: panel %q: %s: %d series %v (%v)", f, p.Title, expr, n, lastValues, qerr)
 				} else {
-					t.Logf("%s: panel %q: %d series", f, p.Title, n)
+					t.Logf("%s: panel %q: %d series %v", f, p.Title, n, lastValues)
 				}
 			}
 		}
 	}
+}
+
+// prometheusBin is $AMBIT_PROMETHEUS, else the Prometheus that
+// integration/apiserver/build-prometheus.sh (make tools) caches: Debian's
+// package is built without Kubernetes service discovery.
+func prometheusBin() (string, error) {
+	if p := os.Getenv("AMBIT_PROMETHEUS"); p != "" {
+		return p, nil
+	}
+	cache := os.Getenv("AMBIT_CACHE")
+	if cache == "" {
+		d, err := os.UserCacheDir()
+		if err != nil {
+			return "", err
+		}
+		cache = filepath.Join(d, "ambit")
+	}
+	ver := cmp.Or(os.Getenv("AMBIT_PROMETHEUS_VERSION"), "v0.316.0")
+	p := filepath.Join(cache, "prometheus-"+ver, "prometheus")
+	if st, err := os.Stat(p); err != nil || st.Mode()&0o111 == 0 {
+		return "", fmt.Errorf("no Prometheus with Kubernetes service discovery at %s: run `make tools` (integration/apiserver/build-prometheus.sh) or set AMBIT_PROMETHEUS", p)
+	}
+	return p, nil
 }
