@@ -28,9 +28,46 @@ func (p *Proxy) newQUICServer() *h3.Server {
 		Certs:         p.cfg.Certs,
 		LocalIdentity: func(netip.Addr) (spiffeid.ID, bool) { return id, true },
 		IsWaypointFor: func(local, target netip.Addr) bool { return true }, // any target; the filter chains decide
-		Handler:       hbone.HandlerFunc(p.serveHBONE),
+		Handler:       hbone.HandlerFunc(p.serveQUICStream),
 		Logger:        log,
 	}
+}
+
+// serveQUICStream is serveHBONE for a stream over HTTP/3. The tunnel of an
+// HTTP chain ends as a TCP socket closed with nothing unread does: FIN
+// after the last bytes written. h3's Close resets a stream whose client
+// has not half-closed, and a QUIC reset discards data not yet delivered:
+// the answer net/http writes before it closes the connection
+// ("Connection: close", draining) would be lost. TCP chains keep Close
+// as it is: an abort there is a reset, as over HTTP/2.
+func (p *Proxy) serveQUICStream(ctx context.Context, r *hbone.Request) {
+	if snap := p.snap.Load(); snap != nil {
+		if ch := snap.chainFor(r.Target); ch != nil && ch.tcp == nil {
+			r = hbone.NewRequest(*r, finAnswerer{r}, hbone.TransportH3)
+		}
+	}
+	p.serveHBONE(ctx, r)
+}
+
+// finAnswerer answers r; the tunnel it accepts sends FIN when closed.
+type finAnswerer struct{ r *hbone.Request }
+
+func (a finAnswerer) Accept() (hbone.Tunnel, error) {
+	st, err := a.r.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return finOnClose{st}, nil
+}
+
+func (a finAnswerer) Reject(status int) error { return a.r.Reject(status) }
+
+// finOnClose is a tunnel whose Close half-closes first.
+type finOnClose struct{ *hbone.Stream }
+
+func (t finOnClose) Close() error {
+	_ = t.CloseWrite()
+	return t.Stream.Close()
 }
 
 // serveQUIC serves HBONE over HTTP/3 on pc until drain or Close (Serve).
