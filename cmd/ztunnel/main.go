@@ -331,6 +331,7 @@ func run(ctx context.Context, o options) error {
 	g, gctx := errgroup.WithContext(ctx)
 	watchCtx, stopWatch := context.WithCancel(gctx)
 	g.Go(func() error { return source(watchCtx) })
+	g.Go(func() error { trimMemory(watchCtx); return nil })
 	g.Go(func() error {
 		defer stopWatch() // the proxy has drained: nothing left to configure
 		return proxy.Run(gctx)

@@ -1,0 +1,78 @@
+package main
+
+import (
+	"context"
+	"runtime/debug"
+	"runtime/metrics"
+	"time"
+)
+
+// Returning memory after a burst (issue 18). The Go runtime keeps the heap
+// it grew to for a bulk transfer (a stream buffers up to its 4 MiB window,
+// the copy and batch buffers are pooled) until a collection lowers the heap
+// goal, and at a few bytes of garbage per request a quiet proxy collects
+// rarely (the runtime forces one every 2 minutes): its RSS stays at the
+// burst's. trimMemory looks every memTrimEvery and, when the heap the
+// process holds (live, dead and free spans not returned to the OS) grew
+// by memTrimMin since the last trim, collects and returns the free pages
+// (debug.FreeOSMemory): a full collection of a heap of a few MB, at most
+// once per memTrimEvery.
+const (
+	memTrimEvery = 5 * time.Second
+	memTrimMin   = 4 << 20
+)
+
+// heapHeld is the heap memory the process holds: objects (live, or dead
+// until the next collection), free spans not returned to the OS, and
+// unused parts of spans.
+var heapHeld = []metrics.Sample{
+	{Name: "/memory/classes/heap/objects:bytes"},
+	{Name: "/memory/classes/heap/free:bytes"},
+	{Name: "/memory/classes/heap/unused:bytes"},
+}
+
+func readHeapHeld() uint64 {
+	s := make([]metrics.Sample, len(heapHeld))
+	copy(s, heapHeld)
+	metrics.Read(s)
+	var n uint64
+	for _, v := range s {
+		n += v.Value.Uint64()
+	}
+	return n
+}
+
+// trimMemory runs until ctx ends.
+func trimMemory(ctx context.Context) {
+	t := time.NewTicker(memTrimEvery)
+	defer t.Stop()
+	var tr trimmer
+	tr.trimmed(readHeapHeld())
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if tr.due(readHeapHeld()) {
+			debug.FreeOSMemory()
+			tr.trimmed(readHeapHeld())
+		}
+	}
+}
+
+// trimmer decides when to trim from the heap held at each look.
+type trimmer struct {
+	base uint64 // the heap held after the last trim, or less since
+}
+
+// due reports whether the heap held grew by memTrimMin over the base.
+func (t *trimmer) due(held uint64) bool {
+	if held < t.base {
+		t.base = held
+	}
+	return held >= t.base+memTrimMin
+}
+
+// trimmed records the heap held after a trim.
+func (t *trimmer) trimmed(held uint64) { t.base = held }
