@@ -216,8 +216,9 @@ func (t *translator) workload(p *corev1.Pod) *model.Workload {
 		WaypointBypass:    model.WaypointBypassAllowed(nsLabels, p.Labels),
 	}
 	if gw := p.Labels["gateway.networking.k8s.io/gateway-name"]; gw != "" && t.isWaypoint(p.Namespace, gw) {
-		w.QUIC = false // a waypoint serves HBONE over HTTP/2 only
-		return w       // a waypoint's own pods do not go through a waypoint
+		// A waypoint advertises QUIC by the same labels as any pod (the
+		// deployer labels its pods and passes --hbone-quic to match).
+		return w // a waypoint's own pods do not go through a waypoint
 	}
 	if name, wns, fromPod := useWaypoint(p.Labels, p.Namespace, nsLabels); name != "" {
 		w.Waypoint = t.waypoint("Pod", p.Namespace, p.Name, wns, name, false, fromPod)
