@@ -127,7 +127,7 @@ func TestManifests(t *testing.T) {
 			t.Fatal(err)
 		}
 		kl := &kubelet.Kubelet{Client: cs, Node: n, Logger: log, Register: true, TLS: serverTLS,
-			ClusterDNS: true, PodHostnames: true, MountVolumes: true, RunHostNetwork: true, ServiceProxy: true,
+			ClusterDNS: true, PodHostnames: true, MountVolumes: true, RunHostNetwork: true, ServiceProxy: true, SecurityContext: true,
 			HostPaths:    map[string]string{"/sys/fs/bpf": bpfDir(n.Name)},
 			Images:       map[string]string{deployer.DefaultImage: bin}, // ambit's image: its programs by command[0]
 			Prepare:      prepare,
@@ -146,6 +146,11 @@ func TestManifests(t *testing.T) {
 	t.Cleanup(func() { stopKubelets(); wg.Wait() })
 	// containerLogs shows the tails of ambit's containers when t failed.
 	t.Cleanup(func() {
+		if keep := os.Getenv("AMBIT_TEST_LOGS"); keep != "" {
+			// Every container's whole log, kept: AMBIT_TEST_LOGS=<dir>.
+			out, err := exec.Command("sh", "-c", `mkdir -p "$1" && cp "$2"/kubelet-*/*/*.log "$1"/`, "sh", keep, work).CombinedOutput()
+			t.Logf("container logs copied to %s: %v %s", keep, err, out)
+		}
 		if !t.Failed() {
 			return
 		}
@@ -287,6 +292,7 @@ func TestManifests(t *testing.T) {
 	}) {
 		t.Fatal("client, server and web pods not running and ready (captured by their nodes' ztunnels)")
 	}
+	t.Logf("client, server, web Ready (captured) %s after the nodes registered", time.Since(t1).Round(time.Millisecond))
 	svc, err := cs.CoreV1().Services(ns).Get(ctx, "server", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -295,11 +301,29 @@ func TestManifests(t *testing.T) {
 	// Client -> server's cluster IP: captured on node-1, HBONE (mTLS) to
 	// node-2's ztunnel, delivered from the client's address.
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
-	var res app.Result
+	// First node-1's ztunnel learns the Service (xDS). Before that, a
+	// connection to its cluster IP is passed through: the manifest's
+	// --pod-cidrs does not name the service CIDR. ztunnel dials it from
+	// the pod's address (IP_TRANSPARENT), and the harness's service proxy
+	// (userspace, in its own namespace) answers on a link without ambit's
+	// capture program, so that connection would hang here where a real
+	// cluster's kube-proxy (DNAT) passes it in plaintext.
 	if !eventually(60*time.Second, func() bool {
+		body, err := scrapeIn(ctx, topo.Node("node-1").NS, "http://127.0.0.1:15000/debug/services")
+		return err == nil && strings.Contains(body, svc.Spec.ClusterIP)
+	}) {
+		t.Fatalf("node-1's ztunnel does not know Service server (%s)", svc.Spec.ClusterIP)
+	}
+	var res app.Result
+	attempts := 0
+	if !eventually(60*time.Second, func() bool {
+		attempts++
 		ectx, ecancel := context.WithTimeout(ctx, 10*time.Second)
 		defer ecancel()
 		res, err = app.Exchange(ectx, func(ctx context.Context) (net.Conn, error) { return client.NS.Dial(ctx, nil, "tcp", vip) }, 32<<10)
+		if err != nil {
+			t.Logf("client -> server %s: %v", vip, err)
+		}
 		return err == nil
 	}) {
 		t.Fatalf("client -> server %s: %v", vip, err)

@@ -148,8 +148,9 @@ func (k *Kubelet) startDNS(ctx context.Context, log *slog.Logger, done func()) e
 // ClusterDNS, /etc/resolv.conf naming the node's DNS (search
 // <namespace>.svc, svc and the cluster domain, ndots 5, as a kubelet writes
 // it) and, unless the pod is hostNetwork, /etc/hosts the pod's own name and
-// address. Files live under dir.
-func (k *Kubelet) newMountNS(path, dir string, pod *corev1.Pod, ip netip.Addr, binds []bindMount) error {
+// address. Files live under dir. readOnlyRoot makes the root file system
+// read-only in it.
+func (k *Kubelet) newMountNS(path, dir string, pod *corev1.Pod, ip netip.Addr, binds []bindMount, readOnlyRoot bool) error {
 	if k.ClusterDNS && (!pod.Spec.HostNetwork || pod.Spec.DNSPolicy == corev1.DNSClusterFirstWithHostNet) {
 		resolv := filepath.Join(dir, "resolv.conf")
 		search := fmt.Sprintf("%s.svc.%s svc.%s %s", pod.Namespace, ClusterDomain, ClusterDomain, ClusterDomain)
@@ -165,7 +166,7 @@ func (k *Kubelet) newMountNS(path, dir string, pod *corev1.Pod, ip netip.Addr, b
 		}
 		binds = append(binds, bindMount{src: hosts, dst: "/etc/hosts"})
 	}
-	return newMountNamespace(path, binds)
+	return newMountNamespace(path, binds, readOnlyRoot)
 }
 
 // removeMountNS unpins a namespace made by newMountNS.

@@ -48,10 +48,11 @@ type containerSpec struct {
 	bin      string
 	args     []string
 	env      []string
-	probeURL string // the readiness probe's (HTTP GET), "" without one
-	probeTCP string // the readiness probe's (TCP connect) address, "" without one
-	uts      string // the pod's UTS namespace, "" for none
-	mnt      string // the pod's mount namespace, "" for none
+	probeURL string   // the readiness probe's (HTTP GET), "" without one
+	probeTCP string   // the readiness probe's (TCP connect) address, "" without one
+	uts      string   // the pod's UTS namespace, "" for none
+	mnt      string   // the pod's mount namespace, "" for none
+	setpriv  []string // setpriv's arguments (SecurityContext), nil for none
 }
 
 // resolve turns container c of pod into a process spec: its image mapped to a
@@ -486,7 +487,11 @@ func (pr *proc) run(netNS *netns.NS, spec *containerSpec) (<-chan struct{}, erro
 	if spec.mnt != "" {
 		ns = append(ns, "--mount="+spec.mnt)
 	}
-	cmd := exec.Command("nsenter", append(append(ns, "--", spec.bin), spec.args...)...)
+	argv := append(ns, "--")
+	if spec.setpriv != nil {
+		argv = append(append(append(argv, "setpriv"), spec.setpriv...), "--")
+	}
+	cmd := exec.Command("nsenter", append(append(argv, spec.bin), spec.args...)...)
 	cmd.Env = spec.env
 	cmd.Stdout, cmd.Stderr = f, f
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -159,6 +159,14 @@ type Kubelet struct {
 	// KUBERNETES_SERVICE_HOST and _PORT (the cluster IP of
 	// default/kubernetes) as a kubelet injects them.
 	ServiceProxy bool
+	// SecurityContext runs image-run containers with their
+	// securityContext, through setpriv(1): runAsUser/runAsGroup, the
+	// capability set (a runtime's default, or none after drop ALL, plus
+	// add, minus drop; privileged: all), no_new_privs for
+	// allowPrivilegeEscalation: false, runAsNonRoot checked, volume files
+	// owned by the user, and, with MountVolumes, a read-only root file
+	// system for readOnlyRootFilesystem. Seccomp profiles are not applied.
+	SecurityContext bool
 	// ServiceCIDR is the API server's service-cluster-ip-range, which
 	// the node routes to its services' namespace (default
 	// DefaultServiceCIDR).
@@ -366,6 +374,11 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 			if err != nil {
 				return fmt.Errorf("container %s: %w", c.Name, err)
 			}
+			if k.SecurityContext {
+				if err := chownVolumes(pod, c, v); err != nil {
+					return fmt.Errorf("container %s: %w", c.Name, err)
+				}
+			}
 			vols[c.Name] = v
 		}
 	}
@@ -398,7 +411,7 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 		if mountVolumes {
 			binds = k.podBinds(pod, r.mnt, vols)
 		}
-		if err := k.newMountNS(r.mnt, dir, pod, pn.ip, binds); err != nil {
+		if err := k.newMountNS(r.mnt, dir, pod, pn.ip, binds, mountVolumes && k.SecurityContext && k.readOnlyRoot(pod)); err != nil {
 			r.mnt = ""
 			k.teardown(r)
 			return err
@@ -429,6 +442,12 @@ func (k *Kubelet) ensure(ctx context.Context, key string, pod *corev1.Pod, log *
 				return fmt.Errorf("container %s: %w", c.Name, err)
 			}
 			spec.uts, spec.mnt = r.uts, r.mnt
+			if k.SecurityContext {
+				if spec.setpriv, err = setprivArgs(pod, c); err != nil {
+					k.teardown(r)
+					return err
+				}
+			}
 			r.specs[c.Name] = spec
 			r.procs = append(r.procs, k.startProc(pod, pn, pod.Namespace+"."+pod.Name+"."+c.Name, spec, dir, log))
 			ran = true

@@ -24,7 +24,10 @@ type bindMount struct {
 // the machine's file system (an empty directory or file; a mount namespace
 // isolates mounts, not files), so dst may be neither "/" nor an ancestor of
 // mntDir.
-func newMountNamespace(path string, binds []bindMount) error {
+//
+// readOnlyRoot remounts the root read-only in the namespace (the bind mounts
+// are mounts of their own and keep their mode).
+func newMountNamespace(path string, binds []bindMount, readOnlyRoot bool) error {
 	if err := privateDir(mntDir); err != nil {
 		return err
 	}
@@ -70,6 +73,9 @@ func newMountNamespace(path string, binds []bindMount) error {
 	}
 	for i := range binds {
 		fmt.Fprintf(&script, "umount -l %s\n", quote(filepath.Join(stage, strconv.Itoa(i))))
+	}
+	if readOnlyRoot {
+		script.WriteString("mount -o remount,bind,ro /\n")
 	}
 	f, err := os.Create(path)
 	if err != nil {

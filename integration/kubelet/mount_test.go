@@ -22,7 +22,8 @@ import (
 // With MountVolumes, ServiceProxy, HostPaths and RunHostNetwork, a mapped
 // image sees the manifest's paths as written, in a mount namespace of its
 // own: a projected token, a Secret, a hostPath (this node's view of it), an
-// emptyDir over /tmp; it reaches the API server at the cluster IP of
+// emptyDir over /tmp; it runs with its securityContext (user, capabilities,
+// read-only root); it reaches the API server at the cluster IP of
 // default/kubernetes (KUBERNETES_SERVICE_HOST, verified TLS), and a TCP
 // readiness probe makes it Ready. A hostNetwork pod runs the same way in the
 // node's namespace.
@@ -67,6 +68,9 @@ echo "token=$(cat /var/run/secrets/tokens/token)"
 echo "secret=$(cat /etc/kube-ca/key)"
 echo "host=$(cat /host/data/f)"
 echo "tmp=$(ls -A /tmp | wc -l)"
+echo "uid=$(id -u)"
+echo "capeff=$(grep CapEff /proc/self/status | cut -f2)"
+if touch /rootfs-test 2>/dev/null; then echo rootfs=rw; rm -f /rootfs-test; else echo rootfs=ro; fi
 python3 -c 'import ssl, json, os, urllib.request
 ctx = ssl.create_default_context(cafile="/etc/kube-ca/ca.crt")
 url = "https://%s:%s/version" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
@@ -88,7 +92,7 @@ exec python3 -m http.server "$1" --bind 0.0.0.0
 	kl := &Kubelet{Client: cs, Node: topo.Nodes[0], WorkDir: filepath.Join(work, "kubelet"), RestartDelay: 200 * time.Millisecond,
 		Logger:       slog.New(slog.NewTextHandler(tWriter{t}, nil)),
 		Images:       map[string]string{"example/tool:1": image},
-		MountVolumes: true, ServiceProxy: true, RunHostNetwork: true,
+		MountVolumes: true, ServiceProxy: true, RunHostNetwork: true, SecurityContext: true,
 		HostPaths: map[string]string{"/srv/ambit-test": nodeDir},
 		Token: func(_ context.Context, pod *corev1.Pod, aud string) (string, error) {
 			return "token-of-" + pod.Name + "-for-" + aud, nil
@@ -104,12 +108,14 @@ exec python3 -m http.server "$1" --bind 0.0.0.0
 	}()
 	exp := int64(3600)
 	dirType := corev1.HostPathDirectory
-	mk := func(name string, hostNetwork bool, port int) {
+	mk := func(name string, hostNetwork bool, port int, uid int64, add []corev1.Capability) {
 		pod := &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "shop"},
 			Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: "tool", AutomountServiceAccountToken: ptr(false), HostNetwork: hostNetwork,
 				Containers: []corev1.Container{{
 					Name: "tool", Image: "example/tool:1", Command: []string{"/run"}, Args: []string{fmt.Sprint(port)},
+					SecurityContext: &corev1.SecurityContext{RunAsUser: &uid, RunAsGroup: &uid, ReadOnlyRootFilesystem: ptr(true),
+						AllowPrivilegeEscalation: ptr(false), Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}, Add: add}},
 					Ports:          []corev1.ContainerPort{{Name: "http", ContainerPort: int32(port)}},
 					ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromString("http")}}},
 					VolumeMounts: []corev1.VolumeMount{
@@ -133,8 +139,12 @@ exec python3 -m http.server "$1" --bind 0.0.0.0
 			t.Fatal(err)
 		}
 	}
-	mk("tool-0", false, 8080)
-	mk("tool-host", true, 18080)
+	mk("tool-0", false, 8080, 1000, nil)
+	mk("tool-host", true, 18080, 0, []corev1.Capability{"NET_ADMIN"})
+	want := map[string][]string{
+		"tool-0":    {"uid=1000", "capeff=0000000000000000"},
+		"tool-host": {"uid=0", "capeff=0000000000001000"}, // CAP_NET_ADMIN only
+	}
 	for _, name := range []string{"tool-0", "tool-host"} {
 		for {
 			p, err := cs.CoreV1().Pods("shop").Get(ctx, name, metav1.GetOptions{})
@@ -153,7 +163,7 @@ exec python3 -m http.server "$1" --bind 0.0.0.0
 		}
 		seen := string(b)
 		for _, want := range []string{"api=10.96.0.1:443", "token=token-of-" + name + "-for-istio-ca", "secret=s3cret",
-			"host=node-1's file", "tmp=0", "version=v"} {
+			"host=node-1's file", "tmp=0", "version=v", "rootfs=ro", want[name][0], want[name][1]} {
 			if !strings.Contains(seen, want) {
 				t.Errorf("pod %s saw no %q:\n%s", name, want, seen)
 			}
