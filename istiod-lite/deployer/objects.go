@@ -10,6 +10,8 @@ import (
 	corev1ac "k8s.io/client-go/applyconfigurations/core/v1"
 	metav1ac "k8s.io/client-go/applyconfigurations/meta/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	"github.com/ambit-mesh/ambit/model"
 )
 
 // Labels and values on the objects the deployer owns (Istio's).
@@ -70,6 +72,18 @@ func (o objects) annotations() map[string]string {
 	return a
 }
 
+// quic reports whether the Gateway asks for HBONE over QUIC:
+// model.LabelHBONEQUIC is "enabled" among its labels or annotations, or its
+// infrastructure's.
+func (o objects) quic() bool {
+	const key, on = model.LabelHBONEQUIC, "enabled"
+	if o.gw.Labels[key] == on || o.gw.Annotations[key] == on {
+		return true
+	}
+	inf := o.gw.Spec.Infrastructure
+	return inf != nil && (inf.Labels[key] == on || inf.Annotations[key] == on)
+}
+
 func (o objects) serviceAccount() *corev1ac.ServiceAccountApplyConfiguration {
 	sa := corev1ac.ServiceAccount(o.gw.Name, o.gw.Namespace).
 		WithLabels(o.labels()).
@@ -122,6 +136,13 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 	podLabels["sidecar.istio.io/inject"] = "false"
 	podLabels["service.istio.io/canonical-name"] = o.gw.Name
 	podLabels["service.istio.io/canonical-revision"] = "latest"
+	// The pod advertises QUIC exactly when it serves it (--hbone-quic):
+	// its own label decides over its namespace's and node's.
+	quic := o.quic()
+	podLabels[model.LabelHBONEQUIC] = "disabled"
+	if quic {
+		podLabels[model.LabelHBONEQUIC] = "enabled"
+	}
 	podAnnotations := o.annotations()
 	maps.Copy(podAnnotations, map[string]string{
 		"prometheus.io/scrape": "true",
@@ -187,6 +208,10 @@ func (o objects) deployment() *appsv1ac.DeploymentApplyConfiguration {
 			corev1ac.VolumeMount().WithName("tmp").WithMountPath("/tmp"),
 		)
 
+	if quic {
+		container.WithArgs("--hbone-quic").
+			WithPorts(corev1ac.ContainerPort().WithName("mesh-quic").WithContainerPort(MeshPort).WithProtocol(corev1.ProtocolUDP))
+	}
 	if c.SPIRESocketDir != "" {
 		container.WithVolumeMounts(corev1ac.VolumeMount().WithName("spire-agent-socket").WithMountPath(c.SPIRESocketDir).WithReadOnly(true))
 	}
