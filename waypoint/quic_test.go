@@ -1,10 +1,13 @@
 package waypoint
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/netip"
@@ -340,5 +343,72 @@ func TestQUICDrain(t *testing.T) {
 		e.done <- nil // for the cleanup
 	case <-time.After(10 * time.Second):
 		t.Fatal("Serve did not return after the drain")
+	}
+}
+
+// TestQUICTCPChain: a tcp_proxy chain over HTTP/3 relays bytes exactly,
+// half-closed both ways (the client's FIN reaches the backend, which
+// answers after it); an unknown authority is refused with 503 as over
+// HTTP/2.
+func TestQUICTCPChain(t *testing.T) {
+	e, qaddr := newQUICEnv(t, nil)
+	const up, down = 1 << 20, 3 << 19
+	got := make(chan [32]byte, 1)
+	be := listen(t)
+	t.Cleanup(func() { be.Close() })
+	go func() {
+		c, err := be.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		h := sha256.New()
+		io.Copy(h, c) // until the client's FIN
+		got <- [32]byte(h.Sum(nil))
+		io.Copy(c, io.LimitReader(rand.NewChaCha8([32]byte{2}), down))
+	}()
+	cl := "outbound|9000||db.shop.svc.cluster.local"
+	e.apply(res(listener(tcpFC(testVIP, 9000, "db.shop.svc.cluster.local", cl))), res(edsCluster(cl)),
+		res(cla(cl, ep{addr: be.Addr().(*net.TCPAddr).AddrPort()})))
+	d := &h3.Dialer{Certs: e.certs}
+	defer d.Close()
+	st, err := d.Dial(t.Context(), hbone.DialRequest{Source: e.cliID, Peers: []spiffeid.ID{e.wpID}, Addr: qaddr,
+		Target: netip.MustParseAddrPort(testVIP + ":9000")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	st.SetDeadline(time.Now().Add(20 * time.Second))
+	sent := sha256.New()
+	if _, err := io.Copy(io.MultiWriter(st, sent), io.LimitReader(rand.NewChaCha8([32]byte{1}), up)); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	recv := sha256.New()
+	n, err := io.Copy(recv, st)
+	if err != nil || n != down {
+		t.Fatalf("read %d bytes (%v), want %d then EOF", n, err, down)
+	}
+	want := sha256.New()
+	io.Copy(want, io.LimitReader(rand.NewChaCha8([32]byte{2}), down))
+	if !bytes.Equal(recv.Sum(nil), want.Sum(nil)) {
+		t.Error("the backend's bytes differ at the client")
+	}
+	select {
+	case h := <-got:
+		if !bytes.Equal(h[:], sent.Sum(nil)) {
+			t.Error("the client's bytes differ at the backend")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the backend never saw the client's FIN")
+	}
+
+	_, err = d.Dial(t.Context(), hbone.DialRequest{Source: e.cliID, Peers: []spiffeid.ID{e.wpID}, Addr: qaddr,
+		Target: netip.MustParseAddrPort("10.9.9.9:80")})
+	var se *hbone.StatusError
+	if !errors.As(err, &se) || se.Code != 503 {
+		t.Errorf("unknown authority over h3: %v, want HBONE 503", err)
 	}
 }
