@@ -428,7 +428,13 @@ type tryResult struct {
 // try sends one attempt to h with an optional per-try timeout covering
 // the wait for response headers.
 func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Request, body io.ReadCloser, perTry time.Duration, h2 bool) tryResult {
-	tctx, cancel := context.WithCancel(ctx)
+	// Its own context only with a per-try timeout to cancel it: otherwise
+	// ctx already ends it (and the pools let go of it once the body is
+	// done).
+	tctx, cancel := ctx, context.CancelFunc(func() {})
+	if perTry > 0 {
+		tctx, cancel = context.WithCancel(ctx)
+	}
 	var state atomic.Int32 // 0 waiting, 1 headers, 2 timed out
 	var timer *time.Timer
 	if perTry > 0 {
@@ -438,7 +444,7 @@ func (p *Proxy) try(ctx context.Context, v *clusterView, h *host, req *http.Requ
 			}
 		})
 	}
-	out := req.Clone(tctx)
+	out := req.WithContext(tctx) // a shallow copy: the pools do not change the request
 	out.Body = body
 	if body == nil {
 		out.Body = http.NoBody
@@ -574,7 +580,10 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 	if !replayable {
 		if ra.retry != nil || len(ra.mirrors) > 0 {
 			if r.ContentLength <= p.cfg.RetryBufferBytes {
-				b, err := io.ReadAll(io.LimitReader(r.Body, p.cfg.RetryBufferBytes+1))
+				// Sized from Content-Length: one allocation, no growth.
+				bb := bytes.NewBuffer(make([]byte, 0, max(r.ContentLength, 0)+bytes.MinRead))
+				_, err := bb.ReadFrom(io.LimitReader(r.Body, p.cfg.RetryBufferBytes+1))
+				b := bb.Bytes()
 				if err != nil {
 					var mbe *http.MaxBytesError
 					if errors.As(err, &mbe) {
