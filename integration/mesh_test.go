@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -48,14 +49,43 @@ import (
 // istiod-lite watching it as its own service account, two nodes with a
 // kubelet stand-in and a ztunnel (eBPF capture, certificates from the CA
 // with a bound service-account token) each.
+//
+// On the harness cluster (onCluster, the default) kube-controller-manager
+// and kube-scheduler run too and the kubelets are registered Nodes serving
+// the kubelet API: pods are bound by the scheduler (a scenario that needs a
+// pod on a given node says so with a nodeSelector on kubernetes.io/hostname),
+// the ztunnel DaemonSet and the waypoints' Deployments become pods through
+// the controllers, and Services get their EndpointSlices. The light harness
+// (no controllers, no scheduler: pods name their node, the test stands in
+// for the ReplicaSet controller) is kept for the scenarios in
+// lightScenarios, and chosen for any with AMBIT_HARNESS=light.
 type env struct {
-	t       *testing.T
-	cluster *kube.Cluster
-	cs      kubernetes.Interface
-	m       *mesh.Mesh
-	kls     map[string]*kubelet.Kubelet
-	ips     sync.Map // "ns/name" -> pod IP
-	work    string   // the test's directory: binaries, logs
+	t         *testing.T
+	cluster   *kube.Cluster
+	cs        kubernetes.Interface
+	m         *mesh.Mesh
+	kls       map[string]*kubelet.Kubelet
+	ips       sync.Map // "ns/name" -> pod IP
+	aliases   sync.Map // a name the scenario uses ("shop/waypoint-0") -> the pod's "ns/name"
+	work      string   // the test's directory: binaries, logs
+	onCluster bool
+}
+
+// lightScenarios still run on the light harness: their setup creates pods
+// by name on a node, standing in for the ReplicaSet controller (a second
+// waypoint replica by hand) or for the control plane's own pods.
+var lightScenarios = map[string]bool{"TestWaypointRollout": true, "TestObservability": true}
+
+// onHarnessCluster says whether t's env runs on the harness cluster:
+// $AMBIT_HARNESS (cluster or light) decides, else lightScenarios.
+func onHarnessCluster(t *testing.T) bool {
+	switch os.Getenv("AMBIT_HARNESS") {
+	case "cluster":
+		return true
+	case "light":
+		return false
+	}
+	return !lightScenarios[t.Name()]
 }
 
 const (
@@ -233,7 +263,7 @@ spec:
 		if err := e.requestCert(t, "node-2", web); err != nil {
 			t.Fatalf("node-2 asking for its own workload's %s: %v", web, err)
 		}
-		if log := e.m.Istiod().Tail(200); !strings.Contains(log, "ztunnel-node-1") || !strings.Contains(log, web.String()) {
+		if log := e.m.Istiod().Tail(200); !strings.Contains(log, e.ztunnelPod(ctx, "node-1")) || !strings.Contains(log, web.String()) {
 			t.Errorf("istiod-lite did not log the refusal with the caller and identity:\n%s", log)
 		}
 	})
@@ -358,8 +388,14 @@ func setup(t *testing.T) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	c := kube.Start(t, kube.Options{})
-	e := &env{t: t, cluster: c, cs: c.Client(), kls: map[string]*kubelet.Kubelet{}}
+	onCluster := onHarnessCluster(t)
+	c := kube.Start(t, kube.Options{ControllerManager: onCluster, Scheduler: onCluster})
+	e := &env{t: t, cluster: c, cs: c.Client(), kls: map[string]*kubelet.Kubelet{}, onCluster: onCluster}
+	if onCluster {
+		t.Log("harness: the cluster (controller-manager, scheduler, registered nodes)")
+	} else {
+		t.Log("harness: light (API server and kubelet stand-ins only)")
+	}
 	repo, _ := filepath.Abs("..")
 	// As an operator would: the CRDs first, then everything (the
 	// GatewayClass needs its CRD established).
@@ -376,6 +412,11 @@ func setup(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	kubectl("apply", "--server-side", "-k", filepath.Join(repo, "manifests"))
+	if onCluster {
+		// istiod-lite runs as a process below, not as the Deployment's
+		// pods (deleted before any kubelet runs them).
+		kubectl("-n", "ambit-system", "delete", "deployment/istiod-lite")
+	}
 	for _, ns := range []*corev1.Namespace{
 		{ObjectMeta: metav1.ObjectMeta{Name: shop, Labels: map[string]string{"istio.io/dataplane-mode": "ambient"}}},
 		{ObjectMeta: metav1.ObjectMeta{Name: plain}},
@@ -386,7 +427,8 @@ func setup(t *testing.T) *env {
 	}
 	for _, sa := range []string{"shop/client", "shop/intruder", "shop/server", "plain/default", "plain/web"} {
 		ns, name, _ := strings.Cut(sa, "/")
-		if _, err := e.cs.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil {
+		// (the controller manager may have made a namespace's default)
+		if _, err := e.cs.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 			t.Fatal(err)
 		}
 	}
@@ -408,7 +450,7 @@ func setup(t *testing.T) *env {
 		Kubeconfig: kubeconfig,
 		CARoots:    filepath.Join(work, "ambit-ca-root.pem"),
 		CertTTL:    certTTL,
-		TokenFile:  e.ztunnelToken(work),
+		TokenFile:  e.ztunnelToken(t.Context(), work), // called at every ztunnel start
 		// Waypoints reach istiod-lite where the ztunnels do (no cluster DNS).
 		IstiodArgs: []string{"--waypoint-xds-address", netip.AddrPortFrom(netns.UnderlayPrefix.Addr().Next(), 15012).String()},
 		Setup: func(topo *netns.Topology) (err error) {
@@ -466,6 +508,13 @@ func setup(t *testing.T) *env {
 			WorkDir:      filepath.Join(work, "kubelet-"+n.Name),
 			RestartDelay: 2 * time.Second,
 		}
+		if onCluster {
+			serverTLS, err := c.KubeletTLS(n.Name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			kl.Register, kl.TLS = true, serverTLS
+		}
 		e.kls[n.Name] = kl
 		wg.Add(1)
 		go func() {
@@ -478,8 +527,16 @@ func setup(t *testing.T) *env {
 	t.Cleanup(func() { stopKubelets(); wg.Wait() })
 
 	// The ztunnel pods (hostNetwork) come first: their bound tokens
-	// authenticate the nodes' ztunnels to the CA.
+	// authenticate the nodes' ztunnels to the CA. On the cluster they are
+	// the DaemonSet's, one per registered node.
 	for _, n := range m.Topo.Nodes {
+		if onCluster {
+			e.waitReady(ctx, "ambit-system/"+e.ztunnelPod(ctx, n.Name))
+			if err := m.StartZtunnel(ctx, n.Name); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
 		z := &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Name: "ztunnel-" + n.Name, Namespace: "ambit-system", Labels: map[string]string{"app": "ztunnel"}},
 			Spec: corev1.PodSpec{NodeName: n.Name, ServiceAccountName: "ztunnel", HostNetwork: true,
@@ -516,11 +573,36 @@ func (e *env) istiodKubeconfig(ctx context.Context, dir string) string {
 	return path
 }
 
+// ztunnelPod is the name of node's ztunnel pod: on the cluster the
+// DaemonSet's (waiting up to a minute for it), else ztunnel-<node>.
+func (e *env) ztunnelPod(ctx context.Context, node string) string {
+	e.t.Helper()
+	if !e.onCluster {
+		return "ztunnel-" + node
+	}
+	var name string
+	if !eventually(60*time.Second, func() bool {
+		pods, err := e.cs.CoreV1().Pods("ambit-system").List(ctx, metav1.ListOptions{LabelSelector: "app=ztunnel"})
+		if err != nil {
+			return false
+		}
+		for _, p := range pods.Items {
+			if p.Spec.NodeName == node && p.DeletionTimestamp == nil {
+				name = p.Name
+			}
+		}
+		return name != ""
+	}) {
+		e.t.Fatalf("the ztunnel DaemonSet has no pod on %s", node)
+	}
+	return name
+}
+
 // ztunnelToken writes node's ztunnel pod's bound token (audience istio-ca),
 // as the DaemonSet's projected volume would.
-func (e *env) ztunnelToken(dir string) func(node string) (string, error) {
+func (e *env) ztunnelToken(ctx context.Context, dir string) func(node string) (string, error) {
 	return func(node string) (string, error) {
-		tok, err := e.cluster.ServiceAccountToken(context.Background(), "ambit-system", "ztunnel", []string{"istio-ca"}, "ztunnel-"+node)
+		tok, err := e.cluster.ServiceAccountToken(ctx, "ambit-system", "ztunnel", []string{"istio-ca"}, e.ztunnelPod(ctx, node))
 		if err != nil {
 			return "", err
 		}
@@ -571,11 +653,42 @@ func (e *env) pod(ctx context.Context, ns, name, node, sa string, labels map[str
 	}
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
-		Spec:       corev1.PodSpec{NodeName: node, ServiceAccountName: sa, Containers: []corev1.Container{c}},
+		Spec:       corev1.PodSpec{ServiceAccountName: sa, Containers: []corev1.Container{c}},
 	}
+	e.placeOn(&p.Spec, node)
 	if _, err := e.cs.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 		e.t.Fatal(err)
 	}
+}
+
+// placeOn puts a pod on node: on the cluster as a user would, with a
+// nodeSelector the scheduler honours; on the light harness by naming it.
+func (e *env) placeOn(spec *corev1.PodSpec, node string) {
+	if e.onCluster {
+		spec.NodeSelector = map[string]string{corev1.LabelHostname: node}
+		return
+	}
+	spec.NodeName = node
+}
+
+// key is the pod a scenario's name for it stands for (a Deployment's pod
+// has a generated name): key itself unless aliased.
+func (e *env) key(key string) string {
+	if v, ok := e.aliases.Load(key); ok {
+		return v.(string)
+	}
+	return key
+}
+
+// logFile is the log of pod key's container, on whichever node runs it.
+func (e *env) logFile(key, container string) string {
+	key = e.key(key)
+	for _, kl := range e.kls {
+		if kl.Pod(key) != nil {
+			return kl.LogFile(key, container)
+		}
+	}
+	return ""
 }
 
 func (e *env) service(ctx context.Context, ns, name string, selector map[string]string, port, target int32) netip.Addr {
@@ -611,6 +724,7 @@ func (e *env) waitReady(ctx context.Context, key string) {
 }
 
 func (e *env) ip(key string) netip.Addr {
+	key = e.key(key)
 	v, ok := e.ips.Load(key)
 	if !ok {
 		e.t.Fatalf("no IP for pod %s", key)
@@ -623,6 +737,7 @@ func (e *env) addr(key string, port uint16) netip.AddrPort {
 }
 
 func (e *env) netns(key string) *netns.Pod {
+	key = e.key(key)
 	for _, kl := range e.kls {
 		if p := kl.Pod(key); p != nil {
 			return p
@@ -696,7 +811,7 @@ func (e *env) kubectlApply(t *testing.T, yaml string) {
 // requestCert asks the CA, from inside node's namespace and with node's
 // ztunnel token, for a certificate of id.
 func (e *env) requestCert(t *testing.T, node string, id spiffeid.ID) error {
-	tokenFile, err := e.ztunnelToken(t.TempDir())(node)
+	tokenFile, err := e.ztunnelToken(t.Context(), t.TempDir())(node)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 	gwclient "sigs.k8s.io/gateway-api/pkg/client/clientset/versioned"
@@ -457,7 +458,7 @@ spec:
 		c := e.httpClient("shop/client-1", false) // a new connection per request
 		url := fmt.Sprintf("http://%s/", netip.AddrPortFrom(vips["reviews"], 80))
 		kl := e.kls["node-2"]
-		if kl.Kill(waypointPod) != 1 {
+		if kl.Kill(e.key(waypointPod)) != 1 {
 			t.Fatal("no waypoint process to kill")
 		}
 		killed := time.Now()
@@ -736,12 +737,12 @@ spec:
 }
 
 // runWaypoint waits for the Deployment istiod-lite's deployer made for the
-// Gateway,
-// creates its pod on node (standing in for the ReplicaSet controller and the
-// scheduler: there is no controller-manager in this harness), waits until
-// the kubelet stand-in runs it ready, and routes the waypoint Service's
-// cluster IP to it. It returns that cluster IP. mutate, if any, changes the
-// pod before it is created.
+// Gateway and gets its pod running ready on node: on the harness cluster
+// through the Deployment controller and the scheduler (rollOutWaypoint); on
+// the light harness by creating the pod itself (standing in for the
+// ReplicaSet controller and the scheduler). It routes the waypoint Service's
+// cluster IP to the pod (there is no kube-proxy) and returns that cluster
+// IP. mutate, if any, changes the pod (its containers' env on the cluster).
 func (e *env) runWaypoint(t *testing.T, gw, node string, mutate ...func(*corev1.Pod)) netip.Addr {
 	ctx := context.Background()
 	var tmpl corev1.PodTemplateSpec
@@ -753,6 +754,10 @@ func (e *env) runWaypoint(t *testing.T, gw, node string, mutate ...func(*corev1.
 		return err == nil
 	}) {
 		t.Fatalf("the deployer made no Deployment %s/%s", shop, gw)
+	}
+	if e.onCluster {
+		e.rollOutWaypoint(t, gw, node, mutate...)
+		return e.waypointReady(t, gw)
 	}
 	name := strings.TrimPrefix(waypointPod, shop+"/")
 	pod := &corev1.Pod{ObjectMeta: tmpl.ObjectMeta, Spec: tmpl.Spec}
@@ -786,6 +791,78 @@ func (e *env) runWaypoint(t *testing.T, gw, node string, mutate ...func(*corev1.
 			t.Fatal(err)
 		}
 	}
+	return e.waypointReady(t, gw)
+}
+
+// rollOutWaypoint, on the harness cluster, puts the waypoint Deployment's
+// pod on node as a user would (a nodeSelector patched into its template,
+// which the deployer's apply leaves alone; mutate's changes to the pod
+// template's containers' env too), waits for the Deployment controller's
+// rollout (one updated, ready replica, the old ones gone) and aliases
+// waypointPod to the pod.
+func (e *env) rollOutWaypoint(t *testing.T, gw, node string, mutate ...func(*corev1.Pod)) {
+	t.Helper()
+	ctx := t.Context()
+	d, err := e.cs.AppsV1().Deployments(shop).Get(ctx, gw, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod := &corev1.Pod{ObjectMeta: d.Spec.Template.ObjectMeta, Spec: *d.Spec.Template.Spec.DeepCopy()}
+	for _, m := range mutate {
+		m(pod)
+	}
+	spec := map[string]any{"nodeSelector": map[string]string{corev1.LabelHostname: node}}
+	if len(mutate) > 0 {
+		var envs []map[string]any
+		for _, c := range pod.Spec.Containers {
+			if len(c.Env) > 0 {
+				envs = append(envs, map[string]any{"name": c.Name, "env": c.Env})
+			}
+		}
+		spec["containers"] = envs
+	}
+	patch, err := json.Marshal(map[string]any{"spec": map[string]any{"template": map[string]any{"spec": spec}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.cs.AppsV1().Deployments(shop).Patch(ctx, gw, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: "ambit-integration"}); err != nil {
+		t.Fatal(err)
+	}
+	var name, state string
+	if !eventually(90*time.Second, func() bool {
+		d, err := e.cs.AppsV1().Deployments(shop).Get(ctx, gw, metav1.GetOptions{})
+		if err != nil {
+			return false
+		}
+		s := d.Status
+		state = fmt.Sprintf("generation %d observed %d, replicas %d updated %d ready %d", d.Generation, s.ObservedGeneration, s.Replicas, s.UpdatedReplicas, s.ReadyReplicas)
+		if s.ObservedGeneration < d.Generation || s.Replicas != 1 || s.UpdatedReplicas != 1 || s.ReadyReplicas != 1 {
+			return false
+		}
+		sel, err := metav1.LabelSelectorAsSelector(d.Spec.Selector)
+		if err != nil {
+			return false
+		}
+		pods, err := e.cs.CoreV1().Pods(shop).List(ctx, metav1.ListOptions{LabelSelector: sel.String()})
+		if err != nil || len(pods.Items) != 1 {
+			return false
+		}
+		p := pods.Items[0]
+		name = p.Name
+		state += fmt.Sprintf("; pod %s on %q", p.Name, p.Spec.NodeName)
+		return p.Spec.NodeName == node && p.DeletionTimestamp == nil && podReady(&p) && e.kls[node].Pod(shop+"/"+p.Name) != nil
+	}) {
+		t.Fatalf("the waypoint Deployment did not roll out one ready pod on %s: %s\n%s", node, state, e.waypointTail())
+	}
+	e.aliases.Store(waypointPod, shop+"/"+name)
+	t.Logf("waypoint %s/%s: pod %s on %s (Deployment controller, scheduler)", shop, gw, name, node)
+}
+
+// waypointReady waits for the waypoint Service's cluster IP, routes it to
+// the waypoint's pod and waits for the Gateway to be Programmed.
+func (e *env) waypointReady(t *testing.T, gw string) netip.Addr {
+	t.Helper()
+	ctx := context.Background()
 	var vip netip.Addr
 	if !eventually(30*time.Second, func() bool {
 		s, err := e.cs.CoreV1().Services(shop).Get(ctx, gw, metav1.GetOptions{})
@@ -866,7 +943,7 @@ func (e *env) waypointConfigLacks(subs ...string) string {
 }
 
 func (e *env) waypointTail() string {
-	b, err := os.ReadFile(e.kls["node-2"].LogFile(waypointPod, "istio-proxy"))
+	b, err := os.ReadFile(e.logFile(waypointPod, "istio-proxy"))
 	if err != nil {
 		return "(no waypoint log: " + err.Error() + ")"
 	}
@@ -879,7 +956,7 @@ func (e *env) waypointTail() string {
 
 func (e *env) requestLogs(t *testing.T) []mesh.RequestLog {
 	t.Helper()
-	logs, err := mesh.ReadRequestLogs(e.kls["node-2"].LogFile(waypointPod, "istio-proxy"))
+	logs, err := mesh.ReadRequestLogs(e.logFile(waypointPod, "istio-proxy"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -989,10 +1066,11 @@ func (e *env) httpPod(ctx context.Context, name, node, sa string, labels, annota
 	e.t.Helper()
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: shop, Labels: labels, Annotations: annotations},
-		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa, Containers: []corev1.Container{{
+		Spec: corev1.PodSpec{ServiceAccountName: sa, Containers: []corev1.Container{{
 			Name: "app", Image: "ambit-app", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}},
 		}}},
 	}
+	e.placeOn(&p.Spec, node)
 	if _, err := e.cs.CoreV1().Pods(shop).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 		e.t.Fatal(err)
 	}
