@@ -6,6 +6,7 @@ import (
 	"net/textproto"
 	"strconv"
 	"sync/atomic"
+	"time"
 )
 
 // framing watches the HTTP/1.x request heads a tunnelled connection
@@ -37,13 +38,34 @@ type framing struct {
 
 	teHead   atomic.Int64 // index of the head with a Transfer-Encoding (0: none)
 	teWithCL atomic.Bool  // that head had a Content-Length too
+
+	rdl lazyReadDeadline // the read deadline net/http sets
 }
 
 func newFraming(c net.Conn, maxHeaderBytes int) *framing {
 	if maxHeaderBytes <= 0 {
 		maxHeaderBytes = 1 << 20 // net/http's DefaultMaxHeaderBytes
 	}
-	return &framing{Conn: c, max: maxHeaderBytes + 4096} // net/http's slack
+	f := &framing{Conn: c, max: maxHeaderBytes + 4096} // net/http's slack
+	f.rdl.conn = c
+	return f
+}
+
+// SetReadDeadline is lazyReadDeadline's: net/http sets one per request.
+func (f *framing) SetReadDeadline(t time.Time) error { return f.rdl.set(t) }
+
+// SetDeadline sets both deadlines, the read one as SetReadDeadline.
+func (f *framing) SetDeadline(t time.Time) error {
+	if err := f.rdl.set(t); err != nil {
+		return err
+	}
+	return f.Conn.SetWriteDeadline(t)
+}
+
+// Close closes the connection and releases the deadline's timer.
+func (f *framing) Close() error {
+	f.rdl.stop()
+	return f.Conn.Close()
 }
 
 // CloseWrite half-closes the tunnelled connection (net/http uses it when it
