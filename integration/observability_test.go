@@ -362,31 +362,48 @@ scrape_configs:
 		}
 	}
 
-	// Traffic: served connections through the service, and failed ones (a
-	// pod port nobody listens on).
-	for range 5 {
-		if r := e.exchange(t, "shop/client-1", netip.AddrPortFrom(vip, 80), 64<<10); r.err != nil {
-			t.Fatalf("%s -> %s: %v", r.from, r.to, r.err)
-		}
-	}
-	for range 2 {
-		if r := e.exchange(t, "shop/client-1", e.addr("shop/server-2", 9), 10); r.err == nil {
-			t.Fatal("a connection to a closed port succeeded")
-		}
-	}
-
-	// Requests through the waypoint (the first may wait for its config).
+	// Traffic: served connections through the service, failed ones (a pod
+	// port nobody listens on), and requests through the waypoint (the
+	// first may wait for its config). Each kind goes in two rounds with a
+	// scrape in between: a counter Prometheus first sees at its value has
+	// not increased (rate and increase are 0, a ratio of them NaN) until a
+	// later scrape sees it move, as after any process start in a cluster.
 	client := e.httpClient("shop/client-1", true)
 	reviews := fmt.Sprintf("http://%s/", netip.AddrPortFrom(reviewsVIP, 80))
 	var ok int
-	if !eventually(30*time.Second, func() bool {
-		if code, _, err := get(client, http.MethodGet, reviews); err == nil && code == http.StatusOK {
-			ok++
+	traffic := func(served, failed, requests int) {
+		t.Helper()
+		for range served {
+			if r := e.exchange(t, "shop/client-1", netip.AddrPortFrom(vip, 80), 64<<10); r.err != nil {
+				t.Fatalf("%s -> %s: %v", r.from, r.to, r.err)
+			}
 		}
-		return ok >= 20
-	}) {
-		t.Fatalf("%d requests answered 200 through the waypoint in 30s\n%s", ok, e.waypointTail())
+		for range failed {
+			if r := e.exchange(t, "shop/client-1", e.addr("shop/server-2", 9), 10); r.err == nil {
+				t.Fatal("a connection to a closed port succeeded")
+			}
+		}
+		want := ok + requests
+		if !eventually(30*time.Second, func() bool {
+			if code, _, err := get(client, http.MethodGet, reviews); err == nil && code == http.StatusOK {
+				ok++
+			}
+			return ok >= want
+		}) {
+			t.Fatalf("%d requests answered 200 through the waypoint in 30s\n%s", ok, e.waypointTail())
+		}
 	}
+	traffic(1, 1, 1)
+	for _, q := range []string{
+		`istio_tcp_connections_opened_total{reporter="destination", destination_workload="server-2"}`,
+		`istio_tcp_connections_failed_total`,
+		`istio_requests_total{reporter="waypoint", response_code="200"}`,
+	} {
+		if !eventually(30*time.Second, func() bool { n, err := query(q); return err == nil && n > 0 }) {
+			t.Fatalf("Prometheus never scraped %s", q)
+		}
+	}
+	traffic(4, 1, 19)
 
 	// Queries of Istio's stock dashboards (mesh, service and workload; their
 	// template variables filled in) return ambit's traffic.
