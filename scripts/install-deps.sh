@@ -9,7 +9,7 @@ pkgs=()
 for w in "${want[@]}"; do
 	case "$w" in
 	base) pkgs+=(iproute2 util-linux etcd-server tcpdump kubectl clang llvm libbpf-dev protobuf-compiler libcap2-bin) ;; # libcap2-bin: capsh (bpf bypass test)
-	integration) pkgs+=(iproute2 util-linux etcd-server kubectl tcpdump prometheus) ;; # prometheus: the dashboards scenario
+	integration) pkgs+=(iproute2 util-linux etcd-server kubectl tcpdump) ;;
 	bench) pkgs+=(iproute2 haproxy iperf3 nginx) ;; # fortio is built from the Go module proxy by bench/cmd/meshbench
 	generate) pkgs+=(clang llvm libbpf-dev bpftool protobuf-compiler) ;;
 	*) echo "install-deps.sh: unknown set $w" >&2; exit 2 ;;
