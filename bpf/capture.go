@@ -919,6 +919,20 @@ func Uninstall(opts Options) error {
 			}
 		}
 	}
+	// Detach each pinned link before removing its pin: a removed pin drops
+	// its reference from a kernel work queue (bpf_link_put), so the
+	// programs could stay attached for a while after Uninstall returned,
+	// and as long as any process (a ztunnel still running) holds the link.
+	for _, e := range ents {
+		l, err := link.LoadPinnedLink(filepath.Join(opts.PinPath, linksDir, e.Name()), nil)
+		if err != nil {
+			continue // not a link; RemoveAll below takes it
+		}
+		if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", e.Name(), err))
+		}
+		l.Close()
+	}
 	if err := os.RemoveAll(opts.PinPath); err != nil {
 		errs = append(errs, err)
 	}
