@@ -120,6 +120,7 @@ func TestDelayLossDrop(t *testing.T) {
 
 	// Loss: 20% of 2000 datagrams, one way (no delay, to be quick).
 	l.Set(Config{Loss: 0.2})
+	before := l.Stats()
 	got := 0
 	done := make(chan struct{})
 	go func() {
@@ -142,11 +143,17 @@ func TestDelayLossDrop(t *testing.T) {
 		}
 	}
 	<-done
-	if got < 1400 || got > 1800 {
-		t.Errorf("%d of 2000 datagrams crossed a 20%% loss line, want about 1600", got)
+	// The line's own decisions: on a loaded machine datagrams are also lost
+	// before it (socket buffers, the packet ring), which says nothing about
+	// Loss. Of the frames it saw, about 20% are lost (±5 sigma), and no
+	// more crossed than it let through.
+	after := l.Stats()
+	fwd, lost := after.Forwarded-before.Forwarded, after.Lost-before.Lost
+	if seen := fwd + lost; seen < 1000 || float64(lost)/float64(seen) < 0.15 || float64(lost)/float64(seen) > 0.25 {
+		t.Errorf("the line lost %d of the %d frames it saw, want about 20%% (stats %+v)", lost, seen, after)
 	}
-	if s := l.Stats(); s.Lost < 200 {
-		t.Errorf("stats %+v: want about 400 lost", s)
+	if got == 0 || uint64(got) > fwd {
+		t.Errorf("%d datagrams crossed, the line forwarded %d", got, fwd)
 	}
 
 	// Drop: UDP to port 9000 (IPv4 without options: the port at byte 36).
