@@ -254,6 +254,7 @@ func (p *Proxy) serveTCP(ctx context.Context, r *hbone.Request, snap *snapshot, 
 		up.Close()
 		return
 	}
+	c.Transport = st.Transport() // h2 or h3: flows and ambit_hbone_*
 	p.conns.Establish(c)
 	if _, _, jerr := relay.Join(ctx, st, up, c.Count); jerr != nil && !errors.Is(jerr, net.ErrClosed) && !errors.Is(jerr, context.Canceled) {
 		p.log.Debug("waypoint: tcp relay", "err", jerr)

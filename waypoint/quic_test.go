@@ -405,6 +405,10 @@ func TestQUICTCPChain(t *testing.T) {
 		t.Fatal("the backend never saw the client's FIN")
 	}
 
+	if n := scrape(t, e.metric, "ambit_hbone_connections_opened_total", `transport="h3"`, `reporter="waypoint"`); n != 1 {
+		t.Errorf("h3 connections counted %v, want 1", n)
+	}
+
 	_, err = d.Dial(t.Context(), hbone.DialRequest{Source: e.cliID, Peers: []spiffeid.ID{e.wpID}, Addr: qaddr,
 		Target: netip.MustParseAddrPort("10.9.9.9:80")})
 	var se *hbone.StatusError
