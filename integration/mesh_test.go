@@ -72,9 +72,8 @@ type env struct {
 }
 
 // lightScenarios still run on the light harness: their setup creates pods
-// by name on a node, standing in for the ReplicaSet controller (a second
-// waypoint replica by hand) or for the control plane's own pods.
-var lightScenarios = map[string]bool{"TestWaypointRollout": true, "TestObservability": true}
+// by name on a node, standing in for the control plane's own pods.
+var lightScenarios = map[string]bool{"TestObservability": true}
 
 // onHarnessCluster says whether t's env runs on the harness cluster:
 // $AMBIT_HARNESS (cluster or light) decides, else lightScenarios.

@@ -21,6 +21,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/ambit-mesh/ambit/integration/app"
 	"github.com/ambit-mesh/ambit/integration/mesh"
@@ -75,9 +76,7 @@ spec:
 		t.Fatalf("no 200 through the waypoint after 30s (last: %s)\n%s", last, e.waypointTail())
 	}
 	// The second replica (the Deployment scaled to two).
-	type replica struct{ name, node string }
-	old := []replica{{strings.TrimPrefix(waypointPod, shop+"/"), "node-2"}, {"waypoint-1", "node-1"}}
-	e.startWaypointPodEnv(t, old[1].name, old[1].node, drain)
+	old := e.scaleWaypoint(t, drain)
 
 	// Steady load: 200 requests/s, paced, over 8 clients: 6 keep their
 	// connection alive, 2 open one per request. Requests are POSTs with a
@@ -147,34 +146,7 @@ spec:
 	eventually(10*time.Second, func() bool { return count() >= rate })
 
 	// The rolling restart.
-	var marks []string
-	mark := func(format string, args ...any) {
-		marks = append(marks, fmt.Sprintf("%s at %s", fmt.Sprintf(format, args...), time.Since(start).Round(time.Millisecond)))
-	}
-	fresh := []replica{{"waypoint-2", "node-2"}, {"waypoint-3", "node-1"}}
-	deleted := map[string]time.Time{}
-	for i, o := range old {
-		e.startWaypointPodEnv(t, fresh[i].name, fresh[i].node, drain)
-		mark("%s ready", fresh[i].name)
-		if err := e.cs.CoreV1().Pods(shop).Delete(ctx, o.name, metav1.DeleteOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		deleted[o.name] = time.Now()
-		mark("%s deleted", o.name)
-	}
-	// The old pods terminate (the kubelet stand-in deletes their objects
-	// once their process is gone).
-	gone := map[string]time.Duration{}
-	for _, o := range old {
-		if !eventually(60*time.Second, func() bool {
-			_, err := e.cs.CoreV1().Pods(shop).Get(ctx, o.name, metav1.GetOptions{})
-			return apierrors.IsNotFound(err)
-		}) {
-			t.Fatalf("%s still there 60s after its deletion", o.name)
-		}
-		gone[o.name] = time.Since(deleted[o.name]).Round(100 * time.Millisecond)
-		mark("%s gone", o.name)
-	}
+	fresh, gone, marks := e.restartWaypoint(t, old, drain, start)
 	// Load on the new replicas for a moment more.
 	n := count()
 	eventually(10*time.Second, func() bool { return count() >= n+2*rate })
@@ -196,7 +168,7 @@ spec:
 	eventually(10*time.Second, func() bool {
 		logged = 0
 		for _, w := range pods {
-			logs, err := mesh.ReadRequestLogs(e.kls[w.node].LogFile(shop+"/"+w.name, "istio-proxy"))
+			logs, err := mesh.ReadRequestLogs(e.kls[w.node].LogFile(shop+"/"+w.name, "istio-proxy")) // kept after the pod is gone
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -250,6 +222,138 @@ func (e *env) loadClient(key string, keepAlive bool) *http.Client {
 		MaxIdleConnsPerHost: 1,
 		MaxConnsPerHost:     1,
 	}}
+}
+
+// wpReplica is a waypoint pod and its node.
+type wpReplica struct{ name, node string }
+
+// scaleWaypoint makes the waypoint two replicas and returns them. On the
+// harness cluster the Deployment is scaled to two, each revision's pods
+// spread over the nodes (a topology spread constraint instead of
+// runWaypoint's node); on the
+// light harness the test creates the second pod itself on node-1.
+func (e *env) scaleWaypoint(t *testing.T, drain string) []wpReplica {
+	t.Helper()
+	if !e.onCluster {
+		old := []wpReplica{{strings.TrimPrefix(waypointPod, shop+"/"), "node-2"}, {"waypoint-1", "node-1"}}
+		e.startWaypointPodEnv(t, old[1].name, old[1].node, drain)
+		return old
+	}
+	patch := fmt.Sprintf(`{"spec": {"replicas": 2, "template": {"spec": {"nodeSelector": null, "topologySpreadConstraints": [{
+		"maxSkew": 1, "topologyKey": %q, "whenUnsatisfiable": "DoNotSchedule",
+		"labelSelector": {"matchLabels": {%q: "waypoint"}}, "matchLabelKeys": ["pod-template-hash"]}]}}}}`,
+		corev1.LabelHostname, "gateway.networking.k8s.io/gateway-name")
+	if _, err := e.cs.AppsV1().Deployments(shop).Patch(t.Context(), "waypoint", types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{FieldManager: "ambit-integration"}); err != nil {
+		t.Fatal(err)
+	}
+	var old []wpReplica
+	for _, p := range e.waitRolledOut(t, "waypoint", 2, nil) {
+		old = append(old, wpReplica{p.Name, p.Spec.NodeName})
+	}
+	t.Logf("waypoint replicas: %v", old)
+	return old
+}
+
+// restartWaypoint replaces the replicas old one by one, each new one Ready
+// before an old one is deleted (maxSurge 1, maxUnavailable 0), and waits
+// until the old pods are gone (their kubelet deletes them once their
+// process has exited). On the harness cluster that is the Deployment
+// controller's rollout after a restart (kubectl rollout restart's
+// annotation), watched here; on the light harness the test plays the
+// controller. It returns the new replicas, each old pod's time from
+// deletion to gone, and the moments it saw (since start).
+func (e *env) restartWaypoint(t *testing.T, old []wpReplica, drain string, start time.Time) (fresh []wpReplica, gone map[string]time.Duration, marks []string) {
+	t.Helper()
+	ctx := t.Context()
+	var mu sync.Mutex // guards marks (the cluster's watcher adds to them)
+	mark := func(format string, args ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		marks = append(marks, fmt.Sprintf("%s at %s", fmt.Sprintf(format, args...), time.Since(start).Round(time.Millisecond)))
+	}
+	gone = map[string]time.Duration{}
+	deleted := map[string]time.Time{} // guarded by mu
+	stopWatching := func() {}
+	if !e.onCluster {
+		fresh = []wpReplica{{"waypoint-2", "node-2"}, {"waypoint-3", "node-1"}}
+		for i, o := range old {
+			e.startWaypointPodEnv(t, fresh[i].name, fresh[i].node, drain)
+			mark("%s ready", fresh[i].name)
+			if err := e.cs.CoreV1().Pods(shop).Delete(ctx, o.name, metav1.DeleteOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			deleted[o.name] = time.Now()
+			mark("%s deleted", o.name)
+		}
+	} else {
+		// Watch the pods come and go, for the marks and deletion times.
+		watchCtx, stopWatch := context.WithCancel(ctx)
+		watched := make(chan struct{})
+		seen := map[string]string{} // pod -> "ready" or "deleted"; the watcher's
+		for _, o := range old {
+			seen[o.name] = "ready"
+		}
+		// (earlier revisions' pods may still be draining: not this rollout's)
+		if pods, err := e.cs.CoreV1().Pods(shop).List(ctx, metav1.ListOptions{LabelSelector: "gateway.networking.k8s.io/gateway-name=waypoint"}); err == nil {
+			for _, p := range pods.Items {
+				if p.DeletionTimestamp != nil {
+					seen[p.Name] = "deleted"
+				}
+			}
+		}
+		stopWatching = func() { stopWatch(); <-watched }
+		go func() {
+			defer close(watched)
+			for watchCtx.Err() == nil {
+				pods, err := e.cs.CoreV1().Pods(shop).List(watchCtx, metav1.ListOptions{LabelSelector: "gateway.networking.k8s.io/gateway-name=waypoint"})
+				if err == nil {
+					for _, p := range pods.Items {
+						switch {
+						case p.DeletionTimestamp != nil && seen[p.Name] != "deleted":
+							seen[p.Name] = "deleted"
+							mu.Lock()
+							deleted[p.Name] = time.Now()
+							mu.Unlock()
+							mark("%s deleted", p.Name)
+						case p.DeletionTimestamp == nil && podReady(&p) && seen[p.Name] == "":
+							seen[p.Name] = "ready"
+							mark("%s ready", p.Name)
+						}
+					}
+				}
+				select {
+				case <-watchCtx.Done():
+				case <-time.After(50 * time.Millisecond):
+				}
+			}
+		}()
+		patch := fmt.Sprintf(`{"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": %q}}}}}`, time.Now().Format(time.RFC3339))
+		if _, err := e.cs.AppsV1().Deployments(shop).Patch(ctx, "waypoint", types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{FieldManager: "ambit-integration"}); err != nil {
+			t.Fatal(err)
+		}
+		mark("rollout restart")
+		names := map[string]bool{}
+		for _, o := range old {
+			names[o.name] = true
+		}
+		for _, p := range e.waitRolledOut(t, "waypoint", 2, func(p *corev1.Pod) bool { return !names[p.Name] }) {
+			fresh = append(fresh, wpReplica{p.Name, p.Spec.NodeName})
+		}
+	}
+	for _, o := range old {
+		if !eventually(60*time.Second, func() bool {
+			_, err := e.cs.CoreV1().Pods(shop).Get(ctx, o.name, metav1.GetOptions{})
+			return apierrors.IsNotFound(err)
+		}) {
+			t.Fatalf("%s still there 60s after its deletion", o.name)
+		}
+		mu.Lock()
+		gone[o.name] = time.Since(deleted[o.name]).Round(100 * time.Millisecond)
+		mu.Unlock()
+		mark("%s gone", o.name)
+	}
+	stopWatching()
+	return fresh, gone, marks
 }
 
 // startWaypointPodEnv creates another pod called name on node from the

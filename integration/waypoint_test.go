@@ -828,7 +828,19 @@ func (e *env) rollOutWaypoint(t *testing.T, gw, node string, mutate ...func(*cor
 	if _, err := e.cs.AppsV1().Deployments(shop).Patch(ctx, gw, types.StrategicMergePatchType, patch, metav1.PatchOptions{FieldManager: "ambit-integration"}); err != nil {
 		t.Fatal(err)
 	}
-	var name, state string
+	pods := e.waitRolledOut(t, gw, 1, func(p *corev1.Pod) bool { return p.Spec.NodeName == node })
+	e.aliases.Store(waypointPod, shop+"/"+pods[0].Name)
+	t.Logf("waypoint %s/%s: pod %s on %s (Deployment controller, scheduler)", shop, gw, pods[0].Name, node)
+}
+
+// waitRolledOut waits up to 90s for Deployment gw's rollout: n updated,
+// ready replicas, each pod running on its kubelet and satisfying ok (nil: any);
+// it returns those pods (pods being deleted are not counted).
+func (e *env) waitRolledOut(t *testing.T, gw string, n int, ok func(*corev1.Pod) bool) []corev1.Pod {
+	t.Helper()
+	ctx := t.Context()
+	var state string
+	var live []corev1.Pod
 	if !eventually(90*time.Second, func() bool {
 		d, err := e.cs.AppsV1().Deployments(shop).Get(ctx, gw, metav1.GetOptions{})
 		if err != nil {
@@ -836,7 +848,7 @@ func (e *env) rollOutWaypoint(t *testing.T, gw, node string, mutate ...func(*cor
 		}
 		s := d.Status
 		state = fmt.Sprintf("generation %d observed %d, replicas %d updated %d ready %d", d.Generation, s.ObservedGeneration, s.Replicas, s.UpdatedReplicas, s.ReadyReplicas)
-		if s.ObservedGeneration < d.Generation || s.Replicas != 1 || s.UpdatedReplicas != 1 || s.ReadyReplicas != 1 {
+		if s.ObservedGeneration < d.Generation || int(s.Replicas) != n || int(s.UpdatedReplicas) != n || int(s.ReadyReplicas) != n {
 			return false
 		}
 		sel, err := metav1.LabelSelectorAsSelector(d.Spec.Selector)
@@ -844,18 +856,25 @@ func (e *env) rollOutWaypoint(t *testing.T, gw, node string, mutate ...func(*cor
 			return false
 		}
 		pods, err := e.cs.CoreV1().Pods(shop).List(ctx, metav1.ListOptions{LabelSelector: sel.String()})
-		if err != nil || len(pods.Items) != 1 {
+		if err != nil {
 			return false
 		}
-		p := pods.Items[0]
-		name = p.Name
-		state += fmt.Sprintf("; pod %s on %q", p.Name, p.Spec.NodeName)
-		return p.Spec.NodeName == node && p.DeletionTimestamp == nil && podReady(&p) && e.kls[node].Pod(shop+"/"+p.Name) != nil
+		live = live[:0]
+		for _, p := range pods.Items {
+			if p.DeletionTimestamp != nil {
+				continue
+			}
+			state += fmt.Sprintf("; pod %s on %q", p.Name, p.Spec.NodeName)
+			if !podReady(&p) || (ok != nil && !ok(&p)) || e.kls[p.Spec.NodeName] == nil || e.kls[p.Spec.NodeName].Pod(shop+"/"+p.Name) == nil {
+				return false
+			}
+			live = append(live, p)
+		}
+		return len(live) == n
 	}) {
-		t.Fatalf("the waypoint Deployment did not roll out one ready pod on %s: %s\n%s", node, state, e.waypointTail())
+		t.Fatalf("the waypoint Deployment did not roll out %d ready pods: %s\n%s", n, state, e.waypointTail())
 	}
-	e.aliases.Store(waypointPod, shop+"/"+name)
-	t.Logf("waypoint %s/%s: pod %s on %s (Deployment controller, scheduler)", shop, gw, name, node)
+	return live
 }
 
 // waypointReady waits for the waypoint Service's cluster IP, routes it to
