@@ -319,10 +319,15 @@ func TestCertificateDump(t *testing.T) {
 	}
 }
 
-// TestFlowsStalledReaderThroughput measures the data path with and without
-// a flow reader that never reads, on both proxies: connections per second
-// (each a flow event pair) and bulk bytes through one tunnel. A stalled
-// reader must not slow it: the proxies drop its events instead.
+// TestFlowsStalledReaderThroughput runs the data path with and without a
+// flow reader that never reads, on both proxies: connections (each a flow
+// event pair) and bulk bytes through one tunnel. A stalled reader must not
+// hold the data path: with it, every connection completes and every event is
+// published. (That Publish drops a stalled reader's events instead of
+// waiting is telemetry's TestFlowsHTTPStalledReader; here the sockets may
+// absorb them all.) Connections per second and MiB/s with and without the
+// reader are logged, alternated, best of the rounds: a measurement, not an
+// assertion (on a shared machine a round can be slowed 5x by other work).
 func TestFlowsStalledReaderThroughput(t *testing.T) {
 	if testing.Short() {
 		t.Skip("throughput measurement")
@@ -332,7 +337,7 @@ func TestFlowsStalledReaderThroughput(t *testing.T) {
 	const workers = 8
 	conns, bulk, rounds := 1504, int64(256<<20), 3
 	if raceDetector {
-		conns, bulk, rounds = 80, 16<<20, 1
+		conns, bulk, rounds = 400, 16<<20, 1
 	}
 	run := func() (connsPerSec, mbPerSec float64) {
 		start := time.Now()
@@ -413,7 +418,4 @@ func TestFlowsStalledReaderThroughput(t *testing.T) {
 	_, dropped := m.n2.p.conns.Flows.Counts()
 	t.Logf("without a flow reader: %.0f conn/s, %.0f MiB/s; with a stalled reader on both proxies: %.0f conn/s, %.0f MiB/s (node2 published %d events in the last stalled run; its stalled readers lost %d in all)",
 		baseC, baseB, stallC, stallB, published, dropped)
-	if stallC < baseC/2 || stallB < baseB/2 {
-		t.Errorf("a stalled flow reader slowed the data path: %.0f -> %.0f conn/s, %.0f -> %.0f MiB/s", baseC, stallC, baseB, stallB)
-	}
 }
