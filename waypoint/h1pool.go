@@ -135,7 +135,7 @@ func (p *h1Pool) put(c *h1Conn) {
 	}
 	c.idleAt = time.Now()
 	p.idle = append(p.idle, c)
-	p.mu.Unlock()
+	// c.timer under p.mu: CloseIdleConnections stops it.
 	if p.idleTimeout > 0 {
 		if c.timer == nil {
 			c.timer = time.AfterFunc(p.idleTimeout, func() { p.expire(c) })
@@ -143,6 +143,7 @@ func (p *h1Pool) put(c *h1Conn) {
 			c.timer.Reset(p.idleTimeout)
 		}
 	}
+	p.mu.Unlock()
 }
 
 // expire closes c if it is still idle and has been for idleTimeout.
@@ -168,11 +169,13 @@ func (p *h1Pool) CloseIdleConnections() {
 	p.mu.Lock()
 	idle := p.idle
 	p.idle = nil
-	p.mu.Unlock()
 	for _, c := range idle {
 		if c.timer != nil {
 			c.timer.Stop()
 		}
+	}
+	p.mu.Unlock()
+	for _, c := range idle {
 		c.nc.Close()
 	}
 }
