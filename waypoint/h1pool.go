@@ -48,7 +48,7 @@ type h1Conn struct {
 	cw     countingWriter // counts what reached nc
 	used   int64          // requests sent on it
 	idleAt time.Time      // when it went idle; guarded by p.mu
-	timer  *time.Timer    // idle timeout, armed while idle
+	timer  *time.Timer    // idle timeout, armed while idle; guarded by p.mu
 }
 
 // aLongTimeAgo is a deadline in the past: the read fails at once unless
@@ -71,10 +71,10 @@ func (p *h1Pool) take() *h1Conn {
 		c := p.idle[n-1]
 		p.idle[n-1] = nil
 		p.idle = p.idle[:n-1]
-		p.mu.Unlock()
 		if c.timer != nil {
 			c.timer.Stop()
 		}
+		p.mu.Unlock()
 		if c.alive() {
 			return c
 		}
@@ -135,7 +135,6 @@ func (p *h1Pool) put(c *h1Conn) {
 	}
 	c.idleAt = time.Now()
 	p.idle = append(p.idle, c)
-	// c.timer under p.mu: CloseIdleConnections stops it.
 	if p.idleTimeout > 0 {
 		if c.timer == nil {
 			c.timer = time.AfterFunc(p.idleTimeout, func() { p.expire(c) })
