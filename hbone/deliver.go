@@ -77,7 +77,11 @@ func (st *Stream) DeliverAsync(dst net.Conn, onBytes func(n int64), done func(to
 		return false
 	}
 	s.sink = sk
-	sk.direct = true
+	// The read loop may write itself only once nothing is buffered: with
+	// bytes buffered, the goroutine writes them first and sets direct when
+	// it has emptied the buffer (order; and the read loop never blocks on a
+	// socket the goroutine is writing to).
+	sk.direct = s.recv.Len() == 0
 	s.kickLocked()
 	return true
 }
