@@ -70,6 +70,89 @@ type Metrics struct {
 	Opened, Closed, Sent, Received, Failed *prometheus.CounterVec
 
 	HBONEOpened, HBONEClosed, HBONESent, HBONEReceived *prometheus.CounterVec
+
+	// mu guards children: the families' children by what a connection's
+	// label values derive from, so a connection hashes its label set once
+	// (a Go map lookup) instead of once per WithLabelValues; bounded by
+	// maxChildren (cleared when full; the vectors keep their children).
+	mu       sync.Mutex
+	children map[connKey]*connChildren
+}
+
+// maxChildren bounds Metrics.children: label sets are bounded by the
+// mesh's config and Claims, so a full cache only means churn.
+const maxChildren = 4096
+
+// connKey is everything a connection's label values (Istio's and the
+// ambit_hbone_* families') derive from: the peers without their UID and
+// Pod, which are not labels.
+type connKey struct {
+	reporter, transport string
+	src, dst            Peer
+	service             Service
+	flags               string
+	mtls                bool
+}
+
+// Indexes of connChildren.c: one per family.
+const (
+	famOpened = iota
+	famClosed
+	famSent
+	famReceived
+	famFailed
+	famHBONEOpened
+	famHBONEClosed
+	famHBONESent
+	famHBONEReceived
+	numFamilies
+)
+
+// connChildren are one label set's children of the families, each looked
+// up the first time it is used (so that no family gets a series it would
+// not have had without the cache).
+type connChildren struct {
+	labels              []string // Istio's label values
+	reporter, transport string   // the ambit_hbone_* label values (transport "": not tunnelled)
+	c                   [numFamilies]atomic.Pointer[prometheus.Counter]
+}
+
+// counter returns the child of vec (family fam) for ch's label values.
+func (ch *connChildren) counter(fam int, vec *prometheus.CounterVec) prometheus.Counter {
+	if p := ch.c[fam].Load(); p != nil {
+		return *p
+	}
+	var c prometheus.Counter
+	if fam >= famHBONEOpened {
+		c = vec.WithLabelValues(ch.reporter, ch.transport)
+	} else {
+		c = vec.WithLabelValues(ch.labels...)
+	}
+	// Racing lookups store the same child: WithLabelValues is idempotent.
+	ch.c[fam].Store(&c)
+	return c
+}
+
+// childrenFor returns the children for c's label values with flags.
+func (m *Metrics) childrenFor(c *Conn, flags string) *connChildren {
+	reporter, transport, _ := c.hboneLabels()
+	k := connKey{reporter: c.reporter(), transport: transport, src: c.Source, dst: c.Destination,
+		service: c.Service, flags: flags, mtls: c.MTLS}
+	k.src.UID, k.src.Pod, k.dst.UID, k.dst.Pod = "", "", "", ""
+	m.mu.Lock()
+	ch := m.children[k]
+	m.mu.Unlock()
+	if ch != nil {
+		return ch
+	}
+	ch = &connChildren{labels: c.Labels(flags), reporter: reporter, transport: transport}
+	m.mu.Lock()
+	if m.children == nil || len(m.children) >= maxChildren {
+		m.children = make(map[connKey]*connChildren)
+	}
+	m.children[k] = ch
+	m.mu.Unlock()
+	return ch
 }
 
 // HBONELabels are the labels of the ambit_hbone_* families.
@@ -142,6 +225,9 @@ type Conn struct {
 	rx, tx   prometheus.Counter
 	hrx, htx prometheus.Counter // the ambit_hbone_* byte counters (tunnelled only)
 	opened   bool               // counted opened; the handler's goroutine only
+	// set by Establish, the children of its label set (flags "-"), reused
+	// by End; the handler's goroutine only
+	children *connChildren
 }
 
 // Established reports whether Establish was called: the handler's fields
@@ -246,13 +332,14 @@ func (t *Tracker) Begin(c *Conn) {
 // handler's goroutine once its fields are final, before its bytes flow.
 func (t *Tracker) Establish(c *Conn) {
 	if m := t.Metrics; m != nil {
-		l := c.Labels(FlagNone)
-		c.rx, c.tx = m.Received.WithLabelValues(l...), m.Sent.WithLabelValues(l...)
-		if r, tp, ok := c.hboneLabels(); ok && m.HBONEOpened != nil {
-			c.hrx, c.htx = m.HBONEReceived.WithLabelValues(r, tp), m.HBONESent.WithLabelValues(r, tp)
-			m.HBONEOpened.WithLabelValues(r, tp).Inc()
+		ch := m.childrenFor(c, FlagNone)
+		c.children = ch
+		c.rx, c.tx = ch.counter(famReceived, m.Received), ch.counter(famSent, m.Sent)
+		if ch.transport != "" && m.HBONEOpened != nil {
+			c.hrx, c.htx = ch.counter(famHBONEReceived, m.HBONEReceived), ch.counter(famHBONESent, m.HBONESent)
+			ch.counter(famHBONEOpened, m.HBONEOpened).Inc()
 		}
-		t.countOpened(c, l)
+		t.countOpened(c, ch)
 	}
 	c.established.Store(true)
 	if t.Flows != nil {
@@ -260,10 +347,10 @@ func (t *Tracker) Establish(c *Conn) {
 	}
 }
 
-func (t *Tracker) countOpened(c *Conn, l []string) {
+func (t *Tracker) countOpened(c *Conn, ch *connChildren) {
 	if !c.opened {
 		c.opened = true
-		t.Metrics.Opened.WithLabelValues(l...).Inc()
+		ch.counter(famOpened, t.Metrics.Opened).Inc()
 	}
 }
 
@@ -276,27 +363,26 @@ func (t *Tracker) End(c *Conn, flags, reason string, err error) {
 	t.mu.Lock()
 	delete(t.conns, c.ID)
 	t.mu.Unlock()
-	if t.Metrics != nil {
-		l := c.Labels(flags)
-		t.countOpened(c, l)
-		t.Metrics.Closed.WithLabelValues(l...).Inc()
-		if !c.Established() && flags != FlagNone && flags != FlagAborted {
-			t.Metrics.Failed.WithLabelValues(l...).Inc()
+	if m := t.Metrics; m != nil {
+		ch := c.children
+		if ch == nil || flags != FlagNone {
+			ch = m.childrenFor(c, flags)
 		}
-		if r, tp, ok := c.hboneLabels(); ok && c.Established() && t.Metrics.HBONEClosed != nil {
-			t.Metrics.HBONEClosed.WithLabelValues(r, tp).Inc()
+		t.countOpened(c, ch)
+		ch.counter(famClosed, m.Closed).Inc()
+		if !c.Established() && flags != FlagNone && flags != FlagAborted {
+			ch.counter(famFailed, m.Failed).Inc()
+		}
+		if ch.transport != "" && c.Established() && m.HBONEClosed != nil {
+			ch.counter(famHBONEClosed, m.HBONEClosed).Inc()
 		}
 	}
 	if t.Flows != nil {
 		t.Flows.Publish(c.flow(FlowClose, flags, reason))
 	}
-	if t.Logger != nil {
-		attrs := c.accessLog(flags, reason, err)
-		args := make([]any, len(attrs))
-		for i, a := range attrs {
-			args[i] = a
-		}
-		t.Logger.Info(AccessLogMessage, args...)
+	// The context Logger.Info would pass: End has none from its caller.
+	if ctx := context.Background(); t.Logger != nil && t.Logger.Enabled(ctx, slog.LevelInfo) {
+		t.Logger.LogAttrs(ctx, slog.LevelInfo, AccessLogMessage, c.accessLog(flags, reason, err)...)
 	}
 }
 
