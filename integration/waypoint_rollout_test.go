@@ -28,9 +28,10 @@ import (
 )
 
 // TestWaypointRollout: a rolling restart of a two-replica waypoint under
-// steady load loses no request. The harness plays the Deployment
-// controller (maxSurge 1, maxUnavailable 0, as Kubernetes computes them for
-// two replicas): a new pod, once it is Ready the oldest one deleted, twice.
+// steady load loses no request. The Deployment controller rolls it out
+// (maxSurge 1, maxUnavailable 0, as Kubernetes computes them for two
+// replicas): a new pod, once it is Ready an old one deleted, twice (on the
+// light harness the test plays the controller the same way).
 // A deleted pod terminates as on a kubelet (SIGTERM, SIGKILL after its
 // grace period); istiod-lite takes it out of the ztunnels' endpoints when
 // its deletionTimestamp appears, while the waypoint drains (not ready,

@@ -30,11 +30,14 @@ import (
 	"github.com/ambit-mesh/ambit/integration/mesh"
 )
 
+// waypointPod is the name scenarios use for the waypoint's pod: on the
+// harness cluster an alias of the Deployment's pod (env.key).
 const waypointPod = shop + "/waypoint-0"
 
 // TestWaypoint is the L7 half end to end: a waypoint Gateway applied with
-// kubectl, its Deployment made by istiod-lite's deployer, its pod run by the
-// kubelet stand-in with bin/waypoint, and HTTP from enrolled clients through
+// kubectl, its Deployment made by istiod-lite's deployer, its pod made by
+// the Deployment controller, bound by the scheduler and run by the kubelet
+// stand-in with bin/waypoint, and HTTP from enrolled clients through
 // eBPF -> ztunnel -> HBONE -> waypoint -> HBONE -> ztunnel -> pod.
 func TestWaypoint(t *testing.T) {
 	if os.Geteuid() != 0 {
