@@ -44,6 +44,7 @@ type h1Conn struct {
 	p      *h1Pool
 	nc     net.Conn
 	br     *bufio.Reader
+	head   headLimit // between nc and br: bounds a response head
 	bw     *bufio.Writer  // writes to cw
 	cw     countingWriter // counts what reached nc
 	used   int64          // requests sent on it
@@ -195,7 +196,9 @@ func (p *h1Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 			if err != nil {
 				return nil, err
 			}
-			c = &h1Conn{p: p, nc: nc, br: bufio.NewReader(nc), cw: countingWriter{w: nc}}
+			c = &h1Conn{p: p, nc: nc, cw: countingWriter{w: nc}}
+			c.head.r = nc
+			c.br = bufio.NewReader(&c.head)
 			c.bw = bufio.NewWriter(&c.cw)
 		}
 		resp, wrote, err := c.roundTrip(ctx, req)
@@ -242,9 +245,19 @@ func (c *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.R
 	stop := context.AfterFunc(ctx, func() { c.nc.Close() })
 	c.used++
 	w := req
-	if c.p.maxRequests == 1 && !req.Close {
-		r2 := *req // this connection carries one request: say so
-		r2.Close = true
+	if c.p.maxRequests == 1 && !req.Close || req.Header.Get("Expect") != "" {
+		r2 := *req
+		if c.p.maxRequests == 1 {
+			r2.Close = true // this connection carries one request: say so
+		}
+		// The body goes at once (the client had its 100 Continue from the
+		// waypoint when its body was read, as Envoy answers it itself):
+		// an upstream told to expect one could answer before reading the
+		// body and then parse it as a next request of the connection.
+		if req.Header.Get("Expect") != "" {
+			r2.Header = req.Header.Clone()
+			r2.Header.Del("Expect")
+		}
 		w = &r2
 	}
 	c.cw.n = 0
@@ -259,13 +272,23 @@ func (c *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.R
 		// (a non-blocking read), else the request fails.
 		c.nc.SetReadDeadline(aLongTimeAgo)
 	}
-	for {
+	// The response head, 1xx heads included, reads at most
+	// maxResponseHeadBytes from the connection, and at most max1xx 1xx
+	// answers precede the final one (as net/http's Transport): an upstream
+	// cannot grow the waypoint's memory without bound.
+	c.head.n, c.head.limited = maxResponseHeadBytes, true
+	for n1xx := 0; ; n1xx++ {
 		resp, err = http.ReadResponse(c.br, req)
 		if err != nil || resp.StatusCode >= 200 || resp.StatusCode == http.StatusSwitchingProtocols {
 			break
 		}
 		// 1xx (100 Continue, 103 Early Hints): the final answer follows.
+		if n1xx == max1xx {
+			err = fmt.Errorf("more than %d 1xx responses", max1xx)
+			break
+		}
 	}
+	c.head.limited = false
 	if werr != nil && err == nil {
 		c.nc.SetReadDeadline(time.Time{}) // its body may still be on the way
 	}
@@ -285,6 +308,39 @@ func (c *h1Conn) roundTrip(ctx context.Context, req *http.Request) (resp *http.R
 	keep := werr == nil && !resp.Close && !w.Close && resp.StatusCode != http.StatusSwitchingProtocols
 	resp.Body = &h1Body{rc: resp.Body, c: c, stop: stop, keep: keep}
 	return resp, true, nil
+}
+
+const (
+	// maxResponseHeadBytes bounds a response head read from an upstream
+	// (net/http's Transport: 10 MiB; Envoy's default: 60 KiB of headers).
+	maxResponseHeadBytes = 1 << 20
+	// max1xx bounds the 1xx answers before a final one (net/http's 5).
+	max1xx = 5
+)
+
+var errResponseHeadTooLarge = fmt.Errorf("response head larger than %d bytes", maxResponseHeadBytes)
+
+// headLimit reads from r, at most n bytes while limited (a response head
+// is being read), then fails with errResponseHeadTooLarge.
+type headLimit struct {
+	r       io.Reader
+	n       int64
+	limited bool
+}
+
+func (h *headLimit) Read(p []byte) (int, error) {
+	if !h.limited {
+		return h.r.Read(p)
+	}
+	if h.n <= 0 {
+		return 0, errResponseHeadTooLarge
+	}
+	if int64(len(p)) > h.n {
+		p = p[:h.n]
+	}
+	n, err := h.r.Read(p)
+	h.n -= int64(n)
+	return n, err
 }
 
 // countingWriter counts the bytes written through it.
