@@ -44,7 +44,7 @@ type h1Conn struct {
 	p      *h1Pool
 	nc     net.Conn
 	br     *bufio.Reader
-	head   headLimit // between nc and br: bounds a response head
+	head   headLimit      // between nc and br: bounds a response head
 	bw     *bufio.Writer  // writes to cw
 	cw     countingWriter // counts what reached nc
 	used   int64          // requests sent on it
