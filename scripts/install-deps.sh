@@ -8,7 +8,7 @@ want=("${@:-base}")
 pkgs=()
 for w in "${want[@]}"; do
 	case "$w" in
-	base) pkgs+=(iproute2 util-linux etcd-server tcpdump kubectl clang llvm libbpf-dev protobuf-compiler libcap2-bin) ;; # libcap2-bin: capsh (bpf bypass test)
+	base) pkgs+=(iproute2 util-linux etcd-server tcpdump kubectl clang llvm libbpf-dev protobuf-compiler libcap2-bin python3) ;; # libcap2-bin: capsh (bpf bypass test); python3: the kubelet tests' mapped image
 	integration) pkgs+=(iproute2 util-linux etcd-server kubectl tcpdump) ;;
 	bench) pkgs+=(iproute2 haproxy iperf3 nginx) ;; # fortio is built from the Go module proxy by bench/cmd/meshbench
 	generate) pkgs+=(clang llvm libbpf-dev bpftool protobuf-compiler) ;;
