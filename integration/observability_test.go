@@ -21,8 +21,10 @@ import (
 	"testing"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 
 	"github.com/ambit-mesh/ambit/dashboards"
 	"github.com/ambit-mesh/ambit/integration/app"
@@ -82,42 +84,62 @@ spec:
 	// from the Deployment template, on node-1 with the node's network
 	// (where the harness runs it: --monitoring-addr is node-1's address).
 	// The waypoint's pod came from the deployer's Deployment.
-	ds, err := e.cs.AppsV1().DaemonSets("ambit-system").Get(ctx, "ztunnel", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	//
+	// On the harness cluster the ztunnel pods are the DaemonSet's (its
+	// template's labels and annotations already theirs) and the waypoint's
+	// the Deployment controller's, found by label and node; istiod-lite
+	// runs as a process (its Deployment deleted by setup), so its pod comes
+	// from the template in manifests/, placed on node-1 by a nodeSelector.
+	var ztunnelPods []string
 	for _, n := range e.m.Topo.Nodes {
-		z, err := e.cs.CoreV1().Pods("ambit-system").Get(ctx, "ztunnel-"+n.Name, metav1.GetOptions{})
+		ztunnelPods = append(ztunnelPods, e.ztunnelPod(ctx, n.Name))
+	}
+	if !e.onCluster {
+		ds, err := e.cs.AppsV1().DaemonSets("ambit-system").Get(ctx, "ztunnel", metav1.GetOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		maps.Copy(z.Labels, ds.Spec.Template.Labels)
-		z.Annotations = maps.Clone(ds.Spec.Template.Annotations)
-		if _, err := e.cs.CoreV1().Pods("ambit-system").Update(ctx, z, metav1.UpdateOptions{}); err != nil {
-			t.Fatal(err)
+		for _, name := range ztunnelPods {
+			z, err := e.cs.CoreV1().Pods("ambit-system").Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			maps.Copy(z.Labels, ds.Spec.Template.Labels)
+			z.Annotations = maps.Clone(ds.Spec.Template.Annotations)
+			if _, err := e.cs.CoreV1().Pods("ambit-system").Update(ctx, z, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	dep, err := e.cs.AppsV1().Deployments("ambit-system").Get(ctx, "istiod-lite", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dep := istiodDeployment(ctx, t, e)
 	istiodPod := &corev1.Pod{ObjectMeta: dep.Spec.Template.ObjectMeta, Spec: dep.Spec.Template.Spec}
 	istiodPod.Name, istiodPod.Namespace = "istiod-lite-0", "ambit-system"
-	istiodPod.Spec.NodeName, istiodPod.Spec.HostNetwork = e.m.Topo.Nodes[0].Name, true
+	istiodPod.Spec.HostNetwork = true
+	e.placeOn(&istiodPod.Spec, e.m.Topo.Nodes[0].Name)
 	if _, err := e.cs.CoreV1().Pods("ambit-system").Create(ctx, istiodPod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	e.waitReady(ctx, "ambit-system/istiod-lite-0")
+	if p, err := e.cs.CoreV1().Pods("ambit-system").Get(ctx, "istiod-lite-0", metav1.GetOptions{}); err != nil || p.Spec.NodeName != e.m.Topo.Nodes[0].Name {
+		t.Fatalf("istiod-lite-0 is not on %s (%v)", e.m.Topo.Nodes[0].Name, err)
+	}
 	// What each scraped pod must declare (manifests/ztunnel.yaml,
 	// manifests/istiod-lite.yaml, the deployer's waypoint Deployment).
+	wpKey := e.key(waypointPod)
 	want := map[string][2]string{ // pod -> port, path
-		"ztunnel-node-1": {"15020", "/stats/prometheus"},
-		"ztunnel-node-2": {"15020", "/stats/prometheus"},
-		"istiod-lite-0":  {"15014", "/metrics"},
-		strings.TrimPrefix(waypointPod, shop+"/"): {"15020", "/stats/prometheus"},
+		"istiod-lite-0":                     {"15014", "/metrics"},
+		strings.TrimPrefix(wpKey, shop+"/"): {"15020", "/stats/prometheus"},
+	}
+	keys := []string{"ambit-system/istiod-lite-0", wpKey}
+	for _, name := range ztunnelPods {
+		want[name] = [2]string{"15020", "/stats/prometheus"}
+		keys = append(keys, "ambit-system/"+name)
+	}
+	if len(want) != len(e.m.Topo.Nodes)+2 {
+		t.Fatalf("pods to scrape %v: names not distinct", keys)
 	}
 	wantURL := map[string]string{}
-	for _, key := range []string{"ambit-system/ztunnel-node-1", "ambit-system/ztunnel-node-2", "ambit-system/istiod-lite-0", waypointPod} {
+	for _, key := range keys {
 		ns, name, _ := strings.Cut(key, "/")
 		p, err := e.cs.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
@@ -318,6 +340,7 @@ scrape_configs:
 		b, _ := os.ReadFile(filepath.Join(dir, "prometheus.log"))
 		t.Fatalf("Prometheus did not discover and scrape exactly %v: targets %+v\n%s", slices.Sorted(maps.Keys(want)), targets, b)
 	}
+	t.Logf("Prometheus scrapes exactly %v", wantURL)
 	for _, tg := range targets {
 		pod := tg.Labels["pod"]
 		if tg.ScrapeURL != wantURL[pod] || tg.Labels["job"] != "kubernetes-pods" {
@@ -467,6 +490,34 @@ scrape_configs:
 					t.Logf("%s: panel %q: %d series %v", f, p.Title, n, lastValues)
 				}
 			}
+		}
+	}
+}
+
+// istiodDeployment is istiod-lite's Deployment: the API server's on the
+// light harness, else (setup deleted it on the cluster) the one in manifests/.
+func istiodDeployment(ctx context.Context, t *testing.T, e *env) *appsv1.Deployment {
+	t.Helper()
+	if !e.onCluster {
+		dep, err := e.cs.AppsV1().Deployments("ambit-system").Get(ctx, "istiod-lite", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dep
+	}
+	f, err := os.Open(filepath.Join("..", "manifests", "istiod-lite.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
+	for {
+		var dep appsv1.Deployment
+		if err := dec.Decode(&dep); err != nil {
+			t.Fatalf("manifests/istiod-lite.yaml: no istiod-lite Deployment: %v", err)
+		}
+		if dep.Kind == "Deployment" && dep.Name == "istiod-lite" {
+			return &dep
 		}
 	}
 }
