@@ -75,22 +75,21 @@ func compileRBAC(rules *rbacv3.RBAC, path string) (*rbacFilter, error) {
 	return f, nil
 }
 
-// matched returns the first policy matching in (Envoy: any permission and
-// any principal).
-func (f *rbacFilter) matched(in *rbacInput) (string, bool) {
-	for _, p := range f.policies {
-		if anyOf(p.permissions, in) && anyOf(p.principals, in) {
-			return p.name, true
+// matched returns the first policy that in matches, or nil.
+func (f *rbacFilter) matched(in *rbacInput) *rbacPolicy {
+	for i := range f.policies {
+		if p := &f.policies[i]; anyOf(p.permissions, in) && anyOf(p.principals, in) {
+			return p
 		}
 	}
-	return "", false
+	return nil
 }
 
 // denies applies Envoy's semantics: DENY denies on a match, ALLOW denies
 // without one.
 func (f *rbacFilter) denies(in *rbacInput) bool {
-	_, ok := f.matched(in)
-	return ok != f.allow
+	deny, _ := f.decide(in)
+	return deny
 }
 
 // decide is denies with the deciding policy ("<namespace>/<name>"): the
@@ -98,11 +97,8 @@ func (f *rbacFilter) denies(in *rbacInput) bool {
 // ALLOW filter denies because none of its policies matched, and when a DENY
 // filter lets the request through.
 func (f *rbacFilter) decide(in *rbacInput) (deny bool, policy string) {
-	for i := range f.policies {
-		p := &f.policies[i]
-		if anyOf(p.permissions, in) && anyOf(p.principals, in) {
-			return !f.allow, p.policy
-		}
+	if p := f.matched(in); p != nil {
+		return !f.allow, p.policy
 	}
 	return f.allow, ""
 }
