@@ -2,7 +2,6 @@ package hbone
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"errors"
@@ -29,27 +28,7 @@ func deliveryGoroutines() int {
 // the stream's end.
 func TestDeliverAsync(t *testing.T) {
 	checkGoroutines(t)
-	h := newHeldStreams(t)
-	var first atomic.Bool
-	e := newEnv(t, echo, func(s *Server) {
-		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
-			if first.CompareAndSwap(false, true) {
-				h.ServeHBONE(ctx, r)
-				return
-			}
-			dialHandler(ctx, r)
-		})
-	})
-	d := e.dialer()
-	cli, err := d.Dial(testCtx(t), e.request())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	st := h.next(t)
-	dst, reader := tcpPair(t)
-	defer dst.Close()
-	defer reader.Close()
+	d, e, cli, st, dst, reader := heldDelivery(t)
 
 	type result struct {
 		n   int64

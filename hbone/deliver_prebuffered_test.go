@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"io"
 	"net"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -19,27 +18,7 @@ import (
 // goroutine is writing to, stalling every stream of the connection.
 // (Security review, session 4.)
 func TestDeliverAsyncPrebuffered(t *testing.T) {
-	h := newHeldStreams(t)
-	var first atomic.Bool
-	e := newEnv(t, echo, func(s *Server) {
-		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
-			if first.CompareAndSwap(false, true) {
-				h.ServeHBONE(ctx, r)
-				return
-			}
-			dialHandler(ctx, r)
-		})
-	})
-	d := e.dialer()
-	cli, err := d.Dial(testCtx(t), e.request())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	st := h.next(t)
-	dst, reader := tcpPair(t)
-	defer dst.Close()
-	defer reader.Close()
+	d, e, cli, st, dst, reader := heldDelivery(t)
 	dst.(*net.TCPConn).SetWriteBuffer(4096)
 	reader.(*net.TCPConn).SetReadBuffer(4096)
 

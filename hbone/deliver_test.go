@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"io"
+	"net"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -19,28 +20,7 @@ import (
 // windows were credited for what the read loop wrote), counted once.
 func TestDeliverTo(t *testing.T) {
 	checkGoroutines(t)
-	h := newHeldStreams(t)
-	var first atomic.Bool
-	e := newEnv(t, echo, func(s *Server) {
-		// The first stream is held for the test, the others echo.
-		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
-			if first.CompareAndSwap(false, true) {
-				h.ServeHBONE(ctx, r)
-				return
-			}
-			dialHandler(ctx, r)
-		})
-	})
-	d := e.dialer()
-	cli, err := d.Dial(testCtx(t), e.request())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	st := h.next(t)
-	dst, reader := tcpPair(t)
-	defer dst.Close()
-	defer reader.Close()
+	d, e, cli, st, dst, reader := heldDelivery(t)
 
 	const total = connWindow + 5<<20 + 77
 	data := make([]byte, total)
@@ -92,4 +72,33 @@ func TestDeliverTo(t *testing.T) {
 	if n := hooked.Load(); n != total {
 		t.Fatalf("onBytes counted %d bytes, want %d", n, total)
 	}
+}
+
+// heldDelivery serves streams whose first is held for the test (the others
+// are dialled as usual), dials that first one (cli, its client side; st,
+// its server side) and makes a TCP pair for a delivery (dst, written to;
+// reader, its other end). All are closed when the test ends.
+func heldDelivery(t *testing.T) (d *Dialer, e *env, cli, st *Stream, dst, reader net.Conn) {
+	t.Helper()
+	h := newHeldStreams(t)
+	var first atomic.Bool
+	e = newEnv(t, echo, func(s *Server) {
+		s.Handler = HandlerFunc(func(ctx context.Context, r *Request) {
+			if first.CompareAndSwap(false, true) {
+				h.ServeHBONE(ctx, r)
+				return
+			}
+			dialHandler(ctx, r)
+		})
+	})
+	d = e.dialer()
+	cli, err := d.Dial(testCtx(t), e.request())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	st = h.next(t)
+	dst, reader = tcpPair(t)
+	t.Cleanup(func() { dst.Close(); reader.Close() })
+	return d, e, cli, st, dst, reader
 }
