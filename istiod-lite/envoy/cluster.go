@@ -207,9 +207,10 @@ func protocolOf(s string) int {
 }
 
 // makeEndpoints returns the endpoints of a service port: podIP:targetPort
-// of each workload, healthy when ready, with its identity and HBONE port
-// in filter_metadata["ambit"]. Workloads whose target port is unknown (a
-// named port not resolved) are left out.
+// of each workload, healthy when ready, with its identity, HBONE port and
+// HBONE over QUIC advertisement (hbone_quic, with the pod's node) in
+// filter_metadata["ambit"] (waypoint/ENVOY.md). Workloads whose target
+// port is unknown (a named port not resolved) are left out.
 func makeEndpoints(s *model.Snapshot, name string, svc *model.Service, port model.ServicePort) *endpoint.ClusterLoadAssignment {
 	cla := &endpoint.ClusterLoadAssignment{ClusterName: name}
 	var lbs []*endpoint.LbEndpoint
@@ -265,6 +266,12 @@ func makeLbEndpoint(w *model.Workload, targetPort uint16) *endpoint.LbEndpoint {
 	}
 	if w.Enrolled {
 		md.Fields["hbone_port"] = structpb.NewNumberValue(model.PortHBONE)
+		if w.QUIC { // its ztunnel also serves HBONE over HTTP/3 (the pod's, namespace's or Node's ambit.dev/hbone-quic)
+			md.Fields["hbone_quic"] = structpb.NewBoolValue(true)
+			if w.Node != "" { // a waypoint on the same node dials HTTP/2: UDP to a local pod's 15008 is dropped
+				md.Fields["node"] = str(w.Node)
+			}
+		}
 	}
 	return &endpoint.LbEndpoint{
 		HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
