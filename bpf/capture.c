@@ -641,3 +641,40 @@ int uplink_ingress(struct __sk_buff *skb) {
 		return TCX_NEXT;
 	return inbound(skb, &t, 0);
 }
+
+// ---------------------------------------------------------------------------
+// Guard (cgroup setsockopt, attached at the root cgroup): the two ways a
+// process of the node can put frames on an enrolled pod's veth without
+// passing its egress hook, where pod_egress runs. An AF_PACKET socket with
+// PACKET_QDISC_BYPASS and an AF_XDP socket both transmit with
+// dev_direct_xmit, past the qdisc layer and TCX egress: a host-network
+// process with CAP_NET_RAW could complete a handshake with an enrolled pod
+// in plaintext, past inbound capture and STRICT. In the node's network
+// namespace, the guard refuses (EPERM) turning PACKET_QDISC_BYPASS on, and
+// (unless allow_af_xdp) registering an AF_XDP socket's UMEM or rings, which
+// it cannot send without. Nothing of ambit needs either. Other namespaces
+// (the pods' own) are left alone: a pod's frames enter the node through
+// pod_ingress whatever way they were sent.
+
+#define SOL_PACKET 263
+#define PACKET_QDISC_BYPASS 20
+#define SOL_XDP 283
+
+// The node's network namespace (its cookie, SO_NETNS_COOKIE), and whether
+// AF_XDP stays allowed in it; set at load time.
+volatile const __u64 node_netns_cookie = 0;
+volatile const __u8 allow_af_xdp = 0;
+
+SEC("cgroup/setsockopt")
+int sockopt_guard(struct bpf_sockopt *ctx) {
+	int level = ctx->level;
+	if (level != SOL_PACKET && level != SOL_XDP)
+		return 1;
+	if (level == SOL_PACKET && ctx->optname != PACKET_QDISC_BYPASS)
+		return 1;
+	if (level == SOL_XDP && allow_af_xdp)
+		return 1;
+	if (bpf_get_netns_cookie(ctx) != node_netns_cookie)
+		return 1;
+	return 0; // EPERM
+}

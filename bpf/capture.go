@@ -74,6 +74,13 @@ type Options struct {
 	// root cgroup is refused: every process not in a cgroup of its own is
 	// in it (see LeaveRootCgroup).
 	ZtunnelCgroups []string
+	// AllowNodeAFXDP leaves AF_XDP usable in the node's network namespace.
+	// By default the guard (SetupNode) refuses there every SOL_XDP socket
+	// option, without which an AF_XDP socket cannot send: like a packet
+	// socket with PACKET_QDISC_BYPASS (always refused), it would put frames
+	// on an enrolled pod's veth past pod_egress. Set it for a node that
+	// runs AF_XDP programs of its own (and trusts them as it trusts ztunnel).
+	AllowNodeAFXDP bool
 	// Logger receives structured logs. Nil discards them.
 	Logger *slog.Logger
 }
@@ -143,10 +150,12 @@ type Capture struct {
 	opts Options
 	log  *slog.Logger
 
-	mu      sync.Mutex // guards objs, links and skipped, and serialises changes
-	objs    captureObjects
-	links   map[string]link.Link // by pin name, e.g. "pod-pv0-ingress"
-	skipped map[string]string    // pods not captured for want of a veth: name -> why
+	mu       sync.Mutex // guards objs, guard, guardErr, links and skipped, and serialises changes
+	objs     tcxObjects
+	guard    guardObjects         // the setsockopt guard (guard.go)
+	guardErr error                // why the guard is off, if it is
+	links    map[string]link.Link // by pin name, e.g. "pod-pv0-ingress", "guard-sockopt"
+	skipped  map[string]string    // pods not captured for want of a veth: name -> why
 }
 
 // ErrClosed is returned by the methods of a Capture after Close.
@@ -205,6 +214,7 @@ func Load(opts Options) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load capture: %w", err)
 	}
+	c.loadGuard(spec)
 	if err := c.openPinnedLinks(); err != nil {
 		c.Close()
 		return nil, err
@@ -222,6 +232,9 @@ func (c *Capture) openPinnedLinks() error {
 	}
 	for _, e := range ents {
 		name := e.Name()
+		if name == guardLink {
+			continue // replaced by attachGuard once the new one is in
+		}
 		l, err := link.LoadPinnedLink(filepath.Join(dir, name), nil)
 		if err != nil {
 			return fmt.Errorf("open pinned link %s: %w", name, err)
@@ -270,8 +283,9 @@ func (c *Capture) Close() error {
 		errs = append(errs, l.Close())
 		delete(c.links, name)
 	}
-	errs = append(errs, c.objs.Close())
-	c.objs = captureObjects{}
+	errs = append(errs, c.objs.Close(), c.guard.Close())
+	c.objs = tcxObjects{}
+	c.guard = guardObjects{}
 	return errors.Join(errs...)
 }
 
@@ -321,7 +335,8 @@ func (c *Capture) SetupNode() error {
 	if err != nil {
 		return fmt.Errorf("setup node: %w", err)
 	}
-	c.log.Info("node set up", "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable, "bypass_mark", o.BypassMark, "ztunnel_cgroups", zcg, "probe_cgroups", o.ProbeCgroups)
+	c.attachGuard()
+	c.log.Info("node set up", "guard", c.guardErr == nil, "uplinks", uplinks, "mark", o.Mark, "table", o.RouteTable, "bypass_mark", o.BypassMark, "ztunnel_cgroups", zcg, "probe_cgroups", o.ProbeCgroups)
 	return nil
 }
 

@@ -62,6 +62,7 @@ type captureSpecs struct {
 type captureProgramSpecs struct {
 	PodEgress     *ebpf.ProgramSpec `ebpf:"pod_egress"`
 	PodIngress    *ebpf.ProgramSpec `ebpf:"pod_ingress"`
+	SockoptGuard  *ebpf.ProgramSpec `ebpf:"sockopt_guard"`
 	UplinkIngress *ebpf.ProgramSpec `ebpf:"uplink_ingress"`
 }
 
@@ -79,12 +80,14 @@ type captureMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureVariableSpecs struct {
-	BypassMark   *ebpf.VariableSpec `ebpf:"bypass_mark"`
-	CaptureMark  *ebpf.VariableSpec `ebpf:"capture_mark"`
-	HbonePort    *ebpf.VariableSpec `ebpf:"hbone_port"`
-	InboundPort  *ebpf.VariableSpec `ebpf:"inbound_port"`
-	LoopMark     *ebpf.VariableSpec `ebpf:"loop_mark"`
-	OutboundPort *ebpf.VariableSpec `ebpf:"outbound_port"`
+	AllowAfXdp      *ebpf.VariableSpec `ebpf:"allow_af_xdp"`
+	BypassMark      *ebpf.VariableSpec `ebpf:"bypass_mark"`
+	CaptureMark     *ebpf.VariableSpec `ebpf:"capture_mark"`
+	HbonePort       *ebpf.VariableSpec `ebpf:"hbone_port"`
+	InboundPort     *ebpf.VariableSpec `ebpf:"inbound_port"`
+	LoopMark        *ebpf.VariableSpec `ebpf:"loop_mark"`
+	NodeNetnsCookie *ebpf.VariableSpec `ebpf:"node_netns_cookie"`
+	OutboundPort    *ebpf.VariableSpec `ebpf:"outbound_port"`
 }
 
 // captureObjects contains all objects after they have been loaded into the kernel.
@@ -126,12 +129,14 @@ func (m *captureMaps) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureVariables struct {
-	BypassMark   *ebpf.Variable `ebpf:"bypass_mark"`
-	CaptureMark  *ebpf.Variable `ebpf:"capture_mark"`
-	HbonePort    *ebpf.Variable `ebpf:"hbone_port"`
-	InboundPort  *ebpf.Variable `ebpf:"inbound_port"`
-	LoopMark     *ebpf.Variable `ebpf:"loop_mark"`
-	OutboundPort *ebpf.Variable `ebpf:"outbound_port"`
+	AllowAfXdp      *ebpf.Variable `ebpf:"allow_af_xdp"`
+	BypassMark      *ebpf.Variable `ebpf:"bypass_mark"`
+	CaptureMark     *ebpf.Variable `ebpf:"capture_mark"`
+	HbonePort       *ebpf.Variable `ebpf:"hbone_port"`
+	InboundPort     *ebpf.Variable `ebpf:"inbound_port"`
+	LoopMark        *ebpf.Variable `ebpf:"loop_mark"`
+	NodeNetnsCookie *ebpf.Variable `ebpf:"node_netns_cookie"`
+	OutboundPort    *ebpf.Variable `ebpf:"outbound_port"`
 }
 
 // capturePrograms contains all programs after they have been loaded into the kernel.
@@ -140,6 +145,7 @@ type captureVariables struct {
 type capturePrograms struct {
 	PodEgress     *ebpf.Program `ebpf:"pod_egress"`
 	PodIngress    *ebpf.Program `ebpf:"pod_ingress"`
+	SockoptGuard  *ebpf.Program `ebpf:"sockopt_guard"`
 	UplinkIngress *ebpf.Program `ebpf:"uplink_ingress"`
 }
 
@@ -147,6 +153,7 @@ func (p *capturePrograms) Close() error {
 	return _CaptureClose(
 		p.PodEgress,
 		p.PodIngress,
+		p.SockoptGuard,
 		p.UplinkIngress,
 	)
 }

@@ -33,24 +33,25 @@ import (
 
 // options are the command line.
 type options struct {
-	node          string
-	configFile    string
-	xdsAddr       string
-	caDir         string
-	identity      string // ca or spire
-	spireAdmin    string // the SPIRE agent's admin socket (--identity=spire)
-	caAddr        string
-	caRoots       string
-	tokenFile     string
-	trustDomain   string
-	rootNamespace string
-	proxy         ztunnel.Config // listener addresses, transparency, mark, drain
-	capture       bool
-	bpfPinPath    string
-	uplinks       string
-	probeCgroups  string
-	logLevel      slog.Level
-	logJSON       bool
+	node           string
+	configFile     string
+	xdsAddr        string
+	caDir          string
+	identity       string // ca or spire
+	spireAdmin     string // the SPIRE agent's admin socket (--identity=spire)
+	caAddr         string
+	caRoots        string
+	tokenFile      string
+	trustDomain    string
+	rootNamespace  string
+	proxy          ztunnel.Config // listener addresses, transparency, mark, drain
+	capture        bool
+	bpfPinPath     string
+	uplinks        string
+	probeCgroups   string
+	allowNodeAFXDP bool
+	logLevel       slog.Level
+	logJSON        bool
 }
 
 func main() {
@@ -104,6 +105,7 @@ Usage: ztunnel [flags]
 	fs.BoolVar(&o.capture, "capture", false, "load the eBPF capture in this (the node's) network namespace and keep it in step with the node's enrolled workloads")
 	fs.StringVar(&o.bpfPinPath, "bpf-pin-path", "/sys/fs/bpf/ambit", "bpffs directory of the capture's pinned programs and maps")
 	fs.StringVar(&o.uplinks, "uplinks", "", "comma-separated interfaces where other nodes' traffic arrives (empty: the default route's)")
+	fs.BoolVar(&o.allowNodeAFXDP, "allow-node-af-xdp", false, "leave AF_XDP usable in the node's network namespace (by default capture's guard refuses its socket options there: like PACKET_QDISC_BYPASS, always refused, it sends frames on a pod's veth past capture)")
 	fs.StringVar(&o.probeCgroups, "probe-cgroups", "/sys/fs/cgroup/system.slice/kubelet.service", "comma-separated cgroup v2 directories (kubelet's) whose TCP reaches enrolled pods from the node directly, for health probes; every other host process gets inbound capture (15006: PeerAuthentication STRICT resets it). Hybrid cgroup hosts: /sys/fs/cgroup/unified/...")
 	mark := fs.Uint("mark", 0, "SO_MARK for the proxy's own connections (0: none)")
 	fs.Func("pod-cidrs", "comma-separated pod CIDRs of the mesh (and the service CIDR, if wanted): an unknown destination inside them waits for the config (--unknown-destination-wait), then is reset, never passed through in clear", func(v string) error {
@@ -169,6 +171,7 @@ func loadCapture(o options, log *slog.Logger) (*bpf.Capture, error) {
 	if o.probeCgroups != "" {
 		opts.ProbeCgroups = strings.Split(o.probeCgroups, ",")
 	}
+	opts.AllowNodeAFXDP = o.allowNodeAFXDP
 	for _, p := range []struct {
 		addr string
 		port *uint16

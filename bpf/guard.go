@@ -1,0 +1,163 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// The guard (sockopt_guard in capture.c, a cgroup setsockopt program at the
+// root cgroup, so it sees every process of the node) closes the two ways a
+// process of the node can put frames on an enrolled pod's veth past
+// pod_egress: in the node's network namespace it refuses (EPERM)
+// setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS) and, unless
+// Options.AllowNodeAFXDP, every SOL_XDP option (an AF_XDP socket cannot send
+// without registering its UMEM and rings). It is loaded and attached apart
+// from the capture programs: a node where it cannot be (no root cgroup in
+// view) still captures, and Capture.Guard says why it is off.
+
+// guardLink names the guard's pinned link in the links directory.
+const guardLink = "guard-sockopt"
+
+// tcxObjects are the capture programs and maps that every node needs.
+type tcxObjects struct {
+	PodEgress     *ebpf.Program `ebpf:"pod_egress"`
+	PodIngress    *ebpf.Program `ebpf:"pod_ingress"`
+	UplinkIngress *ebpf.Program `ebpf:"uplink_ingress"`
+	captureMaps
+}
+
+func (o *tcxObjects) Close() error {
+	return errors.Join(closeAll(o.PodEgress, o.PodIngress, o.UplinkIngress), o.captureMaps.Close())
+}
+
+// guardObjects is the guard.
+type guardObjects struct {
+	SockoptGuard *ebpf.Program `ebpf:"sockopt_guard"`
+}
+
+func (o *guardObjects) Close() error { return closeAll(o.SockoptGuard) }
+
+func closeAll(ps ...*ebpf.Program) error {
+	var errs []error
+	for _, p := range ps {
+		if p != nil {
+			errs = append(errs, p.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// netnsCookie returns the cookie of the node's network namespace
+// (SO_NETNS_COOKIE, Linux 5.14), which the guard compares with a socket's.
+func (c *Capture) netnsCookie() (uint64, error) {
+	var cookie uint64
+	err := c.inNetns(func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		cookie = v
+		return err
+	})
+	if err != nil {
+		return 0, fmt.Errorf("netns cookie: %w", err)
+	}
+	return cookie, nil
+}
+
+// loadGuard loads the guard for the node (c not yet shared). A failure is
+// kept in c.guardErr: capture works without it.
+func (c *Capture) loadGuard(spec *ebpf.CollectionSpec) {
+	cookie, err := c.netnsCookie()
+	if err == nil {
+		err = spec.Variables["node_netns_cookie"].Set(cookie)
+	}
+	if err == nil {
+		allow := uint8(0)
+		if c.opts.AllowNodeAFXDP {
+			allow = 1
+		}
+		err = spec.Variables["allow_af_xdp"].Set(allow)
+	}
+	if err == nil {
+		err = spec.LoadAndAssign(&c.guard, nil)
+	}
+	if err != nil {
+		c.guardErr = fmt.Errorf("load guard: %w", err)
+	}
+}
+
+// rootCgroup returns the directory of the node's root cgroup v2 (id 1): the
+// guard attached there applies to every process of the node. A ztunnel in a
+// cgroup namespace without the host's cgroup2 mount does not see it.
+func rootCgroup() (string, error) {
+	mounts, err := cgroup2Mounts()
+	if err != nil {
+		return "", err
+	}
+	for _, m := range mounts {
+		if id, err := cgroupID(m.point); err == nil && id == rootCgroupID {
+			return m.point, nil
+		}
+	}
+	return "", errors.New("the node's root cgroup is not in view: mount the host's cgroup2 file system (hostPath /sys/fs/cgroup) and use the host's cgroup namespace")
+}
+
+// attachGuard attaches the loaded guard at the root cgroup and pins its
+// link, replacing the link of an earlier Load only once the new one is
+// attached, so the node is never unguarded between two ztunnels (c.mu
+// held).
+func (c *Capture) attachGuard() {
+	if c.guardErr == nil {
+		c.guardErr = c.attachGuardErr()
+	}
+	if c.guardErr != nil {
+		c.log.Warn("guard off: a host-network process with CAP_NET_RAW can reach enrolled pods past capture (SECURITY.md)", "err", c.guardErr)
+	}
+}
+
+func (c *Capture) attachGuardErr() error {
+	if _, ok := c.links[guardLink]; ok {
+		return nil
+	}
+	root, err := rootCgroup()
+	if err != nil {
+		return fmt.Errorf("attach guard: %w", err)
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: ebpf.AttachCGroupSetsockopt, Program: c.guard.SockoptGuard})
+	if err != nil {
+		return fmt.Errorf("attach guard to %s: %w", root, err)
+	}
+	pin := filepath.Join(c.opts.PinPath, linksDir, guardLink)
+	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
+		old.Unpin()
+		old.Close()
+	}
+	if err := l.Pin(pin); err != nil {
+		l.Close()
+		return fmt.Errorf("pin guard: %w", err)
+	}
+	c.links[guardLink] = l
+	return nil
+}
+
+// Guard reports whether the node's guard is in force: nil once SetupNode
+// attached it, else why not.
+func (c *Capture) Guard() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.guardErr != nil {
+		return c.guardErr
+	}
+	if _, ok := c.links[guardLink]; !ok {
+		return errors.New("guard not attached: SetupNode has not run")
+	}
+	return nil
+}
