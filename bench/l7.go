@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -302,8 +301,7 @@ func startWaypointPath(ctx context.Context, cfg Config, work, caDir string, topo
 	}
 	bin := filepath.Join(work, "waypoint.bin")
 	cfg.Logger.Info("building waypoint", "module", cfg.RepoDir)
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/waypoint")
-	cmd.Dir = cfg.RepoDir
+	cmd := goBuild(ctx, cfg.RepoDir, "-o", bin, "./cmd/waypoint")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("%w: go build ./cmd/waypoint: %w: %s", errNotMeasured, err, strings.TrimSpace(string(out)))
 	}

@@ -59,7 +59,7 @@ func MeasureLinkRSS(ctx context.Context, repoDir string) ([]LinkRSS, error) {
 			return nil, fmt.Errorf("link rss: %w", err)
 		}
 		bin := filepath.Join(dir, fmt.Sprintf("p%d.bin", i))
-		if b, err := exec.CommandContext(ctx, "go", "build", "-C", repoDir, "-o", bin, src).CombinedOutput(); err != nil {
+		if b, err := goBuild(ctx, repoDir, "-o", bin, src).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("link rss: build %s: %w: %s", s.name, err, strings.TrimSpace(string(b)))
 		}
 		st, err := os.Stat(bin)

@@ -108,8 +108,7 @@ func buildProfilingZtunnel(ctx context.Context, repoDir, dir string) (string, er
 		return "", fmt.Errorf("profiling build: %w", err)
 	}
 	bin := filepath.Join(dir, "ztunnel-pprof.bin")
-	cmd := exec.CommandContext(ctx, "go", "build", "-overlay", ovPath, "-o", bin, "./cmd/ztunnel")
-	cmd.Dir = repoDir
+	cmd := goBuild(ctx, repoDir, "-overlay", ovPath, "-o", bin, "./cmd/ztunnel")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("profiling build: %w: %s", err, strings.TrimSpace(string(out)))
 	}

@@ -38,8 +38,11 @@ import (
 // Build compiles ztunnel, istiod-lite and waypoint from the module at repo
 // into dir.
 func Build(ctx context.Context, repo, dir string) error {
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+string(os.PathSeparator), "./cmd/ztunnel", "./cmd/istiod-lite", "./cmd/waypoint")
+	// As they ship (the Makefile's build, ambitctl/images): static, gRPC
+	// without x/net/trace.
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-tags=grpcnotrace", "-o", dir+string(os.PathSeparator), "./cmd/ztunnel", "./cmd/istiod-lite", "./cmd/waypoint")
 	cmd.Dir = repo
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("build binaries: %w: %s", err, out)
 	}
