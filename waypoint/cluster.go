@@ -17,6 +17,9 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/ambit-mesh/ambit/hbone"
 )
 
 const httpProtocolOptionsKey = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -171,14 +174,18 @@ type endpointSpec struct {
 	addr      netip.AddrPort
 	identity  spiffeid.ID
 	hbonePort uint16
-	weight    uint32
-	labels    hostLabels
+	// quic: the endpoint's ztunnel also serves HBONE over HTTP/3
+	// (hbone_quic); node is the pod's node, sent with it.
+	quic   bool
+	node   string
+	weight uint32
+	labels hostLabels
 }
 
 // key identifies a host across updates: the same key keeps the host's
 // connections and outlier state.
 func (e endpointSpec) key() string {
-	return fmt.Sprintf("%s|%s|%d|%d|%v", e.addr, e.identity, e.hbonePort, e.weight, e.labels)
+	return fmt.Sprintf("%s|%s|%d|%v|%s|%d|%v", e.addr, e.identity, e.hbonePort, e.quic, e.node, e.weight, e.labels)
 }
 
 func compileEndpoints(cla *endpointv3.ClusterLoadAssignment) ([]endpointSpec, error) {
@@ -227,9 +234,20 @@ func compileEndpoints(cla *endpointv3.ClusterLoadAssignment) ([]endpointSpec, er
 					}
 					e.hbonePort = uint16(n)
 				}
+				if v := f["hbone_quic"]; v != nil {
+					b, ok := v.GetKind().(*structpb.Value_BoolValue)
+					if !ok {
+						return nil, fieldError(p+".metadata.filter_metadata[\"ambit\"].hbone_quic", "not a bool")
+					}
+					e.quic = b.BoolValue
+				}
+				e.node = f["node"].GetStringValue()
 				e.labels = hostLabels{workload: f["workload"].GetStringValue(), namespace: f["namespace"].GetStringValue(),
 					canonicalService: f["canonical_service"].GetStringValue(), canonicalRevision: f["canonical_revision"].GetStringValue(),
 					cluster: f["cluster"].GetStringValue()}
+			}
+			if e.quic && e.hbonePort == 0 {
+				return nil, fieldError(p+".metadata.filter_metadata[\"ambit\"].hbone_quic", "requires hbone_port")
 			}
 			if e.hbonePort != 0 && e.identity.IsZero() {
 				return nil, fieldError(p+".metadata.filter_metadata[\"ambit\"].identity", "required with hbone_port")
@@ -267,6 +285,10 @@ type host struct {
 	active       atomic.Int64 // requests in flight (least request)
 	conns        atomic.Int64
 	ejectedUntil atomic.Int64 // unix nanos; 0: not ejected
+	// transport is the HBONE transport (hbone.TransportH2, TransportH3) of
+	// the newest upstream connection of h's pools; nil: none yet, or
+	// plain TCP. The access log's upstream_transport.
+	transport atomic.Pointer[string]
 
 	mu        sync.Mutex // guards the fields below
 	consec5xx int
@@ -509,16 +531,41 @@ type connectError struct{ err error }
 func (e *connectError) Error() string { return "upstream connect: " + e.err.Error() }
 func (e *connectError) Unwrap() error { return e.err }
 
-// countedConn counts open connections per host and cluster.
+// countedConn counts open connections per host and cluster, and for an
+// HBONE tunnel the ambit_hbone_* families (hboneCounters) of the upstream
+// leg.
 type countedConn struct {
 	net.Conn
-	once sync.Once
-	h    *host
-	c    *cluster
+	once  sync.Once
+	h     *host
+	c     *cluster
+	hbone *hboneCounters // nil: plain TCP
+}
+
+func (c *countedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if c.hbone != nil && n > 0 {
+		c.hbone.sent.Add(float64(n))
+	}
+	return n, err
+}
+
+func (c *countedConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	if c.hbone != nil && n > 0 {
+		c.hbone.received.Add(float64(n))
+	}
+	return n, err
 }
 
 func (c *countedConn) Close() error {
-	c.once.Do(func() { c.h.conns.Add(-1); c.c.conns.Add(-1) })
+	c.once.Do(func() {
+		c.h.conns.Add(-1)
+		c.c.conns.Add(-1)
+		if c.hbone != nil {
+			c.hbone.closed.Inc()
+		}
+	})
 	return c.Conn.Close()
 }
 
@@ -551,7 +598,14 @@ func (p *Proxy) roundTripper(v *clusterView, h *host, h2 bool) http.RoundTripper
 		}
 		h.conns.Add(1)
 		c.conns.Add(1)
-		return &countedConn{Conn: nc, h: h, c: c}, nil
+		cc := &countedConn{Conn: nc, h: h, c: c}
+		if st, ok := nc.(*hbone.Stream); ok {
+			tr := st.Transport()
+			h.transport.Store(&tr)
+			cc.hbone = p.m.upstreamHBONE(tr)
+			cc.hbone.opened.Inc()
+		}
+		return cc, nil
 	}
 	if h2 { // HTTP/2 with prior knowledge (h2c) inside the tunnel
 		rt := newH2Pool(dial, k.idle, k.maxStreams, k.maxReqPerConn)

@@ -43,7 +43,7 @@ func finishFixture(w io.Writer) (*Proxy, func() *record) {
 }
 
 // The access-log line keeps Istio's fields, in their order, with their
-// values' JSON types.
+// values' JSON types; ambit's (the HBONE transports of both legs) follow.
 func TestFinishAccessLine(t *testing.T) {
 	var buf bytes.Buffer
 	p, newRec := finishFixture(&buf)
@@ -70,7 +70,8 @@ func TestFinishAccessLine(t *testing.T) {
 	want := []string{"time", "level", "msg", "start_time", "method", "path", "protocol", "response_code", "response_flags",
 		"response_code_details", "bytes_received", "bytes_sent", "duration", "upstream_service_time", "x_forwarded_for",
 		"user_agent", "request_id", "traceparent", "authority", "upstream_host", "upstream_cluster",
-		"downstream_local_address", "downstream_remote_address", "route_name", "attempts", "source_principal"}
+		"downstream_local_address", "downstream_remote_address", "route_name", "attempts", "source_principal",
+		"transport", "upstream_transport"}
 	if !slices.Equal(keys, want) {
 		t.Fatalf("keys %q, want %q", keys, want)
 	}
@@ -79,7 +80,7 @@ func TestFinishAccessLine(t *testing.T) {
 		"bytes_sent": json.Number("1024"), "upstream_service_time": json.Number("3"), "x_forwarded_for": "-", "user_agent": "bench",
 		"authority": "server.demo.svc.cluster.local", "upstream_host": "10.0.1.2:8080", "downstream_local_address": "10.96.0.10:80",
 		"downstream_remote_address": "10.0.0.1:41000", "route_name": "default", "attempts": json.Number("1"),
-		"source_principal": "spiffe://cluster.local/ns/demo/sa/client"} {
+		"source_principal": "spiffe://cluster.local/ns/demo/sa/client", "transport": "h2", "upstream_transport": "-"} {
 		if line[k] != v {
 			t.Errorf("%s = %#v, want %#v", k, line[k], v)
 		}

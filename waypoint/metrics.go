@@ -193,8 +193,10 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 		src = ds.peerAddr
 	}
 	principal := ds.principal()
+	ctx := rec.r.Context()
+	transport := downstreamTransport(ctx) // the client's tunnel: h2 or h3
 	fl := telemetry.Flow{Type: telemetry.FlowRequest, Time: rec.start, Reporter: "waypoint", Direction: telemetry.Inbound,
-		Transport: rec.r.Proto, Via: "hbone",
+		Transport: rec.r.Proto, HBONETransport: transport, Via: "hbone",
 		Source:      telemetry.FlowPeer{Address: src.String(), Workload: tr.Source.Workload, Namespace: tr.Source.Namespace, Identity: principal},
 		Destination: telemetry.FlowPeer{Address: upstream, Workload: tr.Destination.Workload, Namespace: tr.Destination.Namespace},
 		Service:     rec.service, Verdict: verdict, Policy: rec.policy, Reason: rec.details, ResponseFlags: flags,
@@ -207,7 +209,6 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 	// The access log: typed attributes (no boxing into any), handed to the
 	// handler directly (a record without a source PC: no runtime.Callers per
 	// request), and nothing built at all when the logger discards the line.
-	ctx := rec.r.Context()
 	h := p.access.Handler()
 	if !h.Enabled(ctx, slog.LevelInfo) {
 		return
@@ -241,6 +242,8 @@ func (p *Proxy) finish(rec *record, w *respWriter) {
 		slog.String("route_name", orDash(rec.route)),
 		slog.Int("attempts", rec.attempts),
 		slog.String("source_principal", orDash(principal)),
+		slog.String("transport", transport),
+		slog.String("upstream_transport", upstreamTransport(rec.host)),
 	)
 	_ = h.Handle(ctx, line) // as slog.Logger does: a failed write is the handler's to report
 }

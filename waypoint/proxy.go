@@ -56,8 +56,19 @@ type Config struct {
 	// QUIC also serves HBONE over HTTP/3 (package hbone/h3) on UDP at the
 	// HBONE address (Start; Serve takes Listeners.QUIC), with the same
 	// identity, caller checks, requests and drain as over HTTP/2 (quic.go).
-	// Off by default.
+	// Off by default. It also turns QUICUpstream on.
 	QUIC bool
+	// QUICUpstream dials HBONE over HTTP/3 to endpoints that advertise it
+	// (EDS hbone_quic) and are not on Node, falling back to HTTP/2 where
+	// UDP is dropped or refused (h3.Fallback, remembered per address), with
+	// the waypoint's identity (quic.go). Off by default.
+	QUICUpstream bool
+	// QUICDialTimeout bounds an upstream QUIC dial before it falls back to
+	// HTTP/2 (h3.DefaultFallbackDialTimeout if zero).
+	QUICDialTimeout time.Duration
+	// Node is the name of the waypoint's node: endpoints on it are dialled
+	// over HTTP/2 (UDP from a local pod to a pod's 15008 is dropped).
+	Node string
 	// Logger receives operational logs; AccessLog one line per request
 	// (nil: discard).
 	Logger, AccessLog *slog.Logger
@@ -74,7 +85,8 @@ type Proxy struct {
 	m       *metrics
 	conns   telemetry.Tracker // tcp_proxy streams: the open-connection table and istio_tcp_*
 	server  *hbone.Server
-	quic    *h3.Server // HBONE over HTTP/3: served only on Listeners.QUIC
+	quic    *h3.Server   // HBONE over HTTP/3: served only on Listeners.QUIC
+	h3      *h3.Fallback // upstream HBONE over HTTP/3 in front of dialer; nil: off
 
 	snap atomic.Pointer[snapshot] // the config every new request uses
 
@@ -125,6 +137,7 @@ func New(cfg Config) (*Proxy, error) {
 		Logger:        cfg.Logger,
 	}
 	p.quic = p.newQUICServer()
+	p.h3 = p.newQUICDialer()
 	return p, nil
 }
 
@@ -355,6 +368,7 @@ func (p *Proxy) Close() error {
 			stop()
 		}
 		p.bg.Wait()
+		p.closeQUICDialer()
 		if p.ownDial {
 			p.dialer.Close()
 		}
@@ -370,10 +384,11 @@ func (p *Proxy) Close() error {
 }
 
 // dialHost connects to an endpoint: HBONE to podIP:hbone_port (CONNECT
-// podIP:port, our own identity, requiring the endpoint's) or plain TCP.
+// podIP:port, our own identity, requiring the endpoint's; over HTTP/3 when
+// it advertises QUIC: dialTunnel) or plain TCP.
 func (p *Proxy) dialHost(ctx context.Context, h *host) (net.Conn, error) {
 	if h.spec.hbonePort != 0 {
-		return p.dialer.Dial(ctx, hbone.DialRequest{
+		return p.dialTunnel(ctx, h, hbone.DialRequest{
 			Source: p.cfg.Identity,
 			Peers:  []spiffeid.ID{h.spec.identity},
 			Addr:   netip.AddrPortFrom(h.spec.addr.Addr(), h.spec.hbonePort),

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"syscall"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/ambit-mesh/ambit/hbone"
@@ -46,7 +47,7 @@ func (p *Proxy) serveQUICStream(ctx context.Context, r *hbone.Request) {
 			r = hbone.NewRequest(*r, finAnswerer{r}, hbone.TransportH3)
 		}
 	}
-	p.serveHBONE(ctx, r)
+	p.serveHBONE(context.WithValue(ctx, downstreamTransportKey{}, hbone.TransportH3), r)
 }
 
 // finAnswerer answers r; the tunnel it accepts sends FIN when closed.
@@ -104,4 +105,95 @@ func listenQUIC(ln net.Listener, configured string) (net.Listener, net.PacketCon
 // streams until ctx ends (drain).
 func (p *Proxy) shutdownQUIC(ctx context.Context) {
 	_ = p.quic.Shutdown(ctx)
+}
+
+// ReporterUpstream is the reporter label of the ambit_hbone_* families for
+// the tunnels the waypoint opens to destinations (its upstream leg); those
+// clients open to it count as reporter "waypoint".
+const ReporterUpstream = "waypoint_upstream"
+
+// hboneCounters are one upstream tunnel's children of the ambit_hbone_*
+// families: sent counts bytes of the response direction (read from the
+// destination), received those of the request direction (written to it),
+// as the families count a tunnel's bytes from its client.
+type hboneCounters struct {
+	opened, closed, sent, received prometheus.Counter
+}
+
+// upstreamHBONE returns the ambit_hbone_* children of an upstream tunnel
+// over transport (h2 or h3).
+func (m *metrics) upstreamHBONE(transport string) *hboneCounters {
+	return &hboneCounters{
+		opened:   m.tcp.HBONEOpened.WithLabelValues(ReporterUpstream, transport),
+		closed:   m.tcp.HBONEClosed.WithLabelValues(ReporterUpstream, transport),
+		sent:     m.tcp.HBONESent.WithLabelValues(ReporterUpstream, transport),
+		received: m.tcp.HBONEReceived.WithLabelValues(ReporterUpstream, transport),
+	}
+}
+
+// newQUICDialer returns the HTTP/3 dialer of the upstream leg, in front of
+// p.dialer (Config.QUIC or Config.QUICUpstream; nil otherwise): QUIC first
+// to an endpoint that advertises it (hbone_quic), HTTP/2 when its dial
+// fails without an answer (UDP dropped or refused), remembered for that
+// address, as a ztunnel's.
+func (p *Proxy) newQUICDialer() *h3.Fallback {
+	if !p.cfg.QUIC && !p.cfg.QUICUpstream {
+		return nil
+	}
+	timeout := p.cfg.QUICDialTimeout
+	if timeout <= 0 {
+		timeout = h3.DefaultFallbackDialTimeout
+	}
+	log := p.log.With("component", "h3")
+	return &h3.Fallback{
+		H2:          p.dialer,
+		H3:          &h3.Dialer{Certs: p.cfg.Certs, Logger: log, HandshakeTimeout: timeout},
+		DialTimeout: timeout,
+		OnFallback: func(r hbone.DialRequest, err error) {
+			p.log.Info("waypoint: hbone over quic failed: falling back to http/2", "addr", r.Addr, "err", err)
+		},
+	}
+}
+
+// dialTunnel opens an HBONE tunnel to h: over HTTP/3 when the waypoint
+// dials QUIC, h advertises it and is not on the waypoint's node (UDP from
+// a local pod to a pod's 15008 is dropped by the capture), else HTTP/2.
+func (p *Proxy) dialTunnel(ctx context.Context, h *host, r hbone.DialRequest) (*hbone.Stream, error) {
+	if p.h3 != nil && h.spec.quic && (h.spec.node == "" || h.spec.node != p.cfg.Node) {
+		return p.h3.Dial(ctx, r)
+	}
+	return p.dialer.Dial(ctx, r)
+}
+
+// closeQUICDialer closes the HTTP/3 dialer (not p.dialer: Close does).
+func (p *Proxy) closeQUICDialer() {
+	if p.h3 != nil {
+		p.h3.H3.Close()
+	}
+}
+
+// downstreamTransportKey is the context key of the downstream tunnel's
+// HBONE transport, on the context serveHBONE gets (and the requests of
+// its inner HTTP server): set for HTTP/3, absent for HTTP/2.
+type downstreamTransportKey struct{}
+
+// downstreamTransport names the HBONE transport the request of ctx came
+// in on.
+func downstreamTransport(ctx context.Context) string {
+	if t, ok := ctx.Value(downstreamTransportKey{}).(string); ok {
+		return t
+	}
+	return hbone.TransportH2
+}
+
+// upstreamTransport names the HBONE transport of h's newest upstream
+// connection, "-" if none (plain TCP).
+func upstreamTransport(h *host) string {
+	if h == nil {
+		return "-"
+	}
+	if t := h.transport.Load(); t != nil {
+		return *t
+	}
+	return "-"
 }
