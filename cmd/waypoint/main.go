@@ -91,6 +91,9 @@ Usage: waypoint [flags]
 	fs.StringVar(&o.proxy.AdminAddr, "admin-addr", fmt.Sprintf("127.0.0.1:%d", model.PortAdmin), "admin listener; keep it on localhost")
 	fs.StringVar(&o.proxy.MetricsAddr, "metrics-addr", fmt.Sprintf(":%d", model.PortMetrics), "Prometheus metrics listener")
 	fs.BoolVar(&o.proxy.QUIC, "hbone-quic", os.Getenv("AMBIT_HBONE_QUIC") == "true", "HBONE over HTTP/3 (QUIC): also serve it on UDP at --hbone-addr, with the same identity, policy and drain as HTTP/2; ztunnels use it where the waypoint's pod advertises it (label ambit.dev/hbone-quic=enabled) ($AMBIT_HBONE_QUIC=true)")
+	fs.BoolVar(&o.proxy.QUICUpstream, "hbone-quic-upstream", os.Getenv("AMBIT_HBONE_QUIC_UPSTREAM") == "true", "dial HBONE over HTTP/3 to destinations that advertise it (EDS hbone_quic) on other nodes, HTTP/2 where UDP is blocked, without serving QUIC; --hbone-quic implies it ($AMBIT_HBONE_QUIC_UPSTREAM=true)")
+	fs.DurationVar(&o.proxy.QUICDialTimeout, "hbone-quic-dial-timeout", 0, "how long an upstream QUIC dial may take before falling back to HTTP/2 (0: 2s)")
+	fs.StringVar(&o.proxy.Node, "node-name", os.Getenv("NODE_NAME"), "this pod's node: destinations on it are dialled over HTTP/2 ($NODE_NAME)")
 	fs.StringVar(&o.proxy.ReadyAddr, "ready-addr", fmt.Sprintf(":%d", model.PortReady), "readiness listener, /healthz/ready")
 	fs.DurationVar(&o.proxy.DrainDuration, "drain-duration", envDuration("TERMINATION_DRAIN_DURATION", 5*time.Second),
 		"after SIGTERM: how long the waypoint fails readiness but keeps accepting, telling clients to reconnect, before it stops accepting (Istio's terminationDrainDuration) ($TERMINATION_DRAIN_DURATION)")
