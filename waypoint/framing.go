@@ -30,9 +30,11 @@ type framing struct {
 	line   []byte // a line split across reads
 	body   int64  // body bytes left before the next head
 	inHead bool
-	heads  int64 // heads seen (1-based index of the current one)
-	te, cl bool  // the current head has Transfer-Encoding, Content-Length
-	badCL  bool  // its Content-Length does not parse (net/http refuses it)
+	heads  int64   // heads seen (1-based index of the current one)
+	te, cl bool    // the current head has Transfer-Encoding, Content-Length
+	host   bool    // the current head has a Host field
+	noHost []int64 // indexes of heads without a Host field, not yet asked about (hadHost)
+	badCL  bool    // its Content-Length does not parse (net/http refuses it)
 	clen   int64
 	done   bool
 
@@ -94,6 +96,17 @@ func (f *framing) transferEncoding(n int64) (te, withCL bool) {
 	return true, f.teWithCL.Load()
 }
 
+// hadHost reports whether the n-th request head (1-based) had a Host field
+// (http.ReadRequest drops it from the header: h1server asks here). Heads
+// are asked about in order; it is called by the goroutine reading the
+// connection, or after it.
+func (f *framing) hadHost(n int64) bool {
+	for len(f.noHost) > 0 && f.noHost[0] < n {
+		f.noHost = f.noHost[1:]
+	}
+	return len(f.noHost) == 0 || f.noHost[0] != n
+}
+
 func (f *framing) watch(b []byte) {
 	for len(b) > 0 && !f.done {
 		if f.body > 0 {
@@ -142,12 +155,15 @@ func (f *framing) onLine(l []byte) {
 		default:
 			f.inHead = true
 			f.heads++
-			f.te, f.cl, f.badCL, f.clen = false, false, false, 0
+			f.te, f.cl, f.badCL, f.clen, f.host = false, false, false, 0, false
 		}
 		return
 	}
 	if len(l) == 0 { // the end of the head
 		f.inHead = false
+		if !f.host {
+			f.noHost = append(f.noHost, f.heads)
+		}
 		switch {
 		case f.te:
 			f.teWithCL.Store(f.cl)
@@ -168,6 +184,8 @@ func (f *framing) onLine(l []byte) {
 		return
 	}
 	switch {
+	case asciiEqualFold(name, "host"):
+		f.host = true
 	case asciiEqualFold(name, "transfer-encoding"):
 		f.te = true
 	case asciiEqualFold(name, "content-length"):

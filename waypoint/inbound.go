@@ -65,10 +65,10 @@ func (p *Proxy) serveHBONE(ctx context.Context, r *hbone.Request) {
 	p.serveConn(ctx, st, chain.http, ds)
 }
 
-// track registers an inner HTTP server for drain; false when closed. A
-// stream that raced the drain's GOAWAY is still served, without
+// track registers a tunnelled connection's server for drain; false when
+// closed. A stream that raced the drain's GOAWAY is still served, without
 // keep-alive.
-func (p *Proxy) track(hs *http.Server) bool {
+func (p *Proxy) track(hs innerServer) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
@@ -81,7 +81,7 @@ func (p *Proxy) track(hs *http.Server) bool {
 	return true
 }
 
-func (p *Proxy) untrack(hs *http.Server) {
+func (p *Proxy) untrack(hs innerServer) {
 	p.mu.Lock()
 	delete(p.inner, hs)
 	p.mu.Unlock()
@@ -93,14 +93,11 @@ type discardWriter struct{}
 
 func (discardWriter) Write(p []byte) (int, error) { return len(p), nil }
 
-// serveConn runs net/http's server on the one tunnelled connection: it
-// serves HTTP/1.1, and HTTP/2 with prior knowledge (h2c, gRPC included)
-// when the bytes start with the HTTP/2 preface; anything else gets 400.
-// HTTP/2's defences against rapid reset and CONTINUATION floods are
-// net/http's.
-func (p *Proxy) serveConn(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
-	ds.framing = newFraming(c, hc.maxHeaderBytes)
-	c = ds.framing
+// serveNetHTTP runs net/http's server on the one tunnelled connection
+// that starts with the HTTP/2 preface (serveConn): HTTP/2 with prior
+// knowledge, h2c and gRPC included. HTTP/2's defences against rapid reset
+// and CONTINUATION floods are net/http's.
+func (p *Proxy) serveNetHTTP(ctx context.Context, c net.Conn, hc *httpChain, ds *downstream) {
 	hs := &http.Server{
 		Handler:           http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { p.serveHTTP(w, r, ds) }),
 		MaxHeaderBytes:    hc.maxHeaderBytes,

@@ -97,8 +97,8 @@ type Proxy struct {
 	draining atomic.Bool
 	serving  atomic.Bool
 
-	mu        sync.Mutex // guards inner, closed, bgCtx and bgStop
-	inner     map[*http.Server]struct{}
+	mu        sync.Mutex               // guards inner, closed, bgCtx and bgStop
+	inner     map[innerServer]struct{} // tunnelled connections' servers (drain)
 	closed    bool
 	bg        sync.WaitGroup     // mirrors
 	bgCtx     context.Context    // set by Serve; parent of mirrors and of the drain
@@ -112,7 +112,7 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, errors.New("waypoint: Identity and Certs are required")
 	}
 	p := &Proxy{cfg: cfg, log: orDiscard(cfg.Logger), access: orDiscard(cfg.AccessLog), clusters: map[string]*cluster{},
-		inner: map[*http.Server]struct{}{}, m: newMetrics()}
+		inner: map[innerServer]struct{}{}, m: newMetrics()}
 	p.conns.Metrics = p.m.tcp
 	p.conns.Flows = p.m.flows
 	if p.cfg.RetryBufferBytes == 0 {
@@ -330,7 +330,7 @@ func (p *Proxy) drain() {
 	ctx, cancel := context.WithTimeout(bg, p.cfg.DrainTimeout)
 	defer cancel()
 	p.mu.Lock()
-	inner := make([]*http.Server, 0, len(p.inner))
+	inner := make([]innerServer, 0, len(p.inner))
 	for hs := range p.inner {
 		inner = append(inner, hs)
 	}
@@ -351,7 +351,7 @@ func (p *Proxy) Close() error {
 	p.closeOnce.Do(func() {
 		p.mu.Lock()
 		p.closed = true
-		inner := make([]*http.Server, 0, len(p.inner))
+		inner := make([]innerServer, 0, len(p.inner))
 		for hs := range p.inner {
 			inner = append(inner, hs)
 		}
