@@ -1,8 +1,11 @@
 package hbone
 
 import (
+	"io"
 	"net"
 	"sync"
+
+	"github.com/ambit-mesh/ambit/relay"
 )
 
 // batchLimit is how many bytes of TLS records a batch gathers before it
@@ -22,6 +25,12 @@ var batchBufs = sync.Pool{New: func() any { b := make([]byte, 0, batchLimit+16<<
 type batchConn struct {
 	net.Conn
 
+	// sock reads and writes Conn with raw system calls when it is a TCP
+	// connection (relay.Socket), else nil; r and w are sock or Conn.
+	sock *relay.Socket
+	r    io.Reader
+	w    io.Writer
+
 	// mu guards the fields below and is held across every write to the
 	// socket, so records keep their order (TLS sequence numbers).
 	mu       sync.Mutex
@@ -37,6 +46,15 @@ type batchConn struct {
 	aheadOff int
 }
 
+// newBatchConn returns a batchConn on nc.
+func newBatchConn(nc net.Conn) *batchConn {
+	b := &batchConn{Conn: nc, r: nc, w: nc}
+	if b.sock = relay.NewSocket(nc); b.sock != nil {
+		b.r, b.w = b.sock, b.sock
+	}
+	return b
+}
+
 // readAhead is how much Read asks the socket for at once: a burst of
 // records takes one read(2) instead of one per record.
 const readAhead = 64 << 10
@@ -48,10 +66,10 @@ var readAheadBufs = sync.Pool{New: func() any { b := make([]byte, readAhead); re
 func (b *batchConn) Read(p []byte) (int, error) {
 	if b.ahead == nil {
 		if len(p) >= readAhead {
-			return b.Conn.Read(p)
+			return b.r.Read(p)
 		}
 		ahead := readAheadBufs.Get().(*[]byte)
-		n, err := b.Conn.Read((*ahead)[:readAhead])
+		n, err := b.r.Read((*ahead)[:readAhead])
 		if n <= len(p) {
 			copy(p, (*ahead)[:n])
 			readAheadBufs.Put(ahead)
@@ -76,7 +94,7 @@ func (b *batchConn) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if !b.batching {
-		return b.Conn.Write(p)
+		return b.w.Write(p)
 	}
 	if b.buf == nil {
 		b.buf = batchBufs.Get().(*[]byte)
@@ -88,7 +106,7 @@ func (b *batchConn) Write(p []byte) (int, error) {
 		b.buf = batchBufs.Get().(*[]byte)
 	}
 	if len(*b.buf) == 0 && len(p) >= batchLimit {
-		return b.Conn.Write(p)
+		return b.w.Write(p)
 	}
 	*b.buf = append(*b.buf, p...)
 	return len(p), nil
@@ -119,7 +137,7 @@ func (b *batchConn) flushLocked() error {
 	b.buf = nil
 	var err error
 	if len(*buf) > 0 {
-		_, err = b.Conn.Write(*buf)
+		_, err = b.w.Write(*buf)
 	}
 	*buf = (*buf)[:0]
 	batchBufs.Put(buf)

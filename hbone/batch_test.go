@@ -19,7 +19,7 @@ func (w *writeRecorder) Write(p []byte) (int, error) {
 
 func TestBatchConn(t *testing.T) {
 	rec := &writeRecorder{}
-	b := &batchConn{Conn: rec}
+	b := newBatchConn(rec)
 	b.Write([]byte("handshake"))
 	if len(rec.writes) != 1 {
 		t.Fatalf("outside a batch: %d writes, want 1", len(rec.writes))

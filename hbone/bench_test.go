@@ -335,3 +335,11 @@ func listenPod(b *testing.B, pod func(net.Conn)) net.Addr {
 	}()
 	return ln.Addr()
 }
+
+// contextSwitches returns the process's context switches so far, voluntary
+// (a thread blocked: futex, epoll_wait) and involuntary.
+func contextSwitches() int64 {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return ru.Nvcsw + ru.Nivcsw
+}

@@ -6,6 +6,8 @@ import (
 	"net"
 	"os"
 	"syscall"
+
+	"github.com/ambit-mesh/ambit/relay"
 )
 
 // DeliverTo writes what the stream receives to dst until the peer ends its
@@ -253,25 +255,18 @@ func (sk *delivery) write(p []byte) (int, error) {
 }
 
 // writeFD is write's RawConn.Write callback (sk.writeFn, made once: a
-// closure per write would be an allocation per frame).
+// closure per write would be an allocation per frame). It never waits:
+// the rest is left to DeliverTo. The write is a raw system call
+// (relay.WriteNow): a runtime-accounted one would wake the runtime's
+// monitor thread on every request of an otherwise idle proxy.
 func (sk *delivery) writeFD(fd uintptr) bool {
-	for len(sk.wp) > 0 {
-		k, err := syscall.Write(int(fd), sk.wp)
-		if k > 0 {
-			sk.wn += k
-			sk.wp = sk.wp[k:]
-		}
-		if err == syscall.EINTR {
-			continue
-		}
-		if err != nil {
-			if err != syscall.EAGAIN {
-				sk.werr = os.NewSyscallError("write", err)
-			}
-			break
-		}
+	n, err := relay.WriteNow(fd, sk.wp)
+	sk.wn += n
+	sk.wp = sk.wp[n:]
+	if err != nil {
+		sk.werr = err
 	}
-	return true // never wait: the rest is left to DeliverTo
+	return true
 }
 
 // deliverLocked hands p, received for s, to its DeliverTo sink when the

@@ -293,7 +293,7 @@ func (d *Dialer) connect(ctx context.Context, r DialRequest) (_ *conn, notAfter 
 	if err != nil {
 		return nil, time.Time{}, err
 	}
-	out := &batchConn{Conn: nc}
+	out := newBatchConn(nc)
 	tc := tls.Client(out, clientTLSConfig(svid, d.Certs, r.Peers))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		nc.Close()

@@ -160,7 +160,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn, pending *pendingSet
 			pending.remove(pc)
 		}
 	}()
-	out := &batchConn{Conn: nc}
+	out := newBatchConn(nc)
 	tc := tls.Server(out, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		log.Debug("hbone: handshake failed", "remote", remote, "local", local, "err", err)

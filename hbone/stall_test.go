@@ -92,7 +92,8 @@ func stalledInWrite(fn string) bool {
 	buf := make([]byte, 1<<20)
 	buf = buf[:runtime.Stack(buf, true)]
 	for _, g := range bytes.Split(buf, []byte("\n\n")) {
-		if bytes.Contains(g, []byte("[IO wait")) && bytes.Contains(g, []byte(fn)) && bytes.Contains(g, []byte("poll.(*FD).Write")) {
+		if bytes.Contains(g, []byte("[IO wait")) && bytes.Contains(g, []byte(fn)) &&
+			(bytes.Contains(g, []byte("poll.(*FD).Write")) || bytes.Contains(g, []byte("poll.(*FD).RawWrite"))) { // relay.Socket writes through RawConn
 			return true
 		}
 	}

@@ -438,14 +438,23 @@ func copyConn(dst, src net.Conn, d Direction, onBytes func(Direction, int64), ch
 		}
 		return dl.DeliverTo(dst, hook)
 	}
+	// TCP sockets are read and written with raw system calls (Socket).
+	var r io.Reader = src
+	var w io.Writer = dst
+	if s := NewSocket(src); s != nil {
+		r = s
+	}
+	if s := NewSocket(dst); s != nil {
+		w = s
+	}
 	var total int64
 	b := copyBuf{}
 	defer b.release()
 	for {
 		buf := b.get()
-		nr, rerr := src.Read(buf)
+		nr, rerr := r.Read(buf)
 		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
+			nw, werr := w.Write(buf[:nr])
 			total += int64(nw)
 			if nw > 0 && onBytes != nil {
 				onBytes(d, int64(nw))
