@@ -20,6 +20,7 @@ import (
 
 	"github.com/ambit-mesh/ambit/hbone"
 	"github.com/ambit-mesh/ambit/hbone/h3"
+	"github.com/ambit-mesh/ambit/telemetry"
 )
 
 // destZtunnel is a destination's ztunnel inbound on loopback: HBONE over
@@ -315,5 +316,38 @@ func TestQUICEndpointMetadata(t *testing.T) {
 		if _, err := compile(bad); err == nil || !strings.Contains(err.Error(), "hbone_quic") {
 			t.Errorf("%v: %v, want an error naming hbone_quic", bad, err)
 		}
+	}
+}
+
+// TestQUICBothLegs: a waypoint run with QUIC (serving it, and so dialing
+// it) carries a request over HTTP/3 on both legs: the access line says h3
+// for both, the request's flow event h3 for the client's tunnel.
+func TestQUICBothLegs(t *testing.T) {
+	e, qaddr := newQUICEnv(t, func(c *Config) { c.Node = "node-1" })
+	podID := wid(t, "shop", "reviews")
+	dest := newDestZtunnel(t, e.certs, podID, "h3")
+	b := newH2CBackend(t, whoami("pod"))
+	cl := clusterName(svc)
+	e.apply(simple(svc, []*routev3.Route{toCluster(prefixMatch("/"), cl)},
+		map[string][]ep{cl: {{addr: b.addr, md: quicEndpoint(podID, dest, "node-2")}}}, protocolOptions(true, 0))...)
+	sub := e.p.m.flows.Subscribe(telemetry.FlowFilter{Type: telemetry.FlowRequest}, 0)
+	defer sub.Close()
+	c := e.h3Client(e.certs, e.cliID, qaddr, true, nil)
+	if code, body, hdr := get(t, c, "http://"+svc+"/"); code != 200 || !strings.HasPrefix(body, "pod") || hdr.Get("X-Seen-Proto") != "HTTP/2.0" {
+		t.Fatalf("%d %q %v", code, body, hdr)
+	}
+	if _, tun3, _ := dest.counts(); tun3 != 1 {
+		t.Errorf("destination h3 tunnels %d, want 1", tun3)
+	}
+	if !strings.Contains(e.logs.String(), `"transport":"h3","upstream_transport":"h3"`) {
+		t.Errorf("no access line with both transports h3:\n%s", e.logs.String())
+	}
+	select {
+	case fl := <-sub.C():
+		if fl.HBONETransport != hbone.TransportH3 {
+			t.Errorf("request flow hboneTransport %q, want h3", fl.HBONETransport)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("no request flow")
 	}
 }
