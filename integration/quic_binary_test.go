@@ -6,8 +6,10 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -30,6 +32,12 @@ import (
 // is dropped on the underlay and node-1's ztunnel restarted (no pooled
 // QUIC connection, nothing remembered): the next connection falls back to
 // HTTP/2 and is served.
+//
+// A waypoint on node-1 (--hbone-quic-upstream) fronts the service web on
+// server-2: a request through it goes upstream to node-2 over HTTP/3, as
+// its access line (upstream_transport) and
+// ambit_hbone_connections_opened_total{reporter="waypoint_upstream",transport="h3"}
+// say.
 func TestQUICBinary(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Fatal("needs root (network namespaces, eBPF)")
@@ -43,6 +51,7 @@ func TestQUICBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	clientIP, serverIP := netip.MustParseAddr("10.1.0.10"), netip.MustParseAddr("10.2.0.20")
+	waypointIP, webVIP := netip.MustParseAddr("10.1.0.40"), netip.MustParseAddr("10.96.0.40")
 	cfgDir := filepath.Join(work, "config")
 	if err := os.MkdirAll(cfgDir, 0o755); err != nil {
 		t.Fatal(err)
@@ -66,7 +75,24 @@ kind: Pod
 metadata: {name: server-2, namespace: shop, labels: {app: server}}
 spec: {nodeName: node-2, serviceAccountName: server, containers: [{name: server, image: server, ports: [{containerPort: 8080}]}]}
 status: {phase: Running, podIP: %[2]s, podIPs: [{ip: %[2]s}], conditions: [{type: Ready, status: "True"}]}
-`, clientIP, serverIP)
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+status: {addresses: [{type: IPAddress, value: %[3]s}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-0, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp, istio.io/dataplane-mode: none}}
+spec: {nodeName: node-1, serviceAccountName: wp, containers: [{name: istio-proxy, image: waypoint}]}
+status: {phase: Running, podIP: %[3]s, podIPs: [{ip: %[3]s}], conditions: [{type: Ready, status: "True"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec: {clusterIP: %[4]s, clusterIPs: [%[4]s], selector: {app: server}, ports: [{name: http, port: 80, targetPort: 8081}]}
+`, clientIP, serverIP, waypointIP, webVIP)
 	if err := os.WriteFile(filepath.Join(cfgDir, "mesh.yaml"), []byte(yaml), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -76,6 +102,7 @@ status: {phase: Running, podIP: %[2]s, podIPs: [{ip: %[2]s}], conditions: [{type
 		Nodes:       []netns.NodeConfig{{Name: "node-1"}, {Name: "node-2"}},
 		ConfigDir:   cfgDir,
 		ZtunnelArgs: func(string) []string { return []string{"--hbone-quic"} },
+		Waypoints:   []string{"shop/wp"},
 		Logger:      log,
 	})
 	if err != nil {
@@ -99,6 +126,10 @@ status: {phase: Running, podIP: %[2]s, podIPs: [{ip: %[2]s}], conditions: [{type
 	if err != nil {
 		t.Fatal(err)
 	}
+	wpPod, err := m.Topo.Node("node-1").AddPodIP("shop.wp-0", waypointIP)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, node := range []string{"node-1", "node-2"} {
 		if err := m.StartZtunnel(ctx, node); err != nil {
 			t.Fatal(err)
@@ -111,6 +142,13 @@ status: {phase: Running, podIP: %[2]s, podIPs: [{ip: %[2]s}], conditions: [{type
 	s := &app.Server{Name: "shop/server-2"}
 	go s.Serve(ln)
 	t.Cleanup(func() { s.Close() })
+	webLn, err := srv.NS.Listen(ctx, nil, "tcp", ":8081")
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := &app.HTTP{Name: "server-2"}
+	go web.Serve(webLn)
+	t.Cleanup(func() { web.Close() })
 	dst := netip.AddrPortFrom(serverIP, 8080)
 
 	// node-1 learns that server-2 advertises QUIC (from node-2's label).
@@ -165,6 +203,54 @@ status: {phase: Running, podIP: %[2]s, podIPs: [{ip: %[2]s}], conditions: [{type
 	}
 	if r, err := exchangeFrom(client.NS, netip.AddrPortFrom(clientIP, 20002), dst, 1<<20); err != nil || r.Bytes != 1<<20 {
 		t.Fatalf("1 MiB exchange over h3: %+v, %v", r, err)
+	}
+
+	// Through the waypoint on node-1: its upstream leg to server-2 is h3.
+	if _, err := m.StartWaypoint(ctx, mesh.WaypointOptions{Name: "wp-0", NS: wpPod.NS, Namespace: "shop", Gateway: "wp",
+		Args: []string{"--hbone-quic-upstream", "--node-name", "node-1"}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			if p := m.Waypoint("wp-0"); p != nil {
+				t.Logf("---- %s (tail)\n%s", p.Name, p.Tail(40))
+			}
+		}
+	})
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return client.NS.Dial(ctx, nil, network, addr)
+		}}}
+	var code int
+	if !eventually(20*time.Second, func() bool { // until the waypoint has web's routes
+		resp, err := hc.Get("http://" + netip.AddrPortFrom(webVIP, 80).String() + "/")
+		if err != nil {
+			return false
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		code = resp.StatusCode
+		return code == http.StatusOK
+	}) {
+		t.Fatalf("GET web through the waypoint: last code %d", code)
+	}
+	var upstream string
+	eventually(10*time.Second, func() bool {
+		logs, err := m.RequestLogs("wp-0")
+		for i := len(logs) - 1; err == nil && i >= 0; i-- {
+			if logs[i].Code == http.StatusOK {
+				upstream = logs[i].UpstreamTransport
+				return true
+			}
+		}
+		return false
+	})
+	if upstream != "h3" {
+		t.Errorf("waypoint access line: upstream_transport %q, want h3", upstream)
+	}
+	if n, err := mesh.MetricsIn(ctx, wpPod.NS, "ambit_hbone_connections_opened_total",
+		map[string]string{"reporter": "waypoint_upstream", "transport": "h3"}); err != nil || n < 1 {
+		t.Errorf("waypoint: ambit_hbone_connections_opened_total{reporter=waypoint_upstream,transport=h3} = %v (%v)", n, err)
 	}
 
 	// UDP 15008 dropped on the way to node-2: after a restart of node-1's

@@ -143,6 +143,10 @@ type RequestLog struct {
 	Attempts        int    `json:"attempts"`
 	SourcePrincipal string `json:"source_principal"`
 	Downstream      string `json:"downstream_remote_address"`
+	// Transport and UpstreamTransport are the HBONE transports (h2, h3) of
+	// the client's tunnel and of the upstream one ("-": plain TCP).
+	Transport         string `json:"transport"`
+	UpstreamTransport string `json:"upstream_transport"`
 }
 
 // RequestLogs reads every access-log line of the waypoint called name (its
