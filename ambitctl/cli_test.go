@@ -791,7 +791,7 @@ current-context: x
 		{[]string{"install", "--bogus"}, "", "ambitctl: install: unknown flag: --bogus; see ambitctl install --help"},
 		{[]string{"waypoint", "list", "-n"}, "", "ambitctl: waypoint list: flag needs an argument: 'n' in -n; see ambitctl waypoint list --help"},
 		{[]string{"ztunnel-config"}, "", "ambitctl: ztunnel-config: accepts between 1 and 2 arg(s), received 0 " +
-			"(usage: ambitctl ztunnel-config workloads|services|policies|certificates|connections|all [ZTUNNEL_POD]); see ambitctl ztunnel-config --help"},
+			"(usage: ambitctl ztunnel-config workloads|services|policies|certificates|connections|capture|all [ZTUNNEL_POD]); see ambitctl ztunnel-config --help"},
 		{[]string{"describe", "pod"}, "", "ambitctl: describe: accepts 2 arg(s), received 1 (usage: ambitctl describe pod|service NAME); see ambitctl describe --help"},
 	} {
 		r := run(t, tc.kc, tc.args...)

@@ -184,6 +184,13 @@ func TestZtunnelConfig(t *testing.T) {
 		})
 	}
 
+	t.Run("capture off", func(t *testing.T) {
+		out := mustCLI(t, "ztunnel-config", "capture", "--address", admin)
+		if !strings.HasPrefix(out, "CAPTURE: off") {
+			t.Errorf("a ztunnel without --capture:\n%s", out)
+		}
+	})
+
 	t.Run("connections content", func(t *testing.T) {
 		out := mustCLI(t, "ztunnel-config", "connections", "--address", admin)
 		lines := strings.Split(strings.TrimSpace(out), "\n")

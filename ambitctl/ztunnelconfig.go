@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"sigs.k8s.io/yaml"
 
+	"github.com/ambit-mesh/ambit/bpf"
 	"github.com/ambit-mesh/ambit/model"
 )
 
@@ -64,6 +65,7 @@ var ztunnelConfigTypes = map[string]string{
 	"policies":     "/debug/policies",
 	"certificates": "/debug/certificates",
 	"connections":  "/debug/connections",
+	"capture":      "/debug/capture",
 	"all":          "/debug/config_dump",
 }
 
@@ -75,12 +77,14 @@ type ztunnelConfigFlags struct {
 func newZtunnelConfigCommand(g *globalFlags) *cobra.Command {
 	f := &ztunnelConfigFlags{}
 	cmd := &cobra.Command{
-		Use:   "ztunnel-config workloads|services|policies|certificates|connections|all [ZTUNNEL_POD]",
-		Short: "Show what a ztunnel knows: workloads, services, policies, certificates, connections",
+		Use:   "ztunnel-config workloads|services|policies|certificates|connections|capture|all [ZTUNNEL_POD]",
+		Short: "Show what a ztunnel knows: workloads, services, policies, certificates, connections, capture",
 		Long: `ztunnel-config reads a ztunnel's admin API (port 15000, localhost in its
 pod): the workloads and services of its config, the authorization and peer
 authentication policies, the certificates of its node's identities with their
-expiry, and its live connections with the bytes moved so far.
+expiry, its live connections with the bytes moved so far, and its eBPF
+capture: the pods captured on their veths, the pods skipped and why, the
+programs' counters, and whether the node's guard is on.
 
 In a cluster it port-forwards through the API server to a ztunnel pod (the
 one named, else the one on --node, else the first running one). With
@@ -189,6 +193,12 @@ func runZtunnelConfig(ctx context.Context, out io.Writer, g *globalFlags, f *ztu
 			return err
 		}
 		return printZtConns(out, cs)
+	case "capture":
+		var c ztCapture
+		if err := decode(a, path, raw, &c); err != nil {
+			return err
+		}
+		return printZtCapture(out, c)
 	}
 	var d ztDump
 	if err := decode(a, path, raw, &d); err != nil {
@@ -340,6 +350,40 @@ func printZtPolicies(out io.Writer, ps ztPolicies) error {
 			"mTLS " + string(p.Mode), ""})
 	}
 	return printTable(out, []string{"KIND", "NAMESPACE", "NAME", "SCOPE", "ACTION/MODE", "RULES"}, rows)
+}
+
+// ztCapture is ztunnel's /debug/capture.
+type ztCapture struct {
+	Enabled bool       `json:"enabled"`
+	Status  bpf.Status `json:"status"`
+}
+
+func printZtCapture(out io.Writer, c ztCapture) error {
+	if !c.Enabled {
+		_, err := fmt.Fprintln(out, "CAPTURE: off (this ztunnel runs without eBPF capture: --capture not given)")
+		return err
+	}
+	s := c.Status
+	st := s.Stats
+	fmt.Fprintf(out, "CAPTURE: on (pinned in %s)\nGUARD: %s\n", s.PinPath, s.Guard)
+	fmt.Fprintf(out, "COUNTERS: outbound %d, inbound %d, hbone %d, segments to ztunnel's sockets %d, refused %d, dropped %d\n\n",
+		st.Outbound, st.Inbound, st.HBONE, st.Socket, st.Refused, st.Dropped)
+	rows := [][]string{}
+	for _, ip := range slices.Sorted(maps.Keys(s.Pods)) {
+		rows = append(rows, []string{ip, s.Pods[ip]})
+	}
+	if err := printTable(out, []string{"CAPTURED ADDRESS", "HOST VETH"}, rows); err != nil {
+		return err
+	}
+	if len(s.Skipped) == 0 {
+		return nil
+	}
+	rows = [][]string{}
+	for _, pod := range slices.Sorted(maps.Keys(s.Skipped)) {
+		rows = append(rows, []string{pod, s.Skipped[pod]})
+	}
+	fmt.Fprintln(out)
+	return printTable(out, []string{"SKIPPED POD", "WHY"}, rows)
 }
 
 func printZtConns(out io.Writer, cs []ztConn) error {

@@ -135,12 +135,12 @@ type Pod struct {
 
 // Stats count what the programs did, summed over CPUs.
 type Stats struct {
-	Outbound uint64 // new outbound connections given to ztunnel
-	Inbound  uint64 // new inbound plaintext connections given to ztunnel
-	HBONE    uint64 // new HBONE connections given to ztunnel
-	Socket   uint64 // segments of connections ztunnel holds
-	Refused  uint64 // SYNs refused (RST) for want of a ztunnel listener
-	Dropped  uint64 // packets dropped (unknown connection, spoofed, IPv6 TCP, tagged or foreign frames)
+	Outbound uint64 `json:"outbound"` // new outbound connections given to ztunnel
+	Inbound  uint64 `json:"inbound"`  // new inbound plaintext connections given to ztunnel
+	HBONE    uint64 `json:"hbone"`    // new HBONE connections given to ztunnel
+	Socket   uint64 `json:"socket"`   // segments of connections ztunnel holds
+	Refused  uint64 `json:"refused"`  // SYNs refused (RST) for want of a ztunnel listener
+	Dropped  uint64 `json:"dropped"`  // packets dropped (unknown connection, spoofed, IPv6 TCP, tagged or foreign frames)
 }
 
 // Capture is the loaded capture of one node. Its programs, maps and links
@@ -900,6 +900,36 @@ func (c *Capture) Stats() (Stats, error) {
 		for _, n := range per {
 			*f += n
 		}
+	}
+	return s, nil
+}
+
+// Status is what the capture of a node is doing, for an admin endpoint.
+type Status struct {
+	PinPath string            `json:"pinPath"`
+	Pods    map[string]string `json:"pods"`              // captured address -> host veth
+	Skipped map[string]string `json:"skipped,omitempty"` // pod -> why it is not captured
+	Stats   Stats             `json:"stats"`
+	Guard   string            `json:"guard"` // "on", or "off: <why>"
+}
+
+// Status returns the node's captured pods, the skipped ones, the programs'
+// counters and whether the guard is in force.
+func (c *Capture) Status() (Status, error) {
+	pods, err := c.Pods()
+	if err != nil {
+		return Status{}, err
+	}
+	st, err := c.Stats()
+	if err != nil {
+		return Status{}, err
+	}
+	s := Status{PinPath: c.opts.PinPath, Pods: make(map[string]string, len(pods)), Skipped: c.Skipped(), Stats: st, Guard: "on"}
+	for ip, dev := range pods {
+		s.Pods[ip.String()] = dev
+	}
+	if err := c.Guard(); err != nil {
+		s.Guard = "off: " + err.Error()
 	}
 	return s, nil
 }

@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -94,20 +95,34 @@ func (c *Capture) loadGuard(spec *ebpf.CollectionSpec) {
 	}
 }
 
-// rootCgroup returns the directory of the node's root cgroup v2 (id 1): the
-// guard attached there applies to every process of the node. A ztunnel in a
-// cgroup namespace without the host's cgroup2 mount does not see it.
-func rootCgroup() (string, error) {
-	mounts, err := cgroup2Mounts()
-	if err != nil {
-		return "", err
-	}
-	for _, m := range mounts {
-		if id, err := cgroupID(m.point); err == nil && id == rootCgroupID {
-			return m.point, nil
+// withRootCgroup calls fn with the directory of the node's root cgroup v2
+// (id 1): the guard attached there applies to every process of the node.
+// Where no cgroup2 file system is mounted (ip netns exec remounts /sys), it
+// mounts one on a temporary directory for the call; in a cgroup namespace
+// of its own, that one's root is not the node's, and the guard is refused.
+func withRootCgroup(fn func(dir string) error) error {
+	const notInView = "the node's root cgroup is not in view: mount the host's cgroup2 file system (hostPath /sys/fs/cgroup) and use the host's cgroup namespace"
+	if mounts, err := cgroup2Mounts(); err == nil {
+		for _, m := range mounts {
+			if id, err := cgroupID(m.point); err == nil && id == rootCgroupID {
+				return fn(m.point)
+			}
 		}
+		return errors.New(notInView)
 	}
-	return "", errors.New("the node's root cgroup is not in view: mount the host's cgroup2 file system (hostPath /sys/fs/cgroup) and use the host's cgroup namespace")
+	tmp, err := os.MkdirTemp("", "ambit-cgroup2-")
+	if err != nil {
+		return fmt.Errorf("root cgroup: %w", err)
+	}
+	defer os.Remove(tmp)
+	if err := unix.Mount("cgroup2", tmp, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
+		return fmt.Errorf("root cgroup: no cgroup2 mount, and mounting one: %w", err)
+	}
+	defer unix.Unmount(tmp, unix.MNT_DETACH)
+	if id, err := cgroupID(tmp); err != nil || id != rootCgroupID {
+		return errors.New(notInView)
+	}
+	return fn(tmp)
 }
 
 // attachGuard attaches the loaded guard at the root cgroup and pins its
@@ -127,13 +142,14 @@ func (c *Capture) attachGuardErr() error {
 	if _, ok := c.links[guardLink]; ok {
 		return nil
 	}
-	root, err := rootCgroup()
+	var l link.Link
+	err := withRootCgroup(func(root string) error {
+		var err error
+		l, err = link.AttachCgroup(link.CgroupOptions{Path: root, Attach: ebpf.AttachCGroupSetsockopt, Program: c.guard.SockoptGuard})
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("attach guard: %w", err)
-	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: root, Attach: ebpf.AttachCGroupSetsockopt, Program: c.guard.SockoptGuard})
-	if err != nil {
-		return fmt.Errorf("attach guard to %s: %w", root, err)
 	}
 	pin := filepath.Join(c.opts.PinPath, linksDir, guardLink)
 	if old, err := link.LoadPinnedLink(pin, nil); err == nil {

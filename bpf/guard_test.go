@@ -51,6 +51,9 @@ func TestGuard(t *testing.T) {
 	}
 	n1 := e.topo.Node("n1").NS
 	a2 := e.pod("a2")
+	if st, err := c.Status(); err != nil || st.Guard != "on" || st.Pods[e.pod("a1").IP.String()] != e.pod("a1").HostIfname {
+		t.Errorf("Status() = %+v, %v; want the guard on and a1 captured on its veth", st, err)
+	}
 
 	if err := qdiscBypass(n1); !errors.Is(err, unix.EPERM) {
 		t.Errorf("PACKET_QDISC_BYPASS in the node's namespace: %v, want EPERM", err)
@@ -81,6 +84,9 @@ func TestGuard(t *testing.T) {
 		t.Fatal(err)
 	}
 	delete(e.cap, "n1")
+	if err := c2.Guard(); err == nil {
+		t.Error("Guard() after Uninstall: nil, want why it is off")
+	}
 	if err := qdiscBypass(n1); err != nil {
 		t.Errorf("after Uninstall: PACKET_QDISC_BYPASS in the node's namespace: %v, want it allowed", err)
 	}

@@ -28,7 +28,11 @@ import (
 //	/debug/flows         flow events as JSON lines (telemetry.Flows: filters
 //	                     namespace, pod, verdict, identity, reporter, type;
 //	                     last=N, follow=true)
-//	/debug/config_dump   all of the above but flows
+//	/debug/capture       the eBPF capture: captured pods and their veths,
+//	                     pods skipped and why, the programs' counters, and
+//	                     whether the guard is on ({"enabled": false} when
+//	                     the proxy runs without capture)
+//	/debug/config_dump   all of the above but flows and capture
 //
 // Certificates come with their chains and their trust domain's roots in
 // PEM.
@@ -50,6 +54,19 @@ func (p *Proxy) adminHandler() http.Handler {
 		writeJSON(w, p.dumpConnections())
 	})
 	mux.Handle("GET /debug/flows", p.conns.Flows)
+	mux.HandleFunc("GET /debug/capture", func(w http.ResponseWriter, r *http.Request) {
+		cs, ok := p.cfg.Capture.(CaptureStatus)
+		if !ok {
+			writeJSON(w, map[string]any{"enabled": false})
+			return
+		}
+		st, err := cs.Status()
+		if err != nil {
+			http.Error(w, "capture: "+err.Error(), http.StatusInternalServerError)
+			return
+		}
+		writeJSON(w, map[string]any{"enabled": true, "status": st})
+	})
 	mux.HandleFunc("GET /debug/config_dump", func(w http.ResponseWriter, r *http.Request) {
 		snap := p.cfg.Store.Load()
 		writeJSON(w, map[string]any{
@@ -63,7 +80,7 @@ func (p *Proxy) adminHandler() http.Handler {
 	})
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, []string{"/debug/workloads", "/debug/services", "/debug/policies",
-			"/debug/certificates", "/debug/connections", "/debug/flows", "/debug/config_dump"})
+			"/debug/certificates", "/debug/connections", "/debug/flows", "/debug/capture", "/debug/config_dump"})
 	})
 	return mux
 }

@@ -36,6 +36,10 @@ func (b BPFCapture) Reconcile(ctx context.Context, pods []*model.Workload) error
 	return b.Capture.Reconcile(ctx, desired)
 }
 
+// Status implements CaptureStatus: the captured pods, the skipped ones
+// with why, the programs' counters and the guard (bpf.Status).
+func (b BPFCapture) Status() (any, error) { return b.Capture.Status() }
+
 // closeConnsOf ends the established connections from or to the workloads
 // in uids and waits (up to timeout) until their sockets are closed: pods
 // leaving capture must not hold proxied connections, since once released

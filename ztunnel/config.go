@@ -148,6 +148,12 @@ type Capture interface {
 	Reconcile(ctx context.Context, pods []*model.Workload) error
 }
 
+// CaptureStatus is implemented by a Capture that can say what it is doing:
+// the admin API serves it on /debug/capture.
+type CaptureStatus interface {
+	Status() (any, error)
+}
+
 func (c *Config) connectTimeout() time.Duration {
 	if c.ConnectTimeout > 0 {
 		return c.ConnectTimeout

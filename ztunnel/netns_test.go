@@ -2,8 +2,10 @@ package ztunnel
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -136,6 +138,32 @@ func TestNetns(t *testing.T) {
 			}
 		})
 	}
+
+	// The admin API says what capture does: a1 captured on its veth, the
+	// connections above counted, the guard on.
+	t.Run("admin /debug/capture", func(t *testing.T) {
+		n1 := topo.Node("n1")
+		hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+			DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+				return n1.NS.Dial(ctx, nil, network, addr)
+			}}}
+		resp, err := hc.Get("http://127.0.0.1:15000/debug/capture")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var got struct {
+			Enabled bool
+			Status  bpf.Status
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&got); err != nil {
+			t.Fatal(err)
+		}
+		if !got.Enabled || got.Status.Guard != "on" || got.Status.Pods[a1.IP.String()] != a1.HostIfname ||
+			got.Status.Pods[a2.IP.String()] != "" || got.Status.Stats.Outbound == 0 {
+			t.Errorf("/debug/capture = %+v; want enabled, guard on, a1 on %s and not a2, outbound connections counted", got, a1.HostIfname)
+		}
+	})
 
 	// Policy: STRICT mesh-wide, and b1 admits only a1.
 	writeConfig(`policies:
