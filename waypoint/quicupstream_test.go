@@ -351,3 +351,35 @@ func TestQUICBothLegs(t *testing.T) {
 		t.Error("no request flow")
 	}
 }
+
+// TestQUICUpstreamTCPChain: a tcp_proxy chain's upstream tunnel to an
+// endpoint that advertises QUIC is HTTP/3 too, and relays both ways.
+func TestQUICUpstreamTCPChain(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.QUICUpstream = true })
+	podID := wid(t, "shop", "db")
+	dest := newDestZtunnel(t, e.certs, podID, "h3")
+	echo := listen(t)
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	t.Cleanup(func() { echo.Close() })
+	cl := "outbound|9000||db.shop.svc.cluster.local"
+	e.apply(res(listener(tcpFC(testVIP, 9000, "db.shop.svc.cluster.local", cl))), res(edsCluster(cl)),
+		res(cla(cl, ep{addr: echo.Addr().(*net.TCPAddr).AddrPort(), md: quicEndpoint(podID, dest, "node-2")})))
+	s := e.rawStream(testVIP + ":9000")
+	s.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(s, "ping")
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(s, got); err != nil || string(got) != "ping" {
+		t.Fatalf("relay over h3: %q %v", got, err)
+	}
+	if tun2, tun3, _ := dest.counts(); tun2 != 0 || tun3 != 1 {
+		t.Errorf("destination tunnels: h2 %d, h3 %d; want one h3", tun2, tun3)
+	}
+}
