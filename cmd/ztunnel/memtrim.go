@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"time"
@@ -14,9 +15,16 @@ import (
 // rarely (the runtime forces one every 2 minutes): its RSS stays at the
 // burst's. trimMemory looks every memTrimEvery and, when the heap the
 // process holds (live, dead and free spans not returned to the OS) grew
-// by memTrimMin since the last trim, collects and returns the free pages
-// (debug.FreeOSMemory): a full collection of a heap of a few MB, at most
-// once per memTrimEvery.
+// by memTrimMin since the last trim, collects and returns the free pages:
+// two full collections of a heap of a few MB, at most once per
+// memTrimEvery. Two, because a burst's buffers sit in sync.Pools (the
+// relay's and the stream's copy buffers): a collection moves a pool's
+// objects to its victim cache and only the next one frees them, so after
+// one collection the burst was still held, and the trim's new base was the
+// burst's. It trims once when it starts as well: what starting left behind
+// (parsing the capture's ELF and BTF, the config, the certificates) is
+// garbage by then, and at a few bytes of garbage per request the first
+// collection could be minutes away.
 const (
 	memTrimEvery = 5 * time.Second
 	memTrimMin   = 4 << 20
@@ -44,10 +52,16 @@ func readHeapHeld() uint64 {
 
 // trimMemory runs until ctx ends.
 func trimMemory(ctx context.Context) {
+	var tr trimmer
+	trim(&tr)
+	trimLoop(ctx, &tr)
+}
+
+// trimLoop trims every memTrimEvery when tr says it is due, until ctx
+// ends.
+func trimLoop(ctx context.Context, tr *trimmer) {
 	t := time.NewTicker(memTrimEvery)
 	defer t.Stop()
-	var tr trimmer
-	tr.trimmed(readHeapHeld())
 	for {
 		select {
 		case <-ctx.Done():
@@ -55,10 +69,18 @@ func trimMemory(ctx context.Context) {
 		case <-t.C:
 		}
 		if tr.due(readHeapHeld()) {
-			debug.FreeOSMemory()
-			tr.trimmed(readHeapHeld())
+			trim(tr)
 		}
 	}
+}
+
+// trim collects twice (the second frees what the first moved to the
+// sync.Pools' victim caches), returns the free pages to the OS and makes
+// what is held after it tr's base.
+func trim(tr *trimmer) {
+	runtime.GC()
+	debug.FreeOSMemory()
+	tr.trimmed(readHeapHeld())
 }
 
 // trimmer decides when to trim from the heap held at each look.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"runtime"
+	"sync"
 	"testing"
 	"time"
 )
@@ -36,11 +37,9 @@ var sink [][]byte
 // collection.
 func TestTrimMemory(t *testing.T) {
 	runtime.GC()
+	runtime.GC()
 	before := readHeapHeld()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); trimMemory(ctx) }()
-	defer func() { cancel(); <-done }()
+	startTrim(t)
 
 	for range 64 {
 		b := make([]byte, 1<<20)
@@ -57,5 +56,78 @@ func TestTrimMemory(t *testing.T) {
 			t.Fatalf("%d bytes of heap held after %v (%d before the burst)", readHeapHeld(), 3*memTrimEvery, before)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// startTrim does what trimMemory does until the test ends: the first trim
+// before it returns (so that it is not taken in the middle of the test's
+// burst), the loop in a goroutine.
+func startTrim(t *testing.T) {
+	var tr trimmer
+	trim(&tr)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); trimLoop(ctx, &tr) }()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// waitHeldBelow waits until the heap held is under limit, for at most
+// three trim periods.
+func waitHeldBelow(t *testing.T, limit uint64) {
+	t.Helper()
+	deadline := time.Now().Add(3 * memTrimEvery)
+	for readHeapHeld() >= limit {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d bytes of heap held after %v, want under %d", readHeapHeld(), 3*memTrimEvery, limit)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestTrimMemoryPooled: a burst's buffers that went back to a sync.Pool
+// are returned too. One collection only moves them to the pool's victim
+// cache: a trim that collected once still held them, took that as its
+// base, and never trimmed them.
+func TestTrimMemoryPooled(t *testing.T) {
+	runtime.GC()
+	runtime.GC()
+	before := readHeapHeld()
+	startTrim(t)
+	var pool sync.Pool
+	bufs := make([][]byte, 32)
+	for i := range bufs {
+		bufs[i] = make([]byte, 1<<20)
+		bufs[i][0] = 1
+	}
+	for _, b := range bufs {
+		pool.Put(&b)
+	}
+	bufs = nil
+	if held := readHeapHeld(); held < before+16<<20 {
+		t.Fatalf("burst not held: %d bytes before, %d after", before, held)
+	}
+	waitHeldBelow(t, before+memTrimMin)
+	runtime.KeepAlive(&pool)
+}
+
+// TestTrimMemoryAtStart: what starting left as garbage is returned when
+// trimMemory starts, without waiting for a burst's growth.
+func TestTrimMemoryAtStart(t *testing.T) {
+	runtime.GC()
+	runtime.GC()
+	before := readHeapHeld()
+	for range 3 { // garbage under memTrimMin, no collection since
+		b := make([]byte, 1<<20)
+		b[0] = 1
+		sink = append(sink, b)
+	}
+	sink = nil
+	if held := readHeapHeld(); held < before+2<<20 {
+		t.Fatalf("garbage not held: %d bytes before, %d after", before, held)
+	}
+	var tr trimmer
+	trim(&tr) // trimMemory's first step
+	if held := readHeapHeld(); held >= before+1<<20 {
+		t.Fatalf("%d bytes of heap held after the first trim, %d before the garbage", held, before)
 	}
 }
