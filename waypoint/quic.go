@@ -40,7 +40,9 @@ func (p *Proxy) newQUICServer() *h3.Server {
 // has not half-closed, and a QUIC reset discards data not yet delivered:
 // the answer net/http writes before it closes the connection
 // ("Connection: close", draining) would be lost. TCP chains keep Close
-// as it is: an abort there is a reset, as over HTTP/2.
+// as it is: an abort there is a reset, as over HTTP/2. The context marks
+// the stream's transport for the requests' access lines and flows
+// (downstreamTransport).
 func (p *Proxy) serveQUICStream(ctx context.Context, r *hbone.Request) {
 	if snap := p.snap.Load(); snap != nil {
 		if ch := snap.chainFor(r.Target); ch != nil && ch.tcp == nil {
