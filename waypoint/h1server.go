@@ -205,8 +205,12 @@ func (h *h1conn) serve() {
 			return // draining: not kept
 		}
 		var dl time.Time
-		if h.idleTimeout > 0 {
-			dl = time.Now().Add(h.idleTimeout)
+		idle := h.idleTimeout
+		if idle == 0 {
+			idle = h.readTimeout // net/http's: ReadTimeout without an IdleTimeout
+		}
+		if idle > 0 {
+			dl = time.Now().Add(idle)
 		}
 		h.conn.SetReadDeadline(dl)
 		// The next head's timeout starts with its first byte.
