@@ -15,9 +15,12 @@ import (
 // rarely (the runtime forces one every 2 minutes): its RSS stays at the
 // burst's. trimMemory looks every memTrimEvery and, when the heap the
 // process holds (live, dead and free spans not returned to the OS) grew
-// by memTrimMin since the last trim, collects and returns the free pages:
-// two full collections of a heap of a few MB, at most once per
-// memTrimEvery. Two, because a burst's buffers sit in sync.Pools (the
+// by memTrimMin since the last trim, or its free spans not returned to the
+// OS reached memTrimMin (a collection after a burst frees the burst's
+// buffers, but the runtime returns their pages only slowly, and a trim in
+// the middle of the burst had taken the burst as its base), collects and
+// returns the free pages: two full collections of a heap of a few MB, at
+// most once per memTrimEvery. Two, because a burst's buffers sit in sync.Pools (the
 // relay's and the stream's copy buffers): a collection moves a pool's
 // objects to its victim cache and only the next one frees them, so after
 // one collection the burst was still held, and the trim's new base was the
@@ -39,15 +42,21 @@ var heapHeld = []metrics.Sample{
 	{Name: "/memory/classes/heap/unused:bytes"},
 }
 
-func readHeapHeld() uint64 {
+// readHeap returns the heap held and, of it, the free spans not returned
+// to the OS.
+func readHeap() (held, free uint64) {
 	s := make([]metrics.Sample, len(heapHeld))
 	copy(s, heapHeld)
 	metrics.Read(s)
-	var n uint64
 	for _, v := range s {
-		n += v.Value.Uint64()
+		held += v.Value.Uint64()
 	}
-	return n
+	return held, s[1].Value.Uint64()
+}
+
+func readHeapHeld() uint64 {
+	held, _ := readHeap()
+	return held
 }
 
 // trimMemory runs until ctx ends.
@@ -68,7 +77,7 @@ func trimLoop(ctx context.Context, tr *trimmer) {
 			return
 		case <-t.C:
 		}
-		if tr.due(readHeapHeld()) {
+		if tr.due(readHeap()) {
 			trim(tr)
 		}
 	}
@@ -88,12 +97,13 @@ type trimmer struct {
 	base uint64 // the heap held after the last trim, or less since
 }
 
-// due reports whether the heap held grew by memTrimMin over the base.
-func (t *trimmer) due(held uint64) bool {
+// due reports whether the heap held grew by memTrimMin over the base, or
+// the free spans not returned to the OS reached memTrimMin.
+func (t *trimmer) due(held, free uint64) bool {
 	if held < t.base {
 		t.base = held
 	}
-	return held >= t.base+memTrimMin
+	return held >= t.base+memTrimMin || free >= memTrimMin
 }
 
 // trimmed records the heap held after a trim.

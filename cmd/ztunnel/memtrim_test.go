@@ -12,17 +12,18 @@ func TestTrimmer(t *testing.T) {
 	var tr trimmer
 	tr.trimmed(10 << 20)
 	steps := []struct {
-		held uint64
-		want bool
+		held, free uint64
+		want       bool
 	}{
-		{10 << 20, false},
-		{10<<20 + memTrimMin - 1, false}, // slack of a busy heap
-		{8 << 20, false},                 // lower: the new base
-		{8<<20 + memTrimMin, true},       // a burst's growth
+		{10 << 20, 0, false},
+		{10<<20 + memTrimMin - 1, memTrimMin - 1, false}, // slack of a busy heap
+		{8 << 20, 0, false},                              // lower: the new base
+		{8<<20 + memTrimMin, 0, true},                    // a burst's growth
+		{8 << 20, memTrimMin, true},                      // a burst collected, its pages not returned
 	}
 	for i, s := range steps {
-		if got := tr.due(s.held); got != s.want {
-			t.Errorf("step %d: due(%d) = %v, want %v", i, s.held, got, s.want)
+		if got := tr.due(s.held, s.free); got != s.want {
+			t.Errorf("step %d: due(%d, %d) = %v, want %v", i, s.held, s.free, got, s.want)
 		}
 	}
 }
@@ -130,4 +131,30 @@ func TestTrimMemoryAtStart(t *testing.T) {
 	if held := readHeapHeld(); held >= before+1<<20 {
 		t.Fatalf("%d bytes of heap held after the first trim, %d before the garbage", held, before)
 	}
+}
+
+// TestTrimMemoryBurstInBase: a trim in the middle of a burst takes the
+// burst as its base; once the burst is collected, its free pages are
+// returned all the same.
+func TestTrimMemoryBurstInBase(t *testing.T) {
+	runtime.GC()
+	runtime.GC()
+	before := readHeapHeld()
+	for range 32 {
+		b := make([]byte, 1<<20)
+		b[0] = 1
+		sink = append(sink, b)
+	}
+	var tr trimmer
+	trim(&tr) // the burst is live: the base is the burst's
+	sink = nil
+	runtime.GC() // the burst is free, not returned
+	if _, free := readHeap(); free < 16<<20 {
+		t.Fatalf("burst not held free: %d bytes free", free)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); trimLoop(ctx, &tr) }()
+	defer func() { cancel(); <-done }()
+	waitHeldBelow(t, before+memTrimMin)
 }
