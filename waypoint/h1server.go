@@ -665,7 +665,7 @@ func (w *h1resp) commit() {
 	case !w.is11 || r.Close:
 		w.closeAfter = true
 	}
-	if hasToken(conn, "close") || !h.keepAlive.Load() {
+	if hasToken(conn, "close") || !h.keepAlive.Load() || h.p.draining.Load() {
 		w.closeAfter = true
 	}
 	h.wmu.Lock()
