@@ -232,7 +232,7 @@ func (c *Capture) openPinnedLinks() error {
 	}
 	for _, e := range ents {
 		name := e.Name()
-		if name == guardLink {
+		if strings.HasPrefix(name, guardLink) {
 			continue // replaced by attachGuard once the new one is in
 		}
 		l, err := link.LoadPinnedLink(filepath.Join(dir, name), nil)
@@ -910,7 +910,7 @@ type Status struct {
 	Pods    map[string]string `json:"pods"`              // captured address -> host veth
 	Skipped map[string]string `json:"skipped,omitempty"` // pod -> why it is not captured
 	Stats   Stats             `json:"stats"`
-	Guard   string            `json:"guard"` // "on", or "off: <why>"
+	Guard   string            `json:"guard"` // "on", "on, but <what it does not see>", or "off: <why>"
 }
 
 // Status returns the node's captured pods, the skipped ones, the programs'
@@ -930,6 +930,8 @@ func (c *Capture) Status() (Status, error) {
 	}
 	if err := c.Guard(); err != nil {
 		s.Guard = "off: " + err.Error()
+	} else if gap := compatGap(); gap != "" {
+		s.Guard = "on, but " + gap
 	}
 	return s, nil
 }

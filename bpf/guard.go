@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -21,7 +23,8 @@ import (
 // from the capture programs: a node where it cannot be (no root cgroup in
 // view) still captures, and Capture.Guard says why it is off.
 
-// guardLink names the guard's pinned link in the links directory.
+// guardLink names the guard's link in Capture.links; its pin in the links
+// directory is guardLink-0 or guardLink-1 (see attachGuardErr).
 const guardLink = "guard-sockopt"
 
 // tcxObjects are the capture programs and maps that every node needs.
@@ -135,6 +138,8 @@ func (c *Capture) attachGuard() {
 	}
 	if c.guardErr != nil {
 		c.log.Warn("guard off: a host-network process with CAP_NET_RAW can reach enrolled pods past capture (SECURITY.md)", "err", c.guardErr)
+	} else if gap := compatGap(); gap != "" {
+		c.log.Warn("guard on, but "+gap, "cmdline", "ia32_emulation=0")
 	}
 }
 
@@ -151,17 +156,48 @@ func (c *Capture) attachGuardErr() error {
 	if err != nil {
 		return fmt.Errorf("attach guard: %w", err)
 	}
-	pin := filepath.Join(c.opts.PinPath, linksDir, guardLink)
-	if old, err := link.LoadPinnedLink(pin, nil); err == nil {
-		old.Unpin()
-		old.Close()
+	// Pinned beside the old link (an earlier ztunnel's, under the other of
+	// two names: bpffs does not rename), which is released only once the
+	// new one is attached and pinned; if pinning fails the old one stays.
+	dir := filepath.Join(c.opts.PinPath, linksDir)
+	name, other := guardLink+"-0", guardLink+"-1"
+	if _, err := os.Stat(filepath.Join(dir, name)); err == nil {
+		name, other = other, name
 	}
-	if err := l.Pin(pin); err != nil {
+	os.Remove(filepath.Join(dir, name)) // a leftover of an interrupted reload
+	if err := l.Pin(filepath.Join(dir, name)); err != nil {
 		l.Close()
 		return fmt.Errorf("pin guard: %w", err)
 	}
+	if old, err := link.LoadPinnedLink(filepath.Join(dir, other), nil); err == nil {
+		old.Unpin()
+		old.Close()
+	}
 	c.links[guardLink] = l
 	return nil
+}
+
+// compatGap says what the guard does not see on this machine: the kernel
+// runs cgroup setsockopt programs only for native system calls, not for a
+// 32-bit (compat) setsockopt, which an x86-64 kernel with IA32 emulation
+// accepts from any process (int $0x80 needs no 32-bit userland). Empty
+// when the kernel was booted with ia32_emulation=0 (Linux 6.7) or is not
+// x86-64.
+func compatGap() string {
+	if runtime.GOARCH != "amd64" {
+		return ""
+	}
+	if b, err := os.ReadFile("/proc/cmdline"); err == nil {
+		for _, f := range strings.Fields(string(b)) {
+			if v, ok := strings.CutPrefix(f, "ia32_emulation="); ok {
+				switch strings.ToLower(v) {
+				case "0", "n", "no", "off", "false":
+					return ""
+				}
+			}
+		}
+	}
+	return "a 32-bit (compat) setsockopt is not seen by cgroup hooks: boot with ia32_emulation=0 to close it (SECURITY.md)"
 }
 
 // Guard reports whether the node's guard is in force: nil once SetupNode

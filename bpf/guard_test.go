@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -51,7 +53,7 @@ func TestGuard(t *testing.T) {
 	}
 	n1 := e.topo.Node("n1").NS
 	a2 := e.pod("a2")
-	if st, err := c.Status(); err != nil || st.Guard != "on" || st.Pods[e.pod("a1").IP.String()] != e.pod("a1").HostIfname {
+	if st, err := c.Status(); err != nil || !strings.HasPrefix(st.Guard, "on") || st.Pods[e.pod("a1").IP.String()] != e.pod("a1").HostIfname {
 		t.Errorf("Status() = %+v, %v; want the guard on and a1 captured on its veth", st, err)
 	}
 
@@ -79,6 +81,9 @@ func TestGuard(t *testing.T) {
 	e.cap["n1"] = c2
 	if err := qdiscBypass(n1); !errors.Is(err, unix.EPERM) {
 		t.Errorf("after a reload: PACKET_QDISC_BYPASS in the node's namespace: %v, want EPERM", err)
+	}
+	if pins, _ := filepath.Glob(filepath.Join(e.opts["n1"].PinPath, linksDir, guardLink+"*")); len(pins) != 1 {
+		t.Errorf("guard pins after a reload: %v, want one (the old one released)", pins)
 	}
 	if err := c2.Uninstall(); err != nil {
 		t.Fatal(err)
