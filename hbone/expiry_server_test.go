@@ -65,7 +65,25 @@ func TestServerRefusesStreamAfterPeerCertificateExpiry(t *testing.T) {
 		t.Fatalf("rejections %+v, want one handshake/401 with ErrExpiredCertificate", rejects)
 	}
 	// GOAWAY: the next dial does not use the connection; it handshakes
-	// again, which the expired SVID fails.
+	// again, which the expired SVID fails. The GOAWAY follows the 401 on
+	// the wire: wait for the client's read loop to have taken it.
+	waitFor(t, "the client to read the GOAWAY", func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		for _, list := range d.pools {
+			for _, pc := range list {
+				if pc.c != nil {
+					pc.c.mu.Lock()
+					away := pc.c.goingAway || pc.c.err != nil
+					pc.c.mu.Unlock()
+					if !away {
+						return false
+					}
+				}
+			}
+		}
+		return true
+	})
 	if _, err := d.Dial(testCtx(t), e.request()); !errors.Is(err, ErrExpiredCertificate) {
 		t.Fatalf("dial after GOAWAY: %v, want ErrExpiredCertificate", err)
 	}
