@@ -18,7 +18,9 @@ import (
 // by memTrimMin since the last trim, or its free spans not returned to the
 // OS reached memTrimMin (a collection after a burst frees the burst's
 // buffers, but the runtime returns their pages only slowly, and a trim in
-// the middle of the burst had taken the burst as its base), collects and
+// the middle of the burst had taken the burst as its base; and when that
+// base is still a burst's memTrimStale looks later, because without a
+// collection a burst's garbage shows as neither), collects and
 // returns the free pages: two full collections of a heap of a few MB, at
 // most once per memTrimEvery. Two, because a burst's buffers sit in sync.Pools (the
 // relay's and the stream's copy buffers): a collection moves a pool's
@@ -92,19 +94,42 @@ func trim(tr *trimmer) {
 	tr.trimmed(readHeapHeld())
 }
 
+// memTrimStale is how many looks after a trim that left a burst held (the
+// burst was still live: its base is memTrimMin over the floor) trimMemory
+// trims again: once the burst ends its buffers are garbage, but without a
+// collection they show neither as growth nor as free spans.
+const memTrimStale = 3
+
 // trimmer decides when to trim from the heap held at each look.
 type trimmer struct {
-	base uint64 // the heap held after the last trim, or less since
+	base  uint64 // the heap held after the last trim, or less since
+	floor uint64 // the heap held after the trims, without a burst live in it
+	stale int    // looks since the last trim while its base is a burst's
 }
 
 // due reports whether the heap held grew by memTrimMin over the base, or
-// the free spans not returned to the OS reached memTrimMin.
+// the free spans not returned to the OS reached memTrimMin, or the last
+// trim was taken during a burst memTrimStale looks ago.
 func (t *trimmer) due(held, free uint64) bool {
 	if held < t.base {
 		t.base = held
 	}
-	return held >= t.base+memTrimMin || free >= memTrimMin
+	if t.base >= t.floor+memTrimMin {
+		t.stale++
+	} else {
+		t.stale = 0
+	}
+	return held >= t.base+memTrimMin || free >= memTrimMin || t.stale >= memTrimStale
 }
 
-// trimmed records the heap held after a trim.
-func (t *trimmer) trimmed(held uint64) { t.base = held }
+// trimmed records the heap held after a trim. The floor follows it down,
+// and up when the trim was a burst's re-check and held about as much as
+// the burst's: then what is held is the live heap, not a burst.
+func (t *trimmer) trimmed(held uint64) {
+	recheck := t.stale >= memTrimStale
+	if t.floor == 0 || held < t.floor || recheck && held+memTrimMin > t.base {
+		t.floor = held
+	}
+	t.base = held
+	t.stale = 0
+}

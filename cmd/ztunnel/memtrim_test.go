@@ -26,6 +26,26 @@ func TestTrimmer(t *testing.T) {
 			t.Errorf("step %d: due(%d, %d) = %v, want %v", i, s.held, s.free, got, s.want)
 		}
 	}
+
+	// A trim during a burst: held stays the burst's, without growth or
+	// free spans, until memTrimStale looks have passed.
+	tr = trimmer{}
+	tr.trimmed(10 << 20)
+	tr.trimmed(30 << 20) // the burst was live
+	for i := 1; i < memTrimStale; i++ {
+		if tr.due(30<<20, 0) {
+			t.Fatalf("look %d after a trim during a burst: due", i)
+		}
+	}
+	if !tr.due(30<<20, 0) {
+		t.Fatalf("look %d after a trim during a burst: not due", memTrimStale)
+	}
+	tr.trimmed(29 << 20) // the same heap again: it is live, the new floor
+	for i := range 2 * memTrimStale {
+		if tr.due(29<<20, 0) {
+			t.Fatalf("look %d with a larger live heap: due", i)
+		}
+	}
 }
 
 // sink keeps the burst's buffers reachable from the heap while they are
