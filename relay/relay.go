@@ -22,6 +22,10 @@
 // silent, so that an idle connection holds little memory, and a large one
 // (BufSize) from the first read that fills the small one until the reads
 // fit in the small one again, so that bulk transfers take few system calls.
+// A TCP socket among them is read and written with raw system calls
+// (Socket), as are the HBONE connections' sockets: the Go runtime's
+// accounted ones wake its monitor thread on every request of an otherwise
+// idle proxy.
 package relay
 
 import (
