@@ -16,7 +16,13 @@ import (
 // process was idle; a proxy at a moderate request rate is idle between
 // requests, so every request paid a futex wake-up, sysmon's sleeps
 // (nanosleep) while the request ran, and its futex wait after it: about
-// 15% of a ztunnel's CPU at 1000 req/s. Under the race detector it uses
+// 15% of a ztunnel's CPU at 1000 req/s (half of it, with the context
+// switches, measured with perf: bench/README.md). The cost: while raw calls
+// are a process's only activity, sysmon sleeps on, so its 10 ms
+// preemption of a goroutine that computes without a system call and its
+// network poll when every P is busy wait for the next timer or accounted
+// system call; the data path's goroutines park after microseconds, and
+// the GC preempts by itself. Under the race detector it uses
 // the syscall package's calls (they tell the detector about the memory
 // and the happens-before edge a socket carries).
 //
