@@ -15,9 +15,10 @@ import (
 // thread (sysmon) out of its sleep on the first system call after the
 // process was idle; a proxy at a moderate request rate is idle between
 // requests, so every request paid a futex wake-up, sysmon's sleeps
-// (nanosleep) while the request ran, and its futex wait after it: about
-// 15% of a ztunnel's CPU at 1000 req/s (half of it, with the context
-// switches, measured with perf: bench/README.md). The cost: while raw calls
+// (nanosleep) while the request ran, and its futex wait after it. At 1000
+// req/s on one connection sysmon alone was 13-14% of a ztunnel's CPU, and
+// without it (and its futexes and context switches) a ztunnel's CPU per
+// request about halved (perf: bench/README.md). The cost: while raw calls
 // are a process's only activity, sysmon sleeps on, so its 10 ms
 // preemption of a goroutine that computes without a system call and its
 // network poll when every P is busy wait for the next timer or accounted
