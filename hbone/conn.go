@@ -765,12 +765,17 @@ func (c *conn) readDataDirect(fh http2.FrameHeader) (bool, error) {
 		if s.sink != nil {
 			s.sink.direct = false // what follows queues behind this
 		}
+		var eof func()
 		if n == 0 && fh.Flags.Has(http2.FlagDataEndStream) && c.streams[fh.StreamID] == s {
 			s.rclosed = true
 			c.maybeDoneLocked(s)
+			eof = s.takeEOFLocked()
 		}
 		s.wakeLocked()
 		c.mu.Unlock()
+		if eof != nil {
+			eof()
+		}
 		if err := c.queueConnUpdate(connInc); err != nil {
 			return true, err
 		}
@@ -896,14 +901,19 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	if len(data) > 0 {
 		s.recv.Write(data)
 	}
+	var eof func()
 	if f.StreamEnded() {
 		s.rclosed = true
 		c.maybeDoneLocked(s)
+		eof = s.takeEOFLocked()
 	}
 	if len(data) > 0 || f.StreamEnded() || s.sink != nil && s.sink.err != nil {
 		s.wakeLocked()
 	}
 	c.mu.Unlock()
+	if eof != nil {
+		eof()
+	}
 	return c.queueWindowUpdates(s.id, inc, connInc)
 }
 

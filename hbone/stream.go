@@ -51,6 +51,40 @@ type stream struct {
 	connBlocked bool
 	sink        *delivery // DeliverTo's destination while it runs
 	rdl, wdl    deadline
+	onEOF       func() // OnReadEOF's, until called
+}
+
+// OnReadEOF arranges for f to be called once, when the stream's reads are
+// at their end: the peer ended its side (END_STREAM) and every byte before
+// it was read, so that a Read would return io.EOF (at once if that is
+// already so). A server that reads no further (net/http's background
+// read) learns so that its client is gone. f runs, with no lock held, on
+// the connection's read loop or in Read; it must not block. A stream that
+// is reset or closed first never calls it, nor does another transport's
+// stream (WrapStream).
+func (st *Stream) OnReadEOF(f func()) {
+	if st.ext != nil {
+		return
+	}
+	s := st.s
+	s.c.mu.Lock()
+	s.onEOF = f
+	f = s.takeEOFLocked()
+	s.c.mu.Unlock()
+	if f != nil {
+		f()
+	}
+}
+
+// takeEOFLocked returns OnReadEOF's function if its time came (nil
+// otherwise), once. c.mu must be held.
+func (s *stream) takeEOFLocked() func() {
+	f := s.onEOF
+	if f == nil || !s.rclosed || s.recv.Len() > 0 || s.err != nil {
+		return nil
+	}
+	s.onEOF = nil
+	return f
 }
 
 // failLocked ends the stream with err: pending and future writes fail;
@@ -104,8 +138,12 @@ func (st *Stream) Read(p []byte) (int, error) {
 	}
 	n := s.recv.Read(p)
 	inc, connInc := c.consumedLocked(s, n)
+	eof := s.takeEOFLocked()
 	c.mu.Unlock()
 	c.sendWindowUpdates(s.id, inc, connInc)
+	if eof != nil {
+		eof()
+	}
 	return n, nil
 }
 
