@@ -10,11 +10,16 @@ import (
 
 // Go runtime defaults for a node proxy (issue 18):
 //
-//   - GOGC stays at Go's 100. ztunnel's live heap is small (4-6 MB at
-//     1000 req/s, in bench/README.md's heap profiles) and its RSS is mostly
-//     the binary and the runtime, so a lower GOGC buys little memory and
-//     costs CPU, the larger miss (GOMEMLIMIT=8MiB with GOGC=50 left RSS at
-//     ~40 MB and cost 2-3x the CPU per request: bench/results/experiments).
+//   - GOGC stays at Go's 100. ztunnel's live heap is small (3-5 MB at
+//     1000 req/s over 64 connections) and so is its garbage (~150 bytes a
+//     request: a collection every ~30 s at that rate), and its RSS is mostly
+//     the binary's pages (15 of 23-28 MB in meshbench, file-backed). What
+//     the heap adds at rate is buffers a burst left behind, which
+//     trimMemory returns (memtrim.go), not the collector's headroom:
+//     GOGC=50 measured the same RSS at rate within the runs' noise (28.3
+//     vs 23.6-28.4 MB) and slightly more CPU per request (0.97x vs 0.86-0.90x
+//     HAProxy's at 1 connection), and GOMEMLIMIT=8MiB with GOGC=50 cost 2-3x
+//     the CPU per request (bench/README.md, issue 18).
 //   - GOMEMLIMIT, unless set in the environment, is 90% of the container's
 //     memory limit (cgroup v2 memory.max), when it has one: under a burst of
 //     connections the collector works harder near the limit instead of the
