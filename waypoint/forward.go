@@ -58,16 +58,47 @@ func (rec *record) flagString() string {
 	return strings.Join(rec.flags, ",")
 }
 
-// countingBody counts request body bytes read.
+// countingBody counts request body bytes read, and keeps the first read
+// error other than io.EOF: the client's (a malformed chunk, a body over
+// MaxRequestBodyBytes, a client gone), not the upstream's.
 type countingBody struct {
 	io.ReadCloser
-	n atomic.Int64
+	n   atomic.Int64
+	err atomic.Pointer[error]
 }
 
 func (c *countingBody) Read(p []byte) (int, error) {
 	n, err := c.ReadCloser.Read(p)
 	c.n.Add(int64(n))
+	if err != nil && err != io.EOF && c.err.Load() == nil {
+		c.err.Store(&err)
+	}
 	return n, err
+}
+
+// failed is the body's read error (nil: none).
+func (c *countingBody) failed() error {
+	if e := c.err.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// bodyError answers a request whose body could not be read from the
+// client: 413 over MaxRequestBodyBytes (the connection ends after it, as
+// net/http's MaxBytesReader has it), else 400 (DPE, a downstream protocol
+// error, as Envoy flags it).
+func bodyError(w *respWriter, rec *record, err error) {
+	var mbe *http.MaxBytesError
+	if errors.As(err, &mbe) {
+		if t, ok := w.ResponseWriter.(interface{ requestTooLarge() }); ok {
+			t.requestTooLarge()
+		}
+		localReply(w, rec, http.StatusRequestEntityTooLarge, "", "request_payload_too_large", "Payload Too Large")
+		return
+	}
+	w.Header().Set("Connection", "close")
+	localReply(w, rec, http.StatusBadRequest, "DPE", "downstream_body_error", "")
 }
 
 // respWriter counts response bytes and remembers whether headers went out.
@@ -585,12 +616,7 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 				_, err := bb.ReadFrom(io.LimitReader(r.Body, p.cfg.RetryBufferBytes+1))
 				b := bb.Bytes()
 				if err != nil {
-					var mbe *http.MaxBytesError
-					if errors.As(err, &mbe) {
-						localReply(w, rec, http.StatusRequestEntityTooLarge, "", "request_payload_too_large", "Payload Too Large")
-						return
-					}
-					localReply(w, rec, http.StatusBadRequest, "DPE", "downstream_body_error", "")
+					bodyError(w, rec, err)
 					return
 				}
 				buf = b
@@ -678,6 +704,14 @@ func (p *Proxy) forward(w *respWriter, r *http.Request, rec *record, ra *routeAc
 		} else {
 			fin := res.finish
 			res.finish = func() { fin(); release() }
+		}
+		if res.kind != tryOK && res.kind != tryCanceled {
+			if err := rec.reqBytes.failed(); err != nil {
+				// The client's body failed the attempt: its error, not
+				// the upstream's (no UR, no outlier detection).
+				bodyError(w, rec, err)
+				return
+			}
 		}
 		if o := outcomeOf(res); o >= 0 {
 			v.report(h, o, time.Now())

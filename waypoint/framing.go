@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // framing watches the HTTP/1.x request heads a tunnelled connection
@@ -33,7 +35,10 @@ type framing struct {
 	heads  int64   // heads seen (1-based index of the current one)
 	te, cl bool    // the current head has Transfer-Encoding, Content-Length
 	host   bool    // the current head has a Host field
-	noHost []int64 // indexes of heads without a Host field, not yet asked about (hadHost)
+	abs    bool    // the current head's request-target is not origin-form (http.ReadRequest drops its Host value)
+	badHst bool    // the current head's Host value is malformed (looked at when abs)
+	noHost []int64 // indexes of heads without a Host field, not yet asked about (hostOf)
+	bad    []int64 // indexes of heads with a malformed Host value, not yet asked about
 	badCL  bool    // its Content-Length does not parse (net/http refuses it)
 	clen   int64
 	done   bool
@@ -96,15 +101,20 @@ func (f *framing) transferEncoding(n int64) (te, withCL bool) {
 	return true, f.teWithCL.Load()
 }
 
-// hadHost reports whether the n-th request head (1-based) had a Host field
-// (http.ReadRequest drops it from the header: h1server asks here). Heads
-// are asked about in order; it is called by the goroutine reading the
+// hostOf reports whether the n-th request head (1-based) had a Host field,
+// and whether its value was valid where the request's Host does not show
+// it (http.ReadRequest drops the field from the header, and takes an
+// absolute-form target's host instead: h1server asks here). Heads are
+// asked about in order; it is called by the goroutine reading the
 // connection, or after it.
-func (f *framing) hadHost(n int64) bool {
+func (f *framing) hostOf(n int64) (had, valid bool) {
 	for len(f.noHost) > 0 && f.noHost[0] < n {
 		f.noHost = f.noHost[1:]
 	}
-	return len(f.noHost) == 0 || f.noHost[0] != n
+	for len(f.bad) > 0 && f.bad[0] < n {
+		f.bad = f.bad[1:]
+	}
+	return len(f.noHost) == 0 || f.noHost[0] != n, len(f.bad) == 0 || f.bad[0] != n
 }
 
 func (f *framing) watch(b []byte) {
@@ -155,7 +165,9 @@ func (f *framing) onLine(l []byte) {
 		default:
 			f.inHead = true
 			f.heads++
-			f.te, f.cl, f.badCL, f.clen, f.host = false, false, false, 0, false
+			f.te, f.cl, f.badCL, f.clen, f.host, f.badHst = false, false, false, 0, false, false
+			_, target, _ := bytes.Cut(l, []byte(" "))
+			f.abs = len(target) > 0 && target[0] != '/'
 		}
 		return
 	}
@@ -163,6 +175,9 @@ func (f *framing) onLine(l []byte) {
 		f.inHead = false
 		if !f.host {
 			f.noHost = append(f.noHost, f.heads)
+		}
+		if f.badHst {
+			f.bad = append(f.bad, f.heads)
 		}
 		switch {
 		case f.te:
@@ -186,6 +201,9 @@ func (f *framing) onLine(l []byte) {
 	switch {
 	case asciiEqualFold(name, "host"):
 		f.host = true
+		if f.abs && !httpguts.ValidHostHeader(string(textproto.TrimBytes(value))) {
+			f.badHst = true
+		}
 	case asciiEqualFold(name, "transfer-encoding"):
 		f.te = true
 	case asciiEqualFold(name, "content-length"):

@@ -30,8 +30,13 @@ import (
 // ReadTimeout, keep-alive rules, the bounded drain of an unread request
 // body (256 KiB), response framing (Content-Length, chunked, trailers,
 // none for HEAD/1xx/204/304), Date, Flush. The request's context ends when
-// the HBONE stream is reset (its handler context) and when the request
-// ends. HTTP/2 with prior knowledge still goes to net/http (serveNetHTTP).
+// the HBONE stream is reset (its handler context), when the request ends,
+// and, as net/http's background read had it, when the client's FIN is read
+// while the handler runs: once the request body is consumed and no
+// pipelined bytes wait (hbone.Stream.OnReadEOF, no goroutine); the client
+// is gone, and an answer the handler had not begun is not made up (the
+// connection is closed). HTTP/2 with prior knowledge still goes to net/http
+// (serveNetHTTP).
 
 // innerServer is a tunnelled connection's server, as drain sees it:
 // net/http's (h2c) or an h1conn.
@@ -91,6 +96,7 @@ type h1conn struct {
 	readHeaderTimeout, readTimeout, idleTimeout time.Duration
 	maxHeaderBytes                              int
 	heads                                       int64 // request heads parsed (framing's index)
+	lastPOST                                    bool  // the last request was a POST
 
 	state     atomic.Int32 // h1Idle, h1Active, h1Closed
 	keepAlive atomic.Bool  // cleared by drain (SetKeepAlivesEnabled)
@@ -103,6 +109,54 @@ type h1conn struct {
 
 	dateSec int64 // the second date was formatted for
 	date    []byte
+
+	// fmu guards the fields below: the client's FIN (OnReadEOF, on the
+	// HBONE connection's read loop) against the request in flight.
+	fmu sync.Mutex
+	// eof: the stream's reads are at their end. armed: the request's body
+	// is consumed, so nothing reads br until the request ends (disarm).
+	eof, armed bool
+	cancelReq  context.CancelFunc // the request in flight's (nil between requests)
+	finCancel  bool               // cancelReq was called for the FIN
+}
+
+// readEOFNotifier is what hbone.Stream offers: a call when its reads are
+// at their end (the client's FIN, everything before it read).
+type readEOFNotifier interface{ OnReadEOF(func()) }
+
+// onReadEOF is the client's FIN: the request in flight, its body consumed
+// and nothing pipelined behind it, is canceled (net/http's background read
+// seeing EOF).
+func (h *h1conn) onReadEOF() {
+	h.fmu.Lock()
+	h.eof = true
+	cancel := h.finCancelLocked()
+	h.fmu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// arm: the request's body is consumed (or there is none); reads of br
+// stop until disarm. It cancels the request if the FIN was already read.
+func (h *h1conn) arm() {
+	h.fmu.Lock()
+	h.armed = true
+	cancel := h.finCancelLocked()
+	h.fmu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// finCancelLocked returns the request's cancel if the client's FIN ends
+// it now. h.fmu must be held.
+func (h *h1conn) finCancelLocked() context.CancelFunc {
+	if !h.eof || !h.armed || h.cancelReq == nil || h.finCancel || h.br.Buffered() > 0 {
+		return nil
+	}
+	h.finCancel = true
+	return h.cancelReq
 }
 
 // serveConn serves one tunnelled connection of an HTTP chain. The first
@@ -140,6 +194,9 @@ func (p *Proxy) serveConn(ctx context.Context, c net.Conn, hc *httpChain, ds *do
 	h.bw.Reset(f)
 	if a := c.RemoteAddr(); a != nil {
 		h.remote = a.String()
+	}
+	if n, ok := c.(readEOFNotifier); ok {
+		n.OnReadEOF(h.onReadEOF)
 	}
 	h.serve()
 	h.close()
@@ -304,6 +361,16 @@ func (h *h1conn) serveOne() bool {
 	}
 	h.conn.SetReadDeadline(hdl)
 	h.lim.n = int64(h.maxHeaderBytes) + 4096
+	if h.lastPOST {
+		// Blank lines after a POST's body (old clients' CRLF), as
+		// net/http skips them (RFC 9112 2.2).
+		peek, _ := h.br.Peek(4) // ReadRequest gets the error
+		n := 0
+		for n < len(peek) && (peek[n] == '\r' || peek[n] == '\n') {
+			n++
+		}
+		h.br.Discard(n)
+	}
 	req, err := http.ReadRequest(h.br)
 	if err != nil {
 		switch {
@@ -321,13 +388,14 @@ func (h *h1conn) serveOne() bool {
 		return false
 	}
 	h.lim.n = math.MaxInt64
+	h.lastPOST = req.Method == http.MethodPost
 	if req.ProtoMajor != 1 {
 		h.replyError(http.StatusHTTPVersionNotSupported, "unsupported protocol version")
 		h.conn.CloseWrite()
 		return false
 	}
 	h.heads++
-	if msg := checkHead(req, h.conn.hadHost(h.heads)); msg != "" {
+	if msg := checkHead(req, h.conn, h.heads); msg != "" {
 		h.replyError(http.StatusBadRequest, msg)
 		h.conn.CloseWrite()
 		return false
@@ -347,6 +415,12 @@ func (h *h1conn) serveOne() bool {
 			return false
 		}
 		w.continueOwed = w.is11 && req.ContentLength != 0
+		if !w.is11 {
+			// An HTTP/1.0 client waits for no 100 Continue: the
+			// expectation is ignored (RFC 9110 10.1.1, net/http), and not
+			// passed on.
+			delete(req.Header, "Expect")
+		}
 	}
 	if req.Body != http.NoBody {
 		w.body = &h1body{rc: req.Body, w: w}
@@ -354,8 +428,21 @@ func (h *h1conn) serveOne() bool {
 	}
 	ctx, cancel := context.WithCancel(h.ctx)
 	req = req.WithContext(ctx)
+	h.fmu.Lock()
+	h.cancelReq, h.armed, h.finCancel = cancel, false, false
+	h.fmu.Unlock()
+	if w.body == nil {
+		h.arm()
+	}
 	aborted := h.call(w, req)
+	h.fmu.Lock()
+	gone := h.finCancel
+	h.cancelReq, h.armed = nil, false
+	h.fmu.Unlock()
 	cancel()
+	if gone && !w.wroteHeader {
+		aborted = true // the client left before an answer: none is made up
+	}
 	if aborted {
 		h.close() // the client sees the answer cut short
 		if w.body != nil {
@@ -398,12 +485,14 @@ func (h *h1conn) call(w *h1resp, r *http.Request) (aborted bool) {
 
 // checkHead applies net/http's server checks to a parsed head: Host
 // present on HTTP/1.1 (framing saw it; http.ReadRequest refuses repeats
-// and drops it from the header), valid, and field names and values valid.
-func checkHead(r *http.Request, hadHost bool) string {
+// and drops it from the header), valid (the field's value too, which an
+// absolute-form target hides), and field names and values valid.
+func checkHead(r *http.Request, f *framing, n int64) string {
+	hadHost, validHost := f.hostOf(n)
 	if r.ProtoAtLeast(1, 1) && !hadHost && r.Method != http.MethodConnect {
 		return "missing required Host header"
 	}
-	if !httpguts.ValidHostHeader(r.Host) {
+	if !validHost || !httpguts.ValidHostHeader(r.Host) {
 		return "malformed Host header"
 	}
 	for k, vv := range r.Header {
@@ -459,6 +548,7 @@ func (b *h1body) Read(p []byte) (int, error) {
 	switch {
 	case err == io.EOF:
 		b.sawEOF = true
+		b.w.h.arm()
 	case err != nil:
 		b.failed = true
 	}

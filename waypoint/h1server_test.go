@@ -140,6 +140,9 @@ func TestH1ServerRequests(t *testing.T) {
 		{"no host", "GET / HTTP/1.1\r\n\r\n", 400, "", true},
 		{"no host, absolute form", "GET http://x/ HTTP/1.1\r\n\r\n", 400, "", true},
 		{"bad host", "GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "", true},
+		{"bad host, absolute form", "GET http://x/a HTTP/1.1\r\nHost: bad host\r\n\r\n", 400, "", true},
+		{"1.0 expecting 100-continue", "POST /a HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc", 200, "POST /a abc", true},
+		{"blank line after a POST", "POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\r\n", 200, "POST /a abc", false},
 		{"no host on 1.0", "GET /a HTTP/1.0\r\n\r\n", 200, "GET /a ", true},
 		{"unknown transfer-encoding", "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "", true},
 		{"bad version", "GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505, "", true},
@@ -296,6 +299,100 @@ func TestH1ServerClientGone(t *testing.T) {
 	case <-r.Context().Done():
 	case <-time.After(5 * time.Second):
 		t.Fatal("the upstream request outlived its client")
+	}
+}
+
+// TestH1ServerClientFIN: a client's FIN, read once its request's body is
+// consumed and with nothing pipelined behind it, ends the request's
+// context (net/http's background read): the upstream request is canceled
+// and no answer is made up. Pipelined requests are not canceled.
+func TestH1ServerClientFIN(t *testing.T) {
+	e, blocked, release := h1EnvRelease(t, nil, nil)
+	for _, req := range []string{
+		"GET /b?block HTTP/1.1\r\nHost: x\r\n\r\n",
+		"POST /b?block HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc",
+		"POST /b?block HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+	} {
+		c := e.raw(t)
+		c.send(req)
+		var r *http.Request
+		select {
+		case r = <-blocked:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%q: the request did not reach the backend", req)
+		}
+		c.s.(interface{ CloseWrite() error }).CloseWrite()
+		select {
+		case <-r.Context().Done():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%q: the upstream request outlived its client's FIN", req)
+		}
+		if b, err := io.ReadAll(c.br); len(b) != 0 {
+			t.Errorf("%q: answered %q (%v) to a client gone", req, b, err)
+		}
+	}
+	eventually(t, 5*time.Second, func() bool {
+		return strings.Count(e.logs.String(), `"response_flags":"DC"`) == 3
+	}, "the three requests not logged DC")
+
+	// Pipelined: the FIN comes after the second request; the first is
+	// answered, then the second (a direct response).
+	c := e.raw(t)
+	c.send("GET /b?block HTTP/1.1\r\nHost: x\r\n\r\nGET /direct HTTP/1.1\r\nHost: x\r\n\r\n")
+	c.s.(interface{ CloseWrite() error }).CloseWrite()
+	select {
+	case <-blocked:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the request did not reach the backend")
+	}
+	close(release)
+	if resp, body := c.read("GET"); resp.StatusCode != 200 || body != "GET /b " {
+		t.Fatalf("pipelined first: %d %q", resp.StatusCode, body)
+	}
+	if resp, body := c.read("GET"); resp.StatusCode != 200 || body != "direct" {
+		t.Fatalf("pipelined second: %d %q", resp.StatusCode, body)
+	}
+}
+
+// TestH1ServerBodyErrors: a request body the client got wrong is the
+// client's error, not an upstream reset: 400 (DPE) for a malformed chunk,
+// 413 over MaxRequestBodyBytes; the connection ends after the answer.
+func TestH1ServerBodyErrors(t *testing.T) {
+	e, _ := h1Env(t, func(c *Config) { c.MaxRequestBodyBytes = 1 << 10 }, nil)
+	chunk := "400\r\n" + strings.Repeat("x", 1<<10) + "\r\n"
+	for _, tc := range []struct {
+		name, body string
+		code       int
+		details    string
+	}{
+		{"chunk extension over 4 KiB", "3;" + strings.Repeat("e", 5000) + "\r\nabc\r\n0\r\n\r\n", 400, "downstream_body_error"},
+		{"bad chunk size", "zz\r\nabc\r\n0\r\n\r\n", 400, "downstream_body_error"},
+		{"chunked body over the limit", strings.Repeat(chunk, 8) + "0\r\n\r\n", 413, "request_payload_too_large"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := e.raw(t)
+			c.send("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + tc.body)
+			resp, _ := c.read("POST")
+			if resp.StatusCode != tc.code || !resp.Close {
+				t.Fatalf("%d close=%v, want %d and Connection: close", resp.StatusCode, resp.Close, tc.code)
+			}
+			if !c.closed() {
+				t.Fatal("the connection stayed open")
+			}
+			eventually(t, 5*time.Second, func() bool {
+				return strings.Contains(e.logs.String(), `"response_code_details":"`+tc.details+`"`)
+			}, "not logged "+tc.details)
+		})
+	}
+	logs := e.logs.String()
+	if n := strings.Count(logs, `"response_flags":"DPE"`); n != 2 {
+		t.Errorf("%d requests flagged DPE, want 2:\n%s", n, logs)
+	}
+	if strings.Contains(logs, `"response_flags":"UR"`) || strings.Contains(logs, "upstream_reset") {
+		t.Errorf("a client's body error counted as an upstream reset:\n%s", logs)
+	}
+	if n := scrape(t, e.metric, "istio_requests_total", `response_flags="UR"`); n != 0 {
+		t.Errorf("%v requests counted UR", n)
 	}
 }
 
