@@ -508,3 +508,26 @@ func FuzzH1Server(f *testing.F) {
 func isReset(err error) bool {
 	return strings.Contains(err.Error(), "connection reset")
 }
+
+// TestH1ServerRequestTooLarge: a body over MaxRequestBodyBytes, found
+// where forward reads it (MaxBytesReader's error), reaches the writer:
+// Connection: close, and the connection is drained, not kept
+// (bodyLimitHit), as net/http's own writer has it.
+func TestH1ServerRequestTooLarge(t *testing.T) {
+	var out bytes.Buffer
+	h := &h1conn{p: &Proxy{}, bw: bufio.NewWriter(&out)}
+	h.keepAlive.Store(true)
+	req, err := http.ReadRequest(bufio.NewReader(strings.NewReader("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &h1resp{h: h, req: req, header: make(http.Header), cl: -1, is11: true}
+	bodyError(&respWriter{ResponseWriter: w}, &record{}, &http.MaxBytesError{Limit: 4})
+	if reuse := w.finish(); reuse || !w.bodyLimitHit {
+		t.Fatalf("reuse=%v bodyLimitHit=%v, want the connection drained and ended", reuse, w.bodyLimitHit)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(&out), nil)
+	if err != nil || resp.StatusCode != http.StatusRequestEntityTooLarge || !resp.Close {
+		t.Fatalf("%v %v, want 413 with Connection: close", resp, err)
+	}
+}
