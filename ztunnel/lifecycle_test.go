@@ -7,6 +7,7 @@ import (
 	"io"
 	"io/fs"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -179,6 +180,18 @@ func TestAdminMetricsReadiness(t *testing.T) {
 	}
 	if code, body := httpGet(t, node.p.Addr(ListenerMetrics), "/metrics"); code != 200 || !strings.Contains(body, "go_goroutines") {
 		t.Fatalf("metrics: %d", code)
+	}
+	// Scrapes are answered uncompressed (no flate compressor kept per
+	// scrape), even to a scraper that takes gzip, as Prometheus does.
+	req, _ := http.NewRequest("GET", "http://"+node.p.Addr(ListenerMetrics).String()+"/metrics", nil)
+	req.Header.Set("Accept-Encoding", "gzip")
+	resp, err := (&http.Transport{DisableCompression: true}).RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if ce := resp.Header.Get("Content-Encoding"); ce != "" || resp.StatusCode != 200 {
+		t.Errorf("metrics with Accept-Encoding gzip: %d, Content-Encoding %q; want 200 uncompressed", resp.StatusCode, ce)
 	}
 }
 
