@@ -26,6 +26,7 @@ import (
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -818,4 +819,29 @@ func established(obj map[string]any) bool {
 		}
 	}
 	return false
+}
+
+// WaitAuthorized waits until the API server's authorizer allows user (with
+// groups) every one of attrs: RBAC objects just written reach the
+// authorizer through its informers, a moment later. A test that acts as a
+// service account right after binding its roles waits here first.
+func (c *Cluster) WaitAuthorized(ctx context.Context, user string, groups []string, attrs ...authorizationv1.ResourceAttributes) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	for _, a := range attrs {
+		for {
+			sar, err := c.client.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
+				Spec: authorizationv1.SubjectAccessReviewSpec{User: user, Groups: groups, ResourceAttributes: &a},
+			}, metav1.CreateOptions{})
+			if err == nil && sar.Status.Allowed {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("kube: %s not allowed to %s %s/%s %s: %v", user, a.Verb, a.Namespace, a.Resource, a.Name, err)
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+	}
+	return nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
+	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -76,6 +77,18 @@ func TestKubeNodeAuthorization(t *testing.T) {
 	create(t, ctx, admin, &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: "ambit-system", Name: "ambit-ca"},
 		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "Role", Name: "ambit-ca"},
 		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "ambit-system", Name: "istiod-lite"}}})
+	if err := cluster.WaitAuthorized(ctx, "system:serviceaccount:ambit-system:istiod-lite",
+		[]string{"system:serviceaccounts", "system:serviceaccounts:ambit-system"},
+		authorizationv1.ResourceAttributes{Namespace: "ambit-system", Verb: "get", Resource: "secrets", Name: "ambit-ca"},
+		authorizationv1.ResourceAttributes{Namespace: "ambit-system", Verb: "create", Resource: "secrets"},
+		authorizationv1.ResourceAttributes{Namespace: "ambit-system", Verb: "get", Resource: "configmaps", Name: "ambit-ca-root"},
+		authorizationv1.ResourceAttributes{Namespace: "ambit-system", Verb: "update", Resource: "configmaps", Name: "ambit-ca-root"},
+		authorizationv1.ResourceAttributes{Namespace: "ambit-system", Verb: "create", Resource: "configmaps"},
+		authorizationv1.ResourceAttributes{Verb: "list", Resource: "pods"},
+		authorizationv1.ResourceAttributes{Group: "authentication.k8s.io", Verb: "create", Resource: "tokenreviews"},
+	); err != nil {
+		t.Fatal(err)
+	}
 	istiodToken, err := cluster.ServiceAccountToken(ctx, "ambit-system", "istiod-lite", nil, "")
 	if err != nil {
 		t.Fatal(err)
