@@ -112,6 +112,24 @@ func listen(t testing.TB) net.Listener {
 	return ln
 }
 
+// echoListener is a TCP server that echoes every connection, closed at the
+// test's end.
+func echoListener(t testing.TB) net.Listener {
+	t.Helper()
+	ln := listen(t)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
 func newEnv(t testing.TB, configure func(*Config)) *env {
 	t.Helper()
 	ca, err := certs.NewSelfSignedCA(spiffeid.RequireTrustDomainFromString("cluster.local"), certs.Options{})

@@ -358,17 +358,7 @@ func TestQUICUpstreamTCPChain(t *testing.T) {
 	e := newEnv(t, func(c *Config) { c.QUICUpstream = true })
 	podID := wid(t, "shop", "db")
 	dest := newDestZtunnel(t, e.certs, podID, "h3")
-	echo := listen(t)
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	t.Cleanup(func() { echo.Close() })
+	echo := echoListener(t)
 	cl := "outbound|9000||db.shop.svc.cluster.local"
 	e.apply(res(listener(tcpFC(testVIP, 9000, "db.shop.svc.cluster.local", cl))), res(edsCluster(cl)),
 		res(cla(cl, ep{addr: echo.Addr().(*net.TCPAddr).AddrPort(), md: quicEndpoint(podID, dest, "node-2")})))

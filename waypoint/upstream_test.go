@@ -100,17 +100,7 @@ func TestReTunnelHBONE(t *testing.T) {
 // authority is refused with 503 (NR).
 func TestTCPChain(t *testing.T) {
 	e := newEnv(t, nil)
-	echo := listen(t)
-	go func() {
-		for {
-			c, err := echo.Accept()
-			if err != nil {
-				return
-			}
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
-	t.Cleanup(func() { echo.Close() })
+	echo := echoListener(t)
 	cl := "outbound|9000||db.shop.svc.cluster.local"
 	e.apply(res(listener(tcpFC(testVIP, 9000, "db.shop.svc.cluster.local", cl))), res(edsCluster(cl)),
 		res(cla(cl, ep{addr: echo.Addr().(*net.TCPAddr).AddrPort()})))
