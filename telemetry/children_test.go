@@ -111,18 +111,16 @@ func TestChildrenSameSeries(t *testing.T) {
 			Service: svc, MTLS: tc.mtls, Transport: tc.transport}
 		run(c, tc.establish, tc.flags, int64(10+i), int64(100+i))
 	}
-	// Beyond maxChildren label sets the cache is cleared, not grown; the
+	// Beyond MaxChildren label sets the cache is cleared, not grown; the
 	// counts go on.
-	for i := 0; i < maxChildren+10; i++ {
-		c := &Conn{Direction: Outbound, Source: Peer{Workload: fmt.Sprintf("w%d", i%(maxChildren+5)), Namespace: "load"},
+	for i := 0; i < MaxChildren+10; i++ {
+		c := &Conn{Direction: Outbound, Source: Peer{Workload: fmt.Sprintf("w%d", i%(MaxChildren+5)), Namespace: "load"},
 			Destination: server, Service: svc}
 		run(c, true, FlagNone, 1, 2)
 	}
-	tr.Metrics.mu.Lock()
-	n := len(tr.Metrics.children)
-	tr.Metrics.mu.Unlock()
-	if n == 0 || n > maxChildren {
-		t.Errorf("%d cached label sets, want 1..%d", n, maxChildren)
+	n := tr.Metrics.children.Len()
+	if n == 0 || n > MaxChildren {
+		t.Errorf("%d cached label sets, want 1..%d", n, MaxChildren)
 	}
 	if got, want := exposition(t, reg), exposition(t, refReg); got != want {
 		t.Errorf("cached series differ:\n got %s\nwant %s", got, want)

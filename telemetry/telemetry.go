@@ -71,17 +71,10 @@ type Metrics struct {
 
 	HBONEOpened, HBONEClosed, HBONESent, HBONEReceived *prometheus.CounterVec
 
-	// mu guards children: the families' children by what a connection's
-	// label values derive from, so a connection hashes its label set once
-	// (a Go map lookup) instead of once per WithLabelValues; bounded by
-	// maxChildren (cleared when full; the vectors keep their children).
-	mu       sync.Mutex
-	children map[connKey]*connChildren
+	// children: the families' children by what a connection's label
+	// values derive from.
+	children ChildCache[connKey, *connChildren]
 }
-
-// maxChildren bounds Metrics.children: label sets are bounded by the
-// mesh's config and Claims, so a full cache only means churn.
-const maxChildren = 4096
 
 // connKey is everything a connection's label values (Istio's and the
 // ambit_hbone_* families') derive from: the peers without their UID and
@@ -139,20 +132,9 @@ func (m *Metrics) childrenFor(c *Conn, flags string) *connChildren {
 	k := connKey{reporter: c.reporter(), transport: transport, src: c.Source, dst: c.Destination,
 		service: c.Service, flags: flags, mtls: c.MTLS}
 	k.src.UID, k.src.Pod, k.dst.UID, k.dst.Pod = "", "", "", ""
-	m.mu.Lock()
-	ch := m.children[k]
-	m.mu.Unlock()
-	if ch != nil {
-		return ch
-	}
-	ch = &connChildren{labels: c.Labels(flags), reporter: reporter, transport: transport}
-	m.mu.Lock()
-	if m.children == nil || len(m.children) >= maxChildren {
-		m.children = make(map[connKey]*connChildren)
-	}
-	m.children[k] = ch
-	m.mu.Unlock()
-	return ch
+	return m.children.Get(k, func() *connChildren {
+		return &connChildren{labels: c.Labels(flags), reporter: reporter, transport: transport}
+	})
 }
 
 // HBONELabels are the labels of the ambit_hbone_* families.

@@ -126,15 +126,13 @@ func TestFinishMetricChildren(t *testing.T) {
 	if b := p.m.requestChildren(&tr, "server.demo.svc.cluster.local"); a != b {
 		t.Error("a peer's UID and Pod split its label set's children")
 	}
-	for i := range maxChildren + 10 {
+	for i := range telemetry.MaxChildren + 10 {
 		tr.Service = telemetry.ServiceFromHost("s" + strconv.Itoa(i) + ".demo.svc.cluster.local")
 		p.m.requestChildren(&tr, tr.Service.Hostname)
 	}
-	p.m.mu.Lock()
-	n := len(p.m.children)
-	p.m.mu.Unlock()
-	if n > maxChildren {
-		t.Errorf("%d cached label sets, want at most %d", n, maxChildren)
+	n := p.m.children.Len()
+	if n > telemetry.MaxChildren {
+		t.Errorf("%d cached label sets, want at most %d", n, telemetry.MaxChildren)
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,17 +35,10 @@ type metrics struct {
 	// claims bounds the source labels clients claim in baggage.
 	claims *telemetry.Claims
 
-	// mu guards children: the request families' children by what their
-	// labels derive from, so a request hashes its label set once (a Go
-	// map lookup) instead of four WithLabelValues calls; bounded by
-	// maxChildren (cleared when full; the vectors keep their children).
-	mu       sync.Mutex
-	children map[requestKey]*requestChildren
+	// children: the request families' children by what their labels
+	// derive from (one map lookup instead of four WithLabelValues calls).
+	children telemetry.ChildCache[requestKey, *requestChildren]
 }
-
-// maxChildren bounds metrics.children: label sets are bounded by the
-// mesh's config and Claims, so a full cache only means churn.
-const maxChildren = 4096
 
 // requestKey is everything a request's label values derive from (the peers
 // without their UID and Pod, which are not labels).
@@ -69,26 +61,15 @@ func (m *metrics) requestChildren(tr *telemetry.Traffic, service string) *reques
 	k := requestKey{src: tr.Source, dst: tr.Destination, service: service,
 		protocol: tr.Protocol, grpc: tr.GRPCStatus, flags: tr.Flags, code: tr.ResponseCode}
 	k.src.UID, k.src.Pod, k.dst.UID, k.dst.Pod = "", "", "", ""
-	m.mu.Lock()
-	c := m.children[k]
-	m.mu.Unlock()
-	if c != nil {
-		return c
-	}
-	labels := tr.RequestValues()
-	c = &requestChildren{
-		requests:  m.requests.WithLabelValues(labels...),
-		duration:  m.duration.WithLabelValues(labels...),
-		reqBytes:  m.reqBytes.WithLabelValues(labels...),
-		respBytes: m.respBytes.WithLabelValues(labels...),
-	}
-	m.mu.Lock()
-	if m.children == nil || len(m.children) >= maxChildren {
-		m.children = make(map[requestKey]*requestChildren)
-	}
-	m.children[k] = c
-	m.mu.Unlock()
-	return c
+	return m.children.Get(k, func() *requestChildren {
+		labels := tr.RequestValues()
+		return &requestChildren{
+			requests:  m.requests.WithLabelValues(labels...),
+			duration:  m.duration.WithLabelValues(labels...),
+			reqBytes:  m.reqBytes.WithLabelValues(labels...),
+			respBytes: m.respBytes.WithLabelValues(labels...),
+		}
+	})
 }
 
 func newMetrics() *metrics {
