@@ -63,32 +63,13 @@ var (
 	h1Writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
-// headLimiter is under the bufio.Reader: it bounds the bytes read while a
-// request head is parsed (net/http's MaxHeaderBytes plus its 4096 slack).
-type headLimiter struct {
-	r io.Reader
-	n int64 // bytes left
-}
-
-func (l *headLimiter) Read(p []byte) (int, error) {
-	if l.n <= 0 {
-		return 0, io.EOF
-	}
-	if int64(len(p)) > l.n {
-		p = p[:l.n]
-	}
-	n, err := l.r.Read(p)
-	l.n -= int64(n)
-	return n, err
-}
-
 // h1conn serves HTTP/1.x on one tunnelled connection.
 type h1conn struct {
 	p      *Proxy
 	ds     *downstream
 	conn   *framing
 	ctx    context.Context
-	lim    headLimiter
+	lim    io.LimitedReader // under br: bounds the bytes read while a head is parsed (net/http's MaxHeaderBytes plus its 4096 slack)
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	remote string
@@ -179,12 +160,12 @@ func (p *Proxy) serveConn(ctx context.Context, c net.Conn, hc *httpChain, ds *do
 	}
 	defer p.untrack(h)
 	defer close(h.done)
-	h.lim = headLimiter{r: f, n: int64(h.maxHeaderBytes) + 4096}
+	h.lim = io.LimitedReader{R: f, N: int64(h.maxHeaderBytes) + 4096}
 	h.br = h1Readers.Get().(*bufio.Reader)
 	h.br.Reset(&h.lim)
 	f.SetReadDeadline(h.headDeadline(time.Now()))
 	if h.isH2() {
-		h.lim.n = math.MaxInt64
+		h.lim.N = math.MaxInt64
 		f.SetReadDeadline(time.Time{})
 		p.untrack(h)
 		p.serveNetHTTP(ctx, &bufferedConn{framing: f, r: h.br}, hc, ds)
@@ -360,7 +341,7 @@ func (h *h1conn) serveOne() bool {
 		whole = t0.Add(h.readTimeout)
 	}
 	h.conn.SetReadDeadline(hdl)
-	h.lim.n = int64(h.maxHeaderBytes) + 4096
+	h.lim.N = int64(h.maxHeaderBytes) + 4096
 	if h.lastPOST {
 		// Blank lines after a POST's body (old clients' CRLF), as
 		// net/http skips them (RFC 9112 2.2).
@@ -374,7 +355,7 @@ func (h *h1conn) serveOne() bool {
 	req, err := http.ReadRequest(h.br)
 	if err != nil {
 		switch {
-		case h.lim.n <= 0:
+		case h.lim.N <= 0:
 			h.replyError(http.StatusRequestHeaderFieldsTooLarge, "")
 			h.closeAfterReply(nil)
 		case strings.HasPrefix(err.Error(), "unsupported transfer encoding"):
@@ -387,7 +368,7 @@ func (h *h1conn) serveOne() bool {
 		h.conn.CloseWrite()
 		return false
 	}
-	h.lim.n = math.MaxInt64
+	h.lim.N = math.MaxInt64
 	h.lastPOST = req.Method == http.MethodPost
 	if req.ProtoMajor != 1 {
 		h.replyError(http.StatusHTTPVersionNotSupported, "unsupported protocol version")
