@@ -537,31 +537,34 @@ func unescapeMount(s string) string {
 }
 
 // withProcessCgroup calls fn with the calling process's cgroup v2
-// directory (ProcessCgroup). Where no cgroup2 file system is mounted (ip
-// netns exec remounts /sys), it mounts one on a temporary directory for
-// the call.
+// directory (ProcessCgroup).
 func withProcessCgroup(fn func(dir string) error) error {
-	if _, err := cgroup2Mounts(); err == nil {
+	return withCgroup2(func() error {
 		dir, err := ProcessCgroup()
 		if err != nil {
 			return err
 		}
 		return fn(dir)
+	})
+}
+
+// withCgroup2 calls fn with a cgroup2 file system in view. Where none is
+// mounted (ip netns exec remounts /sys), it mounts one on a temporary
+// directory for the call.
+func withCgroup2(fn func() error) error {
+	if _, err := cgroup2Mounts(); err == nil {
+		return fn()
 	}
 	tmp, err := os.MkdirTemp("", "ambit-cgroup2-")
 	if err != nil {
-		return fmt.Errorf("process cgroup: %w", err)
+		return fmt.Errorf("cgroup2: %w", err)
 	}
 	defer os.Remove(tmp)
 	if err := unix.Mount("cgroup2", tmp, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-		return fmt.Errorf("process cgroup: no cgroup2 mount, and mounting one: %w", err)
+		return fmt.Errorf("cgroup2: none mounted, and mounting one: %w", err)
 	}
 	defer unix.Unmount(tmp, unix.MNT_DETACH)
-	dir, err := ProcessCgroup()
-	if err != nil {
-		return err
-	}
-	return fn(dir)
+	return fn()
 }
 
 // ProcessCgroupID returns the id of the calling process's cgroup v2.

@@ -100,32 +100,21 @@ func (c *Capture) loadGuard(spec *ebpf.CollectionSpec) {
 
 // withRootCgroup calls fn with the directory of the node's root cgroup v2
 // (id 1): the guard attached there applies to every process of the node.
-// Where no cgroup2 file system is mounted (ip netns exec remounts /sys), it
-// mounts one on a temporary directory for the call; in a cgroup namespace
-// of its own, that one's root is not the node's, and the guard is refused.
+// In a cgroup namespace of its own, the cgroup2 file system in view (or
+// the one withCgroup2 mounts) has another root, and the guard is refused.
 func withRootCgroup(fn func(dir string) error) error {
-	const notInView = "the node's root cgroup is not in view: mount the host's cgroup2 file system (hostPath /sys/fs/cgroup) and use the host's cgroup namespace"
-	if mounts, err := cgroup2Mounts(); err == nil {
+	return withCgroup2(func() error {
+		mounts, err := cgroup2Mounts()
+		if err != nil {
+			return err
+		}
 		for _, m := range mounts {
 			if id, err := cgroupID(m.point); err == nil && id == rootCgroupID {
 				return fn(m.point)
 			}
 		}
-		return errors.New(notInView)
-	}
-	tmp, err := os.MkdirTemp("", "ambit-cgroup2-")
-	if err != nil {
-		return fmt.Errorf("root cgroup: %w", err)
-	}
-	defer os.Remove(tmp)
-	if err := unix.Mount("cgroup2", tmp, "cgroup2", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
-		return fmt.Errorf("root cgroup: no cgroup2 mount, and mounting one: %w", err)
-	}
-	defer unix.Unmount(tmp, unix.MNT_DETACH)
-	if id, err := cgroupID(tmp); err != nil || id != rootCgroupID {
-		return errors.New(notInView)
-	}
-	return fn(tmp)
+		return errors.New("the node's root cgroup is not in view: mount the host's cgroup2 file system (hostPath /sys/fs/cgroup) and use the host's cgroup namespace")
+	})
 }
 
 // attachGuard attaches the loaded guard at the root cgroup and pins its
