@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -94,6 +95,7 @@ func pacedRoundTrips(addr string, n int) error {
 func BenchmarkTunnelPaced(b *testing.B) {
 	peer := exec.Command(os.Args[0])
 	peer.Env = append(os.Environ(), peerEnv+"=1")
+	peer.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // dies with a timed-out benchmark
 	stdin, err := peer.StdinPipe()
 	if err != nil {
 		b.Fatal(err)
